@@ -1,0 +1,223 @@
+"""ModelConfig: the architecture of a Llama-family checkpoint, from either file layout.
+
+Hugging Face `config.json` (LlamaForCausalLM, MistralForCausalLM without a sliding window) and
+Meta's `params.json` both become one frozen dataclass with Meta's names. Anything we do not
+implement exactly (another activation, biases, another rope type) is refused by name at load,
+never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Rotary frequency scaling: `linear` (positions / factor) or Llama 3.1's `llama3`."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> RopeScaling | None:
+        rope_type = raw.get("rope_type", raw.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_scaling type {rope_type!r} "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if rope_type == "default":
+            return None
+        known = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings", "rope_theta"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unsupported rope_scaling field(s) for {rope_type}: {unknown}")
+        kwargs = {k: raw[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                      "original_max_position_embeddings") if k in raw}
+        if "factor" not in kwargs:
+            raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+        return cls(rope_type=rope_type, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    head_dim: int = 0  # 0: dim // n_heads
+    torch_dtype: str = "float32"  # what the checkpoint was saved in
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    # ---------------------------------------------------------------- Hugging Face
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r} in config.json "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        _refuse(raw, "hidden_act", lambda v: v in (None, "silu"), "only 'silu' is supported")
+        _refuse(raw, "attention_bias", lambda v: not v, "biased attention is not supported")
+        _refuse(raw, "mlp_bias", lambda v: not v, "biased MLP is not supported")
+        _refuse(raw, "sliding_window", lambda v: v is None, "sliding-window attention is not "
+                "supported")
+        _refuse(raw, "pretraining_tp", lambda v: v in (None, 1), "only pretraining_tp=1")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "vocab_size"):
+            if key not in raw:
+                raise ValueError(f"config.json is missing {key!r}")
+
+        # transformers >= 5 folds rope_theta and rope_scaling into `rope_parameters`.
+        rope = raw.get("rope_parameters") or {}
+        rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling_raw = raw.get("rope_scaling") or (rope if rope else None)
+        rope_scaling = RopeScaling.from_hf(scaling_raw) if scaling_raw else None
+
+        n_heads = raw["num_attention_heads"]
+        return cls(
+            dim=raw["hidden_size"],
+            n_layers=raw["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=raw.get("num_key_value_heads") or n_heads,
+            vocab_size=raw["vocab_size"],
+            hidden_dim=raw["intermediate_size"],
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_seq_len=raw.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            head_dim=raw.get("head_dim") or 0,
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            architecture=arch,
+        )
+
+    # ---------------------------------------------------------------- Meta
+
+    @classmethod
+    def from_meta(cls, raw: dict[str, Any], vocab_size: int | None = None) -> ModelConfig:
+        """Meta's `params.json`. `vocab_size` fills in Llama 2's `-1` from the embedding."""
+        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope",
+                 "max_seq_len", "max_batch_size"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unsupported field(s) in params.json: {unknown}")
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in raw:
+                raise ValueError(f"params.json is missing {key!r}")
+        vocab = raw.get("vocab_size", -1)
+        if vocab is None or vocab <= 0:
+            if vocab_size is None:
+                raise ValueError("params.json has no vocab_size and none was inferred")
+            vocab = vocab_size
+        rope_theta = float(raw.get("rope_theta", 10000.0))
+        scaled = bool(raw.get("use_scaled_rope", False))
+        # params.json carries no context length; these are the published ones.
+        default_len = 131072 if scaled else (8192 if rope_theta >= 500000 else 4096)
+        return cls(
+            dim=raw["dim"],
+            n_layers=raw["n_layers"],
+            n_heads=raw["n_heads"],
+            n_kv_heads=raw.get("n_kv_heads") or raw["n_heads"],
+            vocab_size=vocab,
+            hidden_dim=meta_hidden_dim(raw["dim"], raw.get("multiple_of", 256),
+                                       raw.get("ffn_dim_multiplier")),
+            norm_eps=raw.get("norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            # Meta's apply_scaling() in llama3.1 model.py uses exactly these constants.
+            rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192) if scaled else None,
+            max_seq_len=raw.get("max_seq_len", default_len),
+            tie_embeddings=False,
+            torch_dtype="bfloat16",
+            architecture="LlamaForCausalLM",
+        )
+
+    @classmethod
+    def from_dir(cls, folder: Path, vocab_size: int | None = None) -> ModelConfig:
+        if (folder / "config.json").is_file():
+            return cls.from_hf(json.loads((folder / "config.json").read_text()))
+        if (folder / "params.json").is_file():
+            return cls.from_meta(json.loads((folder / "params.json").read_text()), vocab_size)
+        raise ValueError(f"{folder} has neither config.json nor params.json")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json that describes this model (used to write checkpoints)."""
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": "mistral" if self.architecture.startswith("Mistral") else "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.torch_dtype,
+        }
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            out["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor}
+            if s.rope_type == "llama3":
+                out["rope_scaling"].update(
+                    low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                    original_max_position_embeddings=s.original_max_position_embeddings)
+        return out
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU width by Meta's rule (llama `FeedForward.__init__`)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str) -> None:
+    if key in raw and not ok(raw[key]):
+        raise ValueError(f"unsupported config.json field {key}={raw[key]!r}: {why}")

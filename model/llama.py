@@ -1,0 +1,177 @@
+"""The Llama architecture, as the reference checkpoints compute it.
+
+Pre-norm blocks `h = x + attn(rmsnorm(x))`, `out = h + mlp(rmsnorm(h))`; grouped-query
+attention with rotary embeddings at each token's own position; SwiGLU MLP; no biases.
+Parameter names mirror Hugging Face checkpoint keys, so loading is a checked 1:1 copy.
+
+Tokens arrive flat: `input_ids` and `positions` are (T,), tokens of several sequences side by
+side; an `AttentionBatch` says which KV-cache slot each belongs to. With no cache, the T tokens
+are one sequence attended causally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionBatch, attend_cached, attend_causal
+from model.config import ModelConfig, RopeScaling
+from model.kv_cache import KVCachePool
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and cast back before the weight, as the reference does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies (head_dim/2,) in float32, with linear or Llama 3.1 scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (T, heads, D) by each token's angles (T, D).
+
+    Hugging Face convention: dimension i pairs with i + D/2 ("rotate half"). Meta's
+    checkpoints pair neighbours (2i, 2i+1); weights.py permutes their q/k rows to match.
+    """
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads, config.n_kv_heads, config.head_dim)
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
+                batch: AttentionBatch | None) -> Tensor:
+        n_tokens = x.shape[0]
+        q = self.q_proj(x).view(n_tokens, self.n_heads, self.head_dim)  # (T, H, D)
+        k = self.k_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, KVH, D)
+        v = self.v_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None:
+            out = attend_causal(q, k, v)
+        else:
+            assert batch is not None
+            kv.write(self.layer, batch.slot_ids, batch.positions, k, v)
+            out = attend_cached(q, kv.k[self.layer], kv.v[self.layer], batch)
+        return self.o_proj(out.reshape(n_tokens, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
+                batch: AttentionBatch | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaBody(nn.Module):
+    """Embedding, decoder layers and final norm: HF's `model.*` keys."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """Token ids at explicit positions -> next-token logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def init_rope(self, device: torch.device | str) -> None:
+        c = self.config
+        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+
+    def rope_angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin (T, head_dim) for each token's position, computed in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None = None,
+                batch: AttentionBatch | None = None,
+                logits_indices: Tensor | None = None) -> Tensor:
+        """input_ids, positions (T,) -> logits (N, vocab) in float32.
+
+        `logits_indices` picks the N token rows whose logits are wanted (usually each
+        sequence's last token); None means all T.
+        """
+        x = self.model.embed_tokens(input_ids)  # (T, dim)
+        cos, sin = self.rope_angles(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv, batch)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.model.norm(x)).float()

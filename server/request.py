@@ -1,0 +1,128 @@
+"""Plain values that cross the engine boundary: sampling parameters, request state, outputs.
+
+No torch and no HTTP here: the API layer builds a `SamplingParams`, the engine turns a
+`Request` into `RequestOutput`s. Everything is a list of ints, a string or a number.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the slot's length limit
+    ABORT = "abort"  # cancelled (client gone, shutdown)
+    ERROR = "error"  # this request failed inside the engine
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: everything after RUNNING is finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+    FINISHED_ERROR = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request decoding controls, with vLLM's meanings.
+
+    `max_tokens=None` means "up to the slot's length limit". `logprobs` is the number of top
+    alternatives returned beside the chosen token (0: the chosen token's logprob only; None: no
+    logprobs). `prompt_logprobs` likewise for the prompt tokens (echo / scoring).
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        # The API validates client input with clear messages; these guard internal callers.
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One position's logprob: the chosen token and its top alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one engine step produced for one sequence; posted to the request's stream.
+
+    `text` and `token_ids` are the delta since the previous output; `finish_reason` is set on
+    the last one. `prompt_logprobs` comes once, on the first output, when asked for.
+    """
+
+    request_id: str
+    index: int  # which of the n samples
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

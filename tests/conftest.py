@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random checkpoints with real tokenizers, written once per session."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.demo import train_tokenizer, write_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+# 2 layers, GQA 2:1, vocab above the tokenizer's 1000 (padded embeddings, as real models have).
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=160,
+                   max_seq_len=1024)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Byte-level BPE (Llama 3 style), 1000 tokens."""
+    out = tmp_path_factory.mktemp("tok-bytelevel")
+    train_tokenizer(out, 1000, style="bytelevel")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SentencePiece-style BPE with byte fallback (Llama 2 style), 1000 tokens."""
+    out = tmp_path_factory.mktemp("tok-sentencepiece")
+    train_tokenizer(out, 1000, style="sentencepiece")
+    return out
+
+
+MakeCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
+                    ) -> MakeCheckpoint:
+    """make_checkpoint(config, seed=0, n_shards=1) -> folder with weights and tokenizer."""
+    cache: dict[tuple, Path] = {}
+
+    def make(config: ModelConfig = TINY, seed: int = 0, n_shards: int = 1) -> Path:
+        key = (config, seed, n_shards)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ckpt")
+            write_checkpoint(out, config, seed=seed, n_shards=n_shards)
+            for name in TOKENIZER_FILES:
+                shutil.copy(tokenizer_dir / name, out / name)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
+    return make_checkpoint(TINY)

@@ -1,0 +1,152 @@
+"""Checkpoint layouts, hub resolution and load errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig, RopeScaling, meta_hidden_dim
+from model.demo import write_meta_checkpoint
+from model.source import ModelSourceError, resolve_model
+from model.weights import CheckpointError, load_checkpoint
+from tests.conftest import TINY
+
+META_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1024,
+               "multiple_of": 32, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
+               "rope_theta": 10000.0}
+META_CONFIG = replace(TINY, hidden_dim=meta_hidden_dim(64, 32, None))
+
+
+def logits(folder: Path, n: int = 40) -> torch.Tensor:
+    model = load_checkpoint(folder, torch.float32, "cpu")
+    ids = torch.arange(3, 3 + n) % 1000
+    return model(ids, torch.arange(n))
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_meta_layout_equals_hf_layout(n_shards: int, scaled: bool, make_checkpoint,
+                                      tmp_path: Path) -> None:
+    params = dict(META_PARAMS, use_scaled_rope=scaled)
+    config = replace(META_CONFIG, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+                     if scaled else None)
+    write_meta_checkpoint(tmp_path, config, params, seed=0, n_shards=n_shards)
+    assert ModelConfig.from_dir(tmp_path).rope_scaling == config.rope_scaling
+    hf = make_checkpoint(config)
+    assert (logits(tmp_path) - logits(hf)).abs().max().item() < 1e-5
+
+
+def test_meta_vocab_minus_one_is_inferred(tmp_path: Path, make_checkpoint) -> None:
+    write_meta_checkpoint(tmp_path, META_CONFIG, dict(META_PARAMS, vocab_size=-1), n_shards=2)
+    model = load_checkpoint(tmp_path, torch.float32, "cpu")
+    assert model.config.vocab_size == 1024
+
+
+def test_meta_hidden_dim_rule() -> None:
+    # Llama 2 7B / 70B and Llama 3 8B published widths.
+    assert meta_hidden_dim(4096, 256, None) == 11008
+    assert meta_hidden_dim(8192, 4096, 1.3) == 28672
+    assert meta_hidden_dim(4096, 1024, 1.3) == 14336
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_checkpoint(folder, torch.float32, "cpu")
+
+
+def test_unexpected_tensor_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias"):
+        load_checkpoint(folder, torch.float32, "cpu")
+
+
+def test_wrong_shape_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(65)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*\(65,\).*\(64,\)"):
+        load_checkpoint(folder, torch.float32, "cpu")
+
+
+def test_corrupt_safetensors_header(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:40] = b"{not json at all" + b"!" * 16
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(folder, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+])
+def test_unsupported_config_is_named(change: dict, message: str, tiny_checkpoint: Path) -> None:
+    raw = json.loads((tiny_checkpoint / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(raw)
+
+
+def test_mistral_without_sliding_window_loads(tiny_checkpoint: Path) -> None:
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    raw |= {"architectures": ["MistralForCausalLM"], "sliding_window": None}
+    assert ModelConfig.from_hf(raw).architecture == "MistralForCausalLM"
+
+
+def test_transformers5_rope_parameters(tiny_checkpoint: Path) -> None:
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    del raw["rope_theta"], raw["rope_scaling"]
+    raw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+    config = ModelConfig.from_hf(raw)
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def test_hub_id_resolves_offline_from_cache(tiny_checkpoint: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-populated HF cache (refs/main -> snapshot) serves `org/name` with HF_HUB_OFFLINE."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    folder = resolve_model("acme/tiny-llama")
+    assert folder.name == commit
+    assert torch.equal(logits(folder), logits(tiny_checkpoint))
+    with pytest.raises(ModelSourceError, match="acme/absent"):
+        resolve_model("acme/absent")
+
+
+def test_missing_folder_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no such folder"):
+        resolve_model(str(tmp_path / "nope"))
