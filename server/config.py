@@ -1,0 +1,45 @@
+"""EngineConfig and ServerConfig: every default lives here, and relations are checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len is not given
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_num_seqs: int = 16  # KV-cache slots = sequences decoding at once
+    max_model_len: int | None = None  # tokens per slot; None: the model's, capped
+    max_num_batched_tokens: int = 512  # tokens per forward pass (decode rows + prefill chunks)
+    max_waiting: int = 256  # queued requests beyond the slots; more get 503
+    kv_cache_memory: str | None = None  # "4" (GiB) or "50%" of free memory: sets the slot count
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token "
+                f"per step")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = "model"
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_request_bytes: int = 4 * 2**20
+    max_n: int = 16
+    chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
+    log_level: str = "info"

@@ -1,0 +1,253 @@
+"""Batched sampler: logits (B, V) + per-row controls -> token ids (+ logprobs), vLLM semantics.
+
+A pure function of its inputs except for the random draws: each row's noise comes from its own
+`torch.Generator` when given (so a seeded request's tokens do not depend on the batch), else
+from the sampler's shared one. Processing order: float32 -> logit bias -> repetition, presence
+and frequency penalties -> greedy argmax | temperature -> top-k -> top-p -> min-p -> sample.
+Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from server.request import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingBatch:
+    """Per-row sampling controls for one step, one row per sequence being sampled."""
+
+    temperature: Tensor  # (B,) float32; 0 -> greedy row
+    top_k: Tensor  # (B,) int64; <= 0 or >= vocab -> off
+    top_p: Tensor  # (B,) float32; 1.0 -> off
+    min_p: Tensor  # (B,) float32; 0.0 -> off
+    repetition_penalty: Tensor  # (B,) float32; 1.0 -> off
+    presence_penalty: Tensor  # (B,) float32
+    frequency_penalty: Tensor  # (B,) float32
+    output_counts: Tensor | None  # (B, V) occurrences in the row's output; None: no penalties
+    prompt_mask: Tensor | None  # (B, V) bool, token occurs in the row's prompt
+    logit_bias: Tensor | None  # (B, V) float32 additive; -inf bans a token
+    generators: list[torch.Generator | None]  # per row; None -> the sampler's shared generator
+    num_logprobs: int  # most top alternatives any row wants: -1 none, 0 chosen token only
+    all_greedy: bool  # skip sorting and noise entirely
+    # Host-side flags so the sampler can skip work without a GPU->CPU sync to inspect the
+    # tensors. False is always correct (the step is just done); from_params sets them exactly.
+    no_top_k: bool = False
+    no_top_p: bool = False
+    no_min_p: bool = False
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        vocab_size: int,
+        device: torch.device | str,
+        output_token_ids: Sequence[Sequence[int]] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        extra_bias: Sequence[Iterable[tuple[int, float]]] | None = None,
+    ) -> SamplingBatch:
+        """Build the batch from each row's params.
+
+        `output_token_ids` / `prompt_token_ids` (None: empty) feed the penalties. `extra_bias`
+        holds per-row (token_id, bias) pairs added on top of `params.logit_bias`, e.g. -inf on
+        eos before `min_tokens`. Without `generators`, seeded rows get a fresh generator: right
+        for one step, but a runner must keep one generator per request across steps, or every
+        step would replay the same noise.
+        """
+        n_rows = len(params)
+        device = torch.device(device)
+
+        def column(values: list, dtype: torch.dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        output_counts = prompt_mask = None
+        if any(p.has_penalties for p in params):
+            output_counts = _scatter_rows(output_token_ids, n_rows, vocab_size, torch.int32)
+            prompt_mask = _scatter_rows(prompt_token_ids, n_rows, vocab_size, torch.bool)
+            output_counts, prompt_mask = output_counts.to(device), prompt_mask.to(device)
+
+        pairs = [list(p.logit_bias) for p in params]
+        if extra_bias is not None:
+            for row, extra in zip(pairs, extra_bias, strict=True):
+                row.extend(extra)
+        logit_bias = None
+        if any(pairs):
+            rows = [i for i, row in enumerate(pairs) for _ in row]
+            ids = [token_id for row in pairs for token_id, _ in row]
+            if not all(0 <= t < vocab_size for t in ids):
+                raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {ids}")
+            logit_bias = torch.zeros(n_rows, vocab_size, dtype=torch.float32)
+            values = torch.tensor([bias for row in pairs for _, bias in row], dtype=torch.float32)
+            # accumulate: a user bias and an extra ban on the same token add up (-inf wins)
+            logit_bias.index_put_((torch.tensor(rows), torch.tensor(ids)), values, accumulate=True)
+            logit_bias = logit_bias.to(device)
+
+        if generators is None:
+            generators = [
+                None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed)
+                for p in params
+            ]
+        elif len(generators) != n_rows:
+            raise ValueError(f"got {len(generators)} generators for {n_rows} rows")
+
+        sampled = [p for p in params if not p.is_greedy]  # controls of greedy rows are moot
+        return cls(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([p.top_k for p in params], torch.int64),
+            top_p=column([p.top_p for p in params], torch.float32),
+            min_p=column([p.min_p for p in params], torch.float32),
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=column([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
+            output_counts=output_counts,
+            prompt_mask=prompt_mask,
+            logit_bias=logit_bias,
+            generators=list(generators),
+            num_logprobs=max(
+                (-1 if p.logprobs is None else p.logprobs for p in params), default=-1
+            ),
+            all_greedy=not sampled,
+            no_top_k=all(p.top_k <= 0 or p.top_k >= vocab_size for p in sampled),
+            no_top_p=all(p.top_p >= 1.0 for p in sampled),
+            no_min_p=all(p.min_p <= 0.0 for p in sampled),
+        )
+
+
+def _scatter_rows(
+    token_ids: Sequence[Sequence[int]] | None, n_rows: int, vocab_size: int, dtype: torch.dtype
+) -> Tensor:
+    """(n_rows, vocab_size) per-row token counts (or presence, for bool) on the CPU."""
+    out = torch.zeros(n_rows, vocab_size, dtype=dtype)
+    if token_ids is None:
+        return out
+    if len(token_ids) != n_rows:
+        raise ValueError(f"got token ids for {len(token_ids)} rows, expected {n_rows}")
+    rows = torch.tensor([i for i, ids in enumerate(token_ids) for _ in ids], dtype=torch.int64)
+    ids = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.int64)
+    out.index_put_((rows, ids), torch.ones(len(ids), dtype=dtype), accumulate=dtype != torch.bool)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    """Chosen tokens and, when any row asked, their raw logprobs and top alternatives."""
+
+    token_ids: Tensor  # (B,) int64
+    logprobs: Tensor | None  # (B,) float32, logprob of the chosen token
+    top_ids: Tensor | None  # (B, k) int64, k = num_logprobs, by logprob descending
+    top_logprobs: Tensor | None  # (B, k) float32
+
+
+def compute_logprobs(
+    logits: Tensor, token_ids: Tensor, num_top: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log_softmax in float32 -> (chosen logprob (N,), top ids (N, k), top logprobs (N, k))."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = logprobs.gather(1, token_ids.long().unsqueeze(1)).squeeze(1)  # (N,)
+    top_logprobs, top_ids = logprobs.topk(min(max(num_top, 0), logprobs.shape[-1]), dim=-1)
+    return chosen, top_ids, top_logprobs
+
+
+class Sampler:
+    """Samples one token per row; holds only the shared generator for unseeded rows."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}  # one per device, made lazily
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        token_ids = self._sample(logits, batch)
+        if batch.num_logprobs < 0:
+            return SamplerOutput(token_ids, None, None, None)
+        chosen, top_ids, top_logprobs = compute_logprobs(logits, token_ids, batch.num_logprobs)
+        return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+
+    def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
+        logits = process_logits(logits, batch)
+        greedy_ids = logits.argmax(dim=-1)  # (B,)
+        if batch.all_greedy:
+            return greedy_ids
+
+        is_greedy = batch.temperature == 0
+        # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
+        temperature = torch.where(is_greedy, 1.0, batch.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        if not (batch.no_top_k and batch.no_top_p):
+            logits = _apply_top_k_top_p(logits, batch)
+        probs = logits.softmax(dim=-1)  # (B, V) float32
+        if not batch.no_min_p:
+            # The top token always survives top-k/top-p, so its prob is the row max either way.
+            max_prob = probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
+        # Exponential race: argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i
+        # (normalisation is irrelevant) and needs no cumsum, search or host sync.
+        noise = torch.empty_like(probs)
+        if any(g is None for g in batch.generators) or len(batch.generators) != len(probs):
+            noise.exponential_(generator=self._shared_generator(probs.device))
+        for row, generator in enumerate(batch.generators):
+            if generator is not None:  # V draws from the row's own stream: batch-independent
+                noise[row].exponential_(generator=generator)
+        # An exact 0 draw would make 0/0 = NaN, which argmax would pick: a masked token.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        sampled_ids = (probs / noise).argmax(dim=-1)
+        return torch.where(is_greedy, greedy_ids, sampled_ids)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self.seed is None:
+                generator.seed()  # nondeterministic
+            else:
+                generator.manual_seed(self.seed)
+            self._shared[device] = generator
+        return generator
+
+
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """float32 logits after bias and penalties: what greedy rows take the argmax of."""
+    # Every step is out of place: the caller's logits stay raw for the logprobs.
+    logits = logits.float()  # (B, V)
+    if batch.logit_bias is not None:
+        logits = logits + batch.logit_bias
+    if batch.output_counts is not None:
+        logits = _apply_penalties(logits, batch)
+    return logits
+
+
+def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Repetition over prompt or output tokens; presence and frequency over output only."""
+    assert batch.output_counts is not None
+    counts = batch.output_counts.to(logits.dtype)  # (B, V)
+    in_output = counts > 0
+    seen = in_output if batch.prompt_mask is None else in_output | batch.prompt_mask
+    rep = batch.repetition_penalty.unsqueeze(1)  # (B, 1)
+    # Shrinks a seen token's logit toward "less likely" whatever its sign (CTRL paper, vLLM).
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
+    return logits - batch.presence_penalty.unsqueeze(1) * in_output
+
+
+def _apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Mask to -inf what top-k then top-p drop; one ascending sort serves both."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1)  # (B, V) ascending
+    if not batch.no_top_k:
+        k = batch.top_k.long()
+        k = torch.where((k <= 0) | (k >= vocab_size), vocab_size, k)
+        kth_largest = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))  # (B, 1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if not batch.no_top_p:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        # A token goes when the mass at or below it is <= 1 - p, i.e. the tokens above it
+        # already reach p: the smallest nucleus with mass >= p stays.
+        drop = cumulative <= 1 - batch.top_p.unsqueeze(1)
+        drop[:, -1] = False  # the top token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

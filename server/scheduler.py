@@ -1,0 +1,236 @@
+"""Scheduler: the waiting queue, the KV-cache slots and what each step computes. No torch.
+
+A request with `n` samples is one prompt and `n` sequences; each sequence owns one slot of the
+KV-cache pool while it runs. The prompt is prefilled once into the first sequence's slot, then
+copied to the others' (the runner does the copy), and every sequence decodes on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.request import FinishReason, RequestStatus, SamplingParams, TokenLogprob
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request: its slot, its tokens and how many of them the slot holds."""
+
+    request: Request
+    index: int
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the slot
+    status: RequestStatus = RequestStatus.WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.status.is_finished for s in self.seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Prompt tokens [start, start + len(token_ids)) of `request`, into `slot`."""
+
+    request: Request
+    slot: int
+    start: int
+    token_ids: list[int]
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the end of the prompt: its last row's logits get sampled."""
+        return self.start + len(self.token_ids) == len(self.request.prompt_ids)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    decodes: list[Sequence] = field(default_factory=list)  # one token each, at num_computed
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """Sequences that get a new token this step, in the order the runner samples them:
+        the decode rows, then every sample of each request whose prefill completes."""
+        out = list(self.decodes)
+        for chunk in self.prefills:
+            if chunk.is_last and chunk.request.params.max_tokens != 0:
+                out.extend(chunk.request.seqs)
+        return out
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
+                 eos_ids: frozenset[int] = frozenset()) -> None:
+        self.n_slots = n_slots
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []  # admitted, prompt not yet fully computed
+        self.decoding: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def num_used_slots(self) -> int:
+        return self.n_slots - len(self.free_slots)
+
+    @property
+    def num_used_tokens(self) -> int:
+        """Tokens held in the pool across all slots in use."""
+        tokens = sum(s.num_computed for s in self.decoding)
+        return tokens + sum(r.num_prefilled for r in self.prefilling)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    # ------------------------------------------------------------------ entry points
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    # NOTE: the policy. Each running sequence has `num_computed` tokens in its slot and one
+    # more token to feed. A step first gives every decoding sequence its one token, then spends
+    # what is left of `max_num_batched_tokens` on prompt chunks: requests already prefilling in
+    # arrival order, then waiting requests in FCFS order, each admitted only when all its `n`
+    # slots are free. A long prompt therefore takes several steps, and decoding sequences get
+    # a token in every one of them.
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(decodes=list(self.decoding))
+        budget = self.max_num_batched_tokens - len(plan.decodes)
+        for request in self.prefilling:
+            if budget <= 0:
+                break
+            budget -= self._add_chunk(plan, request, budget)
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            if request.params.n > len(self.free_slots):
+                break  # FCFS: no overtaking
+            self.waiting.popleft()
+            for seq in request.seqs:
+                seq.slot = self.free_slots.pop()
+                seq.status = RequestStatus.RUNNING
+            self.prefilling.append(request)
+            budget -= self._add_chunk(plan, request, budget)
+        return plan
+
+    def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
+        start = request.num_prefilled
+        ids = request.prompt_ids[start:start + budget]
+        plan.prefills.append(PrefillChunk(request, request.seqs[0].slot, start, ids))
+        return len(ids)
+
+    def update(self, plan: StepPlan, tokens: list[int],
+               logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
+        """Advance slots past the step's tokens and append the sampled ones (aligned with
+        `plan.sampled`). Returns the sequences that finished on a token-level stop."""
+        for seq in plan.decodes:
+            seq.num_computed += 1
+        for chunk in plan.prefills:
+            request = chunk.request
+            request.num_prefilled += len(chunk.token_ids)
+            if chunk.is_last:
+                self.prefilling.remove(request)
+                for seq in request.seqs:
+                    seq.num_computed = request.num_prefilled
+                if request.params.max_tokens == 0:  # scoring only: nothing to generate
+                    self.finish_request(request, RequestStatus.FINISHED_LENGTH)
+                else:
+                    self.decoding.extend(request.seqs)
+        finished = []
+        for i, (seq, token) in enumerate(zip(plan.sampled, tokens, strict=True)):
+            if seq.status.is_finished:
+                continue
+            seq.output_ids.append(token)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.output_logprobs.append(logprobs[i])
+            status = self._token_stop(seq, token)
+            if status is not None:
+                self.finish(seq, status)
+                finished.append(seq)
+        return finished
+
+    def _token_stop(self, seq: Sequence, token: int) -> RequestStatus | None:
+        params = seq.request.params
+        n_out = len(seq.output_ids)
+        if n_out >= params.min_tokens:  # the sampler bans stop ids before min_tokens anyway
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in self.eos_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and n_out >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, seq: Sequence, status: RequestStatus) -> None:
+        """Finish one sequence (a stop, a stop string, an abort) and free its slot."""
+        if seq.status.is_finished:
+            return
+        was_running = seq.status == RequestStatus.RUNNING
+        seq.status = status
+        request = seq.request
+        if seq in self.decoding:
+            self.decoding.remove(seq)
+        if was_running:
+            assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
+            self.free_slots.append(seq.slot)
+        if request.is_finished:
+            self.requests.pop(request.request_id, None)
+            if request in self.prefilling:
+                self.prefilling.remove(request)
+            if request in self.waiting:
+                self.waiting.remove(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        for seq in request.seqs:
+            self.finish(seq, status)
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}

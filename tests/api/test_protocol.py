@@ -1,0 +1,642 @@
+"""server/protocol.py without a server: validation, limits, SamplingParams mapping, and
+response shapes checked against the `openai` SDK's own types."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from typing import Any
+
+import openai.types
+import openai.types.chat
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatMessage,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    CompletionUsage,
+    DeltaMessage,
+    DetokenizeRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    RequestError,
+    RequestLimits,
+    TokenizeRequest,
+    TokenizeResponse,
+    chat_logprobs,
+    completion_logprobs,
+    describe_validation_errors,
+    logprob_token_ids,
+    random_id,
+    to_openai_finish_reason,
+)
+from server.request import FinishReason, SamplingParams, TokenLogprob
+
+USER = [{"role": "user", "content": "Hello"}]
+VOCAB = 1000
+
+
+def completion(**fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate({"prompt": "Hello", **fields})
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": USER, **fields})
+
+
+def wire(model: BaseModel) -> dict[str, Any]:
+    """What a client receives."""
+    return json.loads(model.model_dump_json())
+
+
+def assert_invalid(build: Any, fields: dict[str, Any], param: str | None, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        build(**fields)
+    message, got_param = describe_validation_errors(info.value.errors())
+    assert got_param == param
+    assert fragment in message
+
+
+# --- base behaviour ---------------------------------------------------------------------------
+
+
+def test_unknown_fields_are_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="server.protocol"):
+        request = chat(parallel_tool_calls=True, metadata={"a": "b"})
+    assert "parallel_tool_calls" not in request.model_dump()
+    assert "parallel_tool_calls" in caplog.text and "metadata" in caplog.text
+    message = ChatMessage.model_validate({"role": "user", "content": "x", "refusal": None})
+    assert message.content == "x"
+
+
+def test_null_means_default_for_non_nullable_fields() -> None:
+    request = completion(temperature=None, n=None, stream=None, top_k=None, echo=None, stop=None)
+    assert (request.temperature, request.n, request.stream, request.top_k) == (1.0, 1, False, 0)
+    assert completion().max_tokens == 16
+    assert completion(max_tokens=None).max_tokens is None  # explicit null: rest of the context
+    assert chat(logprobs=None, top_logprobs=None).logprobs is False
+
+
+def test_model_is_optional() -> None:
+    assert completion().model is None
+    assert completion(model="llama").model == "llama"
+
+
+# --- completions validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": ""},
+        {"prompt": ["a", "b"]},
+        {"prompt": [0, 1, 2]},
+        {"prompt": [[1, 2], [3]]},
+        {"max_tokens": 0, "echo": True, "logprobs": 0},
+        {"logprobs": 20},
+        {"temperature": 0.0},
+        {"temperature": 3.5},
+        {"top_p": 1.0},
+        {"top_p": 0.01},
+        {"n": 3, "best_of": 3},
+        {"presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"logit_bias": {"0": -100, "50": 100}},
+        {"stop": "\n"},
+        {"stop": ["a", "b"]},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"seed": -1},
+        {"top_k": -1},
+        {"top_k": 40, "min_p": 1.0, "repetition_penalty": 0.5},
+        {"min_tokens": 16, "max_tokens": 16},
+        {"stop_token_ids": [0, 2], "ignore_eos": True, "skip_special_tokens": False},
+        {"user": "u1", "include_stop_str_in_output": True},
+    ],
+)
+def test_completion_accepts(fields: dict[str, Any]) -> None:
+    completion(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"prompt": None}, "prompt", "prompt must be"),
+        ({"prompt": 5}, "prompt", "prompt must be"),
+        ({"prompt": []}, "prompt", "prompt must be"),
+        ({"prompt": [[]]}, "prompt", "at least 1"),
+        ({"prompt": [1, -1]}, "prompt", "greater than or equal to 0"),
+        ({"prompt": ["a", 1]}, "prompt", "valid string"),
+        ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
+        ({"temperature": -0.1}, "temperature", "greater than or equal to 0"),
+        ({"temperature": math.nan}, "temperature", "finite"),
+        ({"top_p": 0.0}, "top_p", "greater than 0"),
+        ({"top_p": 1.1}, "top_p", "less than or equal to 1"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"logprobs": -1}, "logprobs", "greater than or equal to 0"),
+        ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "less than or equal to 100"),
+        ({"logit_bias": {"5": -101}}, "logit_bias", "greater than or equal to -100"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias", "not a token id"),
+        ({"logit_bias": {"hello": 1}}, "logit_bias", "not a token id"),
+        ({"logit_bias": {"1_000": 1}}, "logit_bias", "not a token id"),
+        ({"best_of": 2}, "best_of", "best_of != n is not supported"),
+        ({"n": 2, "best_of": 1}, "best_of", "best_of != n is not supported"),
+        ({"suffix": "end"}, "suffix", "suffix is not supported"),
+        ({"suffix": ""}, "suffix", "suffix is not supported"),
+        ({"stop": ""}, "stop", "at least 1 character"),
+        ({"stop": ["a", ""]}, "stop", "at least 1 character"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+        ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+        ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        ({"min_tokens": 5, "max_tokens": 4}, None, "min_tokens (5) must be <= max_tokens (4)"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids", "greater than or equal to 0"),
+        ({"seed": 2**63}, "seed", "less than or equal to"),
+    ],
+)
+def test_completion_rejects(fields: dict[str, Any], param: str | None, fragment: str) -> None:
+    assert_invalid(completion, fields, param, fragment)
+
+
+def test_completion_prompts_normalised() -> None:
+    assert completion(prompt="a").prompts == ["a"]
+    assert completion(prompt=["a", "b"]).prompts == ["a", "b"]
+    assert completion(prompt=[1, 2]).prompts == [[1, 2]]
+    assert completion(prompt=[[1], [2, 3]]).prompts == [[1], [2, 3]]
+
+
+# --- chat validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"messages": [{"role": r, "content": "x"} for r in ("system", "developer", "user")]},
+        {"messages": [*USER, {"role": "assistant", "content": None}]},
+        {"messages": [*USER, {"role": "assistant"}]},
+        {"messages": [{"role": "tool", "content": "42", "tool_call_id": "t1"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+        {"messages": [{"role": "user", "name": "ann", "content": "hi"}]},
+        {"max_tokens": 1},
+        {"max_completion_tokens": 100},
+        {"logprobs": True},
+        {"logprobs": True, "top_logprobs": 20},
+        {"top_logprobs": 0},
+        {"response_format": {"type": "text"}},
+        {"tools": [], "functions": []},
+        {"tool_choice": "none", "function_call": "none"},
+        {"stream": True, "stream_options": {"include_usage": False}},
+        {"temperature": 0, "top_p": 0.5, "n": 4, "seed": 7, "stop": ["x"], "user": "u"},
+        {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 2},
+    ],
+)
+def test_chat_accepts(fields: dict[str, Any]) -> None:
+    chat(**fields)
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": None}, "messages", "valid list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "role"),
+        ({"messages": [{"role": "user"}]}, "messages", "content is required for role 'user'"),
+        ({"messages": [{"role": "system", "content": None}]}, "messages", "content is required"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages",
+            "'image_url' is not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages",
+            "'input_audio' is not supported",
+        ),
+        ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+        ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "'json_schema' is not supported",
+        ),
+        ({"tools": [TOOL]}, "tools", "tools are not supported"),
+        ({"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported"),
+        ({"tool_choice": TOOL}, "tool_choice", "tool_choice is not supported"),
+        ({"functions": [TOOL["function"]]}, "functions", "functions are not supported"),
+        ({"function_call": "auto"}, "function_call", "function_call is not supported"),
+        ({"temperature": -1}, "temperature", "greater than or equal to 0"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+        ({"min_tokens": 3, "max_completion_tokens": 2}, None, "min_tokens (3)"),
+    ],
+)
+def test_chat_rejects(fields: dict[str, Any], param: str | None, fragment: str) -> None:
+    assert_invalid(chat, fields, param, fragment)
+
+
+def test_chat_message_text_and_template_dict() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    message = ChatMessage.model_validate({"role": "user", "content": parts, "name": "ann"})
+    assert message.text == "a\nb"
+    assert message.template_dict() == {"role": "user", "content": "a\nb", "name": "ann"}
+    assistant = ChatMessage.model_validate({"role": "assistant", "content": None})
+    assert assistant.template_dict() == {"role": "assistant", "content": ""}
+
+
+def test_requested_max_tokens() -> None:
+    assert chat().requested_max_tokens is None
+    assert chat(max_tokens=5).requested_max_tokens == 5
+    assert chat(max_tokens=5, max_completion_tokens=7).requested_max_tokens == 7
+    assert completion().requested_max_tokens == 16
+
+
+def test_include_usage() -> None:
+    assert not completion(stream=True).include_usage
+    assert completion(stream=True, stream_options={"include_usage": True}).include_usage
+    assert not chat(stream=True, stream_options={}).include_usage
+
+
+# --- configurable limits ----------------------------------------------------------------------
+
+LIMITS = RequestLimits(
+    max_n=4,
+    max_prompts=2,
+    max_messages=2,
+    max_stop_strings=2,
+    max_stop_string_length=5,
+    max_stop_token_ids=2,
+    max_logit_bias=2,
+)
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (completion(n=5, best_of=5), "n"),
+        (completion(stop=["a", "b", "c"]), "stop"),
+        (completion(stop="abcdef"), "stop"),
+        (completion(stop_token_ids=[1, 2, 3]), "stop_token_ids"),
+        (completion(stop_token_ids=[VOCAB]), "stop_token_ids"),
+        (completion(logit_bias={"1": 1, "2": 1, "3": 1}), "logit_bias"),
+        (completion(logit_bias={str(VOCAB): 1}), "logit_bias"),
+        (completion(prompt=["a", "b", "c"]), "prompt"),
+        (completion(prompt=[[1], [2], [3]]), "prompt"),
+        (completion(prompt=[1, VOCAB]), "prompt"),
+        (completion(prompt=[[1], [VOCAB + 5]]), "prompt"),
+        (chat(messages=USER * 3), "messages"),
+        (chat(n=5), "n"),
+        (chat(logit_bias={str(VOCAB): 1}), "logit_bias"),
+        (TokenizeRequest(messages=USER * 3), "messages"),
+        (DetokenizeRequest(tokens=[1, VOCAB]), "tokens"),
+    ],
+)
+def test_check_limits_rejects(request_: Any, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        request_.check_limits(LIMITS, VOCAB)
+    assert info.value.param == param
+    assert str(info.value).startswith(param)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        completion(n=4, best_of=4, stop=["a", "abcde"], stop_token_ids=[0, VOCAB - 1]),
+        completion(prompt=[[1], [VOCAB - 1]], logit_bias={"0": 1, str(VOCAB - 1): -1}),
+        chat(messages=USER * 2),
+        TokenizeRequest(prompt="x"),
+        DetokenizeRequest(tokens=[0, VOCAB - 1]),
+    ],
+)
+def test_check_limits_accepts(request_: Any) -> None:
+    request_.check_limits(LIMITS, VOCAB)
+
+
+def test_request_limits_defaults_and_checks() -> None:
+    completion(n=16, best_of=16).check_limits(RequestLimits(), VOCAB)
+    with pytest.raises(ValueError, match="max_n"):
+        RequestLimits(max_n=0)
+
+
+# --- SamplingParams mapping -------------------------------------------------------------------
+
+EVERY_SAMPLING_FIELD = dict(
+    n=2,
+    best_of=2,
+    min_tokens=3,
+    temperature=0.5,
+    top_p=0.9,
+    top_k=40,
+    min_p=0.05,
+    repetition_penalty=1.2,
+    presence_penalty=0.5,
+    frequency_penalty=-0.5,
+    logit_bias={"7": 5.0, "11": -100},
+    seed=1234,
+    stop=["###", "\n\n"],
+    stop_token_ids=[2, 3],
+    ignore_eos=True,
+    include_stop_str_in_output=True,
+    skip_special_tokens=False,
+)
+
+
+def test_completion_to_sampling_params_maps_every_field() -> None:
+    request = completion(**EVERY_SAMPLING_FIELD, echo=True, logprobs=3, max_tokens=50)
+    params = request.to_sampling_params(max_tokens=50)
+    default = SamplingParams()
+    unchanged = [
+        f.name
+        for f in dataclasses.fields(params)
+        if getattr(params, f.name) == getattr(default, f.name)
+    ]
+    assert unchanged == []
+    assert params.logit_bias == ((7, 5.0), (11, -100.0))
+    assert params.stop == ("###", "\n\n")
+    assert params.stop_token_ids == (2, 3)
+    assert (params.logprobs, params.prompt_logprobs, params.max_tokens) == (3, 3, 50)
+
+
+def test_chat_to_sampling_params_maps_every_field() -> None:
+    request = chat(**{**EVERY_SAMPLING_FIELD, "best_of": None}, logprobs=True, top_logprobs=4)
+    params = request.to_sampling_params(max_tokens=None)
+    default = SamplingParams()
+    unchanged = {
+        f.name
+        for f in dataclasses.fields(params)
+        if getattr(params, f.name) == getattr(default, f.name)
+    }
+    assert unchanged == {"prompt_logprobs"}  # chat has no echo
+    assert params.max_tokens is None and params.logprobs == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "logprobs", "prompt_logprobs"),
+    [
+        ({}, None, None),
+        ({"logprobs": 0}, 0, None),
+        ({"echo": True}, None, None),
+        ({"echo": True, "logprobs": 2}, 2, 2),
+    ],
+)
+def test_completion_logprobs_mapping(
+    fields: dict[str, Any], logprobs: int | None, prompt_logprobs: int | None
+) -> None:
+    params = completion(**fields).to_sampling_params(16)
+    assert (params.logprobs, params.prompt_logprobs) == (logprobs, prompt_logprobs)
+
+
+@pytest.mark.parametrize(
+    ("fields", "logprobs"),
+    [({}, None), ({"logprobs": False, "top_logprobs": 0}, None), ({"logprobs": True}, 0)],
+)
+def test_chat_logprobs_mapping(fields: dict[str, Any], logprobs: int | None) -> None:
+    assert chat(**fields).to_sampling_params(8).logprobs == logprobs
+
+
+def test_sampling_params_small_cases() -> None:
+    assert completion(top_k=-1).to_sampling_params(16).top_k == 0
+    assert completion(stop="END").to_sampling_params(16).stop == ("END",)
+    assert completion().to_sampling_params(16).stop == ()
+    assert completion(max_tokens=0, echo=True).to_sampling_params(0).max_tokens == 0
+
+
+# --- tokenize / detokenize --------------------------------------------------------------------
+
+
+def test_tokenize_request_defaults() -> None:
+    assert TokenizeRequest.model_validate({"prompt": "x"}).add_special_tokens is True
+    by_messages = TokenizeRequest.model_validate({"messages": USER})
+    assert by_messages.add_special_tokens is False and by_messages.add_generation_prompt
+    explicit = TokenizeRequest.model_validate({"messages": USER, "add_special_tokens": True})
+    assert explicit.add_special_tokens is True
+    assert TokenizeRequest.model_validate({"prompt": "", "add_special_tokens": None}).prompt == ""
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"prompt": "x", "messages": USER}, {"messages": []}, {"prompt": 3}]
+)
+def test_tokenize_request_rejects(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        TokenizeRequest.model_validate(body)
+
+
+def test_detokenize_and_tokenize_shapes() -> None:
+    with pytest.raises(ValidationError):
+        DetokenizeRequest.model_validate({"tokens": [-1]})
+    assert DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
+    response = TokenizeResponse(tokens=[1, 2], count=2, max_model_len=128)
+    assert wire(response) == {"tokens": [1, 2], "count": 2, "max_model_len": 128}
+
+
+# --- logprob builders -------------------------------------------------------------------------
+
+TEXTS = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "é", 6: "!"}
+
+
+def test_completion_logprobs_shape() -> None:
+    entries = [
+        TokenLogprob(3, -0.5, top=((3, -0.5), (6, -1.5))),
+        TokenLogprob(4, float("-inf"), top=()),
+    ]
+    result = completion_logprobs([3, 4], entries, TEXTS, text_offset=5)
+    assert result.tokens == [" wor", "ld"]
+    assert result.text_offset == [5, 9]
+    assert result.token_logprobs == [-0.5, -9999.0]
+    assert result.top_logprobs == [{" wor": -0.5, "!": -1.5}, {"ld": -9999.0}]
+
+
+def test_completion_logprobs_echo_first_token_is_null() -> None:
+    entries = [None, TokenLogprob(2, -1.0, top=((5, -0.25),))]
+    result = completion_logprobs([1, 2], entries, TEXTS)
+    assert result.token_logprobs == [None, -1.0]
+    assert result.top_logprobs == [None, {"lo": -1.0, "é": -0.25}]
+    assert result.text_offset == [0, 3]
+    assert wire(result)["token_logprobs"][0] is None
+    with pytest.raises(ValueError):
+        completion_logprobs([1], entries, TEXTS)
+
+
+def test_chat_logprobs_shape() -> None:
+    entries = [TokenLogprob(5, -0.1, top=((5, -0.1), (6, -2.5))), TokenLogprob(6, math.nan)]
+    result = wire(chat_logprobs(entries, TEXTS))
+    assert result == {
+        "content": [
+            {
+                "token": "é",
+                "logprob": -0.1,
+                "bytes": [0xC3, 0xA9],
+                "top_logprobs": [
+                    {"token": "é", "logprob": -0.1, "bytes": [0xC3, 0xA9]},
+                    {"token": "!", "logprob": -2.5, "bytes": [0x21]},
+                ],
+            },
+            {"token": "!", "logprob": -9999.0, "bytes": [0x21], "top_logprobs": []},
+        ]
+    }
+    openai.types.chat.chat_completion.ChoiceLogprobs.model_validate(result)
+
+
+def test_logprob_token_ids() -> None:
+    entries = [None, TokenLogprob(1, -1.0, top=((2, -2.0), (3, -3.0))), TokenLogprob(4, -1.0)]
+    assert logprob_token_ids(entries) == {1, 2, 3, 4}
+
+
+# --- responses against the openai SDK ---------------------------------------------------------
+
+USAGE = CompletionUsage.of(prompt_tokens=5, completion_tokens=2)
+
+
+def test_completion_response_parses_with_openai_sdk() -> None:
+    logprobs = completion_logprobs([1, 2], [TokenLogprob(1, -0.5), TokenLogprob(2, -0.7)], TEXTS)
+    response = CompletionResponse(
+        id=random_id("cmpl"),
+        model="llama",
+        choices=[
+            CompletionResponseChoice(
+                index=0, text="Hello", logprobs=logprobs, finish_reason="length"
+            )
+        ],
+        usage=USAGE,
+    )
+    parsed = openai.types.Completion.model_validate(wire(response))
+    assert parsed.choices[0].logprobs.tokens == ["Hel", "lo"]
+    assert parsed.usage.total_tokens == 7
+    assert parsed.object == "text_completion"
+
+
+def test_chat_response_parses_with_openai_sdk() -> None:
+    response = ChatCompletionResponse(
+        id=random_id("chatcmpl"),
+        model="llama",
+        choices=[
+            ChatCompletionResponseChoice(
+                index=0,
+                message=ChatCompletionMessage(content="Hello"),
+                logprobs=chat_logprobs([TokenLogprob(1, -0.5, top=((1, -0.5),))], TEXTS),
+                finish_reason="stop",
+            )
+        ],
+        usage=USAGE,
+    )
+    parsed = openai.types.chat.ChatCompletion.model_validate(wire(response))
+    assert parsed.choices[0].message.role == "assistant"
+    assert parsed.choices[0].logprobs.content[0].top_logprobs[0].token == "Hel"
+
+
+def chat_chunk(delta: DeltaMessage, **choice: Any) -> ChatCompletionChunk:
+    choices = [ChatCompletionStreamChoice(index=0, delta=delta, **choice)]
+    return ChatCompletionChunk(id="chatcmpl-1", created=1, model="llama", choices=choices)
+
+
+def test_chat_chunks_keep_nulls_and_parse_with_openai_sdk() -> None:
+    first = wire(chat_chunk(DeltaMessage(role="assistant", content="")))
+    middle = wire(chat_chunk(DeltaMessage(content="Hi")))
+    last = wire(chat_chunk(DeltaMessage(), finish_reason="length"))
+    usage = wire(
+        ChatCompletionChunk(id="chatcmpl-1", created=1, model="llama", choices=[], usage=USAGE)
+    )
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert middle["choices"][0] == {
+        "index": 0,
+        "delta": {"content": "Hi"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in middle and usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert middle["object"] == "chat.completion.chunk"
+    for chunk in (first, middle, last, usage):
+        openai.types.chat.ChatCompletionChunk.model_validate(chunk)
+
+
+def test_completion_chunks_keep_nulls() -> None:
+    choice = CompletionResponseChoice(index=1, text="lo")
+    chunk = wire(CompletionStreamResponse(id="cmpl-1", created=1, model="m", choices=[choice]))
+    assert chunk == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 1, "text": "lo", "logprobs": None, "finish_reason": None}],
+    }
+    final = CompletionResponseChoice(index=1, text="", finish_reason="stop")
+    usage = CompletionStreamResponse(id="cmpl-1", model="m", choices=[final], usage=USAGE)
+    parsed = openai.types.Completion.model_validate(wire(usage))
+    assert parsed.usage.completion_tokens == 2
+
+
+def test_models_list_and_error_shapes() -> None:
+    listing = wire(
+        ModelList(data=[ModelCard(id="llama", root="/models/llama", max_model_len=4096)])
+    )
+    assert listing["object"] == "list" and listing["data"][0]["object"] == "model"
+    assert listing["data"][0]["max_model_len"] == 4096
+    openai.types.Model.model_validate(listing["data"][0])
+    error = wire(ErrorResponse.of("too long", "invalid_request_error", param="messages", code=400))
+    assert error == {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": 400,
+        }
+    }
+    assert wire(ErrorResponse.of("x", "server_error"))["error"]["param"] is None
+
+
+def test_describe_validation_errors_drops_body_prefix() -> None:
+    errors = [{"loc": ("body", "n"), "msg": "Input should be greater than or equal to 1"}]
+    assert describe_validation_errors(errors) == (
+        "n: Input should be greater than or equal to 1",
+        "n",
+    )
+    assert describe_validation_errors([{"loc": ("body",), "msg": "Value error, bad"}]) == (
+        "bad",
+        None,
+    )
+
+
+def test_random_id_and_finish_reason() -> None:
+    assert re.fullmatch(r"cmpl-[0-9a-f]{32}", random_id("cmpl"))
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", random_id("chatcmpl"))
+    assert random_id("cmpl") != random_id("cmpl")
+    assert to_openai_finish_reason(FinishReason.STOP) == "stop"
+    assert to_openai_finish_reason(FinishReason.LENGTH) == "length"
+    assert to_openai_finish_reason(FinishReason.ABORT) is None
+    assert to_openai_finish_reason(None) is None
+
+
+def test_response_models_reject_unknown_finish_reason() -> None:
+    with pytest.raises(ValidationError):
+        CompletionResponseChoice(index=0, text="", finish_reason="abort")
+    assert CompletionLogprobs().model_dump() == {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }

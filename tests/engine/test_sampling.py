@@ -1,0 +1,406 @@
+"""Sampler: greedy rows are argmax, seeded rows ignore the batch, each control moves the
+distribution as vLLM defines it. Many draws come from one call over many identical rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.request import SamplingParams
+from server.sampling import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    compute_logprobs,
+    process_logits,
+)
+
+DEVICE = torch.device("cpu")
+
+
+def run(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    sampler: Sampler | None = None,
+    **kwargs: object,
+) -> SamplerOutput:
+    batch = SamplingBatch.from_params(params, logits.shape[-1], DEVICE, **kwargs)
+    return (sampler or Sampler(seed=0))(logits, batch)
+
+
+def draws(row: list[float], params: SamplingParams, n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """n samples of one logits row: one call over n identical rows (shared generator)."""
+    logits = torch.tensor([row], dtype=torch.float32).expand(n, -1).contiguous()
+    return run(logits, [params] * n, Sampler(seed=seed)).token_ids
+
+
+def support(tokens: torch.Tensor) -> set[int]:
+    return set(tokens.unique().tolist())
+
+
+def log_probs(probs: list[float]) -> list[float]:
+    return [math.log(p) for p in probs]
+
+
+# --- greedy -------------------------------------------------------------------------------
+
+
+def test_temperature_zero_is_argmax_whatever_seed_and_neighbours() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 300)
+    params = [
+        SamplingParams(temperature=0.0, seed=1),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.5, top_k=5, top_p=0.9, min_p=0.05, seed=3),
+        SamplingParams(temperature=0.0, seed=2, top_k=7, top_p=0.1),  # controls are moot
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=0.0, seed=123),
+        SamplingParams(temperature=2.0, top_p=0.5),
+    ]
+    greedy = [i for i, p in enumerate(params) if p.is_greedy]
+    for sampler_seed in range(5):
+        out = run(logits, params, Sampler(seed=sampler_seed))
+        assert torch.equal(out.token_ids[greedy], logits[greedy].argmax(-1))
+    all_greedy = [SamplingParams(temperature=0.0, seed=s) for s in range(8)]
+    assert torch.equal(run(logits, all_greedy).token_ids, logits.argmax(-1))
+
+
+def test_top_k_one_equals_greedy() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(64, 100)
+    for seed in range(3):
+        out = run(logits, [SamplingParams(temperature=1.5, top_k=1)] * 64, Sampler(seed=seed))
+        assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+def test_mixed_batch_greedy_and_sampled_rows() -> None:
+    torch.manual_seed(2)
+    n = 2000
+    row = torch.randn(50)
+    logits = row.expand(n, -1).contiguous()
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=3)] * (n // 2)
+    out = run(logits, params)
+    assert out.token_ids.shape == (n,) and out.token_ids.dtype == torch.int64
+    assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
+    assert (out.token_ids[0::2] == row.argmax()).all()
+    assert support(out.token_ids[1::2]) == set(row.topk(3).indices.tolist())
+
+
+def test_caller_logits_are_not_modified() -> None:
+    logits = torch.randn(2, 20)
+    before = logits.clone()
+    params = [
+        SamplingParams(temperature=0.8, top_k=4, top_p=0.8, min_p=0.1, logit_bias=((3, 5.0),)),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5),
+    ]
+    run(logits, params, output_token_ids=[[1, 2], [3]], prompt_token_ids=[[4], [5]])
+    assert torch.equal(logits, before)
+
+
+# --- logit bias ---------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    row = [0.0, 0.5, 1.0, 2.0, 0.3, -0.2]
+    banned = draws(row, SamplingParams(logit_bias=((3, -100.0), (2, float("-inf")))))
+    assert support(banned) == {0, 1, 4, 5}
+    forced = draws(row, SamplingParams(temperature=1.5, logit_bias=((5, 100.0),)))
+    assert support(forced) == {5}
+    greedy = run(torch.tensor([row]), [SamplingParams(temperature=0.0, logit_bias=((0, 3.0),))])
+    assert greedy.token_ids.tolist() == [0]
+
+
+def test_extra_bias_adds_to_user_bias() -> None:
+    """The runner's eos ban (-inf) must win over a client's +100 on the same token."""
+    row = [0.0, 0.0, 0.0]
+    params = [SamplingParams(logit_bias=((1, 100.0),))] * 1000
+    logits = torch.tensor([row]).expand(1000, -1).contiguous()
+    out = run(logits, params, extra_bias=[[(1, float("-inf"))]] * 1000)
+    assert support(out.token_ids) == {0, 2}
+
+
+def test_logit_bias_out_of_vocab_is_rejected() -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingBatch.from_params([SamplingParams(logit_bias=((10, 1.0),))], 10, DEVICE)
+
+
+# --- penalties ----------------------------------------------------------------------------
+
+
+def processed(row: list[float], params: SamplingParams, output: list[int], prompt: list[int]):
+    batch = SamplingBatch.from_params(
+        [params], len(row), DEVICE, output_token_ids=[output], prompt_token_ids=[prompt]
+    )
+    return process_logits(torch.tensor([row]), batch)[0]
+
+
+def test_repetition_penalty_arithmetic_both_signs_prompt_and_output() -> None:
+    row = [2.0, -2.0, 1.0, -1.0, 3.0, 0.0]
+    params = SamplingParams(repetition_penalty=2.0)
+    # 0 and 1 in the output, 2 and 3 in the prompt, 4 nowhere; 5 is seen but 0 stays 0.
+    got = processed(row, params, output=[0, 1, 1], prompt=[2, 3, 5])
+    torch.testing.assert_close(got, torch.tensor([1.0, -4.0, 0.5, -2.0, 3.0, 0.0]))
+
+
+def test_presence_and_frequency_penalties_count_output_only() -> None:
+    row = [1.0, 1.0, 1.0, 1.0]
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = processed(row, params, output=[0, 0, 0, 1], prompt=[2, 2])
+    # token 0: 1 - 0.5 - 3 * 0.25; token 1: 1 - 0.5 - 0.25; prompt-only token 2 untouched.
+    torch.testing.assert_close(got, torch.tensor([-0.25, 0.25, 1.0, 1.0]))
+
+
+def test_penalties_and_bias_compose_in_vllm_order() -> None:
+    """Bias first, then repetition (on the biased logit), then presence/frequency."""
+    got = processed(
+        [1.0, 0.0],
+        SamplingParams(repetition_penalty=2.0, presence_penalty=1.0, logit_bias=((0, 3.0),)),
+        output=[0],
+        prompt=[],
+    )
+    torch.testing.assert_close(got, torch.tensor([(1.0 + 3.0) / 2.0 - 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("level", [1.0, -1.0])
+def test_repetition_penalty_makes_repeated_tokens_rarer(level: float) -> None:
+    row = [level] * 4
+    plain = draws(row, SamplingParams(), n=4000)
+    n = 4000
+    logits = torch.tensor([row]).expand(n, -1).contiguous()
+    params = [SamplingParams(repetition_penalty=1.5)] * n
+    penalised = run(logits, params, output_token_ids=[[0]] * n).token_ids
+    # Uniform 0.25 without the penalty; with it, e^(l/1.5) or e^(1.5 l) against 3 e^l: ~0.19.
+    assert abs((plain == 0).float().mean().item() - 0.25) < 0.03
+    assert (penalised == 0).float().mean().item() < 0.215
+
+
+def test_penalty_changes_greedy_choice() -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.6)]
+    assert run(logits, params, output_token_ids=[[0]]).token_ids.tolist() == [0]  # 2.4 > 2
+    assert run(logits, params, output_token_ids=[[0, 0]]).token_ids.tolist() == [1]  # 1.8 < 2
+
+
+# --- truncation ---------------------------------------------------------------------------
+
+
+# Probabilities 0.4, 0.3, 0.2, 0.1 scattered over the vocabulary, so the sort order differs
+# from the id order and a wrong un-sort would show.
+SCATTERED = {5: 0.4, 1: 0.3, 7: 0.2, 2: 0.1}
+
+
+def scattered_row(vocab_size: int = 8) -> list[float]:
+    row = [float("-inf")] * vocab_size
+    for token_id, p in SCATTERED.items():
+        row[token_id] = math.log(p)
+    return row
+
+
+@pytest.mark.parametrize(
+    ("top_p", "nucleus"),
+    [(0.3, {5}), (0.65, {5, 1}), (0.75, {5, 1, 7}), (0.95, {5, 1, 7, 2}), (1.0, {5, 1, 7, 2})],
+)
+def test_top_p_keeps_smallest_nucleus(top_p: float, nucleus: set[int]) -> None:
+    assert support(draws(scattered_row(), SamplingParams(top_p=top_p))) == nucleus
+
+
+def test_top_p_boundary_mass_counts_as_reaching_p() -> None:
+    """Four equal tokens (exact quarters in float32): two already reach top_p=0.5."""
+    assert len(support(draws([0.0] * 4, SamplingParams(top_p=0.5)))) == 2
+
+
+def test_tiny_top_p_still_keeps_the_top_token() -> None:
+    """1 - 1e-9 rounds to 1.0 in float32, so without the guard every token would be dropped."""
+    torch.manual_seed(7)
+    logits = torch.randn(64, 5000)
+    out = run(logits, [SamplingParams(top_p=1e-9)] * 64)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("top_k", "kept"),
+    [(1, {5}), (2, {5, 1}), (3, {5, 1, 7}), (0, None), (-1, None), (8, None), (50, None)],
+)
+def test_top_k_keeps_k_most_likely(top_k: int, kept: set[int] | None) -> None:
+    expected = set(SCATTERED) if kept is None else kept
+    assert support(draws(scattered_row(), SamplingParams(top_k=top_k))) == expected
+
+
+@pytest.mark.parametrize(
+    ("min_p", "kept"), [(0.2, {5, 1, 7, 2}), (0.3, {5, 1, 7}), (0.6, {5, 1}), (0.9, {5})]
+)
+def test_min_p_drops_tokens_below_fraction_of_max(min_p: float, kept: set[int]) -> None:
+    # thresholds 0.08, 0.12, 0.24, 0.36 against probabilities 0.4, 0.3, 0.2, 0.1
+    assert support(draws(scattered_row(), SamplingParams(min_p=min_p))) == kept
+
+
+def test_temperature_applies_before_top_p() -> None:
+    # At T=0.5 the probabilities become 16:9:4:1 / 30, so top_p=0.65 keeps only {5, 1} still
+    # but top_p=0.5 keeps {5} alone (16/30 > 0.5), whereas at T=1 it would keep {5, 1}.
+    assert support(draws(scattered_row(), SamplingParams(temperature=0.5, top_p=0.5))) == {5}
+    assert support(draws(scattered_row(), SamplingParams(temperature=1.0, top_p=0.5))) == {5, 1}
+
+
+def test_top_k_and_top_p_in_one_row_and_different_rows() -> None:
+    n = 3000
+    logits = torch.tensor([scattered_row()]).expand(2 * n, -1).contiguous()
+    params = [SamplingParams(top_k=3, top_p=0.5), SamplingParams(top_p=0.75)] * n
+    out = run(logits, params).token_ids
+    # top_k=3 renormalises 0.4/0.9 = 0.44 < 0.5, so the nucleus holds two tokens.
+    assert support(out[0::2]) == {5, 1}
+    assert support(out[1::2]) == {5, 1, 7}
+
+
+# --- distribution -------------------------------------------------------------------------
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    expected = probs.double() * len(tokens)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_draws_follow_softmax_of_scaled_logits(temperature: float) -> None:
+    row = [1.0, 0.0, -0.5, 2.0, 0.7, -1.0]
+    tokens = draws(row, SamplingParams(temperature=temperature), n=20_000)
+    expected = torch.softmax(torch.tensor(row) / temperature, dim=-1)
+    # df = 5: P(chi2 > 25) ~ 1e-4; the seed is fixed, so this is deterministic anyway. A wrong
+    # temperature (e.g. T=1 for T=2) gives a statistic in the thousands.
+    assert chi_square(tokens, expected) < 25
+
+
+def test_seeded_rows_follow_softmax() -> None:
+    """Each seeded row draws from its own generator; over many seeds the law is still right."""
+    row = [1.0, 0.0, -0.5, 2.0]
+    n = 4000
+    logits = torch.tensor([row]).expand(n, -1).contiguous()
+    tokens = run(logits, [SamplingParams(seed=s) for s in range(n)]).token_ids
+    assert chi_square(tokens, torch.softmax(torch.tensor(row), dim=-1)) < 20
+
+
+# --- seeds --------------------------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_alone_or_batched_anywhere() -> None:
+    vocab_size = 1000
+    torch.manual_seed(3)
+    request_logits = {name: torch.randn(vocab_size) for name in "abcdefgh"}
+    seeded = {
+        "a": SamplingParams(seed=11),
+        "b": SamplingParams(seed=12, temperature=0.8, top_p=0.95),
+        "c": SamplingParams(seed=13, top_k=50, min_p=0.01),
+    }
+    others = {
+        "d": SamplingParams(),  # unseeded
+        "e": SamplingParams(temperature=0.0),
+        "f": SamplingParams(seed=99, top_k=3, repetition_penalty=1.2),
+        "g": SamplingParams(temperature=0.0, seed=5),
+        "h": SamplingParams(temperature=1.3, presence_penalty=0.5),
+    }
+    everyone = {**seeded, **others}
+
+    def tokens(names: str, sampler_seed: int) -> dict[str, int]:
+        logits = torch.stack([request_logits[n] for n in names])
+        out = run(
+            logits,
+            [everyone[n] for n in names],
+            Sampler(seed=sampler_seed),
+            output_token_ids=[[7, 7]] * len(names),
+            prompt_token_ids=[[1, 2, 3]] * len(names),
+        )
+        return dict(zip(names, out.token_ids.tolist(), strict=True))
+
+    alone = {name: tokens(name, 0)[name] for name in seeded}
+    for layout, sampler_seed in [("abcdefgh", 1), ("hgfedcba", 2), ("dcaebhgf", 3), ("ca", 4)]:
+        got = tokens(layout, sampler_seed)
+        assert {n: got[n] for n in seeded if n in layout} == {
+            n: alone[n] for n in seeded if n in layout
+        }, layout
+
+
+def test_different_seeds_give_different_tokens() -> None:
+    logits = torch.zeros(16, 1000)
+    out = run(logits, [SamplingParams(seed=s) for s in range(16)])
+    assert len(set(out.token_ids.tolist())) > 8  # uniform over 1000: all distinct in practice
+
+
+def test_shared_generator_seed_reproduces_and_advances() -> None:
+    logits = torch.zeros(16, 1000)
+    params = [SamplingParams()] * 16
+    first, second = Sampler(seed=7), Sampler(seed=7)
+    step1 = run(logits, params, first).token_ids
+    assert torch.equal(step1, run(logits, params, second).token_ids)
+    assert not torch.equal(step1, run(logits, params, first).token_ids)  # state moved on
+    assert not torch.equal(step1, run(logits, params, Sampler(seed=8)).token_ids)
+
+
+def test_persistent_generator_gives_fresh_noise_each_step() -> None:
+    """A runner that keeps one generator per request must not replay the same token."""
+    logits = torch.zeros(1, 1000)
+    generator = torch.Generator().manual_seed(42)
+    steps = [
+        run(logits, [SamplingParams()], generators=[generator]).token_ids.item() for _ in range(5)
+    ]
+    assert len(set(steps)) > 1
+    replay = torch.Generator().manual_seed(42)
+    assert run(logits, [SamplingParams()], generators=[replay]).token_ids.item() == steps[0]
+
+
+def test_default_flags_give_same_tokens_as_from_params() -> None:
+    """The skip-work flags are an optimisation only: leaving them off changes nothing."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 200)
+    params = [
+        SamplingParams(seed=s, temperature=0.9, min_p=0.02 * s, top_k=10 * s, top_p=1.0 - 0.1 * s)
+        for s in range(6)
+    ]
+    fast = SamplingBatch.from_params(params, 200, DEVICE)
+    assert not (fast.no_top_k or fast.no_top_p or fast.no_min_p)  # some row uses each
+    plain = SamplingBatch.from_params([SamplingParams(seed=s) for s in range(6)], 200, DEVICE)
+    assert plain.no_top_k and plain.no_top_p and plain.no_min_p
+    # Fresh generators for the second batch: the first call advances those of `plain`.
+    fields = {f: getattr(plain, f) for f in SamplingBatch.__dataclass_fields__}
+    generators = [torch.Generator().manual_seed(s) for s in range(6)]
+    flags = {"no_top_k": False, "no_top_p": False, "no_min_p": False}
+    slow = SamplingBatch(**{**fields, **flags, "generators": generators})
+    assert torch.equal(Sampler()(logits, plain).token_ids, Sampler()(logits, slow).token_ids)
+
+
+# --- logprobs -----------------------------------------------------------------------------
+
+
+def test_compute_logprobs_matches_log_softmax_and_sorts_top() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(4, 50, dtype=torch.bfloat16)
+    token_ids = torch.tensor([0, 7, 49, 3])
+    chosen, top_ids, top_logprobs = compute_logprobs(logits, token_ids, 5)
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    assert chosen.dtype == top_logprobs.dtype == torch.float32 and top_ids.dtype == torch.int64
+    torch.testing.assert_close(chosen, reference[torch.arange(4), token_ids])
+    assert top_ids.shape == top_logprobs.shape == (4, 5)
+    torch.testing.assert_close(top_logprobs, reference.gather(1, top_ids))
+    assert (top_logprobs[:, :-1] >= top_logprobs[:, 1:]).all()
+    torch.testing.assert_close(top_logprobs, reference.sort(-1, descending=True).values[:, :5])
+    _, no_ids, no_logprobs = compute_logprobs(logits, token_ids, 0)
+    assert no_ids.shape == no_logprobs.shape == (4, 0)
+
+
+def test_sampler_logprobs_are_raw_and_sized_by_the_widest_request() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(3, 40)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.5, top_k=3, logprobs=4, logit_bias=((9, 50.0),)),
+        SamplingParams(repetition_penalty=1.5),
+    ]
+    out = run(logits, params, output_token_ids=[[], [], [1, 2]], prompt_token_ids=[[], [], []])
+    assert out.token_ids[1].item() == 9  # the bias decides the token...
+    raw = torch.log_softmax(logits, dim=-1)  # ...but the logprob is of the raw logits
+    assert out.logprobs is not None and out.top_ids is not None and out.top_logprobs is not None
+    torch.testing.assert_close(out.logprobs, raw[torch.arange(3), out.token_ids])
+    assert out.top_ids.shape == (3, 4)
+    torch.testing.assert_close(out.top_ids, raw.topk(4, dim=-1).indices)
