@@ -43,3 +43,4 @@ class ServerConfig:
     max_n: int = 16
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
     log_level: str = "info"
+    metrics_compat: str | None = None  # "vllm": also export vLLM's metric names

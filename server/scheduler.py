@@ -25,6 +25,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the slot
     status: RequestStatus = RequestStatus.WAITING
+    last_token_time: float | None = None  # monotonic; for inter-token latency
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +42,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None
     num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
@@ -147,6 +149,7 @@ class Scheduler:
             if request.params.n > len(self.free_slots):
                 break  # FCFS: no overtaking
             self.waiting.popleft()
+            request.admitted_time = time.monotonic()
             for seq in request.seqs:
                 seq.slot = self.free_slots.pop()
                 seq.status = RequestStatus.RUNNING

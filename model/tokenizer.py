@@ -1,0 +1,426 @@
+"""Tokenizer and streaming detokenizer for a Hugging Face tokenizer folder. No torch.
+
+`Tokenizer` reads tokenizer.json with the `tokenizers` library, plus tokenizer_config.json,
+chat_template.jinja and generation_config.json; its ids, decoded text and rendered chat prompts
+equal transformers 5's `AutoTokenizer` for the same folder. `IncrementalDetokenizer` turns one
+request's output ids into text deltas: never half a UTF-8 character, stop strings cut exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _Backend
+
+logger = logging.getLogger(__name__)
+
+# transformers' named special tokens: each one present is a chat-template variable.
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                "mask_token")
+NO_TEMPLATE = "the model has no chat template; pass --chat-template"
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
+
+
+class ChatTemplateError(ValueError):
+    """The chat template is missing, does not compile, or failed on these messages."""
+
+
+class Tokenizer:
+    """Text <-> ids, the chat template, and the special ids the engine stops on.
+
+    Differences from transformers, on purpose: `decode` never cleans up tokenization spaces
+    (transformers 5 skips that for BPE too) and raises ValueError on ids outside the vocabulary.
+    add_bos_token / add_eos_token in tokenizer_config.json are ignored, as transformers 5 does
+    whenever tokenizer.json exists (it pops them): tokenizer.json's post-processor decides.
+    """
+
+    def __init__(self, backend: _Backend, special_tokens: dict[str, str],
+                 eos_ids: frozenset[int], chat_template: str | None) -> None:
+        self._backend = backend
+        self.special_tokens = special_tokens  # named special tokens present: {"bos_token": "<s>"}
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        bos = special_tokens.get("bos_token")
+        self.bos_id: int | None = backend.token_to_id(bos) if bos else None
+        self.eos_ids = eos_ids
+        # What decode(skip_special_tokens=True) drops: the added tokens marked special.
+        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
+                                     if t.special)
+        self.chat_template = chat_template
+        self._template = _compile(chat_template) if chat_template else None
+        # Per-token texts are decoded after this anchor so that SentencePiece's leading-space
+        # strip (which only applies at the start of a text) does not eat the token's space.
+        self._anchor = backend.encode("a", add_special_tokens=False).ids
+        self._anchor_text = backend.decode(self._anchor, skip_special_tokens=False)
+
+    @classmethod
+    def from_dir(cls, folder: Path, chat_template: str | None = None) -> Tokenizer:
+        """Load `folder`; `chat_template` (the template text) replaces the model's own."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"{path} not found: llama-serve needs a fast tokenizer "
+                             "(tokenizer.json)")
+        backend = _Backend.from_file(str(path))
+        config = _read_json(folder / "tokenizer_config.json")
+        named = {k: c for k in NAMED_TOKENS if (c := _content(config.get(k))) is not None}
+        if "added_tokens_decoder" not in config:  # legacy folders, as transformers reads them
+            legacy = _read_json(folder / "special_tokens_map.json")
+            named |= {k: c for k in NAMED_TOKENS if (c := _content(legacy.get(k))) is not None}
+        _add_config_tokens(backend, config.get("added_tokens_decoder", {}), named)
+
+        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        if "eos_token" in named:
+            eos_ids.add(backend.token_to_id(named["eos_token"]))
+
+        if chat_template is None:
+            jinja_file = folder / "chat_template.jinja"  # takes priority, as in transformers
+            chat_template = (jinja_file.read_text(encoding="utf-8") if jinja_file.is_file()
+                             else config.get("chat_template"))
+        if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]: the default one
+            named_templates = {t["name"]: t["template"] for t in chat_template}
+            chat_template = named_templates.get("default")
+            if chat_template is None:
+                logger.warning("no 'default' among the chat templates %s; pass --chat-template",
+                               sorted(named_templates))
+        return cls(backend, named, frozenset(eos_ids), chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; with special tokens as tokenizer.json's post-processor adds them (BOS)."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; ValueError names the first id outside the vocabulary."""
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary "
+                                 f"(0..{self.vocab_size - 1})")
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry itself, e.g. "Ġhello", "▁hello", "<0xE4>" or "<s>"."""
+        token = self._backend.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
+        return token
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text on its own, as logprobs show it (special tokens included).
+
+        Leading spaces are kept (" hello" for "▁hello"). A token holding only part of a UTF-8
+        character gives "\\ufffd", as in vLLM. Ids outside the vocabulary (a model's padded
+        embedding rows) give "".
+        """
+        known = [i for i in ids if 0 <= i < self.vocab_size]
+        anchored = self._backend.decode_batch([[*self._anchor, i] for i in known],
+                                              skip_special_tokens=False)
+        texts = {}
+        for i, text in zip(known, anchored, strict=True):
+            if self._anchor_text and text.startswith(self._anchor_text):
+                texts[i] = text[len(self._anchor_text):]
+            else:
+                texts[i] = self._backend.decode([i], skip_special_tokens=False)
+        return [texts.get(i, "") for i in ids]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """The prompt text, rendered as transformers' apply_chat_template(tokenize=False)."""
+        if self._template is None:
+            raise ChatTemplateError(NO_TEMPLATE)
+        if not messages:
+            raise ChatTemplateError("cannot apply the chat template to an empty message list")
+        variables = {**self.special_tokens, "tools": None, "documents": None, **_plain(extra),
+                     "messages": _template_messages(messages),
+                     "add_generation_prompt": add_generation_prompt}
+        try:
+            return self._template.render(**variables)
+        except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
+            raise ChatTemplateError(f"chat template error: {e}") from e
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
+            raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **extra: Any) -> list[int]:
+        """Prompt ids: the rendered template encoded without adding special tokens (the
+        template writes its own BOS), as apply_chat_template(tokenize=True) does."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _content(value: Any) -> str | None:
+    """A special token written as "<s>" or as {"content": "<s>", ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str]) -> None:
+    """Add what transformers adds on load: config tokens missing from tokenizer.json, and every
+    named special token as a special added token (new id if it is not in the vocabulary)."""
+    present = {t.content: t for t in backend.get_added_tokens_decoder().values()}
+    fields = ("single_word", "lstrip", "rstrip", "normalized", "special")
+    specs = {d["content"]: d for _, d in sorted(decoder.items(), key=lambda kv: int(kv[0]))}
+    new = [AddedToken(c, **{k: d[k] for k in fields if k in d})
+           for c, d in specs.items() if c not in present]
+    backend.add_tokens(new)
+    for content in named.values():
+        if not (content in present and present[content].special):
+            spec = {k: specs[content][k] for k in fields[:3] if k in specs.get(content, {})}
+            backend.add_special_tokens([AddedToken(content, **spec, normalized=False,
+                                                   special=True)])
+
+
+# --- chat template: the environment transformers' _compile_jinja_template builds ---------
+
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Not jinja's tojson, which escapes HTML characters.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """`dict(...)` in templates, without exposing the type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore attributes (a path to CPython internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja's signature trick: self in args
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+
+def _check_name(name: Any) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
+    transformers; for serving it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: jinja2.runtime.Macro) -> str:
+        return caller()
+
+
+def _plain(value: Any) -> Any:
+    """Plain JSON-like data (as transformers' _plain_template_data): a template sees no object
+    whose methods the sandbox does not know about."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (str, int, float):  # subclasses (enums, ...) back to the base type
+        if isinstance(value, base):
+            return getattr(base, f"__{base.__name__}__")(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if callable(getattr(value, "model_dump", None)):  # pydantic models
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers hands them to the template: keys whose value is None dropped,
+    reasoning copied to both `thinking` and `reasoning_content`."""
+    out = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise ChatTemplateError(f"a chat message must be an object, got {message!r}")
+        message = _plain({k: v for k, v in message.items() if v is not None})
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
+                         None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# --- streaming ---------------------------------------------------------------------------
+
+PROMPT_CONTEXT = 5  # prompt tokens decoded as context before the first output token (vLLM)
+MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 byte tokens
+_TRIM_AT = 64  # drop decoded ids from the window once this many are behind it
+
+
+class IncrementalDetokenizer:
+    """One request's output ids -> text deltas; whole characters only; stop strings cut.
+
+    Algorithm (vLLM's detokenize_incrementally): keep the visible ids (specials dropped when
+    skipped) with two offsets. ids[prefix:read] is text already emitted, kept as context so
+    SentencePiece spaces and byte merges come out as in a full decode; each new id, decode
+    ids[prefix:] and emit what goes past ids[prefix:read]'s text, unless the text ends in
+    U+FFFD (a character still incomplete): then wait for more ids. Each step decodes a few
+    tokens, whatever the output length. The concatenated deltas equal
+    decode(prompt + output)[len(decode(prompt)):] for valid UTF-8 output.
+
+    Stop strings are matched on the output text, across tokens. While streaming, the last
+    max(len(stop)) - 1 characters are held back (none with include_stop_str_in_output, where a
+    prefix of the stop string is output anyway) so that no prefix of a stop string goes out.
+    When several stop strings match, the one that ends first wins (as if text arrived a
+    character at a time, so the result does not depend on how ids are chunked).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
+                 skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
+                 include_stop_str_in_output: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop_str_in_output
+        # Stop strings are searched for in the last `window` characters + the new text.
+        self._window = max(map(len, self._stop)) - 1 if self._stop else 0
+        self._hold = 0 if include_stop_str_in_output else self._window
+        self.stopped_by: str | None = None
+        self._finished = False
+        self._held = ""  # decoded, not yet emitted (stop-string hold-back)
+        self._recent = ""  # the last `window` characters decoded (held text is its suffix)
+        self._pieces: list[str] = []  # emitted text
+
+        context = [i for i in prompt_ids if self._visible(i)][-PROMPT_CONTEXT - MAX_CHAR_TOKENS:]
+        self._ids = context
+        self._read = len(context)
+        self._prefix = max(self._read - PROMPT_CONTEXT, 0)
+        # Start the context on a whole character: cut inside one, SentencePiece's byte fallback
+        # turns the whole run of byte tokens into U+FFFDs, whatever follows.
+        while self._prefix > 0 and self._decode(self._prefix, self._read).startswith("\ufffd"):
+            self._prefix -= 1
+        self._prefix_text: str | None = None  # decode of ids[prefix:read], cached
+
+    @property
+    def text(self) -> str:
+        """All output text emitted so far."""
+        return "".join(self._pieces)
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append output ids; return the new text ("" while a character or stop is pending)."""
+        if self.stopped_by is not None or self._finished:
+            return ""
+        new = []
+        for i in token_ids:
+            if self._visible(i):
+                self._ids.append(i)
+                new.append(self._next_text())
+        return self._release("".join(new), final=False)
+
+    def flush(self) -> str:
+        """End of output for another reason: return what was pending or held back."""
+        if self.stopped_by is not None or self._finished:
+            return ""
+        self._finished = True
+        rest = ""
+        if self._read < len(self._ids):  # an incomplete character: output it as decoded
+            rest = self._decode(self._prefix)[len(self._prefix_context()):]
+        return self._release(rest, final=True)
+
+    def _visible(self, token_id: int) -> bool:
+        # Ids past the vocabulary (padded embedding rows) decode to nothing, as in tokenizers.
+        return 0 <= token_id < self._tokenizer.vocab_size and not (
+            self._skip_special and token_id in self._tokenizer.special_ids)
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer._backend.decode(self._ids[start:end],
+                                               skip_special_tokens=self._skip_special)
+
+    def _prefix_context(self) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._prefix, self._read)
+        return self._prefix_text
+
+    def _next_text(self) -> str:
+        prefix_text = self._prefix_context()
+        text = self._decode(self._prefix)
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read, self._prefix_text = self._read, len(self._ids), None
+        if self._prefix >= _TRIM_AT:
+            del self._ids[:self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+        return text[len(prefix_text):]
+
+    def _release(self, new: str, final: bool) -> str:
+        """Emit `new` after the held-back text, cut at a stop string, keeping the hold-back."""
+        text = self._held + new
+        # A stop string ending in `new` starts at most len(stop) - 1 characters before it, in
+        # `recent`: one ending earlier would have been found by an earlier call.
+        hit = _first_stop(self._recent + new, self._stop) if new else None
+        if hit is not None:
+            start, self.stopped_by = hit
+            start -= len(self._recent) - len(self._held)  # into `text`; < 0: already emitted
+            text = text[:start + len(self.stopped_by) if self._include_stop else start]
+            self._held = ""
+        else:
+            cut = len(text) if final else max(len(text) - self._hold, 0)
+            text, self._held = text[:cut], text[cut:]
+            recent = self._recent + new
+            self._recent = recent[-self._window:] if self._window else ""
+        if text:
+            self._pieces.append(text)
+        return text
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(start, stop) of the occurrence that ends first; on a tie, the longest."""
+    best = None
+    for stop in stops:
+        i = text.find(stop)
+        if i >= 0 and (best is None or (i + len(stop), i) < (best[0] + len(best[1]), best[0])):
+            best = (i, stop)
+    return best

@@ -1,0 +1,249 @@
+"""create_app(): the FastAPI application, its lifespan, middleware and the one error table.
+
+The engine is built on a background thread during the lifespan so that /health can answer
+"loading" meanwhile; when loading fails the server is asked to exit. Every error leaves as
+OpenAI's `{"error": {...}}` with the status from `ERRORS`; no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.tokenizer import ChatTemplateError
+from server.config import ServerConfig
+from server.engine import Engine, EngineDeadError, EngineOverloaded, RequestRejected
+from server.metrics import Metrics
+from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
+from server.serving import ChatService, CompletionService, GenerationFailed
+
+logger = logging.getLogger(__name__)
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+RETRY_AFTER_SECONDS = "1"
+
+
+class Unavailable(Exception):
+    """Not serving right now (loading, draining, failed): 503 with Retry-After."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+class Unauthorized(Exception):
+    pass
+
+
+@dataclass
+class ServerState:
+    """What the routes need, reached through one dependency (routes.get_state)."""
+
+    config: ServerConfig
+    limits: RequestLimits
+    metrics: Metrics
+    engine: Engine | None = None
+    completions: CompletionService | None = None
+    chat: ChatService | None = None
+    status: str = "loading"  # loading | ready | draining | failed
+    reason: str = "the model is loading"
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def serving_engine(self) -> Engine:
+        if self.status != "ready" or self.engine is None:
+            raise Unavailable(self.reason, self.status)
+        self.engine.check_health()
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.config.served_model_name:
+            raise ModelNotFound(f"The model `{model}` does not exist.")
+
+
+# exception type -> (status, OpenAI error type, code)
+ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
+    RequestError: (400, "invalid_request_error", None),
+    RequestRejected: (400, "invalid_request_error", None),
+    ChatTemplateError: (400, "invalid_request_error", None),
+    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    EngineOverloaded: (503, "server_error", "overloaded"),
+    EngineDeadError: (503, "server_error", "engine_dead"),
+    Unavailable: (503, "server_error", None),
+    GenerationFailed: (500, "server_error", None),
+}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | int | None = None) -> JSONResponse:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    body = ErrorResponse.of(message, type_, param, code if code is not None else status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _install_error_table(app: FastAPI) -> None:
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        status, type_, code = ERRORS[type(exc)]
+        if isinstance(exc, Unavailable):
+            code = exc.code
+        if status in (400, 503):
+            request.app.state.server.metrics.rejected(code or "invalid_request")
+        return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
+
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.app.state.server.metrics.rejected("invalid_request")
+        message, param = describe_validation_errors(exc.errors())
+        return error_response(400, message, "invalid_request_error", param)
+
+    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type_)
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal server error", "server_error")
+
+    for exc_type in ERRORS:
+        app.add_exception_handler(exc_type, known)
+    app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body is larger than {self.max_bytes} bytes",
+                                  "invalid_request_error", code="request_too_large")
+        await response(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestIdMiddleware:
+    """Honour or generate X-Request-Id; it tags the log lines and the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        raw = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = raw if raw.isprintable() and raw else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The app; `load_engine` runs on a thread at start-up, `on_fatal` hears if it fails."""
+    from server.routes import router
+
+    state = ServerState(config=config, limits=RequestLimits(max_n=config.max_n),
+                        metrics=Metrics(config.served_model_name, config.metrics_compat))
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+            engine.start()
+            state.engine = engine
+            state.completions = CompletionService(engine, engine.tokenizer,
+                                                  config.served_model_name)
+            state.chat = ChatService(engine, engine.tokenizer, config.served_model_name)
+            state.metrics.attach(engine)
+            state.status, state.reason = "ready", "ready"
+            logger.info("ready: serving %s", config.served_model_name)
+        except Exception as e:  # noqa: BLE001 - any load failure is fatal and reported
+            logger.error("loading failed: %s", e, exc_info=not isinstance(e, ValueError))
+            state.status, state.reason = "failed", f"loading failed: {e}"
+            if on_fatal is not None:
+                on_fatal(str(e))
+        finally:
+            state.ready.set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                state.engine.stop()
+
+    app = FastAPI(title="llama-serve", version=_version(), lifespan=lifespan)
+    app.state.server = state
+    _install_error_table(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-serve")
+    except PackageNotFoundError:
+        return "0+unknown"

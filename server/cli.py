@@ -1,0 +1,144 @@
+"""`llama-serve serve [MODEL]`: flags and LLAMA_SERVE_* variables -> configs -> uvicorn.
+
+Every flag can also be set as an environment variable named LLAMA_SERVE_<FLAG> (upper case,
+dashes as underscores); a flag on the command line wins. This is the only module that reads
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from server.config import EngineConfig, ServerConfig
+
+logger = logging.getLogger("llama_serve")
+
+ENV_PREFIX = "LLAMA_SERVE_"
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
+    name = flag.lstrip("-")
+    kwargs["default"] = _env(name, kwargs.get("default"))
+    env = ENV_PREFIX + name.upper().replace("-", "_")
+    parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-serve",
+        description="OpenAI-compatible inference server for Llama-family models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over HTTP",
+                           description="Serve MODEL (a checkpoint folder or a Hugging Face hub "
+                           "id; omitted: the built-in random demo model) with an "
+                           "OpenAI-compatible API.")
+    serve.add_argument("model", nargs="?", default=_env("model", None),
+                       help=f"checkpoint folder or hub id [env {ENV_PREFIX}MODEL]")
+    e, s = EngineConfig(), ServerConfig()
+    _add(serve, "--host", "address to bind", default=s.host)
+    _add(serve, "--port", "port to bind", type=int, default=s.port)
+    _add(serve, "--served-model-name", "model id clients use (default: the folder's name)")
+    _add(serve, "--api-key", "require 'Authorization: Bearer KEY' on /v1/* and /(de)tokenize")
+    _add(serve, "--dtype", "weights and KV-cache dtype", default=e.dtype,
+         choices=["auto", "float32", "bfloat16", "float16"])
+    _add(serve, "--device", "auto, cpu, cuda or cuda:N", default=e.device)
+    _add(serve, "--max-model-len", "tokens per sequence (prompt + output); default: the "
+         "model's context, capped at 4096", type=int, default=e.max_model_len)
+    _add(serve, "--max-num-seqs", "KV-cache slots: sequences decoded at once", type=int,
+         default=e.max_num_seqs)
+    _add(serve, "--max-num-batched-tokens", "tokens per forward pass (prefill chunk budget)",
+         type=int, default=e.max_num_batched_tokens)
+    _add(serve, "--max-waiting", "requests queued beyond the slots; more get 503", type=int,
+         default=e.max_waiting)
+    _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or % of free memory "
+         "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
+    _add(serve, "--chat-template", "file with a Jinja chat template replacing the model's")
+    _add(serve, "--max-n", "largest n (samples per prompt) a request may ask for", type=int,
+         default=s.max_n)
+    _add(serve, "--max-request-bytes", "largest request body; more get 413", type=int,
+         default=s.max_request_bytes)
+    _add(serve, "--allowed-origins", "comma-separated CORS origins (default: CORS off)",
+         default="")
+    _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
+    _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
+    _add(serve, "--log-level", "logging level", default=s.log_level,
+         choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, ServerConfig]:
+    engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
+    server = ServerConfig(
+        host=args.host, port=args.port,
+        served_model_name=args.served_model_name or args.model or model_dir.name,
+        api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
+        max_n=args.max_n, chat_template=template, log_level=args.log_level,
+        metrics_compat=args.metrics_compat)
+    return engine, server
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from model.demo import ensure_demo_model
+    from model.source import resolve_model
+    from server.app import create_app
+    from server.startup import build_engine
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.model:
+            model_dir = resolve_model(args.model)
+        else:
+            model_dir = ensure_demo_model()
+            logger.warning("no MODEL given: serving the built-in demo model from %s. Its "
+                           "weights are RANDOM, so its output is random text.", model_dir)
+        engine_config, server_config = configs(args, model_dir)
+    except (ValueError, OSError) as e:
+        logger.error("cannot start: %s", e)
+        return 2
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(server_config,
+                     lambda: build_engine(model_dir, engine_config, server_config.chat_template),
+                     on_fatal)
+    logger.info("llama-serve on http://%s:%d  model=%s (%s)  dtype=%s  device=%s",
+                server_config.host, server_config.port, server_config.served_model_name,
+                model_dir, engine_config.dtype, engine_config.device)
+    server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                           log_level=server_config.log_level,
+                                           timeout_graceful_shutdown=10))
+    server.run()
+    if fatal:
+        logger.error("cannot start: %s", fatal[0])
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

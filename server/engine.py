@@ -1,0 +1,401 @@
+"""Engine: runs scheduler -> runner -> update on its own thread; requests stream back to asyncio.
+
+The asyncio side calls `generate()` (validates, queues, returns an async stream) and
+`abort()`; both only touch a thread-safe inbox. The engine thread owns the scheduler, the
+KV-cache pool and the model, drains the inbox between steps, and posts each step's outputs
+to the streams with one `call_soon_threadsafe` per event loop. No FastAPI here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.request import RequestOutput, RequestStatus, SamplingParams
+from server.runner import ModelRunner, StepResult
+from server.scheduler import FINISH_REASONS, Request, Scheduler, Sequence, StepPlan
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (HTTP 400)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (HTTP 503 with Retry-After)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; nothing more will be served (HTTP 503, /health fails)."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    slots_used: int = 0
+    slots_total: int = 0
+    tokens_used: int = 0
+    tokens_capacity: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    steps_total: int = 0
+    finished_total: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedStats:
+    e2e_seconds: float
+    queue_seconds: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one step did, handed to listeners (metrics) on the engine thread."""
+
+    batch_size: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    finished: list[FinishedStats] = field(default_factory=list)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after every sample has finished."""
+
+    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._unfinished = n
+
+    def put(self, output: RequestOutput) -> None:  # called on the event loop
+        self._queue.put_nowait(output)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while self._unfinished:
+            output = await self._queue.get()
+            if output.finished:
+                self._unfinished -= 1
+            yield output
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
+                 max_waiting: int) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.max_model_len = scheduler.max_model_len
+        self.vocab_size = runner.vocab_size
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # touched under _lock from both sides
+        self._lock = threading.Lock()
+        self._num_queued = 0  # submitted, not yet given a slot (under _lock)
+        self._detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+        self._stats = EngineStats(slots_total=scheduler.n_slots,
+                                  tokens_capacity=scheduler.n_slots * scheduler.max_model_len)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._dead: BaseException | None = None
+        self._listeners: list[Callable[[IterationStats], None]] = []
+        self._iteration = IterationStats()
+
+    # ------------------------------------------------------------------ asyncio side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop failed: {self._dead!r}")
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("engine loop is not running")
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str) -> RequestStream:
+        """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
+        so the caller can answer with a status before any streaming starts."""
+        self.check_health()
+        self._validate(prompt_ids, params)
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
+        stream = RequestStream(request_id, params.n, asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise RequestRejected(f"request id {request_id!r} is already in flight")
+            # Free slots take requests at the next step; beyond them, max_waiting may queue.
+            free_slots = self.scheduler.n_slots - self._stats.slots_used
+            if self._num_queued >= self.max_waiting + free_slots:
+                raise EngineOverloaded(f"{self._num_queued} requests are already waiting")
+            self._num_queued += 1
+            self._streams[request_id] = stream
+        self._inbox.put(("add", Request(request_id, list(prompt_ids), params)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slots are free again before the next step."""
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def add_listener(self, listener: Callable[[IterationStats], None]) -> None:
+        """`listener(stats)` runs on the engine thread after every step; keep it cheap."""
+        self._listeners.append(listener)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise RequestRejected("the prompt is empty: it must contain at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+        if params.n > self.scheduler.n_slots:
+            raise RequestRejected(f"n={params.n} is more than the {self.scheduler.n_slots} "
+                                  f"sequences this server runs at once")
+        n_out = params.max_tokens if params.max_tokens is not None else 1
+        if n_prompt + n_out > self.max_model_len:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in "
+                f"the completion). Please reduce the length of the prompt or completion.")
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not self.scheduler.has_work())
+                if self.scheduler.has_work():
+                    try:
+                        self._step()
+                        failures = 0
+                    except StepFailed:
+                        failures += 1
+                        if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                            raise
+                self._refresh_stats()
+            self._abort_all()
+        except BaseException as e:  # noqa: BLE001 - whatever killed the loop, report it
+            logger.exception("engine loop died")
+            self._dead = e
+            self._fail_all(f"engine failed: {e!r}")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        posts: list[RequestOutput] = []
+        while True:
+            kind, payload = item
+            if kind == "add":
+                assert isinstance(payload, Request)
+                self.scheduler.add(payload)
+            elif kind == "abort":
+                request = self.scheduler.requests.get(str(payload))
+                if request is not None:
+                    posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._post(posts)
+        if posts:
+            self._emit_iteration()
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        admitted = sum(1 for c in plan.prefills if c.start == 0)
+        if admitted:
+            with self._lock:
+                self._num_queued -= admitted
+        if plan.num_tokens == 0:
+            return
+        try:
+            result = self.runner.run(plan)
+        except Exception as e:
+            # One forward serves the whole batch, so its requests fail together; the engine
+            # and everything not in this step go on.
+            logger.exception("step failed")
+            requests = {c.request for c in plan.prefills} | {s.request for s in plan.decodes}
+            posts = []
+            for request in requests:
+                posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, repr(e))
+            self._post(posts)
+            raise StepFailed from e
+        n_prompt = sum(len(c.token_ids) for c in plan.prefills)
+        self._stats.steps_total += 1
+        self._stats.prompt_tokens_total += n_prompt
+        self._stats.generation_tokens_total += len(result.tokens)
+        it = self._iteration
+        it.batch_size = len(plan.decodes) + len(plan.prefills)
+        it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
+        self.scheduler.update(plan, result.tokens, result.logprobs)
+        self._post(self._outputs(plan, result))
+        self._emit_iteration()
+
+    def _emit_iteration(self) -> None:
+        it, self._iteration = self._iteration, IterationStats()
+        for listener in self._listeners:
+            try:
+                listener(it)
+            except Exception:  # metrics must never take the engine down
+                logger.exception("stats listener failed")
+
+    def _outputs(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        for request, logprobs in result.prompt_logprobs:
+            request.prompt_logprobs.extend(logprobs)
+        posts = []
+        for seq, token in zip(plan.sampled, result.tokens, strict=True):
+            try:
+                posts.append(self._sequence_output(seq, token))
+            except Exception as e:  # a failure in one request's output fails that request
+                logger.exception("request %s failed", seq.request.request_id)
+                posts += self._finish_request(seq.request, RequestStatus.FINISHED_ERROR, repr(e))
+        for chunk in plan.prefills:  # scoring requests (max_tokens=0) end with their prefill
+            if chunk.is_last and chunk.request.params.max_tokens == 0:
+                posts += [self._final(seq, "") for seq in chunk.request.seqs]
+        return posts
+
+    def _sequence_output(self, seq: Sequence, token: int) -> RequestOutput:
+        detok = self._detokenizers.get(seq)
+        first = detok is None
+        if detok is None:
+            p = seq.request.params
+            detok = IncrementalDetokenizer(
+                self.tokenizer, seq.request.prompt_ids, skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            self._detokenizers[seq] = detok
+        text = detok.add([token])
+        if detok.stopped_by is not None:
+            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+        elif seq.status.is_finished:
+            text += detok.flush()
+        out = self._output(seq, text, [token], first)
+        if seq.status.is_finished:
+            self._release(seq)
+        return out
+
+    def _output(self, seq: Sequence, text: str, token_ids: list[int],
+                first: bool) -> RequestOutput:
+        request = seq.request
+        out = RequestOutput(
+            request.request_id, seq.index, text=text, token_ids=token_ids,
+            logprobs=seq.output_logprobs[-len(token_ids):] if seq.output_logprobs and token_ids
+            else None,
+            prompt_logprobs=request.prompt_logprobs if first and
+            request.params.prompt_logprobs is not None else None,
+            num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids))
+        now = time.monotonic()
+        if token_ids:
+            if seq.last_token_time is None:
+                self._iteration.ttfts.append(now - request.arrival_time)
+            else:
+                self._iteration.itls.append(now - seq.last_token_time)
+            seq.last_token_time = now
+        if seq.status.is_finished:
+            out.finish_reason = FINISH_REASONS[seq.status]
+            self._stats.finished_total[out.finish_reason.value] += 1
+            admitted = request.admitted_time or now
+            self._iteration.finished.append(FinishedStats(
+                now - request.arrival_time, admitted - request.arrival_time,
+                len(request.prompt_ids), len(seq.output_ids)))
+        return out
+
+    def _final(self, seq: Sequence, error: str | None) -> RequestOutput:
+        out = self._output(seq, "", [], first=seq not in self._detokenizers)
+        out.error = error or None
+        self._release(seq)
+        return out
+
+    def _finish_request(self, request: Request, status: RequestStatus,
+                        error: str = "") -> list[RequestOutput]:
+        """Finish every unfinished sample of a request, with a final output for each."""
+        if any(s.status == RequestStatus.WAITING for s in request.seqs):
+            with self._lock:
+                self._num_queued -= 1
+        open_seqs = [s for s in request.seqs if not s.status.is_finished]
+        self.scheduler.finish_request(request, status)
+        return [self._final(seq, error) for seq in open_seqs]
+
+    def _release(self, seq: Sequence) -> None:
+        self._detokenizers.pop(seq, None)
+        self.runner.release(seq)
+
+    def _post(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one thread-safe callback per event loop."""
+        if not outputs:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, out))
+            for out in outputs:  # all samples finished: the stream gets no more
+                if out.finished and out.request_id not in self.scheduler.requests:
+                    self._streams.pop(out.request_id, None)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed (server shutting down)
+                pass
+
+    def _refresh_stats(self) -> None:
+        s, sched = self._stats, self.scheduler
+        s.num_running = len({q.request for q in sched.decoding}) + len(sched.prefilling)
+        s.num_waiting = len(sched.waiting)
+        s.slots_used = sched.num_used_slots
+        s.tokens_used = sched.num_used_tokens
+
+    def _fail_all(self, message: str) -> None:
+        posts = []
+        for request in list(self.scheduler.requests.values()):
+            posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
+        self._post(posts)
+
+    def _abort_all(self) -> None:
+        posts = []
+        for request in list(self.scheduler.requests.values()):
+            posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+        self._post(posts)
+
+
+class StepFailed(RuntimeError):
+    """A forward pass raised; its requests were failed."""
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.put(output)
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return replace(params, max_tokens=max_tokens)

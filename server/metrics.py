@@ -1,0 +1,167 @@
+"""Prometheus metrics, one registry per app, fed from the engine's plain stats. No torch.
+
+Gauges and counters are read from `Engine.stats()` at scrape time; histograms are fed by the
+engine thread through `observe()` once per step. Names: `llama_serve_*`, base units, `_total`
+on counters. `--metrics-compat vllm` adds vLLM's names for the series that autoscalers and
+dashboards read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.engine import Engine, EngineStats, IterationStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+THROUGHPUT_WINDOW_SECONDS = 10.0
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class Metrics:
+    def __init__(self, model_name: str, compat: str | None = None) -> None:
+        self.model_name = model_name
+        self.compat = compat
+        self.registry = CollectorRegistry()
+        self._engine: Engine | None = None
+        self._rejected: dict[str, int] = {}
+        self._window: deque[tuple[float, int, int]] = deque()  # (time, prompt, generation)
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"llama_serve_{name}", doc, buckets=buckets, registry=r)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between output tokens.",
+                        LATENCY_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Arrival to admission into a slot.",
+                          LATENCY_BUCKETS)
+        self.prompt_len = hist("request_prompt_tokens", "Prompt length per request.",
+                               LENGTH_BUCKETS)
+        self.gen_len = hist("request_generation_tokens", "Output tokens per request.",
+                            LENGTH_BUCKETS)
+        self.batch = hist("step_batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+        self.compat_hists: list[tuple[Histogram, Histogram]] = []
+        if compat == "vllm":
+            def vllm_hist(name: str, doc: str) -> Histogram:
+                return Histogram(f"vllm:{name}", doc, ["model_name"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+            self.compat_hists = [
+                (self.ttft, vllm_hist("time_to_first_token_seconds", "TTFT (vLLM name).")),
+                (self.itl, vllm_hist("inter_token_latency_seconds", "ITL (vLLM name).")),
+                (self.e2e, vllm_hist("e2e_request_latency_seconds", "E2E (vLLM name).")),
+            ]
+        r.register(_StatsCollector(self))
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        engine.add_listener(self.observe)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def observe(self, it: IterationStats) -> None:
+        """Called on the engine thread after every step."""
+        now = time.monotonic()
+        if it.batch_size:
+            self.batch.observe(it.batch_size)
+        self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
+        for ours, theirs in [(self.ttft, it.ttfts), (self.itl, it.itls)]:
+            for value in theirs:
+                ours.observe(value)
+        for f in it.finished:
+            self.e2e.observe(f.e2e_seconds)
+            self.queue.observe(f.queue_seconds)
+            self.prompt_len.observe(f.num_prompt_tokens)
+            self.gen_len.observe(f.num_generation_tokens)
+        if self.compat_hists:
+            values = [it.ttfts, it.itls, [f.e2e_seconds for f in it.finished]]
+            for (_, theirs), series in zip(self.compat_hists, values, strict=True):
+                child = theirs.labels(model_name=self.model_name)
+                for value in series:
+                    child.observe(value)
+
+    def throughput(self) -> tuple[float, float]:
+        """Prompt and generation tokens per second over the last few seconds."""
+        now = time.monotonic()
+        while self._window and now - self._window[0][0] > THROUGHPUT_WINDOW_SECONDS:
+            self._window.popleft()
+        prompt = sum(p for _, p, _ in self._window)
+        gen = sum(g for _, _, g in self._window)
+        return prompt / THROUGHPUT_WINDOW_SECONDS, gen / THROUGHPUT_WINDOW_SECONDS
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StatsCollector(Collector):
+    """Gauges and counters straight from EngineStats at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        s = m._engine.stats() if m._engine is not None else EngineStats()
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"llama_serve_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"llama_serve_{name}", doc, value=value)
+
+        yield gauge("requests_running", "Requests holding KV-cache slots.", s.num_running)
+        yield gauge("requests_waiting", "Requests queued for a slot.", s.num_waiting)
+        yield gauge("kv_cache_slots_used", "KV-cache slots in use.", s.slots_used)
+        yield gauge("kv_cache_slots_total", "KV-cache slots in the pool.", s.slots_total)
+        yield gauge("kv_cache_tokens_used", "Tokens held in the KV-cache pool.", s.tokens_used)
+        yield gauge("kv_cache_tokens_capacity", "Tokens the pool can hold.", s.tokens_capacity)
+        yield gauge("kv_cache_usage_ratio", "Tokens used / capacity.",
+                    s.tokens_used / s.tokens_capacity if s.tokens_capacity else 0.0)
+        prompt_tps, gen_tps = m.throughput()
+        yield gauge("prompt_throughput_tokens_per_second",
+                    f"Prompt tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.",
+                    prompt_tps)
+        yield gauge("generation_throughput_tokens_per_second",
+                    f"Output tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.", gen_tps)
+        yield counter("prompt_tokens_total", "Prompt tokens computed.", s.prompt_tokens_total)
+        yield counter("generation_tokens_total", "Output tokens generated.",
+                      s.generation_tokens_total)
+        yield counter("engine_steps_total", "Engine steps run.", s.steps_total)
+        finished = CounterMetricFamily("llama_serve_requests_finished_total",
+                                       "Finished requests by reason.", labels=["finish_reason"])
+        for reason in ("stop", "length", "abort", "error"):
+            finished.add_metric([reason], s.finished_total.get(reason, 0))
+        yield finished
+        rejected = CounterMetricFamily("llama_serve_requests_rejected_total",
+                                       "Requests refused before queueing.", labels=["reason"])
+        for reason, count in sorted(m._rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        if m.compat == "vllm":
+            yield from _vllm_series(m.model_name, s)
+
+
+def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:
+    def family(kind: type, name: str, doc: str, value: float) -> Metric:
+        fam = kind(f"vllm:{name}", doc, labels=["model_name"])
+        fam.add_metric([model_name], value)
+        return fam
+
+    yield family(GaugeMetricFamily, "num_requests_running", "Running requests.", s.num_running)
+    yield family(GaugeMetricFamily, "num_requests_waiting", "Waiting requests.", s.num_waiting)
+    yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage, 1 = full.",
+                 s.tokens_used / s.tokens_capacity if s.tokens_capacity else 0.0)
+    yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens.", s.prompt_tokens_total)
+    yield family(CounterMetricFamily, "generation_tokens", "Generation tokens.",
+                 s.generation_tokens_total)

@@ -1,0 +1,183 @@
+"""HTTP endpoints: thin, validate -> render -> generate -> format. No torch.
+
+/v1/* and /(de)tokenize require the API key when one is set; /health, /live, /metrics and
+/version are open (probes and scrapers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from server.app import ServerState, Unauthorized, _version
+from server.metrics import CONTENT_TYPE
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    random_id,
+)
+from server.serving import submit
+
+SSE_PING_SECONDS = 15
+# Stop proxies (nginx) from buffering the stream.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: State) -> None:
+    key = state.config.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # Constant-time comparison: timing must not reveal how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    try:
+        state.serving_engine()
+    except Exception as e:  # noqa: BLE001 - any reason not to serve is a 503 for probes
+        return JSONResponse({"status": state.status, "reason": str(e)}, status_code=503,
+                            headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": _version()}
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@api.get("/v1/models", response_model=ModelList)
+async def list_models(state: State) -> ModelList:
+    return ModelList(data=[_model_card(state)])
+
+
+@api.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, state: State) -> ModelCard:
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> ModelCard:
+    engine = state.engine
+    return ModelCard(id=state.config.served_model_name,
+                     max_model_len=engine.max_model_len if engine else None)
+
+
+@api.post("/v1/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, state: State, request: Request):  # noqa: ANN201
+    engine = state.serving_engine()
+    state.check_model(body.model)
+    body.check_limits(state.limits, engine.vocab_size)
+    service = state.completions
+    assert service is not None
+    response_id = random_id("cmpl")
+    params = body.to_sampling_params(body.requested_max_tokens)
+    submitted = submit(engine, service.prompts(body), params, response_id)
+    if body.stream:
+        return _sse(service.stream(body, submitted, response_id))
+    return await _unless_disconnected(request, service.create(body, submitted, response_id))
+
+
+@api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: ANN201
+                           request: Request):
+    engine = state.serving_engine()
+    state.check_model(body.model)
+    body.check_limits(state.limits, engine.vocab_size)
+    service = state.chat
+    assert service is not None
+    response_id = random_id("chatcmpl")
+    params = body.to_sampling_params(body.requested_max_tokens)
+    submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id)
+    if body.stream:
+        return _sse(service.stream(body, submitted, response_id))
+    return await _unless_disconnected(request, service.create(body, submitted, response_id))
+
+
+@api.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
+    engine = state.serving_engine()
+    state.check_model(body.model)
+    body.check_limits(state.limits, engine.vocab_size)
+    tokenizer = engine.tokenizer
+    if body.messages is not None:
+        text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
+                                             body.add_generation_prompt)
+    else:
+        text = body.prompt or ""
+    tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
+
+
+@api.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
+    engine = state.serving_engine()
+    state.check_model(body.model)
+    body.check_limits(state.limits, engine.vocab_size)
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+
+router.include_router(api)
+
+
+def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
+    """`data: <json>` events, keep-alive comments while waiting; a client that goes away
+    cancels `events`, whose cleanup aborts the engine requests."""
+    return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n", headers=SSE_HEADERS)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)  # nobody is listening; for the access log only
+    return task.result()

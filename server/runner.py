@@ -1,0 +1,163 @@
+"""ModelRunner: a StepPlan becomes tensors, one forward pass, sampled token ids.
+
+The only place where requests become tensors. Row layout of a step (see model/attention.py):
+decode rows first, one token per decoding sequence, then each prefill chunk's tokens. Logits
+are computed only for rows that are sampled or scored, so a long prefill does not pay for the
+lm_head at every position unless prompt logprobs were asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attention import AttentionBatch, PrefillSpan
+from model.kv_cache import KVCachePool
+from model.llama import LlamaModel
+from server.request import TokenLogprob
+from server.sampling import Sampler, SamplingBatch, compute_logprobs
+from server.scheduler import Request, Sequence, StepPlan
+
+
+@dataclass(slots=True)
+class StepResult:
+    tokens: list[int]  # aligned with plan.sampled
+    logprobs: list[TokenLogprob | None] | None  # aligned with plan.sampled; None: nobody asked
+    prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
+        default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KVCachePool, eos_ids: frozenset[int],
+                 seed: int = 0) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = pool.device
+        self.vocab_size = model.config.vocab_size
+        self.eos_ids = eos_ids
+        self.sampler = Sampler(seed)
+        # One generator per seeded sequence, kept across steps: its noise must continue, not
+        # restart, and must not depend on which other rows share the step.
+        self.generators: dict[Sequence, torch.Generator] = {}
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq, None)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepResult:
+        ids, positions, slots = [], [], []
+        for seq in plan.decodes:
+            ids.append(seq.last_token)
+            positions.append(seq.num_computed)  # the new token's position = tokens already held
+            slots.append(seq.slot)
+        n_decode = len(ids)
+        spans, logit_rows = [], list(range(n_decode))
+        scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
+        last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token
+        for i, chunk in enumerate(plan.prefills):
+            offset, n = len(ids), len(chunk.token_ids)
+            ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.start + n))
+            slots.extend([chunk.slot] * n)
+            spans.append(PrefillSpan(chunk.slot, chunk.start, n, offset))
+            if chunk.request.params.prompt_logprobs is not None:
+                scored.append((PrefillChunkRows(chunk.request, chunk.start, n), len(logit_rows)))
+                logit_rows.extend(range(offset, offset + n))
+            elif chunk.is_last:
+                logit_rows.append(offset + n - 1)
+            if chunk.is_last:
+                last_rows[i] = len(logit_rows) - 1
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        decode_lens = [p + 1 for p in positions[:n_decode]]
+        batch = AttentionBatch(
+            slot_ids=tensor(slots), positions=tensor(positions), n_decode=n_decode,
+            decode_slots=tensor(slots[:n_decode]), decode_lens=tensor(decode_lens),
+            decode_max_len=max(decode_lens, default=0), prefills=tuple(spans))
+        logits = self.model(tensor(ids), batch.positions, self.pool, batch,
+                            logits_indices=tensor(logit_rows))  # (len(logit_rows), vocab)
+
+        # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
+        sample_rows = list(range(n_decode))
+        for i, chunk in enumerate(plan.prefills):
+            if i not in last_rows or chunk.request.params.max_tokens == 0:
+                continue
+            first = chunk.request.seqs[0]
+            for seq in chunk.request.seqs:
+                if seq is not first:  # n > 1: the prompt was computed once; copy it
+                    self.pool.copy_slot(first.slot, seq.slot, len(chunk.request.prompt_ids))
+                sample_rows.append(last_rows[i])
+        result = StepResult([], None)
+        if sample_rows:
+            result = self._sample(plan.sampled, logits[sample_rows])
+        result.prompt_logprobs = [self._prompt_logprobs(rows, logits[row:row + rows.n])
+                                  for rows, row in scored]
+        return result
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> StepResult:
+        params = [s.request.params for s in seqs]
+        generators = [self._generator(s) for s in seqs]
+        batch = SamplingBatch.from_params(
+            params, self.vocab_size, self.device,
+            output_token_ids=[s.output_ids for s in seqs],
+            prompt_token_ids=[s.request.prompt_ids for s in seqs],
+            generators=generators, extra_bias=[self._min_tokens_ban(s) for s in seqs])
+        out = self.sampler(logits, batch)
+        tokens = out.token_ids.tolist()
+        if out.logprobs is None:
+            return StepResult(tokens, None)
+        chosen, top_ids, top_lps = (out.logprobs.tolist(), out.top_ids.tolist(),
+                                    out.top_logprobs.tolist())
+        logprobs: list[TokenLogprob | None] = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                logprobs.append(None)
+                continue
+            top = tuple(zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs], strict=True))
+            logprobs.append(TokenLogprob(tokens[i], chosen[i], top))
+        return StepResult(tokens, logprobs)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.request.params.seed
+        if seed is None:
+            return None
+        if seq not in self.generators:
+            # n > 1 samples of a seeded request must differ from each other: seed + index.
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed + seq.index)
+            self.generators[seq] = gen
+        return self.generators[seq]
+
+    def _min_tokens_ban(self, seq: Sequence) -> list[tuple[int, float]]:
+        params = seq.request.params
+        if len(seq.output_ids) >= params.min_tokens:
+            return []
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        return [(t, float("-inf")) for t in banned]
+
+    def _prompt_logprobs(self, rows: PrefillChunkRows, logits: torch.Tensor
+                         ) -> tuple[Request, list[TokenLogprob | None]]:
+        """Row j sits at prompt position start + j and scores the token after it."""
+        prompt = rows.request.prompt_ids
+        n_targets = min(rows.n, len(prompt) - rows.start - 1)
+        out: list[TokenLogprob | None] = [None] if rows.start == 0 else []
+        if n_targets > 0:
+            k = rows.request.params.prompt_logprobs or 0
+            targets = torch.tensor(prompt[rows.start + 1:rows.start + 1 + n_targets],
+                                   device=logits.device)
+            chosen, top_ids, top_lps = compute_logprobs(logits[:n_targets], targets, k)
+            for t, c, ids, lps in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(),
+                                      top_lps.tolist(), strict=True):
+                out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True))))
+        return rows.request, out
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunkRows:
+    request: Request
+    start: int
+    n: int
+

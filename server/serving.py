@@ -1,0 +1,289 @@
+"""OpenAI completions and chat on top of the engine: prompts in, response objects or SSE out.
+
+Shared by both endpoints: each prompt becomes one engine request with `n` samples; their
+outputs are merged into choices (index = prompt * n + sample), streamed as chunks or gathered
+into one response. Abandoning a stream (client gone) aborts every engine request behind it.
+No FastAPI and no tensors here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from model.tokenizer import Tokenizer
+from server.engine import Engine, RequestStream
+from server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    CompletionUsage,
+    DeltaMessage,
+    ErrorResponse,
+    chat_logprobs,
+    completion_logprobs,
+    logprob_token_ids,
+    to_openai_finish_reason,
+)
+from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+DONE = "[DONE]"
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed a request after it was accepted (reported as a server error)."""
+
+
+@dataclass(slots=True)
+class Submitted:
+    """One prompt's engine request."""
+
+    prompt_ids: list[int]
+    prompt_text: str | None  # as the client sent it, for echo
+    stream: RequestStream
+
+
+@dataclass(slots=True)
+class Choice:
+    """Everything one choice has produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_output_tokens: int = 0
+
+
+def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+           response_id: str) -> list[Submitted]:
+    """Queue every prompt, or none: a rejection aborts the ones already queued."""
+    submitted: list[Submitted] = []
+    try:
+        for i, (ids, text) in enumerate(prompts):
+            stream = engine.generate(ids, params, f"{response_id}-{i}")
+            submitted.append(Submitted(ids, text, stream))
+    except Exception:
+        for s in submitted:
+            engine.abort(s.stream.request_id)
+        raise
+    return submitted
+
+
+async def merged(engine: Engine, submitted: list[Submitted]
+                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all prompts' streams as they arrive; aborts on exit."""
+    queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        async for out in stream:
+            queue.put_nowait((i, out))
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(i, s.stream)) for i, s in enumerate(submitted)]
+    open_streams = len(tasks)
+    try:
+        while open_streams:
+            item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        if open_streams:  # left early: the client went away or something failed
+            for s in submitted:
+                engine.abort(s.stream.request_id)
+
+
+def _usage(submitted: list[Submitted], choices: dict[int, Choice]) -> CompletionUsage:
+    return CompletionUsage.of(sum(len(s.prompt_ids) for s in submitted),
+                              sum(c.num_output_tokens for c in choices.values()))
+
+
+def _check(out: RequestOutput) -> None:
+    if out.finish_reason is FinishReason.ERROR:
+        raise GenerationFailed(out.error or "generation failed")
+    if out.finish_reason is FinishReason.ABORT:
+        raise GenerationFailed("the request was aborted")
+
+
+def _absorb(choice: Choice, out: RequestOutput) -> None:
+    choice.text += out.text
+    choice.token_ids.extend(out.token_ids)
+    if out.logprobs:
+        choice.logprobs.extend(out.logprobs)
+    choice.num_output_tokens = out.num_output_tokens
+    choice.finish_reason = out.finish_reason
+
+
+def error_event(message: str) -> str:
+    return ErrorResponse.of(message, "server_error", code=500).model_dump_json()
+
+
+# ---------------------------------------------------------------------- completions
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+
+    def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
+        return [(self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None)
+                for p in request.prompts]
+
+    def _echo_text(self, s: Submitted) -> str:
+        return s.prompt_text if s.prompt_text is not None else self.tokenizer.decode(s.prompt_ids)
+
+    def _logprobs(self, s: Submitted, new_ids: list[int],
+                  new_lps: list[TokenLogprob], echo: list[TokenLogprob | None] | None,
+                  offset: int) -> CompletionLogprobs:
+        ids: list[int] = list(new_ids)
+        lps: list[TokenLogprob | None] = list(new_lps)
+        if echo is not None:
+            ids, lps = s.prompt_ids + ids, list(echo) + lps
+        texts = self._texts(ids, lps)
+        return completion_logprobs(ids, lps, texts, text_offset=offset)
+
+    def _texts(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[int, str]:
+        wanted = sorted(set(ids) | logprob_token_ids(lps))
+        return dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
+
+    async def create(self, request: CompletionRequest, submitted: list[Submitted],
+                     response_id: str) -> CompletionResponse:
+        n = request.n
+        choices: dict[int, Choice] = {}
+        prompt_lps: dict[int, list[TokenLogprob | None]] = {}
+        async for i, out in merged(self.engine, submitted):
+            _check(out)
+            if out.prompt_logprobs is not None:
+                prompt_lps[i] = out.prompt_logprobs
+            _absorb(choices.setdefault(i * n + out.index, Choice()), out)
+        result = []
+        for index in sorted(choices):
+            choice, s = choices[index], submitted[index // n]
+            echo = self._echo_text(s) if request.echo else ""
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self._logprobs(s, choice.token_ids[:len(choice.logprobs)],
+                                          choice.logprobs,
+                                          prompt_lps.get(index // n) if request.echo else None,
+                                          0)
+            result.append(CompletionResponseChoice(
+                index=index, text=echo + choice.text, logprobs=logprobs,
+                finish_reason=to_openai_finish_reason(choice.finish_reason)))
+        return CompletionResponse(id=response_id, model=self.model_name, choices=result,
+                                  usage=_usage(submitted, choices))
+
+    async def stream(self, request: CompletionRequest, submitted: list[Submitted],
+                     response_id: str) -> AsyncIterator[str]:
+        n, created = request.n, int(time.time())
+        choices: dict[int, Choice] = {}
+        offsets: dict[int, int] = {}
+
+        def chunk(index: int, text: str, logprobs: CompletionLogprobs | None,
+                  finish: FinishReason | None) -> str:
+            return CompletionStreamResponse(
+                id=response_id, created=created, model=self.model_name,
+                choices=[CompletionResponseChoice(
+                    index=index, text=text, logprobs=logprobs,
+                    finish_reason=to_openai_finish_reason(finish))]).model_dump_json()
+
+        async for i, out in merged(self.engine, submitted):
+            if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                yield error_event(out.error or "the request was aborted")
+                yield DONE
+                return
+            index = i * n + out.index
+            s, first = submitted[i], index not in choices
+            choice = choices.setdefault(index, Choice())
+            _absorb(choice, out)
+            text, echo_lps = out.text, None
+            if first and request.echo:
+                text = self._echo_text(s) + text
+                echo_lps = out.prompt_logprobs or []
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self._logprobs(s, out.token_ids, out.logprobs or [],
+                                          echo_lps, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(map(len, logprobs.tokens))
+            if text or out.token_ids or out.finished:
+                yield chunk(index, text, logprobs, out.finish_reason)
+        if request.include_usage:
+            yield CompletionStreamResponse(id=response_id, created=created,
+                                           model=self.model_name, choices=[],
+                                           usage=_usage(submitted, choices)).model_dump_json()
+        yield DONE
+
+
+# ---------------------------------------------------------------------- chat
+
+
+class ChatService:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+
+    def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        return self.tokenizer.encode_chat([m.template_dict() for m in request.messages])
+
+    def _logprobs(self, lps: list[TokenLogprob]):  # noqa: ANN202 - protocol type
+        wanted = sorted(logprob_token_ids(lps))
+        texts = dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
+        return chat_logprobs(lps, texts)
+
+    async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
+                     response_id: str) -> ChatCompletionResponse:
+        choices: dict[int, Choice] = {}
+        async for _, out in merged(self.engine, submitted):
+            _check(out)
+            _absorb(choices.setdefault(out.index, Choice()), out)
+        result = [ChatCompletionResponseChoice(
+            index=i, message=ChatCompletionMessage(content=c.text),
+            logprobs=self._logprobs(c.logprobs) if request.logprobs else None,
+            finish_reason=to_openai_finish_reason(c.finish_reason))
+            for i, c in sorted(choices.items())]
+        return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
+                                      usage=_usage(submitted, choices))
+
+    async def stream(self, request: ChatCompletionRequest, submitted: list[Submitted],
+                     response_id: str) -> AsyncIterator[str]:
+        created = int(time.time())
+        choices: dict[int, Choice] = {}
+
+        def chunk(index: int, delta: DeltaMessage, logprobs=None,  # noqa: ANN001
+                  finish: FinishReason | None = None) -> str:
+            return ChatCompletionChunk(
+                id=response_id, created=created, model=self.model_name,
+                choices=[ChatCompletionStreamChoice(
+                    index=index, delta=delta, logprobs=logprobs,
+                    finish_reason=to_openai_finish_reason(finish))]).model_dump_json()
+
+        for index in range(request.n):  # the role comes first, before any content
+            yield chunk(index, DeltaMessage(role="assistant", content=""))
+        async for _, out in merged(self.engine, submitted):
+            if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                yield error_event(out.error or "the request was aborted")
+                yield DONE
+                return
+            _absorb(choices.setdefault(out.index, Choice()), out)
+            if out.text or out.logprobs:
+                logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
+                yield chunk(out.index, DeltaMessage(content=out.text), logprobs)
+            if out.finished:
+                yield chunk(out.index, DeltaMessage(), finish=out.finish_reason)
+        if request.include_usage:
+            yield ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+                                      choices=[], usage=_usage(submitted, choices)
+                                      ).model_dump_json()
+        yield DONE
+

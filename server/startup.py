@@ -1,0 +1,110 @@
+"""A checkpoint folder and an EngineConfig -> a ready Engine.
+
+Chooses device and dtype, loads the tokenizer and weights, sizes the KV-cache pool (slots from
+--max-num-seqs or from a memory budget), refuses to start when the pool cannot fit, and logs
+the pool's size with the formula behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.kv_cache import KVCachePool
+from model.tokenizer import Tokenizer
+from model.weights import load_checkpoint, resolve_device, resolve_dtype
+from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from server.engine import Engine
+from server.runner import ModelRunner
+from server.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    n_slots: int
+    max_len: int
+    nbytes: int
+    formula: str
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise StartupError("cannot read available memory from /proc/meminfo")
+
+
+def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
+              free_bytes: int) -> PoolPlan:
+    max_len = config.max_model_len or min(model.max_seq_len, DEFAULT_MAX_MODEL_LEN)
+    if config.kv_cache_memory is None:
+        n_slots = config.max_num_seqs
+    else:
+        budget = parse_memory(config.kv_cache_memory, free_bytes)
+        n_slots = min(config.max_num_seqs,
+                      KVCachePool.slots_for_budget(model, budget, max_len, dtype))
+        if n_slots < 1:
+            per_slot = KVCachePool.bytes_needed(model, 1, max_len, dtype)
+            raise StartupError(
+                f"--kv-cache-memory {config.kv_cache_memory} ({budget / 2**30:.2f} GiB) holds "
+                f"no slot of {max_len} tokens ({per_slot / 2**30:.3f} GiB each); lower "
+                f"--max-model-len or raise the budget")
+    nbytes = KVCachePool.bytes_needed(model, n_slots, max_len, dtype)
+    if nbytes > free_bytes:
+        raise StartupError(
+            f"the KV-cache pool needs {nbytes / 2**30:.2f} GiB "
+            f"({KVCachePool.formula(model, n_slots, max_len, dtype)}) but only "
+            f"{free_bytes / 2**30:.2f} GiB is free; lower --max-num-seqs or --max-model-len")
+    return PoolPlan(n_slots, max_len, nbytes, KVCachePool.formula(model, n_slots, max_len, dtype))
+
+
+def parse_memory(spec: str, free_bytes: int) -> int:
+    """`4` or `4GiB` -> 4 GiB; `50%` -> half of the free memory."""
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+            if not 0 < fraction <= 1:
+                raise ValueError
+            return int(free_bytes * fraction)
+        value = float(text.removesuffix("GiB").removesuffix("G"))
+        if value <= 0:
+            raise ValueError
+        return int(value * 2**30)
+    except ValueError:
+        raise StartupError(f"--kv-cache-memory {spec!r}: expected GiB (e.g. 4) or a percentage "
+                           f"of free memory (e.g. 50%)") from None
+
+
+def build_engine(folder: Path, config: EngineConfig, chat_template: str | None = None) -> Engine:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
+    model = load_checkpoint(folder, dtype, device)
+    if config.max_model_len is not None and config.max_model_len > model.config.max_seq_len:
+        raise StartupError(f"--max-model-len {config.max_model_len} is beyond the model's "
+                           f"context length {model.config.max_seq_len}")
+    plan = plan_pool(model.config, config, dtype, free_memory_bytes(device))
+    logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
+                model.config.n_layers, model.config.dim, model.config.vocab_size,
+                str(dtype).removeprefix("torch."), device)
+    logger.info("KV-cache pool: %s", plan.formula)
+    pool = KVCachePool(model.config, plan.n_slots, plan.max_len, dtype, device)
+    runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed)
+    scheduler = Scheduler(plan.n_slots, plan.max_len, config.max_num_batched_tokens,
+                          eos_ids=tokenizer.eos_ids)
+    return Engine(runner, scheduler, tokenizer, config.max_waiting)

@@ -1,0 +1,242 @@
+"""The engine loop on a real tiny checkpoint: batching never changes a request's tokens,
+chunking never changes logits, stops and aborts behave, failures stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import server.engine as engine_module
+from model.weights import load_checkpoint
+from server.config import EngineConfig
+from server.engine import Engine, EngineOverloaded, RequestRejected
+from server.request import FinishReason, SamplingParams
+from server.startup import build_engine
+
+
+@dataclass
+class Result:
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    text: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, FinishReason | None] = field(default_factory=dict)
+    prompt_logprobs: list | None = None
+    error: str | None = None
+
+
+@contextmanager
+def running(folder: Path, **config: object) -> Iterator[Engine]:
+    engine = build_engine(folder, EngineConfig(device="cpu", **config))  # type: ignore[arg-type]
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+async def collect(engine: Engine, prompt: list[int], params: SamplingParams, rid: str,
+                  delay: float = 0.0) -> Result:
+    await asyncio.sleep(delay)
+    res = Result()
+    async for out in engine.generate(prompt, params, rid):
+        res.tokens.setdefault(out.index, []).extend(out.token_ids)
+        res.text[out.index] = res.text.get(out.index, "") + out.text
+        if out.prompt_logprobs is not None:
+            res.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            res.finish[out.index] = out.finish_reason
+            res.error = res.error or out.error
+    return res
+
+
+def run(engine: Engine, *jobs: tuple) -> list[Result]:
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(collect(engine, *job) for job in jobs))
+    return asyncio.run(main())
+
+
+def prompts(n: int, seed: int = 0, max_len: int = 500) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 2, max_len] + [rng.randint(1, max_len) for _ in range(n - 3)]
+    return [[rng.randrange(3, 1000) for _ in range(k)] for k in lengths]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_batch_invariance(tiny_checkpoint: Path, sampled: bool) -> None:
+    """Every request's tokens are the same alone and among 32 staggered concurrent ones."""
+    rng = random.Random(1)
+    jobs = []
+    for i, prompt in enumerate(prompts(32)):
+        params = SamplingParams(temperature=0.9 if sampled else 0.0, top_p=0.95, seed=100 + i,
+                                max_tokens=rng.randint(1, 24), ignore_eos=True)
+        jobs.append((prompt, params, f"r{i}", rng.random() * 0.3))
+    with running(tiny_checkpoint, max_num_seqs=8, max_num_batched_tokens=128,
+                 max_model_len=1024) as engine:
+        together = run(engine, *jobs)
+        alone = [run(engine, (p, params, f"alone-{rid}"))[0] for p, params, rid, _ in jobs]
+    for job, a, t in zip(jobs, alone, together, strict=True):
+        assert t.tokens == a.tokens, f"{job[2]} changed when batched"
+        assert len(a.tokens[0]) == job[1].max_tokens
+
+
+def test_chunked_prefill_gives_same_logits(tiny_checkpoint: Path) -> None:
+    prompt = prompts(3, seed=2)[2]  # 500 tokens
+    params = SamplingParams(max_tokens=0, prompt_logprobs=5)
+    results = []
+    for budget in (16, 100, 1024):
+        with running(tiny_checkpoint, max_num_batched_tokens=budget, max_model_len=1024) as e:
+            results.append(run(e, (prompt, params, "p"))[0].prompt_logprobs)
+    for other in results[1:]:
+        assert len(other) == len(results[0]) == len(prompt)
+        for a, b in zip(results[0][1:], other[1:], strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_prompt_logprobs_score_the_prompt(tiny_checkpoint: Path) -> None:
+    """max_tokens=0 scoring: logprob of token i given tokens < i, from one full forward."""
+    prompt = prompts(4, seed=3)[3]
+    with running(tiny_checkpoint, max_num_batched_tokens=64, max_model_len=1024) as engine:
+        res = run(engine, (prompt, SamplingParams(max_tokens=0, prompt_logprobs=2), "s"))[0]
+    model = load_checkpoint(tiny_checkpoint, torch.float32, "cpu")
+    expected = torch.log_softmax(model(torch.tensor(prompt), torch.arange(len(prompt))), -1)
+    assert res.prompt_logprobs[0] is None
+    assert res.finish == {0: FinishReason.LENGTH} and res.tokens.get(0, []) == []
+    for i, lp in enumerate(res.prompt_logprobs[1:], start=1):
+        assert lp.token_id == prompt[i]
+        assert math.isclose(lp.logprob, expected[i - 1, prompt[i]].item(), abs_tol=1e-4)
+        assert len(lp.top) == 2 and lp.top[0][0] == expected[i - 1].argmax().item()
+
+
+def test_n_samples_share_one_prefill(tiny_checkpoint: Path) -> None:
+    """n=3 greedy samples all equal the n=1 output (the copied slot is the real prompt)."""
+    prompt = prompts(5, seed=4)[4]
+    with running(tiny_checkpoint, max_num_seqs=4, max_model_len=1024) as engine:
+        one = run(engine, (prompt, GREEDY, "one"))[0]
+        three = run(engine, (prompt, SamplingParams(n=3, temperature=0.0, max_tokens=12,
+                                                    ignore_eos=True), "three"))[0]
+        seeded = run(engine, (prompt, SamplingParams(n=3, seed=7, max_tokens=12,
+                                                     ignore_eos=True), "seeded"))[0]
+    assert three.tokens == {i: one.tokens[0] for i in range(3)}
+    assert len({tuple(t) for t in seeded.tokens.values()}) == 3
+
+
+def test_stop_string_spanning_tokens(tiny_checkpoint: Path) -> None:
+    prompt = prompts(6, seed=5)[5]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        full = run(engine, (prompt, params, "full"))[0]
+        text = full.text[0]
+        tok = engine.tokenizer
+        # A stop string that starts inside one token's text and ends inside a later one.
+        pieces = [tok.decode(full.tokens[0][:k]) for k in range(1, 31)]
+        start = next(i for i in range(1, len(pieces)) if len(pieces[i]) - len(pieces[i - 1]) > 1)
+        begin = len(pieces[start]) - 1
+        stop = text[begin:begin + 4]
+        assert len(stop) == 4
+        cut = run(engine, (prompt, SamplingParams(temperature=0.0, max_tokens=30,
+                                                  ignore_eos=True, stop=(stop,)), "cut"))[0]
+        kept = run(engine, (prompt, SamplingParams(temperature=0.0, max_tokens=30,
+                                                   ignore_eos=True, stop=(stop,),
+                                                   include_stop_str_in_output=True), "kept"))[0]
+    first = text.index(stop)
+    assert cut.text[0] == text[:first]
+    assert kept.text[0] == text[:first + len(stop)]
+    assert cut.finish[0] == FinishReason.STOP
+    assert len(cut.tokens[0]) < 30
+
+
+def test_stops_at_max_model_len(tiny_checkpoint: Path) -> None:
+    with running(tiny_checkpoint, max_model_len=64) as engine:
+        res = run(engine, ([5] * 60, SamplingParams(max_tokens=None, ignore_eos=True), "r"))[0]
+        run(engine, ([5] * 59, SamplingParams(max_tokens=5), "fits"))
+        with pytest.raises(RequestRejected, match=r"is 64 tokens.*65 tokens \(60 in the prompt"):
+            run(engine, ([5] * 60, SamplingParams(max_tokens=5), "too-long"))
+        with pytest.raises(RequestRejected, match=r"is 64 tokens"):
+            run(engine, ([5] * 64, SamplingParams(max_tokens=None), "full"))
+    assert len(res.tokens[0]) == 4 and res.finish[0] == FinishReason.LENGTH
+
+
+def test_min_tokens_and_ignore_eos(tiny_checkpoint: Path) -> None:
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        eos = min(engine.tokenizer.eos_ids)
+        force_eos = ((eos, 100.0),)
+        plain = run(engine, ([5, 6], SamplingParams(logit_bias=force_eos, max_tokens=10), "a"))[0]
+        least = run(engine, ([5, 6], SamplingParams(logit_bias=force_eos, max_tokens=10,
+                                                    min_tokens=5), "b"))[0]
+        ignore = run(engine, ([5, 6], SamplingParams(logit_bias=force_eos, max_tokens=8,
+                                                     ignore_eos=True), "c"))[0]
+    assert plain.tokens[0] == [eos] and plain.finish[0] == FinishReason.STOP
+    assert len(least.tokens[0]) == 6 and eos not in least.tokens[0][:5]
+    assert least.tokens[0][5] == eos and least.finish[0] == FinishReason.STOP
+    assert ignore.tokens[0] == [eos] * 8 and ignore.finish[0] == FinishReason.LENGTH
+
+
+def test_abort_frees_slot(tiny_checkpoint: Path) -> None:
+    with running(tiny_checkpoint, max_num_seqs=2, max_model_len=1024) as engine:
+        async def main() -> Result:
+            res = Result()
+            stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True),
+                                     "long")
+            async for out in stream:
+                res.tokens.setdefault(0, []).extend(out.token_ids)
+                if len(res.tokens[0]) == 3:
+                    engine.abort("long")
+                if out.finished:
+                    res.finish[0] = out.finish_reason
+            return res
+        res = asyncio.run(main())
+        assert res.finish[0] == FinishReason.ABORT
+        assert len(res.tokens[0]) < 50
+        for _ in range(100):
+            if engine.stats().slots_used == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.stats().slots_used == 0 and engine.stats().tokens_used == 0
+
+
+def test_one_request_failure_leaves_others_running(tiny_checkpoint: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine_module.IncrementalDetokenizer
+
+    class Exploding(real):  # type: ignore[misc, valid-type]
+        def add(self, ids: list[int]) -> str:
+            if self._explode:
+                raise RuntimeError("boom")
+            return super().add(ids)
+
+        def __init__(self, tokenizer, prompt_ids, **kw) -> None:  # noqa: ANN001
+            super().__init__(tokenizer, prompt_ids, **kw)
+            self._explode = prompt_ids[:1] == [999]
+
+    monkeypatch.setattr(engine_module, "IncrementalDetokenizer", Exploding)
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        good, bad = run(engine, ([5, 6], GREEDY, "good"), ([999, 6], GREEDY, "bad"))
+        engine.check_health()
+    assert bad.finish[0] == FinishReason.ERROR and "boom" in (bad.error or "")
+    assert good.finish[0] == FinishReason.LENGTH and len(good.tokens[0]) == 12
+
+
+def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
+    with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
+        async def main() -> None:
+            busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
+            it = aiter(busy)
+            await anext(it)
+            while engine.stats().slots_used != 1:
+                await asyncio.sleep(0.01)
+            engine.generate([5], SamplingParams(max_tokens=1), "queued")
+            with pytest.raises(EngineOverloaded):
+                engine.generate([5], SamplingParams(max_tokens=1), "rejected")
+            engine.abort("busy")
+        asyncio.run(main())
