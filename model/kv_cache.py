@@ -1,8 +1,10 @@
 """KVCachePool: K and V for every layer, one slot per running sequence, allocated once.
 
-Per layer K and V are `[n_slots, max_len, n_kv_heads, head_dim]`. A slot holds one sequence;
-token t of that sequence lives at `[slot, t]`. The pool knows slots, not requests: which slot
-belongs to whom and how full it is belongs to the scheduler.
+Per layer K and V are `[n_slots, n_kv_heads, max_len, head_dim]`: heads before positions, so
+one slot's keys for one head are a contiguous `(len, head_dim)` matrix and a run of slots is a
+uniformly strided batch of them, which attention multiplies without copying. Token t of a
+slot's sequence lives at `[slot, :, t]`. The pool knows slots, not requests: which slot belongs
+to whom and how full it is belongs to the scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class KVCachePool:
         self.max_len = max_len
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (n_slots, max_len, config.n_kv_heads, config.head_dim)
+        shape = (n_slots, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
@@ -55,11 +57,11 @@ class KVCachePool:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def write(self, layer: int, slot_ids: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store each token's k/v (T, KVH, D) at (slot_ids[t], positions[t])."""
-        self.k[layer][slot_ids, positions] = k
-        self.v[layer][slot_ids, positions] = v
+        """Store each token's k/v (T, KVH, D) at [slot_ids[t], :, positions[t]]."""
+        self.k[layer][slot_ids, :, positions] = k
+        self.v[layer][slot_ids, :, positions] = v
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Duplicate the first `length` positions of a slot (n > 1 samples share a prefill)."""
         for cache in self.k + self.v:
-            cache[dst, :length].copy_(cache[src, :length])
+            cache[dst, :, :length].copy_(cache[src, :, :length])

@@ -84,12 +84,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
+        self.qkv_t: Tensor | None = None  # packed fast path, see `pack`
+        self.o_t: Tensor | None = None
+
+    def pack(self) -> None:
+        """Fuse q/k/v into one pre-transposed (dim, q+k+v) matrix and free the originals.
+
+        `x @ W_t` with a contiguous W_t runs 2x faster than F.linear for the few rows of a
+        decode step on CPU (MKL), and one matmul instead of three saves launches on GPU.
+        """
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_t, self.o_t = w.t().contiguous(), self.o_proj.weight.t().contiguous()
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
                 batch: AttentionBatch | None) -> Tensor:
         n_tokens = x.shape[0]
-        q = self.q_proj(x).view(n_tokens, self.n_heads, self.head_dim)  # (T, H, D)
-        k = self.k_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, KVH, D)
-        v = self.v_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+        if self.qkv_t is not None:
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = (x @ self.qkv_t).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n_tokens, self.n_heads, self.head_dim)  # (T, H, D)
+        k = k.view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, KVH, D)
+        v = v.view(n_tokens, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
             out = attend_causal(q, k, v)
@@ -97,7 +115,8 @@ class Attention(nn.Module):
             assert batch is not None
             kv.write(self.layer, batch.slot_ids, batch.positions, k, v)
             out = attend_cached(q, kv.k[self.layer], kv.v[self.layer], batch)
-        return self.o_proj(out.reshape(n_tokens, self.n_heads * self.head_dim))
+        out = out.reshape(n_tokens, self.n_heads * self.head_dim)
+        return out @ self.o_t if self.o_t is not None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -108,9 +127,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_up_t: Tensor | None = None  # packed fast path, see Attention.pack
+        self.down_t: Tensor | None = None
+
+    def pack(self) -> None:
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_t, self.down_t = w.t().contiguous(), self.down_proj.weight.t().contiguous()
+        del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_t is None or self.down_t is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_t
 
 
 class DecoderLayer(nn.Module):
@@ -147,8 +176,18 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head_t: Tensor | None = None
         # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def pack(self) -> None:
+        """Switch to the packed fast path (fused, pre-transposed weights); the reference path
+        and checkpoint names are gone afterwards. Tested against the reference."""
+        for layer in self.model.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        self.lm_head_t = self.lm_head.weight.t().contiguous()
+        del self.lm_head
 
     def init_rope(self, device: torch.device | str) -> None:
         c = self.config
@@ -174,4 +213,6 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kv, batch)
         if logits_indices is not None:
             x = x[logits_indices]
-        return self.lm_head(self.model.norm(x)).float()
+        x = self.model.norm(x)
+        logits = x @ self.lm_head_t if self.lm_head_t is not None else self.lm_head(x)
+        return logits.float()

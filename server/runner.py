@@ -46,11 +46,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepResult:
-        ids, positions, slots = [], [], []
-        for seq in plan.decodes:
-            ids.append(seq.last_token)
-            positions.append(seq.num_computed)  # the new token's position = tokens already held
-            slots.append(seq.slot)
+        ids = [seq.last_token for seq in plan.decodes]
         n_decode = len(ids)
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
@@ -58,8 +54,6 @@ class ModelRunner:
         for i, chunk in enumerate(plan.prefills):
             offset, n = len(ids), len(chunk.token_ids)
             ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, chunk.start + n))
-            slots.extend([chunk.slot] * n)
             spans.append(PrefillSpan(chunk.slot, chunk.start, n, offset))
             if chunk.request.params.prompt_logprobs is not None:
                 scored.append((PrefillChunkRows(chunk.request, chunk.start, n), len(logit_rows)))
@@ -68,15 +62,14 @@ class ModelRunner:
                 logit_rows.append(offset + n - 1)
             if chunk.is_last:
                 last_rows[i] = len(logit_rows) - 1
+        # A decoding sequence feeds its newest token at position num_computed (the number of
+        # tokens its slot already holds).
+        batch = AttentionBatch.build([s.slot for s in plan.decodes],
+                                     [s.num_computed for s in plan.decodes], spans, self.device)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        decode_lens = [p + 1 for p in positions[:n_decode]]
-        batch = AttentionBatch(
-            slot_ids=tensor(slots), positions=tensor(positions), n_decode=n_decode,
-            decode_slots=tensor(slots[:n_decode]), decode_lens=tensor(decode_lens),
-            decode_max_len=max(decode_lens, default=0), prefills=tuple(spans))
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
                             logits_indices=tensor(logit_rows))  # (len(logit_rows), vocab)
 

@@ -7,6 +7,7 @@ copied to the others' (the runner does the copy), and every sequence decodes on 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives slot 0 first
+        # A min-heap: the lowest free slot goes first, so slots in use stay packed at the low
+        # end and decode attention can read them as one contiguous run.
+        self.free_slots: list[int] = list(range(n_slots))
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not yet fully computed
         self.decoding: list[Sequence] = []
@@ -151,7 +154,7 @@ class Scheduler:
             self.waiting.popleft()
             request.admitted_time = time.monotonic()
             for seq in request.seqs:
-                seq.slot = self.free_slots.pop()
+                seq.slot = heapq.heappop(self.free_slots)
                 seq.status = RequestStatus.RUNNING
             self.prefilling.append(request)
             budget -= self._add_chunk(plan, request, budget)
@@ -218,7 +221,7 @@ class Scheduler:
             self.decoding.remove(seq)
         if was_running:
             assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
         if request.is_finished:
             self.requests.pop(request.request_id, None)
             if request in self.prefilling:

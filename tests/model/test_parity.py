@@ -55,6 +55,22 @@ def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
     assert (ours - ref).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope"])
+def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> None:
+    """Fused, pre-transposed weights (what the server runs) compute the same logits."""
+    folder = make_checkpoint(VARIANTS[variant])
+    model = load_ours(folder)
+    ids = prompt_ids(200)
+    pool = KVCachePool(model.config, n_slots=2, max_len=256, dtype=torch.float32, device="cpu")
+    batch = AttentionBatch.build([], [], [PrefillSpan(1, 0, 200, 0)], "cpu")
+    reference = model(ids, batch.positions, pool, batch)
+    model.pack()
+    assert model.lm_head_t is not None and not hasattr(model, "lm_head")
+    packed = model(ids, batch.positions, pool, batch)
+    assert (packed - reference).abs().max().item() < 1e-5
+    assert (packed - reference_logits(folder, ids)).abs().max().item() < TOL
+
+
 def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
     single, sharded = make_checkpoint(TINY), make_checkpoint(TINY, n_shards=3)
     assert (sharded / "model.safetensors.index.json").is_file()
@@ -77,34 +93,31 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoint: Path) -> None:
     full = model(ids, torch.arange(len(ids)))
     pool = KVCachePool(model.config, n_slots=3, max_len=64, dtype=torch.float32, device="cpu")
     slot, n_prompt = 2, 25
-    pos = torch.arange(n_prompt)
-    batch = AttentionBatch(slot_ids=torch.full((n_prompt,), slot), positions=pos,
-                           prefills=(PrefillSpan(slot, 0, n_prompt, 0),))
-    got = [model(ids[:n_prompt], pos, pool, batch)]
+    batch = AttentionBatch.build([], [], [PrefillSpan(slot, 0, n_prompt, 0)], "cpu")
+    got = [model(ids[:n_prompt], batch.positions, pool, batch)]
     for p in range(n_prompt, len(ids)):
-        one = torch.tensor([p])
-        batch = AttentionBatch(slot_ids=torch.tensor([slot]), positions=one, n_decode=1,
-                               decode_slots=torch.tensor([slot]), decode_lens=one + 1,
-                               decode_max_len=p + 1)
-        got.append(model(ids[p:p + 1], one, pool, batch))
+        batch = AttentionBatch.build([slot], [p], [], "cpu")
+        got.append(model(ids[p:p + 1], batch.positions, pool, batch))
     assert (torch.cat(got) - full).abs().max().item() < TOL
 
 
-def test_mixed_batch_rows_match_separate_runs(tiny_checkpoint: Path) -> None:
-    """Decode rows and a prefill chunk of other slots in one forward: each row as if alone."""
+@pytest.mark.parametrize("slots", [(0, 1, 2), (0, 2), (1, 7)], ids=["packed", "hole", "sparse"])
+def test_mixed_batch_rows_match_separate_runs(slots: tuple[int, ...], tiny_checkpoint: Path
+                                              ) -> None:
+    """Decode rows of several slots (packed, with a hole, far apart) and a prefill chunk of
+    another slot in one forward: each row's logits as if it ran alone."""
     model = load_ours(tiny_checkpoint)
-    a, b = prompt_ids(30, seed=2), prompt_ids(20, seed=3)
-    pool = KVCachePool(model.config, n_slots=2, max_len=64, dtype=torch.float32, device="cpu")
-    # Slot 0 holds a[:29]; slot 1 is empty. One step: a's last token + b's whole prompt.
-    pos = torch.arange(29)
-    model(a[:29], pos, pool, AttentionBatch(torch.zeros(29, dtype=torch.long), pos,
-                                            prefills=(PrefillSpan(0, 0, 29, 0),)))
-    ids = torch.cat([a[29:], b])
-    positions = torch.cat([torch.tensor([29]), torch.arange(20)])
-    slots = torch.cat([torch.tensor([0]), torch.ones(20, dtype=torch.long)])
-    batch = AttentionBatch(slots, positions, n_decode=1, decode_slots=torch.tensor([0]),
-                           decode_lens=torch.tensor([30]), decode_max_len=30,
-                           prefills=(PrefillSpan(1, 0, 20, 1),))
-    out = model(ids, positions, pool, batch)
-    assert (out[0] - model(a, torch.arange(30))[-1]).abs().max().item() < TOL
-    assert (out[1:] - model(b, torch.arange(20))).abs().max().item() < TOL
+    pool = KVCachePool(model.config, n_slots=8, max_len=64, dtype=torch.float32, device="cpu")
+    seqs = [prompt_ids(20 + 5 * i, seed=10 + i) for i in range(len(slots))]
+    for slot, seq in zip(slots, seqs, strict=True):  # each slot holds all but its last token
+        batch = AttentionBatch.build([], [], [PrefillSpan(slot, 0, len(seq) - 1, 0)], "cpu")
+        model(seq[:-1], batch.positions, pool, batch)
+    new = prompt_ids(20, seed=3)
+    spare = next(s for s in range(8) if s not in slots)
+    batch = AttentionBatch.build(list(slots), [len(s) - 1 for s in seqs],
+                                 [PrefillSpan(spare, 0, 20, len(slots))], "cpu")
+    ids = torch.cat([torch.stack([s[-1] for s in seqs]), new])
+    out = model(ids, batch.positions, pool, batch)
+    for row, seq in enumerate(seqs):
+        assert (out[row] - model(seq, torch.arange(len(seq)))[-1]).abs().max().item() < TOL
+    assert (out[len(slots):] - model(new, torch.arange(20))).abs().max().item() < TOL

@@ -1,0 +1,441 @@
+"""`llama-serve bench`: an async load generator for any OpenAI-compatible server (ours, vLLM's).
+
+Streams distinct random prompts that each produce exactly --output-len tokens (`ignore_eos`,
+greedy), one concurrency level after another, and reports what the client sees with `vllm
+bench serve`'s definitions: TTFT, ITL, TPOT, E2E latency, request and token throughput over
+the level's wall time. No torch: it runs wherever httpx does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tokenizers import Tokenizer
+
+Prompt = list[int] | str
+PERCENTILES = (50, 90, 99)
+# Chat prompts without --tokenizer: common words, about one token each in Llama tokenizers.
+WORDS = ("the of and to in is was for on that with as by at from his her it be are this had "
+         "not but which one all were they have new an more first two time been after who "
+         "city year would also their may only other some there into she over most world "
+         "game than what when many between under where made while during can three").split()
+
+
+class BenchError(Exception):
+    """The run cannot go on: server unreachable, warm-up failed, unusable arguments."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """One request as the client saw it; times in seconds from sending it."""
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttft_seconds: float = 0.0
+    e2e_seconds: float = 0.0  # to the last chunk carrying choices, as vLLM
+    itl_seconds: tuple[float, ...] = ()  # gaps between successive content chunks
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Mean and percentiles of one latency in milliseconds; 0.0 when nothing completed."""
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+
+@dataclass(frozen=True, slots=True)
+class LevelResult:
+    """The figures of one concurrency level; throughputs are per second of its wall time."""
+    concurrency: int
+    completed: int
+    failed: int
+    duration_seconds: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft_ms: Stats
+    itl_ms: Stats
+    tpot_ms: Stats
+    e2el_ms: Stats
+    first_error: str | None
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """numpy.percentile's default: linear interpolation between closest ranks; 0.0 if empty."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    rank = (len(xs) - 1) * p / 100
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def stats_ms(values: Sequence[float]) -> Stats:
+    mean = sum(values) / len(values) if values else 0.0
+    return Stats(mean * 1000, *(percentile(values, p) * 1000 for p in PERCENTILES))
+
+
+def summarize(concurrency: int, results: Sequence[RequestResult],
+              duration_seconds: float) -> LevelResult:
+    """vLLM's `calculate_metrics`: latencies over completed requests, ITL over all their gaps."""
+    ok = [r for r in results if r.error is None]
+    errors = [r.error for r in results if r.error is not None]
+    n_in, n_out = sum(r.input_tokens for r in ok), sum(r.output_tokens for r in ok)
+    # TPOT excludes the first token; a one-token request has none.
+    tpots = [(r.e2e_seconds - r.ttft_seconds) / (r.output_tokens - 1)
+             for r in ok if r.output_tokens > 1]
+    return LevelResult(
+        concurrency=concurrency, completed=len(ok), failed=len(errors),
+        duration_seconds=duration_seconds, total_input_tokens=n_in, total_output_tokens=n_out,
+        request_throughput=len(ok) / duration_seconds, output_throughput=n_out / duration_seconds,
+        total_token_throughput=(n_in + n_out) / duration_seconds,
+        ttft_ms=stats_ms([r.ttft_seconds for r in ok]),
+        itl_ms=stats_ms([gap for r in ok for gap in r.itl_seconds]),
+        tpot_ms=stats_ms(tpots), e2el_ms=stats_ms([r.e2e_seconds for r in ok]),
+        first_error=errors[0] if errors else None)
+
+
+class PromptSource:
+    """Random prompts, never one twice in a run (a prefix cache would fake the TTFT).
+
+    Completions get exactly `input_len` token ids; chat gets text: random ids decoded by the
+    tokenizer (trimmed to at most `input_len` tokens), or `input_len` common words without one.
+    """
+
+    def __init__(self, endpoint: str, input_len: int, vocab_size: int, min_token_id: int,
+                 tokenizer: Tokenizer | None = None) -> None:
+        if not 0 <= min_token_id < vocab_size:
+            raise BenchError(f"--min-token-id ({min_token_id}) must be in [0, vocabulary size "
+                             f"{vocab_size})")
+        self.endpoint, self.input_len, self.tokenizer = endpoint, input_len, tokenizer
+        self.vocab_size, self.min_token_id = vocab_size, min_token_id
+        self.seen: set[tuple[int, ...] | str] = set()
+
+    def make(self, rng: random.Random) -> Prompt:
+        for _ in range(100):
+            prompt = self._draw(rng)
+            key = prompt if isinstance(prompt, str) else tuple(prompt)
+            if key not in self.seen:
+                self.seen.add(key)
+                return prompt
+        raise BenchError(f"cannot draw {len(self.seen) + 1} distinct prompts of "
+                         f"{self.input_len} tokens; raise --input-len or the vocabulary")
+
+    def _draw(self, rng: random.Random) -> Prompt:
+        n, tok = self.input_len, self.tokenizer
+        if self.endpoint == "chat" and tok is None:
+            return " ".join(rng.choices(WORDS, k=n))
+        ids = [rng.randrange(self.min_token_id, self.vocab_size) for _ in range(n)]
+        if self.endpoint == "completions" or tok is None:
+            return ids
+        return tok.decode(tok.encode(tok.decode(ids), add_special_tokens=False).ids[:n])
+
+
+def prompt_source(args: argparse.Namespace) -> PromptSource:
+    """The run's prompts; --tokenizer (a folder or its tokenizer.json) sets the vocabulary."""
+    if args.tokenizer is None:
+        return PromptSource(args.endpoint, args.input_len, args.vocab_size, args.min_token_id)
+    path = Path(args.tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+        raise BenchError(f"cannot load the tokenizer from {path}: {e}") from None
+    # Without added (special) tokens, as Hugging Face's `vocab_size` and vLLM's random prompts.
+    return PromptSource(args.endpoint, args.input_len, tokenizer.get_vocab_size(False),
+                        args.min_token_id, tokenizer)
+
+
+def arrival_times(n: int, request_rate: float, rng: random.Random) -> list[float]:
+    """Seconds from the level's start: all 0 at an infinite rate, else a Poisson process."""
+    if math.isinf(request_rate):
+        return [0.0] * n
+    times, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(request_rate)
+        times.append(t)
+    return times
+
+
+def request_body(endpoint: str, model: str, prompt: Prompt, output_len: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": output_len, "temperature": 0.0,
+                            "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    body["messages" if endpoint == "chat" else "prompt"] = (
+        [{"role": "user", "content": prompt}] if endpoint == "chat" else prompt)
+    return body
+
+
+def _error_message(text: str) -> str:
+    """The `message` of an OpenAI error object (or of vLLM's older flat one), else the text."""
+    try:
+        payload = json.loads(text)
+        error = payload.get("error", payload)
+        return str(error["message"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text[:300]
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+               input_len: int) -> RequestResult:
+    """Stream one request; any failure comes back as `RequestResult.error`, never raised."""
+    start = time.monotonic()
+    ttft = last_content = last_choice = 0.0
+    itl: list[float] = []
+    num_chunks, usage, done = 0, None, False
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return RequestResult(error=f"HTTP {response.status_code}: {_error_message(text)}")
+            async for line in response.aiter_lines():
+                now = time.monotonic() - start
+                if not line.startswith("data:"):
+                    continue  # blank separators, `: ping` comments, `event:` lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk or chunk.get("object") == "error":
+                    return RequestResult(error=f"error event: {_error_message(data)}")
+                usage = chunk.get("usage") or usage
+                if not (choices := chunk.get("choices")):
+                    continue
+                last_choice = now
+                if not (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                    continue  # a role-only or finish-only chunk carries no token
+                if num_chunks == 0:
+                    ttft = now
+                else:
+                    itl.append(now - last_content)
+                last_content, num_chunks = now, num_chunks + 1
+    except (httpx.HTTPError, ValueError) as e:  # transport failures, bad JSON in the stream
+        return RequestResult(error=f"{type(e).__name__}: {e}")
+    if not done:
+        return RequestResult(error="the stream ended without [DONE]")
+    if num_chunks == 0:
+        return RequestResult(error="the stream carried no content")
+    usage = usage or {}
+    return RequestResult(input_tokens=int(usage.get("prompt_tokens", input_len)),
+                         output_tokens=int(usage.get("completion_tokens", num_chunks)),
+                         ttft_seconds=ttft, e2e_seconds=last_choice, itl_seconds=tuple(itl))
+
+
+class Progress:
+    """`label done/total [####....]` on stderr, redrawn in place with \\r; silent when off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.label, self.total, self.done, self.failed = enabled, "", 0, 0, 0
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.failed = label, total, 0, 0
+        self.update(None)
+
+    def update(self, ok: bool | None) -> None:
+        self.done += ok is not None
+        self.failed += ok is False
+        if self.enabled:
+            bar = ("#" * (30 * self.done // self.total)).ljust(30, ".")
+            failed = f"  {self.failed} failed" if self.failed else ""
+            sys.stderr.write(f"\r{self.label} {self.done}/{self.total} [{bar}]{failed}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            sys.stderr.write("\n")
+        self.total = 0
+
+
+async def check_server(client: httpx.AsyncClient, base_url: str, model: str | None) -> str:
+    """The model to request: `model`, or the first one GET /v1/models lists."""
+    url = f"{base_url}/v1/models"
+    try:
+        response = await client.get(url)
+    except httpx.HTTPError as e:
+        raise BenchError(f"cannot reach {url}: {e or type(e).__name__}") from None
+    if response.status_code != 200:
+        raise BenchError(f"GET {url} answered {response.status_code}: "
+                         f"{_error_message(response.text)}")
+    try:
+        ids = [str(card["id"]) for card in response.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"{url} is not an OpenAI model list: {response.text[:200]}") from None
+    if model is None and not ids:
+        raise BenchError(f"{url} lists no models; pass --model")
+    if model is not None and model not in ids:
+        sys.stderr.write(f"warning: {url} lists {ids}, not {model!r}\n")
+    return model or ids[0]
+
+
+async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict[str, Any]],
+                    arrivals: list[float], concurrency: int, input_len: int,
+                    progress: Progress) -> LevelResult:
+    """Send each body at its arrival time (seconds from now), at most `concurrency` in flight."""
+    semaphore = asyncio.Semaphore(concurrency)
+    start = time.monotonic()
+
+    async def one(body: dict[str, Any], at: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        async with semaphore:
+            result = await send(client, url, body, input_len)
+        progress.update(result.error is None)
+        return result
+
+    results = await asyncio.gather(*(one(b, at) for b, at in zip(bodies, arrivals, strict=True)))
+    return summarize(concurrency, results, time.monotonic() - start)
+
+
+def endpoint_url(args: argparse.Namespace) -> tuple[str, str]:
+    """The server's root (a trailing /v1 dropped) and the URL requests go to."""
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    return base_url, base_url + path
+
+
+async def bench(args: argparse.Namespace, source: PromptSource,
+                progress: Progress) -> tuple[str, list[LevelResult]]:
+    """Check the server, warm it up, run each level; returns the model and the levels."""
+    base_url, url = endpoint_url(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(args.concurrency),
+                          max_keepalive_connections=max(args.concurrency))
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+        model = await check_server(client, base_url, args.model)
+        if not args.no_warmup:
+            prompt = source.make(random.Random(f"{args.seed}:warmup"))
+            body = request_body(args.endpoint, model, prompt, args.output_len)
+            if (error := (await send(client, url, body, args.input_len)).error) is not None:
+                raise BenchError(f"the warm-up request failed: {error}")
+        levels = []
+        for i, concurrency in enumerate(args.concurrency):
+            rng = random.Random(f"{args.seed}:{i}")  # each level its own prompts and arrivals
+            bodies = [request_body(args.endpoint, model, source.make(rng), args.output_len)
+                      for _ in range(args.num_prompts)]
+            arrivals = arrival_times(len(bodies), args.request_rate, rng)
+            progress.start(f"concurrency {concurrency}", len(bodies))
+            levels.append(await run_level(client, url, bodies, arrivals, concurrency,
+                                          args.input_len, progress))
+            progress.close()
+    return model, levels
+
+
+HEADER = ("conc", "ok", "failed", "dur s", "req/s", "out tok/s", "tot tok/s", "ttft p50",
+          "ttft p90", "ttft p99", "itl p50", "itl p90", "itl p99", "tpot mean", "tpot p50",
+          "e2e p50", "e2e p99")
+
+
+def _row(lv: LevelResult) -> list[str]:
+    ttft, itl, tpot, e2el = lv.ttft_ms, lv.itl_ms, lv.tpot_ms, lv.e2el_ms
+    return [str(lv.concurrency), str(lv.completed), str(lv.failed), f"{lv.duration_seconds:.2f}",
+            f"{lv.request_throughput:.2f}", *(f"{x:.1f}" for x in (
+                lv.output_throughput, lv.total_token_throughput, ttft.p50, ttft.p90, ttft.p99,
+                itl.p50, itl.p90, itl.p99, tpot.mean, tpot.p50, e2el.p50, e2el.p99))]
+
+
+def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult]) -> str:
+    done = sum(lv.completed for lv in levels)
+    mean_in = sum(lv.total_input_tokens for lv in levels) / max(done, 1)
+    lines = [f"{model} at {endpoint_url(args)[1]}: {args.num_prompts} requests per level, "
+             f"{args.input_len} prompt tokens ({mean_in:.0f} counted by the server), "
+             f"{args.output_len} output tokens, request rate {args.request_rate:g}/s; "
+             "times in ms"]
+    lines += ["  ".join(cell.rjust(9) for cell in row) for row in [HEADER, *map(_row, levels)]]
+    lines += [f"concurrency {lv.concurrency}: {lv.failed} failed, first error: {lv.first_error}"
+              for lv in levels if lv.failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, args: argparse.Namespace, model: str, source: PromptSource,
+               levels: list[LevelResult]) -> None:
+    """Every figure and the run's parameters (never the API key)."""
+    params = {key: getattr(args, key) for key in (
+        "base_url", "endpoint", "input_len", "output_len", "num_prompts", "concurrency",
+        "seed", "tokenizer", "min_token_id", "no_warmup")}
+    params.update(model=model, vocab_size=source.vocab_size,
+                  request_rate=None if math.isinf(args.request_rate) else args.request_rate)
+    path.write_text(json.dumps({"parameters": params, "levels": [asdict(lv) for lv in levels]},
+                               indent=2) + "\n")
+
+
+def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(int)(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4,16, got {text!r}") from None
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    """Add the `bench` subcommand and its flags to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "bench", help="measure a running OpenAI-compatible server",
+        description="Stream random prompts to a running OpenAI-compatible server (ours or "
+        "vLLM's) at each concurrency level in turn and report TTFT, ITL, TPOT, E2E latency "
+        "and throughput as `vllm bench serve` defines them.")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="model id to request (default: the first in /v1/models)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--input-len", type=_positive(int), default=1024, help="prompt tokens")
+    p.add_argument("--output-len", type=_positive(int), default=128, help="tokens per request")
+    p.add_argument("--num-prompts", type=_positive(int), default=100, help="requests per level")
+    p.add_argument("--concurrency", type=_levels, default=(1,),
+                   help="most requests in flight, one level after another, e.g. 1,4,16")
+    p.add_argument("--request-rate", type=_positive(float), default=math.inf,
+                   help="Poisson arrivals per second (default inf: all at once)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (or the file): sets the "
+                   "vocabulary; chat prompts are its decoded text")
+    p.add_argument("--vocab-size", type=_positive(int), default=32000,
+                   help="token ids are drawn below this without --tokenizer")
+    p.add_argument("--min-token-id", type=int, default=10, help="smallest token id drawn")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    p.add_argument("--timeout", type=_positive(float), default=600.0,
+                   help="seconds a request may wait for its next byte")
+    p.add_argument("--json", type=Path, help="also write every figure and the parameters here")
+    p.add_argument("--no-warmup", action="store_true", help="skip the uncounted first request")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0: every request succeeded, 1: some failed, 2: it could not run."""
+    progress = Progress(enabled=not args.no_progress and sys.stderr.isatty())
+    try:
+        source = prompt_source(args)
+        model, levels = asyncio.run(bench(args, source, progress))
+        if args.json:
+            write_json(args.json, args, model, source, levels)
+    except (BenchError, OSError) as e:
+        progress.close()
+        sys.stderr.write(f"llama-serve bench: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        progress.close()
+        return 130
+    sys.stdout.write(format_report(args, model, levels))
+    return 1 if any(level.failed for level in levels) else 0
