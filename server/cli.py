@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
          type=int, default=e.max_num_batched_tokens)
     _add(serve, "--max-waiting", "requests queued beyond the slots; more get 503", type=int,
          default=e.max_waiting)
-    _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or % of free memory "
+    _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or %% of free memory "
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
     _add(serve, "--chat-template", "file with a Jinja chat template replacing the model's")
     _add(serve, "--max-n", "largest n (samples per prompt) a request may ask for", type=int,

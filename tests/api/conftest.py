@@ -1,0 +1,135 @@
+"""A real `llama-serve serve` process on 127.0.0.1 serving a tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled series in /metrics."""
+        text = httpx.get(f"{self.base_url}/metrics").text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+@contextmanager
+def run_server(folder: Path, tmp: Path, *args: str, env: dict[str, str] | None = None,
+               wait: bool = True) -> Iterator[Server]:
+    port = free_port()
+    log_path = tmp / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "server", "serve", str(folder), "--port", str(port),
+           "--device", "cpu", *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        if wait:
+            wait_healthy(server)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_healthy(server: Server, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not healthy after {timeout} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server: API key required, 8 slots, 512 tokens per sequence."""
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("server"), "--api-key", API_KEY,
+                    "--served-model-name", "tiny", "--max-model-len", "512",
+                    "--max-num-seqs", "8", "--max-n", "4") as s:
+        yield s
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+# --- helpers shared by the API tests -----------------------------------------------------------
+
+TRACEBACK_MARKERS = ("Traceback", 'File "')
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    """`response` is `status` with OpenAI's error shape, all four keys, and no traceback."""
+    assert response.status_code == status, response.text
+    assert not any(marker in response.text for marker in TRACEBACK_MARKERS), response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    return error
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    """The payloads of a streamed response's `data:` events, in order (comments skipped)."""
+    return [line[len("data:"):].strip() for line in response.iter_lines()
+            if line.startswith("data:")]
+
+
+def wait_idle(server: Server, timeout: float = 10.0) -> None:
+    """Poll /metrics until no request runs or waits and no KV-cache slot is held."""
+    names = ("llama_serve_requests_running", "llama_serve_requests_waiting",
+             "llama_serve_kv_cache_slots_used")
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {name: server.metric(name) for name in names}
+        if not any(values.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server still busy after {timeout} s: {values}")
+        time.sleep(0.05)

@@ -1,0 +1,13 @@
+"""The shared server answers the two basic requests."""
+
+import httpx
+
+from tests.api.conftest import Server
+
+
+def test_health_and_completion(server: Server, auth: dict[str, str]) -> None:
+    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    r = httpx.post(f"{server.v1}/completions", headers=auth,
+                   json={"model": "tiny", "prompt": "def f():", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4

@@ -1,0 +1,88 @@
+"""The command line as users run it, and the README's examples run against a real server."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.api.conftest import Server, run_server
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Server]:
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("readme")) as server:
+        yield server
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], check=True,
+                         capture_output=True, text=True).stdout
+    for flag in ("--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device",
+                 "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
+                 "--max-request-bytes", "--allowed-origins", "--log-level"):
+        assert flag in out
+        assert flag in README.read_text(), f"{flag} is not in the README"
+    top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
+                         capture_output=True, text=True).stdout
+    assert "serve" in top
+
+
+def test_startup_summary(open_server: Server, tiny_checkpoint: Path) -> None:
+    log = open_server.log()
+    assert f"http://127.0.0.1:{open_server.base_url.rsplit(':', 1)[1]}" in log
+    assert "dtype=float32 device=cpu" in log
+    assert re.search(r"KV-cache pool: 2 x 2 layers x 16 slots x 1024 tokens .* GiB", log)
+
+
+def test_env_variables_configure_the_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(tiny_checkpoint, tmp_path, env={"LLAMA_SERVE_MAX_NUM_SEQS": "3",
+                                                    "LLAMA_SERVE_SERVED_MODEL_NAME": "envy"}
+                    ) as server:
+        assert "x 3 slots x" in server.log()
+        assert server.metric("llama_serve_kv_cache_slots_total") == 3
+        import httpx
+        assert httpx.get(f"{server.v1}/models").json()["data"][0]["id"] == "envy"
+
+
+def test_pool_that_does_not_fit_refuses_to_start(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(tiny_checkpoint, tmp_path, "--kv-cache-memory", "0.000001",
+                    wait=False) as server:
+        assert server.process.wait(timeout=60) != 0
+    assert "holds no slot" in server.log()
+
+
+@pytest.mark.parametrize("index", range(len(blocks("bash"))))
+def test_readme_curl_examples(index: int, open_server: Server) -> None:
+    script = blocks("bash")[index].replace("http://127.0.0.1:8000", open_server.base_url)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if "stream" in script:
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) > 2
+        json.loads(lines[0].removeprefix("data: "))
+    else:
+        body = json.loads(out.stdout)
+        assert body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 16
+
+
+def test_readme_python_example(open_server: Server) -> None:
+    (code,) = blocks("python")
+    code = code.replace("http://127.0.0.1:8000", open_server.base_url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
