@@ -1,0 +1,95 @@
+"""/metrics moves exactly as a known workload says it should."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, run_server
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """Every sample line of /metrics as {'name{labels}': value}."""
+    text = httpx.get(f"{server.base_url}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def wait_for(server: Server, key: str, value: float) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(server)
+        if samples.get(key) == value or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def metrics_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Server]:
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("metrics"), "--metrics-compat",
+                    "vllm", "--served-model-name", "m", "--max-num-seqs", "4") as server:
+        yield server
+
+
+def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server) -> None:
+    before = scrape(metrics_server)
+    assert before["llama_serve_kv_cache_slots_total"] == 4
+    assert before["llama_serve_prompt_tokens_total"] == 0
+    for n_prompt, n_out in [(5, 3), (7, 4), (9, 5)]:
+        r = httpx.post(f"{metrics_server.v1}/completions", json={
+            "prompt": list(range(10, 10 + n_prompt)), "max_tokens": n_out, "ignore_eos": True})
+        assert r.status_code == 200
+    m = wait_for(metrics_server, "llama_serve_e2e_request_latency_seconds_count", 3)
+    assert m["llama_serve_prompt_tokens_total"] == 21
+    assert m["llama_serve_generation_tokens_total"] == 12
+    assert m['llama_serve_requests_finished_total{finish_reason="length"}'] == 3
+    assert m["llama_serve_time_to_first_token_seconds_count"] == 3
+    assert m["llama_serve_inter_token_latency_seconds_count"] == 2 + 3 + 4
+    assert m["llama_serve_request_queue_time_seconds_count"] == 3
+    assert m["llama_serve_request_prompt_tokens_sum"] == 21
+    assert m["llama_serve_request_generation_tokens_sum"] == 12
+    assert m["llama_serve_step_batch_size_count"] >= 12
+    assert m["llama_serve_generation_throughput_tokens_per_second"] > 0
+    for gauge in ("requests_running", "requests_waiting", "kv_cache_slots_used",
+                  "kv_cache_tokens_used", "kv_cache_usage_ratio"):
+        assert m[f"llama_serve_{gauge}"] == 0, gauge
+    assert m["llama_serve_kv_cache_tokens_capacity"] == 4 * 1024
+    # vLLM's names, labelled with the model name.
+    assert m['vllm:prompt_tokens_total{model_name="m"}'] == 21
+    assert m['vllm:generation_tokens_total{model_name="m"}'] == 12
+    assert m['vllm:e2e_request_latency_seconds_count{model_name="m"}'] == 3
+    assert m['vllm:time_to_first_token_seconds_count{model_name="m"}'] == 3
+    assert m['vllm:num_requests_running{model_name="m"}'] == 0
+    assert 'vllm:kv_cache_usage_perc{model_name="m"}' in m
+
+
+def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{metrics_server.v1}/completions",
+            json={"prompt": [10, 11, 12], "max_tokens": 1000, "ignore_eos": True,
+                  "stream": True}) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        m = scrape(metrics_server)
+        assert m["llama_serve_requests_running"] == 1
+        assert m["llama_serve_kv_cache_slots_used"] == 1
+        assert m["llama_serve_kv_cache_tokens_used"] >= 3
+    m = wait_for(metrics_server, "llama_serve_kv_cache_slots_used", 0)
+    assert m["llama_serve_kv_cache_slots_used"] == 0
+    assert m['llama_serve_requests_finished_total{finish_reason="abort"}'] == 1
+    before = m.get('llama_serve_requests_rejected_total{reason="invalid_request"}', 0)
+    assert httpx.post(f"{metrics_server.v1}/completions",
+                      json={"prompt": "x", "temperature": -1}).status_code == 400
+    after = scrape(metrics_server)['llama_serve_requests_rejected_total{reason="invalid_request"}']
+    assert after == before + 1
+    assert not [k for k in scrape(metrics_server) if re.search(r"request_id|prompt=", k)]
