@@ -3,6 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
 ARGS ?=
+# `make bench`: the bench model (shared/bench/make_model.py) served by us, the standard workload.
+BENCH_MODEL ?= $(HOME)/.cache/llama-serve/bench-model
+BENCH_PORT ?= 8765
+BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048 --max-num-batched-tokens 512
+BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4,16,64
 
 .PHONY: install test serve lint bench clean
 
@@ -20,6 +25,17 @@ test: install
 
 serve: install
 	$(VENV)/bin/llama-serve serve $(MODEL) $(ARGS)
+
+$(BENCH_MODEL)/config.json: | install
+	$(PY) ../shared/bench/make_model.py --size bench --out $(BENCH_MODEL)
+
+bench: install $(BENCH_MODEL)/config.json
+	@$(PY) -m server serve $(BENCH_MODEL) --port $(BENCH_PORT) --served-model-name bench \
+		$(BENCH_SERVE_ARGS) --log-level warning & pid=$$!; trap "kill $$pid" EXIT; \
+	for i in $$(seq 600); do \
+		curl -sf http://127.0.0.1:$(BENCH_PORT)/health >/dev/null && break; sleep 0.2; done; \
+	$(VENV)/bin/llama-serve bench --base-url http://127.0.0.1:$(BENCH_PORT) --model bench \
+		--tokenizer $(BENCH_MODEL) $(BENCH_ARGS) --json bench.json
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
@@ -70,6 +71,24 @@ class ServerState:
             raise Unavailable(self.reason, self.status)
         self.engine.check_health()
         return self.engine
+
+    def drain(self) -> None:
+        """Stop taking requests, give those in flight `shutdown_timeout` seconds to finish,
+        then abort the rest (each stream still gets a final chunk and [DONE]). Blocking."""
+        self.status, self.reason = "draining", "the server is shutting down"
+        logger.info("draining: %s s for requests in flight", self.config.shutdown_timeout)
+        engine = self.engine
+        if engine is None:
+            return
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while engine.num_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if engine.num_unfinished():
+            logger.warning("aborting %d requests still in flight", engine.num_unfinished())
+            engine.abort_all()
+            abort_deadline = time.monotonic() + 5
+            while engine.num_unfinished() and time.monotonic() < abort_deadline:
+                time.sleep(0.02)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.config.served_model_name:

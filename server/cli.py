@@ -11,9 +11,15 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
+from types import FrameType
 
+import uvicorn
+
+from server.app import ServerState
+from server.bench import add_bench_parser, run_bench
 from server.config import EngineConfig, ServerConfig
 
 logger = logging.getLogger("llama_serve")
@@ -69,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--allowed-origins", "comma-separated CORS origins (default: CORS off)",
          default="")
     _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
+    _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
+         type=float, default=s.shutdown_timeout)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])
+    add_bench_parser(sub)
     return parser
 
 
@@ -84,13 +93,11 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         served_model_name=args.served_model_name or args.model or model_dir.name,
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
-        metrics_compat=args.metrics_compat)
+        metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout)
     return engine, server
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from model.demo import ensure_demo_model
     from model.source import resolve_model
     from server.app import create_app
@@ -123,9 +130,10 @@ def serve(args: argparse.Namespace) -> int:
     logger.info("llama-serve on http://%s:%d  model=%s (%s)  dtype=%s  device=%s",
                 server_config.host, server_config.port, server_config.served_model_name,
                 model_dir, engine_config.dtype, engine_config.device)
-    server = uvicorn.Server(uvicorn.Config(app, host=server_config.host, port=server_config.port,
+    server = DrainingServer(uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                            log_level=server_config.log_level,
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=10),
+                            app.state.server)
     server.run()
     if fatal:
         logger.error("cannot start: %s", fatal[0])
@@ -133,11 +141,32 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT first drains (health 503, in-flight requests finish or are aborted),
+    then stops uvicorn; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.state.status != "ready":
+            return super().handle_exit(sig, frame)
+        self.draining = True
+
+        def drain_then_exit() -> None:
+            self.state.drain()
+            self.should_exit = True
+
+        threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return 2
+    return run_bench(args)
 
 
 if __name__ == "__main__":

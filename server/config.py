@@ -44,3 +44,4 @@ class ServerConfig:
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
     log_level: str = "info"
     metrics_compat: str | None = None  # "vllm": also export vLLM's metric names
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM

@@ -160,6 +160,15 @@ class Engine:
         """Cancel a request; its slots are free again before the next step."""
         self._inbox.put(("abort", request_id))
 
+    def num_unfinished(self) -> int:
+        """Requests accepted and not yet finished (their streams are still open)."""
+        with self._lock:
+            return len(self._streams)
+
+    def abort_all(self) -> None:
+        """Abort everything in flight; each stream gets a final `abort` output."""
+        self._inbox.put(("abort_all", None))
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -201,7 +210,7 @@ class Engine:
                         if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                             raise
                 self._refresh_stats()
-            self._abort_all()
+            self._fail_all("the engine stopped")
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop, report it
             logger.exception("engine loop died")
             self._dead = e
@@ -221,6 +230,9 @@ class Engine:
             elif kind == "abort":
                 request = self.scheduler.requests.get(str(payload))
                 if request is not None:
+                    posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+            elif kind == "abort_all":
+                for request in list(self.scheduler.requests.values()):
                     posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
             try:
                 item = self._inbox.get_nowait()
@@ -381,11 +393,6 @@ class Engine:
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
         self._post(posts)
 
-    def _abort_all(self) -> None:
-        posts = []
-        for request in list(self.scheduler.requests.values()):
-            posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
-        self._post(posts)
 
 
 class StepFailed(RuntimeError):

@@ -45,7 +45,8 @@ TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-OpenAIFinishReason = Literal["stop", "length"]
+# OpenAI's reasons, plus vLLM's "abort" for requests cut off by a server shutdown.
+OpenAIFinishReason = Literal["stop", "length", "abort"]
 
 
 # --- base, errors, limits ---------------------------------------------------------------------
@@ -503,11 +504,14 @@ def _now() -> int:
 
 
 def to_openai_finish_reason(reason: FinishReason | None) -> OpenAIFinishReason | None:
-    """OpenAI's finish_reason; None for ABORT and ERROR, which the route ends otherwise."""
+    """OpenAI's finish_reason ("abort" as vLLM sends it); None for ERROR, which the route
+    reports as an error instead."""
     if reason is FinishReason.STOP:
         return "stop"
     if reason is FinishReason.LENGTH:
         return "length"
+    if reason is FinishReason.ABORT:
+        return "abort"
     return None
 
 

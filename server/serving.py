@@ -114,8 +114,6 @@ def _usage(submitted: list[Submitted], choices: dict[int, Choice]) -> Completion
 def _check(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         raise GenerationFailed(out.error or "generation failed")
-    if out.finish_reason is FinishReason.ABORT:
-        raise GenerationFailed("the request was aborted")
 
 
 def _absorb(choice: Choice, out: RequestOutput) -> None:
@@ -200,8 +198,8 @@ class CompletionService:
                     finish_reason=to_openai_finish_reason(finish))]).model_dump_json()
 
         async for i, out in merged(self.engine, submitted):
-            if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                yield error_event(out.error or "the request was aborted")
+            if out.finish_reason is FinishReason.ERROR:
+                yield error_event(out.error or "generation failed")
                 yield DONE
                 return
             index = i * n + out.index
@@ -271,8 +269,8 @@ class ChatService:
         for index in range(request.n):  # the role comes first, before any content
             yield chunk(index, DeltaMessage(role="assistant", content=""))
         async for _, out in merged(self.engine, submitted):
-            if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                yield error_event(out.error or "the request was aborted")
+            if out.finish_reason is FinishReason.ERROR:
+                yield error_event(out.error or "generation failed")
                 yield DONE
                 return
             _absorb(choices.setdefault(out.index, Choice()), out)

@@ -627,13 +627,13 @@ def test_random_id_and_finish_reason() -> None:
     assert random_id("cmpl") != random_id("cmpl")
     assert to_openai_finish_reason(FinishReason.STOP) == "stop"
     assert to_openai_finish_reason(FinishReason.LENGTH) == "length"
-    assert to_openai_finish_reason(FinishReason.ABORT) is None
+    assert to_openai_finish_reason(FinishReason.ABORT) == "abort"
     assert to_openai_finish_reason(None) is None
 
 
 def test_response_models_reject_unknown_finish_reason() -> None:
     with pytest.raises(ValidationError):
-        CompletionResponseChoice(index=0, text="", finish_reason="abort")
+        CompletionResponseChoice(index=0, text="", finish_reason="tool_calls")
     assert CompletionLogprobs().model_dump() == {
         "tokens": [],
         "token_logprobs": [],

@@ -1,0 +1,140 @@
+"""`llama-serve bench` against the shared server, and its figures on synthetic timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from server.bench import (
+    BenchError,
+    PromptSource,
+    RequestResult,
+    add_bench_parser,
+    arrival_times,
+    percentile,
+    run_bench,
+    summarize,
+)
+from tests.api.conftest import API_KEY, Server, free_port
+
+
+def bench(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="llama-serve")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return run_bench(parser.parse_args(["bench", "--no-progress", *argv]))
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_path: Path,
+                                  endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    rc = bench("--base-url", server.base_url, "--api-key", API_KEY, "--endpoint", endpoint,
+               "--num-prompts", "6", "--concurrency", "1,3", "--input-len", "16",
+               "--output-len", "8", "--tokenizer", str(tiny_checkpoint), "--json", str(out))
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "ttft p50" in stdout
+    report = json.loads(out.read_text())
+    assert report["parameters"]["model"] == "tiny"
+    assert "api_key" not in report["parameters"]
+    assert [level["concurrency"] for level in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert (level["completed"], level["failed"]) == (6, 0)
+        assert level["total_output_tokens"] == 6 * 8
+        if endpoint == "completions":  # token ids go in as given; chat adds its template
+            assert level["total_input_tokens"] == 6 * 16
+        for name in ("ttft_ms", "itl_ms", "tpot_ms", "e2el_ms"):
+            stats = level[name]
+            assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (name, stats)
+        assert level["ttft_ms"]["p99"] <= level["e2el_ms"]["p99"]
+
+
+def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert bench("--base-url", url, "--num-prompts", "2") == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {url}/v1/models" in err
+    assert "Traceback" not in err
+
+
+def test_wrong_api_key_is_a_clean_error(server: Server,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench("--base-url", server.base_url, "--api-key", "wrong", "--num-prompts", "2") == 2
+    assert "answered 401" in capsys.readouterr().err
+
+
+def test_failed_requests_are_counted_not_raised(server: Server, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Prompts longer than the server's 512-token context: every request gets a 400."""
+    out = tmp_path / "bench.json"
+    rc = bench("--base-url", server.base_url, "--api-key", API_KEY, "--no-warmup",
+               "--num-prompts", "3", "--concurrency", "2", "--input-len", "600",
+               "--output-len", "4", "--vocab-size", "1000", "--json", str(out))
+    assert rc == 1
+    (level,) = json.loads(out.read_text())["levels"]
+    assert (level["completed"], level["failed"]) == (0, 3)
+    assert level["first_error"].startswith("HTTP 400")
+    assert "first error: HTTP 400" in capsys.readouterr().out
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]  # numpy.percentile(values, [0, 50, 90, 99, 100])
+    assert [percentile(values, p) for p in (0, 50, 90, 99, 100)] == pytest.approx(
+        [1.0, 2.5, 3.7, 3.97, 4.0])
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) == 0.0
+
+
+def test_summary_follows_vllm_definitions() -> None:
+    results = [
+        RequestResult(input_tokens=10, output_tokens=5, ttft_seconds=0.1, e2e_seconds=0.5,
+                      itl_seconds=(0.1, 0.1, 0.1, 0.1)),
+        RequestResult(input_tokens=10, output_tokens=3, ttft_seconds=0.3, e2e_seconds=0.7,
+                      itl_seconds=(0.2, 0.2)),
+        RequestResult(input_tokens=10, output_tokens=1, ttft_seconds=0.2, e2e_seconds=0.2),
+        RequestResult(error="HTTP 503: overloaded"),
+        RequestResult(error="the stream ended without [DONE]"),
+    ]
+    level = summarize(4, results, duration_seconds=2.0)
+    assert (level.completed, level.failed) == (3, 2)
+    assert level.first_error == "HTTP 503: overloaded"
+    assert (level.total_input_tokens, level.total_output_tokens) == (30, 9)
+    assert level.request_throughput == pytest.approx(1.5)
+    assert level.output_throughput == pytest.approx(4.5)
+    assert level.total_token_throughput == pytest.approx(19.5)
+    assert level.ttft_ms.mean == pytest.approx(200.0)
+    assert level.ttft_ms.p50 == pytest.approx(200.0)
+    assert level.ttft_ms.p90 == pytest.approx(280.0)
+    # TPOT: (0.5-0.1)/4 and (0.7-0.3)/2; the one-token request has none.
+    assert level.tpot_ms.mean == pytest.approx(150.0)
+    assert level.tpot_ms.p50 == pytest.approx(150.0)
+    # ITL: the six gaps pooled, not per-request means.
+    assert level.itl_ms.mean == pytest.approx(400 / 3)
+    assert level.itl_ms.p50 == pytest.approx(100.0)
+    assert level.itl_ms.p99 == pytest.approx(200.0)
+    assert level.e2el_ms.p50 == pytest.approx(500.0)
+
+
+def test_prompts_never_repeat_within_a_run() -> None:
+    """3 token ids from {10, 11}: 8 distinct prompts exist, a 9th must not be a repeat."""
+    source = PromptSource("completions", input_len=3, vocab_size=12, min_token_id=10)
+    prompts = [source.make(random.Random(i)) for i in range(8)]
+    assert len({tuple(p) for p in prompts}) == 8
+    assert all(len(p) == 3 and set(p) <= {10, 11} for p in prompts)
+    with pytest.raises(BenchError, match="distinct prompts"):
+        source.make(random.Random(0))
+    chat = PromptSource("chat", input_len=5, vocab_size=100, min_token_id=10)
+    assert len(chat.make(random.Random(0)).split()) == 5
+
+
+def test_poisson_arrivals_are_seeded_and_increasing() -> None:
+    times = arrival_times(200, 50.0, random.Random(1))
+    assert times == arrival_times(200, 50.0, random.Random(1))
+    assert all(a < b for a, b in zip(times, times[1:], strict=False))
+    assert times[-1] / 200 == pytest.approx(1 / 50, rel=0.3)  # mean gap 1/rate
+    assert arrival_times(3, math.inf, random.Random(1)) == [0.0, 0.0, 0.0]

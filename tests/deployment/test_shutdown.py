@@ -1,0 +1,78 @@
+"""SIGTERM drains: health turns 503 at once, new requests get 503, requests in flight finish
+(or are aborted with a final chunk and [DONE] after --shutdown-timeout), then exit 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.api.conftest import Server, run_server
+
+
+def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) -> dict:
+    """Read a streaming completion on a thread; the result dict fills in when it ends."""
+    result: dict = {"chunks": [], "done": False}
+
+    def read() -> None:
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.v1}/completions",
+                json={"prompt": [10, 11, 12], "max_tokens": max_tokens, "ignore_eos": True,
+                      "stream": True}) as response:
+            for line in response.iter_lines():
+                if line == "data: [DONE]":
+                    result["done"] = True
+                elif line.startswith("data: "):
+                    result["chunks"].append(json.loads(line[6:]))
+                    first.set()
+
+    result["thread"] = threading.Thread(target=read)
+    result["thread"].start()
+    return result
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_lets_requests_in_flight_finish(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(tiny_checkpoint, tmp_path, "--shutdown-timeout", "60",
+                    "--max-model-len", "1024") as server:
+        first = threading.Event()
+        result = stream_in_thread(server, 1000, first)
+        assert first.wait(20)
+        server.process.send_signal(signal.SIGTERM)
+        health = httpx.get(f"{server.base_url}/health")
+        late = httpx.post(f"{server.v1}/completions", json={"prompt": "x", "max_tokens": 2})
+        result["thread"].join(60)
+        assert server.process.wait(timeout=30) == 0
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    assert late.status_code == 503 and late.headers["retry-after"]
+    assert late.json()["error"]["code"] == "draining"
+    assert result["done"]
+    assert result["chunks"][-1]["choices"][0]["finish_reason"] == "length"
+    assert len(result["chunks"]) >= 2
+
+
+def test_sigterm_aborts_what_outlives_the_timeout(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(tiny_checkpoint, tmp_path, "--shutdown-timeout", "0.3",
+                    "--max-model-len", "1024") as server:
+        first = threading.Event()
+        result = stream_in_thread(server, 1000, first)
+        assert first.wait(20)
+        server.process.send_signal(signal.SIGTERM)
+        result["thread"].join(60)
+        assert server.process.wait(timeout=30) == 0
+    assert result["done"], "the aborted stream must still end with [DONE]"
+    assert result["chunks"][-1]["choices"][0]["finish_reason"] == "abort"
+    assert len(result["chunks"]) < 1000
+    assert "aborting 1 requests" in server.log()
