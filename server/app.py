@@ -15,7 +15,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -266,3 +268,24 @@ def _version() -> str:
         return version("llama-serve")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT first drains (health 503, in-flight requests finish or are aborted),
+    then stops uvicorn; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.state.status != "ready":
+            return super().handle_exit(sig, frame)
+        self.draining = True
+
+        def drain_then_exit() -> None:
+            self.state.drain()
+            self.should_exit = True
+
+        threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
