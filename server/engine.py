@@ -131,7 +131,7 @@ class Engine:
 
     def check_health(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"engine loop failed: {self._dead!r}")
+            raise EngineDeadError(f"engine loop failed: {self._dead}")
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
 
@@ -261,7 +261,7 @@ class Engine:
             for request in requests:
                 posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, repr(e))
             self._post(posts)
-            raise StepFailed from e
+            raise StepFailed(f"a step failed: {e!r}") from e
         n_prompt = sum(len(c.token_ids) for c in plan.prefills)
         self._stats.steps_total += 1
         self._stats.prompt_tokens_total += n_prompt

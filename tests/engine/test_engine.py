@@ -240,3 +240,25 @@ def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
                 engine.generate([5], SamplingParams(max_tokens=1), "rejected")
             engine.abort("busy")
         asyncio.run(main())
+
+
+def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step failure fails that step's requests; repeated failures mark the engine dead."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        def broken(plan):  # noqa: ANN001, ANN202
+            raise RuntimeError("device lost")
+        monkeypatch.setattr(engine.runner, "run", broken)
+        first = run(engine, ([5, 6], GREEDY, "first"))[0]
+        assert first.finish[0] == FinishReason.ERROR and "device lost" in (first.error or "")
+        engine.check_health()  # one failure is not death
+        for i in range(2):
+            run(engine, ([5, 6], GREEDY, f"again-{i}"))
+        for _ in range(100):
+            if engine._dead is not None:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        with pytest.raises(engine_module.EngineDeadError, match="device lost"):
+            engine.check_health()
+        with pytest.raises(engine_module.EngineDeadError):
+            run(engine, ([5, 6], GREEDY, "after"))

@@ -1,0 +1,47 @@
+"""KV-cache pool sizing: slots from a count or a memory budget, and a clear refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.kv_cache import KVCachePool
+from server.config import EngineConfig
+from server.startup import StartupError, parse_memory, plan_pool
+from tests.conftest import TINY
+
+PER_SLOT = KVCachePool.bytes_needed(TINY, 1, 1024, torch.float32)  # 2*2*1024*2*16*4 bytes
+
+
+def test_pool_formula_and_size() -> None:
+    plan = plan_pool(TINY, EngineConfig(max_num_seqs=5, max_model_len=1024), torch.float32,
+                     free_bytes=2**40)
+    assert plan.n_slots == 5 and plan.max_len == 1024
+    assert plan.nbytes == 2 * TINY.n_layers * 5 * 1024 * TINY.n_kv_heads * TINY.head_dim * 4
+    assert plan.formula.startswith("2 x 2 layers x 5 slots x 1024 tokens x 2 kv_heads x 16 "
+                                   "head_dim x 4 bytes")
+
+
+def test_default_length_is_the_models_capped() -> None:
+    plan = plan_pool(TINY, EngineConfig(), torch.float32, free_bytes=2**40)
+    assert plan.max_len == TINY.max_seq_len == 1024
+
+
+def test_memory_budget_sets_the_slot_count() -> None:
+    config = EngineConfig(max_num_seqs=64, max_model_len=1024,
+                          kv_cache_memory=f"{3.5 * PER_SLOT / 2**30}")
+    assert plan_pool(TINY, config, torch.float32, free_bytes=2**40).n_slots == 3
+    half = EngineConfig(max_num_seqs=64, max_model_len=1024, kv_cache_memory="50%")
+    assert plan_pool(TINY, half, torch.float32, free_bytes=8 * PER_SLOT).n_slots == 4
+
+
+def test_pool_larger_than_free_memory_is_refused_with_both_numbers() -> None:
+    config = EngineConfig(max_num_seqs=10, max_model_len=1024)
+    with pytest.raises(StartupError, match=r"needs 0\.00 GiB .* but only 0\.00 GiB is free"):
+        plan_pool(TINY, config, torch.float32, free_bytes=9 * PER_SLOT)
+
+
+@pytest.mark.parametrize("spec", ["lots", "-1", "0", "150%", "0%"])
+def test_bad_memory_spec(spec: str) -> None:
+    with pytest.raises(StartupError, match="kv-cache-memory"):
+        parse_memory(spec, 2**30)
