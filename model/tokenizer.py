@@ -100,12 +100,11 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; ValueError names the first id outside the vocabulary."""
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary "
-                                 f"(0..{self.vocab_size - 1})")
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. Ids outside the tokenizer's vocabulary give no text: models pad their
+        embedding past it (a model may even sample such an id), and a full decode must agree
+        with the incremental one."""
+        known = [i for i in ids if 0 <= i < self.vocab_size]
+        return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry itself, e.g. "Ġhello", "▁hello", "<0xE4>" or "<s>"."""

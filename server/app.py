@@ -8,6 +8,7 @@ OpenAI's `{"error": {...}}` with the status from `ERRORS`; no traceback reaches 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import threading
 import time
@@ -50,10 +51,6 @@ class ModelNotFound(Exception):
     pass
 
 
-class Unauthorized(Exception):
-    pass
-
-
 @dataclass
 class ServerState:
     """What the routes need, reached through one dependency (routes.get_state)."""
@@ -71,7 +68,11 @@ class ServerState:
     def serving_engine(self) -> Engine:
         if self.status != "ready" or self.engine is None:
             raise Unavailable(self.reason, self.status)
-        self.engine.check_health()
+        try:
+            self.engine.check_health()
+        except EngineDeadError as e:
+            self.status, self.reason = "failed", str(e)
+            raise
         return self.engine
 
     def drain(self) -> None:
@@ -102,7 +103,6 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     RequestError: (400, "invalid_request_error", None),
     RequestRejected: (400, "invalid_request_error", None),
     ChatTemplateError: (400, "invalid_request_error", None),
-    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     EngineOverloaded: (503, "server_error", "overloaded"),
     EngineDeadError: (503, "server_error", "engine_dead"),
@@ -134,7 +134,8 @@ def _install_error_table(app: FastAPI) -> None:
 
     async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), type_)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, str(exc.detail), type_, code=code)
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error", exc_info=exc)
@@ -156,34 +157,49 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        message = f"request body is larger than {self.max_bytes} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
+            response = error_response(413, message, "invalid_request_error",
+                                      code="request_too_large")
+            return await response(scope, receive, send)
         seen = 0
 
         async def counting_receive() -> Message:
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+            received = await receive()
+            if received["type"] == "http.request":
+                seen += len(received.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
-            return message
+                    # An HTTPException survives FastAPI's body parsing (anything else would
+                    # become a 400) and reaches the error table.
+                    raise StarletteHTTPException(413, message)
+            return received
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except BodyTooLarge:
-            await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body is larger than {self.max_bytes} bytes",
-                                  "invalid_request_error", code="request_too_large")
-        await response(scope, receive, send)
+        await self.app(scope, counting_receive, send)
 
 
-class BodyTooLarge(Exception):
-    pass
+class ApiKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` on the protected paths, before any parsing.
+
+    The comparison is constant-time: timing must not reveal how much of a guess was right.
+    """
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = error_response(
+                    401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    "invalid_request_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -254,6 +270,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
     _install_error_table(app)
     app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])

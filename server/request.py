@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# Temperatures below this are greedy: dividing logits by a float32 subnormal overflows to inf.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class FinishReason(enum.Enum):
@@ -84,7 +86,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

@@ -1,13 +1,13 @@
 """HTTP endpoints: thin, validate -> render -> generate -> format. No torch.
 
-/v1/* and /(de)tokenize require the API key when one is set; /health, /live, /metrics and
-/version are open (probes and scrapers).
+/v1/* and /(de)tokenize require the API key when one is set (app.ApiKeyMiddleware); /health,
+/live, /metrics and /version are open (probes and scrapers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from server.app import ServerState, Unauthorized, _version
+from server.app import ServerState, _version
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -30,8 +30,9 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
-from server.serving import submit
+from server.serving import DONE, error_event, submit
 
+logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
 # Stop proxies (nginx) from buffering the stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,18 +46,7 @@ def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: State) -> None:
-    key = state.config.api_key
-    if not key:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # Constant-time comparison: timing must not reveal how much of a guess was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise Unauthorized("invalid or missing API key: send 'Authorization: Bearer <key>'")
-
-
 router = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.get("/health")
@@ -84,12 +74,12 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@api.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList)
 async def list_models(state: State) -> ModelList:
     return ModelList(data=[_model_card(state)])
 
 
-@api.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: State) -> ModelCard:
     state.check_model(model_id)
     return _model_card(state)
@@ -101,7 +91,7 @@ def _model_card(state: ServerState) -> ModelCard:
                      max_model_len=engine.max_model_len if engine else None)
 
 
-@api.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, state: State, request: Request):  # noqa: ANN201
     engine = state.serving_engine()
     state.check_model(body.model)
@@ -116,7 +106,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 
-@api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: ANN201
                            request: Request):
     engine = state.serving_engine()
@@ -132,7 +122,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 
-@api.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     engine = state.serving_engine()
     state.check_model(body.model)
@@ -147,7 +137,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
 
 
-@api.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
     engine = state.serving_engine()
     state.check_model(body.model)
@@ -155,13 +145,22 @@ async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeRespons
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
-router.include_router(api)
-
-
 def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
     """`data: <json>` events, keep-alive comments while waiting; a client that goes away
     cancels `events`, whose cleanup aborts the engine requests."""
-    return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n", headers=SSE_HEADERS)
+    return EventSourceResponse(_in_band_errors(events), ping=SSE_PING_SECONDS, sep="\n",
+                               headers=SSE_HEADERS)
+
+
+async def _in_band_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After the 200 has gone out, a failure can only be reported inside the stream."""
+    try:
+        async for event in events:
+            yield event
+    except Exception:
+        logger.exception("stream failed")
+        yield error_event("internal server error")
+        yield DONE
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:

@@ -98,11 +98,15 @@ class SamplingBatch:
 
         sampled = [p for p in params if not p.is_greedy]  # controls of greedy rows are moot
         return cls(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
+            temperature=column([0.0 if p.is_greedy else p.temperature for p in params],
+                               torch.float32),
+            # Clamped: any top_k past the vocabulary means "off", and must fit an int64.
+            top_k=column([min(max(p.top_k, 0), vocab_size) for p in params], torch.int64),
             top_p=column([p.top_p for p in params], torch.float32),
             min_p=column([p.min_p for p in params], torch.float32),
-            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
+            # A penalty that rounds to 0 in float32 would divide by zero.
+            repetition_penalty=column([max(p.repetition_penalty, 1e-6) for p in params],
+                                      torch.float32),
             presence_penalty=column([p.presence_penalty for p in params], torch.float32),
             frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
             output_counts=output_counts,

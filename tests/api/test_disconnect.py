@@ -1,0 +1,101 @@
+"""A client that goes away mid-request gets its engine requests aborted: every sequence ends
+as `abort` and the KV-cache slots are free again (polled on /metrics, no speed assertion)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, sse_data, wait_idle
+
+ABORTED = 'llama_serve_requests_finished_total{finish_reason="abort"}'
+LONG = {"model": "tiny", "max_tokens": 500, "ignore_eos": True}
+
+
+def read_events(lines: Iterator[str], count: int) -> None:
+    """Read `count` `data:` events without closing the stream."""
+    while count:
+        count -= next(lines).startswith("data:")
+
+
+def test_stream_disconnect_frees_slot(server: Server, auth: dict[str, str]) -> None:
+    wait_idle(server)
+    aborted = server.metric(ABORTED)
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", f"{server.v1}/completions",
+                           json={**LONG, "prompt": "Once upon a time", "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # held: closing this iterator would close the connection
+            read_events(lines, 3)
+            assert server.metric("llama_serve_kv_cache_slots_used") == 1
+        # leaving both blocks closes the connection with ~497 tokens still to come
+    wait_idle(server)
+    assert server.metric(ABORTED) == aborted + 1
+
+
+def test_chat_stream_disconnect_frees_all_samples(server: Server, auth: dict[str, str]) -> None:
+    wait_idle(server)
+    aborted = server.metric(ABORTED)
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", f"{server.v1}/chat/completions",
+                           json={**LONG, "n": 3, "stream": True,
+                                 "messages": [{"role": "user", "content": "Go on."}]}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            read_events(lines, 3 + 4)  # the role chunks, then some content
+            assert server.metric("llama_serve_kv_cache_slots_used") == 3
+    wait_idle(server)
+    assert server.metric(ABORTED) == aborted + 3
+
+
+def test_cancelled_request_frees_slots(server: Server, auth: dict[str, str]) -> None:
+    """A non-streaming request whose client gives up (closes the connection) is aborted."""
+    wait_idle(server)
+    aborted = server.metric(ABORTED)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(headers=auth, timeout=60) as client:
+            request = asyncio.create_task(client.post(
+                f"{server.v1}/completions", json={**LONG, "prompt": ["a", "b"], "n": 4}))
+            deadline = time.monotonic() + 30
+            while await asyncio.to_thread(server.metric, "llama_serve_kv_cache_slots_used") < 8:
+                assert not request.done(), "finished before it could be cancelled"
+                assert time.monotonic() < deadline, "never admitted"
+                await asyncio.sleep(0.01)
+            request.cancel()  # closes the connection, as a client timeout does
+            try:
+                await request
+            except asyncio.CancelledError:
+                pass
+
+    asyncio.run(run())
+    wait_idle(server)
+    assert server.metric(ABORTED) == aborted + 8
+
+
+def test_client_timeout_frees_slot(server: Server, auth: dict[str, str]) -> None:
+    """httpx's own read timeout on a long request: the server notices and aborts it."""
+    wait_idle(server)
+    aborted = server.metric(ABORTED)
+    # 8 sequences x 500 tokens take far longer than the timeout on any CPU
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.v1}/completions", headers=auth,
+                   json={**LONG, "prompt": ["a", "b"], "n": 4}, timeout=0.3)
+    wait_idle(server)
+    assert server.metric(ABORTED) == aborted + 8
+
+
+def test_server_serves_after_disconnects(server: Server, auth: dict[str, str]) -> None:
+    wait_idle(server)
+    r = httpx.post(f"{server.v1}/completions", headers=auth,
+                   json={"model": "tiny", "prompt": "a", "max_tokens": 8, "n": 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", f"{server.v1}/completions",
+                           json={"model": "tiny", "prompt": "a", "max_tokens": 3,
+                                 "stream": True}) as s:
+            assert sse_data(s)[-1] == "[DONE]"

@@ -1,0 +1,369 @@
+"""Every bad input gets its documented status and OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}`; never a 5xx, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.conftest import API_KEY, Server, assert_openai_error, run_server, sse_data, wait_idle
+
+USER = [{"role": "user", "content": "Hello"}]
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+@pytest.fixture
+def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
+        yield c
+
+
+# --- 400: the request itself is wrong ----------------------------------------------------------
+
+BAD_COMPLETIONS = [  # (name, fields added to a valid request, param that names the field)
+    ("prompt_type", {"prompt": 5}, "prompt"),
+    ("prompt_empty_list", {"prompt": []}, "prompt"),
+    ("prompt_id_outside_vocab", {"prompt": [1, 2, 5000]}, "prompt"),
+    ("max_tokens_type", {"max_tokens": "many"}, "max_tokens"),
+    ("max_tokens_negative", {"max_tokens": -1}, "max_tokens"),
+    ("temperature_type", {"temperature": "hot"}, "temperature"),
+    ("temperature_negative", {"temperature": -0.5}, "temperature"),
+    ("top_p_zero", {"top_p": 0}, "top_p"),
+    ("top_p_above_one", {"top_p": 1.01}, "top_p"),
+    ("n_zero", {"n": 0}, "n"),
+    ("n_above_max_n", {"n": 5}, "n"),
+    ("n_fraction", {"n": 1.5}, "n"),
+    ("stop_type", {"stop": 7}, "stop"),
+    ("stop_too_many", {"stop": [f"s{i}" for i in range(17)]}, "stop"),
+    ("stop_too_long", {"stop": "x" * 257}, "stop"),
+    ("logprobs_21", {"logprobs": 21}, "logprobs"),
+    ("logit_bias_101", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("logit_bias_id_outside_vocab", {"logit_bias": {"1024": 1}}, "logit_bias"),
+    ("logit_bias_key_not_id", {"logit_bias": {"abc": 1}}, "logit_bias"),
+    ("suffix", {"suffix": "the end"}, "suffix"),
+    ("best_of_not_n", {"best_of": 2}, "best_of"),
+    ("stream_options_without_stream", {"stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("seed_beyond_int64", {"seed": 2**64}, "seed"),
+    ("stop_token_id_outside_vocab", {"stop_token_ids": [4096]}, "stop_token_ids"),
+]
+
+BAD_CHATS = [
+    ("messages_empty", {"messages": []}, "messages"),
+    ("messages_type", {"messages": "Hello"}, "messages"),
+    ("messages_missing", {"messages": None}, "messages"),
+    ("role_unknown", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("content_missing", {"messages": [{"role": "user"}]}, "messages"),
+    ("image_part", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+     "messages"),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tools"),
+    ("functions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("tool_choice", {"tool_choice": "required"}, "tool_choice"),
+    ("response_format_json", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("temperature_negative", {"temperature": -1}, "temperature"),
+    ("top_p_zero", {"top_p": 0}, "top_p"),
+    ("n_above_max_n", {"n": 5}, "n"),
+    ("max_tokens_zero", {"max_tokens": 0}, "max_tokens"),
+    ("top_logprobs_21", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("top_logprobs_without_logprobs", {"top_logprobs": 2}, "top_logprobs"),
+    ("logit_bias_101", {"logit_bias": {"5": -101}}, "logit_bias"),
+    ("stop_too_many", {"stop": ["a"] * 17}, "stop"),
+]
+
+
+@pytest.mark.parametrize("fields,param", [c[1:] for c in BAD_COMPLETIONS],
+                         ids=[c[0] for c in BAD_COMPLETIONS])
+def test_bad_completion_is_400(client: httpx.Client, fields: dict[str, Any], param: str) -> None:
+    r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2,
+                                       **fields})
+    error = assert_openai_error(r, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("fields,param", [c[1:] for c in BAD_CHATS], ids=[c[0] for c in BAD_CHATS])
+def test_bad_chat_is_400(client: httpx.Client, fields: dict[str, Any], param: str) -> None:
+    body = {"model": "tiny", "messages": USER, "max_tokens": 2, **fields}
+    r = client.post(CHAT, json={k: v for k, v in body.items() if v is not None})
+    error = assert_openai_error(r, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_overflow_is_400_with_numbers(client: httpx.Client, stream: bool) -> None:
+    n_prompt = client.post("/tokenize", json={"prompt": "Hi there"}).json()["count"]
+    r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi there", "max_tokens": 600,
+                                       "stream": stream})
+    message = assert_openai_error(r, 400)["message"]
+    assert "512" in message and "600" in message and str(n_prompt + 600) in message, message
+    assert str(n_prompt) in message
+
+
+def test_chat_context_overflow_is_400(client: httpx.Client) -> None:
+    long_prompt = [{"role": "user", "content": "word " * 600}]
+    r = client.post(CHAT, json={"model": "tiny", "messages": long_prompt, "max_tokens": 1})
+    assert "512" in assert_openai_error(r, 400)["message"]
+    r = client.post(CHAT, json={"model": "tiny", "messages": USER, "max_completion_tokens": 510})
+    assert "512" in assert_openai_error(r, 400)["message"]
+
+
+@pytest.mark.parametrize("content", [b"{\"prompt\": \"Hi\", ", b"", b"[1, 2]", b"null",
+                                     b"\xff\xfe"],
+                         ids=["truncated", "empty", "array", "null", "not_utf8"])
+def test_malformed_body_is_400(client: httpx.Client, content: bytes) -> None:
+    r = client.post(COMPLETIONS, content=content, headers={"Content-Type": "application/json"})
+    assert assert_openai_error(r, 400)["type"] == "invalid_request_error"
+
+
+def test_tokenize_needs_prompt_or_messages(client: httpx.Client) -> None:
+    assert_openai_error(client.post("/tokenize", json={}), 400)
+    assert_openai_error(client.post("/tokenize", json={"prompt": "a", "messages": USER}), 400)
+
+
+def test_rejections_are_counted(server: Server, client: httpx.Client) -> None:
+    series = 'llama_serve_requests_rejected_total{reason="invalid_request"}'
+    before = server.metric(series)
+    assert_openai_error(client.post(COMPLETIONS, json={"prompt": "Hi", "temperature": -1}), 400)
+    assert server.metric(series) == before + 1
+
+
+# --- 401: the API key --------------------------------------------------------------------------
+
+PROTECTED = [
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/tiny", None),
+    ("POST", COMPLETIONS, {"model": "tiny", "prompt": "Hi", "max_tokens": 1}),
+    ("POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 1}),
+    ("POST", "/tokenize", {"prompt": "Hi"}),
+    ("POST", "/detokenize", {"tokens": [5, 6]}),
+]
+BAD_KEYS = {
+    "missing": {},
+    "wrong": {"Authorization": "Bearer sk-not-the-key"},
+    "prefix_of_key": {"Authorization": f"Bearer {API_KEY[:-1]}"},
+    "not_bearer": {"Authorization": f"Basic {API_KEY}"},
+    "bare_key": {"Authorization": API_KEY},
+}
+
+
+@pytest.mark.parametrize("method,path,body", PROTECTED, ids=[p[1] for p in PROTECTED])
+@pytest.mark.parametrize("headers", list(BAD_KEYS.values()), ids=list(BAD_KEYS))
+def test_protected_routes_need_key(server: Server, method: str, path: str,
+                                   body: dict[str, Any] | None, headers: dict[str, str]) -> None:
+    r = httpx.request(method, server.base_url + path, json=body, headers=headers)
+    error = assert_openai_error(r, 401)
+    assert error["code"] == "invalid_api_key"
+    ok = httpx.request(method, server.base_url + path, json=body,
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_bad_body_without_key_is_401_not_400(server: Server) -> None:
+    r = httpx.post(server.base_url + COMPLETIONS, json={"prompt": "Hi", "temperature": -1})
+    assert_openai_error(r, 401)
+
+
+def test_malformed_body_without_key_is_401(server: Server) -> None:
+    r = httpx.post(server.base_url + COMPLETIONS, content=b"{oops",
+                   headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 401)
+
+
+@pytest.mark.parametrize("path", ["/health", "/live", "/metrics", "/version"])
+def test_open_routes_need_no_key(server: Server, path: str) -> None:
+    r = httpx.get(server.base_url + path)
+    assert r.status_code == 200, r.text
+
+
+# --- 404, 405 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", COMPLETIONS, {"model": "nope", "prompt": "Hi"}),
+    ("POST", CHAT, {"model": "nope", "messages": USER}),
+    ("POST", "/tokenize", {"model": "nope", "prompt": "Hi"}),
+    ("GET", "/v1/models/nope", None),
+], ids=["completions", "chat", "tokenize", "models"])
+def test_unknown_model_is_404(client: httpx.Client, method: str, path: str,
+                              body: dict[str, Any] | None) -> None:
+    error = assert_openai_error(client.request(method, path, json=body), 404)
+    assert error["code"] == "model_not_found" and "nope" in error["message"]
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/v1/nope"), ("POST", "/v1/engines"),
+                                         ("GET", "/nope")])
+@pytest.mark.parametrize("with_key", [True, False])
+def test_unknown_route_is_404(server: Server, auth: dict[str, str], method: str, path: str,
+                              with_key: bool) -> None:
+    """With the key: 404. Without: 401 under /v1/ (the key is checked before routing, as
+    OpenAI does), 404 elsewhere."""
+    r = httpx.request(method, server.base_url + path, headers=auth if with_key else {})
+    assert_openai_error(r, 401 if path.startswith("/v1/") and not with_key else 404)
+
+
+def test_wrong_method_is_405(client: httpx.Client) -> None:
+    assert_openai_error(client.get(COMPLETIONS), 405)
+
+
+# --- padded vocabulary ids: in the model's embedding, outside the tokenizer --------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_of_padded_vocab_id_is_not_a_server_error(client: httpx.Client,
+                                                       stream: bool) -> None:
+    body = {"model": "tiny", "prompt": [5, 6, 1000], "echo": True, "max_tokens": 2,
+            "stream": stream}
+    with client.stream("POST", COMPLETIONS, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            assert_openai_error(r, 400)
+            return
+        if stream:
+            assert sse_data(r)[-1] == "[DONE]"
+        else:
+            r.read()
+            assert r.json()["choices"][0]["text"]
+
+
+# --- sampling controls that break the step -----------------------------------------------------
+
+
+def test_huge_top_k_fails_only_itself(client: httpx.Client) -> None:
+    victim_events: list[str] = []
+    with client.stream("POST", COMPLETIONS, json={"model": "tiny", "prompt": "Hi",
+                                                  "max_tokens": 200, "ignore_eos": True,
+                                                  "stream": True}) as victim:
+        lines = victim.iter_lines()
+        while not next(lines).startswith("data:"):
+            pass
+        r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2,
+                                           "top_k": 2**63})
+        victim_events = [line for line in lines if line.startswith("data:")]
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert_openai_error(r, 400)
+    assert victim_events[-1] == "data: [DONE]"
+    assert '"error"' not in victim_events[-2]
+
+
+def test_tiny_temperature_is_greedy(client: httpx.Client) -> None:
+    def text(temperature: float) -> str:
+        r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi", "max_tokens": 6,
+                                           "temperature": temperature, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert text(1e-45) == text(0)
+
+
+# --- 413 and 503: a second server with small limits --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One slot, no waiting room, bodies up to 2000 bytes."""
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("limited"), "--api-key", API_KEY,
+                    "--served-model-name", "tiny", "--max-num-seqs", "1", "--max-waiting", "0",
+                    "--max-request-bytes", "2000") as s:
+        yield s
+
+
+def test_body_over_limit_is_413(limited: Server, auth: dict[str, str]) -> None:
+    url = limited.v1 + "/completions"
+    # `user` pads the body without adding prompt tokens
+    small = httpx.post(url, headers=auth,
+                       json={"prompt": "Hi", "max_tokens": 1, "user": "x" * 1500})
+    assert small.status_code == 200, small.text
+    big = httpx.post(url, headers=auth, json={"prompt": "Hi", "max_tokens": 1, "user": "x" * 2500})
+    assert "content-length" in big.request.headers
+    error = assert_openai_error(big, 413)
+    assert "2000" in error["message"]
+
+
+def test_chunked_body_over_limit_is_413(limited: Server, auth: dict[str, str]) -> None:
+    body = json.dumps({"prompt": "x" * 6000, "max_tokens": 1}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 500):
+            yield body[i:i + 500]
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await c.post(limited.v1 + "/completions", content=chunks(),
+                                headers={**auth, "Content-Type": "application/json"})
+
+    r = asyncio.run(post())
+    assert r.request.headers["transfer-encoding"] == "chunked"
+    assert_openai_error(r, 413)
+
+
+def test_small_chunked_body_is_accepted(limited: Server, auth: dict[str, str]) -> None:
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:10]
+        yield body[10:]
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await c.post(limited.v1 + "/completions", content=chunks(),
+                                headers={**auth, "Content-Type": "application/json"})
+
+    r = asyncio.run(post())
+    assert r.status_code == 200, r.text
+
+
+def test_full_queue_is_503_with_retry_after(limited: Server, auth: dict[str, str]) -> None:
+    wait_idle(limited)
+    url = limited.v1 + "/completions"
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", url, json={"prompt": "Hi", "max_tokens": 1000,
+                                              "ignore_eos": True, "stream": True}) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # held open: closing it would abort the request
+            seen = 0
+            while seen < 2:  # two steps done: the slot is taken and the stats say so
+                seen += next(lines).startswith("data:")
+            for path, body in [("/completions", {"prompt": "Hi", "max_tokens": 2}),
+                               ("/chat/completions", {"messages": USER, "max_tokens": 2,
+                                                      "stream": True})]:
+                r = client.post(limited.v1 + path, json=body)
+                error = assert_openai_error(r, 503)
+                assert error["type"] == "server_error" and error["code"] == "overloaded"
+                assert int(r.headers["retry-after"]) >= 1
+    wait_idle(limited)  # closing the held stream freed the slot
+    after = httpx.post(url, headers=auth, json={"prompt": "Hi", "max_tokens": 2})
+    assert after.status_code == 200, after.text
+
+
+def test_overloaded_does_not_leak_queue_places(limited: Server, auth: dict[str, str]) -> None:
+    """Requests refused with 503, then one at a time: all are served (no stuck counter)."""
+    wait_idle(limited)
+    results: list[int] = []
+
+    def post() -> None:
+        r = httpx.post(limited.v1 + "/completions", headers=auth, timeout=60,
+                       json={"prompt": "Hi", "max_tokens": 4})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) <= {200, 503} and 200 in results
+    wait_idle(limited)
+    for _ in range(3):
+        post()
+    assert results[-3:] == [200, 200, 200]

@@ -1,0 +1,285 @@
+"""The official `openai` SDK against the real server: responses parse into its types and
+mean what OpenAI documents (choices, logprobs, echo, stop, seeds, typed errors)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.api.conftest import API_KEY, Server
+
+USER = [{"role": "user", "content": "Write a haiku about the sea."}]
+PROMPT = "The quick brown fox"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def sdk(server: Server) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def greedy_text(sdk: OpenAI, prompt: str | list[int], max_tokens: int = 16) -> str:
+    return sdk.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                  **GREEDY).choices[0].text
+
+
+# --- completions and chat, streaming and not ---------------------------------------------------
+
+
+def test_completion(sdk: OpenAI) -> None:
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, **GREEDY)
+    assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-")
+    [choice] = r.choices
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.text
+    assert r.usage is not None and r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_chat(sdk: OpenAI) -> None:
+    r = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=8, **GREEDY)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    [choice] = r.choices
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 8
+
+
+def test_streamed_completion_equals_unstreamed(sdk: OpenAI) -> None:
+    expected = greedy_text(sdk, PROMPT, 12)
+    stream = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, stream=True,
+                                    **GREEDY)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+
+
+def test_streamed_chat_equals_unstreamed(sdk: OpenAI) -> None:
+    full = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=12, **GREEDY)
+    stream = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=12,
+                                         stream=True, **GREEDY)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_async_client_concurrent_requests(server: Server) -> None:
+    """AsyncOpenAI, several requests in flight at once, streamed and not."""
+
+    async def run() -> tuple[list[str], str]:
+        async with AsyncOpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0,
+                               timeout=60) as client:
+            plain = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10,
+                                               **GREEDY) for _ in range(3)]
+            responses = await asyncio.gather(*plain)
+            stream = await client.chat.completions.create(
+                model="tiny", messages=USER, max_tokens=10, stream=True, **GREEDY)
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream
+                                if c.choices])
+            return [r.choices[0].text for r in responses], streamed
+
+    texts, streamed = asyncio.run(run())
+    with OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0) as sdk:
+        chat = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=10,
+                                           **GREEDY).choices[0].message.content
+        assert texts == [greedy_text(sdk, PROMPT, 10)] * 3
+    assert streamed == chat
+
+
+# --- n, logprobs, echo, stop, seeds, prompts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_indexed(sdk: OpenAI, stream: bool) -> None:
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=3, seed=1,
+                               stream=stream, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(r)
+        finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
+                    if c.choices[0].finish_reason}
+        assert {c.choices[0].index for c in chunks} == {0, 1, 2}
+        assert finished == {0: "length", 1: "length", 2: "length"}
+    else:
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert all(c.finish_reason == "length" for c in r.choices)
+        assert r.usage.completion_tokens == 18
+
+
+def test_chat_n_choices_indexed(sdk: OpenAI) -> None:
+    r = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=2, seed=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.finish_reason == "length" and c.message.role == "assistant" for c in r.choices)
+    assert r.usage.completion_tokens == 10
+
+
+def test_completion_logprobs(sdk: OpenAI) -> None:
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, logprobs=3, **GREEDY)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert n == 7
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+        len(lp.text_offset) == n
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0
+        # the chosen token and up to 3 alternatives; greedy picked the most likely one
+        assert 1 <= len(top) <= 4 and top[token] == logprob
+        assert logprob == pytest.approx(max(top.values()))
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_chat_logprobs(sdk: OpenAI) -> None:
+    r = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=6, logprobs=True,
+                                    top_logprobs=2, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))
+    # without logprobs=True there are none
+    plain = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_echo(sdk: OpenAI) -> None:
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, echo=True, **GREEDY)
+    assert r.choices[0].text == PROMPT + greedy_text(sdk, PROMPT, 4)
+
+
+def test_echo_with_logprobs_covers_prompt(sdk: OpenAI) -> None:
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, echo=True,
+                               logprobs=2, **GREEDY)
+    choice, usage = r.choices[0], r.usage
+    assert choice.text.startswith(PROMPT)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == usage.prompt_tokens + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+
+
+def test_stop_string_truncates_output(sdk: OpenAI) -> None:
+    full = greedy_text(sdk, PROMPT, 24)
+    # a stop string taken from the second half of the greedy output, ASCII so no byte games
+    start = next(i for i in range(len(full) // 2, len(full) - 1)
+                 if full[i:i + 2].isascii() and full[i:i + 2].strip() == full[i:i + 2])
+    stop = full[start:start + 2]
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, stop=[stop], **GREEDY)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop"
+    assert stop not in choice.text
+    assert choice.text == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_stop_string(sdk: OpenAI, stream: bool) -> None:
+    full = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=24,
+                                       **GREEDY).choices[0].message.content
+    start = next(i for i in range(len(full) // 2, len(full) - 1)
+                 if full[i:i + 2].isascii() and full[i:i + 2].strip() == full[i:i + 2])
+    stop = full[start:start + 2]
+    r = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=24, stop=stop,
+                                    stream=stream, **GREEDY)
+    if stream:
+        chunks = list(r)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert finish == "stop" and text == full[:full.index(stop)]
+
+
+def test_seed_reproducible(sdk: OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                      temperature=1.0, seed=seed).choices[0].text
+
+    assert sample(1234) == sample(1234)
+    assert sample(1234) != sample(4321)  # 16 tokens from a near-flat 1024-way distribution
+
+
+def test_chat_seed_reproducible(sdk: OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=16,
+                                           temperature=1.0, seed=seed).choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_greedy_reproducible(sdk: OpenAI) -> None:
+    assert greedy_text(sdk, PROMPT) == greedy_text(sdk, PROMPT)
+
+
+def test_prompt_list_is_prompt_major(sdk: OpenAI) -> None:
+    """2 prompts x n=2: choices 0, 1 belong to the first prompt and 2, 3 to the second."""
+    prompts = ["Once upon a time", "def main():"]
+    r = sdk.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=8, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    first, second = greedy_text(sdk, prompts[0], 8), greedy_text(sdk, prompts[1], 8)
+    assert first != second
+    assert [c.text for c in r.choices] == [first, first, second, second]
+    assert r.usage.completion_tokens == 32
+
+
+def test_token_id_prompt(sdk: OpenAI, server: Server) -> None:
+    ids = httpx.post(f"{server.base_url}/tokenize", json={"prompt": PROMPT},
+                     headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
+    r = sdk.completions.create(model="tiny", prompt=ids, max_tokens=8, **GREEDY)
+    assert r.choices[0].text == greedy_text(sdk, PROMPT, 8)
+    assert r.usage.prompt_tokens == len(ids)
+    batch = sdk.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=8, **GREEDY)
+    assert [c.text for c in batch.choices] == [greedy_text(sdk, ids, 8),
+                                              greedy_text(sdk, ids[:3], 8)]
+
+
+def test_models_list(sdk: OpenAI) -> None:
+    assert [m.id for m in sdk.models.list()] == ["tiny"]
+    assert sdk.models.retrieve("tiny").id == "tiny"
+
+
+# --- typed exceptions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -1},
+    {"max_tokens": 600},
+    {"top_p": 0},
+    {"n": 5},
+    {"extra_body": {"suffix": "x"}},
+], ids=["temperature", "max_tokens", "top_p", "n", "suffix"])
+def test_bad_request_error(sdk: OpenAI, kwargs: dict) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model="tiny", prompt=PROMPT, **{"max_tokens": 4, **kwargs})
+    assert info.value.status_code == 400
+    assert info.value.type == "invalid_request_error"
+
+
+def test_chat_bad_request_error(sdk: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=600)
+    assert "512" in info.value.message
+
+
+def test_authentication_error(server: Server) -> None:
+    with OpenAI(base_url=server.v1, api_key="sk-wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_not_found_error(sdk: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="nope", messages=USER, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("nope")

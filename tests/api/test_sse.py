@@ -1,0 +1,185 @@
+"""Server-sent events read raw with httpx: framing, chunk order, ids, usage, `[DONE]`, headers;
+and greedy chat == greedy completion of the rendered chat template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, sse_data
+
+USER = [{"role": "user", "content": "Tell me about rivers."}]
+GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture
+def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
+        yield c
+
+
+def stream(client: httpx.Client, path: str, body: dict[str, Any],
+           headers: dict[str, str] | None = None) -> tuple[httpx.Response, list[str]]:
+    with client.stream("POST", path, json={**body, "stream": True}, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        return r, sse_data(r)
+
+
+def check_framing(events: list[str]) -> list[dict[str, Any]]:
+    """`[DONE]` is the last event and only there; every other event is a JSON chunk sharing one
+    id and `created`. Returns the chunks."""
+    assert events and events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "[DONE]" not in events[:-1]
+    assert len({c["id"] for c in chunks}) == 1
+    assert len({c["created"] for c in chunks}) == 1
+    return chunks
+
+
+def finish_positions(chunks: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """choice index -> positions of that choice's chunks that carry a finish_reason."""
+    seen: dict[int, list[int]] = {}
+    for pos, chunk in enumerate(chunks):
+        for choice in chunk["choices"]:
+            seen.setdefault(choice["index"], [])
+            if choice["finish_reason"] is not None:
+                seen[choice["index"]].append(pos)
+    return seen
+
+
+def last_positions(chunks: list[dict[str, Any]]) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for pos, chunk in enumerate(chunks):
+        for choice in chunk["choices"]:
+            last[choice["index"]] = pos
+    return last
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_chat_stream_chunk_order(client: httpx.Client, n: int) -> None:
+    _, events = stream(client, "/v1/chat/completions",
+                       {"model": "tiny", "messages": USER, "max_tokens": 6, "n": n, "seed": 5,
+                        "ignore_eos": True})
+    chunks = check_framing(events)
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    deltas: dict[int, list[dict]] = {}
+    for chunk in chunks:
+        [choice] = chunk["choices"]
+        deltas.setdefault(choice["index"], []).append(choice["delta"])
+    assert sorted(deltas) == list(range(n))
+    for index, ds in deltas.items():
+        assert ds[0].get("role") == "assistant", (index, ds[0])
+        assert all("role" not in d for d in ds[1:]), index
+    # exactly one finishing chunk per choice, and it is that choice's last chunk
+    finishes, lasts = finish_positions(chunks), last_positions(chunks)
+    assert finishes == {i: [lasts[i]] for i in range(n)}
+    assert all(chunks[lasts[i]]["choices"][0]["finish_reason"] == "length" for i in range(n))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_completion_stream_chunk_order(client: httpx.Client, n: int) -> None:
+    _, events = stream(client, "/v1/completions",
+                       {"model": "tiny", "prompt": "Rivers", "max_tokens": 5, "n": n, "seed": 2})
+    chunks = check_framing(events)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[0]["id"].startswith("cmpl-")
+    finishes, lasts = finish_positions(chunks), last_positions(chunks)
+    assert finishes == {i: [lasts[i]] for i in range(n)}
+    assert all("usage" not in c for c in chunks)  # no include_usage, no usage chunk
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/completions", {"prompt": ["Rivers", "Mountains are"]}),
+], ids=["chat", "completions"])
+def test_usage_chunk_matches_unstreamed_usage(client: httpx.Client, path: str,
+                                             body: dict[str, Any]) -> None:
+    request = {**GREEDY, **body, "max_tokens": 7, "n": 2}
+    plain = client.post(path, json=request)
+    assert plain.status_code == 200, plain.text
+    _, events = stream(client, path, {**request, "stream_options": {"include_usage": True}})
+    chunks = check_framing(events)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == plain.json()["usage"]
+    assert all("usage" not in c for c in chunks[:-1])
+    assert plain.json()["usage"]["completion_tokens"] == 7 * 2 * (2 if "prompt" in body else 1)
+
+
+def test_streamed_text_equals_unstreamed(client: httpx.Client) -> None:
+    """Concatenated deltas == the response text, per choice, for both endpoints."""
+    body = {**GREEDY, "prompt": ["Rivers", "Mountains are"], "max_tokens": 10}
+    plain = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+    texts: dict[int, str] = {}
+    for chunk in check_framing(stream(client, "/v1/completions", body)[1]):
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert [texts[i] for i in range(2)] == plain
+
+    body = {**GREEDY, "messages": USER, "max_tokens": 10}
+    plain_chat = client.post("/v1/chat/completions", json=body).json()
+    chunks = check_framing(stream(client, "/v1/chat/completions", body)[1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain_chat["choices"][0]["message"]["content"]
+
+
+def test_stream_headers(client: httpx.Client) -> None:
+    r, events = stream(client, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-accel-buffering"] == "no"
+    assert r.headers["x-request-id"]
+    r2, _ = stream(client, "/v1/chat/completions",
+                   {"model": "tiny", "messages": USER, "max_tokens": 2})
+    assert r2.headers["content-type"].startswith("text/event-stream")
+    assert r2.headers["x-request-id"] != r.headers["x-request-id"]
+
+
+def test_request_id_echoed(client: httpx.Client) -> None:
+    mine = {"X-Request-Id": "trace-4711-abc"}
+    r, _ = stream(client, "/v1/chat/completions",
+                  {"model": "tiny", "messages": USER, "max_tokens": 2}, headers=mine)
+    assert r.headers["x-request-id"] == "trace-4711-abc"
+    plain = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 1},
+                        headers=mine)
+    assert plain.headers["x-request-id"] == "trace-4711-abc"
+    error = client.post("/v1/completions", json={"prompt": 5}, headers=mine)
+    assert error.status_code == 400 and error.headers["x-request-id"] == "trace-4711-abc"
+
+
+def test_stream_with_logprobs(client: httpx.Client) -> None:
+    _, events = stream(client, "/v1/chat/completions",
+                       {**GREEDY, "messages": USER, "max_tokens": 4, "logprobs": True,
+                        "top_logprobs": 1})
+    chunks = check_framing(events)
+    entries = [e for c in chunks if c["choices"][0]["logprobs"]
+               for e in c["choices"][0]["logprobs"]["content"]]
+    assert len(entries) == 4
+    _, events = stream(client, "/v1/completions",
+                       {**GREEDY, "prompt": "Rivers", "max_tokens": 4, "logprobs": 1})
+    tokens = [t for c in check_framing(events) if c["choices"][0]["logprobs"]
+              for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert len(tokens) == 4
+
+
+def test_greedy_chat_equals_completion_of_template(client: httpx.Client) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, *USER]
+    r = client.post("/tokenize", json={"model": "tiny", "messages": messages,
+                                       "add_generation_prompt": True})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    chat = client.post("/v1/chat/completions",
+                       json={"model": "tiny", "messages": messages, "max_tokens": 20,
+                             "temperature": 0})
+    completion = client.post("/v1/completions",
+                             json={"model": "tiny", "prompt": ids, "max_tokens": 20,
+                                   "temperature": 0})
+    assert chat.status_code == completion.status_code == 200
+    assert chat.json()["usage"]["prompt_tokens"] == completion.json()["usage"]["prompt_tokens"]
+    assert chat.json()["choices"][0]["message"]["content"] == \
+        completion.json()["choices"][0]["text"]
+    assert chat.json()["choices"][0]["finish_reason"] == \
+        completion.json()["choices"][0]["finish_reason"]

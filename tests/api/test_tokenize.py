@@ -1,0 +1,104 @@
+"""/tokenize and /detokenize: round trips, counts, the chat template, vocabulary bounds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, assert_openai_error
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
+        yield c
+
+
+def tokenize(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    r = client.post("/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["count"] == len(result["tokens"])
+    assert result["max_model_len"] == 512
+    return result
+
+
+def detokenize(client: httpx.Client, tokens: list[int]) -> str:
+    r = client.post("/detokenize", json={"model": "tiny", "tokens": tokens})
+    assert r.status_code == 200, r.text
+    return r.json()["prompt"]
+
+
+@pytest.mark.parametrize("text", ["Hello there", "def f(x):\n    return x * 2",
+                                  "Héllo wörld ✓ 日本語 🙂", " leading and trailing  "])
+def test_prompt_round_trip(client: httpx.Client, text: str) -> None:
+    result = tokenize(client, model="tiny", prompt=text)
+    assert result["count"] > 0
+    assert detokenize(client, result["tokens"]) == text
+
+
+def test_special_tokens_flag(client: httpx.Client) -> None:
+    with_bos = tokenize(client, prompt="Hello there")["tokens"]
+    without = tokenize(client, prompt="Hello there", add_special_tokens=False)["tokens"]
+    assert len(with_bos) == len(without) + 1 and with_bos[1:] == without
+    assert tokenize(client, prompt="")["count"] == 1  # BOS alone
+
+
+def test_count_matches_completion_usage(client: httpx.Client) -> None:
+    count = tokenize(client, prompt="How many tokens is this?")["count"]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "How many tokens is this?",
+                                             "max_tokens": 1})
+    assert r.json()["usage"]["prompt_tokens"] == count
+
+
+def test_messages_render_the_chat_template(client: httpx.Client) -> None:
+    prompt = tokenize(client, messages=MESSAGES)
+    text = detokenize(client, prompt["tokens"])
+    assert "Be brief." in text and "Hello there" in text
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
+                                                  "max_tokens": 1})
+    assert r.json()["usage"]["prompt_tokens"] == prompt["count"]
+
+
+def test_generation_prompt_is_a_suffix(client: httpx.Client) -> None:
+    bare = tokenize(client, messages=MESSAGES, add_generation_prompt=False)["tokens"]
+    prompted = tokenize(client, messages=MESSAGES, add_generation_prompt=True)["tokens"]
+    assert len(prompted) > len(bare) and prompted[:len(bare)] == bare
+
+
+def test_messages_add_no_second_bos(client: httpx.Client) -> None:
+    """The template writes BOS itself; the default must not add another one."""
+    tokens = tokenize(client, messages=MESSAGES)["tokens"]
+    doubled = tokenize(client, messages=MESSAGES, add_special_tokens=True)["tokens"]
+    assert tokens[0] == doubled[1] and tokens[0] != tokens[1]
+
+
+@pytest.mark.parametrize("tokens", [[1024], [5, 99999], [-1]], ids=["vocab", "far", "negative"])
+def test_detokenize_out_of_vocab_is_400(client: httpx.Client, tokens: list[int]) -> None:
+    error = assert_openai_error(client.post("/detokenize", json={"tokens": tokens}), 400)
+    assert error["param"] == "tokens"
+
+
+def test_detokenize_padded_vocab_id_is_not_a_server_error(client: httpx.Client) -> None:
+    r = client.post("/detokenize", json={"tokens": [5, 1000]})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert assert_openai_error(r, 400)["param"] == "tokens"
+
+
+@pytest.mark.parametrize("body", [{"tokens": "abc"}, {"tokens": [1.5]}, {}],
+                         ids=["type", "fraction", "missing"])
+def test_detokenize_bad_body_is_400(client: httpx.Client, body: dict[str, Any]) -> None:
+    assert_openai_error(client.post("/detokenize", json=body), 400)
+
+
+def test_tokenize_bad_body_is_400(client: httpx.Client) -> None:
+    assert_openai_error(client.post("/tokenize", json={"prompt": 5}), 400)
+    assert_openai_error(client.post("/tokenize", json={"messages": []}), 400)
+    assert_openai_error(client.post("/tokenize", json={"messages": [{"role": "x"}]}), 400)
