@@ -85,11 +85,18 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
     server = ServerConfig(
         host=args.host, port=args.port,
-        served_model_name=args.served_model_name or args.model or model_dir.name,
+        served_model_name=args.served_model_name or served_name(args.model, model_dir),
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout)
     return engine, server
+
+
+def served_name(model: str | None, model_dir: Path) -> str:
+    """A hub id as given (`org/name`), else the checkpoint folder's name."""
+    if model and not Path(model).expanduser().is_dir():
+        return model
+    return model_dir.name
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -86,3 +86,11 @@ def test_readme_python_example(open_server: Server) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_default_served_name(tmp_path: Path) -> None:
+    from server.cli import served_name
+
+    assert served_name(str(tmp_path), tmp_path) == tmp_path.name
+    assert served_name("acme/tiny-llama", tmp_path / "snapshots" / "abc") == "acme/tiny-llama"
+    assert served_name(None, tmp_path / "demo-v1") == "demo-v1"

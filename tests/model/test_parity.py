@@ -57,18 +57,18 @@ def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
 
 @pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope"])
 def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> None:
-    """Fused, pre-transposed weights (what the server runs) compute the same logits."""
+    """Fused weights in both layouts (what the server runs) compute the same logits, for the
+    few-row shapes that take x @ W_t and the many-row ones that take F.linear."""
     folder = make_checkpoint(VARIANTS[variant])
     model = load_ours(folder)
     ids = prompt_ids(200)
-    pool = KVCachePool(model.config, n_slots=2, max_len=256, dtype=torch.float32, device="cpu")
-    batch = AttentionBatch.build([], [], [PrefillSpan(1, 0, 200, 0)], "cpu")
-    reference = model(ids, batch.positions, pool, batch)
+    sizes = (1, 2, 3, 4, 5, 200)
+    reference = [model(ids[:n], torch.arange(n)) for n in sizes]
     model.pack()
-    assert model.lm_head_t is not None and not hasattr(model, "lm_head")
-    packed = model(ids, batch.positions, pool, batch)
-    assert (packed - reference).abs().max().item() < 1e-5
-    assert (packed - reference_logits(folder, ids)).abs().max().item() < TOL
+    assert model.lm_head_packed is not None and not hasattr(model, "lm_head")
+    for n, ref in zip(sizes, reference, strict=True):
+        assert (model(ids[:n], torch.arange(n)) - ref).abs().max().item() < 1e-5, n
+    assert (model(ids, torch.arange(200)) - reference_logits(folder, ids)).abs().max() < TOL
 
 
 def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
