@@ -9,7 +9,7 @@ BENCH_PORT ?= 8765
 BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048 --max-num-batched-tokens 512
 BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4,16,64
 
-.PHONY: install test serve lint bench clean
+.PHONY: install test test-docker serve lint bench clean
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,16 @@ bench: install $(BENCH_MODEL)/config.json
 	$(VENV)/bin/llama-serve bench --base-url http://127.0.0.1:$(BENCH_PORT) --model bench \
 		--tokenizer $(BENCH_MODEL) $(BENCH_ARGS) --json bench.json
 
+# The image and the compose stack, for real, on a Docker engine of its own (about 4 minutes).
+test-docker: install
+	PYTHON=$(PY) bash docker/ci/setup-docker.sh install
+	$(PY) -m pytest -q -m docker tests/deployment/test_docker.py
+
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile docker/cuda-base.Dockerfile
+	PYTHON=$(PY) bash docker/ci/setup-docker.sh compose
+	docker compose -f docker/compose.yaml --profile monitoring config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache

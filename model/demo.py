@@ -182,6 +182,7 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     try:
         train_tokenizer(tmp, DEMO_CONFIG.vocab_size)
         write_checkpoint(tmp, DEMO_CONFIG, seed=0)
+        tmp.chmod(0o755)  # mkdtemp makes it private; other users (a container's) read it too
         try:
             tmp.rename(folder)
         except OSError:  # another process won the race

@@ -1,0 +1,17 @@
+# A CUDA base for docker/Dockerfile: NVIDIA's CUDA runtime with Ubuntu's Python 3.12.
+#
+#   docker build -f docker/cuda-base.Dockerfile -t llama-serve-cuda-base docker
+#   docker build -f docker/Dockerfile --build-arg BASE_IMAGE=llama-serve-cuda-base \
+#       -t llama-serve:cuda .
+#   docker run --gpus all -p 127.0.0.1:8000:8000 llama-serve:cuda
+#
+# The torch that PyPI serves for Linux is the CUDA build (its CUDA libraries come as wheels),
+# so build this without TORCH_INDEX_URL. The host needs the NVIDIA driver and the NVIDIA
+# Container Toolkit for `--gpus`.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+# Ubuntu's python3 of this release, whatever its patch version: no pin.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
