@@ -9,6 +9,9 @@ to whom and how full it is belongs to the scheduler.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from model.config import ModelConfig
@@ -27,8 +30,8 @@ class KVCachePool:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (n_slots, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.k = [_zeros(shape, dtype, self.device) for _ in range(config.n_layers)]
+        self.v = [_zeros(shape, dtype, self.device) for _ in range(config.n_layers)]
 
     @staticmethod
     def bytes_needed(config: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype) -> int:
@@ -65,3 +68,15 @@ class KVCachePool:
         """Duplicate the first `length` positions of a slot (n > 1 samples share a prefill)."""
         for cache in self.k + self.v:
             cache[dst, :, :length].copy_(cache[src, :, :length])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros, allocated once. On CPU they live in an anonymous mapping, which the kernel
+    zero-fills page by page on first write: host memory in use follows the tokens actually
+    cached, not the pool's size. (Zeros, not garbage: a masked position still enters the
+    attention product as 0 x value, and 0 x NaN would poison the row.)"""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, committed lazily
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)

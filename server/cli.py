@@ -147,10 +147,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP workers otherwise spin for a while after every parallel region and take the
-    # cores the HTTP thread needs between decode steps (measured: 200 ms token gaps at c=1 on
-    # 2 cores). Must be set before torch loads its OpenMP runtime.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # How long idle OpenMP workers spin before sleeping. libgomp's default (300000) keeps them
+    # spinning past a decode step, on cores the HTTP thread and other processes need (token
+    # gaps of 200 ms were seen on a loaded 2-core machine); 0 (passive) wakes them with a
+    # futex ~200 times a step (+20% step time). 100000 measured best at c=1 and c=16. Must
+    # be set before torch loads its OpenMP runtime.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
