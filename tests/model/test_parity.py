@@ -57,8 +57,8 @@ def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
 
 @pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope"])
 def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> None:
-    """Fused weights in both layouts (what the server runs) compute the same logits, for the
-    few-row shapes that take x @ W_t and the many-row ones that take F.linear."""
+    """Fused weights through oneDNN (what the server runs on CPU) compute the same logits,
+    for decode-sized and prefill-sized row counts."""
     folder = make_checkpoint(VARIANTS[variant])
     model = load_ours(folder)
     ids = prompt_ids(200)
@@ -66,6 +66,7 @@ def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> No
     reference = [model(ids[:n], torch.arange(n)) for n in sizes]
     model.pack()
     assert model.lm_head_packed is not None and not hasattr(model, "lm_head")
+    assert model.lm_head_packed.use_onednn, "this CPU build of torch should have oneDNN"
     for n, ref in zip(sizes, reference, strict=True):
         assert (model(ids[:n], torch.arange(n)) - ref).abs().max().item() < 1e-5, n
     assert (model(ids, torch.arange(200)) - reference_logits(folder, ids)).abs().max() < TOL
