@@ -34,21 +34,21 @@ class PrefillSpan:
 class AttentionBatch:
     """Where each token of a step goes in the KV cache and what it may attend to.
 
-    Built by the runner. `slot_ids` and `positions` have one entry per token (T,); the first
-    `n_decode` tokens are single-token decode rows, described by `decode_slots` and
-    `decode_lens` (the slot length *including* the new token); then come `prefills`.
-    `decode_slot_lo`/`decode_slot_hi` (host ints) bound the decode slots, so that a packed run
-    of slots is read as one strided view instead of being gathered.
+    Built by the runner with `build`. `slot_ids` and `positions` have one entry per token
+    (T,); the first `n_decode` tokens are single-token decode rows of `decode_slots`; then come
+    the `prefills`. How the decode rows read the cache is decided here, once per step rather than per layer:
+    when their slots form a packed run [lo, hi] (the scheduler hands out the lowest free slot)
+    the run is read as one strided view (`decode_run`), else the slots are gathered.
     """
 
     slot_ids: Tensor  # (T,) int64
     positions: Tensor  # (T,) int64
     n_decode: int = 0
     decode_slots: Tensor | None = None  # (n_decode,) int64
-    decode_lens: Tensor | None = None  # (n_decode,) int64
-    decode_max_len: int = 0  # host copy of decode_lens.max(), so no device sync is needed
-    decode_slot_lo: int = 0
-    decode_slot_hi: int = -1
+    decode_max_len: int = 0  # longest decode row, keys included: how far the rows read
+    decode_run: tuple[int, int] | None = None  # (lo, hi) slots read as one view; None: gather
+    decode_rows: Tensor | None = None  # each row's index in the run; None: the run is the rows
+    decode_masked: Tensor | None = None  # (S, 1, 1, L) True where a key is past a row's length
     prefills: tuple[PrefillSpan, ...] = ()
 
     @classmethod
@@ -60,16 +60,29 @@ class AttentionBatch:
         for span in prefills:
             slots += [span.slot] * span.n_tokens
             positions += range(span.start, span.start + span.n_tokens)
-        lens = [p + 1 for p in decode_positions]
+        lens = [p + 1 for p in decode_positions]  # keys each decode row sees, its own included
 
         def tensor(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        run = rows = None
+        if decode_slots:
+            lo, hi = min(decode_slots), max(decode_slots)
+            if hi - lo + 1 <= 2 * len(decode_slots):  # dense enough: compute the holes, drop them
+                run = (lo, hi)
+                if decode_slots != list(range(lo, hi + 1)):
+                    rows = [s - lo for s in decode_slots]
+                    run_lens = [0] * (hi - lo + 1)  # a hole sees no key
+                    for row, n in zip(rows, lens, strict=True):
+                        run_lens[row] = n
+                    lens = run_lens
+        max_len = max(lens, default=0)
+        masked = tensor(lens)[:, None] <= torch.arange(max_len, device=device)[None, :]
         return cls(slot_ids=tensor(slots), positions=tensor(positions),
                    n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
-                   decode_lens=tensor(lens), decode_max_len=max(lens, default=0),
-                   decode_slot_lo=min(decode_slots, default=0),
-                   decode_slot_hi=max(decode_slots, default=-1), prefills=tuple(prefills))
+                   decode_max_len=max_len, decode_run=run,
+                   decode_rows=tensor(rows) if rows is not None else None,
+                   decode_masked=masked[:, None, None, :], prefills=tuple(prefills))
 
 
 def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -104,32 +117,28 @@ def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionB
 def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch) -> Tensor:
     """One query per row, all rows in one batched product over their first decode_max_len keys.
 
-    When the rows' slots form a packed run [lo, hi] (the scheduler hands out the lowest free
-    slot), the run is a strided view of the cache and nothing is copied; slots in the run that
-    are not decoding this step are computed and dropped. A sparse set of slots is gathered.
+    A packed run of slots is a strided view of the cache, so nothing is copied; slots in the
+    run that are not decoding this step (holes) are computed and dropped. Otherwise the rows'
+    slots are gathered.
     """
-    assert batch.decode_slots is not None and batch.decode_lens is not None
+    assert batch.decode_slots is not None and batch.decode_masked is not None
     n_rows, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    n_len = batch.decode_max_len
-    lo, hi = batch.decode_slot_lo, batch.decode_slot_hi
-    if hi - lo + 1 <= 2 * n_rows:
+    n_kv, n_len, rows = k_cache.shape[1], batch.decode_max_len, batch.decode_rows
+    if batch.decode_run is not None:
+        lo, hi = batch.decode_run
         ks, vs = k_cache[lo:hi + 1, :, :n_len], v_cache[lo:hi + 1, :, :n_len]  # (S, KVH, L, D)
-        rows = batch.decode_slots - lo  # each row's index in the run
-        lens = torch.zeros(hi - lo + 1, dtype=torch.long, device=q.device)
-        lens[rows] = batch.decode_lens
-        qs = q.new_zeros(hi - lo + 1, n_heads, head_dim)
-        qs[rows] = q
+        if rows is not None:  # place each row's query at its slot's place in the run
+            qs = q.new_zeros(hi - lo + 1, n_heads, head_dim)
+            qs[rows] = q
+            q = qs
     else:
         ks, vs = k_cache[batch.decode_slots, :, :n_len], v_cache[batch.decode_slots, :, :n_len]
-        rows, lens, qs = None, batch.decode_lens, q
-    n_seq = qs.shape[0]
-    qs = qs.view(n_seq, n_kv, n_heads // n_kv, head_dim)  # (S, KVH, G, D)
+    n_seq = q.shape[0]
+    qs = q.view(n_seq, n_kv, n_heads // n_kv, head_dim)  # (S, KVH, G, D)
     scores = (qs @ ks.transpose(-1, -2)).float() * (1.0 / math.sqrt(head_dim))  # (S, KVH, G, L)
     # Keys past a row's own length are masked out, never averaged in.
-    valid = torch.arange(n_len, device=q.device)[None, :] < lens[:, None]  # (S, L)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(batch.decode_masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    # Slots in the run with no row this step have no valid key: their NaN rows are dropped.
+    # A hole has no valid key: its NaN row is dropped here.
     out = (probs @ vs).view(n_seq, n_heads, head_dim)  # (S, H, D)
     return out if rows is None else out[rows]

@@ -141,7 +141,8 @@ class Scheduler:
     # slots are free. A long prompt therefore takes several steps, and decoding sequences get
     # a token in every one of them.
     def schedule(self) -> StepPlan:
-        plan = StepPlan(decodes=list(self.decoding))
+        # In slot order, so that the decode rows usually are one packed run of the cache.
+        plan = StepPlan(decodes=sorted(self.decoding, key=lambda s: s.slot))
         budget = self.max_num_batched_tokens - len(plan.decodes)
         for request in self.prefilling:
             if budget <= 0:
