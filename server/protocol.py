@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_TOKEN_ID_KEY = re.compile(r"[0-9]+")
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 4300 digits
 
 TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -60,6 +60,23 @@ def _admits_none(annotation: Any) -> bool:
     return False
 
 
+def _check_unicode(value: Any) -> None:
+    """Refuse lone surrogates: JSON can carry "\\ud800", but it is no text a tokenizer (or a
+    JSON response echoing it) can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (found a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
 class OpenAIBaseModel(BaseModel):
     """Base of every API model: unknown fields are ignored and logged (vLLM `OpenAIBaseModel`).
 
@@ -72,6 +89,7 @@ class OpenAIBaseModel(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _drop_unknown_and_null(cls, data: Any, handler: Any) -> Any:
+        _check_unicode(data)
         if isinstance(data, dict):
             model_fields = cls.model_fields
             unknown = sorted(str(key) for key in data if key not in model_fields)
