@@ -2,7 +2,8 @@
 
 `Tokenizer` reads tokenizer.json with the `tokenizers` library, plus tokenizer_config.json,
 chat_template.jinja and generation_config.json; its ids, decoded text and rendered chat prompts
-equal transformers 5's `AutoTokenizer` for the same folder. `IncrementalDetokenizer` turns one
+equal transformers 5's `AutoTokenizer` for the same folder (templates render in
+chat_template.py). `IncrementalDetokenizer` turns one
 request's output ids into text deltas: never half a UTF-8 character, stop strings cut exactly.
 """
 
@@ -10,17 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
+
+from model.chat_template import ChatTemplateError, compile_template, render
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +26,6 @@ logger = logging.getLogger(__name__)
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                 "mask_token")
 NO_TEMPLATE = "the model has no chat template; pass --chat-template"
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
-
-
-class ChatTemplateError(ValueError):
-    """The chat template is missing, does not compile, or failed on these messages."""
 
 
 class Tokenizer:
@@ -56,7 +49,7 @@ class Tokenizer:
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
                                      if t.special)
         self.chat_template = chat_template
-        self._template = _compile(chat_template) if chat_template else None
+        self._template = compile_template(chat_template) if chat_template else None
         # Per-token texts are decoded after this anchor so that SentencePiece's leading-space
         # strip (which only applies at the start of a text) does not eat the token's space.
         self._anchor = backend.encode("a", add_special_tokens=False).ids
@@ -137,17 +130,8 @@ class Tokenizer:
         """The prompt text, rendered as transformers' apply_chat_template(tokenize=False)."""
         if self._template is None:
             raise ChatTemplateError(NO_TEMPLATE)
-        if not messages:
-            raise ChatTemplateError("cannot apply the chat template to an empty message list")
-        variables = {**self.special_tokens, "tools": None, "documents": None, **_plain(extra),
-                     "messages": _template_messages(messages),
-                     "add_generation_prompt": add_generation_prompt}
-        try:
-            return self._template.render(**variables)
-        except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
-            raise ChatTemplateError(f"chat template error: {e}") from e
-        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
-            raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
+        return render(self._template, messages, self.special_tokens, add_generation_prompt,
+                      extra)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **extra: Any) -> list[int]:
@@ -180,115 +164,6 @@ def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str]) 
             spec = {k: specs[content][k] for k in fields[:3] if k in specs.get(content, {})}
             backend.add_special_tokens([AddedToken(content, **spec, normalized=False,
                                                    special=True)])
-
-
-# --- chat template: the environment transformers' _compile_jinja_template builds ---------
-
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=_TemplateDict(), namespace=_TemplateNamespace)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Not jinja's tojson, which escapes HTML characters.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    """`dict(...)` in templates, without exposing the type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore attributes (a path to CPython internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja's signature trick: self in args
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-def _check_name(name: Any) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
-    transformers; for serving it renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: jinja2.runtime.Macro) -> str:
-        return caller()
-
-
-def _plain(value: Any) -> Any:
-    """Plain JSON-like data (as transformers' _plain_template_data): a template sees no object
-    whose methods the sandbox does not know about."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    for base in (str, int, float):  # subclasses (enums, ...) back to the base type
-        if isinstance(value, base):
-            return getattr(base, f"__{base.__name__}__")(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if callable(getattr(value, "model_dump", None)):  # pydantic models
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as transformers hands them to the template: keys whose value is None dropped,
-    reasoning copied to both `thinking` and `reasoning_content`."""
-    out = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise ChatTemplateError(f"a chat message must be an object, got {message!r}")
-        message = _plain({k: v for k, v in message.items() if v is not None})
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
-                         None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
 
 
 # --- streaming ---------------------------------------------------------------------------

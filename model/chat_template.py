@@ -1,0 +1,150 @@
+"""Chat templates, rendered as transformers renders them, in jinja2's sandbox.
+
+The environment matches transformers' `_compile_jinja_template` (trim_blocks, lstrip_blocks,
+loop controls, `{% generation %}`, `raise_exception`, `strftime_now`, a `tojson` that does not
+escape HTML) and the variables its `apply_chat_template` passes (named special tokens,
+`messages` as plain data, `add_generation_prompt`, `tools=None`). A template that fails, or
+tries to leave the sandbox, is a ChatTemplateError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
+
+
+class ChatTemplateError(ValueError):
+    """The chat template is missing, does not compile, or failed on these messages."""
+
+
+def render(template: jinja2.Template, messages: list[dict], special_tokens: dict[str, str],
+           add_generation_prompt: bool, extra: dict[str, Any]) -> str:
+    """The prompt text for `messages`, as transformers' apply_chat_template(tokenize=False)."""
+    if not messages:
+        raise ChatTemplateError("cannot apply the chat template to an empty message list")
+    variables = {**special_tokens, "tools": None, "documents": None, **_plain(extra),
+                 "messages": _template_messages(messages),
+                 "add_generation_prompt": add_generation_prompt}
+    try:
+        return template.render(**variables)
+    except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
+        raise ChatTemplateError(f"chat template error: {e}") from e
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
+        raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """Compile once, in the sandboxed environment transformers' _compile_jinja_template builds."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Not jinja's tojson, which escapes HTML characters.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """`dict(...)` in templates, without exposing the type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore attributes (a path to CPython internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja's signature trick: self in args
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+
+def _check_name(name: Any) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
+    transformers; for serving it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: jinja2.runtime.Macro) -> str:
+        return caller()
+
+
+def _plain(value: Any) -> Any:
+    """Plain JSON-like data (as transformers' _plain_template_data): a template sees no object
+    whose methods the sandbox does not know about."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (str, int, float):  # subclasses (enums, ...) back to the base type
+        if isinstance(value, base):
+            return getattr(base, f"__{base.__name__}__")(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if callable(getattr(value, "model_dump", None)):  # pydantic models
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers hands them to the template: keys whose value is None dropped,
+    reasoning copied to both `thinking` and `reasoning_content`."""
+    out = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise ChatTemplateError(f"a chat message must be an object, got {message!r}")
+        message = _plain({k: v for k, v in message.items() if v is not None})
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
+                         None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
