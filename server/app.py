@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -75,6 +76,14 @@ class ServerState:
             raise
         return self.engine
 
+    def accept(self, body: AcceptedBody) -> Engine:
+        """The engine, once `body` passes the checks every endpoint makes: serving, model
+        name, configured limits."""
+        engine = self.serving_engine()
+        self.check_model(body.model)
+        body.check_limits(self.limits, engine.vocab_size)
+        return engine
+
     def drain(self) -> None:
         """Stop taking requests, give those in flight `shutdown_timeout` seconds to finish,
         then abort the rest (each stream still gets a final chunk and [DONE]). Blocking."""
@@ -96,6 +105,12 @@ class ServerState:
     def check_model(self, model: str | None) -> None:
         if model and model != self.config.served_model_name:
             raise ModelNotFound(f"The model `{model}` does not exist.")
+
+
+class AcceptedBody(Protocol):
+    model: str | None
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None: ...
 
 
 # exception type -> (status, OpenAI error type, code)

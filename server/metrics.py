@@ -8,6 +8,7 @@ dashboards read.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ class Metrics:
         self._engine: Engine | None = None
         self._rejected: dict[str, int] = {}
         self._window: deque[tuple[float, int, int]] = deque()  # (time, prompt, generation)
+        # The engine thread appends while a scrape iterates: iterating a deque that another
+        # thread mutates raises, so both sides hold this lock.
+        self._window_lock = threading.Lock()
         r = self.registry
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
@@ -75,7 +79,8 @@ class Metrics:
         now = time.monotonic()
         if it.batch_size:
             self.batch.observe(it.batch_size)
-        self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
+        with self._window_lock:
+            self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
         for ours, theirs in [(self.ttft, it.ttfts), (self.itl, it.itls)]:
             for value in theirs:
                 ours.observe(value)
@@ -94,10 +99,11 @@ class Metrics:
     def throughput(self) -> tuple[float, float]:
         """Prompt and generation tokens per second over the last few seconds."""
         now = time.monotonic()
-        while self._window and now - self._window[0][0] > THROUGHPUT_WINDOW_SECONDS:
-            self._window.popleft()
-        prompt = sum(p for _, p, _ in self._window)
-        gen = sum(g for _, _, g in self._window)
+        with self._window_lock:
+            while self._window and now - self._window[0][0] > THROUGHPUT_WINDOW_SECONDS:
+                self._window.popleft()
+            prompt = sum(p for _, p, _ in self._window)
+            gen = sum(g for _, _, g in self._window)
         return prompt / THROUGHPUT_WINDOW_SECONDS, gen / THROUGHPUT_WINDOW_SECONDS
 
     def render(self) -> bytes:

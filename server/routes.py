@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +30,7 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
-from server.serving import DONE, error_event, submit
+from server.serving import DONE, Submitted, error_event, submit
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -93,40 +93,38 @@ def _model_card(state: ServerState) -> ModelCard:
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, state: State, request: Request):  # noqa: ANN201
-    engine = state.serving_engine()
-    state.check_model(body.model)
-    body.check_limits(state.limits, engine.vocab_size)
+    engine = state.accept(body)
     service = state.completions
     assert service is not None
     response_id = random_id("cmpl")
     params = body.to_sampling_params(body.requested_max_tokens)
     submitted = submit(engine, service.prompts(body), params, response_id)
-    if body.stream:
-        return _sse(service.stream(body, submitted, response_id))
-    return await _unless_disconnected(request, service.create(body, submitted, response_id))
+    return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: ANN201
                            request: Request):
-    engine = state.serving_engine()
-    state.check_model(body.model)
-    body.check_limits(state.limits, engine.vocab_size)
+    engine = state.accept(body)
     service = state.chat
     assert service is not None
     response_id = random_id("chatcmpl")
     params = body.to_sampling_params(body.requested_max_tokens)
     submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id)
-    if body.stream:
+    return await _respond(request, body.stream, service, body, submitted, response_id)
+
+
+async def _respond(request: Request, stream: bool, service: Any, body: Any,
+                   submitted: list[Submitted], response_id: str) -> Any:
+    """SSE events, or one response object once every choice has finished."""
+    if stream:
         return _sse(service.stream(body, submitted, response_id))
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
-    engine = state.serving_engine()
-    state.check_model(body.model)
-    body.check_limits(state.limits, engine.vocab_size)
+    engine = state.accept(body)
     tokenizer = engine.tokenizer
     if body.messages is not None:
         text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
@@ -139,9 +137,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
-    engine = state.serving_engine()
-    state.check_model(body.model)
-    body.check_limits(state.limits, engine.vocab_size)
+    engine = state.accept(body)
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
