@@ -86,6 +86,19 @@ class AttentionBatch:
                    decode_masked=masked[:, None, None, :], prefills=tuple(prefills))
 
 
+    @classmethod
+    def slot_rows(cls, positions: Tensor, seq_lens: Tensor, n_len: int) -> AttentionBatch:
+        """A decode-only step whose row i is slot i, built from device tensors alone (no host
+        values but `n_len`), so a CUDA graph can capture it: every row writes at its position
+        and reads its first `seq_lens[i]` keys out of `n_len`. See decode_graphs.py."""
+        n_rows = positions.shape[0]
+        slots = torch.arange(n_rows, device=positions.device)
+        masked = seq_lens[:, None] <= torch.arange(n_len, device=positions.device)[None, :]
+        return cls(slot_ids=slots, positions=positions, n_decode=n_rows, decode_slots=slots,
+                   decode_max_len=n_len, decode_run=(0, n_rows - 1),
+                   decode_masked=masked[:, None, None, :])
+
+
 def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One sequence without a cache. q (T, H, D), k/v (T, KVH, D) -> (T, H, D)."""
     out = F.scaled_dot_product_attention(

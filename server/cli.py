@@ -29,6 +29,8 @@ def _env(name: str, default: object) -> object:
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
     name = flag.lstrip("-")
     kwargs["default"] = _env(name, kwargs.get("default"))
+    if kwargs.get("action") == "store_true" and isinstance(kwargs["default"], str):
+        kwargs["default"] = kwargs["default"].lower() in ("1", "true", "yes", "on")
     env = ENV_PREFIX + name.upper().replace("-", "_")
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
+    _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
+         action="store_true", default=e.enforce_eager)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])

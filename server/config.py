@@ -17,6 +17,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

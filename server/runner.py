@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import AttentionBatch, PrefillSpan
+from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
 from server.request import TokenLogprob
@@ -30,9 +31,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: KVCachePool, eos_ids: frozenset[int],
-                 seed: int = 0) -> None:
+                 seed: int = 0, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.pool = pool
+        self.graphs = graphs  # decode-only steps replayed from CUDA graphs where they fit
         self.device = pool.device
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids
@@ -48,6 +50,11 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> StepResult:
         ids = [seq.last_token for seq in plan.decodes]
         n_decode = len(ids)
+        if self.graphs is not None and n_decode and not plan.prefills:
+            logits = self.graphs.run([s.slot for s in plan.decodes], ids,
+                                     [s.num_computed for s in plan.decodes])
+            if logits is not None:  # else the rows fit no graph: eager, below
+                return self._sample(plan.sampled, logits)
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
         last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
@@ -105,7 +106,17 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                 str(dtype).removeprefix("torch."), device)
     logger.info("KV-cache pool: %s", plan.formula)
     pool = KVCachePool(model.config, plan.n_slots, plan.max_len, dtype, device)
-    runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed)
+    graphs = None
+    if device.type == "cuda" and not config.enforce_eager:
+        graphs = DecodeGraphs(model, pool, capture=True)
+        try:
+            graphs.capture_all()
+        except torch.OutOfMemoryError as e:
+            raise StartupError(f"capturing {graphs.num_graphs} CUDA graphs for decode ran out "
+                               f"of device memory ({e}); leave more room beside the KV cache "
+                               f"(--kv-cache-memory, --max-num-seqs) or pass --enforce-eager"
+                               ) from None
+    runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
     scheduler = Scheduler(plan.n_slots, plan.max_len, config.max_num_batched_tokens,
                           eos_ids=tokenizer.eos_ids)
     return Engine(runner, scheduler, tokenizer, config.max_waiting)

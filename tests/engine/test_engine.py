@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import server.engine as engine_module
+from model.decode_graphs import DecodeGraphs
 from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine, EngineOverloaded, RequestRejected
@@ -32,8 +33,11 @@ class Result:
 
 
 @contextmanager
-def running(folder: Path, **config: object) -> Iterator[Engine]:
+def running(folder: Path, graph_layout: bool = False, **config: object) -> Iterator[Engine]:
     engine = build_engine(folder, EngineConfig(device="cpu", **config))  # type: ignore[arg-type]
+    if graph_layout:  # the CUDA-graph decode layout, run eagerly (no capture on CPU)
+        runner = engine.runner
+        runner.graphs = DecodeGraphs(runner.model, runner.pool, capture=False)
     engine.start()
     try:
         yield engine
@@ -87,6 +91,34 @@ def test_batch_invariance(tiny_checkpoint: Path, sampled: bool) -> None:
     for job, a, t in zip(jobs, alone, together, strict=True):
         assert t.tokens == a.tokens, f"{job[2]} changed when batched"
         assert len(a.tokens[0]) == job[1].max_tokens
+
+
+def test_graph_decode_layout_changes_no_token(tiny_checkpoint: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps in the CUDA-graph layout (slot rows, buckets, pad rows; eager on CPU)
+    give every one of 24 staggered requests, greedy and seeded, the tokens it gets alone."""
+    rng = random.Random(3)
+    jobs = []
+    for i, prompt in enumerate(prompts(24, seed=3, max_len=300)):
+        params = SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i,
+                                max_tokens=rng.randint(1, 30), ignore_eos=True)
+        jobs.append((prompt, params, f"r{i}", rng.random() * 0.3))
+    graphed_steps = []
+    run_graphs = DecodeGraphs.run
+
+    def counting(self, *args):  # noqa: ANN001, ANN002, ANN202
+        logits = run_graphs(self, *args)
+        graphed_steps.append(logits is not None)
+        return logits
+    monkeypatch.setattr(DecodeGraphs, "run", counting)
+    config = {"max_num_seqs": 12, "max_num_batched_tokens": 96, "max_model_len": 512}
+    with running(tiny_checkpoint, graph_layout=True, **config) as engine:
+        together = run(engine, *jobs)
+    with running(tiny_checkpoint, **config) as engine:
+        alone = [run(engine, (p, params, rid))[0] for p, params, rid, _ in jobs]
+    assert sum(graphed_steps) >= 20
+    for job, a, t in zip(jobs, alone, together, strict=True):
+        assert t.tokens == a.tokens, f"{job[2]} changed in the graph layout"
 
 
 def test_chunked_prefill_gives_same_logits(tiny_checkpoint: Path) -> None:

@@ -12,6 +12,7 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.request import SamplingParams
 from server.startup import build_engine
+from tests.model.test_decode_graphs import check_graph_steps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,11 +28,23 @@ def test_cuda_logits_match_cpu(tiny_checkpoint: Path, dtype: torch.dtype, tol: f
     assert (got - cpu).abs().max().item() < tol
 
 
-def test_cuda_engine_decodes_like_cpu(tiny_checkpoint: Path) -> None:
-    """Greedy float32 tokens on CUDA equal the CPU engine's, for a batch of requests."""
+def test_cuda_graph_decode_matches_eager(tiny_checkpoint: Path) -> None:
+    """Captured graphs replay the eager per-request layout's logits (see
+    test_decode_graphs.py, which runs the same check eagerly on CPU)."""
+    model = load_checkpoint(tiny_checkpoint, torch.float32, "cuda")
+    model.pack()
+    check_graph_steps(model, capture=True, atol=1e-4)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_cuda_engine_decodes_like_cpu(tiny_checkpoint: Path, enforce_eager: bool) -> None:
+    """Greedy float32 tokens on CUDA (with and without CUDA graphs) equal the CPU engine's,
+    for a batch of requests."""
     def run(device: str) -> list[list[int]]:
-        engine = build_engine(tiny_checkpoint, EngineConfig(device=device, dtype="float32",
-                                                            max_model_len=512))
+        engine = build_engine(tiny_checkpoint, EngineConfig(
+            device=device, dtype="float32", max_model_len=512, enforce_eager=enforce_eager))
+        if device == "cuda":
+            assert (engine.runner.graphs is None) == enforce_eager
         engine.start()
 
         async def one(i: int) -> list[int]:

@@ -1,0 +1,154 @@
+"""Decode steps replayed from CUDA graphs: one graph per (batch bucket, length bucket).
+
+A decode step of a small model on a GPU is a few hundred tiny kernels; launching them one by
+one from Python costs more than running them. A CUDA graph records the step once and replays
+it with one launch, but everything it does must have fixed shapes and live at fixed addresses.
+So a graphed step is laid out by slot, not by request: row i is KV-cache slot i, for every
+slot below a batch bucket B (1, 2, 4, 8, 16, 24, 32, 48, 64, ...), and attention reads the
+first L keys of each slot, L a length bucket (256, 512, ... up to max_len) masked per row by
+the slot's own length. Inputs are copied into static buffers, the graph for (B, L) replays,
+and the logits rows of the slots actually decoding are returned.
+
+Rows of slots that are not decoding this step are padding. They must not disturb anything: a
+pad row feeds token 0 at position max_len - 1 of its slot and attends to key 0 only. The
+write lands past anything that slot holds or will read before it writes there itself (a
+slot's tokens are written before they are read, and no prompt reaches max_len - 1, since
+every request keeps room for one output token), and only decode-only steps are graphed, so no
+prefill chunk writes to a pad slot in the same step.
+
+Mixed steps (prefill chunks plus decode rows), sparse slot sets and batches beyond the largest
+bucket run eagerly. Without CUDA (`capture=False`, the CPU tests) the same static buffers and
+slot-row layout run eagerly, which is how this layout is tested where CI has no GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from model.attention import AttentionBatch
+from model.kv_cache import KVCachePool
+from model.llama import LlamaModel
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+MIN_LENGTH_BUCKET = 256
+
+
+def batch_buckets(n_slots: int, max_batch: int = 256) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 32, of 16 to 64, of 32 beyond; capped at the slot count."""
+    sizes, b = [1, 2, 4], 8
+    while b < min(n_slots, max_batch):
+        sizes.append(b)
+        b += 8 if b < 32 else 16 if b < 64 else 32
+    return [s for s in sizes if s < n_slots] + [min(n_slots, max_batch)]
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """Powers of two from 256, capped at max_len: a row never reads more than 2x its keys."""
+    lengths, n = [], MIN_LENGTH_BUCKET
+    while n < max_len:
+        lengths.append(n)
+        n *= 2
+    return lengths + [max_len]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, pool: KVCachePool, capture: bool,
+                 max_batch: int = 256) -> None:
+        self.model = model
+        self.pool = pool
+        self.capture = capture
+        self.batch_sizes = batch_buckets(pool.n_slots, max_batch)
+        self.lengths = length_buckets(pool.max_len)
+        n, device = self.batch_sizes[-1], pool.device
+        # Static inputs and output: graphs read and write these addresses on every replay.
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.full((n,), pool.max_len - 1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
+        self.logits = torch.zeros(n, model.config.vocab_size, dtype=torch.float32,
+                                  device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.batch_sizes) * len(self.lengths)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Record every (batch, length) graph; largest first, so smaller ones fit in the memory
+        pool the largest left. Nothing else may run on the device meanwhile (start-up)."""
+        if not self.capture:
+            return
+        start = time.perf_counter()
+        mempool = torch.cuda.graph_pool_handle()
+        for batch in reversed(self.batch_sizes):
+            for length in reversed(self.lengths):
+                self._reset_inputs(batch)
+                # Warm up on a side stream first: cuBLAS creates its handles and workspaces
+                # outside the capture.
+                stream = torch.cuda.Stream(self.pool.device)
+                stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+                with torch.cuda.stream(stream):
+                    self._forward(batch, length)
+                torch.cuda.current_stream(self.pool.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool):
+                    self._forward(batch, length)
+                self.graphs[batch, length] = graph
+        torch.cuda.synchronize(self.pool.device)
+        logger.info("captured %d CUDA graphs for decode (batch %s x length %s) in %.1f s",
+                    len(self.graphs), self.batch_sizes, self.lengths,
+                    time.perf_counter() - start)
+
+    def bucket(self, slots: list[int], positions: list[int]) -> tuple[int, int] | None:
+        """The (batch, length) graph that covers these decode rows, or None to run eagerly."""
+        rows_needed = max(slots) + 1
+        i = bisect.bisect_left(self.batch_sizes, rows_needed)
+        j = bisect.bisect_left(self.lengths, max(positions) + 1)
+        if i == len(self.batch_sizes) or j == len(self.lengths):
+            return None
+        batch = self.batch_sizes[i]
+        if batch > 8 and 4 * len(slots) < batch:  # mostly padding: eager reads less
+            return None
+        return batch, self.lengths[j]
+
+    @torch.inference_mode()
+    def run(self, slots: list[int], token_ids: list[int], positions: list[int]
+            ) -> Tensor | None:
+        """Logits (len(slots), vocab) of one decode step, rows in the order given; each row
+        feeds `token_ids[i]` at `positions[i]` of slot `slots[i]`. None: not graphable."""
+        key = self.bucket(slots, positions)
+        if key is None:
+            return None
+        batch, length = key
+        ids, pos, lens = [0] * batch, [self.pool.max_len - 1] * batch, [1] * batch
+        for slot, token, position in zip(slots, token_ids, positions, strict=True):
+            ids[slot], pos[slot], lens[slot] = token, position, position + 1
+        host = torch.tensor([ids, pos, lens], dtype=torch.long)
+        self.input_ids[:batch].copy_(host[0])
+        self.positions[:batch].copy_(host[1])
+        self.seq_lens[:batch].copy_(host[2])
+        if self.capture:
+            self.graphs[key].replay()
+        else:
+            self._forward(batch, length)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.logits.device)
+        return self.logits[rows]
+
+    def _reset_inputs(self, batch: int) -> None:
+        """Every row a pad row (see the module docstring): what capture warms up with."""
+        self.input_ids[:batch].zero_()
+        self.positions[:batch].fill_(self.pool.max_len - 1)
+        self.seq_lens[:batch].fill_(1)
+
+    def _forward(self, batch: int, length: int) -> None:
+        positions = self.positions[:batch]
+        attention = AttentionBatch.slot_rows(positions, self.seq_lens[:batch], length)
+        logits = self.model(self.input_ids[:batch], positions, self.pool, attention)
+        self.logits[:batch].copy_(logits)
