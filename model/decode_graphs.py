@@ -68,9 +68,13 @@ class DecodeGraphs:
         self.lengths = length_buckets(pool.max_len)
         n, device = self.batch_sizes[-1], pool.device
         # Static inputs and output: graphs read and write these addresses on every replay.
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.full((n,), pool.max_len - 1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
+        # Columns of `inputs`: token id, position, length, and which rows the caller wants;
+        # row-major, so the first `batch` rows are one contiguous block to copy.
+        self.inputs = torch.zeros(n, 4, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.seq_lens, self.rows = self.inputs.unbind(1)
+        # Staged on the host, pinned where that allows one asynchronous copy per step (the
+        # previous step's copy is done: its sampled tokens were read back).
+        self.staging = torch.zeros(n, 4, dtype=torch.long, pin_memory=device.type == "cuda")
         self.logits = torch.zeros(n, model.config.vocab_size, dtype=torch.float32,
                                   device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -85,23 +89,28 @@ class DecodeGraphs:
         pool the largest left. Nothing else may run on the device meanwhile (start-up)."""
         if not self.capture:
             return
-        start = time.perf_counter()
-        mempool = torch.cuda.graph_pool_handle()
-        for batch in reversed(self.batch_sizes):
-            for length in reversed(self.lengths):
+        start, device = time.perf_counter(), self.pool.device
+        # Everything on the pool's device (cuda:N too) and on one private stream: a stream
+        # per capture would leave a cuBLAS workspace behind for each, and a capture on a
+        # stream shared with other graphs can lose its workspace when they are freed.
+        with torch.cuda.device(device):
+            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # so they land in the pool
+                torch._C._cuda_clearCublasWorkspaces()
+            stream = torch.cuda.Stream(device)
+            mempool = torch.cuda.graph_pool_handle()
+            for batch in reversed(self.batch_sizes):
                 self._reset_inputs(batch)
-                # Warm up on a side stream first: cuBLAS creates its handles and workspaces
-                # outside the capture.
-                stream = torch.cuda.Stream(self.pool.device)
-                stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+                # Warm up outside the capture: lazy initialisation must not be recorded.
+                stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    self._forward(batch, length)
-                torch.cuda.current_stream(self.pool.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=mempool):
-                    self._forward(batch, length)
-                self.graphs[batch, length] = graph
-        torch.cuda.synchronize(self.pool.device)
+                    self._forward(batch, self.lengths[0])
+                torch.cuda.current_stream(device).wait_stream(stream)
+                for length in reversed(self.lengths):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=mempool, stream=stream):
+                        self._forward(batch, length)
+                    self.graphs[batch, length] = graph
+            torch.cuda.synchronize(device)
         logger.info("captured %d CUDA graphs for decode (batch %s x length %s) in %.1f s",
                     len(self.graphs), self.batch_sizes, self.lengths,
                     time.perf_counter() - start)
@@ -127,19 +136,21 @@ class DecodeGraphs:
         if key is None:
             return None
         batch, length = key
-        ids, pos, lens = [0] * batch, [self.pool.max_len - 1] * batch, [1] * batch
-        for slot, token, position in zip(slots, token_ids, positions, strict=True):
-            ids[slot], pos[slot], lens[slot] = token, position, position + 1
-        host = torch.tensor([ids, pos, lens], dtype=torch.long)
-        self.input_ids[:batch].copy_(host[0])
-        self.positions[:batch].copy_(host[1])
-        self.seq_lens[:batch].copy_(host[2])
+        staging = self.staging[:batch]
+        staging[:, 0] = 0  # pad rows: token 0 at max_len - 1, one key (module docstring)
+        staging[:, 1] = self.pool.max_len - 1
+        staging[:, 2] = 1
+        slot_ids = torch.tensor(slots, dtype=torch.long)
+        staging[slot_ids, 0] = torch.tensor(token_ids, dtype=torch.long)
+        at = torch.tensor(positions, dtype=torch.long)
+        staging[slot_ids, 1], staging[slot_ids, 2] = at, at + 1
+        staging[:len(slots), 3] = slot_ids
+        self.inputs[:batch].copy_(staging, non_blocking=True)
         if self.capture:
             self.graphs[key].replay()
         else:
             self._forward(batch, length)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.logits.device)
-        return self.logits[rows]
+        return self.logits[self.rows[:len(slots)]]  # a copy: the next replay overwrites logits
 
     def _reset_inputs(self, batch: int) -> None:
         """Every row a pad row (see the module docstring): what capture warms up with."""

@@ -199,6 +199,7 @@ class Engine:
     def _loop(self) -> None:
         failures = 0
         try:
+            self.runner.bind_thread()
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.scheduler.has_work())
                 if self.scheduler.has_work():

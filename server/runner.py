@@ -43,6 +43,12 @@ class ModelRunner:
         # restart, and must not depend on which other rows share the step.
         self.generators: dict[Sequence, torch.Generator] = {}
 
+    def bind_thread(self) -> None:
+        """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
+        where CUDA graphs replay and the sampler allocates."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
 

@@ -65,8 +65,9 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5) -> N
     rows are padding); those sequences then continue exactly as if nothing had happened.
     Also run on CUDA with capture=True by tests/model/test_gpu.py."""
     config, device = model.config, model.inv_freq.device
-    eager = KVCachePool(config, 8, MAX_LEN, torch.float32, device)
-    graphed = KVCachePool(config, 8, MAX_LEN, torch.float32, device)
+    dtype = model.model.embed_tokens.weight.dtype
+    eager = KVCachePool(config, 8, MAX_LEN, dtype, device)
+    graphed = KVCachePool(config, 8, MAX_LEN, dtype, device)
     graphs = DecodeGraphs(model, graphed, capture=capture)
     graphs.capture_all()
     gen = torch.Generator().manual_seed(0)
@@ -97,5 +98,6 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5) -> N
     for slot in (1, 4):  # the pad rows wrote nowhere these sequences read
         n = lengths[slot]
         assert torch.equal(graphed.k[0][slot, :, :n], eager.k[0][slot, :, :n])
+        assert torch.equal(graphed.v[-1][slot, :, :n], eager.v[-1][slot, :, :n])
     for _ in range(3):
         step_both([0, 1, 2, 3, 4, 5])

@@ -28,10 +28,19 @@ def test_cuda_logits_match_cpu(tiny_checkpoint: Path, dtype: torch.dtype, tol: f
     assert (got - cpu).abs().max().item() < tol
 
 
-def test_cuda_graph_decode_matches_eager(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
+def test_cuda_graph_decode_matches_eager(tiny_checkpoint: Path, dtype: torch.dtype,
+                                         tol: float) -> None:
     """Captured graphs replay the eager per-request layout's logits (see
     test_decode_graphs.py, which runs the same check eagerly on CPU)."""
-    model = load_checkpoint(tiny_checkpoint, torch.float32, "cuda")
+    model = load_checkpoint(tiny_checkpoint, dtype, "cuda")
+    model.pack()
+    check_graph_steps(model, capture=True, atol=tol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graphs_on_a_second_gpu(tiny_checkpoint: Path) -> None:
+    model = load_checkpoint(tiny_checkpoint, torch.float32, "cuda:1")
     model.pack()
     check_graph_steps(model, capture=True, atol=1e-4)
 
