@@ -10,11 +10,11 @@ the slot's own length. Inputs are copied into static buffers, the graph for (B, 
 and the logits rows of the slots actually decoding are returned.
 
 Rows of slots that are not decoding this step are padding. They must not disturb anything: a
-pad row feeds token 0 at position max_len - 1 of its slot and attends to key 0 only. The
-write lands past anything that slot holds or will read before it writes there itself (a
-slot's tokens are written before they are read, and no prompt reaches max_len - 1, since
-every request keeps room for one output token), and only decode-only steps are graphed, so no
-prefill chunk writes to a pad slot in the same step.
+pad row feeds token 0 at position max_len - 1 of its slot and attends to key 0 only. A slot
+reads position max_len - 1 only in the step that writes its own token there (a token's K/V
+are written before attention reads them), so the garbage is overwritten before it is ever
+read; and only decode-only steps are graphed (a request mid-prefill always has a chunk in
+the step), so no real write to a pad slot happens in the same step.
 
 Mixed steps (prefill chunks plus decode rows), sparse slot sets and batches beyond the largest
 bucket run eagerly. Without CUDA (`capture=False`, the CPU tests) the same static buffers and
