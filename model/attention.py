@@ -111,6 +111,8 @@ def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionB
 
     q (T, H, D); k_cache/v_cache (n_slots, KVH, max_len, D) -> (T, H, D).
     """
+    if not batch.prefills:  # a decode-only step: no output buffer to assemble
+        return _attend_decode(q, k_cache, v_cache, batch)
     out = torch.empty_like(q)
     if batch.n_decode:
         out[: batch.n_decode] = _attend_decode(q[: batch.n_decode], k_cache, v_cache, batch)
