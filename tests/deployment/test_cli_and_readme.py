@@ -33,7 +33,8 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device",
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
-                 "--max-request-bytes", "--allowed-origins", "--log-level"):
+                 "--max-request-bytes", "--allowed-origins", "--metrics-compat",
+                 "--shutdown-timeout", "--enforce-eager", "--seed", "--log-level"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
@@ -94,3 +95,17 @@ def test_default_served_name(tmp_path: Path) -> None:
     assert served_name(str(tmp_path), tmp_path) == tmp_path.name
     assert served_name("acme/tiny-llama", tmp_path / "snapshots" / "abc") == "acme/tiny-llama"
     assert served_name(None, tmp_path / "demo-v1") == "demo-v1"
+
+
+@pytest.mark.parametrize("argv, env, want", [
+    ([], None, False), (["--enforce-eager"], None, True), ([], "1", True), ([], "true", True),
+    ([], "0", False), (["--enforce-eager"], "0", True)])
+def test_enforce_eager_flag_and_env(argv: list[str], env: str | None, want: bool,
+                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.cli import build_parser, configs
+
+    if env is not None:
+        monkeypatch.setenv("LLAMA_SERVE_ENFORCE_EAGER", env)
+    args = build_parser().parse_args(["serve", str(tmp_path), *argv])
+    engine, _ = configs(args, tmp_path)
+    assert engine.enforce_eager is want
