@@ -1,4 +1,4 @@
-"""server/protocol.py without a server: validation, limits, SamplingParams mapping, and
+"""server/protocol/ without a server: validation, limits, SamplingParams mapping, and
 response shapes checked against the `openai` SDK's own types."""
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""OpenAI's wire format: request and response models, per-server limits, response builders.
+
+No torch, no FastAPI: pydantic only. `base` is shared by the rest; `requests` and
+`tokenization` parse bodies, `logprobs` and `responses` build them. Importers use the names
+re-exported here.
+"""
+
+from server.protocol.base import (
+    ErrorInfo,
+    ErrorResponse,
+    OpenAIBaseModel,
+    RequestError,
+    RequestLimits,
+    TokenId,
+    describe_validation_errors,
+)
+from server.protocol.logprobs import (
+    LOGPROB_FLOOR,
+    ChatCompletionLogprobs,
+    ChatCompletionTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+    chat_logprobs,
+    completion_logprobs,
+    logprob_token_ids,
+)
+from server.protocol.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContentPart,
+    Penalty,
+    ResponseFormat,
+    StopString,
+    StreamOptions,
+    TokenIds,
+)
+from server.protocol.responses import (
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    CompletionUsage,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    OpenAIFinishReason,
+    random_id,
+    to_openai_finish_reason,
+)
+from server.protocol.tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+__all__ = [
+    "LOGPROB_FLOOR",
+    "ChatCompletionChunk",
+    "ChatCompletionLogprobs",
+    "ChatCompletionMessage",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatCompletionResponseChoice",
+    "ChatCompletionStreamChoice",
+    "ChatCompletionTokenLogprob",
+    "ChatMessage",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionResponseChoice",
+    "CompletionStreamResponse",
+    "CompletionUsage",
+    "ContentPart",
+    "DeltaMessage",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "ErrorInfo",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "OpenAIBaseModel",
+    "OpenAIFinishReason",
+    "Penalty",
+    "RequestError",
+    "RequestLimits",
+    "ResponseFormat",
+    "StopString",
+    "StreamOptions",
+    "TokenId",
+    "TokenIds",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "TopLogprob",
+    "chat_logprobs",
+    "completion_logprobs",
+    "describe_validation_errors",
+    "logprob_token_ids",
+    "random_id",
+    "to_openai_finish_reason",
+]

@@ -1,0 +1,155 @@
+"""What every API model shares: `OpenAIBaseModel`, per-server limits, OpenAI's error body.
+
+Unknown fields are ignored and logged, `null` means the default, text must be valid Unicode.
+Limits that depend on server configuration raise `RequestError`, which `app.py` maps to a 400
+naming the field. Imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
+
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_none(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _check_unicode(value: Any) -> None:
+    """Refuse lone surrogates: JSON can carry "\\ud800", but it is no text a tokenizer (or a
+    JSON response echoing it) can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (found a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every API model: unknown fields are ignored and logged (vLLM `OpenAIBaseModel`).
+
+    OpenAI documents most parameters as "X or null, defaults to D" and clients do send `null`:
+    a `null` for a field whose type excludes None means its default.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _drop_unknown_and_null(cls, data: Any, handler: Any) -> Any:
+        _check_unicode(data)
+        if isinstance(data, dict):
+            model_fields = cls.model_fields
+            unknown = sorted(str(key) for key in data if key not in model_fields)
+            if unknown:
+                logger.debug("%s: ignoring unknown fields %s", cls.__name__, unknown)
+            data = {
+                key: value
+                for key, value in data.items()
+                if not (
+                    value is None
+                    and key in model_fields
+                    and not model_fields[key].is_required()
+                    and not _admits_none(model_fields[key].annotation)
+                )
+            }
+        return handler(data)
+
+
+class RequestError(ValueError):
+    """A request refused under the server's configured limits; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-request caps that depend on server configuration, checked by `check_limits()`."""
+
+    max_n: int = 16
+    max_prompts: int = 64
+    max_messages: int = 2048
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256
+    max_stop_token_ids: int = 256
+    max_logit_bias: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+def _check_count(count: int, maximum: int, param: str) -> None:
+    if count > maximum:
+        raise RequestError(f"{param}: at most {maximum} allowed, got {count}", param)
+
+
+def _check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> None:
+    for token_id in ids:
+        if token_id >= vocab_size:
+            raise RequestError(
+                f"{param}: token id {token_id} is out of range (vocab_size {vocab_size})", param
+            )
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """OpenAI's (message, param) from pydantic's `errors()`; FastAPI's leading "body" dropped.
+
+    `param` is the top-level field of the first error, None for whole-request errors.
+    """
+    parts: list[str] = []
+    param: str | None = None
+    for i, error in enumerate(errors):
+        loc = list(error.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if i == 0 and loc and isinstance(loc[0], str):
+            param = loc[0]
+        msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        path = ".".join(str(part) for part in loc)
+        parts.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(parts) or "invalid request", param
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None  # vLLM: the HTTP status; OpenAI: a string code or null
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """`{"error": {"message", "type", "param", "code"}}`, every key always present."""
+
+    error: ErrorInfo
+
+    @classmethod
+    def of(
+        cls, message: str, type: str, param: str | None = None, code: int | str | None = None
+    ) -> ErrorResponse:
+        return cls(error=ErrorInfo(message=message, type=type, param=param, code=code))

@@ -1,0 +1,107 @@
+"""Logprobs in OpenAI's two shapes: the legacy completions one and chat's per-token one.
+
+Token texts come decoded from the caller, who owns the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from pydantic import Field
+
+from server.protocol.base import OpenAIBaseModel
+from server.request import TokenLogprob
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    """Legacy completions shape; an echoed first prompt token has null logprobs."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatCompletionLogprobs(OpenAIBaseModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
+
+
+def _clamp(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf and NaN -> floor
+
+
+def logprob_token_ids(logprobs: Iterable[TokenLogprob | None]) -> set[int]:
+    """Every token id (chosen and alternatives) whose text the builders will look up."""
+    ids: set[int] = set()
+    for entry in logprobs:
+        if entry is not None:
+            ids.add(entry.token_id)
+            ids.update(token_id for token_id, _ in entry.top)
+    return ids
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprob | None],
+    token_texts: Mapping[int, str],
+    text_offset: int = 0,
+) -> CompletionLogprobs:
+    """The completions shape for `token_ids` (prompt ids first when echoing).
+
+    `text_offset` is the length of the text already returned before the first token; offsets
+    run over the token texts. `top_logprobs` holds the chosen token and its alternatives, so up
+    to logprobs + 1 entries (vLLM's documented behaviour).
+    """
+    if len(token_ids) != len(logprobs):
+        raise ValueError(f"{len(token_ids)} token ids but {len(logprobs)} logprobs")
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, logprobs, strict=True):
+        text = token_texts[token_id]
+        result.tokens.append(text)
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        result.token_logprobs.append(_clamp(entry.logprob))
+        top = {text: _clamp(entry.logprob)}
+        for alt_id, alt_logprob in entry.top:
+            top.setdefault(token_texts[alt_id], _clamp(alt_logprob))
+        result.top_logprobs.append(top)
+    return result
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(
+    logprobs: Sequence[TokenLogprob], token_texts: Mapping[int, str]
+) -> ChatCompletionLogprobs:
+    """The chat shape: per token its text, logprob, UTF-8 bytes and top alternatives."""
+    content = []
+    for entry in logprobs:
+        text = token_texts[entry.token_id]
+        top = [
+            TopLogprob(token=token_texts[i], logprob=_clamp(lp), bytes=_utf8(token_texts[i]))
+            for i, lp in entry.top
+        ]
+        content.append(
+            ChatCompletionTokenLogprob(
+                token=text, logprob=_clamp(entry.logprob), bytes=_utf8(text), top_logprobs=top
+            )
+        )
+    return ChatCompletionLogprobs(content=content)

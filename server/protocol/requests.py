@@ -1,0 +1,319 @@
+"""OpenAI's generation requests: POST /v1/completions and POST /v1/chat/completions.
+
+Requests check ranges with `Field` constraints and validators (a `ValidationError` is a 400);
+limits that depend on server configuration are checked by `check_limits()`, which raises
+`RequestError`; `to_sampling_params()` maps a request onto the engine's `SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+
+from server.protocol.base import (
+    OpenAIBaseModel,
+    RequestError,
+    RequestLimits,
+    TokenId,
+    _check_count,
+    _check_token_ids,
+)
+from server.request import MAX_LOGPROBS, SamplingParams
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 4300 digits
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(OpenAIBaseModel):
+    """Fields shared by both generation requests: OpenAI's, then vLLM's extras."""
+
+    model: str | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    stop: StopString | list[StopString] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # vLLM extras
+    top_k: int = Field(0, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"key {key!r} is not a token id (an integer >= 0)")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> _SamplingRequest:
+        max_tokens = self.requested_max_tokens
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({max_tokens})")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The client's output budget; None: the rest of the context."""
+        raise NotImplementedError
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def _check_sampling_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+        stops, stop_ids, bias = self.stop_strings, self.stop_token_ids or [], self.logit_bias or {}
+        _check_count(self.n, limits.max_n, "n")
+        _check_count(len(stops), limits.max_stop_strings, "stop")
+        longest = max(map(len, stops), default=0)
+        if longest > limits.max_stop_string_length:
+            raise RequestError(
+                f"stop: strings may have at most {limits.max_stop_string_length} characters, "
+                f"got {longest}",
+                "stop",
+            )
+        _check_count(len(stop_ids), limits.max_stop_token_ids, "stop_token_ids")
+        _check_token_ids(stop_ids, vocab_size, "stop_token_ids")
+        _check_count(len(bias), limits.max_logit_bias, "logit_bias")
+        _check_token_ids((int(key) for key in bias), vocab_size, "logit_bias")
+
+    def _sampling_kwargs(self, max_tokens: int | None) -> dict[str, Any]:
+        return dict(
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items()),
+            seed=self.seed,
+            stop=self.stop_strings,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+def _prompt_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list) or not value:
+        return None
+    return {str: "texts", list: "batch"}.get(type(value[0]), "ids")
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `suffix` and `best_of != n` are refused."""
+
+    prompt: Annotated[
+        Annotated[str, Tag("text")]
+        | Annotated[list[str], Tag("texts")]
+        | Annotated[TokenIds, Tag("ids")]
+        | Annotated[list[TokenIds], Tag("batch")],
+        Discriminator(
+            _prompt_kind,
+            custom_error_type="invalid_prompt",
+            custom_error_message="prompt must be a string, or a non-empty list of strings, "
+            "of token ids or of token id lists",
+        ),
+    ]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=0)  # explicit null: the rest of the context
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of != n is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("suffix is not supported")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or its token ids; choice index = prompt * n + sample."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+        """Raise `RequestError` where the request exceeds `limits` or the vocabulary."""
+        self._check_sampling_limits(limits, vocab_size)
+        prompts = self.prompts
+        _check_count(len(prompts), limits.max_prompts, "prompt")
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                _check_token_ids(prompt, vocab_size, "prompt")
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """`max_tokens`: the caller's budget, from `requested_max_tokens` or the context left."""
+        return SamplingParams(
+            **self._sampling_kwargs(max_tokens),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if self.echo else None,
+        )
+
+
+class ContentPart(OpenAIBaseModel):
+    """A message content part; only `{"type": "text", "text": ...}` is supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    """A request message. `content` may be null only for the assistant."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+            if kind != "text":
+                raise ValueError(f"content part type {kind!r} is not supported, only 'text'")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError(f"content is required for role {info.data.get('role')!r}")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string; text parts are joined with newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as a chat template sees it."""
+        message = {"role": self.role, "content": self.text}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions. Tools, functions and JSON response formats are refused."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(f"response_format type {value.type!r} is not supported, only 'text'")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if value:
+            raise ValueError(f"{info.field_name} are not supported")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != "none":
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+        """Raise `RequestError` where the request exceeds `limits` or the vocabulary."""
+        self._check_sampling_limits(limits, vocab_size)
+        _check_count(len(self.messages), limits.max_messages, "messages")
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """`max_tokens`: the caller's budget, from `requested_max_tokens` or the context left."""
+        return SamplingParams(
+            **self._sampling_kwargs(max_tokens),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+        )

@@ -1,0 +1,160 @@
+"""OpenAI's response bodies and stream chunks for /v1/models, completions and chat completions.
+
+Serialize responses with plain `model_dump_json()`: `null` fields stay (OpenAI sends
+`"finish_reason": null` and `"logprobs": null`), except a stream chunk's `usage` and unset
+`DeltaMessage` keys, which are omitted when None.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+
+from server.protocol.base import OpenAIBaseModel
+from server.protocol.logprobs import ChatCompletionLogprobs, CompletionLogprobs
+from server.request import FinishReason
+
+# OpenAI's reasons, plus vLLM's "abort" for requests cut off by a server shutdown.
+OpenAIFinishReason = Literal["stop", "length", "abort"]
+
+
+def random_id(prefix: str) -> str:
+    """A response id, `cmpl-<hex>` or `chatcmpl-<hex>`; the engine's request id too."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def to_openai_finish_reason(reason: FinishReason | None) -> OpenAIFinishReason | None:
+    """OpenAI's finish_reason ("abort" as vLLM sends it); None for ERROR, which the route
+    reports as an error instead."""
+    if reason is FinishReason.STOP:
+        return "stop"
+    if reason is FinishReason.LENGTH:
+        return "length"
+    if reason is FinishReason.ABORT:
+        return "abort"
+    return None
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "llama-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class CompletionUsage(OpenAIBaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class _OmitNullUsage(OpenAIBaseModel):
+    """Stream chunks: `usage` is sent on the final usage chunk only (as vLLM does)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_null_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("usage", ...) is None:
+            del data["usage"]
+        return data
+
+
+class CompletionResponseChoice(OpenAIBaseModel):
+    """A completion choice, in responses and (with null `finish_reason`) in stream chunks."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: CompletionUsage
+
+
+class CompletionStreamResponse(_OmitNullUsage):
+    """A completions stream chunk: same object and choice shape as the response (OpenAI's)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: CompletionUsage | None = None
+
+
+class ChatCompletionMessage(OpenAIBaseModel):
+    """The response message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChatCompletionLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: CompletionUsage
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """A stream delta: only the keys that are set are sent (`{}` on the last chunk)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class ChatCompletionChunk(_OmitNullUsage):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: CompletionUsage | None = None

@@ -1,0 +1,66 @@
+"""vLLM's POST /tokenize and POST /detokenize bodies (not part of OpenAI's API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from server.protocol.base import (
+    OpenAIBaseModel,
+    RequestLimits,
+    TokenId,
+    _check_count,
+    _check_token_ids,
+)
+from server.protocol.requests import ChatMessage
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """POST /tokenize: exactly one of `prompt` or chat `messages` (vLLM's two requests in one).
+
+    `add_special_tokens` defaults to True for a prompt and False for messages, whose chat
+    template adds them.
+    """
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_special_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("add_special_tokens") is None:
+            data = {**data, "add_special_tokens": data.get("messages") is None}
+        return data
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' or 'messages' is required")
+        return self
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+        """Raise `RequestError` where the request exceeds `limits`."""
+        _check_count(len(self.messages or ()), limits.max_messages, "messages")
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[TokenId]
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+        """Raise `RequestError` for token ids outside the vocabulary."""
+        _check_token_ids(self.tokens, vocab_size, "tokens")
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
