@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.memory import release_free_memory
 from server.request import RequestOutput, RequestStatus, SamplingParams
 from server.runner import ModelRunner, StepResult
 from server.scheduler import FINISH_REASONS, Request, Scheduler, Sequence, StepPlan
@@ -197,11 +198,15 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
-        failures = 0
+        failures, was_busy = 0, False
         try:
             self.runner.bind_thread()
             while not self._stopping.is_set():
-                self._drain_inbox(block=not self.scheduler.has_work())
+                busy = self.scheduler.has_work()
+                if was_busy and not busy:  # the last request just left: a quiet moment
+                    release_free_memory()
+                was_busy = busy
+                self._drain_inbox(block=not busy)
                 if self.scheduler.has_work():
                     try:
                         self._step()

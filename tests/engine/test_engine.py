@@ -294,3 +294,33 @@ def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
             engine.check_health()
         with pytest.raises(engine_module.EngineDeadError):
             run(engine, ([5, 6], GREEDY, "after"))
+
+
+def test_engine_returns_free_memory_when_it_goes_idle(tiny_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once per busy -> idle transition, not per step (see server/memory.py)."""
+    calls: list[float] = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
+
+    def settle(n: int) -> None:
+        for _ in range(200):
+            if len(calls) >= n:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        asyncio.run(asyncio.sleep(0.1))  # and no more follow
+        assert len(calls) == n
+
+    with running(tiny_checkpoint, max_model_len=256) as engine:
+        settle(0)
+        run(engine, ([5, 6], GREEDY, "a"), ([7, 8, 9], GREEDY, "b"))
+        settle(1)
+        run(engine, ([5, 6], GREEDY, "c"))
+        settle(2)
+
+
+def test_release_free_memory_works_on_glibc() -> None:
+    import platform
+
+    from server.memory import release_free_memory
+
+    assert release_free_memory() is (platform.libc_ver()[0] == "glibc")
