@@ -50,12 +50,7 @@ class CheckpointError(ValueError):
 def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype,
                device: torch.device | str) -> LlamaModel:
     """Build the model without initialising it, then copy each checkpoint tensor in place."""
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if config.tie_embeddings:  # to_empty() unties; tie again before filling
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_rope(device)
+    model = _empty_model(config, dtype, device)
     params = dict(model.named_parameters())  # tied weights appear once, under model.*
     if (folder / "params.json").is_file() and not (folder / "config.json").is_file():
         tensors = _meta_tensors(folder, config)
@@ -80,6 +75,34 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype,
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in checkpoint: {missing[:5]}{more}")
+    return model.eval().requires_grad_(False)
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> LlamaModel:
+    """The model's tensors allocated on `device`, uninitialised (built on meta: no init cost)."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_embeddings:  # to_empty() unties; tie again before filling
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(device)
+    return model
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 seed: int = 0) -> LlamaModel:
+    """Random weights of the config's shapes, drawn on the device (`--load-format dummy`, as
+    vLLM's): benchmark a model's shape without its weights. Normal(0, 0.02) like HF's init,
+    norms at 1; reproducible for a seed on a given device."""
+    model = _empty_model(config, dtype, device)
+    gen = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
     return model.eval().requires_grad_(False)
 
 
@@ -190,9 +213,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_checkpoint(folder: Path, dtype: torch.dtype,
-                    device: torch.device | str) -> LlamaModel:
-    """Config and weights from a HF or Meta checkpoint folder."""
+def load_checkpoint(folder: Path, dtype: torch.dtype, device: torch.device | str,
+                    load_format: str = "auto") -> LlamaModel:
+    """Config and weights from a HF or Meta checkpoint folder; with load_format "dummy", the
+    config only and random weights (see random_model)."""
     is_meta = (folder / "params.json").is_file() and not (folder / "config.json").is_file()
     config = ModelConfig.from_dir(folder, meta_vocab_size(folder) if is_meta else None)
+    if load_format == "dummy":
+        return random_model(config, dtype, device)
     return load_model(folder, config, dtype, device)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
+    _add(serve, "--load-format", "auto: the checkpoint's weights; dummy: random weights of "
+         "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)

@@ -18,6 +18,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
+    load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -29,6 +30,8 @@ class EngineConfig:
                 f"per step")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 

@@ -95,7 +95,9 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
-    model = load_checkpoint(folder, dtype, device)
+    model = load_checkpoint(folder, dtype, device, config.load_format)
+    if config.load_format == "dummy":
+        logger.warning("--load-format dummy: random weights, for benchmarks only")
     if config.max_model_len is not None and config.max_model_len > model.config.max_seq_len:
         raise StartupError(f"--max-model-len {config.max_model_len} is beyond the model's "
                            f"context length {model.config.max_seq_len}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def test_help_documents_every_flag() -> None:
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
                  "--max-request-bytes", "--allowed-origins", "--metrics-compat",
-                 "--shutdown-timeout", "--enforce-eager", "--seed", "--log-level"):
+                 "--shutdown-timeout", "--enforce-eager", "--load-format", "--seed",
+                 "--log-level"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
@@ -109,3 +111,19 @@ def test_enforce_eager_flag_and_env(argv: list[str], env: str | None, want: bool
     args = build_parser().parse_args(["serve", str(tmp_path), *argv])
     engine, _ = configs(args, tmp_path)
     assert engine.enforce_eager is want
+
+
+def test_dummy_load_format_serves_a_config_without_weights(tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    import httpx
+
+    folder = tmp_path / "shape-only"
+    folder.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, folder / f.name)
+    with run_server(folder, tmp_path, "--load-format", "dummy") as server:
+        assert "random weights, for benchmarks only" in server.log()
+        body = {"model": "shape-only", "prompt": "hello", "max_tokens": 5, "ignore_eos": True}
+        out = httpx.post(f"{server.v1}/completions", json=body, timeout=60).json()
+        assert out["usage"]["completion_tokens"] == 5

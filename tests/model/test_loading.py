@@ -150,3 +150,34 @@ def test_hub_id_resolves_offline_from_cache(tiny_checkpoint: Path, tmp_path: Pat
 def test_missing_folder_is_clear(tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="no such folder"):
         resolve_model(str(tmp_path / "nope"))
+
+
+def config_only(checkpoint: Path, out: Path) -> Path:
+    """A folder with the checkpoint's config.json and tokenizer but no weights."""
+    out.mkdir()
+    for f in checkpoint.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_dummy_load_format_needs_only_the_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--load-format dummy: random weights of the config's shapes, the same for a seed, norms at
+    1, finite logits; the real loader refuses the same folder."""
+    folder = config_only(tiny_checkpoint, tmp_path / "cfg")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(folder, torch.float32, "cpu")
+    a = load_checkpoint(folder, torch.float32, "cpu", load_format="dummy")
+    b = load_checkpoint(folder, torch.float32, "cpu", load_format="dummy")
+    real = load_checkpoint(tiny_checkpoint, torch.float32, "cpu")
+    assert a.state_dict().keys() == real.state_dict().keys()
+    for name, tensor in a.state_dict().items():
+        assert tensor.shape == real.state_dict()[name].shape
+        assert torch.equal(tensor, b.state_dict()[name])
+        if name.endswith("norm.weight"):
+            assert torch.all(tensor == 1)
+        else:
+            assert 0.015 < tensor.std().item() < 0.025
+    ids = torch.arange(3, 40)
+    logits = a(ids, torch.arange(len(ids)))
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, real(ids, torch.arange(37)))
