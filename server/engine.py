@@ -3,7 +3,8 @@
 The asyncio side calls `generate()` (validates, queues, returns an async stream) and
 `abort()`; both only touch a thread-safe inbox. The engine thread owns the scheduler, the
 KV-cache pool and the model, drains the inbox between steps, and posts each step's outputs
-to the streams with one `call_soon_threadsafe` per event loop. No FastAPI here.
+(built by server.outputs.OutputBuilder) to the streams with one `call_soon_threadsafe` per
+event loop. No FastAPI here.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.tokenizer import Tokenizer
 from server.memory import release_free_memory
+from server.outputs import IterationStats, OutputBuilder
 from server.request import RequestOutput, RequestStatus, SamplingParams
 from server.runner import ModelRunner, StepResult
-from server.scheduler import FINISH_REASONS, Request, Scheduler, Sequence, StepPlan
+from server.scheduler import Request, Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -52,26 +53,6 @@ class EngineStats:
     generation_tokens_total: int = 0
     steps_total: int = 0
     finished_total: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedStats:
-    e2e_seconds: float
-    queue_seconds: float
-    num_prompt_tokens: int
-    num_generation_tokens: int
-
-
-@dataclass(slots=True)
-class IterationStats:
-    """What one step did, handed to listeners (metrics) on the engine thread."""
-
-    batch_size: int = 0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    ttfts: list[float] = field(default_factory=list)
-    itls: list[float] = field(default_factory=list)
-    finished: list[FinishedStats] = field(default_factory=list)
 
 
 class RequestStream:
@@ -110,14 +91,14 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}  # touched under _lock from both sides
         self._lock = threading.Lock()
         self._num_queued = 0  # submitted, not yet given a slot (under _lock)
-        self._detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
         self._stats = EngineStats(slots_total=scheduler.n_slots,
                                   tokens_capacity=scheduler.n_slots * scheduler.max_model_len)
+        self._outputs = OutputBuilder(tokenizer, scheduler, runner.release,
+                                      self._stats.finished_total)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
         self._listeners: list[Callable[[IterationStats], None]] = []
-        self._iteration = IterationStats()
 
     # ------------------------------------------------------------------ asyncio side
 
@@ -272,86 +253,35 @@ class Engine:
         self._stats.steps_total += 1
         self._stats.prompt_tokens_total += n_prompt
         self._stats.generation_tokens_total += len(result.tokens)
-        it = self._iteration
+        it = self._outputs.iteration
         it.batch_size = len(plan.decodes) + len(plan.prefills)
         it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
         self.scheduler.update(plan, result.tokens, result.logprobs)
-        self._post(self._outputs(plan, result))
+        self._post(self._step_outputs(plan, result))
         self._emit_iteration()
 
     def _emit_iteration(self) -> None:
-        it, self._iteration = self._iteration, IterationStats()
+        it = self._outputs.take_iteration()
         for listener in self._listeners:
             try:
                 listener(it)
             except Exception:  # metrics must never take the engine down
                 logger.exception("stats listener failed")
 
-    def _outputs(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+    def _step_outputs(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         for request, logprobs in result.prompt_logprobs:
             request.prompt_logprobs.extend(logprobs)
         posts = []
         for seq, token in zip(plan.sampled, result.tokens, strict=True):
             try:
-                posts.append(self._sequence_output(seq, token))
+                posts.append(self._outputs.sequence_output(seq, token))
             except Exception as e:  # a failure in one request's output fails that request
                 logger.exception("request %s failed", seq.request.request_id)
                 posts += self._finish_request(seq.request, RequestStatus.FINISHED_ERROR, repr(e))
         for chunk in plan.prefills:  # scoring requests (max_tokens=0) end with their prefill
             if chunk.is_last and chunk.request.params.max_tokens == 0:
-                posts += [self._final(seq, "") for seq in chunk.request.seqs]
+                posts += [self._outputs.final(seq, "") for seq in chunk.request.seqs]
         return posts
-
-    def _sequence_output(self, seq: Sequence, token: int) -> RequestOutput:
-        detok = self._detokenizers.get(seq)
-        first = detok is None
-        if detok is None:
-            p = seq.request.params
-            detok = IncrementalDetokenizer(
-                self.tokenizer, seq.request.prompt_ids, skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
-            self._detokenizers[seq] = detok
-        text = detok.add([token])
-        if detok.stopped_by is not None:
-            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
-        elif seq.status.is_finished:
-            text += detok.flush()
-        out = self._output(seq, text, [token], first)
-        if seq.status.is_finished:
-            self._release(seq)
-        return out
-
-    def _output(self, seq: Sequence, text: str, token_ids: list[int],
-                first: bool) -> RequestOutput:
-        request = seq.request
-        out = RequestOutput(
-            request.request_id, seq.index, text=text, token_ids=token_ids,
-            logprobs=seq.output_logprobs[-len(token_ids):] if seq.output_logprobs and token_ids
-            else None,
-            prompt_logprobs=request.prompt_logprobs if first and
-            request.params.prompt_logprobs is not None else None,
-            num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids))
-        now = time.monotonic()
-        if token_ids:
-            if seq.last_token_time is None:
-                self._iteration.ttfts.append(now - request.arrival_time)
-            else:
-                self._iteration.itls.append(now - seq.last_token_time)
-            seq.last_token_time = now
-        if seq.status.is_finished:
-            out.finish_reason = FINISH_REASONS[seq.status]
-            self._stats.finished_total[out.finish_reason.value] += 1
-            admitted = request.admitted_time or now
-            self._iteration.finished.append(FinishedStats(
-                now - request.arrival_time, admitted - request.arrival_time,
-                len(request.prompt_ids), len(seq.output_ids)))
-        return out
-
-    def _final(self, seq: Sequence, error: str | None) -> RequestOutput:
-        out = self._output(seq, "", [], first=seq not in self._detokenizers)
-        out.error = error or None
-        self._release(seq)
-        return out
 
     def _finish_request(self, request: Request, status: RequestStatus,
                         error: str = "") -> list[RequestOutput]:
@@ -361,11 +291,7 @@ class Engine:
                 self._num_queued -= 1
         open_seqs = [s for s in request.seqs if not s.status.is_finished]
         self.scheduler.finish_request(request, status)
-        return [self._final(seq, error) for seq in open_seqs]
-
-    def _release(self, seq: Sequence) -> None:
-        self._detokenizers.pop(seq, None)
-        self.runner.release(seq)
+        return [self._outputs.final(seq, error) for seq in open_seqs]
 
     def _post(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to their streams: one thread-safe callback per event loop."""
@@ -398,7 +324,6 @@ class Engine:
         for request in list(self.scheduler.requests.values()):
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
         self._post(posts)
-
 
 
 class StepFailed(RuntimeError):

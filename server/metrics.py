@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine import Engine, EngineStats, IterationStats
+from server.engine import Engine, EngineStats
+from server.outputs import IterationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 THROUGHPUT_WINDOW_SECONDS = 10.0

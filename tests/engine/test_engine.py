@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import server.engine as engine_module
+import server.outputs as outputs_module
 from model.decode_graphs import DecodeGraphs
 from model.weights import load_checkpoint
 from server.config import EngineConfig
@@ -239,7 +240,7 @@ def test_abort_frees_slot(tiny_checkpoint: Path) -> None:
 
 def test_one_request_failure_leaves_others_running(tiny_checkpoint: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    real = engine_module.IncrementalDetokenizer
+    real = outputs_module.IncrementalDetokenizer
 
     class Exploding(real):  # type: ignore[misc, valid-type]
         def add(self, ids: list[int]) -> str:
@@ -251,7 +252,7 @@ def test_one_request_failure_leaves_others_running(tiny_checkpoint: Path,
             super().__init__(tokenizer, prompt_ids, **kw)
             self._explode = prompt_ids[:1] == [999]
 
-    monkeypatch.setattr(engine_module, "IncrementalDetokenizer", Exploding)
+    monkeypatch.setattr(outputs_module, "IncrementalDetokenizer", Exploding)
     with running(tiny_checkpoint, max_model_len=1024) as engine:
         good, bad = run(engine, ([5, 6], GREEDY, "good"), ([999, 6], GREEDY, "bad"))
         engine.check_health()

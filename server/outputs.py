@@ -1,0 +1,110 @@
+"""OutputBuilder: a step's sampled tokens become per-request outputs, with timing stats.
+
+Runs on the engine thread. It owns each sequence's IncrementalDetokenizer (text deltas and
+stop strings) and the IterationStats of the step in progress (TTFT, ITL, finished requests),
+which the engine hands to its listeners after the step. Plain values only: no tensors, no asyncio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.request import RequestOutput, RequestStatus
+from server.scheduler import FINISH_REASONS, Scheduler, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedStats:
+    e2e_seconds: float
+    queue_seconds: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one step did, handed to listeners (metrics) on the engine thread."""
+
+    batch_size: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    finished: list[FinishedStats] = field(default_factory=list)
+
+
+class OutputBuilder:
+    """Builds each sequence's RequestOutput and records its timings in `iteration`."""
+
+    def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler,
+                 runner_release: Callable[[Sequence], None], finished_total: Counter[str]) -> None:
+        self._tokenizer = tokenizer
+        self._scheduler = scheduler  # a stop string finishes the sequence there
+        self._runner_release = runner_release  # drops the runner's per-sequence state
+        self._finished_total = finished_total  # EngineStats' counter, by finish_reason
+        self.iteration = IterationStats()  # the step in progress
+        self._detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+
+    def take_iteration(self) -> IterationStats:
+        """The stats gathered since the last call; a fresh IterationStats starts."""
+        it, self.iteration = self.iteration, IterationStats()
+        return it
+
+    def sequence_output(self, seq: Sequence, token: int) -> RequestOutput:
+        detok = self._detokenizers.get(seq)
+        first = detok is None
+        if detok is None:
+            p = seq.request.params
+            detok = IncrementalDetokenizer(
+                self._tokenizer, seq.request.prompt_ids, skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            self._detokenizers[seq] = detok
+        text = detok.add([token])
+        if detok.stopped_by is not None:
+            self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+        elif seq.status.is_finished:
+            text += detok.flush()
+        out = self._output(seq, text, [token], first)
+        if seq.status.is_finished:
+            self._release(seq)
+        return out
+
+    def final(self, seq: Sequence, error: str | None) -> RequestOutput:
+        out = self._output(seq, "", [], first=seq not in self._detokenizers)
+        out.error = error or None
+        self._release(seq)
+        return out
+
+    def _output(self, seq: Sequence, text: str, token_ids: list[int],
+                first: bool) -> RequestOutput:
+        request = seq.request
+        out = RequestOutput(
+            request.request_id, seq.index, text=text, token_ids=token_ids,
+            logprobs=seq.output_logprobs[-len(token_ids):] if seq.output_logprobs and token_ids
+            else None,
+            prompt_logprobs=request.prompt_logprobs if first and
+            request.params.prompt_logprobs is not None else None,
+            num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids))
+        now = time.monotonic()
+        if token_ids:
+            if seq.last_token_time is None:
+                self.iteration.ttfts.append(now - request.arrival_time)
+            else:
+                self.iteration.itls.append(now - seq.last_token_time)
+            seq.last_token_time = now
+        if seq.status.is_finished:
+            out.finish_reason = FINISH_REASONS[seq.status]
+            self._finished_total[out.finish_reason.value] += 1
+            admitted = request.admitted_time or now
+            self.iteration.finished.append(FinishedStats(
+                now - request.arrival_time, admitted - request.arrival_time,
+                len(request.prompt_ids), len(seq.output_ids)))
+        return out
+
+    def _release(self, seq: Sequence) -> None:
+        self._detokenizers.pop(seq, None)
+        self._runner_release(seq)
