@@ -153,7 +153,7 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Attention
     # no expanded K/V, and SDPA's fused CPU kernel (1.5x the explicit product at 64 rows).
     qs = q.view(n_seq, n_kv, n_heads // n_kv, head_dim)  # (S, KVH, G, D)
     # Keys past a row's own length are masked out, never averaged in; a hole sees none and
-    # its (NaN) row is dropped below.
+    # its row (zeros or NaN, by backend) is dropped below.
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_visible)
     out = out.reshape(n_seq, n_heads, head_dim)  # (S, H, D)
     return out if rows is None else out[rows]

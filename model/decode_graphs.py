@@ -72,9 +72,11 @@ class DecodeGraphs:
         # row-major, so the first `batch` rows are one contiguous block to copy.
         self.inputs = torch.zeros(n, 4, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.seq_lens, self.rows = self.inputs.unbind(1)
-        # Staged on the host, pinned where that allows one asynchronous copy per step (the
-        # previous step's copy is done: its sampled tokens were read back).
+        # Staged on the host, pinned where that allows one asynchronous copy per step; the
+        # event says when the device has read it (normally long ago: the step's sampled
+        # tokens were read back, unless that step failed).
         self.staging = torch.zeros(n, 4, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._staging_read = torch.cuda.Event() if device.type == "cuda" else None
         self.logits = torch.zeros(n, model.config.vocab_size, dtype=torch.float32,
                                   device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -136,6 +138,8 @@ class DecodeGraphs:
         if key is None:
             return None
         batch, length = key
+        if self._staging_read is not None:
+            self._staging_read.synchronize()
         staging = self.staging[:batch]
         staging[:, 0] = 0  # pad rows: token 0 at max_len - 1, one key (module docstring)
         staging[:, 1] = self.pool.max_len - 1
@@ -146,6 +150,8 @@ class DecodeGraphs:
         staging[slot_ids, 1], staging[slot_ids, 2] = at, at + 1
         staging[:len(slots), 3] = slot_ids
         self.inputs[:batch].copy_(staging, non_blocking=True)
+        if self._staging_read is not None:
+            self._staging_read.record()
         if self.capture:
             self.graphs[key].replay()
         else:

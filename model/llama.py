@@ -94,7 +94,10 @@ class PackedLinear:
         weight = weight.detach().contiguous()  # (out, in)
         if use_onednn and reorder:
             # An opaque copy: the caller drops the dense weight so memory is not doubled.
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
+            try:
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
+            except (RuntimeError, NotImplementedError):
+                pass  # no blocked kernels for this dtype on this CPU: the plain layout
         self.weight = weight
         self.use_onednn = use_onednn
 

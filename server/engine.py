@@ -179,15 +179,20 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
-        failures, was_busy = 0, False
+        failures, trimmed = 0, True
         try:
             self.runner.bind_thread()
             while not self._stopping.is_set():
                 busy = self.scheduler.has_work()
-                if was_busy and not busy:  # the last request just left: a quiet moment
+                arrived = self._drain_inbox(block=not busy)
+                if busy:
+                    trimmed = False
+                elif not arrived and not trimmed:
+                    # A whole poll interval with no work and nothing arriving: a quiet moment
+                    # (not the gap before a request already in the inbox) to give freed heap
+                    # back, once per idle period (it takes milliseconds on a fragmented heap).
                     release_free_memory()
-                was_busy = busy
-                self._drain_inbox(block=not busy)
+                    trimmed = True
                 if self.scheduler.has_work():
                     try:
                         self._step()
@@ -203,11 +208,12 @@ class Engine:
             self._dead = e
             self._fail_all(f"engine failed: {e!r}")
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply everything queued (adds, aborts); whether anything was."""
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         posts: list[RequestOutput] = []
         while True:
             kind, payload = item
@@ -228,6 +234,7 @@ class Engine:
         self._post(posts)
         if posts:
             self._emit_iteration()
+        return True
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
