@@ -138,14 +138,21 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(server_config,
                      lambda: build_engine(model_dir, engine_config, server_config.chat_template),
                      on_fatal)
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                            log_level=server_config.log_level, timeout_graceful_shutdown=10)
+    # Bind before anything loads: a taken port fails at once, with uvicorn's message, instead
+    # of after the model is in (and with the engine thread alive at exit, which aborts).
+    try:
+        sock = config.bind_socket()
+    except SystemExit:
+        logger.error("cannot start: %s:%d cannot be bound", server_config.host,
+                     server_config.port)
+        return 2
     logger.info("llama-serve on http://%s:%d  model=%s (%s)  dtype=%s  device=%s",
                 server_config.host, server_config.port, server_config.served_model_name,
                 model_dir, engine_config.dtype, engine_config.device)
-    server = DrainingServer(uvicorn.Config(app, host=server_config.host, port=server_config.port,
-                                           log_level=server_config.log_level,
-                                           timeout_graceful_shutdown=10),
-                            app.state.server)
-    server.run()
+    server = DrainingServer(config, app.state.server)
+    server.run(sockets=[sock])
     if fatal:
         logger.error("cannot start: %s", fatal[0])
         return 1

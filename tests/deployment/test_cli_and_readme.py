@@ -127,3 +127,14 @@ def test_dummy_load_format_serves_a_config_without_weights(tiny_checkpoint: Path
         body = {"model": "shape-only", "prompt": "hello", "max_tokens": 5, "ignore_eos": True}
         out = httpx.post(f"{server.v1}/completions", json=body, timeout=60).json()
         assert out["usage"]["completion_tokens"] == 5
+
+
+def test_taken_port_fails_fast_and_cleanly(open_server: Server, tiny_checkpoint: Path) -> None:
+    """Bound before the model loads: exit code 2 with a message, not a crash after loading."""
+    port = open_server.base_url.rsplit(":", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "server", "serve", str(tiny_checkpoint),
+                          "--device", "cpu", "--port", port], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"127.0.0.1:{port} cannot be bound" in out.stderr
+    assert "loaded" not in out.stderr and "terminate" not in out.stderr
