@@ -150,7 +150,8 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Attention
         ks, vs = k_cache[batch.decode_slots, :, :n_len], v_cache[batch.decode_slots, :, :n_len]
     n_seq = q.shape[0]
     # Each row's G query heads per KV head act as a G-long query against that head's keys:
-    # no expanded K/V, and SDPA's fused CPU kernel (1.5x the explicit product at 64 rows).
+    # no expanded K/V, and SDPA's fused CPU kernel (1.5x the explicit product at 64 rows
+    # with the cache warm; a few % of a whole step, where K/V come from memory).
     qs = q.view(n_seq, n_kv, n_heads // n_kv, head_dim)  # (S, KVH, G, D)
     # Keys past a row's own length are masked out, never averaged in; a hole sees none and
     # its row (zeros or NaN, by backend) is dropped below.
