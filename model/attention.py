@@ -77,13 +77,11 @@ class AttentionBatch:
                         run_lens[row] = n
                     lens = run_lens
         max_len = max(lens, default=0)
-        visible = torch.arange(max_len, device=device)[None, :] < tensor(lens)[:, None]
         return cls(slot_ids=tensor(slots), positions=tensor(positions),
                    n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
                    decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
-                   decode_visible=visible[:, None, None, :], prefills=tuple(prefills))
-
+                   decode_visible=_visible(tensor(lens), max_len), prefills=tuple(prefills))
 
     @classmethod
     def slot_rows(cls, positions: Tensor, seq_lens: Tensor, n_len: int) -> AttentionBatch:
@@ -92,10 +90,15 @@ class AttentionBatch:
         and reads its first `seq_lens[i]` keys out of `n_len`. See decode_graphs.py."""
         n_rows = positions.shape[0]
         slots = torch.arange(n_rows, device=positions.device)
-        visible = torch.arange(n_len, device=positions.device)[None, :] < seq_lens[:, None]
         return cls(slot_ids=slots, positions=positions, n_decode=n_rows, decode_slots=slots,
                    decode_max_len=n_len, decode_run=(0, n_rows - 1),
-                   decode_visible=visible[:, None, None, :])
+                   decode_visible=_visible(seq_lens, n_len))
+
+
+def _visible(lens: Tensor, n_len: int) -> Tensor:
+    """(S, 1, 1, n_len): True where key j < lens[s], the keys row s may see."""
+    visible = torch.arange(n_len, device=lens.device)[None, :] < lens[:, None]
+    return visible[:, None, None, :]
 
 
 def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -101,7 +101,7 @@ class DecodeGraphs:
             stream = torch.cuda.Stream(device)
             mempool = torch.cuda.graph_pool_handle()
             for batch in reversed(self.batch_sizes):
-                self._reset_inputs(batch)
+                self._pad_rows(self.inputs[:batch])
                 # Warm up outside the capture: lazy initialisation must not be recorded.
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
@@ -140,10 +140,7 @@ class DecodeGraphs:
         batch, length = key
         if self._staging_read is not None:
             self._staging_read.synchronize()
-        staging = self.staging[:batch]
-        staging[:, 0] = 0  # pad rows: token 0 at max_len - 1, one key (module docstring)
-        staging[:, 1] = self.pool.max_len - 1
-        staging[:, 2] = 1
+        staging = self._pad_rows(self.staging[:batch])
         slot_ids = torch.tensor(slots, dtype=torch.long)
         staging[slot_ids, 0] = torch.tensor(token_ids, dtype=torch.long)
         at = torch.tensor(positions, dtype=torch.long)
@@ -158,11 +155,11 @@ class DecodeGraphs:
             self._forward(batch, length)
         return self.logits[self.rows[:len(slots)]]  # a copy: the next replay overwrites logits
 
-    def _reset_inputs(self, batch: int) -> None:
-        """Every row a pad row (see the module docstring): what capture warms up with."""
-        self.input_ids[:batch].zero_()
-        self.positions[:batch].fill_(self.pool.max_len - 1)
-        self.seq_lens[:batch].fill_(1)
+    def _pad_rows(self, rows: Tensor) -> Tensor:
+        """Make every row of an inputs block (batch, 4) a pad row: token 0 at max_len - 1,
+        one key (see the module docstring). Capture warms up with these."""
+        rows[:, 0], rows[:, 1], rows[:, 2] = 0, self.pool.max_len - 1, 1
+        return rows
 
     def _forward(self, batch: int, length: int) -> None:
         positions = self.positions[:batch]

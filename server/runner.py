@@ -56,9 +56,11 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> StepResult:
         ids = [seq.last_token for seq in plan.decodes]
         n_decode = len(ids)
+        # A decoding sequence feeds its newest token at position num_computed (the number of
+        # tokens its slot already holds).
+        slots, positions = [s.slot for s in plan.decodes], [s.num_computed for s in plan.decodes]
         if self.graphs is not None and n_decode and not plan.prefills:
-            logits = self.graphs.run([s.slot for s in plan.decodes], ids,
-                                     [s.num_computed for s in plan.decodes])
+            logits = self.graphs.run(slots, ids, positions)
             if logits is not None:  # else the rows fit no graph: eager, below
                 return self._sample(plan.sampled, logits)
         spans, logit_rows = [], list(range(n_decode))
@@ -75,10 +77,7 @@ class ModelRunner:
                 logit_rows.append(offset + n - 1)
             if chunk.is_last:
                 last_rows[i] = len(logit_rows) - 1
-        # A decoding sequence feeds its newest token at position num_computed (the number of
-        # tokens its slot already holds).
-        batch = AttentionBatch.build([s.slot for s in plan.decodes],
-                                     [s.num_computed for s in plan.decodes], spans, self.device)
+        batch = AttentionBatch.build(slots, positions, spans, self.device)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
