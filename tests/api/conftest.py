@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +37,33 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{labels}': value}."""
+        return parse_metrics(httpx.get(f"{self.base_url}/metrics").text)
+
     def metric(self, name: str) -> float:
-        """The value of an unlabelled series in /metrics."""
-        text = httpx.get(f"{self.base_url}/metrics").text
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        """The value of one series in /metrics (name plus labels, as written)."""
+        return self.metrics()[name]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {series (name plus labels, as written): value}."""
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            series[name] = float(value)
+    return series
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @contextmanager

@@ -13,21 +13,10 @@ import pytest
 from tests.api.conftest import Server, run_server
 
 
-def scrape(server: Server) -> dict[str, float]:
-    """Every sample line of /metrics as {'name{labels}': value}."""
-    text = httpx.get(f"{server.base_url}/metrics").text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
-
-
 def wait_for(server: Server, key: str, value: float) -> dict[str, float]:
     deadline = time.monotonic() + 10
     while True:
-        samples = scrape(server)
+        samples = server.metrics()
         if samples.get(key) == value or time.monotonic() > deadline:
             return samples
         time.sleep(0.05)
@@ -42,7 +31,7 @@ def metrics_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server) -> None:
-    before = scrape(metrics_server)
+    before = metrics_server.metrics()
     assert before["llama_serve_kv_cache_slots_total"] == 4
     assert before["llama_serve_prompt_tokens_total"] == 0
     for n_prompt, n_out in [(5, 3), (7, 4), (9, 5)]:
@@ -80,7 +69,7 @@ def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
                   "stream": True}) as stream:
         lines = stream.iter_lines()
         next(line for line in lines if line.startswith("data:"))
-        m = scrape(metrics_server)
+        m = metrics_server.metrics()
         assert m["llama_serve_requests_running"] == 1
         assert m["llama_serve_kv_cache_slots_used"] == 1
         assert m["llama_serve_kv_cache_tokens_used"] >= 3
@@ -90,6 +79,7 @@ def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
     before = m.get('llama_serve_requests_rejected_total{reason="invalid_request"}', 0)
     assert httpx.post(f"{metrics_server.v1}/completions",
                       json={"prompt": "x", "temperature": -1}).status_code == 400
-    after = scrape(metrics_server)['llama_serve_requests_rejected_total{reason="invalid_request"}']
+    rejected = 'llama_serve_requests_rejected_total{reason="invalid_request"}'
+    after = metrics_server.metrics()[rejected]
     assert after == before + 1
-    assert not [k for k in scrape(metrics_server) if re.search(r"request_id|prompt=", k)]
+    assert not [k for k in metrics_server.metrics() if re.search(r"request_id|prompt=", k)]

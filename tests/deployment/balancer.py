@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import free_port
+from tests.api.conftest import free_port, parse_metrics, wait_until  # noqa: F401 - re-exported
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "docker" / "nginx.conf"
@@ -174,26 +174,7 @@ def complete(v1_url: str, request_id: str, max_tokens: int = 4) -> httpx.Respons
                       timeout=60)
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {series (name plus labels, as written): value}."""
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            series[name] = float(value)
-    return series
-
-
 def finished_requests(metrics_text: str) -> float:
     """Requests a replica finished, whatever the reason."""
     return sum(value for name, value in parse_metrics(metrics_text).items()
                if name.startswith("llama_serve_requests_finished_total{"))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False

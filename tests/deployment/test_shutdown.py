@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -33,15 +32,6 @@ def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) ->
     result["thread"] = threading.Thread(target=read)
     result["thread"].start()
     return result
-
-
-def wait_until(condition, timeout: float = 20.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_sigterm_lets_requests_in_flight_finish(tiny_checkpoint: Path, tmp_path: Path) -> None:

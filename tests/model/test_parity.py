@@ -67,6 +67,12 @@ def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> No
     model.pack()
     assert model.lm_head_packed is not None and not hasattr(model, "lm_head")
     assert model.lm_head_packed.use_onednn, "this CPU build of torch should have oneDNN"
+    # The speed comes from the blocked layout: a silent fallback to dense weights must show.
+    layer = model.model.layers[0]
+    for packed in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
+        assert packed is not None and packed.weight.is_mkldnn
+    # A tied lm_head stays dense (reordering would copy the embedding).
+    assert model.lm_head_packed.weight.is_mkldnn is not VARIANTS[variant].tie_embeddings
     for n, ref in zip(sizes, reference, strict=True):
         assert (model(ids[:n], torch.arange(n)) - ref).abs().max().item() < 1e-5, n
     assert (model(ids, torch.arange(200)) - reference_logits(folder, ids)).abs().max() < TOL
