@@ -173,8 +173,9 @@ def arrival_times(n: int, request_rate: float, rng: random.Random) -> list[float
     return times
 
 
-def request_body(endpoint: str, model: str, prompt: Prompt, output_len: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": output_len, "temperature": 0.0,
+def request_body(endpoint: str, model: str, prompt: Prompt, output_len: int,
+                 temperature: float = 0.0) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": output_len, "temperature": temperature,
                             "ignore_eos": True, "stream": True,
                             "stream_options": {"include_usage": True}}
     body["messages" if endpoint == "chat" else "prompt"] = (
@@ -321,14 +322,14 @@ async def bench(args: argparse.Namespace, source: PromptSource,
         model = await check_server(client, base_url, args.model)
         if not args.no_warmup:
             prompt = source.make(random.Random(f"{args.seed}:warmup"))
-            body = request_body(args.endpoint, model, prompt, args.output_len)
+            body = request_body(args.endpoint, model, prompt, args.output_len, args.temperature)
             if (error := (await send(client, url, body, args.input_len)).error) is not None:
                 raise BenchError(f"the warm-up request failed: {error}")
         levels = []
         for i, concurrency in enumerate(args.concurrency):
             rng = random.Random(f"{args.seed}:{i}")  # each level its own prompts and arrivals
-            bodies = [request_body(args.endpoint, model, source.make(rng), args.output_len)
-                      for _ in range(args.num_prompts)]
+            bodies = [request_body(args.endpoint, model, source.make(rng), args.output_len,
+                                   args.temperature) for _ in range(args.num_prompts)]
             arrivals = arrival_times(len(bodies), args.request_rate, rng)
             progress.start(f"concurrency {concurrency}", len(bodies))
             levels.append(await run_level(client, url, bodies, arrivals, concurrency,
@@ -355,7 +356,8 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
     mean_in = sum(lv.total_input_tokens for lv in levels) / max(done, 1)
     lines = [f"{model} at {endpoint_url(args)[1]}: {args.num_prompts} requests per level, "
              f"{args.input_len} prompt tokens ({mean_in:.0f} counted by the server), "
-             f"{args.output_len} output tokens, request rate {args.request_rate:g}/s; "
+             f"{args.output_len} output tokens, temperature {args.temperature:g}, "
+             f"request rate {args.request_rate:g}/s; "
              "times in ms"]
     lines += ["  ".join(cell.rjust(9) for cell in row) for row in [HEADER, *map(_row, levels)]]
     lines += [f"concurrency {lv.concurrency}: {lv.failed} failed, first error: {lv.first_error}"
@@ -368,7 +370,7 @@ def write_json(path: Path, args: argparse.Namespace, model: str, source: PromptS
     """Every figure and the run's parameters (never the API key)."""
     params = {key: getattr(args, key) for key in (
         "base_url", "endpoint", "input_len", "output_len", "num_prompts", "concurrency",
-        "seed", "tokenizer", "min_token_id", "no_warmup")}
+        "temperature", "seed", "tokenizer", "min_token_id", "no_warmup")}
     params.update(model=model, vocab_size=source.vocab_size,
                   request_rate=None if math.isinf(args.request_rate) else args.request_rate)
     path.write_text(json.dumps({"parameters": params, "levels": [asdict(lv) for lv in levels]},
@@ -403,6 +405,8 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--input-len", type=_positive(int), default=1024, help="prompt tokens")
     p.add_argument("--output-len", type=_positive(int), default=128, help="tokens per request")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of every request (0: greedy, as vllm bench serve)")
     p.add_argument("--num-prompts", type=_positive(int), default=100, help="requests per level")
     p.add_argument("--concurrency", type=_levels, default=(1,),
                    help="most requests in flight, one level after another, e.g. 1,4,16")

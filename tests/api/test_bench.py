@@ -17,6 +17,7 @@ from server.bench import (
     add_bench_parser,
     arrival_times,
     percentile,
+    request_body,
     run_bench,
     summarize,
 )
@@ -35,12 +36,14 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
     out = tmp_path / "bench.json"
     rc = bench("--base-url", server.base_url, "--api-key", API_KEY, "--endpoint", endpoint,
                "--num-prompts", "6", "--concurrency", "1,3", "--input-len", "16",
-               "--output-len", "8", "--tokenizer", str(tiny_checkpoint), "--json", str(out))
+               "--output-len", "8", "--tokenizer", str(tiny_checkpoint), "--json", str(out),
+               "--temperature", "0.7")
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
-    assert "ttft p50" in stdout
+    assert "ttft p50" in stdout and "temperature 0.7" in stdout
     report = json.loads(out.read_text())
     assert report["parameters"]["model"] == "tiny"
+    assert report["parameters"]["temperature"] == 0.7
     assert "api_key" not in report["parameters"]
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
     for level in report["levels"]:
@@ -52,6 +55,13 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
             stats = level[name]
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (name, stats)
         assert level["ttft_ms"]["p99"] <= level["e2el_ms"]["p99"]
+
+
+def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> None:
+    body = request_body("completions", "m", [5, 6, 7], 9, temperature=0.7)
+    assert body["prompt"] == [5, 6, 7] and body["max_tokens"] == 9
+    assert body["temperature"] == 0.7 and body["ignore_eos"] and body["stream"]
+    assert request_body("chat", "m", "hi", 9)["temperature"] == 0.0  # greedy by default
 
 
 def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:

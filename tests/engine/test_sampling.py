@@ -15,6 +15,7 @@ from server.sampling import (
     SamplingBatch,
     compute_logprobs,
     process_logits,
+    sample_inverse_cdf,
 )
 
 DEVICE = torch.device("cpu")
@@ -282,6 +283,48 @@ def test_seeded_rows_follow_softmax() -> None:
     assert chi_square(tokens, torch.softmax(torch.tensor(row), dim=-1)) < 20
 
 
+def test_inverse_cdf_gives_each_token_its_exact_share_of_a_uniform_grid() -> None:
+    """Deterministic: over N evenly spaced draws, token k is picked for the draws that fall in
+    its CDF interval, so its count is p_k * N to within one; a masked token is never picked.
+    1000 tokens is not a multiple of the block: the padding must not be picked either."""
+    torch.manual_seed(0)
+    probs = torch.rand(3, 1000) ** 4  # uneven, unnormalised
+    probs[:, ::7] = 0.0  # masked tokens, including the first
+    probs[1, 900:] = 0.0  # a masked tail, across a block boundary
+    probs[2, :] = 0.0
+    probs[2, [3, 130, 131, 999]] = torch.tensor([0.25, 0.5, 0.125, 0.125])
+    n = 100_000
+    uniforms = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]
+    for row in probs:
+        tokens = sample_inverse_cdf(row.expand(n, -1).contiguous(), uniforms)
+        counts = torch.bincount(tokens, minlength=1000).double()
+        assert counts.shape == (1000,)  # nothing at or past the vocabulary
+        expected = row.double() / row.double().sum() * n
+        assert (counts - expected).abs().max() <= 1.0
+        assert counts[row == 0].sum() == 0
+
+
+def test_inverse_cdf_ends_of_the_unit_interval_pick_the_first_and_last_live_tokens() -> None:
+    probs = torch.zeros(2, 300)
+    probs[:, [5, 130, 257]] = 1.0  # everything else masked, 300 not a multiple of the block
+    uniforms = torch.tensor([[0.0], [torch.nextafter(torch.tensor(1.0, dtype=torch.float64),
+                                                     torch.tensor(0.0, dtype=torch.float64))]],
+                            dtype=torch.float64)
+    assert sample_inverse_cdf(probs, uniforms).tolist() == [5, 257]
+
+
+def test_inverse_cdf_stays_on_a_live_token_when_block_and_token_sums_disagree() -> None:
+    """A block's mass is summed in float32, its tokens' running sum in float64: here the block
+    total rounds up (1 + 2^-23 for 1 + 0.6 * 2^-23), and a draw in the gap must still land on
+    a live token of that block, not run past it onto masked token 128."""
+    probs = torch.zeros(1, 256)
+    probs[0, 0], probs[0, 1], probs[0, 129] = 1.0, 0.6 * 2.0**-23, 1.0
+    assert float(probs[0, :128].sum()) == 1.0 + 2.0**-23
+    total = 2.0 + 2.0**-23
+    uniforms = torch.tensor([[(1.0 + 0.8 * 2.0**-23) / total]], dtype=torch.float64)
+    assert sample_inverse_cdf(probs, uniforms).tolist() == [1]
+
+
 # --- seeds --------------------------------------------------------------------------------
 
 
@@ -361,11 +404,11 @@ def test_default_flags_give_same_tokens_as_from_params() -> None:
     fast = SamplingBatch.from_params(params, 200, DEVICE)
     assert not (fast.no_top_k or fast.no_top_p or fast.no_min_p)  # some row uses each
     plain = SamplingBatch.from_params([SamplingParams(seed=s) for s in range(6)], 200, DEVICE)
-    assert plain.no_top_k and plain.no_top_p and plain.no_min_p
+    assert plain.no_top_k and plain.no_top_p and plain.no_min_p and plain.no_greedy
     # Fresh generators for the second batch: the first call advances those of `plain`.
     fields = {f: getattr(plain, f) for f in SamplingBatch.__dataclass_fields__}
     generators = [torch.Generator().manual_seed(s) for s in range(6)]
-    flags = {"no_top_k": False, "no_top_p": False, "no_min_p": False}
+    flags = {"no_top_k": False, "no_top_p": False, "no_min_p": False, "no_greedy": False}
     slow = SamplingBatch(**{**fields, **flags, "generators": generators})
     assert torch.equal(Sampler()(logits, plain).token_ids, Sampler()(logits, slow).token_ids)
 
