@@ -6,7 +6,7 @@ ARGS ?=
 # `make bench`: the bench model (shared/bench/make_model.py) served by us, the standard workload.
 BENCH_MODEL ?= $(HOME)/.cache/llama-serve/bench-model
 BENCH_PORT ?= 8765
-BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048 --max-num-batched-tokens 512
+BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048
 BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4,16,64
 
 .PHONY: install test test-docker serve lint bench clean

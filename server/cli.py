@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from server.bench import add_bench_parser, run_bench
-from server.config import EngineConfig, ServerConfig
+from server.config import DEFAULT_BATCHED_TOKENS, EngineConfig, ServerConfig
 
 logger = logging.getLogger("llama_serve")
 
@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
          "model's context, capped at 4096", type=int, default=e.max_model_len)
     _add(serve, "--max-num-seqs", "KV-cache slots: sequences decoded at once", type=int,
          default=e.max_num_seqs)
-    _add(serve, "--max-num-batched-tokens", "tokens per forward pass (prefill chunk budget)",
-         type=int, default=e.max_num_batched_tokens)
+    by_device = ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCHED_TOKENS.items())
+    _add(serve, "--max-num-batched-tokens", "tokens per forward pass (prefill chunk budget); "
+         f"default: {by_device}, at least --max-num-seqs", type=int,
+         default=e.max_num_batched_tokens)
     _add(serve, "--max-waiting", "requests queued beyond the slots; more get 503", type=int,
          default=e.max_waiting)
     _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or %% of free memory "

@@ -119,6 +119,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                                f"(--kv-cache-memory, --max-num-seqs) or pass --enforce-eager"
                                ) from None
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
-    scheduler = Scheduler(plan.n_slots, plan.max_len, config.max_num_batched_tokens,
-                          eos_ids=tokenizer.eos_ids)
+    batched_tokens = config.batched_tokens(device.type)
+    logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
+    scheduler = Scheduler(plan.n_slots, plan.max_len, batched_tokens, eos_ids=tokenizer.eos_ids)
     return Engine(runner, scheduler, tokenizer, config.max_waiting)

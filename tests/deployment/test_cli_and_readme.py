@@ -49,6 +49,7 @@ def test_startup_summary(open_server: Server, tiny_checkpoint: Path) -> None:
     assert f"http://127.0.0.1:{open_server.base_url.rsplit(':', 1)[1]}" in log
     assert "dtype=float32 device=cpu" in log
     assert re.search(r"KV-cache pool: 2 x 2 layers x 16 slots x 1024 tokens .* GiB", log)
+    assert "scheduler: up to 16 sequences, 256 tokens per step" in log  # the CPU default
 
 
 def test_env_variables_configure_the_server(tiny_checkpoint: Path, tmp_path: Path) -> None:

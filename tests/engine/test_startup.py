@@ -35,6 +35,15 @@ def test_memory_budget_sets_the_slot_count() -> None:
     assert plan_pool(TINY, half, torch.float32, free_bytes=8 * PER_SLOT).n_slots == 4
 
 
+def test_tokens_per_step_default_by_device_and_never_below_the_slots() -> None:
+    assert EngineConfig().batched_tokens("cpu") == 256
+    assert EngineConfig().batched_tokens("cuda") == 512
+    assert EngineConfig(max_num_seqs=300).batched_tokens("cpu") == 300
+    assert EngineConfig(max_num_batched_tokens=100).batched_tokens("cuda") == 100  # given: kept
+    with pytest.raises(ValueError, match="must be >= max_num_seqs"):
+        EngineConfig(max_num_seqs=32, max_num_batched_tokens=16)
+
+
 def test_pool_larger_than_free_memory_is_refused_with_both_numbers() -> None:
     config = EngineConfig(max_num_seqs=10, max_model_len=1024)
     with pytest.raises(StartupError, match=r"needs 0\.00 GiB .* but only 0\.00 GiB is free"):
