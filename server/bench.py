@@ -386,6 +386,13 @@ def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
     return parse
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         return tuple(_positive(int)(part) for part in text.split(","))
@@ -405,7 +412,7 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--input-len", type=_positive(int), default=1024, help="prompt tokens")
     p.add_argument("--output-len", type=_positive(int), default=128, help="tokens per request")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sampling temperature of every request (0: greedy, as vllm bench serve)")
     p.add_argument("--num-prompts", type=_positive(int), default=100, help="requests per level")
     p.add_argument("--concurrency", type=_levels, default=(1,),

@@ -64,6 +64,14 @@ def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> 
     assert request_body("chat", "m", "hi", 9)["temperature"] == 0.0  # greedy by default
 
 
+@pytest.mark.parametrize("value", ["-0.5", "nan", "hot"])
+def test_bad_temperature_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench("--base-url", "http://127.0.0.1:1", "--temperature", value)
+    assert exit_info.value.code == 2
+    assert "--temperature" in capsys.readouterr().err
+
+
 def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     assert bench("--base-url", url, "--num-prompts", "2") == 2
