@@ -42,13 +42,13 @@ class EngineConfig:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 
-
     def batched_tokens(self, device_type: str) -> int:
         """max_num_batched_tokens, or the device's default (DEFAULT_BATCHED_TOKENS), raised to
         max_num_seqs so every running sequence gets its token each step."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return max(DEFAULT_BATCHED_TOKENS.get(device_type, 512), self.max_num_seqs)
+        default = DEFAULT_BATCHED_TOKENS.get(device_type, DEFAULT_BATCHED_TOKENS["cuda"])
+        return max(default, self.max_num_seqs)
 
 
 @dataclass(frozen=True, slots=True)
