@@ -82,8 +82,10 @@ class ModelRunner:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
+        # A decode-only step wants every row's logits: no gather.
+        wanted = tensor(logit_rows) if plan.prefills else None
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
-                            logits_indices=tensor(logit_rows))  # (len(logit_rows), vocab)
+                            logits_indices=wanted)  # (len(logit_rows), vocab)
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
