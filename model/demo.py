@@ -39,6 +39,10 @@ SPLIT_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4000,
                           hidden_dim=352, max_seq_len=2048, rope_theta=10000.0)
 DEMO_VERSION = "v1"  # bump when the demo model's recipe changes
+# The performance issue's bench model (what ../shared/bench/make_model.py --size bench writes):
+# `make bench` makes it with write_bench_model where that script is not at hand.
+BENCH_CONFIG = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000,
+                           hidden_dim=1408, max_seq_len=2048, rope_theta=10000.0)
 
 
 def corpus(max_bytes: int) -> Iterator[str]:
@@ -193,6 +197,11 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     return folder
 
 
+def write_bench_model(out: Path) -> None:
+    """The bench model's shapes with random float32 weights (seed 0) and a 32000-token BPE."""
+    train_tokenizer(out, BENCH_CONFIG.vocab_size, corpus_bytes=4_000_000)
+    write_checkpoint(out, BENCH_CONFIG, seed=0)
+
 
 def write_meta_checkpoint(out: Path, config: ModelConfig, params: dict, seed: int = 0,
                           n_shards: int = 1) -> None:
@@ -218,3 +227,11 @@ def write_meta_checkpoint(out: Path, config: ModelConfig, params: dict, seed: in
             shard[meta_name] = part.clone()
     for i, shard in enumerate(shards):
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
+
+
+if __name__ == "__main__":  # python -m model.demo OUT: the bench model, for `make bench`
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m model.demo OUT_FOLDER  (writes the bench model there)")
+    write_bench_model(Path(sys.argv[1]))

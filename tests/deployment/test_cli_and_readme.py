@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
 from tests.api.conftest import Server, run_server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -42,6 +44,18 @@ def test_help_documents_every_flag() -> None:
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
                          capture_output=True, text=True).stdout
     assert "serve" in top
+
+
+def test_make_bench_model_without_the_shared_maker(tmp_path: Path) -> None:
+    """Outside the dev workspace there is no ../shared/bench: `make bench` makes the bench
+    model's shapes itself."""
+    out = tmp_path / "bench-model"
+    subprocess.run(["make", "-s", f"BENCH_MODEL={out}", "BENCH_MAKER=/nonexistent/make_model.py",
+                    f"{out}/config.json"], cwd=README.parent, check=True, timeout=600)
+    config = ModelConfig.from_dir(out)
+    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.hidden_dim,
+            config.vocab_size, config.max_seq_len) == (512, 8, 8, 4, 1408, 32000, 2048)
+    assert Tokenizer.from_dir(out).vocab_size > 20000
 
 
 def test_startup_summary(open_server: Server, tiny_checkpoint: Path) -> None:
