@@ -18,6 +18,8 @@ from torch import Tensor
 
 from server.request import SamplingParams
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingBatch:
@@ -100,8 +102,10 @@ class SamplingBatch:
 
         sampled = [p for p in params if not p.is_greedy]  # controls of greedy rows are moot
         return cls(
-            temperature=column([0.0 if p.is_greedy else p.temperature for p in params],
-                               torch.float32),
+            # Clamped to float32's largest: an inf temperature would turn a banned token's
+            # -inf logit into -inf / inf = NaN.
+            temperature=column([0.0 if p.is_greedy else min(p.temperature, FLOAT32_MAX)
+                                for p in params], torch.float32),
             # Clamped: any top_k past the vocabulary means "off", and must fit an int64.
             top_k=column([min(max(p.top_k, 0), vocab_size) for p in params], torch.int64),
             top_p=column([p.top_p for p in params], torch.float32),
@@ -248,13 +252,15 @@ def sample_inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     # Strictly below the total, and below each inner total: the first index whose cdf exceeds
     # the target then has probability > 0 (a masked token repeats its predecessor's cdf).
     target = _below(uniforms * block_cdf[:, -1:], block_cdf[:, -1:])
-    block = torch.searchsorted(block_cdf, target, right=True)  # (B, 1)
+    # The clamps only matter for a row without a distribution (NaN, all zero): its draw is
+    # meaningless, but it must still be an index in range.
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=n_blocks - 1)  # (B, 1)
     before = (block_cdf - block_mass).gather(1, block)  # mass of the blocks before it
     inner = blocks.gather(1, block[:, :, None].expand(-1, -1, CDF_BLOCK)).squeeze(1)
     inner_cdf = inner.cumsum(dim=-1, dtype=torch.float64)  # (B, CDF_BLOCK)
     rest = _below((target - before).clamp(min=0), inner_cdf[:, -1:])
     token = torch.searchsorted(inner_cdf, rest, right=True)
-    return (block * CDF_BLOCK + token).squeeze(1)
+    return (block * CDF_BLOCK + token).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _below(values: Tensor, bound: Tensor) -> Tensor:

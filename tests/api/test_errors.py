@@ -267,6 +267,15 @@ def test_tiny_temperature_is_greedy(client: httpx.Client) -> None:
     assert text(1e-45) == text(0)
 
 
+def test_temperature_beyond_float32_with_min_tokens_is_served(client: httpx.Client) -> None:
+    """Found by the fuzz test: 7e307 is inf in float32, and min_tokens bans eos with -inf;
+    -inf / inf = NaN took the sampler out of range (a 500)."""
+    r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi", "max_tokens": 3,
+                                       "min_tokens": 3, "temperature": 7.05e307, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
 # --- 413 and 503: a second server with small limits --------------------------------------------
 
 

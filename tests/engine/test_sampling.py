@@ -325,6 +325,26 @@ def test_inverse_cdf_stays_on_a_live_token_when_block_and_token_sums_disagree() 
     assert sample_inverse_cdf(probs, uniforms).tolist() == [1]
 
 
+def test_inverse_cdf_row_without_a_distribution_still_gives_a_token_in_range() -> None:
+    probs = torch.zeros(3, 300)
+    probs[0, 5] = float("nan")  # e.g. -inf / inf upstream
+    probs[2, 7] = float("inf")
+    uniforms = torch.tensor([[0.5], [0.999], [0.1]], dtype=torch.float64)
+    tokens = sample_inverse_cdf(probs, uniforms).tolist()
+    assert all(0 <= t < 300 for t in tokens)
+
+
+def test_huge_temperature_with_a_banned_token_samples_a_live_token() -> None:
+    """A temperature past float32's range must not turn the ban's -inf into NaN."""
+    logits = torch.randn(64, 50)
+    params = [SamplingParams(temperature=7e307, logit_bias=((3, -100.0),), seed=s)
+              for s in range(64)]
+    banned = [[(0, float("-inf"))]] * 64  # what min_tokens does to eos
+    tokens = run(logits, params, extra_bias=banned).token_ids.tolist()
+    assert all(0 < t < 50 for t in tokens)
+    assert len(set(tokens)) > 10  # about uniform: the temperature flattened everything
+
+
 # --- seeds --------------------------------------------------------------------------------
 
 
