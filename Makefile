@@ -29,9 +29,12 @@ serve: install
 # The issue's bench model maker lives beside this checkout in the dev workspace; elsewhere the
 # same shapes come from model/demo.py (its own random weights and tokenizer).
 BENCH_MAKER ?= ../shared/bench/make_model.py
+# Written beside and renamed when complete: an interrupted run leaves no half model behind.
 $(BENCH_MODEL)/config.json: | install
-	@if [ -f $(BENCH_MAKER) ]; then $(PY) $(BENCH_MAKER) --size bench --out $(BENCH_MODEL); \
-	else $(PY) -m model.demo $(BENCH_MODEL); fi
+	@rm -rf $(BENCH_MODEL).part && \
+	if [ -f $(BENCH_MAKER) ]; then $(PY) $(BENCH_MAKER) --size bench --out $(BENCH_MODEL).part; \
+	else $(PY) -m model.demo $(BENCH_MODEL).part; fi && \
+	rm -rf $(BENCH_MODEL) && mv $(BENCH_MODEL).part $(BENCH_MODEL)
 
 bench: install $(BENCH_MODEL)/config.json
 	@$(PY) -m server serve $(BENCH_MODEL) --port $(BENCH_PORT) --served-model-name bench \

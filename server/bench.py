@@ -388,8 +388,8 @@ def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
 
 def _temperature(text: str) -> float:
     value = float(text)
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):  # JSON has no inf or NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 

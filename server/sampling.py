@@ -126,7 +126,7 @@ class SamplingBatch:
             no_top_k=all(p.top_k <= 0 or p.top_k >= vocab_size for p in sampled),
             no_top_p=all(p.top_p >= 1.0 for p in sampled),
             no_min_p=all(p.min_p <= 0.0 for p in sampled),
-            no_greedy=len(sampled) == n_rows,
+            no_greedy=len(sampled) == n_rows > 0,
         )
 
 
@@ -231,7 +231,8 @@ CDF_BLOCK = 128  # tokens per block of the two-level search in sample_inverse_cd
 
 def sample_inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """Token ids (B,) drawn from unnormalised probs (B, V) by inverting each row's CDF at its
-    uniform draw (B, 1): one random number per row, no host sync.
+    uniform draw (B, 1): one random number per row, no host sync. probs must be finite and
+    non-negative (softmax output); a row that is not still gets some id in [0, V).
 
     Two levels, because a cumulative sum along a row is a serial chain of adds on CPU: the
     CDF over blocks of CDF_BLOCK tokens picks the block, then the CDF inside that one block
@@ -259,7 +260,7 @@ def sample_inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     inner = blocks.gather(1, block[:, :, None].expand(-1, -1, CDF_BLOCK)).squeeze(1)
     inner_cdf = inner.cumsum(dim=-1, dtype=torch.float64)  # (B, CDF_BLOCK)
     rest = _below((target - before).clamp(min=0), inner_cdf[:, -1:])
-    token = torch.searchsorted(inner_cdf, rest, right=True)
+    token = torch.searchsorted(inner_cdf, rest, right=True).clamp_(max=CDF_BLOCK - 1)
     return (block * CDF_BLOCK + token).squeeze(1).clamp_(max=vocab - 1)
 
 

@@ -64,7 +64,7 @@ def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> 
     assert request_body("chat", "m", "hi", 9)["temperature"] == 0.0  # greedy by default
 
 
-@pytest.mark.parametrize("value", ["-0.5", "nan", "hot"])
+@pytest.mark.parametrize("value", ["-0.5", "nan", "inf", "hot"])
 def test_bad_temperature_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench("--base-url", "http://127.0.0.1:1", "--temperature", value)

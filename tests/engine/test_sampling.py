@@ -345,6 +345,10 @@ def test_huge_temperature_with_a_banned_token_samples_a_live_token() -> None:
     assert len(set(tokens)) > 10  # about uniform: the temperature flattened everything
 
 
+def test_empty_batch_gives_no_tokens() -> None:
+    assert run(torch.empty(0, 10), []).token_ids.shape == (0,)
+
+
 # --- seeds --------------------------------------------------------------------------------
 
 
