@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
 ARGS ?=
-# `make bench`: the bench model (shared/bench/make_model.py) served by us, the standard workload.
+# `make bench`: the bench model (made by BENCH_MAKER below) served by us, the standard workload.
 BENCH_MODEL ?= $(HOME)/.cache/llama-serve/bench-model
 BENCH_PORT ?= 8765
 BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048
