@@ -77,10 +77,8 @@ class AttentionBatch:
                         run_lens[row] = n
                     lens = run_lens
         max_len = max(lens, default=0)
-        slot_ids = tensor(slots)
-        return cls(slot_ids=slot_ids, positions=tensor(positions),
-                   n_decode=len(decode_slots),
-                   decode_slots=tensor(decode_slots) if prefills else slot_ids,
+        return cls(slot_ids=tensor(slots), positions=tensor(positions),
+                   n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
                    decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
                    decode_visible=_visible(tensor(lens), max_len), prefills=tuple(prefills))

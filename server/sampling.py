@@ -253,14 +253,14 @@ def sample_inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     # Strictly below the total, and below each inner total: the first index whose cdf exceeds
     # the target then has probability > 0 (a masked token repeats its predecessor's cdf).
     target = _below(uniforms * block_cdf[:, -1:], block_cdf[:, -1:])
-    # The clamps only matter for a row without a distribution (NaN, all zero): its draw is
-    # meaningless, but it must still be an index in range.
+    # The two clamps only matter for a row without a distribution (NaN, all zero): its draw
+    # is meaningless, but the gather below and the id returned must stay in range.
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=n_blocks - 1)  # (B, 1)
     before = (block_cdf - block_mass).gather(1, block)  # mass of the blocks before it
     inner = blocks.gather(1, block[:, :, None].expand(-1, -1, CDF_BLOCK)).squeeze(1)
     inner_cdf = inner.cumsum(dim=-1, dtype=torch.float64)  # (B, CDF_BLOCK)
     rest = _below((target - before).clamp(min=0), inner_cdf[:, -1:])
-    token = torch.searchsorted(inner_cdf, rest, right=True).clamp_(max=CDF_BLOCK - 1)
+    token = torch.searchsorted(inner_cdf, rest, right=True)
     return (block * CDF_BLOCK + token).squeeze(1).clamp_(max=vocab - 1)
 
 
