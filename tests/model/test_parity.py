@@ -108,6 +108,36 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoint: Path) -> None:
     assert (torch.cat(got) - full).abs().max().item() < TOL
 
 
+def test_prefill_in_chunks_equals_full_forward(tiny_checkpoint: Path) -> None:
+    """A prompt prefilled in chunks (each after the cached ones, with a mask) gives the full
+    pass's logits for every token."""
+    model = load_ours(tiny_checkpoint)
+    ids = prompt_ids(45)
+    full = model(ids, torch.arange(len(ids)))
+    pool = KVCachePool(model.config, n_slots=2, max_len=64, dtype=torch.float32, device="cpu")
+    got = []
+    for start, end in [(0, 7), (7, 20), (20, 21), (21, 45)]:
+        batch = AttentionBatch.build([], [], [PrefillSpan(1, start, end - start, 0)], "cpu")
+        got.append(model(ids[start:end], batch.positions, pool, batch))
+    assert (torch.cat(got) - full).abs().max().item() < TOL
+
+
+def test_prefill_attention_runs_the_fused_kernel(tiny_checkpoint: Path) -> None:
+    """Prefill chunks reach SDPA's fused CPU kernel, never the unfused product that 3-D
+    inputs fall back to (slower, and it materialises every score)."""
+    model = load_ours(tiny_checkpoint)
+    pool = KVCachePool(model.config, n_slots=2, max_len=64, dtype=torch.float32, device="cpu")
+    ids = prompt_ids(30)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for start, end in [(0, 10), (10, 30)]:  # a causal first chunk, then a masked one
+            batch = AttentionBatch.build([], [], [PrefillSpan(0, start, end - start, 0)], "cpu")
+            model(ids[start:end], batch.positions, pool, batch)
+        model(ids, torch.arange(len(ids)))  # no cache
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 @pytest.mark.parametrize("slots", [(0, 1, 2), (0, 2), (1, 7)], ids=["packed", "hole", "sparse"])
 def test_mixed_batch_rows_match_separate_runs(slots: tuple[int, ...], tiny_checkpoint: Path
                                               ) -> None:
