@@ -11,6 +11,7 @@ from server.protocol.base import (
     OpenAIBaseModel,
     RequestError,
     RequestLimits,
+    ResponseModel,
     TokenId,
     describe_validation_errors,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "Penalty",
     "RequestError",
     "RequestLimits",
+    "ResponseModel",
     "ResponseFormat",
     "StopString",
     "StreamOptions",

@@ -77,6 +77,14 @@ class OpenAIBaseModel(BaseModel):
         return handler(data)
 
 
+class ResponseModel(BaseModel):
+    """Base of the bodies and chunks the server sends. Built from values already checked,
+    so without OpenAIBaseModel's cleaning of client input: that validator ran on every
+    streamed chunk and was a fifth of the event loop's time per token at 32 streams."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
 class RequestError(ValueError):
     """A request refused under the server's configured limits; `param` names the field."""
 

@@ -9,13 +9,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import Field
 
-from server.protocol.base import OpenAIBaseModel
+from server.protocol.base import ResponseModel
 from server.request import TokenLogprob
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps to the same floor
 
 
-class CompletionLogprobs(OpenAIBaseModel):
+class CompletionLogprobs(ResponseModel):
     """Legacy completions shape; an echoed first prompt token has null logprobs."""
 
     tokens: list[str] = Field(default_factory=list)
@@ -24,7 +24,7 @@ class CompletionLogprobs(OpenAIBaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class TopLogprob(OpenAIBaseModel):
+class TopLogprob(ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -34,7 +34,7 @@ class ChatCompletionTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
-class ChatCompletionLogprobs(OpenAIBaseModel):
+class ChatCompletionLogprobs(ResponseModel):
     content: list[ChatCompletionTokenLogprob] | None = None
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from server.protocol.base import OpenAIBaseModel
+from server.protocol.base import ResponseModel
 from server.protocol.logprobs import ChatCompletionLogprobs, CompletionLogprobs
 from server.request import FinishReason
 
@@ -42,7 +42,7 @@ def to_openai_finish_reason(reason: FinishReason | None) -> OpenAIFinishReason |
     return None
 
 
-class ModelCard(OpenAIBaseModel):
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
@@ -51,12 +51,12 @@ class ModelCard(OpenAIBaseModel):
     max_model_len: int | None = None
 
 
-class ModelList(OpenAIBaseModel):
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(default_factory=list)
 
 
-class CompletionUsage(OpenAIBaseModel):
+class CompletionUsage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -70,7 +70,7 @@ class CompletionUsage(OpenAIBaseModel):
         )
 
 
-class _OmitNullUsage(OpenAIBaseModel):
+class _OmitNullUsage(ResponseModel):
     """Stream chunks: `usage` is sent on the final usage chunk only (as vLLM does)."""
 
     @model_serializer(mode="wrap")
@@ -81,7 +81,7 @@ class _OmitNullUsage(OpenAIBaseModel):
         return data
 
 
-class CompletionResponseChoice(OpenAIBaseModel):
+class CompletionResponseChoice(ResponseModel):
     """A completion choice, in responses and (with null `finish_reason`) in stream chunks."""
 
     index: int
@@ -90,7 +90,7 @@ class CompletionResponseChoice(OpenAIBaseModel):
     finish_reason: OpenAIFinishReason | None = None
 
 
-class CompletionResponse(OpenAIBaseModel):
+class CompletionResponse(ResponseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
@@ -110,21 +110,21 @@ class CompletionStreamResponse(_OmitNullUsage):
     usage: CompletionUsage | None = None
 
 
-class ChatCompletionMessage(OpenAIBaseModel):
+class ChatCompletionMessage(ResponseModel):
     """The response message."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
 
 
-class ChatCompletionResponseChoice(OpenAIBaseModel):
+class ChatCompletionResponseChoice(ResponseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
 
 
-class ChatCompletionResponse(OpenAIBaseModel):
+class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
@@ -133,7 +133,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: CompletionUsage
 
 
-class DeltaMessage(OpenAIBaseModel):
+class DeltaMessage(ResponseModel):
     """A stream delta: only the keys that are set are sent (`{}` on the last chunk)."""
 
     role: Literal["assistant"] | None = None
@@ -144,7 +144,7 @@ class DeltaMessage(OpenAIBaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ChatCompletionStreamChoice(OpenAIBaseModel):
+class ChatCompletionStreamChoice(ResponseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogprobs | None = None

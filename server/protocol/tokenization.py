@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from server.protocol.base import (
     OpenAIBaseModel,
     RequestLimits,
+    ResponseModel,
     TokenId,
     _check_count,
     _check_token_ids,
@@ -47,7 +48,7 @@ class TokenizeRequest(OpenAIBaseModel):
         _check_count(len(self.messages or ()), limits.max_messages, "messages")
 
 
-class TokenizeResponse(OpenAIBaseModel):
+class TokenizeResponse(ResponseModel):
     tokens: list[int]
     count: int
     max_model_len: int
@@ -62,5 +63,5 @@ class DetokenizeRequest(OpenAIBaseModel):
         _check_token_ids(self.tokens, vocab_size, "tokens")
 
 
-class DetokenizeResponse(OpenAIBaseModel):
+class DetokenizeResponse(ResponseModel):
     prompt: str
