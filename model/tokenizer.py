@@ -188,13 +188,16 @@ class IncrementalDetokenizer:
     max(len(stop)) - 1 characters are held back (none with include_stop_str_in_output, where a
     prefix of the stop string is output anyway) so that no prefix of a stop string goes out.
     When several stop strings match, the one that ends first wins (as if text arrived a
-    character at a time, so the result does not depend on how ids are chunked).
+    character at a time, so the result does not depend on how ids are chunked). As in vLLM,
+    no stop string can end in the text of the first `min_tokens` ids.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
-                 include_stop_str_in_output: bool = False) -> None:
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
+        self._min_tokens = min_tokens
+        self._n_added = 0  # output ids so far, specials included
         self._skip_special = skip_special_tokens
         self._stop = tuple(s for s in stop if s)
         self._include_stop = include_stop_str_in_output
@@ -226,12 +229,18 @@ class IncrementalDetokenizer:
         """Append output ids; return the new text ("" while a character or stop is pending)."""
         if self.stopped_by is not None or self._finished:
             return ""
-        new = []
+        out = []
         for i in token_ids:
+            self._n_added += 1
+            new = ""
             if self._visible(i):
                 self._ids.append(i)
-                new.append(self._next_text())
-        return self._release("".join(new), final=False)
+                new = self._next_text()
+            out.append(self._release(new, final=False,
+                                     search=self._n_added > self._min_tokens))
+            if self.stopped_by is not None:
+                break
+        return "".join(out)
 
     def flush(self) -> str:
         """End of output for another reason: return what was pending or held back."""
@@ -241,7 +250,7 @@ class IncrementalDetokenizer:
         rest = ""
         if self._read < len(self._ids):  # an incomplete character: output it as decoded
             rest = self._decode(self._prefix)[len(self._prefix_context()):]
-        return self._release(rest, final=True)
+        return self._release(rest, final=True, search=self._n_added > self._min_tokens)
 
     def _visible(self, token_id: int) -> bool:
         # Ids past the vocabulary (padded embedding rows) decode to nothing, as in tokenizers.
@@ -269,12 +278,13 @@ class IncrementalDetokenizer:
             self._prefix = 0
         return text[len(prefix_text):]
 
-    def _release(self, new: str, final: bool) -> str:
-        """Emit `new` after the held-back text, cut at a stop string, keeping the hold-back."""
+    def _release(self, new: str, final: bool, search: bool = True) -> str:
+        """Emit `new` after the held-back text, cut at a stop string (if `search`), keeping
+        the hold-back."""
         text = self._held + new
         # A stop string ending in `new` starts at most len(stop) - 1 characters before it, in
         # `recent`: one ending earlier would have been found by an earlier call.
-        hit = _first_stop(self._recent + new, self._stop) if new else None
+        hit = _first_stop(self._recent + new, self._stop) if new and search else None
         if hit is not None:
             start, self.stopped_by = hit
             start -= len(self._recent) - len(self._held)  # into `text`; < 0: already emitted

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from model.tokenizer import Tokenizer
 from server.memory import release_free_memory
 from server.outputs import IterationStats, OutputBuilder
-from server.request import RequestOutput, RequestStatus, SamplingParams
+from server.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
 from server.runner import ModelRunner, StepResult
 from server.scheduler import Request, Scheduler, StepPlan
 
@@ -60,6 +60,7 @@ class RequestStream:
 
     def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
+        self.n = n
         self.loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._unfinished = n
@@ -98,6 +99,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        self._closed = False  # set (under _lock) when the loop ends: no stream is opened after
         self._listeners: list[Callable[[IterationStats], None]] = []
 
     # ------------------------------------------------------------------ asyncio side
@@ -127,6 +129,8 @@ class Engine:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
         stream = RequestStream(request_id, params.n, asyncio.get_running_loop())
         with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine stopped")
             if request_id in self._streams:
                 raise RequestRejected(f"request id {request_id!r} is already in flight")
             # Free slots take requests at the next step; beyond them, max_waiting may queue.
@@ -327,9 +331,16 @@ class Engine:
         s.tokens_used = sched.num_used_tokens
 
     def _fail_all(self, message: str) -> None:
+        """End every stream: the scheduler's requests, and those accepted by `generate()` but
+        still in the inbox, whose clients would otherwise wait forever."""
+        with self._lock:
+            self._closed = True
+            queued = [s for rid, s in self._streams.items() if rid not in self.scheduler.requests]
         posts = []
         for request in list(self.scheduler.requests.values()):
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
+        posts += [RequestOutput(s.request_id, i, finish_reason=FinishReason.ERROR, error=message)
+                  for s in queued for i in range(s.n)]
         self._post(posts)
 
 

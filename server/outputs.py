@@ -55,26 +55,45 @@ class OutputBuilder:
         return it
 
     def sequence_output(self, seq: Sequence, token: int) -> RequestOutput:
+        """`token` was just appended to `seq` by the scheduler (which may have finished it)."""
+        p = seq.request.params
         detok = self._detokenizers.get(seq)
         first = detok is None
         if detok is None:
-            p = seq.request.params
             detok = IncrementalDetokenizer(
                 self._tokenizer, seq.request.prompt_ids, skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
+                min_tokens=p.min_tokens)
             self._detokenizers[seq] = detok
-        text = detok.add([token])
-        if detok.stopped_by is not None:
-            self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
-        elif seq.status.is_finished:
-            text += detok.flush()
+        if seq.status == RequestStatus.FINISHED_STOPPED and not p.include_stop_str_in_output:
+            # A stop token (eos or stop_token_ids) ends the text before it, as in vLLM; it is
+            # still an output token (ids, logprobs, usage).
+            text = detok.flush()
+        else:
+            text = detok.add([token])
+            if detok.stopped_by is not None:
+                self._stop_string_matched(seq)
+            elif seq.status.is_finished:
+                text += detok.flush()
         out = self._output(seq, text, [token], first)
         if seq.status.is_finished:
             self._release(seq)
         return out
 
+    def _stop_string_matched(self, seq: Sequence) -> None:
+        if seq.status == RequestStatus.FINISHED_LENGTH:
+            # The token that matched was also the last one allowed: the stop string is the
+            # reason (vLLM's finish_reason "stop"); the slot is already free.
+            seq.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+
     def final(self, seq: Sequence, error: str | None) -> RequestOutput:
-        out = self._output(seq, "", [], first=seq not in self._detokenizers)
+        """The last output of a sequence ended from outside (abort, error): with the text still
+        held back for stop strings, unless it failed."""
+        detok = self._detokenizers.get(seq)
+        text = detok.flush() if detok is not None and not error else ""
+        out = self._output(seq, text, [], first=detok is None)
         out.error = error or None
         self._release(seq)
         return out

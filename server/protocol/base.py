@@ -31,19 +31,21 @@ def _admits_none(annotation: Any) -> bool:
 
 def _check_unicode(value: Any) -> None:
     """Refuse lone surrogates: JSON can carry "\\ud800", but it is no text a tokenizer (or a
-    JSON response echoing it) can encode."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode (found a lone surrogate)") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(key)
-            _check_unicode(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item)
+    JSON response echoing it) can encode. A loop, not recursion: a body nested a thousand
+    levels deep must not exhaust the stack (RecursionError became a 500)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (found a lone surrogate)") from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -125,14 +127,18 @@ def _check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> None:
             )
 
 
+MAX_REPORTED_ERRORS = 5
+
+
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """OpenAI's (message, param) from pydantic's `errors()`; FastAPI's leading "body" dropped.
 
-    `param` is the top-level field of the first error, None for whole-request errors.
+    `param` is the top-level field of the first error, None for whole-request errors. Only the
+    first few errors are described: a list of 100000 bad ids must not become a 6 MB answer.
     """
     parts: list[str] = []
     param: str | None = None
-    for i, error in enumerate(errors):
+    for i, error in enumerate(errors[:MAX_REPORTED_ERRORS]):
         loc = list(error.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
@@ -141,6 +147,8 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         path = ".".join(str(part) for part in loc)
         parts.append(f"{path}: {msg}" if path else msg)
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more errors")
     return "; ".join(parts) or "invalid request", param
 
 

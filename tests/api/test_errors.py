@@ -13,7 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import API_KEY, Server, assert_openai_error, run_server, sse_data, wait_idle
+from tests.api.conftest import (
+    API_KEY,
+    Server,
+    assert_openai_error,
+    run_server,
+    sse_data,
+    wait_idle,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello"}]
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -234,6 +242,69 @@ def test_echo_of_padded_vocab_id_is_not_a_server_error(client: httpx.Client,
         else:
             r.read()
             assert r.json()["choices"][0]["text"]
+
+
+def test_deeply_nested_body_is_never_a_server_error(client: httpx.Client) -> None:
+    """Around 960 levels (an ignored field) the request-side Unicode check, then recursive,
+    ran out of stack: a 500 with a long traceback in the log, or a dropped connection."""
+    for depth in range(940, 1000, 6):
+        nested = "[" * depth + "1" + "]" * depth
+        content = f'{{"model": "tiny", "prompt": "Hi", "max_tokens": 1, "x": {nested}}}'
+        r = client.post(COMPLETIONS, content=content,
+                        headers={"Content-Type": "application/json"})
+        if r.status_code != 200:
+            assert_openai_error(r, 400)
+
+
+def test_many_bad_token_ids_give_a_short_error(client: httpx.Client) -> None:
+    """100000 invalid ids are 100000 validation errors: the message names a few and counts
+    the rest (it was 6 MB, built on the event loop)."""
+    r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": [-1] * 100_000})
+    error = assert_openai_error(r, 400)
+    assert error["param"] == "prompt"
+    assert len(r.content) < 2000
+    assert "and 99995 more errors" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_logprobs_request_aborted_before_its_prefill_ends(tiny_checkpoint: Path,
+                                                               tmp_path: Path,
+                                                               stream: bool) -> None:
+    """A scoring request (echo + logprobs) still queued when the server shuts down gets its
+    abort like any other (it was a 500: no prompt logprobs to pair with its prompt ids)."""
+    with run_server(tiny_checkpoint, tmp_path, "--max-num-seqs", "1",
+                    "--shutdown-timeout", "0") as server:
+        with httpx.Client(base_url=server.base_url, timeout=60) as c, \
+                c.stream("POST", COMPLETIONS, json={"prompt": "Hi", "max_tokens": None,
+                                                    "ignore_eos": True, "stream": True}) as hog:
+            lines = hog.iter_lines()
+            while not next(lines).startswith("data:"):  # the only slot is taken
+                pass
+            result: dict[str, Any] = {}
+
+            def score() -> None:
+                body = {"prompt": "hello world", "max_tokens": 0, "echo": True, "logprobs": 1,
+                        "stream": stream}
+                with httpx.stream("POST", f"{server.base_url}{COMPLETIONS}", json=body,
+                                  timeout=60) as r:
+                    r.read()
+                    result["status"], result["text"] = r.status_code, r.text
+
+            waiter = threading.Thread(target=score)
+            waiter.start()
+            assert wait_until(lambda: server.metric("llama_serve_requests_waiting") >= 1)
+            server.process.terminate()  # no drain time: everything in flight is aborted
+            waiter.join(30)
+            list(lines)
+    assert result["status"] == 200, result
+    if stream:
+        events = [line[len("data:"):].strip() for line in result["text"].splitlines()
+                  if line.startswith("data:")]
+        assert events[-1] == "[DONE]" and '"error"' not in result["text"], result["text"]
+        final = json.loads(events[-2])["choices"][0]
+    else:
+        final = json.loads(result["text"])["choices"][0]
+    assert final["finish_reason"] == "abort"
 
 
 # --- sampling controls that break the step -----------------------------------------------------

@@ -215,6 +215,79 @@ def test_min_tokens_and_ignore_eos(tiny_checkpoint: Path) -> None:
     assert ignore.tokens[0] == [eos] * 8 and ignore.finish[0] == FinishReason.LENGTH
 
 
+def forced_token(engine: Engine, prompt: list[int]) -> tuple[int, str]:
+    """A token id whose text after `prompt` is at least two visible characters."""
+    tok = engine.tokenizer
+    base = tok.decode(prompt)
+    for t in range(100, 1000):
+        piece = tok.decode([*prompt, t])[len(base):]
+        if len(piece.strip()) >= 2 and t not in tok.special_ids:
+            return t, piece
+    raise AssertionError("no such token")
+
+
+def test_stop_token_text_is_left_out(tiny_checkpoint: Path) -> None:
+    """As in vLLM: a stop token id (or eos) ends the text before it unless
+    include_stop_str_in_output; it still counts as an output token."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        t, piece = forced_token(engine, [5, 6])
+        force = ((t, 100.0),)
+        cut, kept = run(
+            engine,
+            ([5, 6], SamplingParams(logit_bias=force, max_tokens=5, stop_token_ids=(t,)), "cut"),
+            ([5, 6], SamplingParams(logit_bias=force, max_tokens=5, stop_token_ids=(t,),
+                                    include_stop_str_in_output=True), "kept"))
+        eos = min(engine.tokenizer.eos_ids)
+        shown = run(engine, ([5, 6], SamplingParams(logit_bias=((eos, 100.0),), max_tokens=5,
+                                                    skip_special_tokens=False), "eos"))[0]
+    assert cut.tokens[0] == [t] and cut.text[0] == "" and cut.finish[0] == FinishReason.STOP
+    assert kept.tokens[0] == [t] and kept.text[0] == piece
+    assert shown.tokens[0] == [eos] and shown.text[0] == ""
+
+
+def test_stop_strings_wait_for_min_tokens(tiny_checkpoint: Path) -> None:
+    """As in vLLM: no stop string ends in the text of the first min_tokens tokens."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        t, piece = forced_token(engine, [5, 6])
+        params = SamplingParams(logit_bias=((t, 100.0),), max_tokens=10, ignore_eos=True,
+                                stop=(piece,), min_tokens=3)
+        res = run(engine, ([5, 6], params, "r"))[0]
+    assert res.tokens[0] == [t] * 4 and res.finish[0] == FinishReason.STOP
+    assert res.text[0] == engine.tokenizer.decode([5, 6, t, t, t])[len(
+        engine.tokenizer.decode([5, 6])):]
+
+
+def test_stop_string_on_the_last_allowed_token_is_a_stop(tiny_checkpoint: Path) -> None:
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        t, piece = forced_token(engine, [5, 6])
+        res = run(engine, ([5, 6], SamplingParams(logit_bias=((t, 100.0),), max_tokens=1,
+                                                  ignore_eos=True, stop=(piece,)), "r"))[0]
+    assert res.tokens[0] == [t] and res.text[0] == "" and res.finish[0] == FinishReason.STOP
+
+
+def test_abort_returns_the_text_held_back_for_stop_strings(tiny_checkpoint: Path) -> None:
+    """Text held back in case it starts a stop string is the request's own: an abort still
+    delivers it (vLLM's finished flush)."""
+    params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True,
+                            stop=("\x00never in the output\x00",))
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        async def main() -> Result:
+            res = Result()
+            async for out in engine.generate([5, 6, 7], params, "held"):
+                res.tokens.setdefault(0, []).extend(out.token_ids)
+                res.text[0] = res.text.get(0, "") + out.text
+                if len(res.tokens[0]) == 12:
+                    engine.abort("held")
+                if out.finished:
+                    res.finish[0] = out.finish_reason
+            return res
+        res = asyncio.run(main())
+        tok = engine.tokenizer
+        full = tok.decode([5, 6, 7, *res.tokens[0]])[len(tok.decode([5, 6, 7])):]
+    assert res.finish[0] == FinishReason.ABORT
+    assert res.text[0] == full and len(full) > 0
+
+
 def test_abort_frees_slot(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=2, max_model_len=1024) as engine:
         async def main() -> Result:
@@ -293,6 +366,23 @@ def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
             asyncio.run(asyncio.sleep(0.01))
         with pytest.raises(engine_module.EngineDeadError, match="device lost"):
             engine.check_health()
+        with pytest.raises(engine_module.EngineDeadError):
+            run(engine, ([5, 6], GREEDY, "after"))
+
+
+def test_requests_not_yet_scheduled_fail_when_the_engine_dies(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request accepted by generate() but still in the inbox when the loop dies gets an
+    error output, not a stream that never ends; nothing is accepted afterwards."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        def broken(request):  # noqa: ANN001, ANN202
+            raise RuntimeError("scheduler bug")
+        monkeypatch.setattr(engine.scheduler, "add", broken)
+
+        async def main() -> Result:
+            return await asyncio.wait_for(collect(engine, [5, 6], GREEDY, "orphan"), 20)
+        res = asyncio.run(main())
+        assert res.finish[0] == FinishReason.ERROR and "scheduler bug" in (res.error or "")
         with pytest.raises(engine_module.EngineDeadError):
             run(engine, ([5, 6], GREEDY, "after"))
 
