@@ -12,7 +12,7 @@ from server.protocol.base import (
     RequestError,
     RequestLimits,
     ResponseModel,
-    TokenId,
+    TokenIdList,
     describe_validation_errors,
 )
 from server.protocol.logprobs import (
@@ -94,7 +94,7 @@ __all__ = [
     "ResponseFormat",
     "StopString",
     "StreamOptions",
-    "TokenId",
+    "TokenIdList",
     "TokenIds",
     "TokenizeRequest",
     "TokenizeResponse",

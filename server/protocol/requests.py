@@ -16,7 +16,7 @@ from server.protocol.base import (
     OpenAIBaseModel,
     RequestError,
     RequestLimits,
-    TokenId,
+    TokenIdList,
     _check_count,
     _check_token_ids,
 )
@@ -25,7 +25,7 @@ from server.request import MAX_LOGPROBS, SamplingParams
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 4300 digits
 
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TokenIds = Annotated[TokenIdList, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -55,7 +55,7 @@ class _SamplingRequest(OpenAIBaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 

@@ -10,7 +10,7 @@ from server.protocol.base import (
     OpenAIBaseModel,
     RequestLimits,
     ResponseModel,
-    TokenId,
+    TokenIdList,
     _check_count,
     _check_token_ids,
 )
@@ -56,7 +56,7 @@ class TokenizeResponse(ResponseModel):
 
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: TokenIdList
 
     def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
         """Raise `RequestError` for token ids outside the vocabulary."""
