@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from server.protocol.base import (
+    MAX_ITEMS,
+    Items,
+    MapItems,
     OpenAIBaseModel,
     RequestError,
     RequestLimits,
@@ -28,6 +31,7 @@ _TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 430
 TokenIds = Annotated[TokenIdList, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MapItems]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -40,10 +44,10 @@ class _SamplingRequest(OpenAIBaseModel):
     model: str | None = None
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: LogitBias | None = None
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
-    stop: StopString | list[StopString] | None = None
+    stop: StopString | Annotated[list[StopString], Items] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0)
@@ -148,9 +152,9 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: Annotated[
         Annotated[str, Tag("text")]
-        | Annotated[list[str], Tag("texts")]
+        | Annotated[list[str], Items, Tag("texts")]
         | Annotated[TokenIds, Tag("ids")]
-        | Annotated[list[TokenIds], Tag("batch")],
+        | Annotated[list[TokenIds], Items, Tag("batch")],
         Discriminator(
             _prompt_kind,
             custom_error_type="invalid_prompt",
@@ -218,7 +222,7 @@ class ChatMessage(OpenAIBaseModel):
     """A request message. `content` may be null only for the assistant."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+    content: str | Annotated[list[ContentPart], Items] | None = Field(None, validate_default=True)
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -261,15 +265,15 @@ class ResponseFormat(OpenAIBaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Tools, functions and JSON response formats are refused."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Any], Items] | None = None
     tool_choice: Any = None
-    functions: list[Any] | None = None
+    functions: Annotated[list[Any], Items] | None = None
     function_call: Any = None
 
     @field_validator("top_logprobs")

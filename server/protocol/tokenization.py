@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from server.protocol.base import (
+    MAX_ITEMS,
     OpenAIBaseModel,
     RequestLimits,
     ResponseModel,
@@ -26,7 +27,7 @@ class TokenizeRequest(OpenAIBaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

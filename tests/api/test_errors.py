@@ -269,6 +269,31 @@ def test_many_bad_token_ids_give_a_short_error(client: httpx.Client) -> None:
     assert error["message"].endswith("and 995 more errors")
 
 
+HUGE = 300_000  # items in a ~1 MB body; each used to be its own validation error
+HUGE_BODIES = {
+    "negative_ids": (COMPLETIONS, {"prompt": [5, -1] * (HUGE // 2)}),
+    "text_in_ids": (COMPLETIONS, {"prompt": [5, "x"] * (HUGE // 2)}),
+    "ids_in_texts": (COMPLETIONS, {"prompt": ["x", 5] * (HUGE // 2)}),
+    "stop": (COMPLETIONS, {"prompt": "Hi", "stop": [5] * HUGE}),
+    "stop_token_ids": (COMPLETIONS, {"prompt": "Hi", "stop_token_ids": [0.5] * HUGE}),
+    "logit_bias": (COMPLETIONS, {"prompt": "Hi", "logit_bias": {str(i): "x" for i in range(HUGE)}}),
+    "messages": (CHAT, {"messages": [1] * HUGE}),
+    "content_parts": (CHAT, {"messages": [{"role": "user", "content": [1] * HUGE}]}),
+    "detokenize": ("/detokenize", {"tokens": [True] * HUGE}),
+}
+
+
+@pytest.mark.parametrize("path,body", HUGE_BODIES.values(), ids=list(HUGE_BODIES))
+def test_huge_invalid_body_is_one_short_error(client: httpx.Client, path: str,
+                                              body: dict[str, Any]) -> None:
+    """A list (or map) is refused as a whole, before its items, or at its first bad item:
+    2 million invalid items in a 4 MB body had held the event loop (every stream) for 15 s."""
+    r = client.post(path, json={"model": "tiny", **body})
+    error = assert_openai_error(r, 400)
+    assert "more errors" not in error["message"], error["message"][:300]  # not item by item
+    assert len(r.content) < 1000
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_logprobs_request_aborted_before_its_prefill_ends(tiny_checkpoint: Path,
                                                                tmp_path: Path,
