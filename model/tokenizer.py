@@ -282,9 +282,10 @@ class IncrementalDetokenizer:
         """Emit `new` after the held-back text, cut at a stop string (if `search`), keeping
         the hold-back."""
         text = self._held + new
-        # A stop string ending in `new` starts at most len(stop) - 1 characters before it, in
-        # `recent`: one ending earlier would have been found by an earlier call.
-        hit = _first_stop(self._recent + new, self._stop) if new and search else None
+        # Only a stop string that ends in `new` counts: it starts at most len(stop) - 1
+        # characters before it, in `recent`. (One ending earlier was either found by an earlier
+        # call or lies in the min_tokens text, which may not stop the output.)
+        hit = _first_stop(self._recent, new, self._stop) if new and search else None
         if hit is not None:
             start, self.stopped_by = hit
             start -= len(self._recent) - len(self._held)  # into `text`; < 0: already emitted
@@ -300,11 +301,12 @@ class IncrementalDetokenizer:
         return text
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """(start, stop) of the occurrence that ends first; on a tie, the longest."""
-    best = None
+def _first_stop(recent: str, new: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(start in recent + new, stop) of the occurrence ending in `new` that ends first; on a
+    tie, the longest."""
+    text, best = recent + new, None
     for stop in stops:
-        i = text.find(stop)
+        i = text.find(stop, max(len(recent) - len(stop) + 1, 0))
         if i >= 0 and (best is None or (i + len(stop), i) < (best[0] + len(best[1]), best[0])):
             best = (i, stop)
     return best

@@ -341,6 +341,7 @@ class Engine:
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
         posts += [RequestOutput(s.request_id, i, finish_reason=FinishReason.ERROR, error=message)
                   for s in queued for i in range(s.n)]
+        self._stats.finished_total[FinishReason.ERROR.value] += sum(s.n for s in queued)
         self._post(posts)
 
 

@@ -14,7 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +30,7 @@ logger = logging.getLogger(__name__)
 # a 4 MB body of 2 million invalid items was 2 million errors and 15 s of the event loop. The
 # per-request limits (RequestLimits, far lower) then give the precise message.
 MAX_ITEMS = 4096
-Items = Field(max_length=MAX_ITEMS)
+MAX_ITEMS_FIELD = Field(max_length=MAX_ITEMS)
 
 
 def _map_ceiling(value: Any) -> Any:
@@ -32,24 +40,34 @@ def _map_ceiling(value: Any) -> Any:
     return value
 
 
-MapItems = BeforeValidator(_map_ceiling)
+MAP_CEILING = BeforeValidator(_map_ceiling)
+TokenId = Annotated[int, Field(ge=0)]
+_TOKEN_ID = TypeAdapter(TokenId)
 
 
 def _token_ids(value: Any) -> Any:
-    """Token-id lists (which may be as long as a context, so no ceiling) are checked in one
-    pass that stops at the first bad id: one error, not one per item."""
-    if isinstance(value, list):
-        for i, token_id in enumerate(value):
-            if type(token_id) is not int:
-                raise ValueError(f"token ids must be integers, got {type(token_id).__name__} "
-                                 f"at index {i}")
-            if token_id < 0:
-                raise ValueError(f"token ids must be greater than or equal to 0, got "
-                                 f"{token_id} at index {i}")
-    return value
+    """Token-id lists may be as long as a context, so they get no ceiling: they are checked in
+    one pass that stops at the first bad id (one error, not one per item). What is not a
+    plain int is validated as pydantic would (5.0 and "5" are 5, as in vLLM)."""
+    if not isinstance(value, list):
+        return value
+    converted = None
+    for i, token_id in enumerate(value):
+        if type(token_id) is int and token_id >= 0:
+            continue
+        try:
+            token_id = _TOKEN_ID.validate_python(token_id)
+        except ValidationError as e:
+            raise ValueError(f"token id at index {i}: {e.errors()[0]['msg']}") from None
+        if converted is None:
+            converted = list(value)
+        converted[i] = token_id
+    return value if converted is None else converted
 
 
-TokenIdList = Annotated[list[int], BeforeValidator(_token_ids)]
+# The items are checked again by pydantic (fast, and never failing): that keeps the schema's
+# `minimum: 0`.
+TokenIdList = Annotated[list[TokenId], BeforeValidator(_token_ids)]
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -80,7 +98,8 @@ def _check_unicode(value: Any) -> None:
 
 
 class OpenAIBaseModel(BaseModel):
-    """Base of every API model: unknown fields are ignored and logged (vLLM `OpenAIBaseModel`).
+    """Base of every request model: unknown fields are ignored and logged (vLLM
+    `OpenAIBaseModel`). Responses use `ResponseModel`.
 
     OpenAI documents most parameters as "X or null, defaults to D" and clients do send `null`:
     a `null` for a field whose type excludes None means its default.

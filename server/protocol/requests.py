@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from server.protocol.base import (
+    MAP_CEILING,
     MAX_ITEMS,
-    Items,
-    MapItems,
+    MAX_ITEMS_FIELD,
     OpenAIBaseModel,
     RequestError,
     RequestLimits,
@@ -31,7 +31,7 @@ _TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 430
 TokenIds = Annotated[TokenIdList, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MapItems]
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MAP_CEILING]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -47,7 +47,7 @@ class _SamplingRequest(OpenAIBaseModel):
     logit_bias: LogitBias | None = None
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
-    stop: StopString | Annotated[list[StopString], Items] | None = None
+    stop: StopString | Annotated[list[StopString], MAX_ITEMS_FIELD] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0)
@@ -152,9 +152,9 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: Annotated[
         Annotated[str, Tag("text")]
-        | Annotated[list[str], Items, Tag("texts")]
+        | Annotated[list[str], MAX_ITEMS_FIELD, Tag("texts")]
         | Annotated[TokenIds, Tag("ids")]
-        | Annotated[list[TokenIds], Items, Tag("batch")],
+        | Annotated[list[TokenIds], MAX_ITEMS_FIELD, Tag("batch")],
         Discriminator(
             _prompt_kind,
             custom_error_type="invalid_prompt",
@@ -218,11 +218,14 @@ class ContentPart(OpenAIBaseModel):
     text: str
 
 
+ContentParts = Annotated[list[ContentPart], MAX_ITEMS_FIELD]
+
+
 class ChatMessage(OpenAIBaseModel):
     """A request message. `content` may be null only for the assistant."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[ContentPart], Items] | None = Field(None, validate_default=True)
+    content: str | ContentParts | None = Field(None, validate_default=True)
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -271,9 +274,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[Any], Items] | None = None
+    tools: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     tool_choice: Any = None
-    functions: Annotated[list[Any], Items] | None = None
+    functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
 
     @field_validator("top_logprobs")

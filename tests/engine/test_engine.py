@@ -258,6 +258,8 @@ def test_stop_strings_wait_for_min_tokens(tiny_checkpoint: Path) -> None:
 
 
 def test_stop_string_on_the_last_allowed_token_is_a_stop(tiny_checkpoint: Path) -> None:
+    """The scheduler had already finished the sequence for length; the stop string matched
+    by the same token is the reason, as in vLLM (it was reported as "length")."""
     with running(tiny_checkpoint, max_model_len=1024) as engine:
         t, piece = forced_token(engine, [5, 6])
         res = run(engine, ([5, 6], SamplingParams(logit_bias=((t, 100.0),), max_tokens=1,
@@ -383,6 +385,7 @@ def test_requests_not_yet_scheduled_fail_when_the_engine_dies(
             return await asyncio.wait_for(collect(engine, [5, 6], GREEDY, "orphan"), 20)
         res = asyncio.run(main())
         assert res.finish[0] == FinishReason.ERROR and "scheduler bug" in (res.error or "")
+        assert engine.stats().finished_total["error"] == 1
         with pytest.raises(engine_module.EngineDeadError):
             run(engine, ([5, 6], GREEDY, "after"))
 

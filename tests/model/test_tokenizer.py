@@ -368,6 +368,23 @@ def test_stop_string_spanning_tokens_cuts_the_output(tok: Tokenizer) -> None:
         assert det.add(out[:3]) == "" and det.flush() == "" and det.text == full[:end]
 
 
+def test_no_stop_string_ends_within_min_tokens(tok: Tokenizer) -> None:
+    """As in vLLM: a stop string must end in text of an id past min_tokens. A short stop seen
+    in the first ids must not be found later either (a longer stop string beside it keeps
+    that text in the search window)."""
+    out = tok.encode(STOP_TEXT, add_special_tokens=False)
+    full = expected_stream(tok, [], out)
+    ends = [len(expected_stream(tok, [], out[:k])) for k in range(len(out) + 1)]
+    short = full[ends[1] - 1]  # the last character of the first id's text
+    for min_tokens in range(4):
+        det = IncrementalDetokenizer(tok, [], stop=(short, "\x00" * 12), min_tokens=min_tokens)
+        text = "".join(det.add([i]) for i in out) + det.flush()
+        # The first occurrence that ends in the text of an id past min_tokens.
+        first = next((j for j in range(len(full)) if full.startswith(short, j)
+                      and j + len(short) > ends[min_tokens]), None)
+        assert text == (full if first is None else full[:first])
+
+
 def test_stop_strings_hold_back_text_until_flush(tok: Tokenizer) -> None:
     out = tok.encode(STOP_TEXT, add_special_tokens=False)
     full = tok.decode(out)
