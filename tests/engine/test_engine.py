@@ -61,6 +61,20 @@ async def collect(engine: Engine, prompt: list[int], params: SamplingParams, rid
     return res
 
 
+async def collect_aborted(engine: Engine, prompt: list[int], params: SamplingParams, rid: str,
+                          after: int) -> Result:
+    """Like `collect`, aborting the request once `after` tokens have arrived."""
+    res = Result()
+    async for out in engine.generate(prompt, params, rid):
+        res.tokens.setdefault(0, []).extend(out.token_ids)
+        res.text[0] = res.text.get(0, "") + out.text
+        if len(res.tokens[0]) == after:
+            engine.abort(rid)
+        if out.finished:
+            res.finish[0] = out.finish_reason
+    return res
+
+
 def run(engine: Engine, *jobs: tuple) -> list[Result]:
     async def main() -> list[Result]:
         return await asyncio.gather(*(collect(engine, *job) for job in jobs))
@@ -273,17 +287,7 @@ def test_abort_returns_the_text_held_back_for_stop_strings(tiny_checkpoint: Path
     params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True,
                             stop=("\x00never in the output\x00",))
     with running(tiny_checkpoint, max_model_len=1024) as engine:
-        async def main() -> Result:
-            res = Result()
-            async for out in engine.generate([5, 6, 7], params, "held"):
-                res.tokens.setdefault(0, []).extend(out.token_ids)
-                res.text[0] = res.text.get(0, "") + out.text
-                if len(res.tokens[0]) == 12:
-                    engine.abort("held")
-                if out.finished:
-                    res.finish[0] = out.finish_reason
-            return res
-        res = asyncio.run(main())
+        res = asyncio.run(collect_aborted(engine, [5, 6, 7], params, "held", after=12))
         tok = engine.tokenizer
         full = tok.decode([5, 6, 7, *res.tokens[0]])[len(tok.decode([5, 6, 7])):]
     assert res.finish[0] == FinishReason.ABORT
@@ -292,18 +296,8 @@ def test_abort_returns_the_text_held_back_for_stop_strings(tiny_checkpoint: Path
 
 def test_abort_frees_slot(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=2, max_model_len=1024) as engine:
-        async def main() -> Result:
-            res = Result()
-            stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True),
-                                     "long")
-            async for out in stream:
-                res.tokens.setdefault(0, []).extend(out.token_ids)
-                if len(res.tokens[0]) == 3:
-                    engine.abort("long")
-                if out.finished:
-                    res.finish[0] = out.finish_reason
-            return res
-        res = asyncio.run(main())
+        params = SamplingParams(max_tokens=500, ignore_eos=True)
+        res = asyncio.run(collect_aborted(engine, [5, 6, 7], params, "long", after=3))
         assert res.finish[0] == FinishReason.ABORT
         assert len(res.tokens[0]) < 50
         for _ in range(100):
