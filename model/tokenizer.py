@@ -236,8 +236,7 @@ class IncrementalDetokenizer:
             if self._visible(i):
                 self._ids.append(i)
                 new = self._next_text()
-            out.append(self._release(new, final=False,
-                                     search=self._n_added > self._min_tokens))
+            out.append(self._release(new, final=False))
             if self.stopped_by is not None:
                 break
         return "".join(out)
@@ -250,7 +249,7 @@ class IncrementalDetokenizer:
         rest = ""
         if self._read < len(self._ids):  # an incomplete character: output it as decoded
             rest = self._decode(self._prefix)[len(self._prefix_context()):]
-        return self._release(rest, final=True, search=self._n_added > self._min_tokens)
+        return self._release(rest, final=True)
 
     def _visible(self, token_id: int) -> bool:
         # Ids past the vocabulary (padded embedding rows) decode to nothing, as in tokenizers.
@@ -278,10 +277,11 @@ class IncrementalDetokenizer:
             self._prefix = 0
         return text[len(prefix_text):]
 
-    def _release(self, new: str, final: bool, search: bool = True) -> str:
-        """Emit `new` after the held-back text, cut at a stop string (if `search`), keeping
-        the hold-back."""
+    def _release(self, new: str, final: bool) -> str:
+        """Emit `new` after the held-back text, cut at a stop string (none within the first
+        min_tokens ids), keeping the hold-back."""
         text = self._held + new
+        search = self._n_added > self._min_tokens
         # Only a stop string that ends in `new` counts: it starts at most len(stop) - 1
         # characters before it, in `recent`. (One ending earlier was either found by an earlier
         # call or lies in the min_tokens text, which may not stop the output.)

@@ -72,21 +72,13 @@ class OutputBuilder:
         else:
             text = detok.add([token])
             if detok.stopped_by is not None:
-                self._stop_string_matched(seq)
+                self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
             elif seq.status.is_finished:
                 text += detok.flush()
         out = self._output(seq, text, [token], first)
         if seq.status.is_finished:
             self._release(seq)
         return out
-
-    def _stop_string_matched(self, seq: Sequence) -> None:
-        if seq.status == RequestStatus.FINISHED_LENGTH:
-            # The token that matched was also the last one allowed: the stop string is the
-            # reason (vLLM's finish_reason "stop"); the slot is already free.
-            seq.status = RequestStatus.FINISHED_STOPPED
-        else:
-            self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
 
     def final(self, seq: Sequence, error: str | None) -> RequestOutput:
         """The last output of a sequence ended from outside (abort, error): with the text still
@@ -101,12 +93,17 @@ class OutputBuilder:
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
                 first: bool) -> RequestOutput:
         request = seq.request
+        prompt_logprobs = None
+        if first and request.params.prompt_logprobs is not None:
+            # One entry per prompt token: a request ended before its prompt was scored (an
+            # abort) has null for the rest, as for the first token.
+            missing = len(request.prompt_ids) - len(request.prompt_logprobs)
+            prompt_logprobs = request.prompt_logprobs + [None] * missing
         out = RequestOutput(
             request.request_id, seq.index, text=text, token_ids=token_ids,
             logprobs=seq.output_logprobs[-len(token_ids):] if seq.output_logprobs and token_ids
             else None,
-            prompt_logprobs=request.prompt_logprobs if first and
-            request.params.prompt_logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids))
         now = time.monotonic()
         if token_ids:

@@ -111,7 +111,8 @@ class RequestOutput:
     """What one engine step produced for one sequence; posted to the request's stream.
 
     `text` and `token_ids` are the delta since the previous output; `finish_reason` is set on
-    the last one. `prompt_logprobs` comes once, on the first output, when asked for.
+    the last one. `prompt_logprobs` (one entry per prompt token) comes once, on the first
+    output, when asked for.
     """
 
     request_id: str

@@ -214,6 +214,11 @@ class Scheduler:
     def finish(self, seq: Sequence, status: RequestStatus) -> None:
         """Finish one sequence (a stop, a stop string, an abort) and free its slot."""
         if seq.status.is_finished:
+            if (seq.status == RequestStatus.FINISHED_LENGTH
+                    and status == RequestStatus.FINISHED_STOPPED):
+                # A stop string matched by the last allowed token: the stop is the reason, as
+                # in vLLM (the slot is already free).
+                seq.status = status
             return
         was_running = seq.status == RequestStatus.RUNNING
         seq.status = status

@@ -149,10 +149,7 @@ class CompletionService:
         ids: list[int] = list(new_ids)
         lps: list[TokenLogprob | None] = list(new_lps)
         if echo is not None:
-            # A request aborted before its prefill was scored has fewer prompt logprobs (or
-            # none): the rest are null, like the first token's.
-            echo = list(echo) + [None] * (len(s.prompt_ids) - len(echo))
-            ids, lps = s.prompt_ids + ids, echo + lps
+            ids, lps = s.prompt_ids + ids, list(echo) + lps
         texts = self._texts(ids, lps)
         return completion_logprobs(ids, lps, texts, text_offset=offset)
 
@@ -178,7 +175,7 @@ class CompletionService:
             if request.logprobs is not None:
                 logprobs = self._logprobs(s, choice.token_ids[:len(choice.logprobs)],
                                           choice.logprobs,
-                                          prompt_lps.get(index // n, []) if request.echo else None,
+                                          prompt_lps.get(index // n) if request.echo else None,
                                           0)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,

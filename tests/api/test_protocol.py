@@ -131,6 +131,20 @@ def test_completion_accepts(fields: dict[str, Any]) -> None:
     completion(**fields)
 
 
+def test_body_nested_beyond_the_recursion_limit_is_validated() -> None:
+    """The Unicode check walks a body without recursion: an ignored field nested 100000
+    levels deep is just ignored (recursion made a RecursionError, a 500 over HTTP)."""
+    def nest(leaf: object) -> list:
+        nested = [leaf]
+        for _ in range(100_000):
+            nested = [nested]
+        return nested
+
+    assert completion(x=nest("fine")).prompt == "Hello"
+    with pytest.raises(ValidationError, match="lone surrogate"):  # and it reaches the bottom
+        completion(x=nest("\ud800"))
+
+
 def test_token_ids_are_read_as_pydantic_ints() -> None:
     """The one-pass token-id check still takes what pydantic's lax int takes (5.0 and "5",
     as vLLM does), and refuses a fractional or negative id with one error."""
