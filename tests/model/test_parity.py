@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from model.attention import AttentionBatch, PrefillSpan
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
-from model.llama import LlamaModel
+from model.llama import LlamaModel, PackedLinear
 from model.weights import load_model
 from tests.conftest import TINY
 
@@ -76,6 +77,24 @@ def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> No
     for n, ref in zip(sizes, reference, strict=True):
         assert (model(ids[:n], torch.arange(n)) - ref).abs().max().item() < 1e-5, n
     assert (model(ids, torch.arange(200)) - reference_logits(folder, ids)).abs().max() < TOL
+
+
+def test_packed_linear_pads_few_rows_on_the_blocked_layout() -> None:
+    """1-3 rows go through oneDNN's 4-row kernel (faster on the blocked layout) and come
+    back as exactly the rows asked for; the plain layout (a tied lm_head) is not padded."""
+    weight = torch.randn(96, 64)
+    blocked = PackedLinear(weight, use_onednn=True)
+    plain = PackedLinear(weight, use_onednn=True, reorder=False)
+    assert blocked.weight.is_mkldnn and not plain.weight.is_mkldnn
+    for n in (1, 2, 3, 4, 7):
+        x = torch.randn(n, 64)
+        for layer in (blocked, plain):
+            got = layer(x)
+            assert got.shape == (n, 96)
+            assert (got - F.linear(x, weight)).abs().max().item() < 1e-5, n
+        kernel_rows = (blocked(x)._base if n < 4 else blocked(x)).shape[0]
+        assert kernel_rows == max(n, PackedLinear.MIN_ROWS)
+        assert plain(x)._base is None
 
 
 def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
