@@ -1,10 +1,15 @@
-"""Give freed heap memory back to the OS when the engine goes idle.
+"""When the process's freed heap memory goes back to the OS: once per idle period, not per step.
 
 A serving process allocates and frees tensors and Python objects of ever-changing sizes from
 several threads (engine, HTTP, OpenMP workers); glibc keeps what they free in per-thread arenas,
 so resident memory drifts upward under load although nothing leaks (measured: +60 MB over
 1,800 requests on the bench model, with the Python heap flat). `malloc_trim` returns those free
 pages; called once per idle period, RSS grew 700 -> 733 MB over the same kind of soak.
+
+Under load the opposite holds: by default glibc hands memory back on the spot (an arena's free
+top beyond a trim threshold is dropped with madvise, blocks above a threshold get their own
+mmap), and a decode step's multi-MB tensors (logits and probabilities, rows x vocab floats)
+fault the same pages back in on the next step. `keep_freed_memory` fixes both thresholds high.
 """
 
 from __future__ import annotations
@@ -12,22 +17,64 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD = 1 << 30  # free memory an arena keeps at its top before handing it back
+MMAP_THRESHOLD = 32 << 20  # blocks up to this come from the arenas (glibc's largest value)
+# Set in the environment, glibc's own variables take precedence over keep_freed_memory.
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def _glibc_function(name: str) -> Any | None:
+    """A glibc function from ctypes; None under musl, macOS and anything else without it."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only: musl and macOS have none
+        return getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
 
 
+def _load_mallopt() -> Callable[[int, int], int] | None:
+    if _malloc_trim is None:  # not glibc (musl's mallopt is a stub)
+        return None
+    mallopt = _glibc_function("mallopt")
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 _malloc_trim = _load_malloc_trim()
+_mallopt = _load_mallopt()
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed heap memory for reuse instead of handing it back to the OS at every free;
+    False where the C library cannot, or the user set glibc's MALLOC_* thresholds.
+
+    glibc's defaults are dynamic: an arena's free top beyond twice the largest block freed so
+    far is dropped (madvise), and the next step's tensors fault its pages back in. Measured on
+    the bench model, 32 rows decoding in-process: 2200 page faults a step and 2.2 ms of
+    sampling; with these thresholds 400-990 faults and 1.1-1.8 ms, 3-5% more tokens/s. The
+    memory goes back once per idle period instead (release_free_memory).
+    """
+    if _mallopt is None or any(name in os.environ for name in MALLOC_ENV):
+        return False
+    return bool(_mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                and _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def release_free_memory() -> bool:
