@@ -56,6 +56,7 @@ def test_freed_blocks_stay_in_the_heap() -> None:
     assert probe("keep") == {"kept": True, "own_mapping": 0, "free_in_heap": True}
 
 
-def test_the_users_malloc_settings_win() -> None:
-    result = probe("keep", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    assert result == {"kept": False, "own_mapping": 1, "free_in_heap": False}
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
+                                 {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={1 << 20}"}])
+def test_the_users_malloc_settings_win(env: dict[str, str]) -> None:
+    assert probe("keep", **env) == {"kept": False, "own_mapping": 1, "free_in_heap": False}
