@@ -13,7 +13,7 @@ import transformers
 from model.attention import AttentionBatch, PrefillSpan
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
-from model.llama import LlamaModel, PackedLinear
+from model.llama import LlamaModel, PackedLinear, RMSNorm
 from model.weights import load_model
 from tests.conftest import TINY
 
@@ -95,6 +95,25 @@ def test_packed_linear_pads_few_rows_on_the_blocked_layout() -> None:
         kernel_rows = (blocked(x)._base if n < 4 else blocked(x)).shape[0]
         assert kernel_rows == max(n, PackedLinear.MIN_ROWS)
         assert plain(x)._base is None
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_packed_rms_norm_is_rms_norm(scale: float) -> None:
+    """The CPU fast path (LayerNorm over [x, -x], for a few rows) gives RMSNorm's values to
+    rounding, for small values (where eps counts), ordinary and large ones."""
+    norm = RMSNorm(512, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(512))
+    x = torch.randn(300, 512) * scale
+    want = norm(x)  # F.rms_norm, the reference path
+    norm.pack()
+    assert norm.doubled_weight is not None
+    for rows in (1, 3, RMSNorm.LAYER_NORM_MAX_ROWS):
+        got = norm(x[:rows])
+        assert got.shape == (rows, 512)
+        assert got.stride(0) == 2 * 512  # the first half of LayerNorm's rows: the fast path ran
+        assert torch.allclose(got, want[:rows], rtol=1e-5, atol=1e-6), rows
+    assert torch.equal(norm(x), want)  # more rows: F.rms_norm itself
 
 
 def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
