@@ -114,12 +114,10 @@ def serve(args: argparse.Namespace) -> int:
     from model.demo import ensure_demo_model
     from model.source import resolve_model
     from server.app import DrainingServer, create_app
-    from server.memory import keep_freed_memory
     from server.startup import build_engine
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()  # before the engine's thread makes its arena; see server/memory.py
     try:
         if args.model:
             model_dir = resolve_model(args.model)

@@ -19,7 +19,6 @@ import ctypes.util
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,33 +32,20 @@ MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 MALLOC_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
 
 
-def _glibc_function(name: str) -> Any | None:
-    """A glibc function from ctypes; None under musl, macOS and anything else without it."""
+def _load_glibc() -> tuple[Callable[[int], int], Callable[[int, int], int]] | None:
+    """glibc's malloc_trim and mallopt; None under musl (whose mallopt is a stub and which
+    has no malloc_trim), macOS and anything else without them."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, name)
+        trim, mallopt = libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return trim, mallopt
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    trim = _glibc_function("malloc_trim")
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-def _load_mallopt() -> Callable[[int, int], int] | None:
-    if _malloc_trim is None:  # not glibc (musl's mallopt is a stub)
-        return None
-    mallopt = _glibc_function("mallopt")
-    if mallopt is not None:
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
-
-
-_malloc_trim = _load_malloc_trim()
-_mallopt = _load_mallopt()
+_glibc = _load_glibc()
 
 
 def keep_freed_memory() -> bool:
@@ -76,16 +62,18 @@ def keep_freed_memory() -> bool:
     once per idle period instead (release_free_memory).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (_mallopt is None or any(name in os.environ for name in MALLOC_ENV)
+    if (_glibc is None or any(name in os.environ for name in MALLOC_ENV)
             or any(name in tunables for name in MALLOC_TUNABLES)):
         return False
-    return bool(_mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                and _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    _, mallopt = _glibc
+    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def release_free_memory() -> bool:
     """Return free heap pages to the OS; False where the C library cannot."""
-    if _malloc_trim is None:
+    if _glibc is None:
         return False
-    _malloc_trim(0)
+    trim, _ = _glibc
+    trim(0)
     return True

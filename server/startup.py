@@ -20,6 +20,7 @@ from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
 from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from server.engine import Engine
+from server.memory import keep_freed_memory
 from server.runner import ModelRunner
 from server.scheduler import Scheduler
 
@@ -92,6 +93,9 @@ def parse_memory(spec: str, free_bytes: int) -> int:
 
 
 def build_engine(folder: Path, config: EngineConfig, chat_template: str | None = None) -> Engine:
+    # Process-wide, before any tensor or the engine's thread exists: the engine hands freed
+    # memory back when idle (release_free_memory), not after every step.
+    keep_freed_memory()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)

@@ -16,6 +16,7 @@ import torch
 
 import server.engine as engine_module
 import server.outputs as outputs_module
+import server.startup as startup_module
 from model.decode_graphs import DecodeGraphs
 from model.weights import load_checkpoint
 from server.config import EngineConfig
@@ -382,6 +383,19 @@ def test_requests_not_yet_scheduled_fail_when_the_engine_dies(
         assert engine.stats().finished_total["error"] == 1
         with pytest.raises(engine_module.EngineDeadError):
             run(engine, ([5, 6], GREEDY, "after"))
+
+
+def test_building_an_engine_keeps_freed_memory_under_load(tiny_checkpoint: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other half of the memory policy (server/memory.py; its effect is tested in
+    test_memory.py): set before the model loads."""
+    order: list[str] = []
+    monkeypatch.setattr(startup_module, "keep_freed_memory", lambda: order.append("keep"))
+    load = startup_module.load_checkpoint
+    monkeypatch.setattr(startup_module, "load_checkpoint",
+                        lambda *a: order.append("load") or load(*a))
+    build_engine(tiny_checkpoint, EngineConfig(device="cpu"))
+    assert order == ["keep", "load"]
 
 
 def test_engine_returns_free_memory_when_it_goes_idle(tiny_checkpoint: Path,

@@ -72,6 +72,8 @@ def test_packed_fast_path_matches_reference(variant: str, make_checkpoint) -> No
     layer = model.model.layers[0]
     for packed in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
         assert packed is not None and packed.weight.is_mkldnn
+    # The norms too run their fast path (RMSNorm.pack).
+    assert all(m.doubled_weight is not None for m in model.modules() if isinstance(m, RMSNorm))
     # A tied lm_head stays dense (reordering would copy the embedding).
     assert model.lm_head_packed.weight.is_mkldnn is not VARIANTS[variant].tie_embeddings
     for n, ref in zip(sizes, reference, strict=True):
@@ -92,7 +94,7 @@ def test_packed_linear_pads_few_rows_on_the_blocked_layout() -> None:
             got = layer(x)
             assert got.shape == (n, 96)
             assert (got - F.linear(x, weight)).abs().max().item() < 1e-5, n
-        kernel_rows = (blocked(x)._base if n < 4 else blocked(x)).shape[0]
+        kernel_rows = (blocked(x)._base if n < PackedLinear.MIN_ROWS else blocked(x)).shape[0]
         assert kernel_rows == max(n, PackedLinear.MIN_ROWS)
         assert plain(x)._base is None
 
