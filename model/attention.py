@@ -12,9 +12,13 @@ expanded: queries are viewed as (…, KVH, G, D) against their shared K/V head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from model.cpu_kernels import CpuKernels
 
 Tensor = torch.Tensor
 
@@ -45,6 +49,7 @@ class AttentionBatch:
     positions: Tensor  # (T,) int64
     n_decode: int = 0
     decode_slots: Tensor | None = None  # (n_decode,) int64
+    decode_lens: Tensor | None = None  # (n_decode,) int64: keys each row sees, its own included
     decode_max_len: int = 0  # longest decode row, keys included: how far the rows read
     decode_run: tuple[int, int] | None = None  # (lo, hi) slots read as one view; None: gather
     decode_rows: Tensor | None = None  # each row's index in the run; None: the run is the rows
@@ -60,7 +65,7 @@ class AttentionBatch:
         for span in prefills:
             slots += [span.slot] * span.n_tokens
             positions += range(span.start, span.start + span.n_tokens)
-        lens = [p + 1 for p in decode_positions]  # keys each decode row sees, its own included
+        lens = row_lens = [p + 1 for p in decode_positions]  # keys each row sees, its own too
 
         def tensor(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -79,7 +84,7 @@ class AttentionBatch:
         max_len = max(lens, default=0)
         return cls(slot_ids=tensor(slots), positions=tensor(positions),
                    n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
-                   decode_max_len=max_len, decode_run=run,
+                   decode_lens=tensor(row_lens), decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
                    decode_visible=_visible(tensor(lens), max_len), prefills=tuple(prefills))
 
@@ -91,7 +96,7 @@ class AttentionBatch:
         n_rows = positions.shape[0]
         slots = torch.arange(n_rows, device=positions.device)
         return cls(slot_ids=slots, positions=positions, n_decode=n_rows, decode_slots=slots,
-                   decode_max_len=n_len, decode_run=(0, n_rows - 1),
+                   decode_lens=seq_lens, decode_max_len=n_len, decode_run=(0, n_rows - 1),
                    decode_visible=_visible(seq_lens, n_len))
 
 
@@ -116,16 +121,19 @@ def _heads_first(x: Tensor) -> Tensor:
     return x.transpose(0, 1)[None]
 
 
-def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch) -> Tensor:
+def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch,
+                  kernels: CpuKernels | None = None) -> Tensor:
     """Attention for a step whose K/V are already written to the cache.
 
-    q (T, H, D); k_cache/v_cache (n_slots, KVH, max_len, D) -> (T, H, D).
+    q (T, H, D); k_cache/v_cache (n_slots, KVH, max_len, D) -> (T, H, D). With `kernels`
+    (the packed CPU float32 path) the decode rows run its decode attention.
     """
     if not batch.prefills:  # a decode-only step: no output buffer to assemble
-        return _attend_decode(q, k_cache, v_cache, batch)
+        return _attend_decode(q, k_cache, v_cache, batch, kernels)
     out = torch.empty_like(q)
     if batch.n_decode:
-        out[: batch.n_decode] = _attend_decode(q[: batch.n_decode], k_cache, v_cache, batch)
+        out[: batch.n_decode] = _attend_decode(q[: batch.n_decode], k_cache, v_cache, batch,
+                                               kernels)
     gqa = q.shape[1] != k_cache.shape[1]
     for span in batch.prefills:
         end = span.start + span.n_tokens
@@ -143,14 +151,19 @@ def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionB
     return out
 
 
-def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch) -> Tensor:
+def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch,
+                   kernels: CpuKernels | None) -> Tensor:
     """One query per row, all rows in one batched product over their first decode_max_len keys.
 
     A packed run of slots is a strided view of the cache, so nothing is copied; slots in the
     run that are not decoding this step (holes) are computed and dropped. Otherwise the rows'
-    slots are gathered.
+    slots are gathered. The CPU kernel reads each row's own slot and length directly.
     """
     assert batch.decode_slots is not None and batch.decode_visible is not None
+    if kernels is not None:
+        assert batch.decode_lens is not None
+        return kernels.decode_attention(q, k_cache, v_cache, batch.decode_slots,
+                                        batch.decode_lens, batch.decode_max_len)
     n_rows, n_heads, head_dim = q.shape
     n_kv, n_len, rows = k_cache.shape[1], batch.decode_max_len, batch.decode_rows
     if batch.decode_run is not None:

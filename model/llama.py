@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
 from model.attention import AttentionBatch, attend_cached, attend_causal
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
@@ -25,8 +26,8 @@ Tensor = torch.Tensor
 
 
 class RMSNorm(nn.Module):
-    # Rows up to which the packed path runs LayerNorm (see `pack`); with more it measured
-    # 2-4% slower than F.rms_norm (32 rows, a 128-token prompt).
+    # Rows up to which the packed path without C kernels runs LayerNorm (see `pack`); with more
+    # it measured 2-4% slower than F.rms_norm (32 rows, a 128-token prompt).
     LAYER_NORM_MAX_ROWS = 8
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -34,19 +35,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.doubled_weight: Tensor | None = None  # the CPU fast path, see `pack`
+        self.kernels: cpu_kernels.CpuKernels | None = None
 
-    def pack(self) -> None:
-        """The CPU float32 fast path: RMSNorm as LayerNorm over [x, -x], whose mean is 0 and
-        whose variance is mean(x^2), so its first half is x * rsqrt(mean(x^2) + eps) * w.
+    def pack(self, kernels: cpu_kernels.CpuKernels | None = None) -> None:
+        """The CPU float32 fast path: the C kernel (one pass over each row, the residual add
+        fused in: `add_forward`) or, without it, RMSNorm as LayerNorm over [x, -x], whose mean
+        is 0 and whose variance is mean(x^2), so its first half is x * rsqrt(mean(x^2) + eps)
+        * w.
 
         On CPU LayerNorm is one fused kernel and F.rms_norm about ten small ops: in the bench
         model's decode step a norm took ~30 us, 17 of them a step. Step with 1 / 4 rows (two
-        A/Bs in one process): 10.1 / 10.3 -> 9.5 / 9.9 ms and 8.7 / 9.2 -> 8.3 / 9.1 ms. The
+        A/Bs in one process): 10.1 / 10.3 -> 9.5 / 9.9 ms and 8.7 / 9.2 -> 8.3 / 9.1 ms. Either
         result differs from F.rms_norm by rounding only (a few ulps, tested); the reference
         path keeps F.rms_norm."""
-        self.doubled_weight = torch.cat([self.weight.detach()] * 2)
+        self.kernels = kernels
+        self.doubled_weight = None if kernels else torch.cat([self.weight.detach()] * 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)[1]
         if self.doubled_weight is not None and x.shape[0] <= self.LAYER_NORM_MAX_ROWS:
             dim = x.shape[-1]
             both = torch.cat([x, x.neg()], dim=-1)
@@ -59,6 +66,13 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + delta, and its norm): a residual add and the norm after it."""
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, delta)
+        h = x + delta
+        return h, self(h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
@@ -170,12 +184,15 @@ class Attention(nn.Module):
 
         self.qkv: PackedLinear | None = None  # the fast path, see `pack`
         self.o: PackedLinear | None = None
+        self.kernels: cpu_kernels.CpuKernels | None = None  # C decode attention, see `pack`
 
-    def pack(self, use_onednn: bool) -> None:
-        """Fuse q/k/v into one matmul (one read of x, one launch) and free the originals."""
+    def pack(self, use_onednn: bool, kernels: cpu_kernels.CpuKernels | None = None) -> None:
+        """Fuse q/k/v into one matmul (one read of x, one launch) and free the originals;
+        with `kernels`, decode rows attend with its C kernel."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         self.qkv = PackedLinear(w, use_onednn)
         self.o = PackedLinear(self.o_proj.weight, use_onednn)
+        self.kernels = kernels
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
@@ -183,6 +200,15 @@ class Attention(nn.Module):
         n_tokens, n_qk = x.shape[0], self.n_heads + self.n_kv_heads
         if self.qkv is not None:
             qkv = self.qkv(x).view(n_tokens, n_qk + self.n_kv_heads, self.head_dim)
+            if self.kernels is not None and kv is not None:
+                assert batch is not None
+                # One C pass: rotate q and k, store K and V (what the branch below does in ~12
+                # small ops), then the decode rows attend in C too.
+                k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
+                q = self.kernels.rope_store(qkv, cos, sin, k_cache, v_cache, batch.slot_ids,
+                                            batch.positions, self.n_heads)
+                out = attend_cached(q, k_cache, v_cache, batch, self.kernels)
+                return self.o(out.view(n_tokens, self.n_heads * self.head_dim))
             # q and k heads side by side: one rotation for both (fewer small ops per layer).
             q, k = apply_rope(qkv[:, :n_qk], cos, sin).split([self.n_heads, self.n_kv_heads], 1)
             v = qkv[:, n_qk:]  # (T, KVH, D)
@@ -196,7 +222,7 @@ class Attention(nn.Module):
         else:
             assert batch is not None
             kv.write(self.layer, batch.slot_ids, batch.positions, k, v)
-            out = attend_cached(q, kv.k[self.layer], kv.v[self.layer], batch)
+            out = attend_cached(q, kv.k[self.layer], kv.v[self.layer], batch, self.kernels)
         out = out.reshape(n_tokens, self.n_heads * self.head_dim)
         return self.o(out) if self.o is not None else self.o_proj(out)
 
@@ -235,8 +261,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
                 batch: AttentionBatch | None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
+        h, normed = self.post_attention_layernorm.add_forward(x, attn)
+        return h + self.mlp(normed)
 
 
 class LlamaBody(nn.Module):
@@ -263,21 +290,25 @@ class LlamaModel(nn.Module):
         # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def pack(self) -> None:
+    def pack(self, use_cpu_kernels: bool = True) -> None:
         """Switch to the fast path: fused q/k/v and gate/up projections (one matmul each) run
-        by PackedLinear, and on CPU in float32 the norms as LayerNorm (RMSNorm.pack). The
+        by PackedLinear, and on CPU in float32 C kernels where they build (`use_cpu_kernels`,
+        cpu_kernels.py: norms, rotary + K/V store, decode attention), else the norms as
+        LayerNorm (RMSNorm.pack). The
         reference modules and checkpoint names are gone afterwards. Tested against the
         reference."""
         weight = self.lm_head.weight
         on_cpu = weight.device.type == "cpu"
+        cpu_fp32 = on_cpu and weight.dtype == torch.float32
         use_onednn = on_cpu and onednn_linear_works(weight.dtype)
+        kernels = cpu_kernels.load() if cpu_fp32 and use_cpu_kernels else None
         for layer in self.model.layers:
-            layer.self_attn.pack(use_onednn)
+            layer.self_attn.pack(use_onednn, kernels)
             layer.mlp.pack(use_onednn)
-        if on_cpu and weight.dtype == torch.float32:
+        if cpu_fp32:
             for norm in self.modules():
                 if isinstance(norm, RMSNorm):
-                    norm.pack()
+                    norm.pack(kernels)
         # A tied lm_head stays in the dense layout: reordering would copy the embedding.
         tied = weight is self.model.embed_tokens.weight
         self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied)

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
+    _add(serve, "--no-cpu-kernels", "CPU: decode attention with PyTorch's SDPA, not the C "
+         "kernel built on first use", action="store_true", default=not e.cpu_kernels)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, ServerConfig]:
-    engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig)
+              if f.name != "cpu_kernels"}
+    engine = EngineConfig(**values, cpu_kernels=not args.no_cpu_kernels)
     template = Path(args.chat_template).read_text() if args.chat_template else None
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
     server = ServerConfig(

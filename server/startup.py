@@ -105,7 +105,8 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     if config.max_model_len is not None and config.max_model_len > model.config.max_seq_len:
         raise StartupError(f"--max-model-len {config.max_model_len} is beyond the model's "
                            f"context length {model.config.max_seq_len}")
-    model.pack()  # fused, pre-transposed weights: the fast path (tests pin it to the reference)
+    # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
+    model.pack(use_cpu_kernels=config.cpu_kernels)
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device))
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
                 model.config.n_layers, model.config.dim, model.config.vocab_size,

@@ -37,8 +37,8 @@ def test_help_documents_every_flag() -> None:
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
                  "--max-request-bytes", "--allowed-origins", "--metrics-compat",
-                 "--shutdown-timeout", "--enforce-eager", "--load-format", "--seed",
-                 "--log-level"):
+                 "--shutdown-timeout", "--enforce-eager", "--no-cpu-kernels", "--load-format",
+                 "--seed", "--log-level"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
@@ -126,6 +126,19 @@ def test_enforce_eager_flag_and_env(argv: list[str], env: str | None, want: bool
     args = build_parser().parse_args(["serve", str(tmp_path), *argv])
     engine, _ = configs(args, tmp_path)
     assert engine.enforce_eager is want
+
+
+@pytest.mark.parametrize("argv, env, want", [
+    ([], None, True), (["--no-cpu-kernels"], None, False), ([], "1", False), ([], "0", True)])
+def test_no_cpu_kernels_flag_and_env(argv: list[str], env: str | None, want: bool,
+                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.cli import build_parser, configs
+
+    if env is not None:
+        monkeypatch.setenv("LLAMA_SERVE_NO_CPU_KERNELS", env)
+    args = build_parser().parse_args(["serve", str(tmp_path), *argv])
+    engine, _ = configs(args, tmp_path)
+    assert engine.cpu_kernels is want
 
 
 def test_dummy_load_format_serves_a_config_without_weights(tiny_checkpoint: Path,

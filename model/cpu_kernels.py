@@ -1,0 +1,200 @@
+"""C kernels for the packed CPU float32 path, built on first use and loaded with ctypes.
+
+Decode attention reads every running sequence's K and V once a step; SDPA's fused CPU kernel
+reads them at about 12 GB/s here, a third of what the machine streams, and that costs 5-9% of
+a decode step at 4-64 rows. `cpu_kernels.c` holds a plain loop over (row, kv head) that
+reads at about twice that rate.
+
+The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-march=native`,
+so the library is cached per source, compiler and CPU under `$LLAMA_SERVE_CACHE/kernels`
+(default `~/.cache/llama-serve/kernels`). Only its OpenMP runtime must be torch's: the kernels
+are used only where torch already loaded a libgomp, which the library then shares (two
+runtimes would each keep a pool of threads on the same cores). Without a compiler `load()`
+returns None and the model runs PyTorch's ops, as it does with `--no-cpu-kernels`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("llama_serve")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+Tensor = torch.Tensor
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class CpuKernels:
+    """The loaded library's functions, each checking what the C code takes on trust."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._decode_attention = library.decode_attention
+        self._decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                                           _I64, _I64, ctypes.c_float, _P, ctypes.c_int]
+        self._decode_attention.restype = _I64
+        self._add_rms_norm = library.add_rms_norm
+        self._add_rms_norm.argtypes = [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64,
+                                       ctypes.c_float, ctypes.c_int]
+        self._add_rms_norm.restype = None
+        self._rope_store = library.rope_store
+        self._rope_store.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                     _I64, _I64, ctypes.c_int]
+        self._rope_store.restype = _I64
+
+    def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                         lens: Tensor, longest: int) -> Tensor:
+        """q (R, H, D); caches (n_slots, KVH, max_len, D); slots and lens (R,) int64, each row
+        seeing the first lens[r] keys of slot slots[r]; `longest` = max(lens), from the host
+        (reading it from the tensor would cost a sync on other devices and a call here).
+        Returns (R, H, D)."""
+        n_rows, n_heads, head_dim = q.shape
+        n_slots, n_kv_heads, max_len, _ = k_cache.shape
+        if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+                and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+                and n_heads % n_kv_heads == 0 and slots.dtype == lens.dtype == torch.int64
+                and slots.shape == lens.shape == (n_rows,) and 0 <= longest <= max_len):
+            raise ValueError("decode_attention: unexpected shapes, dtypes or layout")
+        q, slots, lens = q.contiguous(), slots.contiguous(), lens.contiguous()
+        out = torch.empty_like(q)
+        n_threads = torch.get_num_threads()
+        group = n_heads // n_kv_heads
+        workspace = torch.empty(n_threads * group * max(longest, 1))
+        bad = self._decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     out.data_ptr(), slots.data_ptr(), lens.data_ptr(), n_rows,
+                                     n_slots, n_kv_heads, group, head_dim, max_len, longest,
+                                     head_dim ** -0.5, workspace.data_ptr(), n_threads)
+        if bad:
+            raise IndexError(f"decode_attention: row {bad - 1} reads outside the KV cache")
+        return out
+
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float,
+                 delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(h, rms_norm(h) * weight) with h = x + delta, or x itself without delta. x and
+        delta (T, dim) float32 with contiguous rows (a strided view's rows are fine)."""
+        n_rows, dim = x.shape
+        for t in (x, delta):
+            if t is not None and not (t.dtype == torch.float32 and t.stride(1) == 1
+                                      and t.shape == x.shape):
+                raise ValueError("rms_norm: unexpected shapes, dtypes or layout")
+        if not (weight.dtype == torch.float32 and weight.shape == (dim,)
+                and weight.is_contiguous()):
+            raise ValueError("rms_norm: unexpected weight")
+        out = torch.empty(n_rows, dim)
+        h = x if delta is None else torch.empty(n_rows, dim)
+        self._add_rms_norm(x.data_ptr(), x.stride(0),
+                           None if delta is None else delta.data_ptr(),
+                           0 if delta is None else delta.stride(0), h.data_ptr(), out.data_ptr(),
+                           weight.data_ptr(), n_rows, dim, eps, torch.get_num_threads())
+        return h, out
+
+    def rope_store(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, slots: Tensor, positions: Tensor, n_heads: int) -> Tensor:
+        """Rotate the q and k heads of qkv (T, H + 2 KVH, D), write K and V at each token's
+        (slot, position) of the caches (n_slots, KVH, max_len, D), return the rotated q
+        (T, H, D). cos and sin (T, 1, D) or (T, D), the halves repeated."""
+        n_tokens, n_all, head_dim = qkv.shape
+        n_slots, n_kv_heads, max_len, _ = k_cache.shape
+        cos, sin = cos.reshape(n_tokens, head_dim), sin.reshape(n_tokens, head_dim)
+        if not (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
+                == torch.float32 and qkv.is_contiguous() and cos.is_contiguous()
+                and sin.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+                and head_dim % 2 == 0 and n_all == n_heads + 2 * n_kv_heads
+                and slots.dtype == positions.dtype == torch.int64
+                and slots.shape == positions.shape == (n_tokens,)):
+            raise ValueError("rope_store: unexpected shapes, dtypes or layout")
+        slots, positions = slots.contiguous(), positions.contiguous()
+        q = torch.empty(n_tokens, n_heads, head_dim)
+        bad = self._rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                               k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                               positions.data_ptr(), n_tokens, n_heads, n_slots, n_kv_heads,
+                               head_dim, max_len, torch.get_num_threads())
+        if bad:
+            raise IndexError(f"rope_store: token {bad - 1} is outside the KV cache")
+        return q
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernels, built if needed; None where they cannot or should not run (logged once)."""
+    if platform.system() != "Linux" or not _torch_uses_libgomp():
+        logger.info("CPU kernels unavailable: they need Linux and torch's libgomp")
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        logger.info("CPU kernels unavailable: no C compiler (set CC); using PyTorch's ops")
+        return None
+    try:
+        path = _build(compiler)
+        return CpuKernels(ctypes.CDLL(str(path)), path)
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        logger.warning("CPU kernels unavailable, using PyTorch's ops: %s", exc)
+        return None
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether the process already maps a libgomp (torch's): the library's own libgomp.so.1
+    dependency then resolves to it instead of loading a second OpenMP runtime."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE into the cache, unless a library for this source, compiler, flags and
+    CPU is there already. Written beside and renamed: concurrent builds never see half a
+    file."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
+                 _cpu_signature().encode()):
+        key.update(part)
+    root = Path(os.environ.get("LLAMA_SERVE_CACHE", Path.home() / ".cache" / "llama-serve"))
+    folder = root / "kernels"
+    path = folder / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built CPU kernels: %s", path)
+    return path
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: `-march=native` code must not run on another CPU
+    (a cache folder shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "".join(sorted({line for line in info
+                                   if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.machine()

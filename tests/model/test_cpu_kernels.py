@@ -1,0 +1,212 @@
+"""The C kernels of the packed CPU path (model/cpu_kernels.py): built, cached, equal to the
+PyTorch ops they replace, and optional."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import cpu_kernels
+from model.attention import AttentionBatch, PrefillSpan, attend_cached
+from model.config import ModelConfig
+from model.kv_cache import KVCachePool
+from model.llama import LlamaModel, RMSNorm, apply_rope, rope_inv_freq
+from model.weights import load_model
+
+HAS_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def kernels() -> cpu_kernels.CpuKernels:
+    loaded = cpu_kernels.load()
+    assert loaded is not None, "a C compiler is here, so the kernels must build"
+    return loaded
+
+
+@pytest.fixture
+def fresh_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """load() uncached, building into an empty cache folder; the cached result is restored
+    for the other tests afterwards."""
+    monkeypatch.setenv("LLAMA_SERVE_CACHE", str(tmp_path))
+    cpu_kernels.load.cache_clear()
+    yield tmp_path / "kernels"
+    cpu_kernels.load.cache_clear()
+
+
+def filled_pool(n_slots: int, n_kv_heads: int, max_len: int, head_dim: int) -> KVCachePool:
+    config = ModelConfig(dim=n_kv_heads * head_dim, n_layers=1, n_heads=n_kv_heads,
+                         n_kv_heads=n_kv_heads, vocab_size=16, hidden_dim=8,
+                         head_dim=head_dim)
+    pool = KVCachePool(config, n_slots, max_len, torch.float32, "cpu")
+    pool.k[0].normal_()
+    pool.v[0].normal_()
+    return pool
+
+
+@needs_compiler
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("slots, lens", [
+    ((0,), (1,)),  # one key: the row's own
+    ((0, 1, 2, 3), (5, 64, 17, 33)),  # a packed run of slots, lengths up to the slot's end
+    ((6, 1, 3), (40, 2, 64)),  # out of order, with holes
+], ids=["one-key", "packed", "sparse"])
+def test_decode_attention_equals_sdpa(kernels: cpu_kernels.CpuKernels, group: int,
+                                      head_dim: int, slots: tuple[int, ...],
+                                      lens: tuple[int, ...]) -> None:
+    """Each row attends to exactly the first lens[r] keys of its slot, as the SDPA path with
+    its boolean mask does; any head size, grouped-query heads sharing their K/V head."""
+    n_kv_heads, max_len = 2, 64
+    pool = filled_pool(8, n_kv_heads, max_len, head_dim)
+    q = torch.randn(len(slots), n_kv_heads * group, head_dim)
+    batch = AttentionBatch.build(list(slots), [n - 1 for n in lens], [], "cpu")
+    want = attend_cached(q, pool.k[0], pool.v[0], batch)
+    got = attend_cached(q, pool.k[0], pool.v[0], batch, kernels)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_rms_norm_and_residual_add_equal_torch(kernels: cpu_kernels.CpuKernels,
+                                               scale: float) -> None:
+    """RMSNorm (small values, where eps counts, ordinary and large ones), alone and after a
+    residual add, for decode and prefill row counts and a strided input; to rounding."""
+    norm = RMSNorm(512, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(512))
+    wide = torch.randn(300, 1024) * scale
+    x, delta = wide[:, :512], torch.randn(300, 512) * scale  # x: rows 1024 floats apart
+    want_norm, want_sum = norm(x), x + delta
+    want_add_norm = norm(want_sum)
+    norm.pack(kernels)
+    for rows in (1, 4, 300):
+        got = norm(x[:rows])
+        assert torch.allclose(got, want_norm[:rows], rtol=1e-5, atol=1e-6), rows
+        h, got = norm.add_forward(x[:rows], delta[:rows])
+        assert torch.equal(h, want_sum[:rows])
+        assert torch.allclose(got, want_add_norm[:rows], rtol=1e-5, atol=1e-6), rows
+
+
+@needs_compiler
+def test_rope_store_rotates_and_fills_the_cache(kernels: cpu_kernels.CpuKernels) -> None:
+    """What the PyTorch path does in a dozen ops: q and k rotated at each token's position,
+    K and V written at its (slot, position), nothing else in the pool touched."""
+    n_heads, n_kv_heads, head_dim = 4, 2, 64
+    pool = filled_pool(4, n_kv_heads, 32, head_dim)
+    want_pool = filled_pool(4, n_kv_heads, 32, head_dim)
+    want_pool.k[0].copy_(pool.k[0])
+    want_pool.v[0].copy_(pool.v[0])
+    slots, positions = torch.tensor([2, 0, 0, 0, 3]), torch.tensor([17, 4, 5, 6, 31])
+    qkv = torch.randn(5, n_heads + 2 * n_kv_heads, head_dim)
+    freqs = positions.float()[:, None, None] * rope_inv_freq(head_dim, 10000.0, None)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    n_qk = n_heads + n_kv_heads
+    q_want, k_want = apply_rope(qkv[:, :n_qk], cos, sin).split([n_heads, n_kv_heads], 1)
+    want_pool.write(0, slots, positions, k_want, qkv[:, n_qk:])
+    q = kernels.rope_store(qkv, cos, sin, pool.k[0], pool.v[0], slots, positions, n_heads)
+    assert torch.allclose(q, q_want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(pool.k[0], want_pool.k[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(pool.v[0], want_pool.v[0])
+    with pytest.raises(IndexError):  # a position past the slot's end: refused, not written
+        kernels.rope_store(qkv, cos, sin, pool.k[0], pool.v[0], slots,
+                           torch.tensor([17, 4, 5, 6, 32]), n_heads)
+    assert torch.allclose(pool.k[0], want_pool.k[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_decode_attention_checks_what_the_c_code_trusts(kernels: cpu_kernels.CpuKernels) -> None:
+    pool = filled_pool(2, 2, 16, 64)
+    slots, lens = torch.tensor([0]), torch.tensor([4])
+    with pytest.raises(ValueError):  # a row reading past the slot's end
+        kernels.decode_attention(torch.randn(1, 4, 64), pool.k[0], pool.v[0], slots, lens, 17)
+    with pytest.raises(ValueError):  # float64 queries
+        kernels.decode_attention(torch.randn(1, 4, 64, dtype=torch.float64), pool.k[0],
+                                 pool.v[0], slots, lens, 4)
+    with pytest.raises(ValueError):  # a strided cache view
+        kernels.decode_attention(torch.randn(1, 4, 32), pool.k[0][..., :32],
+                                 pool.v[0][..., :32], slots, lens, 4)
+    with pytest.raises(IndexError):  # a slot outside the pool
+        kernels.decode_attention(torch.randn(1, 4, 64), pool.k[0], pool.v[0], torch.tensor([2]),
+                                 lens, 4)
+    with pytest.raises(IndexError):  # a row longer than the longest it was given
+        kernels.decode_attention(torch.randn(1, 4, 64), pool.k[0], pool.v[0], slots, lens, 3)
+
+
+@needs_compiler
+def test_packed_model_decodes_with_the_kernel(tiny_checkpoint: Path,
+                                              kernels: cpu_kernels.CpuKernels) -> None:
+    """The server's model on CPU in float32: decode rows (beside a prefill chunk) run the C
+    kernels (rotary and store, attention, norms), and every row's logits are the reference
+    model's."""
+    def load() -> LlamaModel:
+        return load_model(tiny_checkpoint, ModelConfig.from_dir(tiny_checkpoint),
+                          torch.float32, "cpu")
+
+    reference, model = load(), load()
+    model.pack()
+    assert all(layer.self_attn.kernels is kernels for layer in model.model.layers)
+    assert all(m.kernels is kernels for m in model.modules() if isinstance(m, RMSNorm))
+    pool = KVCachePool(model.config, n_slots=4, max_len=64, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 1000, (n,), generator=gen) for n in (9, 30)]
+    for slot, seq in zip((0, 2), seqs, strict=True):
+        batch = AttentionBatch.build([], [], [PrefillSpan(slot, 0, len(seq) - 1, 0)], "cpu")
+        model(seq[:-1], batch.positions, pool, batch)
+    new = torch.randint(0, 1000, (12,), generator=gen)
+    batch = AttentionBatch.build([0, 2], [8, 29], [PrefillSpan(3, 0, 12, 2)], "cpu")
+    ids = torch.cat([torch.stack([s[-1] for s in seqs]), new])
+    calls = []
+    original = kernels.decode_attention
+    kernels.decode_attention = lambda *a: calls.append(1) or original(*a)  # type: ignore
+    try:
+        out = model(ids, batch.positions, pool, batch)
+    finally:
+        del kernels.decode_attention
+    assert len(calls) == model.config.n_layers
+    for row, seq in enumerate(seqs):
+        want = reference(seq, torch.arange(len(seq)))[-1]
+        assert (out[row] - want).abs().max().item() < 1e-4
+    assert (out[2:] - reference(new, torch.arange(12))).abs().max().item() < 1e-4
+
+
+@needs_compiler
+def test_build_is_cached_per_source(fresh_load: Path) -> None:
+    first = cpu_kernels.load()
+    assert first is not None and first.path.parent == fresh_load
+    assert [p.name for p in fresh_load.iterdir()] == [first.path.name]  # no temporary left
+    built_at = first.path.stat().st_mtime_ns
+    cpu_kernels.load.cache_clear()
+    second = cpu_kernels.load()
+    assert second is not None and second.path == first.path
+    assert second.path.stat().st_mtime_ns == built_at  # loaded, not rebuilt
+
+
+def test_without_a_working_compiler_the_model_runs_pytorch_ops(
+        fresh_load: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    for compiler in ("false", "no-such-compiler-here"):  # fails, missing
+        monkeypatch.setenv("CC", compiler)
+        cpu_kernels.load.cache_clear()
+        assert cpu_kernels.load() is None
+    assert "CPU kernels unavailable" in caplog.text
+    model = load_model(tiny_checkpoint, ModelConfig.from_dir(tiny_checkpoint), torch.float32,
+                       "cpu")
+    model.pack()
+    assert all(layer.self_attn.kernels is None for layer in model.model.layers)
+    assert all(m.kernels is None for m in model.modules() if isinstance(m, RMSNorm))
+
+
+def test_pack_without_cpu_kernels(tiny_checkpoint: Path) -> None:
+    model = load_model(tiny_checkpoint, ModelConfig.from_dir(tiny_checkpoint), torch.float32,
+                       "cpu")
+    model.pack(use_cpu_kernels=False)
+    assert all(layer.self_attn.kernels is None for layer in model.model.layers)
+    assert all(m.kernels is None for m in model.modules() if isinstance(m, RMSNorm))
