@@ -1,9 +1,10 @@
 """C kernels for the packed CPU float32 path, built on first use and loaded with ctypes.
 
-Decode attention reads every running sequence's K and V once a step; SDPA's fused CPU kernel
-reads them at about 12 GB/s here, a third of what the machine streams, and that costs 5-9% of
-a decode step at 4-64 rows. `cpu_kernels.c` holds a plain loop over (row, kv head) that
-reads at about twice that rate.
+Outside the matmuls a decode step was mostly small PyTorch ops and attention. `cpu_kernels.c`
+replaces the costliest: decode attention (SDPA's fused CPU kernel read K and V at about 12
+GB/s; a plain loop over (row, kv head) reads them about twice as fast), rotary + the K/V store
+(a dozen ops) and RMSNorm with its residual add (one pass instead of about seven). Bench
+model, decode step at 1 / 4 / 16 / 64 rows: 12-18% faster; a 256-token prefill step 8%.
 
 The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-march=native`,
 so the library is cached per source, compiler and CPU under `$LLAMA_SERVE_CACHE/kernels`

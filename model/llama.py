@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.doubled_weight: Tensor | None = None  # the CPU fast path, see `pack`
-        self.kernels: cpu_kernels.CpuKernels | None = None
+        self.kernels: cpu_kernels.CpuKernels | None = None  # or the C kernel, see `pack`
 
     def pack(self, kernels: cpu_kernels.CpuKernels | None = None) -> None:
         """The CPU float32 fast path: the C kernel (one pass over each row, the residual add
@@ -184,11 +184,11 @@ class Attention(nn.Module):
 
         self.qkv: PackedLinear | None = None  # the fast path, see `pack`
         self.o: PackedLinear | None = None
-        self.kernels: cpu_kernels.CpuKernels | None = None  # C decode attention, see `pack`
+        self.kernels: cpu_kernels.CpuKernels | None = None  # C rotary/store/attention, `pack`
 
     def pack(self, use_onednn: bool, kernels: cpu_kernels.CpuKernels | None = None) -> None:
         """Fuse q/k/v into one matmul (one read of x, one launch) and free the originals;
-        with `kernels`, decode rows attend with its C kernel."""
+        with `kernels`, steps with a KV cache rotate, store and attend (decode rows) in C."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         self.qkv = PackedLinear(w, use_onednn)
         self.o = PackedLinear(self.o_proj.weight, use_onednn)
