@@ -130,6 +130,7 @@ class CpuKernels:
             raise IndexError(f"rope_store: token {bad - 1} is outside the KV cache")
         return q
 
+
 @functools.cache
 def load() -> CpuKernels | None:
     """The kernels, built if needed; None where they cannot or should not run (logged once)."""

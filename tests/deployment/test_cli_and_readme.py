@@ -114,31 +114,23 @@ def test_default_served_name(tmp_path: Path) -> None:
     assert served_name(None, tmp_path / "demo-v1") == "demo-v1"
 
 
-@pytest.mark.parametrize("argv, env, want", [
-    ([], None, False), (["--enforce-eager"], None, True), ([], "1", True), ([], "true", True),
-    ([], "0", False), (["--enforce-eager"], "0", True)])
-def test_enforce_eager_flag_and_env(argv: list[str], env: str | None, want: bool,
-                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("field, argv, env, want", [
+    ("enforce_eager", [], None, False), ("enforce_eager", ["--enforce-eager"], None, True),
+    ("enforce_eager", [], "1", True), ("enforce_eager", [], "true", True),
+    ("enforce_eager", [], "0", False), ("enforce_eager", ["--enforce-eager"], "0", True),
+    # --no-cpu-kernels (LLAMA_SERVE_NO_CPU_KERNELS) turns EngineConfig.cpu_kernels off
+    ("cpu_kernels", [], None, True), ("cpu_kernels", ["--no-cpu-kernels"], None, False),
+    ("cpu_kernels", [], "1", False), ("cpu_kernels", [], "0", True)])
+def test_switch_flags_and_env(field: str, argv: list[str], env: str | None, want: bool,
+                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from server.cli import build_parser, configs
 
     if env is not None:
-        monkeypatch.setenv("LLAMA_SERVE_ENFORCE_EAGER", env)
+        name = "NO_CPU_KERNELS" if field == "cpu_kernels" else field.upper()
+        monkeypatch.setenv(f"LLAMA_SERVE_{name}", env)
     args = build_parser().parse_args(["serve", str(tmp_path), *argv])
     engine, _ = configs(args, tmp_path)
-    assert engine.enforce_eager is want
-
-
-@pytest.mark.parametrize("argv, env, want", [
-    ([], None, True), (["--no-cpu-kernels"], None, False), ([], "1", False), ([], "0", True)])
-def test_no_cpu_kernels_flag_and_env(argv: list[str], env: str | None, want: bool,
-                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from server.cli import build_parser, configs
-
-    if env is not None:
-        monkeypatch.setenv("LLAMA_SERVE_NO_CPU_KERNELS", env)
-    args = build_parser().parse_args(["serve", str(tmp_path), *argv])
-    engine, _ = configs(args, tmp_path)
-    assert engine.cpu_kernels is want
+    assert getattr(engine, field) is want
 
 
 def test_dummy_load_format_serves_a_config_without_weights(tiny_checkpoint: Path,
