@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from model.cache import cache_root
+
 logger = logging.getLogger("llama_serve")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -169,8 +171,7 @@ def _build(compiler: str) -> Path:
     for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
                  _cpu_signature().encode()):
         key.update(part)
-    root = Path(os.environ.get("LLAMA_SERVE_CACHE", Path.home() / ".cache" / "llama-serve"))
-    folder = root / "kernels"
+    folder = cache_root() / "kernels"
     path = folder / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if path.is_file():
         return path

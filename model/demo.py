@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from model.cache import cache_root
 from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ def write_checkpoint(out: Path, config: ModelConfig, seed: int = 0, n_shards: in
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     """The built-in demo model's folder, created on first use (atomically, so racing processes
     never see a half-written one)."""
-    root = cache_dir or Path(os.environ.get("LLAMA_SERVE_CACHE",
-                                            Path.home() / ".cache" / "llama-serve"))
+    root = cache_dir or cache_root()
     folder = root / f"demo-{DEMO_VERSION}"
     if (folder / "config.json").is_file():
         return folder

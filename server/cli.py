@@ -29,8 +29,11 @@ def _env(name: str, default: object) -> object:
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
     name = flag.lstrip("-")
     kwargs["default"] = _env(name, kwargs.get("default"))
-    if kwargs.get("action") == "store_true" and isinstance(kwargs["default"], str):
-        kwargs["default"] = kwargs["default"].lower() in ("1", "true", "yes", "on")
+    if kwargs.get("action") in ("store_true", "store_false") and isinstance(kwargs["default"],
+                                                                          str):
+        # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
+        given = kwargs["default"].lower() in ("1", "true", "yes", "on")
+        kwargs["default"] = given if kwargs["action"] == "store_true" else not given
     env = ENV_PREFIX + name.upper().replace("-", "_")
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
@@ -80,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
-    _add(serve, "--no-cpu-kernels", "CPU: decode attention with PyTorch's SDPA, not the C "
-         "kernel built on first use", action="store_true", default=not e.cpu_kernels)
+    _add(serve, "--no-cpu-kernels", "CPU: PyTorch's ops instead of the C kernels built on "
+         "first use", action="store_false", dest="cpu_kernels", default=e.cpu_kernels)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])
@@ -90,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, ServerConfig]:
-    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig)
-              if f.name != "cpu_kernels"}
-    engine = EngineConfig(**values, cpu_kernels=not args.no_cpu_kernels)
+    engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
     template = Path(args.chat_template).read_text() if args.chat_template else None
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
     server = ServerConfig(

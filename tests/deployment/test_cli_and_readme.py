@@ -114,20 +114,23 @@ def test_default_served_name(tmp_path: Path) -> None:
     assert served_name(None, tmp_path / "demo-v1") == "demo-v1"
 
 
-@pytest.mark.parametrize("field, argv, env, want", [
-    ("enforce_eager", [], None, False), ("enforce_eager", ["--enforce-eager"], None, True),
-    ("enforce_eager", [], "1", True), ("enforce_eager", [], "true", True),
-    ("enforce_eager", [], "0", False), ("enforce_eager", ["--enforce-eager"], "0", True),
-    # --no-cpu-kernels (LLAMA_SERVE_NO_CPU_KERNELS) turns EngineConfig.cpu_kernels off
-    ("cpu_kernels", [], None, True), ("cpu_kernels", ["--no-cpu-kernels"], None, False),
-    ("cpu_kernels", [], "1", False), ("cpu_kernels", [], "0", True)])
-def test_switch_flags_and_env(field: str, argv: list[str], env: str | None, want: bool,
-                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("field, variable, argv, env, want", [
+    ("enforce_eager", "ENFORCE_EAGER", [], None, False),
+    ("enforce_eager", "ENFORCE_EAGER", ["--enforce-eager"], None, True),
+    ("enforce_eager", "ENFORCE_EAGER", [], "1", True),
+    ("enforce_eager", "ENFORCE_EAGER", [], "true", True),
+    ("enforce_eager", "ENFORCE_EAGER", [], "0", False),
+    ("enforce_eager", "ENFORCE_EAGER", ["--enforce-eager"], "0", True),
+    ("cpu_kernels", "NO_CPU_KERNELS", [], None, True),
+    ("cpu_kernels", "NO_CPU_KERNELS", ["--no-cpu-kernels"], None, False),
+    ("cpu_kernels", "NO_CPU_KERNELS", [], "1", False),
+    ("cpu_kernels", "NO_CPU_KERNELS", [], "0", True)])
+def test_switch_flags_and_env(field: str, variable: str, argv: list[str], env: str | None,
+                              want: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from server.cli import build_parser, configs
 
     if env is not None:
-        name = "NO_CPU_KERNELS" if field == "cpu_kernels" else field.upper()
-        monkeypatch.setenv(f"LLAMA_SERVE_{name}", env)
+        monkeypatch.setenv(f"LLAMA_SERVE_{variable}", env)
     args = build_parser().parse_args(["serve", str(tmp_path), *argv])
     engine, _ = configs(args, tmp_path)
     assert getattr(engine, field) is want
