@@ -113,12 +113,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class PackedLinear:
     """A bias-free linear layer of the fast path.
 
-    On CPU it calls oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, what inductor
+    On CPU in float32 with the C kernels it runs `CpuKernels.linear` on a weight packed once
+    into that kernel's panels. The bench model's 33 linears (one process, interleaved; the
+    2-core AVX-512 EPYC) at 1 / 4 / 8 / 16 / 64 / 256 rows: 4.5 / 4.1 / 4.4 / 7.7 / 26 / 103
+    ms, against 6.9 / 6.1 / 7.7 / 9.7 / 30 / 110 ms with oneDNN below.
+
+    Else on CPU it calls oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, what inductor
     uses for frozen linears) on a weight reordered once into oneDNN's blocked layout. Measured
-    on the bench model's decode shapes (2-core AVX-512 EPYC, fp32): 1 / 4 / 16 / 64 rows take
-    7 / 5.5 / 9.4 / 27 ms per step for all linears against 7 / 12 / 17 / 37 ms with the plain
-    layout and 17 / 25 / 26 / 48 ms with F.linear (MKL). Elsewhere, or where that op is
-    missing, F.linear.
+    on the same shapes: 1 / 4 / 16 / 64 rows take 7 / 5.5 / 9.4 / 27 ms per step for all
+    linears against 7 / 12 / 17 / 37 ms with the plain layout and 17 / 25 / 26 / 48 ms with
+    F.linear (MKL). Elsewhere, or where that op is missing, F.linear.
     """
 
     # oneDNN picks the blocked layout for this many rows; 16-64 measured equally good for
@@ -130,10 +134,20 @@ class PackedLinear:
     # 10.4 / 10.7 / 9.5 / 9.6 ms unpadded, 9.5 / 8.7 / 9.5 / 9.7 ms padded.
     MIN_ROWS = 4
 
-    def __init__(self, weight: Tensor, use_onednn: bool, reorder: bool = True) -> None:
+    def __init__(self, weight: Tensor, use_onednn: bool, reorder: bool = True,
+                 kernels: cpu_kernels.CpuKernels | None = None) -> None:
+        """`reorder=False` keeps the caller's dense weight (a tied lm_head: repacking would
+        copy the embedding). `kernels` run the matmul where their linear is tuned for the CPU
+        (`CpuKernels.linear_is_tuned`), else oneDNN does."""
         weight = weight.detach().contiguous()  # (out, in)
-        if use_onednn and reorder:
-            # An opaque copy: the caller drops the dense weight so memory is not doubled.
+        self.out_features = weight.shape[0]
+        tuned = kernels is not None and kernels.linear_is_tuned
+        self.kernels = kernels if reorder and tuned else None
+        # Either packed layout is a copy: the caller drops the dense weight so memory is not
+        # doubled.
+        if self.kernels is not None:
+            weight = self.kernels.pack_linear(weight)
+        elif use_onednn and reorder:
             try:
                 weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
             except (RuntimeError, NotImplementedError):
@@ -144,6 +158,8 @@ class PackedLinear:
         self.min_rows = self.MIN_ROWS if weight.is_mkldnn else 0
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.kernels is not None:
+            return self.kernels.linear(x, self.weight, self.out_features)
         if not self.use_onednn:
             return F.linear(x, self.weight)
         n = x.shape[0]
@@ -190,8 +206,8 @@ class Attention(nn.Module):
         """Fuse q/k/v into one matmul (one read of x, one launch) and free the originals;
         with `kernels`, steps with a KV cache rotate, store and attend (decode rows) in C."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv = PackedLinear(w, use_onednn)
-        self.o = PackedLinear(self.o_proj.weight, use_onednn)
+        self.qkv = PackedLinear(w, use_onednn, kernels=kernels)
+        self.o = PackedLinear(self.o_proj.weight, use_onednn, kernels=kernels)
         self.kernels = kernels
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
@@ -238,10 +254,10 @@ class MLP(nn.Module):
         self.gate_up: PackedLinear | None = None  # the fast path, see Attention.pack
         self.down: PackedLinear | None = None
 
-    def pack(self, use_onednn: bool) -> None:
+    def pack(self, use_onednn: bool, kernels: cpu_kernels.CpuKernels | None = None) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up = PackedLinear(w, use_onednn)
-        self.down = PackedLinear(self.down_proj.weight, use_onednn)
+        self.gate_up = PackedLinear(w, use_onednn, kernels=kernels)
+        self.down = PackedLinear(self.down_proj.weight, use_onednn, kernels=kernels)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
@@ -293,10 +309,9 @@ class LlamaModel(nn.Module):
     def pack(self, use_cpu_kernels: bool = True) -> None:
         """Switch to the fast path: fused q/k/v and gate/up projections (one matmul each) run
         by PackedLinear, and on CPU in float32 C kernels where they build (`use_cpu_kernels`,
-        cpu_kernels.py: norms, rotary + K/V store, decode attention), else the norms as
-        LayerNorm (RMSNorm.pack). The
-        reference modules and checkpoint names are gone afterwards. Tested against the
-        reference."""
+        cpu_kernels.py: the linears, norms, rotary + K/V store, decode attention), else
+        oneDNN's linears and the norms as LayerNorm (RMSNorm.pack). The reference modules and
+        checkpoint names are gone afterwards. Tested against the reference."""
         weight = self.lm_head.weight
         on_cpu = weight.device.type == "cpu"
         cpu_fp32 = on_cpu and weight.dtype == torch.float32
@@ -304,14 +319,15 @@ class LlamaModel(nn.Module):
         kernels = cpu_kernels.load() if cpu_fp32 and use_cpu_kernels else None
         for layer in self.model.layers:
             layer.self_attn.pack(use_onednn, kernels)
-            layer.mlp.pack(use_onednn)
+            layer.mlp.pack(use_onednn, kernels)
         if cpu_fp32:
             for norm in self.modules():
                 if isinstance(norm, RMSNorm):
                     norm.pack(kernels)
         # A tied lm_head stays in the dense layout: reordering would copy the embedding.
         tied = weight is self.model.embed_tokens.weight
-        self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied)
+        self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied,
+                                           kernels=kernels)
         del self.lm_head
 
     def init_rope(self, device: torch.device | str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -433,7 +434,7 @@ def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: 
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`--no-cpu-kernels` reaches the model; on, the engine's decode steps use the kernels
     (their build and equality with SDPA: tests/model/test_cpu_kernels.py)."""
-    kernels = object()
+    kernels = SimpleNamespace(linear_is_tuned=False)  # a marker; the linears stay oneDNN's
     monkeypatch.setattr("model.cpu_kernels.load", lambda: kernels)
     engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", cpu_kernels=enabled))
     want = kernels if enabled else None

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import cpu_kernels
 from model.attention import AttentionBatch, PrefillSpan, attend_cached
 from model.config import ModelConfig
 from model.kv_cache import KVCachePool
-from model.llama import LlamaModel, RMSNorm, apply_rope, rope_inv_freq
+from model.llama import LlamaModel, PackedLinear, RMSNorm, apply_rope, rope_inv_freq
 from model.weights import load_model
 
 HAS_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
@@ -138,6 +139,56 @@ def test_decode_attention_checks_what_the_c_code_trusts(kernels: cpu_kernels.Cpu
                                  lens, 4)
     with pytest.raises(IndexError):  # a row longer than the longest it was given
         kernels.decode_attention(torch.randn(1, 4, 64), pool.k[0], pool.v[0], slots, lens, 3)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n_out, n_in", [(1, 1), (31, 7), (32, 64), (33, 64), (100, 1408),
+                                          (1024, 512)])
+def test_linear_equals_matmul(kernels: cpu_kernels.CpuKernels, n_out: int, n_in: int) -> None:
+    """Every row count (tiles of up to the build's most rows, split evenly, and what is left),
+    widths that fill panels exactly or leave a partial last one, and strided rows; within
+    float32 rounding of a float64 matmul, as oneDNN is."""
+    weight = torch.randn(n_out, n_in)
+    panels = kernels.pack_linear(weight)
+    assert panels.numel() == -(-n_out // kernels.panel_width) * kernels.panel_width * n_in
+    for n_rows in (0, 1, 2, 3, 5, 7, 12, 13, 16, 25, 64, 130):
+        wide = torch.randn(n_rows, n_in + 3)
+        for x in (wide[:, :n_in].contiguous(), wide[:, 3:]):  # contiguous, then strided rows
+            got = kernels.linear(x, panels, n_out)
+            want = (x.double() @ weight.double().T).float()
+            assert got.shape == (n_rows, n_out)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * n_in ** 0.5), n_rows
+
+
+@needs_compiler
+def test_linear_checks_what_the_c_code_trusts(kernels: cpu_kernels.CpuKernels) -> None:
+    panels = kernels.pack_linear(torch.randn(40, 16))
+    with pytest.raises(ValueError):  # an input of another width than the packed weight's
+        kernels.linear(torch.randn(2, 17), panels, 40)
+    with pytest.raises(ValueError):  # another output count than packed
+        kernels.linear(torch.randn(2, 16), panels, 80)
+    with pytest.raises(ValueError):  # float64 input
+        kernels.linear(torch.randn(2, 16, dtype=torch.float64), panels, 40)
+    with pytest.raises(ValueError):  # a 3-d input
+        kernels.linear(torch.randn(1, 2, 16), panels, 40)
+    with pytest.raises(ValueError):  # a float64 weight
+        kernels.pack_linear(torch.randn(40, 16, dtype=torch.float64))
+
+
+@needs_compiler
+def test_packed_linear_runs_the_c_linear_only_where_tuned(
+        kernels: cpu_kernels.CpuKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the build's linear is tuned (AVX-512) the layer runs it on its panels; elsewhere
+    oneDNN's blocked layout; a kept dense weight (a tied lm_head) is never repacked."""
+    weight, x = torch.randn(96, 64), torch.randn(5, 64)
+    for tuned in (True, False):
+        monkeypatch.setattr(kernels, "linear_is_tuned", tuned)
+        layer = PackedLinear(weight, use_onednn=True, kernels=kernels)
+        assert (layer.kernels is kernels) is tuned
+        assert layer.weight.is_mkldnn is not tuned
+        assert torch.allclose(layer(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        dense = PackedLinear(weight, use_onednn=True, reorder=False, kernels=kernels)
+        assert dense.kernels is None and torch.equal(dense.weight, weight)
 
 
 @needs_compiler

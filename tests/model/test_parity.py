@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from model import cpu_kernels
 from model.attention import AttentionBatch, PrefillSpan
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
@@ -61,9 +62,10 @@ def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
 @pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope"])
 def test_packed_fast_path_matches_reference(variant: str, use_cpu_kernels: bool,
                                             make_checkpoint) -> None:
-    """Fused weights through oneDNN (what the server runs on CPU) compute the same logits,
-    for decode-sized and prefill-sized row counts, with the C kernels (cpu_kernels.py;
-    with a KV cache: tests/model/test_cpu_kernels.py) or without."""
+    """Fused weights (what the server runs on CPU) compute the same logits, for decode-sized
+    and prefill-sized row counts, with the C kernels (cpu_kernels.py, the linears too where
+    they are tuned for the CPU; with a KV cache: tests/model/test_cpu_kernels.py) or with
+    oneDNN's linears and PyTorch's ops."""
     folder = make_checkpoint(VARIANTS[variant])
     model = load_ours(folder)
     ids = prompt_ids(200)
@@ -72,18 +74,25 @@ def test_packed_fast_path_matches_reference(variant: str, use_cpu_kernels: bool,
     model.pack(use_cpu_kernels=use_cpu_kernels)
     assert model.lm_head_packed is not None and not hasattr(model, "lm_head")
     assert model.lm_head_packed.use_onednn, "this CPU build of torch should have oneDNN"
-    # The speed comes from the blocked layout: a silent fallback to dense weights must show.
+    with_kernels = use_cpu_kernels and HAS_COMPILER
+    kernels = cpu_kernels.load() if with_kernels else None
+    linear_in_c = kernels is not None and kernels.linear_is_tuned
+    # The speed comes from the packed layouts (C panels or oneDNN's blocked one): a silent
+    # fallback to dense weights must show.
     layer = model.model.layers[0]
     for packed in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
-        assert packed is not None and packed.weight.is_mkldnn
+        assert packed is not None and packed.kernels is (kernels if linear_in_c else None)
+        assert packed.weight.is_mkldnn is not linear_in_c
     # The norms too run a fast path (RMSNorm.pack): C, where a compiler is, or LayerNorm.
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    if use_cpu_kernels and HAS_COMPILER:
+    if with_kernels:
         assert all(m.kernels is not None and m.doubled_weight is None for m in norms)
     else:
         assert all(m.kernels is None and m.doubled_weight is not None for m in norms)
-    # A tied lm_head stays dense (reordering would copy the embedding).
-    assert model.lm_head_packed.weight.is_mkldnn is not VARIANTS[variant].tie_embeddings
+    # A tied lm_head stays dense (repacking would copy the embedding).
+    tied = VARIANTS[variant].tie_embeddings
+    assert model.lm_head_packed.weight.is_mkldnn is (not tied and not linear_in_c)
+    assert (model.lm_head_packed.kernels is not None) is (not tied and linear_in_c)
     for n, ref in zip(sizes, reference, strict=True):
         assert (model(ids[:n], torch.arange(n)) - ref).abs().max().item() < 1e-5, n
     assert (model(ids, torch.arange(200)) - reference_logits(folder, ids)).abs().max() < TOL
