@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
-    _add(serve, "--no-cpu-kernels", "CPU: PyTorch's ops instead of the C kernels built on "
-         "first use", action="store_false", dest="cpu_kernels", default=e.cpu_kernels)
+    _add(serve, "--no-cpu-kernels", "CPU: oneDNN's linears and PyTorch's ops instead of the C "
+         "kernels built on first use", action="store_false", dest="cpu_kernels",
+         default=e.cpu_kernels)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])

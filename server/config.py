@@ -24,7 +24,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
-    cpu_kernels: bool = True  # CPU float32: C decode attention (model/cpu_kernels.py)
+    cpu_kernels: bool = True  # CPU float32: the C kernels of model/cpu_kernels.py
     load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)
 
     def __post_init__(self) -> None:
