@@ -99,7 +99,9 @@ class ModelRunner:
                 sample_rows.append(last_rows[i])
         result = StepResult([], None)
         if sample_rows:
-            result = self._sample(plan.sampled, logits[sample_rows])
+            # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
+            picked = logits[sample_rows] if plan.prefills else logits
+            result = self._sample(plan.sampled, picked)
         result.prompt_logprobs = [self._prompt_logprobs(rows, logits[row:row + rows.n])
                                   for rows, row in scored]
         return result

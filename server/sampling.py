@@ -44,6 +44,7 @@ class SamplingBatch:
     no_top_p: bool = False
     no_min_p: bool = False
     no_greedy: bool = False  # no row is greedy: skip the argmax
+    unit_temperature: bool = False  # every sampled row has temperature 1: skip the division
 
     @classmethod
     def from_params(
@@ -127,6 +128,7 @@ class SamplingBatch:
             no_top_p=all(p.top_p >= 1.0 for p in sampled),
             no_min_p=all(p.min_p <= 0.0 for p in sampled),
             no_greedy=len(sampled) == n_rows > 0,
+            unit_temperature=all(p.temperature == 1.0 for p in sampled),
         )
 
 
@@ -185,10 +187,10 @@ class Sampler:
         if batch.all_greedy:
             return greedy_ids
 
-        is_greedy = batch.temperature == 0
-        # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
-        temperature = torch.where(is_greedy, 1.0, batch.temperature)
-        logits = logits / temperature.unsqueeze(1)
+        if not batch.unit_temperature:
+            # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
+            temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
+            logits = logits / temperature.unsqueeze(1)
         if not (batch.no_top_k and batch.no_top_p):
             logits = _apply_top_k_top_p(logits, batch)
         probs = logits.softmax(dim=-1)  # (B, V) float32
@@ -200,7 +202,7 @@ class Sampler:
         sampled_ids = sample_inverse_cdf(probs, uniforms)
         if greedy_ids is None:
             return sampled_ids
-        return torch.where(is_greedy, greedy_ids, sampled_ids)
+        return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
 
     def _uniforms(self, batch: SamplingBatch, n_rows: int, device: torch.device) -> Tensor:
         """One U[0, 1) draw per row (n_rows, 1) in float64: a seeded row's from its own
