@@ -16,12 +16,16 @@ The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-mar
 so the library is cached per source, compiler and CPU under `$LLAMA_SERVE_CACHE/kernels`
 (default `~/.cache/llama-serve/kernels`). Only its OpenMP runtime must be torch's: the kernels
 are used only where torch already loaded a libgomp, which the library then shares (two
-runtimes would each keep a pool of threads on the same cores). Without a compiler `load()`
-returns None and the model runs PyTorch's ops, as it does with `--no-cpu-kernels`.
+runtimes would each keep a pool of threads on the same cores). A machine without a compiler
+can run libraries prebuilt elsewhere for portable x86-64 levels (`prebuild`; the Docker image
+ships them): `$LLAMA_SERVE_PREBUILT_KERNELS` names their folder. With neither, `load()` returns
+None and the model runs oneDNN's linears and PyTorch's ops, as it does with
+`--no-cpu-kernels`.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import functools
 import hashlib
@@ -30,6 +34,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,9 +46,10 @@ logger = logging.getLogger("llama_serve")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (the linear kernel
-# measured 27-36% slower at 16-256 rows with separate multiplies and adds).
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
-          "-std=c11")
+# measured 27-36% slower at 16-256 rows with separate multiplies and adds). With NATIVE, or a
+# portable -march when prebuilt.
+CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+NATIVE = "-march=native"
 
 Tensor = torch.Tensor
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -183,20 +189,65 @@ class CpuKernels:
 
 @functools.cache
 def load() -> CpuKernels | None:
-    """The kernels, built if needed; None where they cannot or should not run (logged once)."""
+    """The kernels: a prebuilt library for this CPU where `$LLAMA_SERVE_PREBUILT_KERNELS` has
+    one (the Docker image, which has no compiler), else built with the system's compiler;
+    None where they cannot or should not run (logged once)."""
     if platform.system() != "Linux" or not _torch_uses_libgomp():
         logger.info("CPU kernels unavailable: they need Linux and torch's libgomp")
         return None
-    compiler = shutil.which(os.environ.get("CC") or "cc")
-    if compiler is None:
-        logger.info("CPU kernels unavailable: no C compiler (set CC); using PyTorch's ops")
-        return None
     try:
-        path = _build(compiler)
+        path = _prebuilt()
+        if path is None:
+            compiler = shutil.which(os.environ.get("CC") or "cc")
+            if compiler is None:
+                logger.info("CPU kernels unavailable: no C compiler (set CC) and no prebuilt "
+                            "library for this CPU; using PyTorch's ops")
+                return None
+            path = _build(compiler)
         return CpuKernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         logger.warning("CPU kernels unavailable, using PyTorch's ops: %s", exc)
         return None
+
+
+# Portable x86-64 levels that `prebuild` compiles for, best first, each with the /proc/cpuinfo
+# flags it adds to the next (gcc's -march=x86-64-v3 / v4; "abm" is lzcnt).
+PORTABLE_LEVELS = (
+    ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
+    ("x86-64-v3", frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe",
+                             "xsave"})),
+)
+
+
+def portable_level(cpu_flags: set[str]) -> str | None:
+    """The best of PORTABLE_LEVELS that a CPU with these flags runs, or None."""
+    for i, (level, _) in enumerate(PORTABLE_LEVELS):
+        if all(flags <= cpu_flags for _, flags in PORTABLE_LEVELS[i:]):
+            return level
+    return None
+
+
+def prebuild(folder: Path, compiler: str) -> list[Path]:
+    """A library per portable level into `folder`, for machines without a compiler: point
+    `$LLAMA_SERVE_PREBUILT_KERNELS` at it (`python -m model.cpu_kernels FOLDER`)."""
+    return [_compile(compiler, (f"-march={level}", *CFLAGS), _prebuilt_path(folder, level))
+            for level, _ in PORTABLE_LEVELS]
+
+
+def _prebuilt() -> Path | None:
+    """The prebuilt library of this source for this CPU, if `$LLAMA_SERVE_PREBUILT_KERNELS`
+    holds one. Named by the source's hash: a library of another source is never loaded."""
+    folder = os.environ.get("LLAMA_SERVE_PREBUILT_KERNELS")
+    level = portable_level(_cpu_flags()) if folder else None
+    if folder is None or level is None:
+        return None
+    path = _prebuilt_path(Path(folder), level)
+    return path if path.is_file() else None
+
+
+def _prebuilt_path(folder: Path, level: str) -> Path:
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return folder / f"cpu_kernels-{source}-{level}.so"
 
 
 def _torch_uses_libgomp() -> bool:
@@ -210,24 +261,29 @@ def _torch_uses_libgomp() -> bool:
 
 
 def _build(compiler: str) -> Path:
-    """Compile SOURCE into the cache, unless a library for this source, compiler, flags and
-    CPU is there already. Written beside and renamed: concurrent builds never see half a
-    file."""
+    """Compile SOURCE for this CPU into the cache, unless a library for this source, compiler,
+    flags and CPU is there already."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
+    flags = (NATIVE, *CFLAGS)
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
                  _cpu_signature().encode()):
         key.update(part)
-    folder = cache_root() / "kernels"
-    path = folder / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    path = cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    return _compile(compiler, flags, path)
+
+
+def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> Path:
+    """SOURCE compiled into `path`, written beside and renamed: concurrent builds never see
+    half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp],
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -240,6 +296,17 @@ def _build(compiler: str) -> Path:
     return path
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _cpu_signature() -> str:
     """The CPU's model and feature flags: `-march=native` code must not run on another CPU
     (a cache folder shared between machines)."""
@@ -249,3 +316,21 @@ def _cpu_signature() -> str:
                                    if line.startswith(("model name", "flags"))}))
     except OSError:
         return platform.machine()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m model.cpu_kernels FOLDER`: prebuild the libraries (the Docker image's build
+    stage does, so that its compiler-less runtime image runs the kernels)."""
+    parser = argparse.ArgumentParser(prog="python -m model.cpu_kernels",
+                                     description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None or platform.machine() != "x86_64":
+        sys.exit("prebuilding needs a C compiler (set CC) on x86-64")
+    for path in prebuild(args.folder, compiler):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@
 #   setup-docker.sh install            apt: docker.io, debootstrap; then `compose`
 #   setup-docker.sh compose            Compose v2 as a Docker CLI plugin (enough for `config`)
 #   setup-docker.sh start STATE        dockerd with everything under STATE (socket, data, pid)
-#   setup-docker.sh base-image TAG     Debian bookworm + python3 + nginx, debootstrapped, imported
+#   setup-docker.sh base-image TAG     Debian bookworm + python3 + nginx + gcc, debootstrapped, imported
 #   setup-docker.sh wheelhouse DIR     every wheel the image needs, downloaded by the host's pip
 #   setup-docker.sh stop STATE         stop that dockerd by its PID, remove STATE
 #
@@ -81,13 +81,15 @@ start() {
 }
 
 base_image() {
-    local tag=$1 tarball="$CACHE/debian-bookworm-python3-nginx.tar"
+    local tag=$1 tarball="$CACHE/debian-bookworm-python3-nginx-gcc.tar"
     if [[ ! -f $tarball ]]; then
-        log "debootstrap bookworm (python3, python3-venv, nginx) into $tarball"
+        log "debootstrap bookworm (python3, python3-venv, nginx, gcc) into $tarball"
         mkdir -p "$CACHE"
         local rootfs
         rootfs=$(mktemp -d)
-        debootstrap --variant=minbase --include=python3,python3-venv,nginx \
+        # gcc: the image's build stage prebuilds the C kernels; its containers cannot reach a
+        # package index here (dockerd runs with --bridge=none) to install one.
+        debootstrap --variant=minbase --include=python3,python3-venv,nginx,gcc,libc6-dev \
             bookworm "$rootfs" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
             || { tail -n 30 "$CACHE/debootstrap.log" >&2; rm -rf "$rootfs"; return 1; }
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

@@ -1,6 +1,7 @@
 """The real thing: docker/Dockerfile built, docker/compose.yaml up with 2 replicas behind nginx,
 checked through the published port: requests reach both replicas, a stream arrives while it
-is generated, `docker stop` (SIGTERM) lets a stream finish, `docker kill` loses no request.
+is generated, `docker stop` (SIGTERM) lets a stream finish, `docker kill` loses no request;
+the image runs the C kernels its build stage prebuilt.
 
 Needs a Docker engine binary and Compose v2 (`docker/ci/setup-docker.sh install`, which
 `make test-docker` runs); the test starts its own dockerd and stops it at the end. No registry
@@ -36,7 +37,7 @@ from tests.deployment.balancer import (
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 
 SETUP = REPO / "docker" / "ci" / "setup-docker.sh"
-BASE_IMAGE = "llama-serve-base:test"  # Debian + python3 + nginx; also the nginx service's image
+BASE_IMAGE = "llama-serve-base:test"  # Debian + python3 + nginx + gcc; nginx's image too
 IMAGE = "llama-serve:test"
 PROJECT = "llama-serve-test"
 
@@ -167,6 +168,19 @@ def test_image_runs_as_non_root_with_the_model_mounted(stack: Stack) -> None:
     assert status == 200 and json.loads(body)["data"][0]["id"] == "tiny"
     health = stack.docker.docker("inspect", "-f", "{{.State.Health.Status}}", container)
     assert health.stdout.strip() == "healthy"
+
+
+def test_image_runs_the_prebuilt_cpu_kernels(stack: Stack) -> None:
+    """The build stage prebuilt the C kernels per x86-64 level; in the image the model loads
+    the one this CPU runs (from the image, not compiled at start-up)."""
+    (container, *_) = stack.replicas()
+    code = ("from model import cpu_kernels; k = cpu_kernels.load(); "
+            "print(k and k.path, cpu_kernels.portable_level(cpu_kernels._cpu_flags()))")
+    path, level = stack.docker.docker("exec", container, "python", "-c", code).stdout.split()
+    if level == "None":
+        pytest.skip("this CPU runs none of the prebuilt x86-64 levels")
+    assert path.startswith("/opt/llama-serve/kernels/cpu_kernels-")
+    assert path.endswith(f"-{level}.so")
 
 
 def test_requests_reach_both_replicas(stack: Stack) -> None:

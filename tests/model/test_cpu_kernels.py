@@ -4,6 +4,7 @@ PyTorch ops they replace, and optional."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ def fresh_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     """load() uncached, building into an empty cache folder; the cached result is restored
     for the other tests afterwards."""
     monkeypatch.setenv("LLAMA_SERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLAMA_SERVE_PREBUILT_KERNELS", raising=False)
     cpu_kernels.load.cache_clear()
     yield tmp_path / "kernels"
     cpu_kernels.load.cache_clear()
@@ -238,6 +240,45 @@ def test_build_is_cached_per_source(fresh_load: Path) -> None:
     second = cpu_kernels.load()
     assert second is not None and second.path == first.path
     assert second.path.stat().st_mtime_ns == built_at  # loaded, not rebuilt
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable levels are x86-64's")
+def test_prebuilt_library_serves_a_machine_without_a_compiler(
+        fresh_load: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Docker image does: a library per portable level built where a compiler is,
+    then a machine without one loads the best level its CPU runs, and never a library of
+    another source."""
+    folder = tmp_path / "prebuilt"
+    built = cpu_kernels.prebuild(folder, shutil.which(os.environ.get("CC") or "cc") or "cc")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in built)
+    level = cpu_kernels.portable_level(cpu_kernels._cpu_flags())
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("LLAMA_SERVE_PREBUILT_KERNELS", str(folder))
+    cpu_kernels.load.cache_clear()
+    kernels = cpu_kernels.load()
+    if level is None:  # an x86-64 CPU below v3: nothing prebuilt runs here
+        assert kernels is None
+        return
+    assert kernels is not None and kernels.path in built
+    assert kernels.path.name.endswith(f"-{level}.so") and not fresh_load.exists()
+    assert kernels.linear_is_tuned is (level == "x86-64-v4")
+    weight, x = torch.randn(40, 24), torch.randn(3, 24)
+    got = kernels.linear(x, kernels.pack_linear(weight), 40)
+    assert torch.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5)
+    for path in built:  # now libraries of another source: not loaded
+        path.rename(path.with_name(path.name.replace("cpu_kernels-", "cpu_kernels-0")))
+    cpu_kernels.load.cache_clear()
+    assert cpu_kernels.load() is None
+
+
+def test_portable_level_follows_the_cpu_flags() -> None:
+    v3 = {"sse4_2", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    assert cpu_kernels.portable_level(v4) == "x86-64-v4"
+    assert cpu_kernels.portable_level(v4 - {"avx512vl"}) == "x86-64-v3"
+    assert cpu_kernels.portable_level(v4 - {"avx2"}) is None  # v4 includes v3
+    assert cpu_kernels.portable_level({"sse2"}) is None
 
 
 def test_without_a_working_compiler_the_model_runs_pytorch_ops(
