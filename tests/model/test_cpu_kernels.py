@@ -3,6 +3,7 @@ PyTorch ops they replace, and optional."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -143,13 +144,37 @@ def test_decode_attention_checks_what_the_c_code_trusts(kernels: cpu_kernels.Cpu
         kernels.decode_attention(torch.randn(1, 4, 64), pool.k[0], pool.v[0], slots, lens, 3)
 
 
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, cpu_kernels.CpuKernels]:
+    """This CPU's build and, on x86-64, the AVX2 (x86-64-v3) and SSE2 (x86-64) ones, whose
+    vector widths and tile heights differ (cpu_kernels.c)."""
+    native = cpu_kernels.load()
+    assert native is not None
+    loaded = {"native": native}
+    if platform.machine() == "x86_64":
+        compiler = shutil.which(os.environ.get("CC") or "cc") or "cc"
+        folder = tmp_path_factory.mktemp("kernel-builds")
+        for march in ("x86-64-v3", "x86-64"):
+            if march == "x86-64-v3" and not cpu_kernels.portable_level(cpu_kernels._cpu_flags()):
+                continue
+            path = cpu_kernels._compile(compiler, (f"-march={march}", *cpu_kernels.CFLAGS),
+                                        folder / f"{march}.so")
+            loaded[march] = cpu_kernels.CpuKernels(ctypes.CDLL(str(path)), path)
+    return loaded
+
+
 @needs_compiler
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("n_out, n_in", [(1, 1), (31, 7), (32, 64), (33, 64), (100, 1408),
                                           (1024, 512)])
-def test_linear_equals_matmul(kernels: cpu_kernels.CpuKernels, n_out: int, n_in: int) -> None:
+def test_linear_equals_matmul(builds: dict[str, cpu_kernels.CpuKernels], build: str,
+                              n_out: int, n_in: int) -> None:
     """Every row count (tiles of up to the build's most rows, split evenly, and what is left),
     widths that fill panels exactly or leave a partial last one, and strided rows; within
     float32 rounding of a float64 matmul, as oneDNN is."""
+    if build not in builds:
+        pytest.skip(f"no {build} build on this machine")
+    kernels = builds[build]
     weight = torch.randn(n_out, n_in)
     panels = kernels.pack_linear(weight)
     assert panels.numel() == -(-n_out // kernels.panel_width) * kernels.panel_width * n_in
