@@ -159,20 +159,27 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
 /* Linear layer y = x W^T, for any number of rows.
  *
  * pack_linear_weight lays W (n_out, n_in) out once as panels of LINEAR_PANEL (P) outputs:
- * panel p is W[p * P : p * P + P, :] transposed, (n_in, P), zero past n_out. A tile of up to
- * LINEAR_ROWS rows keeps its 2 x rows vector accumulators in registers while it reads one
- * panel from start to end, P weights a step, each multiplied by one broadcast x value per
- * row. The weights are read in the order they lie in memory, once per tile, so a decode step
- * (a few rows) runs at the machine's read bandwidth, where oneDNN's kernels for so few rows do
- * not; with more rows the panel, read again for each tile, comes from cache.
+ * panel p is W[p * P : p * P + P, :] transposed, (n_in, P), zero past n_out. A tile of rows
+ * keeps its vector accumulators in registers while it reads its panel (or two adjacent ones)
+ * from start to end, P weights a step, each multiplied by one broadcast x value per row. The
+ * weights are read in the order they lie in memory, once per tile, so a decode step (a few
+ * rows) runs at the machine's read bandwidth, where oneDNN's kernels for so few rows do not;
+ * with more rows the panel, read again for each tile, comes from cache.
  */
 /* Two native vectors per panel row; as many rows per tile as keep the 2 x rows accumulators,
  * two weight vectors and a broadcast x in registers. Only the AVX-512 build was measured
  * faster than oneDNN at every row count (the AVX2 one, on the same CPU, lost at 4-16 rows to
- * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use. */
+ * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use.
+ *
+ * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
+ * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
+ * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
+ * and below the 12 x 1 tiles were faster. */
 #if defined(__AVX512F__)
 #define VEC_FLOATS 16
 #define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
+#define WIDE_ROWS 6    /* 24 + 5 */
+#define WIDE_AFTER 16
 #define LINEAR_TUNED 1
 #elif defined(__AVX__)
 #define VEC_FLOATS 8
@@ -183,6 +190,8 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
 #endif
 #ifndef LINEAR_TUNED
 #define LINEAR_TUNED 0
+#define WIDE_ROWS 1
+#define WIDE_AFTER INT64_MAX /* never */
 #endif
 #define LINEAR_PANEL (2 * VEC_FLOATS)
 
@@ -204,59 +213,71 @@ void pack_linear_weight(const float* w, float* panels, int64_t n_out, int64_t n_
             }
 }
 
+/* The first n_cols (any, <= 0 for none) of one vector into y. */
 static inline void store_columns(float* y, vec v, int64_t n_cols) {
     if (n_cols >= VEC_FLOATS) { *(vec_u*)y = v; return; }
     for (int64_t j = 0; j < n_cols; ++j) y[j] = v[j];
 }
 
-/* n_rows (a constant after inlining, so the accumulators live in registers) rows of x times
- * one panel, into n_cols (<= LINEAR_PANEL) columns of y. */
+/* n_rows rows of x times n_vecs / 2 adjacent panels (n_vecs 2 or 4), into the n_cols columns
+ * of y they cover (fewer in the last panel). Both counts are constants after inlining, so the
+ * accumulators live in registers. */
 static inline __attribute__((always_inline)) void linear_tile(
-    const float* x, int64_t x_stride, const float* panel, float* y, int64_t y_stride,
-    int64_t n_in, int n_rows, int64_t n_cols) {
-    vec acc[LINEAR_ROWS][2];
-    for (int r = 0; r < n_rows; ++r) acc[r][0] = acc[r][1] = (vec){0};
+    const float* x, int64_t x_stride, const float* panel, int64_t n_in, float* y,
+    int64_t y_stride, int n_rows, int n_vecs, int64_t n_cols) {
+    vec acc[LINEAR_ROWS][4];
+    for (int r = 0; r < n_rows; ++r)
+        for (int v = 0; v < n_vecs; ++v) acc[r][v] = (vec){0};
     for (int64_t i = 0; i < n_in; ++i) {
-        const vec w0 = *(const vec_u*)(panel + i * LINEAR_PANEL);
-        const vec w1 = *(const vec_u*)(panel + i * LINEAR_PANEL + VEC_FLOATS);
+        vec w[4];
+        for (int v = 0; v < n_vecs; ++v)  /* panel v / 2, its half v % 2 */
+            w[v] = *(const vec_u*)(panel + (v / 2) * n_in * LINEAR_PANEL + i * LINEAR_PANEL
+                                   + (v % 2) * VEC_FLOATS);
         for (int r = 0; r < n_rows; ++r) {
             const float xr = x[r * x_stride + i];
-            acc[r][0] += xr * w0;
-            acc[r][1] += xr * w1;
+            for (int v = 0; v < n_vecs; ++v) acc[r][v] += xr * w[v];
         }
     }
-    for (int r = 0; r < n_rows; ++r) {
-        store_columns(y + r * y_stride, acc[r][0], n_cols);
-        store_columns(y + r * y_stride + VEC_FLOATS, acc[r][1], n_cols - VEC_FLOATS);
-    }
+    for (int r = 0; r < n_rows; ++r)
+        for (int v = 0; v < n_vecs; ++v)
+            store_columns(y + r * y_stride + v * VEC_FLOATS, acc[r][v], n_cols - v * VEC_FLOATS);
 }
 
-#define LINEAR_TILE_CASE(n) \
-    case n: linear_tile(xt, x_stride, panel, yt, n_out, n_in, n, n_cols); break;
+#define TILE(rows, vecs) \
+    case rows: linear_tile(xt, x_stride, panel, n_in, yt, n_out, rows, vecs, n_cols); break;
 
 /* x: (n_rows, n_in), rows x_stride floats apart; y: (n_rows, n_out), contiguous. */
 void linear(const float* x, int64_t x_stride, const float* panels, float* y, int64_t n_rows,
             int64_t n_in, int64_t n_out, int n_threads) {
     const int64_t n_panels = (n_out + LINEAR_PANEL - 1) / LINEAR_PANEL;
-    /* Rows split evenly into tiles (16 rows: 8 + 8, not 12 + 4). */
-    const int64_t n_tiles = (n_rows + LINEAR_ROWS - 1) / LINEAR_ROWS;
+    /* Panels per tile, and rows per tile at most: then rows split evenly into tiles (16 rows:
+     * 8 + 8, not 12 + 4). */
+    const int64_t wide = n_rows > WIDE_AFTER ? 2 : 1;
+    const int64_t most = wide == 2 ? WIDE_ROWS : LINEAR_ROWS;
+    const int64_t n_tiles = (n_rows + most - 1) / most;
     const int64_t tile_rows = n_tiles ? (n_rows + n_tiles - 1) / n_tiles : 0;
-    /* Panel-major: one thread's consecutive items share a panel, which stays in its cache. */
+    const int64_t n_groups = (n_panels + wide - 1) / wide;
+    /* Panel-major: one thread's consecutive items share panels, which stay in its cache. */
     #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t item = 0; item < n_panels * n_tiles; ++item) {
-        const int64_t p = item / n_tiles, first = (item % n_tiles) * tile_rows;
+    for (int64_t item = 0; item < n_groups * n_tiles; ++item) {
+        const int64_t p = item / n_tiles * wide, first = (item % n_tiles) * tile_rows;
         const int64_t rows = n_rows - first < tile_rows ? n_rows - first : tile_rows;
-        const int64_t n_cols = n_out - p * LINEAR_PANEL < LINEAR_PANEL
-                                   ? n_out - p * LINEAR_PANEL : LINEAR_PANEL;
+        const int64_t n_cols = n_out - p * LINEAR_PANEL;  /* the store clips it */
         const float* panel = panels + p * n_in * LINEAR_PANEL;
         const float* xt = x + first * x_stride;
         float* yt = y + first * n_out + p * LINEAR_PANEL;
-        switch (rows) {
-            LINEAR_TILE_CASE(1) LINEAR_TILE_CASE(2) LINEAR_TILE_CASE(3)
-            LINEAR_TILE_CASE(4) LINEAR_TILE_CASE(5) LINEAR_TILE_CASE(6)
+        if (wide == 2 && p + 1 < n_panels) {
+            switch (rows) {
+#if LINEAR_TUNED
+                TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4) TILE(5, 4) TILE(6, 4)
+#endif
+            }
+            continue;
+        }
+        switch (rows) {  /* one panel: narrow tiles, or a wide tile's odd last panel */
+            TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
 #if LINEAR_ROWS > 6
-            LINEAR_TILE_CASE(7) LINEAR_TILE_CASE(8) LINEAR_TILE_CASE(9) LINEAR_TILE_CASE(10)
-            LINEAR_TILE_CASE(11) LINEAR_TILE_CASE(12)
+            TILE(7, 2) TILE(8, 2) TILE(9, 2) TILE(10, 2) TILE(11, 2) TILE(12, 2)
 #endif
         }
     }

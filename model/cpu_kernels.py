@@ -9,7 +9,7 @@ model, decode step at 1 / 4 / 16 / 64 rows: 12-18% faster; a 256-token prefill s
 The matmuls too, where the build has AVX-512 (`linear_is_tuned`): oneDNN's kernels for a few
 rows read the weights well below the memory's read bandwidth, and a decode step is mostly that
 read. `linear` streams each weight panel once per tile of up to 12 rows. With the other kernels
-on, decode step at 1 / 4 / 16 / 64 rows: another 27-36 / 29-31 / 14-17 / 4% faster than with
+on, decode step at 1 / 4 / 16 / 64 rows: another 20-36 / 25-31 / 14-17 / 3-4% faster than with
 oneDNN's linears; prefill equal.
 
 The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-march=native`,

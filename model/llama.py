@@ -115,8 +115,9 @@ class PackedLinear:
 
     On CPU in float32 with the C kernels it runs `CpuKernels.linear` on a weight packed once
     into that kernel's panels. The bench model's 33 linears (one process, interleaved; the
-    2-core AVX-512 EPYC) at 1 / 4 / 8 / 16 / 64 / 256 rows: 4.5 / 4.1 / 4.4 / 7.7 / 26 / 103
-    ms, against 6.9 / 6.1 / 7.7 / 9.7 / 30 / 110 ms with oneDNN below.
+    2-core AVX-512 EPYC) at 1 / 4 / 8 / 16 / 64 / 256 rows: 3.5-5.0 / 3.7-5.0 / 4.4-5.0 /
+    7.6-7.8 / 26-27 / 99-100 ms, against 6.4-7.4 / 5.9-6.9 / 7.5-7.7 / 9.4-9.6 / 28-30 /
+    100-108 ms with oneDNN below.
 
     Else on CPU it calls oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, what inductor
     uses for frozen linears) on a weight reordered once into oneDNN's blocked layout. Measured
