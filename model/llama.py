@@ -276,11 +276,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
-                batch: AttentionBatch | None) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
-        h, normed = self.post_attention_layernorm.add_forward(x, attn)
-        return h + self.mlp(normed)
+    def forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
+                kv: KVCachePool | None, batch: AttentionBatch | None) -> tuple[Tensor, Tensor]:
+        """The residual stream comes in as x + delta (delta None: x alone) and goes out the
+        same way, (h, mlp output) unsummed, so that each residual add happens inside the next
+        norm's pass (RMSNorm.add_forward: one C kernel on the fast path)."""
+        if delta is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            residual, normed = self.input_layernorm.add_forward(x, delta)
+        attn = self.self_attn(normed, cos, sin, kv, batch)
+        h, normed = self.post_attention_layernorm.add_forward(residual, attn)
+        return h, self.mlp(normed)
 
 
 class LlamaBody(nn.Module):
@@ -352,11 +359,13 @@ class LlamaModel(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)  # (T, dim)
         cos, sin = self.rope_angles(positions, x.dtype)
+        delta: Tensor | None = None  # the residual stream is x + delta, see DecoderLayer
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv, batch)
+            x, delta = layer(x, delta, cos, sin, kv, batch)
         if logits_indices is not None:
             x = x[logits_indices]
-        x = self.model.norm(x)
+            delta = None if delta is None else delta[logits_indices]
+        x = self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[1]
         packed = self.lm_head_packed
         logits = packed(x) if packed is not None else self.lm_head(x)
         return logits.float()
