@@ -117,7 +117,7 @@ class CpuKernels:
             raise ValueError("pack_linear: expected a 2-d float32 weight")
         weight = weight.detach().contiguous()
         n_out, n_in = weight.shape
-        panels = torch.empty(self._packed_size(n_out, n_in))
+        panels = torch.empty(self._packed_size(n_out, n_in), dtype=torch.float32)
         self._pack_linear_weight(weight.data_ptr(), panels.data_ptr(), n_out, n_in,
                                  torch.get_num_threads())
         return panels
@@ -132,7 +132,7 @@ class CpuKernels:
         if not (panels.dtype == torch.float32 and panels.is_contiguous()
                 and panels.numel() == self._packed_size(n_out, n_in)):
             raise ValueError("linear: the packed weight does not match the input's width")
-        y = torch.empty(n_rows, n_out)
+        y = torch.empty(n_rows, n_out, dtype=torch.float32)
         self._linear(x.data_ptr(), x.stride(0), panels.data_ptr(), y.data_ptr(), n_rows, n_in,
                      n_out, torch.get_num_threads())
         return y
