@@ -282,3 +282,107 @@ void linear(const float* x, int64_t x_stride, const float* panels, float* y, int
         }
     }
 }
+
+/* e^x for x <= 0, a vector at a time (gcc does not vectorise expf): Cephes' expf, a degree-6
+ * polynomial after splitting off k ln 2, within 2 ulps; below -87 (and at -inf) exactly 0. */
+typedef int32_t ivec __attribute__((vector_size(VEC_FLOATS * 4)));
+
+static inline vec exp_nonpositive(vec x) {
+    const ivec dead = x < -87.f;  /* lanes of -1 where e^x is taken as 0 */
+    const vec clamped = (vec)(((ivec)x & ~dead) | ((ivec)((vec){0} - 87.f) & dead));
+    /* k = round(x / ln 2): adding and taking away 1.5 * 2^23 rounds to an integer */
+    const vec k = (clamped * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    const vec r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const vec two_to_k = (vec)((__builtin_convertvector(k, ivec) + 127) << 23);
+    return (vec)((ivec)(p * two_to_k) & ~dead);
+}
+
+#define SAMPLE_BLOCK 128
+
+/* Sum of e^((row[j] - top) * scale) over [begin, end), in float: a block's mass. */
+static float block_mass(const float* row, int64_t begin, int64_t end, float top, float scale) {
+    vec sum = {0};
+    int64_t j = begin;
+    for (; j + VEC_FLOATS <= end; j += VEC_FLOATS)
+        sum += exp_nonpositive((*(const vec_u*)(row + j) - top) * scale);
+    if (j < end) {  /* the vocabulary's last, partial vector: the rest of it counts 0 */
+        vec tail = (vec){0} - INFINITY;
+        for (int64_t t = 0; j + t < end; ++t) tail[t] = (row[j + t] - top) * scale;
+        sum += exp_nonpositive(tail);
+    }
+    float total = 0.f;
+    for (int t = 0; t < VEC_FLOATS; ++t) total += sum[t];
+    return total;
+}
+
+/* e^((row[j] - top) * scale) for one token, as block_mass computes it. */
+static float token_mass(const float* row, int64_t j, float top, float scale) {
+    return exp_nonpositive((vec){0} + (row[j] - top) * scale)[0];
+}
+
+static float row_max(const float* restrict row, int64_t n) {
+    float top = -INFINITY;
+    #pragma omp simd reduction(max:top)
+    for (int64_t j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
+    return top;
+}
+
+static int64_t sample_row(const float* restrict row, int64_t vocab, float scale, double uniform,
+                          double* restrict mass) {
+    const int64_t n_blocks = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    const float top = row_max(row, vocab);
+    if (!(top > -INFINITY && top < INFINITY)) return 0;  /* no distribution */
+    double total = 0.0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+        mass[b] = block_mass(row, b * SAMPLE_BLOCK, end, top, scale);
+        total += mass[b];
+    }
+    /* Strictly below the total: the first cumulative mass past it exists. */
+    double target = uniform * total;
+    if (target >= total) target = nextafter(total, 0.0);
+    int64_t block = n_blocks - 1;
+    double before = 0.0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        if (before + mass[b] > target) { block = b; break; }
+        before += mass[b];
+    }
+    if (block == n_blocks - 1 && before + mass[block] <= target) before = total - mass[block];
+    /* Inside the block, in order; rounding can leave the target past the block's last token
+     * with mass: then that token. */
+    const double rest = target - before > 0.0 ? target - before : 0.0;
+    const int64_t end = (block + 1) * SAMPLE_BLOCK < vocab ? (block + 1) * SAMPLE_BLOCK : vocab;
+    double seen = 0.0;
+    int64_t last = -1;
+    for (int64_t j = block * SAMPLE_BLOCK; j < end; ++j) {
+        const float e = token_mass(row, j, top, scale);
+        if (e <= 0.f) continue;
+        last = j;
+        seen += e;
+        if (seen > rest) break;
+    }
+    return last >= 0 ? last : 0;
+}
+
+/* One token per row, drawn from softmax(logits[r] * inv_temperature[r]) by inverting the CDF at
+ * uniforms[r] in [0, 1): the sampler's two-level search (server/sampling.py) in one pass per
+ * row. Block masses (blocks of 128 tokens) go into `workspace` (n_rows x ceil(vocab / 128)
+ * doubles); the chosen block is scanned again. A token of probability 0 (a -inf logit) is never
+ * drawn. A row without a distribution gets some token in range: token 0 when every logit is
+ * -inf, a meaningless one when some are NaN. */
+void sample_rows(const float* logits, const float* inv_temperature, const double* uniforms,
+                 int64_t* out, double* workspace, int64_t n_rows, int64_t vocab,
+                 int n_threads) {
+    const int64_t n_blocks = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_rows > 1)
+    for (int64_t r = 0; r < n_rows; ++r)
+        out[r] = sample_row(logits + r * vocab, vocab, inv_temperature[r], uniforms[r],
+                            workspace + r * n_blocks);
+}

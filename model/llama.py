@@ -311,6 +311,7 @@ class LlamaModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.lm_head_packed: PackedLinear | None = None
+        self.cpu_kernels: cpu_kernels.CpuKernels | None = None  # set by `pack` where they load
         # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -325,6 +326,7 @@ class LlamaModel(nn.Module):
         cpu_fp32 = on_cpu and weight.dtype == torch.float32
         use_onednn = on_cpu and onednn_linear_works(weight.dtype)
         kernels = cpu_kernels.load() if cpu_fp32 and use_cpu_kernels else None
+        self.cpu_kernels = kernels
         for layer in self.model.layers:
             layer.self_attn.pack(use_onednn, kernels)
             layer.mlp.pack(use_onednn, kernels)

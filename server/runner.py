@@ -38,7 +38,7 @@ class ModelRunner:
         self.device = pool.device
         self.vocab_size = model.config.vocab_size
         self.eos_ids = eos_ids
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, model.cpu_kernels)  # C draws where the model has them
         # One generator per seeded sequence, kept across steps: its noise must continue, not
         # restart, and must not depend on which other rows share the step.
         self.generators: dict[Sequence, torch.Generator] = {}

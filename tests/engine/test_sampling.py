@@ -1,5 +1,6 @@
 """Sampler: greedy rows are argmax, seeded rows ignore the batch, each control moves the
-distribution as vLLM defines it. Many draws come from one call over many identical rows."""
+distribution as vLLM defines it. Many draws come from one call over many identical rows. Each
+test runs with PyTorch's draw and with the C one (`draw_path`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 
+from model import cpu_kernels
 from server.request import SamplingParams
 from server.sampling import (
     Sampler,
@@ -19,6 +21,21 @@ from server.sampling import (
 )
 
 DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, params=["pytorch", "c"])
+def draw_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: samplers drawing with PyTorch's ops, then (where the C kernels
+    build) samplers whose rows without top-k, top-p or min-p are drawn in C, as the server's
+    are on CPU."""
+    if request.param == "c":
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            pytest.skip("no C kernels on this machine")
+        init = Sampler.__init__
+        monkeypatch.setattr(Sampler, "__init__",
+                            lambda self, seed=None, kernels_=None: init(self, seed, kernels))
+    return request.param
 
 
 def run(

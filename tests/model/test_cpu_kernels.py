@@ -219,6 +219,41 @@ def test_packed_linear_runs_the_c_linear_only_where_tuned(
 
 
 @needs_compiler
+@pytest.mark.parametrize("vocab", [7, 300, 1001])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_sample_gives_each_token_its_share_of_a_uniform_grid(
+        kernels: cpu_kernels.CpuKernels, vocab: int, temperature: float) -> None:
+    """Uniform draws on a fine grid land on each token in proportion to softmax(logits / T)
+    computed in float64 (so the vectorised exp is accurate to about 1e-4); tokens with a -inf
+    logit never; vocabularies past and short of whole 128-token blocks and vectors."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(vocab) * 3
+    logits[::5] = float("-inf")
+    n = 200_000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    rows = logits.expand(n, vocab).contiguous()
+    ids = kernels.sample(rows, torch.full((n,), 1 / temperature), uniforms)
+    want = torch.softmax(logits.double() / temperature, -1) * n
+    got = torch.bincount(ids, minlength=vocab).double()
+    assert (got - want).abs().max().item() <= 2  # the grid's own rounding, and a boundary
+    assert got[::5].sum() == 0
+
+
+@needs_compiler
+def test_sample_edges(kernels: cpu_kernels.CpuKernels) -> None:
+    """The ends of [0, 1) take the first and last live tokens; a row without a distribution
+    still gives a token in range."""
+    logits = torch.tensor([[float("-inf"), 0.5, 2.0, float("-inf")],
+                           [float("-inf"), 0.5, 2.0, float("-inf")],
+                           [float("-inf")] * 4, [float("nan"), 1.0, 0.0, 2.0]])
+    uniforms = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.5], dtype=torch.float64)
+    ids = kernels.sample(logits, torch.ones(4), uniforms).tolist()
+    assert ids[:2] == [1, 2] and 0 <= ids[2] < 4 and 0 <= ids[3] < 4
+    with pytest.raises(ValueError):  # float32 uniforms
+        kernels.sample(logits, torch.ones(4), uniforms.float())
+
+
+@needs_compiler
 def test_packed_model_decodes_with_the_kernel(tiny_checkpoint: Path,
                                               kernels: cpu_kernels.CpuKernels) -> None:
     """The server's model on CPU in float32: decode rows (beside a prefill chunk) run the C
