@@ -219,13 +219,19 @@ def test_packed_linear_runs_the_c_linear_only_where_tuned(
 
 
 @needs_compiler
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("vocab", [7, 300, 1001])
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 def test_sample_gives_each_token_its_share_of_a_uniform_grid(
-        kernels: cpu_kernels.CpuKernels, vocab: int, temperature: float) -> None:
+        builds: dict[str, cpu_kernels.CpuKernels], build: str, vocab: int,
+        temperature: float) -> None:
     """Uniform draws on a fine grid land on each token in proportion to softmax(logits / T)
     computed in float64 (so the vectorised exp is accurate to about 1e-4); tokens with a -inf
-    logit never; vocabularies past and short of whole 128-token blocks and vectors."""
+    logit never; vocabularies past and short of whole 128-token blocks and vectors; each
+    build's vector width."""
+    if build not in builds:
+        pytest.skip(f"no {build} build on this machine")
+    kernels = builds[build]
     torch.manual_seed(vocab)
     logits = torch.randn(vocab) * 3
     logits[::5] = float("-inf")
