@@ -7,11 +7,138 @@
 #include <stdint.h>
 #include <omp.h>
 
+/* Two native vectors per panel row; as many rows per tile as keep the 2 x rows accumulators,
+ * two weight vectors and a broadcast x in registers. Only the AVX-512 build was measured
+ * faster than oneDNN at every row count (the AVX2 one, on the same CPU, lost at 4-16 rows to
+ * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use.
+ *
+ * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
+ * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
+ * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
+ * and below the 12 x 1 tiles were faster. */
+#if defined(__AVX512F__)
+#define VEC_FLOATS 16
+#define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
+#define WIDE_ROWS 6    /* 24 + 5 */
+#define WIDE_AFTER 16
+#define LINEAR_TUNED 1
+#elif defined(__AVX__)
+#define VEC_FLOATS 8
+#define LINEAR_ROWS 6 /* 12 + 3 of 16 */
+#else
+#define VEC_FLOATS 4 /* SSE (16 registers), NEON (32) */
+#define LINEAR_ROWS 6
+#endif
+#ifndef LINEAR_TUNED
+#define LINEAR_TUNED 0
+#define WIDE_ROWS 1
+#define WIDE_AFTER INT64_MAX /* never */
+#endif
+#define LINEAR_PANEL (2 * VEC_FLOATS)
+
+typedef float vec __attribute__((vector_size(VEC_FLOATS * 4)));
+typedef float vec_u __attribute__((vector_size(VEC_FLOATS * 4), aligned(4)));
+
+/* e^x for x <= 0, a vector at a time (gcc does not vectorise expf): Cephes' expf, a degree-6
+ * polynomial after splitting off k ln 2, within 2 ulps; below -87 (and at -inf) exactly 0. */
+typedef int32_t ivec __attribute__((vector_size(VEC_FLOATS * 4)));
+
+static inline vec exp_nonpositive(vec x) {
+    const ivec dead = x < -87.f;  /* lanes of -1 where e^x is taken as 0 */
+    const vec clamped = (vec)(((ivec)x & ~dead) | ((ivec)((vec){0} - 87.f) & dead));
+    /* k = round(x / ln 2): adding and taking away 1.5 * 2^23 rounds to an integer */
+    const vec k = (clamped * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    const vec r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const vec two_to_k = (vec)((__builtin_convertvector(k, ivec) + 127) << 23);
+    return (vec)((ivec)(p * two_to_k) & ~dead);
+}
+
+/* s[j] = e^(s[j] - top) for j < n (top >= every s[j]); returns their sum. */
+static float exp_in_place(float* s, int64_t n, float top) {
+    vec sum = {0};
+    int64_t j = 0;
+    for (; j + VEC_FLOATS <= n; j += VEC_FLOATS) {
+        const vec e = exp_nonpositive(*(vec_u*)(s + j) - top);
+        *(vec_u*)(s + j) = e;
+        sum += e;
+    }
+    float total = 0.f;
+    for (int t = 0; t < VEC_FLOATS; ++t) total += sum[t];
+    for (; j < n; ++j) {
+        s[j] = exp_nonpositive((vec){0} + (s[j] - top))[0];
+        total += s[j];
+    }
+    return total;
+}
+
 /* Prefetch distance in keys: measured 4-16 equally good, 2 and none a few % slower. */
+#ifndef PREFETCH_KEYS
 #define PREFETCH_KEYS 8
+#endif
 
 static inline void prefetch_row(const float* row, int64_t head_dim) {
     for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d);
+}
+
+/* The sum of a vector's lanes, by halves (log2 of the width shuffles and adds). */
+static inline float lane_sum(vec v) {
+#if VEC_FLOATS == 16
+    v += __builtin_shuffle(v, (ivec){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+#endif
+#if VEC_FLOATS >= 8
+    v += __builtin_shuffle(v, (ivec){4, 5, 6, 7, 0, 1, 2, 3
+#if VEC_FLOATS == 16
+                                     , 12, 13, 14, 15, 8, 9, 10, 11
+#endif
+                                     });
+#endif
+    return v[0] + v[1] + v[2] + v[3];
+}
+
+/* One (row, kv head) of decode attention with head_dim = n_vecs vectors, n_vecs a constant
+ * after inlining: each query's vectors and each output's accumulators stay in registers, so
+ * a key costs n_vecs loads and multiply-adds and one lane sum, a value n_vecs loads and
+ * multiply-adds (the generic loop below kept the outputs in memory). */
+static inline __attribute__((always_inline)) void attend_one(
+    const float* qs, const float* keys, const float* values, float* os, float* scores,
+    int64_t n_keys, int64_t group, float scale, int n_vecs) {
+    const int64_t head_dim = n_vecs * VEC_FLOATS;
+    for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qs + g * head_dim;
+        vec qv[16];
+        for (int v = 0; v < n_vecs; ++v) qv[v] = *(const vec_u*)(qg + v * VEC_FLOATS) * scale;
+        float* s = scores + g * n_keys;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n_keys; ++j) {
+            const float* key = keys + j * head_dim;
+            if (j + PREFETCH_KEYS < n_keys)
+                prefetch_row(key + PREFETCH_KEYS * head_dim, head_dim);
+            vec acc = qv[0] * *(const vec_u*)key;
+            for (int v = 1; v < n_vecs; ++v) acc += qv[v] * *(const vec_u*)(key + v * VEC_FLOATS);
+            s[j] = lane_sum(acc);
+            top = s[j] > top ? s[j] : top;
+        }
+        const float total = exp_in_place(s, n_keys, top);
+        const float inv = n_keys > 0 ? 1.f / total : 0.f;
+        vec ov[16];
+        for (int v = 0; v < n_vecs; ++v) ov[v] = (vec){0};
+        for (int64_t j = 0; j < n_keys; ++j) {
+            const float p = s[j];
+            const float* value = values + j * head_dim;
+            if (j + PREFETCH_KEYS < n_keys)
+                prefetch_row(value + PREFETCH_KEYS * head_dim, head_dim);
+            for (int v = 0; v < n_vecs; ++v) ov[v] += p * *(const vec_u*)(value + v * VEC_FLOATS);
+        }
+        float* og = os + g * head_dim;
+        for (int v = 0; v < n_vecs; ++v) *(vec_u*)(og + v * VEC_FLOATS) = ov[v] * inv;
+    }
 }
 
 /* Decode attention: one query token per row against the first lens[r] keys of its slot.
@@ -19,8 +146,10 @@ static inline void prefetch_row(const float* row, int64_t head_dim) {
  * q and out: (n_rows, n_kv_heads * group, head_dim), contiguous; query head h reads kv head
  * h / group. k_cache / v_cache: (n_slots, n_kv_heads, max_len, head_dim), contiguous, so one
  * slot's keys for one head are a contiguous (len, head_dim) matrix. Each (row, kv head) pair is
- * one work item: its `group` queries share one pass over the keys (scores, softmax) and one
- * over the values, so K and V are each read once. `workspace` is the caller's scratch space,
+ * one work item, so K and V are read from memory once for its `group` queries. Head sizes of 4
+ * or 8 vectors take attend_one (the bench model's 64 and Llama's 128 on AVX-512); others a
+ * generic loop whose queries share one pass over the keys and one over the values. The
+ * softmax's exponentials are vectorised (exp_in_place). `workspace` is the caller's scratch space,
  * n_threads * group * longest floats, longest (<= max_len) being the largest of `lens`.
  * Returns 0, or 1 + the first row whose slot or length is out of range (then nothing is done).
  */
@@ -45,6 +174,14 @@ int64_t decode_attention(const float* q, const float* k_cache, const float* v_ca
             const float* values = v_cache + offset;
             const float* qs = q + (row * n_kv_heads + head) * group * head_dim;
             float* os = out + (row * n_kv_heads + head) * group * head_dim;
+            if (head_dim == 4 * VEC_FLOATS) {
+                attend_one(qs, keys, values, os, scores, n_keys, group, scale, 4);
+                continue;
+            }
+            if (head_dim == 8 * VEC_FLOATS) {
+                attend_one(qs, keys, values, os, scores, n_keys, group, scale, 8);
+                continue;
+            }
             for (int64_t j = 0; j < n_keys; ++j) {
                 const float* key = keys + j * head_dim;
                 if (j + PREFETCH_KEYS < n_keys) prefetch_row(key + PREFETCH_KEYS * head_dim, head_dim);
@@ -58,12 +195,9 @@ int64_t decode_attention(const float* q, const float* k_cache, const float* v_ca
             }
             for (int64_t g = 0; g < group; ++g) {
                 float* s = scores + g * n_keys;
-                float top = -INFINITY, total = 0.f;
+                float top = -INFINITY;
                 for (int64_t j = 0; j < n_keys; ++j) top = s[j] > top ? s[j] : top;
-                for (int64_t j = 0; j < n_keys; ++j) {
-                    s[j] = expf(s[j] - top);
-                    total += s[j];
-                }
+                const float total = exp_in_place(s, n_keys, top);
                 const float inv = n_keys > 0 ? 1.f / total : 0.f;
                 for (int64_t j = 0; j < n_keys; ++j) s[j] *= inv;
                 float* og = os + g * head_dim;
@@ -166,38 +300,6 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
  * rows) runs at the machine's read bandwidth, where oneDNN's kernels for so few rows do not;
  * with more rows the panel, read again for each tile, comes from cache.
  */
-/* Two native vectors per panel row; as many rows per tile as keep the 2 x rows accumulators,
- * two weight vectors and a broadcast x in registers. Only the AVX-512 build was measured
- * faster than oneDNN at every row count (the AVX2 one, on the same CPU, lost at 4-16 rows to
- * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use.
- *
- * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
- * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
- * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
- * and below the 12 x 1 tiles were faster. */
-#if defined(__AVX512F__)
-#define VEC_FLOATS 16
-#define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
-#define WIDE_ROWS 6    /* 24 + 5 */
-#define WIDE_AFTER 16
-#define LINEAR_TUNED 1
-#elif defined(__AVX__)
-#define VEC_FLOATS 8
-#define LINEAR_ROWS 6 /* 12 + 3 of 16 */
-#else
-#define VEC_FLOATS 4 /* SSE (16 registers), NEON (32) */
-#define LINEAR_ROWS 6
-#endif
-#ifndef LINEAR_TUNED
-#define LINEAR_TUNED 0
-#define WIDE_ROWS 1
-#define WIDE_AFTER INT64_MAX /* never */
-#endif
-#define LINEAR_PANEL (2 * VEC_FLOATS)
-
-typedef float vec __attribute__((vector_size(VEC_FLOATS * 4)));
-typedef float vec_u __attribute__((vector_size(VEC_FLOATS * 4), aligned(4)));
-
 int64_t linear_panel_width(void) { return LINEAR_PANEL; }
 int64_t linear_is_tuned(void) { return LINEAR_TUNED; }
 
@@ -281,27 +383,6 @@ void linear(const float* x, int64_t x_stride, const float* panels, float* y, int
 #endif
         }
     }
-}
-
-/* e^x for x <= 0, a vector at a time (gcc does not vectorise expf): Cephes' expf, a degree-6
- * polynomial after splitting off k ln 2, within 2 ulps; below -87 (and at -inf) exactly 0. */
-typedef int32_t ivec __attribute__((vector_size(VEC_FLOATS * 4)));
-
-static inline vec exp_nonpositive(vec x) {
-    const ivec dead = x < -87.f;  /* lanes of -1 where e^x is taken as 0 */
-    const vec clamped = (vec)(((ivec)x & ~dead) | ((ivec)((vec){0} - 87.f) & dead));
-    /* k = round(x / ln 2): adding and taking away 1.5 * 2^23 rounds to an integer */
-    const vec k = (clamped * 1.44269504088896341f + 12582912.f) - 12582912.f;
-    const vec r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
-    vec p = (vec){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const vec two_to_k = (vec)((__builtin_convertvector(k, ivec) + 127) << 23);
-    return (vec)((ivec)(p * two_to_k) & ~dead);
 }
 
 #define SAMPLE_BLOCK 128
