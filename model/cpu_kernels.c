@@ -82,6 +82,9 @@ static float exp_in_place(float* s, int64_t n, float top) {
 #ifndef PREFETCH_KEYS
 #define PREFETCH_KEYS 8
 #endif
+#ifndef NEXT_KEYS
+#define NEXT_KEYS 16 /* keys of the next work item prefetched: 8-32 measured alike */
+#endif
 
 static inline void prefetch_row(const float* row, int64_t head_dim) {
     for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d);
@@ -102,43 +105,52 @@ static inline float lane_sum(vec v) {
     return v[0] + v[1] + v[2] + v[3];
 }
 
-/* One (row, kv head) of decode attention with head_dim = n_vecs vectors, n_vecs a constant
- * after inlining: each query's vectors and each output's accumulators stay in registers, so
- * a key costs n_vecs loads and multiply-adds and one lane sum, a value n_vecs loads and
- * multiply-adds (the generic loop below kept the outputs in memory). */
+/* One (row, kv head) of decode attention with head_dim = n_vecs vectors and `groups` queries
+ * (both constants after inlining, groups * n_vecs <= 8): the queries' vectors and the outputs'
+ * accumulators stay in registers, and one pass over the keys scores every query (a key costs
+ * n_vecs loads, groups * n_vecs multiply-adds and groups lane sums), one over the values
+ * accumulates every output. The generic loop below kept the outputs in memory. */
 static inline __attribute__((always_inline)) void attend_one(
     const float* qs, const float* keys, const float* values, float* os, float* scores,
-    int64_t n_keys, int64_t group, float scale, int n_vecs) {
+    int64_t n_keys, float scale, int groups, int n_vecs) {
     const int64_t head_dim = n_vecs * VEC_FLOATS;
-    for (int64_t g = 0; g < group; ++g) {
-        const float* qg = qs + g * head_dim;
-        vec qv[16];
-        for (int v = 0; v < n_vecs; ++v) qv[v] = *(const vec_u*)(qg + v * VEC_FLOATS) * scale;
-        float* s = scores + g * n_keys;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < n_keys; ++j) {
-            const float* key = keys + j * head_dim;
-            if (j + PREFETCH_KEYS < n_keys)
-                prefetch_row(key + PREFETCH_KEYS * head_dim, head_dim);
-            vec acc = qv[0] * *(const vec_u*)key;
-            for (int v = 1; v < n_vecs; ++v) acc += qv[v] * *(const vec_u*)(key + v * VEC_FLOATS);
-            s[j] = lane_sum(acc);
-            top = s[j] > top ? s[j] : top;
+    vec qv[8];
+    for (int g = 0; g < groups; ++g)
+        for (int v = 0; v < n_vecs; ++v)
+            qv[g * n_vecs + v] = *(const vec_u*)(qs + g * head_dim + v * VEC_FLOATS) * scale;
+    float top[8];
+    for (int g = 0; g < groups; ++g) top[g] = -INFINITY;
+    for (int64_t j = 0; j < n_keys; ++j) {
+        const float* key = keys + j * head_dim;
+        if (j + PREFETCH_KEYS < n_keys) prefetch_row(key + PREFETCH_KEYS * head_dim, head_dim);
+        vec kv[8];
+        for (int v = 0; v < n_vecs; ++v) kv[v] = *(const vec_u*)(key + v * VEC_FLOATS);
+        for (int g = 0; g < groups; ++g) {
+            vec acc = qv[g * n_vecs] * kv[0];
+            for (int v = 1; v < n_vecs; ++v) acc += qv[g * n_vecs + v] * kv[v];
+            const float score = lane_sum(acc);
+            scores[g * n_keys + j] = score;
+            top[g] = score > top[g] ? score : top[g];
         }
-        const float total = exp_in_place(s, n_keys, top);
-        const float inv = n_keys > 0 ? 1.f / total : 0.f;
-        vec ov[16];
-        for (int v = 0; v < n_vecs; ++v) ov[v] = (vec){0};
-        for (int64_t j = 0; j < n_keys; ++j) {
-            const float p = s[j];
-            const float* value = values + j * head_dim;
-            if (j + PREFETCH_KEYS < n_keys)
-                prefetch_row(value + PREFETCH_KEYS * head_dim, head_dim);
-            for (int v = 0; v < n_vecs; ++v) ov[v] += p * *(const vec_u*)(value + v * VEC_FLOATS);
-        }
-        float* og = os + g * head_dim;
-        for (int v = 0; v < n_vecs; ++v) *(vec_u*)(og + v * VEC_FLOATS) = ov[v] * inv;
     }
+    float inv[8];
+    for (int g = 0; g < groups; ++g) {
+        const float total = exp_in_place(scores + g * n_keys, n_keys, top[g]);
+        inv[g] = n_keys > 0 ? 1.f / total : 0.f;
+    }
+    vec ov[8];
+    for (int i = 0; i < groups * n_vecs; ++i) ov[i] = (vec){0};
+    for (int64_t j = 0; j < n_keys; ++j) {
+        const float* value = values + j * head_dim;
+        if (j + PREFETCH_KEYS < n_keys) prefetch_row(value + PREFETCH_KEYS * head_dim, head_dim);
+        for (int v = 0; v < n_vecs; ++v) {
+            const vec val = *(const vec_u*)(value + v * VEC_FLOATS);
+            for (int g = 0; g < groups; ++g) ov[g * n_vecs + v] += scores[g * n_keys + j] * val;
+        }
+    }
+    for (int g = 0; g < groups; ++g)
+        for (int v = 0; v < n_vecs; ++v)
+            *(vec_u*)(os + g * head_dim + v * VEC_FLOATS) = ov[g * n_vecs + v] * inv[g];
 }
 
 /* Decode attention: one query token per row against the first lens[r] keys of its slot.
@@ -174,12 +186,32 @@ int64_t decode_attention(const float* q, const float* k_cache, const float* v_ca
             const float* values = v_cache + offset;
             const float* qs = q + (row * n_kv_heads + head) * group * head_dim;
             float* os = out + (row * n_kv_heads + head) * group * head_dim;
-            if (head_dim == 4 * VEC_FLOATS) {
-                attend_one(qs, keys, values, os, scores, n_keys, group, scale, 4);
-                continue;
+            if (item + 1 < n_rows * n_kv_heads) {
+                /* The next item's first keys and values, which the hardware prefetcher would
+                 * only find after a few misses (another slot, far away in the pool). */
+                const int64_t next = item + 1, next_row = next / n_kv_heads;
+                const int64_t next_offset = slots[next_row] * slot_stride
+                                            + (next % n_kv_heads) * head_stride;
+                const int64_t first = lens[next_row] < NEXT_KEYS ? lens[next_row] : NEXT_KEYS;
+                for (int64_t j = 0; j < first; ++j) {
+                    prefetch_row(k_cache + next_offset + j * head_dim, head_dim);
+                    prefetch_row(v_cache + next_offset + j * head_dim, head_dim);
+                }
             }
-            if (head_dim == 8 * VEC_FLOATS) {
-                attend_one(qs, keys, values, os, scores, n_keys, group, scale, 8);
+            /* Register tiles: groups x vectors of head_dim, at most 8 vectors each way. */
+            const int64_t n_vecs = head_dim % VEC_FLOATS ? 0 : head_dim / VEC_FLOATS;
+            const int64_t per_pass = n_vecs == 4 ? 2 : n_vecs == 8 ? 1 : 0;  /* queries */
+            if (per_pass) {
+                for (int64_t g = 0; g < group; g += per_pass) {
+                    const float* qg = qs + g * head_dim;
+                    float* og = os + g * head_dim;
+                    if (n_vecs == 4 && g + 1 < group)
+                        attend_one(qg, keys, values, og, scores, n_keys, scale, 2, 4);
+                    else if (n_vecs == 4)
+                        attend_one(qg, keys, values, og, scores, n_keys, scale, 1, 4);
+                    else
+                        attend_one(qg, keys, values, og, scores, n_keys, scale, 1, 8);
+                }
                 continue;
             }
             for (int64_t j = 0; j < n_keys; ++j) {
