@@ -7,41 +7,37 @@
 #include <stdint.h>
 #include <omp.h>
 
-/* Two native vectors per panel row; as many rows per tile as keep the 2 x rows accumulators,
- * two weight vectors and a broadcast x in registers. Only the AVX-512 build was measured
- * faster than oneDNN at every row count (the AVX2 one, on the same CPU, lost at 4-16 rows to
- * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use.
- *
- * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
- * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
- * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
- * and below the 12 x 1 tiles were faster. */
+/* The native vector, used by every kernel below: 16 floats with AVX-512, 8 with AVX, 4 else
+ * (SSE, NEON). GNU C vectors, so one source builds for each. */
 #if defined(__AVX512F__)
 #define VEC_FLOATS 16
-#define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
-#define WIDE_ROWS 6    /* 24 + 5 */
-#define WIDE_AFTER 16
-#define LINEAR_TUNED 1
 #elif defined(__AVX__)
 #define VEC_FLOATS 8
-#define LINEAR_ROWS 6 /* 12 + 3 of 16 */
 #else
-#define VEC_FLOATS 4 /* SSE (16 registers), NEON (32) */
-#define LINEAR_ROWS 6
+#define VEC_FLOATS 4
 #endif
-#ifndef LINEAR_TUNED
-#define LINEAR_TUNED 0
-#define WIDE_ROWS 1
-#define WIDE_AFTER INT64_MAX /* never */
-#endif
-#define LINEAR_PANEL (2 * VEC_FLOATS)
 
 typedef float vec __attribute__((vector_size(VEC_FLOATS * 4)));
 typedef float vec_u __attribute__((vector_size(VEC_FLOATS * 4), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(VEC_FLOATS * 4)));
+
+/* The sum of a vector's lanes, by halves (log2 of the width shuffles and adds). */
+static inline float lane_sum(vec v) {
+#if VEC_FLOATS == 16
+    v += __builtin_shuffle(v, (ivec){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+#endif
+#if VEC_FLOATS >= 8
+    v += __builtin_shuffle(v, (ivec){4, 5, 6, 7, 0, 1, 2, 3
+#if VEC_FLOATS == 16
+                                     , 12, 13, 14, 15, 8, 9, 10, 11
+#endif
+                                     });
+#endif
+    return v[0] + v[1] + v[2] + v[3];
+}
 
 /* e^x for x <= 0, a vector at a time (gcc does not vectorise expf): Cephes' expf, a degree-6
  * polynomial after splitting off k ln 2, within 2 ulps; below -87 (and at -inf) exactly 0. */
-typedef int32_t ivec __attribute__((vector_size(VEC_FLOATS * 4)));
 
 static inline vec exp_nonpositive(vec x) {
     const ivec dead = x < -87.f;  /* lanes of -1 where e^x is taken as 0 */
@@ -60,6 +56,9 @@ static inline vec exp_nonpositive(vec x) {
     return (vec)((ivec)(p * two_to_k) & ~dead);
 }
 
+/* The same for one value (the vector's first lane), so scalar tails round alike. */
+static inline float exp_nonpositive1(float x) { return exp_nonpositive((vec){0} + x)[0]; }
+
 /* s[j] = e^(s[j] - top) for j < n (top >= every s[j]); returns their sum. */
 static float exp_in_place(float* s, int64_t n, float top) {
     vec sum = {0};
@@ -69,10 +68,9 @@ static float exp_in_place(float* s, int64_t n, float top) {
         *(vec_u*)(s + j) = e;
         sum += e;
     }
-    float total = 0.f;
-    for (int t = 0; t < VEC_FLOATS; ++t) total += sum[t];
+    float total = lane_sum(sum);
     for (; j < n; ++j) {
-        s[j] = exp_nonpositive((vec){0} + (s[j] - top))[0];
+        s[j] = exp_nonpositive1(s[j] - top);
         total += s[j];
     }
     return total;
@@ -90,21 +88,6 @@ static float exp_in_place(float* s, int64_t n, float top) {
 
 static inline void prefetch_row(const float* row, int64_t head_dim) {
     for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d, 0, 2);
-}
-
-/* The sum of a vector's lanes, by halves (log2 of the width shuffles and adds). */
-static inline float lane_sum(vec v) {
-#if VEC_FLOATS == 16
-    v += __builtin_shuffle(v, (ivec){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-#endif
-#if VEC_FLOATS >= 8
-    v += __builtin_shuffle(v, (ivec){4, 5, 6, 7, 0, 1, 2, 3
-#if VEC_FLOATS == 16
-                                     , 12, 13, 14, 15, 8, 9, 10, 11
-#endif
-                                     });
-#endif
-    return v[0] + v[1] + v[2] + v[3];
 }
 
 /* One (row, kv head) of decode attention with head_dim = n_vecs vectors and `groups` queries
@@ -200,19 +183,21 @@ int64_t decode_attention(const float* q, const float* k_cache, const float* v_ca
                     prefetch_row(v_cache + next_offset + j * head_dim, head_dim);
                 }
             }
-            /* Register tiles: groups x vectors of head_dim, at most 8 vectors each way. */
-            const int64_t n_vecs = head_dim % VEC_FLOATS ? 0 : head_dim / VEC_FLOATS;
-            const int64_t per_pass = n_vecs == 4 ? 2 : n_vecs == 8 ? 1 : 0;  /* queries */
-            if (per_pass) {
-                for (int64_t g = 0; g < group; g += per_pass) {
+            if (head_dim == 4 * VEC_FLOATS || head_dim == 8 * VEC_FLOATS) {
+                /* Register tiles of at most 8 vectors: two queries of 4, or one of 8. */
+                for (int64_t g = 0; g < group;) {
                     const float* qg = qs + g * head_dim;
                     float* og = os + g * head_dim;
-                    if (n_vecs == 4 && g + 1 < group)
-                        attend_one(qg, keys, values, og, scores, n_keys, scale, 2, 4);
-                    else if (n_vecs == 4)
-                        attend_one(qg, keys, values, og, scores, n_keys, scale, 1, 4);
-                    else
+                    if (head_dim == 8 * VEC_FLOATS) {
                         attend_one(qg, keys, values, og, scores, n_keys, scale, 1, 8);
+                        g += 1;
+                    } else if (g + 1 < group) {
+                        attend_one(qg, keys, values, og, scores, n_keys, scale, 2, 4);
+                        g += 2;
+                    } else {
+                        attend_one(qg, keys, values, og, scores, n_keys, scale, 1, 4);
+                        g += 1;
+                    }
                 }
                 continue;
             }
@@ -334,6 +319,28 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
  * rows) runs at the machine's read bandwidth, where oneDNN's kernels for so few rows do not;
  * with more rows the panel, read again for each tile, comes from cache.
  */
+/* Two native vectors per panel row; as many rows per tile as keep the 2 x rows accumulators,
+ * two weight vectors and a broadcast x in registers. Only the AVX-512 build was measured
+ * faster than oneDNN at every row count (the AVX2 one, on the same CPU, lost at 4-16 rows to
+ * oneDNN's AVX-512 kernels): linear_is_tuned tells the caller which to use.
+ *
+ * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
+ * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
+ * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
+ * and below the 12 x 1 tiles were faster. */
+#define LINEAR_PANEL (2 * VEC_FLOATS)
+#if VEC_FLOATS == 16
+#define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
+#define WIDE_ROWS 6    /* 24 + 5 */
+#define WIDE_AFTER 16
+#define LINEAR_TUNED 1
+#else
+#define LINEAR_ROWS 6 /* AVX: 12 + 3 of 16 registers; SSE the same, NEON has 32 */
+#define WIDE_ROWS 1
+#define WIDE_AFTER INT64_MAX /* never */
+#define LINEAR_TUNED 0
+#endif
+
 int64_t linear_panel_width(void) { return LINEAR_PANEL; }
 int64_t linear_is_tuned(void) { return LINEAR_TUNED; }
 
@@ -419,7 +426,9 @@ void linear(const float* x, int64_t x_stride, const float* panels, float* y, int
     }
 }
 
-#define SAMPLE_BLOCK 128
+#define SAMPLE_BLOCK 128 /* tokens per block of the two-level search, as in sampling.py */
+
+int64_t sample_block(void) { return SAMPLE_BLOCK; }
 
 /* Sum of e^((row[j] - top) * scale) over [begin, end), in float: a block's mass. */
 static float block_mass(const float* row, int64_t begin, int64_t end, float top, float scale) {
@@ -432,14 +441,7 @@ static float block_mass(const float* row, int64_t begin, int64_t end, float top,
         for (int64_t t = 0; j + t < end; ++t) tail[t] = (row[j + t] - top) * scale;
         sum += exp_nonpositive(tail);
     }
-    float total = 0.f;
-    for (int t = 0; t < VEC_FLOATS; ++t) total += sum[t];
-    return total;
-}
-
-/* e^((row[j] - top) * scale) for one token, as block_mass computes it. */
-static float token_mass(const float* row, int64_t j, float top, float scale) {
-    return exp_nonpositive((vec){0} + (row[j] - top) * scale)[0];
+    return lane_sum(sum);
 }
 
 static float row_max(const float* restrict row, int64_t n) {
@@ -477,7 +479,7 @@ static int64_t sample_row(const float* restrict row, int64_t vocab, float scale,
     double seen = 0.0;
     int64_t last = -1;
     for (int64_t j = block * SAMPLE_BLOCK; j < end; ++j) {
-        const float e = token_mass(row, j, top, scale);
+        const float e = exp_nonpositive1((row[j] - top) * scale);
         if (e <= 0.f) continue;
         last = j;
         seen += e;

@@ -83,8 +83,11 @@ class CpuKernels:
         self._sample_rows = library.sample_rows
         self._sample_rows.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]
         self._sample_rows.restype = None
-        library.linear_panel_width.restype = library.linear_is_tuned.restype = _I64
+        for constant in (library.linear_panel_width, library.linear_is_tuned,
+                         library.sample_block):
+            constant.restype = _I64
         self.panel_width = library.linear_panel_width()
+        self._sample_block = library.sample_block()  # tokens per block of `sample`'s search
         # Whether `linear` beats oneDNN on this CPU: measured so for the AVX-512 build only.
         self.linear_is_tuned = bool(library.linear_is_tuned())
 
@@ -153,7 +156,7 @@ class CpuKernels:
             raise ValueError("sample: unexpected shapes, dtypes or layout")
         inv_temperature, uniforms = inv_temperature.contiguous(), uniforms.contiguous()
         out = torch.empty(n_rows, dtype=torch.int64)
-        workspace = torch.empty(n_rows, -(-vocab // 128), dtype=torch.float64)
+        workspace = torch.empty(n_rows, -(-vocab // self._sample_block), dtype=torch.float64)
         self._sample_rows(logits.data_ptr(), inv_temperature.data_ptr(), uniforms.data_ptr(),
                           out.data_ptr(), workspace.data_ptr(), n_rows, vocab,
                           torch.get_num_threads())
@@ -174,8 +177,8 @@ class CpuKernels:
         if not (weight.dtype == torch.float32 and weight.shape == (dim,)
                 and weight.is_contiguous()):
             raise ValueError("rms_norm: unexpected weight")
-        out = torch.empty(n_rows, dim)
-        h = x if delta is None else torch.empty(n_rows, dim)
+        out = torch.empty(n_rows, dim, dtype=torch.float32)
+        h = x if delta is None else torch.empty(n_rows, dim, dtype=torch.float32)
         self._add_rms_norm(x.data_ptr(), x.stride(0),
                            None if delta is None else delta.data_ptr(),
                            0 if delta is None else delta.stride(0), h.data_ptr(), out.data_ptr(),

@@ -208,17 +208,23 @@ class Sampler:
         n_rows = logits.shape[0]
         uniforms = self._uniforms(batch, n_rows, logits.device)
         in_c = batch.plain_rows if self.kernels and logits.device.type == "cpu" else ()
+        if len(in_c) == n_rows:  # every row: one C pass, no probabilities tensor
+            return self._sample_in_c(logits, batch, uniforms, None)
         if in_c and batch.no_top_k and batch.no_top_p and batch.no_min_p:
-            # Every sampled row is plain: C draws them all, greedy rows keep their argmax.
-            if len(in_c) == n_rows:
-                return self._sample_in_c(logits, batch, uniforms, None)
-            assert greedy_ids is not None  # the rows not drawn are greedy
+            assert greedy_ids is not None  # every sampled row is in C: the others are greedy
+            sampled_ids = greedy_ids.clone()
+        else:
+            sampled_ids = self._sample_in_torch(logits, batch, uniforms)
+        if in_c:
             rows = torch.tensor(in_c)
-            token_ids = greedy_ids.clone()
-            token_ids[rows] = self._sample_in_c(logits, batch, uniforms, rows)
-            return token_ids
-        processed = logits
+            sampled_ids[rows] = self._sample_in_c(logits, batch, uniforms, rows)
+        if greedy_ids is None:
+            return sampled_ids
+        return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
 
+    def _sample_in_torch(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor
+                         ) -> Tensor:
+        """Every row drawn with PyTorch's ops (a greedy row's draw is discarded)."""
         if not batch.unit_temperature:
             # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
             temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
@@ -230,13 +236,7 @@ class Sampler:
             # The top token always survives top-k/top-p, so its prob is the row max either way.
             max_prob = probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
-        sampled_ids = sample_inverse_cdf(probs, uniforms)
-        if in_c:
-            rows = torch.tensor(in_c)
-            sampled_ids[rows] = self._sample_in_c(processed, batch, uniforms, rows)
-        if greedy_ids is None:
-            return sampled_ids
-        return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
+        return sample_inverse_cdf(probs, uniforms)
 
     def _sample_in_c(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor,
                      rows: Tensor | None) -> Tensor:

@@ -432,10 +432,12 @@ def test_release_free_memory_works_on_glibc() -> None:
 @pytest.mark.parametrize("enabled", [True, False])
 def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: bool,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--no-cpu-kernels` reaches the model; on, the engine's decode steps use the kernels
-    (their build and equality with SDPA: tests/model/test_cpu_kernels.py)."""
+    """`--no-cpu-kernels` reaches the model and the sampler; on, the engine's steps use the
+    kernels (their build and equality with PyTorch's ops: tests/model/test_cpu_kernels.py,
+    tests/engine/test_sampling.py)."""
     kernels = SimpleNamespace(linear_is_tuned=False)  # a marker; the linears stay oneDNN's
     monkeypatch.setattr("model.cpu_kernels.load", lambda: kernels)
     engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", cpu_kernels=enabled))
     want = kernels if enabled else None
     assert all(layer.self_attn.kernels is want for layer in engine.runner.model.model.layers)
+    assert engine.runner.sampler.kernels is want

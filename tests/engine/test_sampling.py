@@ -5,6 +5,7 @@ test runs with PyTorch's draw and with the C one (`draw_path`)."""
 from __future__ import annotations
 
 import math
+from functools import partialmethod
 
 import pytest
 import torch
@@ -32,10 +33,33 @@ def draw_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         kernels = cpu_kernels.load()
         if kernels is None:
             pytest.skip("no C kernels on this machine")
-        init = Sampler.__init__
-        monkeypatch.setattr(Sampler, "__init__",
-                            lambda self, seed=None, kernels_=None: init(self, seed, kernels))
+        monkeypatch.setattr(Sampler, "__init__", partialmethod(Sampler.__init__, kernels=kernels))
     return request.param
+
+
+def test_rows_without_top_k_top_p_or_min_p_are_drawn_in_c(
+        draw_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without this the `c` runs would pass with the C draw never taken: exactly the plain
+    sampled rows reach it, greedy and top-k / top-p / min-p rows do not."""
+    if draw_path != "c":
+        pytest.skip("the C path's own check")
+    sampler = Sampler(seed=0)
+    assert sampler.kernels is not None
+    drawn: list[int] = []
+    sample = sampler.kernels.sample
+    monkeypatch.setattr(sampler.kernels, "sample",
+                        lambda logits, *a: drawn.append(logits.shape[0]) or sample(logits, *a))
+    logits = torch.randn(5, 300)
+    params = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0),
+              SamplingParams(top_k=5), SamplingParams(seed=3), SamplingParams(min_p=0.1)]
+    batch = SamplingBatch.from_params(params, 300, DEVICE)
+    assert batch.plain_rows == (0, 3)
+    sampler(logits, batch)
+    assert drawn == [2]
+    drawn.clear()
+    sampler(logits[:2], SamplingBatch.from_params(params[:2], 300, DEVICE))  # greedy beside
+    sampler(logits[:1], SamplingBatch.from_params(params[:1], 300, DEVICE))  # C alone
+    assert drawn == [1, 1]
 
 
 def run(
