@@ -53,8 +53,11 @@ class AttentionBatch:
     decode_max_len: int = 0  # longest decode row, keys included: how far the rows read
     decode_run: tuple[int, int] | None = None  # (lo, hi) slots read as one view; None: gather
     decode_rows: Tensor | None = None  # each row's index in the run; None: the run is the rows
-    decode_visible: Tensor | None = None  # (S, 1, 1, L) True where a row may see the key
+    # Keys each row of the read (run or gather) sees; a hole in a run sees none. The decode
+    # mask is built from them on first use (decode_bias): the C kernel reads decode_lens.
+    decode_read_lens: Tensor | None = None  # (S,) int64
     prefills: tuple[PrefillSpan, ...] = ()
+    _decode_bias: Tensor | None = None
 
     @classmethod
     def build(cls, decode_slots: list[int], decode_positions: list[int],
@@ -86,7 +89,7 @@ class AttentionBatch:
                    n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
                    decode_lens=tensor(row_lens), decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
-                   decode_visible=_visible(tensor(lens), max_len), prefills=tuple(prefills))
+                   decode_read_lens=tensor(lens), prefills=tuple(prefills))
 
     @classmethod
     def slot_rows(cls, positions: Tensor, seq_lens: Tensor, n_len: int) -> AttentionBatch:
@@ -97,13 +100,20 @@ class AttentionBatch:
         slots = torch.arange(n_rows, device=positions.device)
         return cls(slot_ids=slots, positions=positions, n_decode=n_rows, decode_slots=slots,
                    decode_lens=seq_lens, decode_max_len=n_len, decode_run=(0, n_rows - 1),
-                   decode_visible=_visible(seq_lens, n_len))
+                   decode_read_lens=seq_lens)
 
-
-def _visible(lens: Tensor, n_len: int) -> Tensor:
-    """(S, 1, 1, n_len): True where key j < lens[s], the keys row s may see."""
-    visible = torch.arange(n_len, device=lens.device)[None, :] < lens[:, None]
-    return visible[:, None, None, :]
+    def decode_bias(self, dtype: torch.dtype) -> Tensor:
+        """(S, 1, 1, decode_max_len) additive mask of the decode rows: 0 on the keys a row
+        sees, -inf past its length. Built once a step and shared by every layer: a boolean
+        mask is turned into this by SDPA on every call (two more kernels a layer, which on a
+        GPU cost more than they compute)."""
+        if self._decode_bias is None or self._decode_bias.dtype != dtype:
+            lens = self.decode_read_lens
+            assert lens is not None
+            visible = torch.arange(self.decode_max_len, device=lens.device) < lens[:, None]
+            bias = torch.full(visible.shape, float("-inf"), dtype=dtype, device=lens.device)
+            self._decode_bias = bias.masked_fill_(visible, 0.0)[:, None, None]
+        return self._decode_bias
 
 
 def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -159,7 +169,7 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Attention
     run that are not decoding this step (holes) are computed and dropped. Otherwise the rows'
     slots are gathered. The CPU kernel reads each row's own slot and length directly.
     """
-    assert batch.decode_slots is not None and batch.decode_visible is not None
+    assert batch.decode_slots is not None
     if kernels is not None:
         assert batch.decode_lens is not None
         return kernels.decode_attention(q, k_cache, v_cache, batch.decode_slots,
@@ -182,6 +192,6 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: Attention
     qs = q.view(n_seq, n_kv, n_heads // n_kv, head_dim)  # (S, KVH, G, D)
     # Keys past a row's own length are masked out, never averaged in; a hole sees none and
     # its row (zeros or NaN, by backend) is dropped below.
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_visible)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=batch.decode_bias(q.dtype))
     out = out.reshape(n_seq, n_heads, head_dim)  # (S, H, D)
     return out if rows is None else out[rows]

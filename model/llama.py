@@ -61,11 +61,10 @@ class RMSNorm(nn.Module):
             return F.layer_norm(both, (2 * dim,), self.doubled_weight, None, self.eps)[..., :dim]
         if x.dtype == torch.float32:  # the same arithmetic, one fused op
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in float32 and cast back before the weight, as the reference does.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalised in float32 and cast back before the weight, as the reference does:
+        # F.rms_norm computes in float32 and rounds once (bit-equal to HF's x.float() ... .to()
+        # chain, tested), in one kernel on CUDA instead of seven.
+        return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
 
     def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         """(x + delta, and its norm): a residual add and the norm after it."""

@@ -47,7 +47,9 @@ class ModelRunner:
         """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
         where CUDA graphs replay and the sampler allocates."""
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            # torch 2.11 refuses a device without an index ("cuda"): that one is the current.
+            index = self.device.index
+            torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)

@@ -37,7 +37,7 @@ def test_memory_budget_sets_the_slot_count() -> None:
 
 def test_tokens_per_step_default_by_device_and_never_below_the_slots() -> None:
     assert EngineConfig().batched_tokens("cpu") == 256
-    assert EngineConfig().batched_tokens("cuda") == 512
+    assert EngineConfig().batched_tokens("cuda") == 2048
     assert EngineConfig(max_num_seqs=300).batched_tokens("cpu") == 300
     assert EngineConfig(max_num_batched_tokens=100).batched_tokens("cuda") == 100  # given: kept
     with pytest.raises(ValueError, match="must be >= max_num_seqs"):

@@ -136,6 +136,34 @@ def test_packed_rms_norm_is_rms_norm(scale: float) -> None:
     assert torch.equal(norm(x), want)  # more rows: F.rms_norm itself
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rms_norm_is_transformers_bit_for_bit(dtype: torch.dtype) -> None:
+    """In bf16/fp16 our norm (F.rms_norm, then the weight) rounds where transformers'
+    LlamaRMSNorm does: normalised in float32, cast back, then times the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    theirs, ours = LlamaRMSNorm(512, eps=1e-5), RMSNorm(512, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.copy_(1 + 0.1 * torch.randn(512))
+        ours.weight.copy_(theirs.weight)
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
+    for scale in (1e-3, 1.0, 30.0):
+        x = (torch.randn(37, 512) * scale).to(dtype)
+        assert torch.equal(ours(x), theirs(x)), scale
+
+
+def test_decode_mask_is_built_once_a_step_from_each_rows_length() -> None:
+    """The decode rows' additive mask: 0 on a row's own keys, -inf past them (a hole in the
+    slot run sees none), made once and shared by every layer's attention."""
+    batch = AttentionBatch.build([0, 2, 3], [4, 1, 6], [], "cpu")  # slot 1: a hole in the run
+    bias = batch.decode_bias(torch.float32)
+    assert bias is batch.decode_bias(torch.float32)
+    assert bias.shape == (4, 1, 1, 7)
+    visible = bias[:, 0, 0] == 0
+    assert visible.sum(1).tolist() == [5, 0, 2, 7]
+    assert visible[:, 0].tolist() == [True, False, True, True]  # a row's keys come first
+    assert torch.isneginf(bias[:, 0, 0][~visible]).all()
+
+
 def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
     single, sharded = make_checkpoint(TINY), make_checkpoint(TINY, n_shards=3)
     assert (sharded / "model.safetensors.index.json").is_file()
