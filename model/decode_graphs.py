@@ -105,12 +105,12 @@ class DecodeGraphs:
                 # Warm up outside the capture: lazy initialisation must not be recorded.
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    self._forward(batch, self.lengths[0])
+                    self.forward(batch, self.lengths[0])
                 torch.cuda.current_stream(device).wait_stream(stream)
                 for length in reversed(self.lengths):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=mempool, stream=stream):
-                        self._forward(batch, length)
+                        self.forward(batch, length)
                     self.graphs[batch, length] = graph
             torch.cuda.synchronize(device)
         logger.info("captured %d CUDA graphs for decode (batch %s x length %s) in %.1f s",
@@ -152,7 +152,7 @@ class DecodeGraphs:
         if self.capture:
             self.graphs[key].replay()
         else:
-            self._forward(batch, length)
+            self.forward(batch, length)
         return self.logits[self.rows[:len(slots)]]  # a copy: the next replay overwrites logits
 
     def _pad_rows(self, rows: Tensor) -> Tensor:
@@ -161,7 +161,9 @@ class DecodeGraphs:
         rows[:, 0], rows[:, 1], rows[:, 2] = 0, self.pool.max_len - 1, 1
         return rows
 
-    def _forward(self, batch: int, length: int) -> None:
+    def forward(self, batch: int, length: int) -> None:
+        """One step of the first `batch` static rows over `length` keys, run eagerly: what a
+        graph records, and what runs in its place without CUDA."""
         positions = self.positions[:batch]
         attention = AttentionBatch.slot_rows(positions, self.seq_lens[:batch], length)
         logits = self.model(self.input_ids[:batch], positions, self.pool, attention)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids = torch.randint(0, config.vocab_size, (batch,), generator=gen).tolist()
         bucket = graphs.bucket(slots, positions)
         assert bucket is not None
-        eager = median_ms(partial(graphs._forward, *bucket), device, n=10, warmup=2)
+        eager = median_ms(partial(graphs.forward, *bucket), device, n=10, warmup=2)
         replay = partial(graphs.run, slots, ids, positions)
         steps[batch] = {"bucket": bucket, "eager_ms": eager,
                         "graph_ms": median_ms(replay, device) if graphs.capture else None}
@@ -132,7 +132,7 @@ def _profile(graphs: DecodeGraphs, batches: list[int], device: torch.device) -> 
         assert bucket is not None
         with profile(activities=activities) as prof:
             for _ in range(5):
-                graphs._forward(*bucket)
+                graphs.forward(*bucket)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         events = prof.key_averages()

@@ -50,13 +50,29 @@ def free_memory_bytes(device: torch.device) -> int:
     raise StartupError("cannot read available memory from /proc/meminfo")
 
 
+def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    """About the most memory a step of `tokens` tokens holds besides weights and pool, kept
+    free when the pool is sized (an estimate from the shapes; vLLM measures a dummy step).
+    Per token: the residual stream, its delta and norm, q/k/v and the attention output, the
+    MLP's gate/up and their product; and float32 logits twice over for every token (a chunk
+    whose prompt logprobs are asked for, and their log-softmax)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    widths = (3 * model.dim + (2 * model.n_heads + 2 * model.n_kv_heads) * model.head_dim
+              + 3 * model.hidden_dim)
+    return tokens * (widths * itemsize + 2 * model.vocab_size * 4)
+
+
 def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
-              free_bytes: int) -> PoolPlan:
+              free_bytes: int, step_tokens: int = 0) -> PoolPlan:
+    """The pool's slots and length; refused when it and a step of `step_tokens` tokens
+    (step_activation_bytes) do not fit in `free_bytes`."""
     max_len = config.max_model_len or min(model.max_seq_len, DEFAULT_MAX_MODEL_LEN)
+    reserve = step_activation_bytes(model, step_tokens, dtype)
     if config.kv_cache_memory is None:
         n_slots = config.max_num_seqs
     else:
-        budget = parse_memory(config.kv_cache_memory, free_bytes)
+        # "100%" means all that is free once a step has its room.
+        budget = min(parse_memory(config.kv_cache_memory, free_bytes), free_bytes - reserve)
         n_slots = min(config.max_num_seqs,
                       KVCachePool.slots_for_budget(model, budget, max_len, dtype))
         if n_slots < 1:
@@ -66,11 +82,13 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
                 f"no slot of {max_len} tokens ({per_slot / 2**30:.3f} GiB each); lower "
                 f"--max-model-len or raise the budget")
     nbytes = KVCachePool.bytes_needed(model, n_slots, max_len, dtype)
-    if nbytes > free_bytes:
+    if nbytes + reserve > free_bytes:
         raise StartupError(
             f"the KV-cache pool needs {nbytes / 2**30:.2f} GiB "
-            f"({KVCachePool.formula(model, n_slots, max_len, dtype)}) but only "
-            f"{free_bytes / 2**30:.2f} GiB is free; lower --max-num-seqs or --max-model-len")
+            f"({KVCachePool.formula(model, n_slots, max_len, dtype)}) and a step of "
+            f"{step_tokens} tokens about {reserve / 2**30:.2f} GiB more, but only "
+            f"{free_bytes / 2**30:.2f} GiB is free; lower --max-num-seqs, --max-model-len or "
+            f"--max-num-batched-tokens")
     return PoolPlan(n_slots, max_len, nbytes, KVCachePool.formula(model, n_slots, max_len, dtype))
 
 
@@ -107,7 +125,8 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                            f"context length {model.config.max_seq_len}")
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
     model.pack(use_cpu_kernels=config.cpu_kernels)
-    plan = plan_pool(model.config, config, dtype, free_memory_bytes(device))
+    batched_tokens = config.batched_tokens(device.type)
+    plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
                 model.config.n_layers, model.config.dim, model.config.vocab_size,
                 str(dtype).removeprefix("torch."), device)
@@ -124,7 +143,6 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                                f"(--kv-cache-memory, --max-num-seqs) or pass --enforce-eager"
                                ) from None
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
-    batched_tokens = config.batched_tokens(device.type)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
     scheduler = Scheduler(plan.n_slots, plan.max_len, batched_tokens, eos_ids=tokenizer.eos_ids)
     return Engine(runner, scheduler, tokenizer, config.max_waiting)

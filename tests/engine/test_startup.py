@@ -7,7 +7,7 @@ import torch
 
 from model.kv_cache import KVCachePool
 from server.config import EngineConfig
-from server.startup import StartupError, parse_memory, plan_pool
+from server.startup import StartupError, parse_memory, plan_pool, step_activation_bytes
 from tests.conftest import TINY
 
 PER_SLOT = KVCachePool.bytes_needed(TINY, 1, 1024, torch.float32)  # 2*2*1024*2*16*4 bytes
@@ -48,6 +48,22 @@ def test_pool_larger_than_free_memory_is_refused_with_both_numbers() -> None:
     config = EngineConfig(max_num_seqs=10, max_model_len=1024)
     with pytest.raises(StartupError, match=r"needs 0\.00 GiB .* but only 0\.00 GiB is free"):
         plan_pool(TINY, config, torch.float32, free_bytes=9 * PER_SLOT)
+
+
+def test_the_pool_leaves_room_for_a_step() -> None:
+    """A pool that fits only if a step's activations had no room is refused at start-up
+    (else the first long prefill would run out of memory), and "100%" leaves that room."""
+    step = step_activation_bytes(TINY, 256, torch.float32)
+    # Per token: 3 x 64 + (2 x 4 + 2 x 2) x 16 + 3 x 160 float32 values, and 2 x 1024 logits.
+    assert step == 256 * ((3 * 64 + 12 * 16 + 3 * 160) * 4 + 2 * 1024 * 4)
+    config = EngineConfig(max_num_seqs=4, max_model_len=1024)
+    assert plan_pool(TINY, config, torch.float32, 4 * PER_SLOT, step_tokens=0).n_slots == 4
+    with pytest.raises(StartupError, match="step of 256 tokens about .* --max-num-batched-tok"):
+        plan_pool(TINY, config, torch.float32, 4 * PER_SLOT + step - 1, step_tokens=256)
+    assert plan_pool(TINY, config, torch.float32, 4 * PER_SLOT + step, step_tokens=256)
+    everything = EngineConfig(max_num_seqs=64, max_model_len=1024, kv_cache_memory="100%")
+    plan = plan_pool(TINY, everything, torch.float32, 4 * PER_SLOT + step, step_tokens=256)
+    assert plan.n_slots == 4
 
 
 @pytest.mark.parametrize("spec", ["lots", "-1", "0", "150%", "0%"])
