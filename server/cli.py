@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
+    _add(serve, "--async-output-proc", "CUDA: stream a step's outputs while the next graphed "
+         "step runs (vLLM V0's async output processing); off by default until measured "
+         "further (README)", action="store_true", default=e.async_output_proc)
     _add(serve, "--no-cpu-kernels", "CPU: oneDNN's linears and PyTorch's ops instead of the C "
          "kernels built on first use", action="store_false", dest="cpu_kernels",
          default=e.cpu_kernels)

@@ -27,6 +27,8 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
+    # CUDA: a step's outputs go to the streams once the next step is launched (Engine._step)
+    async_output_proc: bool = False
     cpu_kernels: bool = True  # CPU float32: the C kernels of model/cpu_kernels.py
     load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)
 

@@ -81,8 +81,11 @@ class RequestStream:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
-                 max_waiting: int) -> None:
+                 max_waiting: int, async_output_proc: bool = False) -> None:
         self.runner = runner
+        # Outputs of a step wait for the next launch (see _step); only where the device runs
+        # after a launch returns.
+        self._defer_outputs = async_output_proc and runner.asynchronous
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.max_model_len = scheduler.max_model_len
@@ -101,6 +104,8 @@ class Engine:
         self._dead: BaseException | None = None
         self._closed = False  # set (under _lock) when the loop ends: no stream is opened after
         self._listeners: list[Callable[[IterationStats], None]] = []
+        # A step's outputs, held until the next step is launched (see _step).
+        self._deferred: list[RequestOutput] = []
 
     # ------------------------------------------------------------------ asyncio side
 
@@ -241,15 +246,28 @@ class Engine:
         return True
 
     def _step(self) -> None:
+        """One step: schedule, launch, read the sampled tokens back, update, hand out outputs.
+
+        With async output processing (CUDA, `--async-output-proc`) a step's outputs are held
+        until the next step is launched, so that the event loop streams them (holding the
+        GIL) while the device computes instead of holding up the next launch. Only a graphed
+        decode step's launch returns at once; before an eager one (prefill chunks), which
+        reads back from the device as it goes, they are posted first."""
         plan = self.scheduler.schedule()
         admitted = sum(1 for c in plan.prefills if c.start == 0)
         if admitted:
             with self._lock:
                 self._num_queued -= admitted
+        overlap = self._defer_outputs and self.runner.launches_async(plan)
+        if plan.num_tokens == 0 or not overlap:
+            self._post([])  # the last step's outputs, if held
         if plan.num_tokens == 0:
             return
         try:
-            result = self.runner.run(plan)
+            pending = self.runner.launch(plan)
+            if overlap:
+                self._post([])  # the last step's outputs, while this one runs
+            result = self.runner.finish(pending)
         except Exception as e:
             # One forward serves the whole batch, so its requests fail together; the engine
             # and everything not in this step go on.
@@ -268,7 +286,11 @@ class Engine:
         it.batch_size = len(plan.decodes) + len(plan.prefills)
         it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
         self.scheduler.update(plan, result.tokens, result.logprobs)
-        self._post(self._step_outputs(plan, result))
+        outputs = self._step_outputs(plan, result)
+        if self._defer_outputs and self.scheduler.has_work():
+            self._deferred = outputs  # posted by the next step (see above)
+        else:
+            self._post(outputs)
         self._emit_iteration()
 
     def _emit_iteration(self) -> None:
@@ -305,7 +327,10 @@ class Engine:
         return [self._outputs.final(seq, error) for seq in open_seqs]
 
     def _post(self, outputs: list[RequestOutput]) -> None:
-        """Hand outputs to their streams: one thread-safe callback per event loop."""
+        """Hand outputs to their streams, after any the last step deferred (so a stream never
+        sees them out of order): one thread-safe callback per event loop."""
+        if self._deferred:
+            outputs, self._deferred = self._deferred + outputs, []
         if not outputs:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}

@@ -4,6 +4,11 @@ The only place where requests become tensors. Row layout of a step (see model/at
 decode rows first, one token per decoding sequence, then each prefill chunk's tokens. Logits
 are computed only for rows that are sampled or scored, so a long prefill does not pay for the
 lm_head at every position unless prompt logprobs were asked for.
+
+A step is `launch` (inputs, forward and sampling queued on the device) then `finish` (the
+sampled ids read back). On a GPU a graphed step runs between the two, where the engine can hand
+out the previous step's outputs (`launches_async`, --async-output-proc); on CPU `launch`
+already computes everything.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from model.attention import AttentionBatch, PrefillSpan
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
-from server.request import TokenLogprob
-from server.sampling import Sampler, SamplingBatch, compute_logprobs
+from server.request import SamplingParams, TokenLogprob
+from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
 from server.scheduler import Request, Sequence, StepPlan
 
 
@@ -27,6 +32,15 @@ class StepResult:
     logprobs: list[TokenLogprob | None] | None  # aligned with plan.sampled; None: nobody asked
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
         default_factory=list)
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step: device tensors that `finish` reads back."""
+
+    sampled: SamplerOutput | None  # one row per plan.sampled; None: nothing sampled
+    params: list[SamplingParams]
+    scored: list[tuple[PrefillChunkRows, torch.Tensor]]  # prompt-logprob chunks, their logits
 
 
 class ModelRunner:
@@ -54,8 +68,30 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
 
-    @torch.inference_mode()
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the device computes after `launch` returns (CUDA), so that host work put
+        between `launch` and `finish` overlaps the step."""
+        return self.device.type == "cuda"
+
+    def launches_async(self, plan: StepPlan) -> bool:
+        """Whether `launch(plan)` returns before the device has run the step: a decode-only
+        step that a CUDA graph covers (an eager one reads back as it goes)."""
+        if not self.asynchronous or self.graphs is None or plan.prefills or not plan.decodes:
+            return False
+        return self.graphs.bucket([s.slot for s in plan.decodes],
+                                  [s.num_computed for s in plan.decodes]) is not None
+
     def run(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue the step's forward and sampling; nothing is read back from the device (on a
+        graphed decode step), so on a GPU this returns while the step runs."""
+        # The sampling controls go to the device first: a host-to-device copy queued after
+        # the forward would wait for it.
+        sampling = self._sampling_batch(plan.sampled) if plan.sampled else None
         ids = [seq.last_token for seq in plan.decodes]
         n_decode = len(ids)
         # A decoding sequence feeds its newest token at position num_computed (the number of
@@ -64,7 +100,7 @@ class ModelRunner:
         if self.graphs is not None and n_decode and not plan.prefills:
             logits = self.graphs.run(slots, ids, positions)
             if logits is not None:  # else the rows fit no graph: eager, below
-                return self._sample(plan.sampled, logits)
+                return self._pending(plan, sampling, logits, [])
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
         last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token
@@ -99,27 +135,43 @@ class ModelRunner:
                 if seq is not first:  # n > 1: the prompt was computed once; copy it
                     self.pool.copy_slot(first.slot, seq.slot, len(chunk.request.prompt_ids))
                 sample_rows.append(last_rows[i])
+        # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
+        picked = logits[sample_rows] if plan.prefills and sample_rows else logits
+        return self._pending(plan, sampling, picked,
+                             [(rows, logits[row:row + rows.n]) for rows, row in scored])
+
+    def _pending(self, plan: StepPlan, sampling: SamplingBatch | None, logits: torch.Tensor,
+                 scored: list[tuple[PrefillChunkRows, torch.Tensor]]) -> PendingStep:
+        sampled = self.sampler(logits, sampling) if sampling is not None else None
+        return PendingStep(sampled, [s.request.params for s in plan.sampled], scored)
+
+    @torch.inference_mode()
+    def finish(self, step: PendingStep) -> StepResult:
+        """Read the launched step's tokens (and logprobs) back: waits for the device."""
         result = StepResult([], None)
-        if sample_rows:
-            # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
-            picked = logits[sample_rows] if plan.prefills else logits
-            result = self._sample(plan.sampled, picked)
-        result.prompt_logprobs = [self._prompt_logprobs(rows, logits[row:row + rows.n])
-                                  for rows, row in scored]
+        out = step.sampled
+        if out is not None:
+            tokens = out.token_ids.tolist()
+            result = StepResult(tokens, None)
+            if out.logprobs is not None:
+                result.logprobs = self._logprobs(step.params, tokens, out)
+        result.prompt_logprobs = [self._prompt_logprobs(rows, logits)
+                                  for rows, logits in step.scored]
         return result
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> StepResult:
-        params = [s.request.params for s in seqs]
-        generators = [self._generator(s) for s in seqs]
-        batch = SamplingBatch.from_params(
-            params, self.vocab_size, self.device,
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        return SamplingBatch.from_params(
+            [s.request.params for s in seqs], self.vocab_size, self.device,
             output_token_ids=[s.output_ids for s in seqs],
             prompt_token_ids=[s.request.prompt_ids for s in seqs],
-            generators=generators, extra_bias=[self._min_tokens_ban(s) for s in seqs])
-        out = self.sampler(logits, batch)
-        tokens = out.token_ids.tolist()
-        if out.logprobs is None:
-            return StepResult(tokens, None)
+            generators=[self._generator(s) for s in seqs],
+            extra_bias=[self._min_tokens_ban(s) for s in seqs])
+
+    @staticmethod
+    def _logprobs(params: list[SamplingParams], tokens: list[int], out: SamplerOutput
+                  ) -> list[TokenLogprob | None]:
+        assert out.logprobs is not None and out.top_ids is not None
+        assert out.top_logprobs is not None
         chosen, top_ids, top_lps = (out.logprobs.tolist(), out.top_ids.tolist(),
                                     out.top_logprobs.tolist())
         logprobs: list[TokenLogprob | None] = []
@@ -129,7 +181,7 @@ class ModelRunner:
                 continue
             top = tuple(zip(top_ids[i][:p.logprobs], top_lps[i][:p.logprobs], strict=True))
             logprobs.append(TokenLogprob(tokens[i], chosen[i], top))
-        return StepResult(tokens, logprobs)
+        return logprobs
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.request.params.seed

@@ -37,7 +37,8 @@ def test_help_documents_every_flag() -> None:
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
                  "--max-request-bytes", "--allowed-origins", "--metrics-compat",
-                 "--shutdown-timeout", "--enforce-eager", "--no-cpu-kernels", "--load-format",
+                 "--shutdown-timeout", "--enforce-eager", "--async-output-proc",
+                 "--no-cpu-kernels", "--load-format",
                  "--seed", "--log-level"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"

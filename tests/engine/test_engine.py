@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,20 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine, EngineOverloaded, RequestRejected
 from server.request import FinishReason, SamplingParams
+from server.runner import ModelRunner
 from server.startup import build_engine
+
+ASYNC_OUTPUT_PROC = False  # set per test by deferred_outputs; running() builds with it
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["posted-at-once", "deferred"])
+def deferred_outputs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every engine test runs twice: with each step's outputs posted at once, and with async
+    output processing as on a GPU (held until the next step is launched; `asynchronous`
+    forced, since CPU has no such device)."""
+    monkeypatch.setattr(ModelRunner, "asynchronous", property(lambda _: request.param))
+    monkeypatch.setattr(sys.modules[__name__], "ASYNC_OUTPUT_PROC", request.param)
+    return request.param
 
 
 @dataclass
@@ -37,6 +51,7 @@ class Result:
 
 @contextmanager
 def running(folder: Path, graph_layout: bool = False, **config: object) -> Iterator[Engine]:
+    config.setdefault("async_output_proc", ASYNC_OUTPUT_PROC)
     engine = build_engine(folder, EngineConfig(device="cpu", **config))  # type: ignore[arg-type]
     if graph_layout:  # the CUDA-graph decode layout, run eagerly (no capture on CPU)
         runner = engine.runner
@@ -352,7 +367,7 @@ def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
     with running(tiny_checkpoint, max_model_len=1024) as engine:
         def broken(plan):  # noqa: ANN001, ANN202
             raise RuntimeError("device lost")
-        monkeypatch.setattr(engine.runner, "run", broken)
+        monkeypatch.setattr(engine.runner, "launch", broken)
         first = run(engine, ([5, 6], GREEDY, "first"))[0]
         assert first.finish[0] == FinishReason.ERROR and "device lost" in (first.error or "")
         engine.check_health()  # one failure is not death
@@ -447,10 +462,46 @@ def test_engine_thread_binds_cuda_by_index(monkeypatch: pytest.MonkeyPatch) -> N
     """torch 2.11 refuses `torch.cuda.set_device(torch.device("cuda"))` (no index): on an H100
     the engine thread died at its first line. The runner passes an index: the current
     device's for plain "cuda", N for "cuda:N"."""
-    from server.runner import ModelRunner
     calls: list[object] = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     for device in ("cuda", "cuda:1", "cpu"):
         ModelRunner.bind_thread(SimpleNamespace(device=torch.device(device)))  # type: ignore[arg-type]
     assert calls == [3, 1]
+
+
+def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,
+                                                       deferred_outputs: bool) -> None:
+    """With async output processing a graphed step's launch comes before the last step's
+    tokens are posted (the event loop streams them while the device computes); the prefill
+    (eager) step and the final tokens post at once; without it, every step posts at once."""
+    events: list[str] = []
+    with running(tiny_checkpoint, graph_layout=True, max_model_len=1024) as engine:
+        launch, post = engine.runner.launch, engine._post
+
+        def recording_launch(plan):  # noqa: ANN001, ANN202
+            events.append("launch")
+            return launch(plan)
+
+        def recording_post(outputs: list) -> None:
+            n = sum(len(o.token_ids) for o in engine._deferred + outputs)
+            events.extend(["token"] * n)
+            post(outputs)
+
+        engine.runner.launch, engine._post = recording_launch, recording_post  # type: ignore
+        res = run(engine, ([5, 6], replace(GREEDY, max_tokens=4), "r"))[0]
+    assert len(res.tokens[0]) == 4
+    if deferred_outputs:
+        assert events == ["launch", "launch", "token", "launch", "token", "launch", "token",
+                          "token"]
+    else:
+        assert events == ["launch", "token"] * 4
+
+
+def test_async_output_proc_needs_a_device_that_runs_after_launch(tiny_checkpoint: Path,
+                                                                 deferred_outputs: bool) -> None:
+    """Asked for on a device whose launch computes the whole step (CPU), the flag changes
+    nothing: held outputs would only wait a step longer."""
+    with running(tiny_checkpoint, max_model_len=1024, async_output_proc=True) as engine:
+        # ModelRunner.asynchronous is forced only in the "deferred" runs.
+        assert engine._defer_outputs == deferred_outputs

@@ -45,15 +45,20 @@ def test_cuda_graphs_on_a_second_gpu(tiny_checkpoint: Path) -> None:
     check_graph_steps(model, capture=True, atol=1e-4)
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_cuda_engine_decodes_like_cpu(tiny_checkpoint: Path, enforce_eager: bool) -> None:
-    """Greedy float32 tokens on CUDA (with and without CUDA graphs) equal the CPU engine's,
-    for a batch of requests."""
+@pytest.mark.parametrize("enforce_eager, async_output_proc",
+                         [(False, False), (True, False), (False, True)],
+                         ids=["graphs", "eager", "graphs-async-output"])
+def test_cuda_engine_decodes_like_cpu(tiny_checkpoint: Path, enforce_eager: bool,
+                                      async_output_proc: bool) -> None:
+    """Greedy float32 tokens on CUDA (with and without CUDA graphs, and with async output
+    processing) equal the CPU engine's, for a batch of requests."""
     def run(device: str) -> list[list[int]]:
         engine = build_engine(tiny_checkpoint, EngineConfig(
-            device=device, dtype="float32", max_model_len=512, enforce_eager=enforce_eager))
+            device=device, dtype="float32", max_model_len=512, enforce_eager=enforce_eager,
+            async_output_proc=async_output_proc))
         if device == "cuda":
             assert (engine.runner.graphs is None) == enforce_eager
+            assert engine._defer_outputs == async_output_proc
         engine.start()
 
         async def one(i: int) -> list[int]:
