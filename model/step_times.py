@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per KV-cache slot")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="tokens per KV-cache slot (at most the model's context)")
     p.add_argument("--batches", default="1,4,16,64", help="decode rows per step")
     p.add_argument("--buffer-gib", type=float, default=None,
                    help="bandwidth buffer (default 4 GiB on a GPU, 0.25 GiB on CPU)")
@@ -87,14 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
     read = weight_bytes - (0 if tied else embed.numel() * embed.element_size())
     model.pack()
     results |= {"weight_bytes": weight_bytes, "weight_bytes_read_per_step": read}
-    pool = KVCachePool(config, max(batches), args.max_len, embed.dtype, device)
+    max_len = min(args.max_len, config.max_seq_len)
+    pool = KVCachePool(config, max(batches), max_len, embed.dtype, device)
     graphs = DecodeGraphs(model, pool, capture=device.type == "cuda")
     graphs.capture_all()
     gen = torch.Generator().manual_seed(0)
     steps = {}
     for batch in batches:
         slots = list(range(batch))
-        positions = [min(150 + i % 40, args.max_len - 1) for i in slots]
+        positions = [min(150 + i % 40, max_len - 1) for i in slots]
         ids = torch.randint(0, config.vocab_size, (batch,), generator=gen).tolist()
         bucket = graphs.bucket(slots, positions)
         assert bucket is not None

@@ -14,7 +14,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
-from tests.api.conftest import Server, run_server
+from tests.api.conftest import Server, free_port, run_server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -45,6 +45,26 @@ def test_help_documents_every_flag() -> None:
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,
                          capture_output=True, text=True).stdout
     assert "serve" in top
+
+
+def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """`make gpu-check` (for CUDA hosts) run on CPU with a small shape: it writes the shape,
+    runs the GPU tests (skipped here), model.step_times, and serves and benches the shape
+    twice, the second time with --async-output-proc."""
+    shape = tmp_path / "shape"
+    out = subprocess.run(
+        ["make", "-s", "gpu-check", f"PY={sys.executable}", f"GPU_SHAPE={shape}",
+         f"GPU_TOKENIZER={tokenizer_dir}", "GPU_DEVICE_ARGS=--device cpu --dtype float32",
+         "GPU_SERVE_ARGS=--max-num-seqs 2 --max-model-len 128",
+         "GPU_BENCH_ARGS=--input-len 4 --output-len 3 --num-prompts 2 --concurrency 2",
+         "GPU_SHAPE_CONFIG=dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, "
+         "hidden_dim=160, max_seq_len=128", f"BENCH_PORT={free_port()}"],
+        cwd=README.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ModelConfig.from_dir(shape).dim == 64
+    assert re.search(r"^batch  64 \(bucket \d+ keys\): eager", out.stdout, flags=re.M)
+    assert out.stdout.count("=== serve") == 2 and "--async-output-proc" in out.stdout
+    assert len(re.findall(r"^ +2 +2 +0 ", out.stdout, flags=re.M)) == 2  # 2 ok, 0 failed
 
 
 def test_make_bench_model_without_the_shared_maker(tmp_path: Path) -> None:
