@@ -258,11 +258,12 @@ class Engine:
         if admitted:
             with self._lock:
                 self._num_queued -= admitted
-        overlap = self._defer_outputs and self.runner.launches_async(plan)
-        if plan.num_tokens == 0 or not overlap:
-            self._post([])  # the last step's outputs, if held
         if plan.num_tokens == 0:
+            self._post([])  # the last step's outputs, if held
             return
+        overlap = self._defer_outputs and self.runner.launches_async(plan)
+        if not overlap:
+            self._post([])
         try:
             pending = self.runner.launch(plan)
             if overlap:

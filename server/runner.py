@@ -82,9 +82,6 @@ class ModelRunner:
         return self.graphs.bucket([s.slot for s in plan.decodes],
                                   [s.num_computed for s in plan.decodes]) is not None
 
-    def run(self, plan: StepPlan) -> StepResult:
-        return self.finish(self.launch(plan))
-
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         """Queue the step's forward and sampling; nothing is read back from the device (on a
@@ -142,6 +139,7 @@ class ModelRunner:
 
     def _pending(self, plan: StepPlan, sampling: SamplingBatch | None, logits: torch.Tensor,
                  scored: list[tuple[PrefillChunkRows, torch.Tensor]]) -> PendingStep:
+        """The sampler queued on the step's logits (rows aligned with plan.sampled)."""
         sampled = self.sampler(logits, sampling) if sampling is not None else None
         return PendingStep(sampled, [s.request.params for s in plan.sampled], scored)
 
