@@ -85,11 +85,14 @@ class AttentionBatch:
                         run_lens[row] = n
                     lens = run_lens
         max_len = max(lens, default=0)
+        decode_lens = tensor(row_lens)
         return cls(slot_ids=tensor(slots), positions=tensor(positions),
                    n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
-                   decode_lens=tensor(row_lens), decode_max_len=max_len, decode_run=run,
+                   decode_lens=decode_lens, decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
-                   decode_read_lens=tensor(lens), prefills=tuple(prefills))
+                   # the rows' own lengths unless the run has holes
+                   decode_read_lens=decode_lens if lens is row_lens else tensor(lens),
+                   prefills=tuple(prefills))
 
     @classmethod
     def slot_rows(cls, positions: Tensor, seq_lens: Tensor, n_len: int) -> AttentionBatch:

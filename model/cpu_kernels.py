@@ -223,7 +223,7 @@ def load() -> CpuKernels | None:
     try:
         path = _prebuilt()
         if path is None:
-            compiler = shutil.which(os.environ.get("CC") or "cc")
+            compiler = find_compiler()
             if compiler is None:
                 logger.info("CPU kernels unavailable: no C compiler (set CC) and no prebuilt "
                             "library for this CPU; using PyTorch's ops")
@@ -273,6 +273,11 @@ def _prebuilt() -> Path | None:
 def _prebuilt_path(folder: Path, level: str) -> Path:
     source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     return folder / f"cpu_kernels-{source}-{level}.so"
+
+
+def find_compiler() -> str | None:
+    """`$CC`, else `cc`, as a path; None if there is none."""
+    return shutil.which(os.environ.get("CC") or "cc")
 
 
 def _torch_uses_libgomp() -> bool:
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description=main.__doc__)
     parser.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    compiler = find_compiler()
     if compiler is None or platform.machine() != "x86_64":
         sys.exit("prebuilding needs a C compiler (set CC) on x86-64")
     for path in prebuild(args.folder, compiler):

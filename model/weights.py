@@ -190,12 +190,17 @@ def meta_vocab_size(folder: Path) -> int | None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
+    """`auto` -> cuda when available, else cpu. A CUDA device always comes back with its index
+    (plain `cuda`: the current one here, at start-up): the engine thread makes it current
+    there, and the current device is per thread (torch 2.11 also refuses `set_device` without
+    an index)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

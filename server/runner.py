@@ -61,9 +61,7 @@ class ModelRunner:
         """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
         where CUDA graphs replay and the sampler allocates."""
         if self.device.type == "cuda":
-            # torch 2.11 refuses a device without an index ("cuda"): that one is the current.
-            index = self.device.index
-            torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
+            torch.cuda.set_device(self.device)  # indexed: see resolve_device
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
@@ -75,9 +73,13 @@ class ModelRunner:
         return self.device.type == "cuda"
 
     def launches_async(self, plan: StepPlan) -> bool:
-        """Whether `launch(plan)` returns before the device has run the step: a decode-only
-        step that a CUDA graph covers (an eager one reads back as it goes)."""
-        if not self.asynchronous or self.graphs is None or plan.prefills or not plan.decodes:
+        """Whether `launch(plan)` returns before the device has run the step: one replayed
+        from a CUDA graph (an eager one reads back as it goes)."""
+        return self.asynchronous and self._replays_graph(plan)
+
+    def _replays_graph(self, plan: StepPlan) -> bool:
+        """A decode-only step that a captured graph (or its eager stand-in) covers."""
+        if self.graphs is None or plan.prefills or not plan.decodes:
             return False
         return self.graphs.bucket([s.slot for s in plan.decodes],
                                   [s.num_computed for s in plan.decodes]) is not None
@@ -94,10 +96,11 @@ class ModelRunner:
         # A decoding sequence feeds its newest token at position num_computed (the number of
         # tokens its slot already holds).
         slots, positions = [s.slot for s in plan.decodes], [s.num_computed for s in plan.decodes]
-        if self.graphs is not None and n_decode and not plan.prefills:
+        if self._replays_graph(plan):
+            assert self.graphs is not None
             logits = self.graphs.run(slots, ids, positions)
-            if logits is not None:  # else the rows fit no graph: eager, below
-                return self._pending(plan, sampling, logits, [])
+            assert logits is not None  # the bucket exists (_replays_graph)
+            return self._pending(plan, sampling, logits, [])
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
         last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token

@@ -458,18 +458,6 @@ def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: 
     assert engine.runner.sampler.kernels is want
 
 
-def test_engine_thread_binds_cuda_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch 2.11 refuses `torch.cuda.set_device(torch.device("cuda"))` (no index): on an H100
-    the engine thread died at its first line. The runner passes an index: the current
-    device's for plain "cuda", N for "cuda:N"."""
-    calls: list[object] = []
-    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    for device in ("cuda", "cuda:1", "cpu"):
-        ModelRunner.bind_thread(SimpleNamespace(device=torch.device(device)))  # type: ignore[arg-type]
-    assert calls == [3, 1]
-
-
 def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,
                                                        deferred_outputs: bool) -> None:
     """With async output processing a graphed step's launch comes before the last step's

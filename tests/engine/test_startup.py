@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.kv_cache import KVCachePool
+from model.weights import resolve_device
 from server.config import EngineConfig
 from server.startup import StartupError, parse_memory, plan_pool, step_activation_bytes
 from tests.conftest import TINY
@@ -42,6 +43,20 @@ def test_tokens_per_step_default_by_device_and_never_below_the_slots() -> None:
     assert EngineConfig(max_num_batched_tokens=100).batched_tokens("cuda") == 100  # given: kept
     with pytest.raises(ValueError, match="must be >= max_num_seqs"):
         EngineConfig(max_num_seqs=32, max_num_batched_tokens=16)
+
+
+def test_cuda_devices_are_resolved_with_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain `cuda` becomes the device current at start-up: the engine thread makes exactly
+    that one current (the current device is per thread), and torch 2.11's `set_device`
+    refuses a device without an index, which killed the CUDA engine at start on an H100."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
 
 
 def test_pool_larger_than_free_memory_is_refused_with_both_numbers() -> None:

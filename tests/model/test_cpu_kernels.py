@@ -4,9 +4,7 @@ PyTorch ops they replace, and optional."""
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from model.kv_cache import KVCachePool
 from model.llama import LlamaModel, PackedLinear, RMSNorm, apply_rope, rope_inv_freq
 from model.weights import load_model
 
-HAS_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
+COMPILER = cpu_kernels.find_compiler()
+HAS_COMPILER = COMPILER is not None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 
 
@@ -51,12 +50,12 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, cpu_kernels.Cp
     assert native is not None
     loaded = {"native": native}
     if platform.machine() == "x86_64":
-        compiler = shutil.which(os.environ.get("CC") or "cc") or "cc"
+        assert COMPILER is not None
         folder = tmp_path_factory.mktemp("kernel-builds")
         for march in ("x86-64-v3", "x86-64"):
             if march == "x86-64-v3" and not cpu_kernels.portable_level(cpu_kernels._cpu_flags()):
                 continue
-            path = cpu_kernels._compile(compiler, (f"-march={march}", *cpu_kernels.CFLAGS),
+            path = cpu_kernels._compile(COMPILER, (f"-march={march}", *cpu_kernels.CFLAGS),
                                         folder / f"{march}.so")
             loaded[march] = cpu_kernels.CpuKernels(ctypes.CDLL(str(path)), path)
     return loaded
@@ -321,7 +320,8 @@ def test_prebuilt_library_serves_a_machine_without_a_compiler(
     then a machine without one loads the best level its CPU runs, and never a library of
     another source."""
     folder = tmp_path / "prebuilt"
-    built = cpu_kernels.prebuild(folder, shutil.which(os.environ.get("CC") or "cc") or "cc")
+    assert COMPILER is not None
+    built = cpu_kernels.prebuild(folder, COMPILER)
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in built)
     level = cpu_kernels.portable_level(cpu_kernels._cpu_flags())
     monkeypatch.setenv("CC", "no-such-compiler-here")
