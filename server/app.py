@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from model.tokenizer import ChatTemplateError
 from server.config import ServerConfig
 from server.engine import Engine, EngineDeadError, EngineOverloaded, RequestRejected
+from server.memory import freeze_startup_objects
 from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
 from server.serving import ChatService, CompletionService, GenerationFailed
@@ -261,8 +262,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
                                                   config.served_model_name)
             state.chat = ChatService(engine, engine.tokenizer, config.served_model_name)
             state.metrics.attach(engine)
+            frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"
-            logger.info("ready: serving %s", config.served_model_name)
+            logger.info("ready: serving %s (%d start-up objects left out of garbage collection)",
+                        config.served_model_name, frozen)
         except Exception as e:  # noqa: BLE001 - any load failure is fatal and reported
             logger.error("loading failed: %s", e, exc_info=not isinstance(e, ValueError))
             state.status, state.reason = "failed", f"loading failed: {e}"

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
@@ -58,22 +58,33 @@ class EngineStats:
 class RequestStream:
     """Async iterator over one request's outputs; ends after every sample has finished."""
 
+    # A deque and one waiter rather than an asyncio.Queue: this runs for every streamed token,
+    # with one reader and no bound, and the queue's bookkeeping was a tenth of that path.
     def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.n = n
         self.loop = loop
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._outputs: deque[RequestOutput] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
         self._unfinished = n
 
     def put(self, output: RequestOutput) -> None:  # called on the event loop
-        self._queue.put_nowait(output)
+        self._outputs.append(output)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         while self._unfinished:
-            output = await self._queue.get()
+            if not self._outputs:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            output = self._outputs.popleft()
             if output.finished:
                 self._unfinished -= 1
             yield output

@@ -10,12 +10,15 @@ Under load the opposite holds: by default glibc hands memory back on the spot (a
 top beyond a trim threshold is dropped with madvise, blocks above a threshold get their own
 mmap), and a decode step's multi-MB tensors (logits and probabilities, rows x vocab floats)
 fault the same pages back in on the next step. `keep_freed_memory` fixes both thresholds high.
+
+Python's cyclic garbage collector is the other pause: `freeze_startup_objects`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -77,3 +80,17 @@ def release_free_memory() -> bool:
     trim, _ = _glibc
     trim(0)
     return True
+
+
+def freeze_startup_objects() -> int:
+    """Leave every object alive at the end of start-up (modules, the model's Python objects,
+    the tokenizer: about 340,000) out of the cyclic garbage collector; returns how many.
+
+    Its full collections walk every tracked object while holding the GIL, so every stream and
+    the engine stop meanwhile: 170-185 ms each, measured on the bench model's server. Frozen
+    objects are still freed by reference counting; only the collector's walk skips them. As
+    vLLM's engine does after start-up (gc.freeze).
+    """
+    gc.collect()  # start-up garbage is freed, not frozen
+    gc.freeze()
+    return gc.get_freeze_count()

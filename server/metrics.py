@@ -13,7 +13,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -67,6 +74,11 @@ class Metrics:
                 (self.e2e, vllm_hist("e2e_request_latency_seconds", "E2E (vLLM name).")),
             ]
         r.register(_StatsCollector(self))
+        # The standard process_* and python_* series of every Python exporter (vLLM's too):
+        # memory, CPU, open files, and the garbage collector's collections by generation.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine

@@ -56,6 +56,8 @@ class ModelRunner:
         # One generator per seeded sequence, kept across steps: its noise must continue, not
         # restart, and must not depend on which other rows share the step.
         self.generators: dict[Sequence, torch.Generator] = {}
+        # The last step's sampled rows and their controls (see _sampling_batch).
+        self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
 
     def bind_thread(self) -> None:
         """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
@@ -161,12 +163,24 @@ class ModelRunner:
         return result
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        return SamplingBatch.from_params(
-            [s.request.params for s in seqs], self.vocab_size, self.device,
+        # Decode steps mostly sample the same rows as the step before, and their controls are
+        # then the same tensors: kept unless penalties (which count the outputs) or a
+        # min_tokens ban (lifted after min_tokens outputs) depend on what a step added.
+        last_seqs, last = self._last_sampling
+        if (last is not None and len(seqs) == len(last_seqs)
+                and all(a is b for a, b in zip(seqs, last_seqs, strict=True))):
+            return last
+        bans = [self._min_tokens_ban(s) for s in seqs]
+        params = [s.request.params for s in seqs]
+        batch = SamplingBatch.from_params(
+            params, self.vocab_size, self.device,
             output_token_ids=[s.output_ids for s in seqs],
             prompt_token_ids=[s.request.prompt_ids for s in seqs],
             generators=[self._generator(s) for s in seqs],
-            extra_bias=[self._min_tokens_ban(s) for s in seqs])
+            extra_bias=bans)
+        keep = not any(bans) and not any(p.has_penalties for p in params)
+        self._last_sampling = (tuple(seqs), batch if keep else None)
+        return batch
 
     @staticmethod
     def _logprobs(params: list[SamplingParams], tokens: list[int], out: SamplerOutput

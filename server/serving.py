@@ -30,6 +30,7 @@ from server.protocol import (
     CompletionUsage,
     DeltaMessage,
     ErrorResponse,
+    StreamEnvelope,
     chat_logprobs,
     completion_logprobs,
     logprob_token_ids,
@@ -82,6 +83,16 @@ def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: 
 async def merged(engine: Engine, submitted: list[Submitted]
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from all prompts' streams as they arrive; aborts on exit."""
+    if len(submitted) == 1:  # one prompt (chat, most completions): no pump task, no queue
+        finished = False
+        try:
+            async for out in submitted[0].stream:
+                yield 0, out
+            finished = True
+        finally:
+            if not finished:
+                engine.abort(submitted[0].stream.request_id)
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
 
     async def pump(i: int, stream: RequestStream) -> None:
@@ -189,13 +200,14 @@ class CompletionService:
         choices: dict[int, Choice] = {}
         offsets: dict[int, int] = {}
 
+        envelope = StreamEnvelope(CompletionStreamResponse(
+            id=response_id, created=created, model=self.model_name, choices=[]))
+
         def chunk(index: int, text: str, logprobs: CompletionLogprobs | None,
                   finish: FinishReason | None) -> str:
-            return CompletionStreamResponse(
-                id=response_id, created=created, model=self.model_name,
-                choices=[CompletionResponseChoice(
-                    index=index, text=text, logprobs=logprobs,
-                    finish_reason=to_openai_finish_reason(finish))]).model_dump_json()
+            return envelope.render(CompletionResponseChoice(
+                index=index, text=text, logprobs=logprobs,
+                finish_reason=to_openai_finish_reason(finish)))
 
         async for i, out in merged(self.engine, submitted):
             if out.finish_reason is FinishReason.ERROR:
@@ -258,13 +270,14 @@ class ChatService:
         created = int(time.time())
         choices: dict[int, Choice] = {}
 
+        envelope = StreamEnvelope(ChatCompletionChunk(
+            id=response_id, created=created, model=self.model_name, choices=[]))
+
         def chunk(index: int, delta: DeltaMessage, logprobs=None,  # noqa: ANN001
                   finish: FinishReason | None = None) -> str:
-            return ChatCompletionChunk(
-                id=response_id, created=created, model=self.model_name,
-                choices=[ChatCompletionStreamChoice(
-                    index=index, delta=delta, logprobs=logprobs,
-                    finish_reason=to_openai_finish_reason(finish))]).model_dump_json()
+            return envelope.render(ChatCompletionStreamChoice(
+                index=index, delta=delta, logprobs=logprobs,
+                finish_reason=to_openai_finish_reason(finish)))
 
         for index in range(request.n):  # the role comes first, before any content
             yield chunk(index, DeltaMessage(role="assistant", content=""))

@@ -50,6 +50,7 @@ from server.protocol.responses import (
     ModelCard,
     ModelList,
     OpenAIFinishReason,
+    StreamEnvelope,
     random_id,
     to_openai_finish_reason,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "ResponseModel",
     "ResponseFormat",
     "StopString",
+    "StreamEnvelope",
     "StreamOptions",
     "TokenIdList",
     "TokenIds",

@@ -83,3 +83,15 @@ def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
     after = metrics_server.metrics()[rejected]
     assert after == before + 1
     assert not [k for k in metrics_server.metrics() if re.search(r"request_id|prompt=", k)]
+
+
+def test_process_and_garbage_collector_series(metrics_server: Server) -> None:
+    """The process_* and python_gc_* series every Python exporter has, from the server's own
+    process; and start-up froze its objects out of the collector's walks (server/memory.py)."""
+    m = metrics_server.metrics()
+    assert m["process_resident_memory_bytes"] > 50e6
+    assert m["process_cpu_seconds_total"] > 0
+    assert 'python_gc_collections_total{generation="2"}' in m
+    frozen = re.search(r"(\d+) start-up objects left out of garbage collection",
+                       metrics_server.log())
+    assert frozen is not None and int(frozen.group(1)) > 10_000

@@ -36,6 +36,7 @@ from server.protocol import (
     ModelList,
     RequestError,
     RequestLimits,
+    StreamEnvelope,
     TokenizeRequest,
     TokenizeResponse,
     chat_logprobs,
@@ -612,6 +613,29 @@ def test_completion_chunks_keep_nulls() -> None:
     usage = CompletionStreamResponse(id="cmpl-1", model="m", choices=[final], usage=USAGE)
     parsed = openai.types.Completion.model_validate(wire(usage))
     assert parsed.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("model", ["m", 'a "choices":[] model', "模型\\"])
+def test_stream_envelope_renders_the_whole_chunk(model: str) -> None:
+    """The envelope (shared fields serialized once) gives the chunk model's own JSON, byte for
+    byte, whatever the choice and whatever the strings hold."""
+    lps = CompletionLogprobs(tokens=[" é"], token_logprobs=[-0.5], top_logprobs=[{" é": -0.5}],
+                             text_offset=[3])
+    completion = StreamEnvelope(
+        CompletionStreamResponse(id="cmpl-1", created=7, model=model, choices=[]))
+    for choice in (CompletionResponseChoice(index=2, text='a "quoted"\n line'),
+                   CompletionResponseChoice(index=0, text="", logprobs=lps, finish_reason="stop")):
+        whole = CompletionStreamResponse(id="cmpl-1", created=7, model=model, choices=[choice])
+        assert completion.render(choice) == whole.model_dump_json()
+    chat = StreamEnvelope(ChatCompletionChunk(id="chatcmpl-1", created=7, model=model, choices=[]))
+    deltas = [(DeltaMessage(role="assistant", content=""), None),
+              (DeltaMessage(content="\u2028"), None), (DeltaMessage(), "length")]
+    for delta, finish in deltas:
+        choice = ChatCompletionStreamChoice(index=1, delta=delta, finish_reason=finish)
+        whole = ChatCompletionChunk(id="chatcmpl-1", created=7, model=model, choices=[choice])
+        assert chat.render(choice) == whole.model_dump_json()
+    with pytest.raises(ValueError, match="empty choices"):
+        StreamEnvelope(ChatCompletionChunk(id="x", model="m", choices=[choice]))
 
 
 def test_models_list_and_error_shapes() -> None:

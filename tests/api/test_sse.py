@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sse_starlette.event import ensure_bytes
 
+from server.routes import _frame
 from tests.api.conftest import Server, sse_data
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
@@ -183,3 +185,11 @@ def test_greedy_chat_equals_completion_of_template(client: httpx.Client) -> None
         completion.json()["choices"][0]["text"]
     assert chat.json()["choices"][0]["finish_reason"] == \
         completion.json()["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("event", ['{"a":"b c","d":null}', "[DONE]", "two\nlines", "cr\r"])
+def test_events_are_framed_as_sse_starlette_frames_them(event: str) -> None:
+    """The route frames one-line events itself (once, as bytes) and leaves others to
+    sse-starlette: the bytes on the wire are the same either way."""
+    assert ensure_bytes(_frame(event), "\n") == ensure_bytes(event, "\n")
+    assert isinstance(_frame(event), bytes) == ("\n" not in event and "\r" not in event)

@@ -18,6 +18,7 @@ import torch
 
 import server.engine as engine_module
 import server.outputs as outputs_module
+import server.sampling as sampling_module
 import server.startup as startup_module
 from model.decode_graphs import DecodeGraphs
 from model.weights import load_checkpoint
@@ -244,6 +245,30 @@ def test_min_tokens_and_ignore_eos(tiny_checkpoint: Path) -> None:
     assert len(least.tokens[0]) == 6 and eos not in least.tokens[0][:5]
     assert least.tokens[0][5] == eos and least.finish[0] == FinishReason.STOP
     assert ignore.tokens[0] == [eos] * 8 and ignore.finish[0] == FinishReason.LENGTH
+
+
+def test_sampling_controls_follow_the_outputs(tiny_checkpoint: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner reuses a step's sampling controls while the same rows decode, but not where
+    they read the outputs: a frequency penalty counts every token so far (t1 leads t2 by 1
+    logit, each occurrence costs 2, so they alternate), and min_tokens' ban ends on time
+    (test above)."""
+    built = []
+    from_params = sampling_module.SamplingBatch.from_params
+    monkeypatch.setattr(sampling_module.SamplingBatch, "from_params",
+                        lambda *a, **k: built.append(1) or from_params(*a, **k))
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        t1, t2 = 100, 101
+        bias = ((t1, 100.0), (t2, 99.0))
+        penalised = run(engine, ([5, 6], SamplingParams(
+            temperature=0.0, logit_bias=bias, frequency_penalty=2.0, max_tokens=6), "p"))[0]
+        assert penalised.tokens[0] == [t1, t2] * 3
+        built.clear()
+        plain = run(engine, *[([5, 6 + i], SamplingParams(temperature=0.0, max_tokens=20,
+                                                          ignore_eos=True), f"r{i}")
+                              for i in range(3)])
+    assert all(len(r.tokens[0]) == 20 for r in plain)
+    assert len(built) <= 6  # three rows decoding 19 steps together: built as they join
 
 
 def forced_token(engine: Engine, prompt: list[int]) -> tuple[int, str]:

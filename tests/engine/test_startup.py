@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +15,8 @@ from model.weights import resolve_device
 from server.config import EngineConfig
 from server.startup import StartupError, parse_memory, plan_pool, step_activation_bytes
 from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PER_SLOT = KVCachePool.bytes_needed(TINY, 1, 1024, torch.float32)  # 2*2*1024*2*16*4 bytes
 
@@ -85,3 +92,23 @@ def test_the_pool_leaves_room_for_a_step() -> None:
 def test_bad_memory_spec(spec: str) -> None:
     with pytest.raises(StartupError, match="kv-cache-memory"):
         parse_memory(spec, 2**30)
+
+
+def test_freeze_startup_objects_leaves_them_out_of_collections() -> None:
+    """In a fresh interpreter: what is alive is frozen, start-up garbage is freed first, and
+    a full collection afterwards walks only what came later."""
+    probe = """
+import gc, json
+from server.memory import freeze_startup_objects
+class Cycle:
+    pass
+garbage = Cycle(); garbage.me = garbage; del garbage  # freed by the collect, not frozen
+alive = len(gc.get_objects())
+frozen = freeze_startup_objects()
+print(json.dumps([alive, frozen, len(gc.get_objects()), gc.collect()]))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    alive, frozen, tracked_after, collected = json.loads(out)
+    assert frozen > 1000 and frozen <= alive
+    assert tracked_after < 100 and collected == 0
