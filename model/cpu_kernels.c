@@ -4,6 +4,7 @@
  * caller checks shapes, dtypes and layouts; these functions trust them.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <omp.h>
 
@@ -327,17 +328,23 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
  * Past WIDE_AFTER rows (AVX-512 only) the tiles are 6 rows by two panels: each weight vector
  * then feeds 6 multiply-adds and each broadcast x value 4. On 1B-shaped linears at 64-256
  * rows that matched or beat oneDNN, where 12 x 1 panel tiles were 7-12% slower; at 16 rows
- * and below the 12 x 1 tiles were faster. */
+ * and below the 12 x 1 tiles were faster. Below WIDE_BELOW rows too: one row of a one-panel
+ * tile is two chains of dependent multiply-adds, which their latency holds below the memory's
+ * pace; two panels make four. A decode step's linears (bench model, out of cache, one process)
+ * at 1 / 2 / 3 rows: 5.88 / 4.26 / 3.99 ms -> 5.30 / 4.03 / 4.07 ms. Each output's sum runs in
+ * the same order either way, so results do not depend on the tile. */
 #define LINEAR_PANEL (2 * VEC_FLOATS)
 #if VEC_FLOATS == 16
 #define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
 #define WIDE_ROWS 6    /* 24 + 5 */
 #define WIDE_AFTER 16
+#define WIDE_BELOW 3
 #define LINEAR_TUNED 1
 #else
 #define LINEAR_ROWS 6 /* AVX: 12 + 3 of 16 registers; SSE the same, NEON has 32 */
 #define WIDE_ROWS 1
 #define WIDE_AFTER INT64_MAX /* never */
+#define WIDE_BELOW 0          /* never: the wide tiles are AVX-512 only */
 #define LINEAR_TUNED 0
 #endif
 
@@ -395,7 +402,7 @@ void linear(const float* x, int64_t x_stride, const float* panels, float* y, int
     const int64_t n_panels = (n_out + LINEAR_PANEL - 1) / LINEAR_PANEL;
     /* Panels per tile, and rows per tile at most: then rows split evenly into tiles (16 rows:
      * 8 + 8, not 12 + 4). */
-    const int64_t wide = n_rows > WIDE_AFTER ? 2 : 1;
+    const int64_t wide = n_rows > WIDE_AFTER || n_rows < WIDE_BELOW ? 2 : 1;
     const int64_t most = wide == 2 ? WIDE_ROWS : LINEAR_ROWS;
     const int64_t n_tiles = (n_rows + most - 1) / most;
     const int64_t tile_rows = n_tiles ? (n_rows + n_tiles - 1) / n_tiles : 0;
@@ -502,4 +509,105 @@ void sample_rows(const float* logits, const float* inv_temperature, const double
     for (int64_t r = 0; r < n_rows; ++r)
         out[r] = sample_row(logits + r * vocab, vocab, inv_temperature[r], uniforms[r],
                             workspace + r * n_blocks);
+}
+
+/* silu(g) = g * sigmoid(g), with e^-|g| (never positive) from exp_nonpositive:
+ * sigmoid(g) = 1 / (1 + e^-g) for g >= 0 and e^g / (1 + e^g) below, so no e^x overflows. */
+static inline vec silu(vec g) {
+    const ivec negative = g < 0.f;
+    const vec e = exp_nonpositive((vec)((ivec)g | ((ivec){0} + INT32_MIN)));  /* e^-|g| */
+    const vec above = (vec)(((ivec)e & negative) | ((ivec)((vec){0} + 1.f) & ~negative));
+    return g * (above / (1.f + e));
+}
+
+/* silu(gate) * up, row by row: gate_up (n_rows, 2 * hidden) holds gate then up, as the fused
+ * gate/up projection returns them; out (n_rows, hidden), contiguous. */
+void silu_mul(const float* gate_up, float* out, int64_t n_rows, int64_t hidden, int n_threads) {
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_rows * hidden > 65536)
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float* gate = gate_up + r * 2 * hidden;
+        const float* up = gate + hidden;
+        float* o = out + r * hidden;
+        int64_t i = 0;
+        for (; i + VEC_FLOATS <= hidden; i += VEC_FLOATS)
+            *(vec_u*)(o + i) = silu(*(const vec_u*)(gate + i)) * *(const vec_u*)(up + i);
+        for (; i < hidden; ++i) o[i] = silu((vec){0} + gate[i])[0] * up[i];
+    }
+}
+
+/* One decoder layer's weights (the linears packed by pack_linear_weight) and KV caches. */
+typedef struct {
+    const float *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+    float *k_cache, *v_cache; /* (n_slots, n_kv_heads, max_len, head_dim) */
+} DecodeLayer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, n_slots, max_len;
+    float eps, scale; /* RMSNorm's epsilon; attention's 1 / sqrt(head_dim) */
+} DecodeShape;
+
+/* The floats of decode_layers' scratch space for n_rows rows. */
+int64_t decode_scratch_floats(const DecodeShape* s, int64_t n_rows, int64_t longest,
+                              int n_threads) {
+    const int64_t qkv = (s->n_heads + 2 * s->n_kv_heads) * s->head_dim;
+    const int64_t group = s->n_heads / s->n_kv_heads;
+    return n_rows * (4 * s->dim + qkv + 2 * s->n_heads * s->head_dim + 3 * s->hidden)
+           + n_threads * group * (longest > 0 ? longest : 1);
+}
+
+/* The decoder layers and final norm of a decode step, in one call: what the model's forward
+ * runs kernel by kernel from Python (the same kernels, in the same order), without going
+ * back to the interpreter between them. x (n_rows, dim): the tokens' embeddings in, the final
+ * norm's output out. Row r is one token at positions[r] of slot slots[r], attending to the
+ * first lens[r] keys (longest = their maximum). scratch: decode_scratch_floats() floats.
+ * Returns 0, or 1 + the first row whose slot, position or length is outside the pool (checked
+ * before the first layer stores anything: then nothing is done). */
+int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const float* final_norm,
+                      float* x, const float* cos, const float* sin, const int64_t* slots,
+                      const int64_t* positions, const int64_t* lens, int64_t longest,
+                      int64_t n_rows, float* scratch, int n_threads) {
+    const int64_t dim = s->dim, hd = s->head_dim, attn_dim = s->n_heads * hd;
+    const int64_t qkv_dim = (s->n_heads + 2 * s->n_kv_heads) * hd;
+    float* residual = scratch;                  /* the residual stream is residual + delta */
+    float* summed = residual + n_rows * dim;    /* add_rms_norm's residual + delta */
+    float* delta = summed + n_rows * dim;
+    float* normed = delta + n_rows * dim;
+    float* qkv = normed + n_rows * dim;
+    float* q = qkv + n_rows * qkv_dim;
+    float* attn = q + n_rows * attn_dim;
+    float* gate_up = attn + n_rows * attn_dim;  /* 2 * hidden a row */
+    float* act = gate_up + n_rows * 2 * s->hidden;
+    float* workspace = act + n_rows * s->hidden;
+    for (int64_t r = 0; r < n_rows; ++r)  /* rope_store checks slots and positions */
+        if (lens[r] < 0 || lens[r] > longest || longest > s->max_len) return r + 1;
+    for (int64_t l = 0; l < s->n_layers; ++l) {
+        const DecodeLayer* L = layers + l;
+        if (l == 0) {
+            for (int64_t i = 0; i < n_rows * dim; ++i) residual[i] = x[i];
+            add_rms_norm(residual, dim, NULL, 0, NULL, normed, L->input_norm, n_rows, dim,
+                         s->eps, n_threads);
+        } else {
+            add_rms_norm(residual, dim, delta, dim, summed, normed, L->input_norm, n_rows, dim,
+                         s->eps, n_threads);
+            float* t = residual; residual = summed; summed = t;
+        }
+        linear(normed, dim, L->qkv, qkv, n_rows, dim, qkv_dim, n_threads);
+        const int64_t bad = rope_store(qkv, cos, sin, q, L->k_cache, L->v_cache, slots,
+                                       positions, n_rows, s->n_heads, s->n_slots,
+                                       s->n_kv_heads, hd, s->max_len, n_threads);
+        if (bad) return bad;
+        decode_attention(q, L->k_cache, L->v_cache, attn, slots, lens, n_rows, s->n_slots,
+                         s->n_kv_heads, s->n_heads / s->n_kv_heads, hd, s->max_len, longest,
+                         s->scale, workspace, n_threads);
+        linear(attn, attn_dim, L->o, delta, n_rows, attn_dim, dim, n_threads);
+        add_rms_norm(residual, dim, delta, dim, summed, normed, L->post_norm, n_rows, dim,
+                     s->eps, n_threads);
+        float* t = residual; residual = summed; summed = t;
+        linear(normed, dim, L->gate_up, gate_up, n_rows, dim, 2 * s->hidden, n_threads);
+        silu_mul(gate_up, act, n_rows, s->hidden, n_threads);
+        linear(act, s->hidden, L->down, delta, n_rows, s->hidden, dim, n_threads);
+    }
+    add_rms_norm(residual, dim, delta, dim, summed, x, final_norm, n_rows, dim, s->eps,
+                 n_threads);
+    return 0;
 }

@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +56,31 @@ NATIVE = "-march=native"
 
 Tensor = torch.Tensor
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer for `decode_layers`: its norms' weights, its packed linears and its
+    K and V caches, as addresses (cpu_kernels.c's DecodeLayer)."""
+
+    _fields_ = [(name, _P) for name in ("input_norm", "qkv", "o", "post_norm", "gate_up",
+                                        "down", "k_cache", "v_cache")]
+
+
+class DecodeShape(ctypes.Structure):
+    _fields_ = [*((name, _I64) for name in ("n_layers", "dim", "n_heads", "n_kv_heads",
+                                             "head_dim", "hidden", "n_slots", "max_len")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+@dataclass
+class DecodeModel:
+    """What `CpuKernels.decode_layers` runs: a model's layers over one KV-cache pool. The
+    tensors are kept here so that the addresses in `layers` stay valid."""
+
+    layers: ctypes.Array[DecodeLayer]
+    shape: DecodeShape
+    final_norm: Tensor
+    tensors: list[Tensor]
 
 
 class CpuKernels:
@@ -83,6 +109,16 @@ class CpuKernels:
         self._sample_rows = library.sample_rows
         self._sample_rows.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]
         self._sample_rows.restype = None
+        self._silu_mul = library.silu_mul
+        self._silu_mul.argtypes = [_P, _P, _I64, _I64, ctypes.c_int]
+        self._silu_mul.restype = None
+        self._decode_layers = library.decode_layers
+        self._decode_layers.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P,
+                                        ctypes.c_int]
+        self._decode_layers.restype = _I64
+        self._decode_scratch_floats = library.decode_scratch_floats
+        self._decode_scratch_floats.argtypes = [_P, _I64, _I64, ctypes.c_int]
+        self._decode_scratch_floats.restype = _I64
         for constant in (library.linear_panel_width, library.linear_is_tuned,
                          library.sample_block):
             constant.restype = _I64
@@ -161,6 +197,48 @@ class CpuKernels:
                           out.data_ptr(), workspace.data_ptr(), n_rows, vocab,
                           torch.get_num_threads())
         return out
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        """silu(gate) * up for gate_up (T, 2 * hidden) = [gate | up] -> (T, hidden)."""
+        if not (gate_up.dtype == torch.float32 and gate_up.dim() == 2
+                and gate_up.shape[1] % 2 == 0):
+            raise ValueError("silu_mul: expected (T, 2 * hidden) float32")
+        gate_up = gate_up.contiguous()
+        n_rows, hidden = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(n_rows, hidden, dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), n_rows, hidden,
+                       torch.get_num_threads())
+        return out
+
+    def decode_layers(self, model: DecodeModel, x: Tensor, cos: Tensor, sin: Tensor,
+                      slots: Tensor, positions: Tensor, lens: Tensor, longest: int) -> Tensor:
+        """A decode step's decoder layers and final norm in one call: x (R, dim) embeddings,
+        one token a row at positions[r] of slot slots[r] seeing its first lens[r] keys (longest
+        their maximum, from the host); cos, sin (R, 1, head_dim) or (R, head_dim). Returns the
+        final norm's output (R, dim), what the model's layers give kernel by kernel."""
+        shape = model.shape
+        n_rows = x.shape[0]
+        cos, sin = cos.reshape(n_rows, shape.head_dim), sin.reshape(n_rows, shape.head_dim)
+        if not (x.dtype == cos.dtype == sin.dtype == torch.float32
+                and x.shape == (n_rows, shape.dim)
+                and slots.dtype == positions.dtype == lens.dtype == torch.int64
+                and slots.shape == positions.shape == lens.shape == (n_rows,)
+                and 0 <= longest <= shape.max_len):
+            raise ValueError("decode_layers: unexpected shapes or dtypes")
+        x, cos, sin = x.contiguous().clone(), cos.contiguous(), sin.contiguous()
+        slots, positions, lens = slots.contiguous(), positions.contiguous(), lens.contiguous()
+        n_threads = torch.get_num_threads()
+        shape_ref = ctypes.byref(shape)
+        scratch = torch.empty(self._decode_scratch_floats(shape_ref, n_rows, longest,
+                                                          n_threads))
+        bad = self._decode_layers(ctypes.addressof(model.layers), shape_ref,
+                                  model.final_norm.data_ptr(), x.data_ptr(), cos.data_ptr(),
+                                  sin.data_ptr(), slots.data_ptr(), positions.data_ptr(),
+                                  lens.data_ptr(), longest, n_rows, scratch.data_ptr(),
+                                  n_threads)
+        if bad:
+            raise IndexError(f"decode_layers: row {bad - 1} is outside the KV cache")
+        return x
 
     def _packed_size(self, n_out: int, n_in: int) -> int:
         return -(-n_out // self.panel_width) * self.panel_width * n_in

@@ -81,10 +81,11 @@ def test_client_timeout_frees_slot(server: Server, auth: dict[str, str]) -> None
     """httpx's own read timeout on a long request: the server notices and aborts it."""
     wait_idle(server)
     aborted = server.metric(ABORTED)
-    # 8 sequences x 500 tokens take far longer than the timeout on any CPU
+    # 8 sequences x 500 tokens take several times the timeout (0.27 s on the development
+    # machine since the C decode step); the request is in the engine long before it fires.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.v1}/completions", headers=auth,
-                   json={**LONG, "prompt": ["a", "b"], "n": 4}, timeout=0.3)
+                   json={**LONG, "prompt": ["a", "b"], "n": 4}, timeout=0.05)
     wait_idle(server)
     assert server.metric(ABORTED) == aborted + 8
 

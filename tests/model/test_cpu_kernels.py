@@ -301,6 +301,74 @@ def test_packed_model_decodes_with_the_kernel(tiny_checkpoint: Path,
 
 
 @needs_compiler
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("hidden", [1, 7, 16, 33, 1408])
+def test_silu_mul_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build: str,
+                               hidden: int) -> None:
+    """silu(gate) * up within float32 rounding of float64, across the range where e^-x
+    overflows or vanishes (no inf, no NaN), for widths short of, equal to and past a vector."""
+    if build not in builds:
+        pytest.skip(f"no {build} build on this machine")
+    gen = torch.Generator().manual_seed(hidden)
+    gate_up = torch.randn(5, 2 * hidden, generator=gen) * 4
+    gate_up[0, :hidden] = torch.linspace(-120, 120, hidden)
+    got = builds[build].silu_mul(gate_up)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    want = (F.silu(g) * u).float()
+    assert got.shape == (5, hidden) and torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=3e-6, atol=1e-30)
+    with pytest.raises(ValueError):  # an odd width: no gate/up halves
+        builds[build].silu_mul(torch.randn(2, 5))
+
+
+@needs_compiler
+def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
+                                        kernels: cpu_kernels.CpuKernels) -> None:
+    """A decode-only step of the packed model runs its layers in CpuKernels.decode_layers,
+    and gives the layer-by-layer path's logits to the last bit (the same kernels in the same
+    order), the reference model's within rounding, and the same K/V in the cache."""
+    if not kernels.linear_is_tuned:
+        pytest.skip("the C decode step needs the C linear (an AVX-512 build)")
+    config = ModelConfig.from_dir(tiny_checkpoint)
+    reference = load_model(tiny_checkpoint, config, torch.float32, "cpu")
+    model = load_model(tiny_checkpoint, config, torch.float32, "cpu")
+    model.pack()
+    pools = [KVCachePool(config, n_slots=4, max_len=64, dtype=torch.float32, device="cpu")
+             for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 1000, (n,), generator=gen) for n in (9, 30, 17)]
+    slots = [0, 3, 1]
+    for pool in pools:
+        for slot, seq in zip(slots, seqs, strict=True):
+            batch = AttentionBatch.build([], [], [PrefillSpan(slot, 0, len(seq) - 1, 0)], "cpu")
+            model(seq[:-1], batch.positions, pool, batch)
+    batch = AttentionBatch.build(slots, [len(s) - 1 for s in seqs], [], "cpu")
+    ids = torch.stack([s[-1] for s in seqs])
+    calls = []
+    original = kernels.decode_layers
+    kernels.decode_layers = lambda *a: calls.append(1) or original(*a)  # type: ignore
+    try:
+        in_c = model(ids, batch.positions, pools[0], batch)
+    finally:
+        del kernels.decode_layers
+    assert len(calls) == 1
+    model._decode_in_c = lambda *a: None  # type: ignore[method-assign]
+    by_layer = model(ids, batch.positions, pools[1], batch)
+    assert torch.equal(in_c, by_layer)
+    assert all(torch.equal(a, b) for a, b in zip(pools[0].k + pools[0].v,
+                                                  pools[1].k + pools[1].v, strict=True))
+    for row, seq in enumerate(seqs):
+        want = reference(seq, torch.arange(len(seq)))[-1]
+        assert (in_c[row] - want).abs().max().item() < 1e-4
+    del model._decode_in_c
+    outside = AttentionBatch.build([0, 4], [9, 5], [], "cpu")  # slot 4 of 4
+    before = [t.clone() for t in pools[0].k]
+    with pytest.raises(IndexError, match="row 1"):
+        model(ids[:2], outside.positions, pools[0], outside)
+    assert all(torch.equal(a, b) for a, b in zip(before, pools[0].k, strict=True))
+
+
+@needs_compiler
 def test_build_is_cached_per_source(fresh_load: Path) -> None:
     first = cpu_kernels.load()
     assert first is not None and first.path.parent == fresh_load
