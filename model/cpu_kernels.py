@@ -12,7 +12,9 @@ read. `linear` streams each weight panel once per tile of up to 12 rows. With th
 on, decode step at 1 / 4 / 16 / 64 rows: another 20-36 / 25-31 / 14-17 / 3-4% faster than with
 oneDNN's linears; prefill equal. And the sampler's draw for rows without top-k, top-p or
 min-p (`sample`, used by server/sampling.py): softmax and the inverse-CDF search in one pass
-per row, 3x faster than the PyTorch ops.
+per row, 3x faster than the PyTorch ops. A decode-only step runs its layers in one call
+(`decode_layers`, from LlamaModel's forward): the same kernels without a return to Python, and
+the GIL, between them.
 
 The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-march=native`,
 so the library is cached per source, compiler and CPU under `$LLAMA_SERVE_CACHE/kernels`
