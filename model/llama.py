@@ -315,8 +315,9 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.lm_head_packed: PackedLinear | None = None
         self.cpu_kernels: cpu_kernels.CpuKernels | None = None  # set by `pack` where they load
-        # The C decode step's view of the layers over the last pool used (_decode_model).
-        self._decode_model: tuple[KVCachePool, cpu_kernels.DecodeModel] | None = None
+        # The C decode step's view of the layers over the last pool used, None where the path
+        # does not apply (_decode_in_c).
+        self._decode_model: tuple[KVCachePool, cpu_kernels.DecodeModel | None] | None = None
         # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -402,15 +403,10 @@ class LlamaModel(nn.Module):
                 or logits_indices is not None or self.lm_head_packed is None):
             return None
         if self._decode_model is None or self._decode_model[0] is not kv:
-            self._decode_model = None
-            model = self._build_decode_model(kernels, kv)
-            if model is None:
-                return None
-            self._decode_model = (kv, model)
+            self._decode_model = (kv, self._build_decode_model(kv))
         return self._decode_model[1]
 
-    def _build_decode_model(self, kernels: cpu_kernels.CpuKernels, kv: KVCachePool
-                            ) -> cpu_kernels.DecodeModel | None:
+    def _build_decode_model(self, kv: KVCachePool) -> cpu_kernels.DecodeModel | None:
         layers, tensors = [], []
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
