@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +67,11 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
 @pytest.fixture(scope="session")
 def tiny_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
     return make_checkpoint(TINY)
+
+
+@pytest.fixture(scope="session")
+def long_context_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
+    """The tiny model with a 4096-token context: for streams that must still be generating
+    when a test looks from outside (a `docker exec`, a signal). The tiny model decodes a token
+    in well under a millisecond, so 1000 tokens can be over before such a look."""
+    return make_checkpoint(dataclasses.replace(TINY, max_seq_len=4096))

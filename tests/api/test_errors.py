@@ -379,11 +379,13 @@ def test_temperature_beyond_float32_with_min_tokens_is_served(client: httpx.Clie
 
 
 @pytest.fixture(scope="module")
-def limited(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One slot, no waiting room, bodies up to 2000 bytes."""
-    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("limited"), "--api-key", API_KEY,
-                    "--served-model-name", "tiny", "--max-num-seqs", "1", "--max-waiting", "0",
-                    "--max-request-bytes", "2000") as s:
+def limited(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Server]:
+    """One slot, no waiting room, bodies up to 2000 bytes; a 4096-token context, so that a
+    held stream outlasts the requests sent beside it."""
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("limited"),
+                    "--api-key", API_KEY, "--served-model-name", "tiny", "--max-num-seqs", "1",
+                    "--max-waiting", "0", "--max-request-bytes", "2000") as s:
         yield s
 
 
@@ -436,7 +438,7 @@ def test_full_queue_is_503_with_retry_after(limited: Server, auth: dict[str, str
     wait_idle(limited)
     url = limited.v1 + "/completions"
     with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", url, json={"prompt": "Hi", "max_tokens": 1000,
+        with client.stream("POST", url, json={"prompt": "Hi", "max_tokens": 4000,
                                               "ignore_eos": True, "stream": True}) as held:
             assert held.status_code == 200
             lines = held.iter_lines()  # held open: closing it would abort the request

@@ -23,9 +23,11 @@ def wait_for(server: Server, key: str, value: float) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def metrics_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+def metrics_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[Server]:
-    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("metrics"), "--metrics-compat",
+    # A 4096-token context: a held stream is still generating when the test reads /metrics.
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("metrics"),
+                    "--metrics-compat",
                     "vllm", "--served-model-name", "m", "--max-num-seqs", "4") as server:
         yield server
 
@@ -52,7 +54,7 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
     for gauge in ("requests_running", "requests_waiting", "kv_cache_slots_used",
                   "kv_cache_tokens_used", "kv_cache_usage_ratio"):
         assert m[f"llama_serve_{gauge}"] == 0, gauge
-    assert m["llama_serve_kv_cache_tokens_capacity"] == 4 * 1024
+    assert m["llama_serve_kv_cache_tokens_capacity"] == 4 * 4096
     # vLLM's names, labelled with the model name.
     assert m['vllm:prompt_tokens_total{model_name="m"}'] == 21
     assert m['vllm:generation_tokens_total{model_name="m"}'] == 12
@@ -65,7 +67,7 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
 def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
     with httpx.Client(timeout=30) as client, client.stream(
             "POST", f"{metrics_server.v1}/completions",
-            json={"prompt": [10, 11, 12], "max_tokens": 1000, "ignore_eos": True,
+            json={"prompt": [10, 11, 12], "max_tokens": 4000, "ignore_eos": True,
                   "stream": True}) as stream:
         lines = stream.iter_lines()
         next(line for line in lines if line.startswith("data:"))

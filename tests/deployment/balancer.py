@@ -140,6 +140,12 @@ class Stream:
         return self.chunks[-1]["choices"][0]["finish_reason"] if self.chunks else None
 
 
+# Tokens of a stream that is still generating when a test looks from outside: served from
+# tests/conftest.py's long_context_checkpoint (4096 tokens), since the tiny model decodes one
+# in well under a millisecond.
+LONG_STREAM = 4000
+
+
 def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream") -> Stream:
     """POST a streaming completion of exactly `max_tokens` tokens and read it on a thread."""
     stream = Stream()

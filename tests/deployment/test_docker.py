@@ -26,6 +26,7 @@ import pytest
 
 from tests.api.conftest import free_port
 from tests.deployment.balancer import (
+    LONG_STREAM,
     REPO,
     complete,
     finished_requests,
@@ -131,7 +132,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(docker: Docker, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+def stack(docker: Docker, long_context_checkpoint: Path,
+          tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Stack]:
     if not (REPO / ".dockerignore").is_file():
         pytest.fail("the repository's .dockerignore is missing: the build context would hold "
@@ -143,7 +145,7 @@ def stack(docker: Docker, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
                   "-t", IMAGE, ".", timeout=900)
     # The model mounted read-only, readable by the image's non-root user.
     model = tmp_path_factory.mktemp("docker-model") / "tiny"
-    shutil.copytree(tiny_checkpoint, model)
+    shutil.copytree(long_context_checkpoint, model)
     for path in [model, *model.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     port = free_port()
@@ -196,7 +198,7 @@ def test_requests_reach_both_replicas(stack: Stack) -> None:
 
 
 def test_stream_arrives_while_generating(stack: Stack) -> None:
-    stream = start_stream(stack.v1, 800)
+    stream = start_stream(stack.v1, LONG_STREAM)
     assert stream.first_chunk.wait(60)
     running_at_first_chunk = sum(stack.running(c) for c in stack.replicas())
     stream.join()
@@ -206,7 +208,7 @@ def test_stream_arrives_while_generating(stack: Stack) -> None:
 
 def test_docker_stop_lets_the_stream_finish(stack: Stack) -> None:
     replicas = stack.replicas()
-    stream = start_stream(stack.v1, 900, "docker-draining-stream")
+    stream = start_stream(stack.v1, LONG_STREAM, "docker-draining-stream")
     assert stream.first_chunk.wait(60)
     running = {c: stack.running(c) for c in replicas}
     (draining,) = [c for c, n in running.items() if n == 1]

@@ -19,6 +19,7 @@ import pytest
 
 from tests.api.conftest import Server, run_server, wait_healthy
 from tests.deployment.balancer import (
+    LONG_STREAM,
     Balancer,
     complete,
     finished_requests,
@@ -28,8 +29,8 @@ from tests.deployment.balancer import (
     wait_until,
 )
 
-# Up to 1000 tokens per stream; 60 s to drain, so a stream is never cut short here.
-SERVER_ARGS = ("--served-model-name", "tiny", "--max-model-len", "1024",
+# Up to LONG_STREAM tokens per stream; 60 s to drain, so a stream is never cut short here.
+SERVER_ARGS = ("--served-model-name", "tiny", "--max-model-len", "4096",
                "--shutdown-timeout", "60")
 
 
@@ -65,17 +66,18 @@ def two_replicas_behind_nginx(checkpoint: Path, tmp: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def shared_stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+def shared_stack(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Stack]:
     """For the tests that leave both replicas running."""
-    with two_replicas_behind_nginx(tiny_checkpoint, tmp_path_factory.mktemp("lb")) as stack:
+    with two_replicas_behind_nginx(long_context_checkpoint,
+                                   tmp_path_factory.mktemp("lb")) as stack:
         yield stack
 
 
 @pytest.fixture
-def stack(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Stack]:
+def stack(long_context_checkpoint: Path, tmp_path: Path) -> Iterator[Stack]:
     """For the tests that kill or stop a replica."""
-    with two_replicas_behind_nginx(tiny_checkpoint, tmp_path) as stack:
+    with two_replicas_behind_nginx(long_context_checkpoint, tmp_path) as stack:
         yield stack
 
 
@@ -93,7 +95,7 @@ def test_requests_reach_both_replicas(shared_stack: Stack) -> None:
 def test_stream_arrives_while_generating(shared_stack: Stack) -> None:
     """The first chunk reaches the client while the replica is still generating: nginx passes
     tokens on as they come instead of buffering the response."""
-    stream = start_stream(shared_stack.balancer.v1, 400)
+    stream = start_stream(shared_stack.balancer.v1, LONG_STREAM)
     assert stream.first_chunk.wait(30)
     running_at_first_chunk = sum(shared_stack.running())
     stream.join()
@@ -120,7 +122,7 @@ def test_killed_replica_loses_no_new_request(stack: Stack) -> None:
 
 
 def test_sigterm_replica_finishes_its_stream(stack: Stack) -> None:
-    stream = start_stream(stack.balancer.v1, 600, "draining-stream")
+    stream = start_stream(stack.balancer.v1, LONG_STREAM, "draining-stream")
     assert stream.first_chunk.wait(30)
     running = stack.running()
     assert sorted(running) == [0, 1], running

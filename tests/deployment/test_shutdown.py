@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.api.conftest import Server, run_server
+from tests.deployment.balancer import LONG_STREAM
 
 
 def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) -> dict:
@@ -34,11 +35,12 @@ def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) ->
     return result
 
 
-def test_sigterm_lets_requests_in_flight_finish(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with run_server(tiny_checkpoint, tmp_path, "--shutdown-timeout", "60",
-                    "--max-model-len", "1024") as server:
+def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path,
+                                                tmp_path: Path) -> None:
+    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
+                    "--max-model-len", "4096") as server:
         first = threading.Event()
-        result = stream_in_thread(server, 1000, first)
+        result = stream_in_thread(server, LONG_STREAM, first)
         assert first.wait(20)
         server.process.send_signal(signal.SIGTERM)
         health = httpx.get(f"{server.base_url}/health")
@@ -53,16 +55,17 @@ def test_sigterm_lets_requests_in_flight_finish(tiny_checkpoint: Path, tmp_path:
     assert len(result["chunks"]) >= 2
 
 
-def test_sigterm_aborts_what_outlives_the_timeout(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with run_server(tiny_checkpoint, tmp_path, "--shutdown-timeout", "0.3",
-                    "--max-model-len", "1024") as server:
+def test_sigterm_aborts_what_outlives_the_timeout(long_context_checkpoint: Path,
+                                                  tmp_path: Path) -> None:
+    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "0.1",
+                    "--max-model-len", "4096") as server:
         first = threading.Event()
-        result = stream_in_thread(server, 1000, first)
+        result = stream_in_thread(server, LONG_STREAM, first)
         assert first.wait(20)
         server.process.send_signal(signal.SIGTERM)
         result["thread"].join(60)
         assert server.process.wait(timeout=30) == 0
     assert result["done"], "the aborted stream must still end with [DONE]"
     assert result["chunks"][-1]["choices"][0]["finish_reason"] == "abort"
-    assert len(result["chunks"]) < 1000
+    assert len(result["chunks"]) < LONG_STREAM
     assert "aborting 1 requests" in server.log()
