@@ -557,20 +557,27 @@ int64_t decode_scratch_floats(const DecodeShape* s, int64_t n_rows, int64_t long
 
 /* The decoder layers and final norm of a decode step, in one call: what the model's forward
  * runs kernel by kernel from Python (the same kernels, in the same order), without going
- * back to the interpreter between them. x (n_rows, dim): the tokens' embeddings in, the final
- * norm's output out. Row r is one token at positions[r] of slot slots[r], attending to the
- * first lens[r] keys (longest = their maximum). scratch: decode_scratch_floats() floats.
+ * back to the interpreter between them. x (n_rows, dim): the tokens' embeddings; out (n_rows,
+ * dim): the final norm's output. Row r is one token at positions[r] of slot slots[r], attending
+ * to the first lens[r] keys (longest = their maximum). scratch: decode_scratch_floats() floats.
  * Returns 0, or 1 + the first row whose slot, position or length is outside the pool (checked
  * before the first layer stores anything: then nothing is done). */
 int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const float* final_norm,
-                      float* x, const float* cos, const float* sin, const int64_t* slots,
-                      const int64_t* positions, const int64_t* lens, int64_t longest,
-                      int64_t n_rows, float* scratch, int n_threads) {
+                      const float* x, float* out, const float* cos, const float* sin,
+                      const int64_t* slots, const int64_t* positions, const int64_t* lens,
+                      int64_t longest, int64_t n_rows, float* scratch, int n_threads) {
     const int64_t dim = s->dim, hd = s->head_dim, attn_dim = s->n_heads * hd;
     const int64_t qkv_dim = (s->n_heads + 2 * s->n_kv_heads) * hd;
-    float* residual = scratch;                  /* the residual stream is residual + delta */
-    float* summed = residual + n_rows * dim;    /* add_rms_norm's residual + delta */
-    float* delta = summed + n_rows * dim;
+    if (longest > s->max_len) return 1;
+    for (int64_t r = 0; r < n_rows; ++r)  /* rope_store checks slots and positions */
+        if (lens[r] < 0 || lens[r] > longest) return r + 1;
+    /* The residual stream is residual + delta; it starts as x itself (read, never written),
+     * then lives in two buffers in turn: add_rms_norm writes residual + delta to the one the
+     * residual is not in. */
+    const float* residual = x;
+    float* const sums[2] = {scratch, scratch + n_rows * dim};
+    float* summed = sums[0];
+    float* delta = sums[1] + n_rows * dim;
     float* normed = delta + n_rows * dim;
     float* qkv = normed + n_rows * dim;
     float* q = qkv + n_rows * qkv_dim;
@@ -578,18 +585,16 @@ int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const flo
     float* gate_up = attn + n_rows * attn_dim;  /* 2 * hidden a row */
     float* act = gate_up + n_rows * 2 * s->hidden;
     float* workspace = act + n_rows * s->hidden;
-    for (int64_t r = 0; r < n_rows; ++r)  /* rope_store checks slots and positions */
-        if (lens[r] < 0 || lens[r] > longest || longest > s->max_len) return r + 1;
     for (int64_t l = 0; l < s->n_layers; ++l) {
         const DecodeLayer* L = layers + l;
         if (l == 0) {
-            for (int64_t i = 0; i < n_rows * dim; ++i) residual[i] = x[i];
             add_rms_norm(residual, dim, NULL, 0, NULL, normed, L->input_norm, n_rows, dim,
                          s->eps, n_threads);
         } else {
             add_rms_norm(residual, dim, delta, dim, summed, normed, L->input_norm, n_rows, dim,
                          s->eps, n_threads);
-            float* t = residual; residual = summed; summed = t;
+            residual = summed;
+            summed = summed == sums[0] ? sums[1] : sums[0];
         }
         linear(normed, dim, L->qkv, qkv, n_rows, dim, qkv_dim, n_threads);
         const int64_t bad = rope_store(qkv, cos, sin, q, L->k_cache, L->v_cache, slots,
@@ -602,12 +607,13 @@ int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const flo
         linear(attn, attn_dim, L->o, delta, n_rows, attn_dim, dim, n_threads);
         add_rms_norm(residual, dim, delta, dim, summed, normed, L->post_norm, n_rows, dim,
                      s->eps, n_threads);
-        float* t = residual; residual = summed; summed = t;
+        residual = summed;
+        summed = summed == sums[0] ? sums[1] : sums[0];
         linear(normed, dim, L->gate_up, gate_up, n_rows, dim, 2 * s->hidden, n_threads);
         silu_mul(gate_up, act, n_rows, s->hidden, n_threads);
         linear(act, s->hidden, L->down, delta, n_rows, s->hidden, dim, n_threads);
     }
-    add_rms_norm(residual, dim, delta, dim, summed, x, final_norm, n_rows, dim, s->eps,
+    add_rms_norm(residual, dim, delta, dim, summed, out, final_norm, n_rows, dim, s->eps,
                  n_threads);
     return 0;
 }

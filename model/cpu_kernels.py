@@ -115,8 +115,8 @@ class CpuKernels:
         self._silu_mul.argtypes = [_P, _P, _I64, _I64, ctypes.c_int]
         self._silu_mul.restype = None
         self._decode_layers = library.decode_layers
-        self._decode_layers.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P,
-                                        ctypes.c_int]
+        self._decode_layers.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64,
+                                        _P, ctypes.c_int]
         self._decode_layers.restype = _I64
         self._decode_scratch_floats = library.decode_scratch_floats
         self._decode_scratch_floats.argtypes = [_P, _I64, _I64, ctypes.c_int]
@@ -227,20 +227,21 @@ class CpuKernels:
                 and slots.shape == positions.shape == lens.shape == (n_rows,)
                 and 0 <= longest <= shape.max_len):
             raise ValueError("decode_layers: unexpected shapes or dtypes")
-        x, cos, sin = x.contiguous().clone(), cos.contiguous(), sin.contiguous()
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
         slots, positions, lens = slots.contiguous(), positions.contiguous(), lens.contiguous()
         n_threads = torch.get_num_threads()
         shape_ref = ctypes.byref(shape)
         scratch = torch.empty(self._decode_scratch_floats(shape_ref, n_rows, longest,
                                                           n_threads))
+        out = torch.empty_like(x)
         bad = self._decode_layers(ctypes.addressof(model.layers), shape_ref,
-                                  model.final_norm.data_ptr(), x.data_ptr(), cos.data_ptr(),
-                                  sin.data_ptr(), slots.data_ptr(), positions.data_ptr(),
-                                  lens.data_ptr(), longest, n_rows, scratch.data_ptr(),
-                                  n_threads)
+                                  model.final_norm.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                  cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                  positions.data_ptr(), lens.data_ptr(), longest, n_rows,
+                                  scratch.data_ptr(), n_threads)
         if bad:
             raise IndexError(f"decode_layers: row {bad - 1} is outside the KV cache")
-        return x
+        return out
 
     def _packed_size(self, n_out: int, n_in: int) -> int:
         return -(-n_out // self.panel_width) * self.panel_width * n_in

@@ -169,8 +169,8 @@ async def _in_band_errors(events: AsyncIterator[str]) -> AsyncIterator[bytes | s
             yield _frame(event)
     except Exception:
         logger.exception("stream failed")
-        yield error_event("internal server error")
-        yield DONE
+        yield _frame(error_event("internal server error"))
+        yield _frame(DONE)
 
 
 def _frame(event: str) -> bytes | str:
