@@ -111,6 +111,9 @@ class CpuKernels:
         self._sample_rows = library.sample_rows
         self._sample_rows.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]
         self._sample_rows.restype = None
+        self._argmax_rows = library.argmax_rows
+        self._argmax_rows.argtypes = [_P, _P, _I64, _I64, ctypes.c_int]
+        self._argmax_rows.restype = None
         self._silu_mul = library.silu_mul
         self._silu_mul.argtypes = [_P, _P, _I64, _I64, ctypes.c_int]
         self._silu_mul.restype = None
@@ -197,6 +200,17 @@ class CpuKernels:
         workspace = torch.empty(n_rows, -(-vocab // self._sample_block), dtype=torch.float64)
         self._sample_rows(logits.data_ptr(), inv_temperature.data_ptr(), uniforms.data_ptr(),
                           out.data_ptr(), workspace.data_ptr(), n_rows, vocab,
+                          torch.get_num_threads())
+        return out
+
+    def argmax(self, logits: Tensor) -> Tensor:
+        """torch.argmax(logits, dim=-1) (R,) int64 of logits (R, V) float32: the first of
+        equal values, a NaN as the largest."""
+        if not (logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0):
+            raise ValueError("argmax: expected (R, V) float32 with V > 0")
+        logits = logits.contiguous()
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax_rows(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1],
                           torch.get_num_threads())
         return out
 

@@ -40,7 +40,8 @@ def draw_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def test_rows_without_top_k_top_p_or_min_p_are_drawn_in_c(
         draw_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without this the `c` runs would pass with the C draw never taken: exactly the plain
-    sampled rows reach it, greedy and top-k / top-p / min-p rows do not."""
+    sampled rows reach it, greedy and top-k / top-p / min-p rows do not; and every greedy
+    batch takes its argmax in C."""
     if draw_path != "c":
         pytest.skip("the C path's own check")
     sampler = Sampler(seed=0)
@@ -60,6 +61,13 @@ def test_rows_without_top_k_top_p_or_min_p_are_drawn_in_c(
     sampler(logits[:2], SamplingBatch.from_params(params[:2], 300, DEVICE))  # greedy beside
     sampler(logits[:1], SamplingBatch.from_params(params[:1], 300, DEVICE))  # C alone
     assert drawn == [1, 1]
+    greedy: list[int] = []  # greedy rows take their argmax in C too
+    argmax = sampler.kernels.argmax
+    monkeypatch.setattr(sampler.kernels, "argmax",
+                        lambda logits: greedy.append(logits.shape[0]) or argmax(logits))
+    sampler(logits, batch)
+    sampler(logits[:1], SamplingBatch.from_params(params[:1], 300, DEVICE))  # no greedy row
+    assert greedy == [5]
 
 
 def run(

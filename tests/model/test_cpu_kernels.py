@@ -324,6 +324,32 @@ def test_silu_mul_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build:
 
 
 @needs_compiler
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("vocab", [1, 5, 16, 17, 300, 32000])
+def test_argmax_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build: str,
+                             vocab: int) -> None:
+    """The ids torch.argmax gives: the first of equal values (ties in and across vector
+    lanes, -0.0 beside 0.0), a NaN wherever it sits, all -inf, +inf; rows shorter than,
+    equal to and past a vector."""
+    if build not in builds:
+        pytest.skip(f"no {build} build on this machine")
+    gen = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(-2, 2, (8, vocab), generator=gen).float()
+    ties[1] = -0.0
+    ties[1, vocab // 2:] = 0.0
+    nans = torch.randn(4, vocab, generator=gen)
+    nans[0, vocab - 1] = nans[1, 0] = nans[2, vocab // 3] = float("nan")
+    nans[3, ::2] = float("nan")
+    ends = torch.full((3, vocab), float("-inf"))
+    ends[1, vocab - 1] = ends[2, vocab // 2] = float("inf")
+    for logits in (torch.randn(16, vocab, generator=gen), ties, nans, ends,
+                   torch.randn(3, vocab, generator=gen)[:, :max(vocab - 1, 1)]):  # a view
+        assert torch.equal(builds[build].argmax(logits), logits.argmax(dim=-1))
+    with pytest.raises(ValueError):
+        builds[build].argmax(torch.randn(2, 3, dtype=torch.float64))
+
+
+@needs_compiler
 def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
                                         kernels: cpu_kernels.CpuKernels) -> None:
     """A decode-only step of the packed model runs its layers in CpuKernels.decode_layers,
