@@ -15,15 +15,16 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tokenizers import Tokenizer
 
 Prompt = list[int] | str
+T = TypeVar("T")
 PERCENTILES = (50, 90, 99)
 # Chat prompts without --tokenizer: common words, about one token each in Llama tokenizers.
 WORDS = ("the of and to in is was for on that with as by at from his her it be are this had "
@@ -433,12 +434,23 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop where it is installed (uvicorn[standard] brings it on Linux and
+    macOS): the client shares the machine with the server it measures, and with the default
+    loop it spent 20% more CPU per streamed token (1.55 against 1.31 s for 8192 tokens)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; 0: every request succeeded, 1: some failed, 2: it could not run."""
     progress = Progress(enabled=not args.no_progress and sys.stderr.isatty())
     try:
         source = prompt_source(args)
-        model, levels = asyncio.run(bench(args, source, progress))
+        model, levels = run_loop(bench(args, source, progress))
         if args.json:
             write_json(args.json, args, model, source, levels)
     except (BenchError, OSError) as e:

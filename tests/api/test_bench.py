@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from server.bench import (
     percentile,
     request_body,
     run_bench,
+    run_loop,
     summarize,
 )
 from tests.api.conftest import API_KEY, Server, free_port
@@ -98,6 +101,18 @@ def test_failed_requests_are_counted_not_raised(server: Server, tmp_path: Path,
     assert (level["completed"], level["failed"]) == (0, 3)
     assert level["first_error"].startswith("HTTP 400")
     assert "first error: HTTP 400" in capsys.readouterr().out
+
+
+def test_the_client_runs_on_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop (from uvicorn[standard]) when it imports, the default loop when it does not."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert run_loop(loop_type()) is uvloop.Loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert not issubclass(run_loop(loop_type()), uvloop.Loop)
 
 
 def test_percentile_interpolates_like_numpy() -> None:
