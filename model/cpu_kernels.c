@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <omp.h>
 
 /* The native vector, used by every kernel below: 16 floats with AVX-512, 8 with AVX, 4 else
@@ -275,12 +276,15 @@ void add_rms_norm(const float* x, int64_t x_stride, const float* delta, int64_t 
  * to q_out (n_tokens, n_heads, head_dim); its rotated keys and its values to
  * [slots[t], :, positions[t]] of the caches (n_slots, n_kv_heads, max_len, head_dim).
  * Returns 0, or 1 + the first token whose place is outside the pool (then nothing is done).
+ * rope_store_rows reads token t's cos and sin from row angle_rows[t] of tables instead (NULL:
+ * row t), as the decode step does from per-position tables.
  */
-int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* q_out,
-                   float* k_cache, float* v_cache, const int64_t* slots,
-                   const int64_t* positions, int64_t n_tokens, int64_t n_heads,
-                   int64_t n_slots, int64_t n_kv_heads, int64_t head_dim, int64_t max_len,
-                   int n_threads) {
+static int64_t rope_store_rows(const float* qkv, const float* cos, const float* sin,
+                               const int64_t* angle_rows, float* q_out, float* k_cache,
+                               float* v_cache, const int64_t* slots, const int64_t* positions,
+                               int64_t n_tokens, int64_t n_heads, int64_t n_slots,
+                               int64_t n_kv_heads, int64_t head_dim, int64_t max_len,
+                               int n_threads) {
     const int64_t half = head_dim / 2, row = (n_heads + 2 * n_kv_heads) * head_dim;
     for (int64_t t = 0; t < n_tokens; ++t)
         if (slots[t] < 0 || slots[t] >= n_slots || positions[t] < 0 || positions[t] >= max_len)
@@ -288,8 +292,9 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_tokens > 4)
     for (int64_t t = 0; t < n_tokens; ++t) {
         const float* src = qkv + t * row;
-        const float* c = cos + t * head_dim;
-        const float* s = sin + t * head_dim;
+        const int64_t angles = (angle_rows ? angle_rows[t] : t) * head_dim;
+        const float* c = cos + angles;
+        const float* s = sin + angles;
         const int64_t cache_row = (slots[t] * n_kv_heads * max_len + positions[t]) * head_dim;
         for (int64_t h = 0; h < n_heads + n_kv_heads; ++h) {
             const float* x = src + h * head_dim;
@@ -308,6 +313,16 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
         }
     }
     return 0;
+}
+
+int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* q_out,
+                   float* k_cache, float* v_cache, const int64_t* slots,
+                   const int64_t* positions, int64_t n_tokens, int64_t n_heads,
+                   int64_t n_slots, int64_t n_kv_heads, int64_t head_dim, int64_t max_len,
+                   int n_threads) {
+    return rope_store_rows(qkv, cos, sin, NULL, q_out, k_cache, v_cache, slots, positions,
+                           n_tokens, n_heads, n_slots, n_kv_heads, head_dim, max_len,
+                           n_threads);
 }
 
 /* Linear layer y = x W^T, for any number of rows.
@@ -587,40 +602,50 @@ typedef struct {
 } DecodeLayer;
 
 typedef struct {
-    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, n_slots, max_len;
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, n_slots, max_len, vocab;
     float eps, scale; /* RMSNorm's epsilon; attention's 1 / sqrt(head_dim) */
 } DecodeShape;
+
+typedef struct {
+    const float* embed;       /* (vocab, dim) */
+    const float* final_norm;  /* (dim,) */
+    const float *cos, *sin;   /* (max_len, head_dim): position p's angles in row p */
+} DecodeTables;
 
 /* The floats of decode_layers' scratch space for n_rows rows. */
 int64_t decode_scratch_floats(const DecodeShape* s, int64_t n_rows, int64_t longest,
                               int n_threads) {
     const int64_t qkv = (s->n_heads + 2 * s->n_kv_heads) * s->head_dim;
     const int64_t group = s->n_heads / s->n_kv_heads;
-    return n_rows * (4 * s->dim + qkv + 2 * s->n_heads * s->head_dim + 3 * s->hidden)
+    return n_rows * (5 * s->dim + qkv + 2 * s->n_heads * s->head_dim + 3 * s->hidden)
            + n_threads * group * (longest > 0 ? longest : 1);
 }
 
-/* The decoder layers and final norm of a decode step, in one call: what the model's forward
- * runs kernel by kernel from Python (the same kernels, in the same order), without going
- * back to the interpreter between them. x (n_rows, dim): the tokens' embeddings; out (n_rows,
- * dim): the final norm's output. Row r is one token at positions[r] of slot slots[r], attending
- * to the first lens[r] keys (longest = their maximum). scratch: decode_scratch_floats() floats.
- * Returns 0, or 1 + the first row whose slot, position or length is outside the pool (checked
+/* The embedding, decoder layers and final norm of a decode step, in one call: what the model's
+ * forward runs kernel by kernel from Python (the same kernels, in the same order), without
+ * going back to the interpreter between them. Row r is token token_ids[r] at positions[r] of
+ * slot slots[r], attending to the first lens[r] keys (longest = their maximum); out (n_rows,
+ * dim): the final norm's output. scratch: decode_scratch_floats() floats. Returns 0, or 1 + the
+ * first row whose token, slot, position or length is outside the model or the pool (checked
  * before the first layer stores anything: then nothing is done). */
-int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const float* final_norm,
-                      const float* x, float* out, const float* cos, const float* sin,
-                      const int64_t* slots, const int64_t* positions, const int64_t* lens,
-                      int64_t longest, int64_t n_rows, float* scratch, int n_threads) {
+int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const DecodeTables* t,
+                      const int64_t* token_ids, float* out, const int64_t* slots,
+                      const int64_t* positions, const int64_t* lens, int64_t longest,
+                      int64_t n_rows, float* scratch, int n_threads) {
     const int64_t dim = s->dim, hd = s->head_dim, attn_dim = s->n_heads * hd;
     const int64_t qkv_dim = (s->n_heads + 2 * s->n_kv_heads) * hd;
     if (longest > s->max_len) return 1;
     for (int64_t r = 0; r < n_rows; ++r)  /* rope_store checks slots and positions */
-        if (lens[r] < 0 || lens[r] > longest) return r + 1;
-    /* The residual stream is residual + delta; it starts as x itself (read, never written),
-     * then lives in two buffers in turn: add_rms_norm writes residual + delta to the one the
-     * residual is not in. */
+        if (lens[r] < 0 || lens[r] > longest || token_ids[r] < 0 || token_ids[r] >= s->vocab)
+            return r + 1;
+    /* The residual stream is residual + delta; it starts as the embeddings (read, never
+     * written), then lives in two buffers in turn: add_rms_norm writes residual + delta to
+     * the one the residual is not in. */
+    float* const x = scratch;
+    for (int64_t r = 0; r < n_rows; ++r)
+        memcpy(x + r * dim, t->embed + token_ids[r] * dim, dim * sizeof(float));
     const float* residual = x;
-    float* const sums[2] = {scratch, scratch + n_rows * dim};
+    float* const sums[2] = {x + n_rows * dim, x + 2 * n_rows * dim};
     float* summed = sums[0];
     float* delta = sums[1] + n_rows * dim;
     float* normed = delta + n_rows * dim;
@@ -642,9 +667,10 @@ int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const flo
             summed = summed == sums[0] ? sums[1] : sums[0];
         }
         linear(normed, dim, L->qkv, qkv, n_rows, dim, qkv_dim, n_threads);
-        const int64_t bad = rope_store(qkv, cos, sin, q, L->k_cache, L->v_cache, slots,
-                                       positions, n_rows, s->n_heads, s->n_slots,
-                                       s->n_kv_heads, hd, s->max_len, n_threads);
+        const int64_t bad = rope_store_rows(qkv, t->cos, t->sin, positions, q, L->k_cache,
+                                            L->v_cache, slots, positions, n_rows, s->n_heads,
+                                            s->n_slots, s->n_kv_heads, hd, s->max_len,
+                                            n_threads);
         if (bad) return bad;
         decode_attention(q, L->k_cache, L->v_cache, attn, slots, lens, n_rows, s->n_slots,
                          s->n_kv_heads, s->n_heads / s->n_kv_heads, hd, s->max_len, longest,
@@ -658,7 +684,7 @@ int64_t decode_layers(const DecodeLayer* layers, const DecodeShape* s, const flo
         silu_mul(gate_up, act, n_rows, s->hidden, n_threads);
         linear(act, s->hidden, L->down, delta, n_rows, s->hidden, dim, n_threads);
     }
-    add_rms_norm(residual, dim, delta, dim, summed, out, final_norm, n_rows, dim, s->eps,
+    add_rms_norm(residual, dim, delta, dim, summed, out, t->final_norm, n_rows, dim, s->eps,
                  n_threads);
     return 0;
 }

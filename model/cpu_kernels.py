@@ -70,18 +70,26 @@ class DecodeLayer(ctypes.Structure):
 
 class DecodeShape(ctypes.Structure):
     _fields_ = [*((name, _I64) for name in ("n_layers", "dim", "n_heads", "n_kv_heads",
-                                             "head_dim", "hidden", "n_slots", "max_len")),
+                                             "head_dim", "hidden", "n_slots", "max_len",
+                                             "vocab")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class DecodeTables(ctypes.Structure):
+    """The model-wide tables of `decode_layers`, as addresses: the embedding (vocab, dim), the
+    final norm's weight, and cos and sin (max_len, head_dim) with position p's angles in row p."""
+
+    _fields_ = [(name, _P) for name in ("embed", "final_norm", "cos", "sin")]
 
 
 @dataclass
 class DecodeModel:
     """What `CpuKernels.decode_layers` runs: a model's layers over one KV-cache pool. The
-    tensors are kept here so that the addresses in `layers` stay valid."""
+    tensors are kept here so that the addresses in `layers` and `tables` stay valid."""
 
     layers: ctypes.Array[DecodeLayer]
     shape: DecodeShape
-    final_norm: Tensor
+    tables: DecodeTables
     tensors: list[Tensor]
 
 
@@ -118,8 +126,8 @@ class CpuKernels:
         self._silu_mul.argtypes = [_P, _P, _I64, _I64, ctypes.c_int]
         self._silu_mul.restype = None
         self._decode_layers = library.decode_layers
-        self._decode_layers.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64,
-                                        _P, ctypes.c_int]
+        self._decode_layers.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P,
+                                        ctypes.c_int]
         self._decode_layers.restype = _I64
         self._decode_scratch_floats = library.decode_scratch_floats
         self._decode_scratch_floats.argtypes = [_P, _I64, _I64, ctypes.c_int]
@@ -226,35 +234,33 @@ class CpuKernels:
                        torch.get_num_threads())
         return out
 
-    def decode_layers(self, model: DecodeModel, x: Tensor, cos: Tensor, sin: Tensor,
-                      slots: Tensor, positions: Tensor, lens: Tensor, longest: int) -> Tensor:
-        """A decode step's decoder layers and final norm in one call: x (R, dim) embeddings,
-        one token a row at positions[r] of slot slots[r] seeing its first lens[r] keys (longest
-        their maximum, from the host); cos, sin (R, 1, head_dim) or (R, head_dim). Returns the
-        final norm's output (R, dim), what the model's layers give kernel by kernel."""
+    def decode_layers(self, model: DecodeModel, token_ids: Tensor, slots: Tensor,
+                      positions: Tensor, lens: Tensor, longest: int) -> Tensor:
+        """A decode step's embedding, decoder layers and final norm in one call: row r is
+        token token_ids[r] at positions[r] of slot slots[r], seeing its first lens[r] keys
+        (longest their maximum, from the host). Returns the final norm's output (R, dim), what
+        the model gives kernel by kernel."""
         shape = model.shape
-        n_rows = x.shape[0]
-        cos, sin = cos.reshape(n_rows, shape.head_dim), sin.reshape(n_rows, shape.head_dim)
-        if not (x.dtype == cos.dtype == sin.dtype == torch.float32
-                and x.shape == (n_rows, shape.dim)
-                and slots.dtype == positions.dtype == lens.dtype == torch.int64
-                and slots.shape == positions.shape == lens.shape == (n_rows,)
+        n_rows = token_ids.shape[0]
+        if not (token_ids.dtype == slots.dtype == positions.dtype == lens.dtype == torch.int64
+                and token_ids.shape == slots.shape == positions.shape == lens.shape == (n_rows,)
                 and 0 <= longest <= shape.max_len):
             raise ValueError("decode_layers: unexpected shapes or dtypes")
-        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-        slots, positions, lens = slots.contiguous(), positions.contiguous(), lens.contiguous()
+        token_ids, slots = token_ids.contiguous(), slots.contiguous()
+        positions, lens = positions.contiguous(), lens.contiguous()
         n_threads = torch.get_num_threads()
         shape_ref = ctypes.byref(shape)
         scratch = torch.empty(self._decode_scratch_floats(shape_ref, n_rows, longest,
                                                           n_threads))
-        out = torch.empty_like(x)
+        out = torch.empty(n_rows, shape.dim)
         bad = self._decode_layers(ctypes.addressof(model.layers), shape_ref,
-                                  model.final_norm.data_ptr(), x.data_ptr(), out.data_ptr(),
-                                  cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                                  positions.data_ptr(), lens.data_ptr(), longest, n_rows,
-                                  scratch.data_ptr(), n_threads)
+                                  ctypes.byref(model.tables), token_ids.data_ptr(),
+                                  out.data_ptr(), slots.data_ptr(), positions.data_ptr(),
+                                  lens.data_ptr(), longest, n_rows, scratch.data_ptr(),
+                                  n_threads)
         if bad:
-            raise IndexError(f"decode_layers: row {bad - 1} is outside the KV cache")
+            raise IndexError(f"decode_layers: row {bad - 1} is outside the model or the KV "
+                             f"cache")
         return out
 
     def _packed_size(self, n_out: int, n_in: int) -> int:

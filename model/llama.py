@@ -365,16 +365,16 @@ class LlamaModel(nn.Module):
         `logits_indices` picks the N token rows whose logits are wanted (usually each
         sequence's last token); None means all T.
         """
-        x = self.model.embed_tokens(input_ids)  # (T, dim)
-        cos, sin = self.rope_angles(positions, x.dtype)
         decode_model = self._decode_in_c(kv, batch, logits_indices)
         if decode_model is not None:
             assert self.cpu_kernels is not None and batch is not None
             assert batch.decode_lens is not None and self.lm_head_packed is not None
-            x = self.cpu_kernels.decode_layers(decode_model, x, cos, sin, batch.slot_ids,
-                                               batch.positions, batch.decode_lens,
+            x = self.cpu_kernels.decode_layers(decode_model, input_ids, batch.slot_ids,
+                                               positions, batch.decode_lens,
                                                batch.decode_max_len)
             return self.lm_head_packed(x).float()
+        x = self.model.embed_tokens(input_ids)  # (T, dim)
+        cos, sin = self.rope_angles(positions, x.dtype)
         delta: Tensor | None = None  # the residual stream is x + delta, see DecoderLayer
         for layer in self.model.layers:
             x, delta = layer(x, delta, cos, sin, kv, batch)
@@ -389,15 +389,17 @@ class LlamaModel(nn.Module):
     def _decode_in_c(self, kv: KVCachePool | None, batch: AttentionBatch | None,
                      logits_indices: Tensor | None) -> cpu_kernels.DecodeModel | None:
         """The C decode step (CpuKernels.decode_layers) for a decode-only step of the packed
-        CPU path whose every linear runs the C kernel: the layers in one call, without a
-        return to Python (and the GIL) between their ~100 kernels. Else None: prefill steps
-        keep the layer-by-layer path (same kernels), where Python's share is small. The
-        logits are the same to the last bit (tested).
+        CPU path whose every linear runs the C kernel: the embedding and the layers in one
+        call, without a return to Python (and the GIL) between their ~100 kernels. Else None:
+        prefill steps keep the layer-by-layer path (same kernels), where Python's share is
+        small. The logits are the same to the last bit (tested).
 
         The bench model's decode step, both paths in one process (medians of 12 interleaved
         blocks of 4 steps, two runs): 6.0-6.2 / 5.0-5.9 / 11.0 / 34.1-36.2 ms -> 5.2-5.6 /
         4.3-5.2 / 9.9-10.2 / 33.0-34.9 ms at 1 / 4 / 16 / 64 rows. And the event loop, which
-        needs the GIL for every streamed token, no longer stalls the step between kernels."""
+        needs the GIL for every streamed token, no longer stalls the step between kernels.
+        Taking the embedding and the rotary angles (from per-position tables) into the call
+        as well saved another 0.16-0.21 ms of the 16-row step: seven small PyTorch ops."""
         kernels = self.cpu_kernels
         if (kernels is None or kv is None or batch is None or batch.prefills
                 or logits_indices is not None or self.lm_head_packed is None):
@@ -420,13 +422,21 @@ class LlamaModel(nn.Module):
                 return None
             tensors += parts
             layers.append(cpu_kernels.DecodeLayer(*(t.data_ptr() for t in parts)))
+        embed, final_norm = self.model.embed_tokens.weight, self.model.norm.weight
+        if not layers or not all(t.dtype == torch.float32 and t.is_contiguous()
+                                 for t in (embed, final_norm)):
+            return None
         c = self.config
         shape = cpu_kernels.DecodeShape(
             n_layers=len(layers), dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
             head_dim=c.head_dim, hidden=c.hidden_dim, n_slots=kv.n_slots, max_len=kv.max_len,
-            eps=self.model.norm.eps, scale=c.head_dim ** -0.5)
-        if not layers:
-            return None
-        final_norm = self.model.norm.weight.detach()
+            vocab=embed.shape[0], eps=self.model.norm.eps, scale=c.head_dim ** -0.5)
+        # Every position's angles, computed once by the same ops as rope_angles (so the same
+        # bits): a step then reads its rows instead of running six small ops, each slow on a
+        # cache that the last step's weights went through.
+        cos, sin = (t.reshape(kv.max_len, c.head_dim).contiguous() for t in self.rope_angles(
+            torch.arange(kv.max_len, device=embed.device), torch.float32))
+        tables = cpu_kernels.DecodeTables(embed.data_ptr(), final_norm.data_ptr(),
+                                          cos.data_ptr(), sin.data_ptr())
         return cpu_kernels.DecodeModel((cpu_kernels.DecodeLayer * len(layers))(*layers), shape,
-                                       final_norm, [*tensors, final_norm])
+                                       tables, [*tensors, embed, final_norm, cos, sin])

@@ -352,9 +352,10 @@ def test_argmax_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build: s
 @needs_compiler
 def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
                                         kernels: cpu_kernels.CpuKernels) -> None:
-    """A decode-only step of the packed model runs its layers in CpuKernels.decode_layers,
-    and gives the layer-by-layer path's logits to the last bit (the same kernels in the same
-    order), the reference model's within rounding, and the same K/V in the cache."""
+    """A decode-only step of the packed model runs its embedding and layers in
+    CpuKernels.decode_layers, and gives the layer-by-layer path's logits to the last bit (the
+    same kernels in the same order, rotary angles from a table of the same bits), the
+    reference model's within rounding, and the same K/V in the cache."""
     if not kernels.linear_is_tuned:
         pytest.skip("the C decode step needs the C linear (an AVX-512 build)")
     config = ModelConfig.from_dir(tiny_checkpoint)
@@ -375,19 +376,18 @@ def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
     calls = []
     original = kernels.decode_layers
 
-    def spy(*args):  # noqa: ANN002, ANN202 - the embeddings before and after the call
-        x = args[1]
-        before = x.clone()
-        out = original(*args)
-        calls.append((before, x))
-        return out
+    def spy(*args):  # noqa: ANN002, ANN202 - the token ids it was given
+        calls.append(args[1])
+        return original(*args)
 
+    embedding = model.model.embed_tokens.weight.clone()
     kernels.decode_layers = spy  # type: ignore[method-assign]
     try:
         in_c = model(ids, batch.positions, pools[0], batch)
     finally:
         del kernels.decode_layers
-    assert len(calls) == 1 and torch.equal(*calls[0])  # its input is left as it was
+    assert len(calls) == 1 and torch.equal(calls[0], ids)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # read, never written
     model._decode_in_c = lambda *a: None  # type: ignore[method-assign]
     by_layer = model(ids, batch.positions, pools[1], batch)
     assert torch.equal(in_c, by_layer)
@@ -401,6 +401,9 @@ def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
     before = [t.clone() for t in pools[0].k]
     with pytest.raises(IndexError, match="row 1"):
         model(ids[:2], outside.positions, pools[0], outside)
+    inside = AttentionBatch.build([0, 3], [9, 5], [], "cpu")
+    with pytest.raises(IndexError, match="row 0"):  # a token past the vocabulary
+        model(torch.tensor([config.vocab_size, 1]), inside.positions, pools[0], inside)
     assert all(torch.equal(a, b) for a, b in zip(before, pools[0].k, strict=True))
 
 
