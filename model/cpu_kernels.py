@@ -34,6 +34,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import shutil
@@ -58,6 +59,32 @@ NATIVE = "-march=native"
 
 Tensor = torch.Tensor
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
+HUGE_PAGE = 2 << 20  # x86-64's and arm64's (with 4 KB base pages) transparent huge page
+
+
+def fresh_floats(n: int) -> Tensor:
+    """n uninitialised float32 (zeros, in fact) in a fresh anonymous mapping, starting on a
+    2 MB boundary, its whole 2 MB pages advised for transparent huge pages where the OS has
+    them (Linux's default mode backs advised memory only).
+
+    For packed weights: a decode step streams every weight once, and with 4 KB pages that is a
+    TLB miss every 4 KB. The bench model's decode step with its packed weights in 2 MB pages
+    (medians, alternating in one process): 1 / 4 / 16 / 64 rows 1-3 / 3 / 3-6 / 1% faster.
+    The advice must come before the pages are first written, hence a fresh mapping rather
+    than the allocator's (possibly reused) memory. The slack before the boundary is never
+    touched, so it costs address space, not memory."""
+    size = n * 4 + HUGE_PAGE
+    # Private: shared anonymous memory is shmem, which transparent huge pages leave alone.
+    buffer = (mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+              if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, size))
+    skip = -torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    whole = n * 4 // HUGE_PAGE * HUGE_PAGE
+    if whole and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE, skip, whole)
+        except OSError:  # a kernel without transparent huge pages: ordinary pages then
+            pass
+    return torch.frombuffer(buffer, dtype=torch.float32, count=n, offset=skip)
 
 
 class DecodeLayer(ctypes.Structure):
@@ -174,7 +201,7 @@ class CpuKernels:
             raise ValueError("pack_linear: expected a 2-d float32 weight")
         weight = weight.detach().contiguous()
         n_out, n_in = weight.shape
-        panels = torch.empty(self._packed_size(n_out, n_in), dtype=torch.float32)
+        panels = fresh_floats(self._packed_size(n_out, n_in))
         self._pack_linear_weight(weight.data_ptr(), panels.data_ptr(), n_out, n_in,
                                  torch.get_num_threads())
         return panels

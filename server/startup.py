@@ -20,7 +20,7 @@ from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
 from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from server.engine import Engine
-from server.memory import keep_freed_memory
+from server.memory import keep_freed_memory, release_free_memory
 from server.runner import ModelRunner
 from server.scheduler import Scheduler
 
@@ -125,6 +125,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                            f"context length {model.config.max_seq_len}")
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
     model.pack(use_cpu_kernels=config.cpu_kernels)
+    release_free_memory()  # the dense weights that packing replaced
     batched_tokens = config.batched_tokens(device.type)
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,

@@ -208,6 +208,35 @@ def test_linear_checks_what_the_c_code_trusts(kernels: cpu_kernels.CpuKernels) -
         kernels.pack_linear(torch.randn(40, 16, dtype=torch.float64))
 
 
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
+            start, end = (int(a, 16) for a in first.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+@needs_compiler
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="no transparent huge pages on this system")
+def test_packed_weights_lie_in_memory_advised_for_huge_pages(
+        kernels: cpu_kernels.CpuKernels) -> None:
+    """Packed panels start on a 2 MB boundary of a private mapping advised for transparent huge
+    pages (VmFlags `hg`), so a decode step streams them with few TLB misses; a buffer without
+    a whole 2 MB page is not advised, and fresh memory reads as zeros."""
+    panels = kernels.pack_linear(torch.randn(3000, 512))  # 6 MB packed
+    assert panels.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    assert {"hg"} <= _vm_flags(panels.data_ptr()) and "sh" not in _vm_flags(panels.data_ptr())
+    small = cpu_kernels.fresh_floats(1000)
+    assert "hg" not in _vm_flags(small.data_ptr())
+    assert torch.equal(small, torch.zeros(1000))
+
+
 @needs_compiler
 def test_packed_linear_runs_the_c_linear_only_where_tuned(
         kernels: cpu_kernels.CpuKernels, monkeypatch: pytest.MonkeyPatch) -> None:
