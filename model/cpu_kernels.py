@@ -69,7 +69,8 @@ def fresh_floats(n: int) -> Tensor:
 
     For packed weights: a decode step streams every weight once, and with 4 KB pages that is a
     TLB miss every 4 KB. The bench model's decode step with its packed weights in 2 MB pages
-    (medians, alternating in one process): 1 / 4 / 16 / 64 rows 1-3 / 3 / 3-6 / 1% faster.
+    (medians, alternating with a 4 KB-page copy in one process, four runs): 1-8 / 3-5 / 3-6 /
+    0-1% faster at 1 / 4 / 16 / 64 rows.
     The advice must come before the pages are first written, hence a fresh mapping rather
     than the allocator's (possibly reused) memory. The slack before the boundary is never
     touched, so it costs address space, not memory."""
@@ -77,7 +78,8 @@ def fresh_floats(n: int) -> Tensor:
     # Private: shared anonymous memory is shmem, which transparent huge pages leave alone.
     buffer = (mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
               if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, size))
-    skip = -torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    address = torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
+    skip = -address % HUGE_PAGE  # bytes up to the next boundary
     whole = n * 4 // HUGE_PAGE * HUGE_PAGE
     if whole and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
