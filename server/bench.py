@@ -439,10 +439,10 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     macOS): the client shares the machine with the server it measures, and with the default
     loop it spent 20% more CPU per streamed token (1.55 against 1.31 s for 8192 tokens)."""
     try:
-        import uvloop
+        from uvloop import run  # uvloop 0.18 and later
     except ImportError:
         return asyncio.run(main)
-    return uvloop.run(main)
+    return run(main)
 
 
 def run_bench(args: argparse.Namespace) -> int:
