@@ -549,7 +549,9 @@ static int64_t argmax_row(const float* restrict row, int64_t n) {
         for (int64_t k = 0; k < n; ++k)
             if (row[k] != row[k]) return k;
     }
-    /* A lane that never rose above -inf keeps index t, which is right: its first value. */
+    /* A lane that never rose above -inf keeps its first index, which is right: the first of
+     * its -inf values. With no whole vector (j == 0) every lane is -inf at its lane index and
+     * lane 0 wins the ties, so the tail below starts from row 0 at -inf. */
     float best = top[0];
     int64_t best_at = where[0];
     for (int t = 1; t < VEC_FLOATS; ++t)
@@ -557,7 +559,6 @@ static int64_t argmax_row(const float* restrict row, int64_t n) {
             best = top[t];
             best_at = where[t];
         }
-    if (j == 0) best_at = 0, best = row[0];  /* a row shorter than a vector */
     for (int64_t k = j; k < n; ++k)
         if (row[k] > best) best = row[k], best_at = k;
     return best_at;

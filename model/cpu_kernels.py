@@ -12,9 +12,10 @@ read. `linear` streams each weight panel once per tile of up to 12 rows. With th
 on, decode step at 1 / 4 / 16 / 64 rows: another 20-36 / 25-31 / 14-17 / 3-4% faster than with
 oneDNN's linears; prefill equal. And the sampler's draw for rows without top-k, top-p or
 min-p (`sample`, used by server/sampling.py): softmax and the inverse-CDF search in one pass
-per row, 3x faster than the PyTorch ops. A decode-only step runs its layers in one call
-(`decode_layers`, from LlamaModel's forward): the same kernels without a return to Python, and
-the GIL, between them.
+per row, 3x faster than the PyTorch ops; and greedy rows' argmax (`argmax`). A decode-only
+step runs its embedding and layers in one call (`decode_layers`, from LlamaModel's forward):
+the same kernels without a return to Python, and the GIL, between them. Packed weights live in
+2 MB pages where the OS has them (`fresh_floats`).
 
 The source is compiled with the system's C compiler (`$CC`, else `cc`) and `-march=native`,
 so the library is cached per source, compiler and CPU under `$LLAMA_SERVE_CACHE/kernels`
@@ -63,9 +64,9 @@ HUGE_PAGE = 2 << 20  # x86-64's and arm64's (with 4 KB base pages) transparent h
 
 
 def fresh_floats(n: int) -> Tensor:
-    """n uninitialised float32 (zeros, in fact) in a fresh anonymous mapping, starting on a
-    2 MB boundary, its whole 2 MB pages advised for transparent huge pages where the OS has
-    them (Linux's default mode backs advised memory only).
+    """n float32 zeros in a fresh anonymous mapping, starting on a 2 MB boundary, its whole
+    2 MB pages advised for transparent huge pages where the OS has them (Linux's default mode
+    backs advised memory only).
 
     For packed weights: a decode step streams every weight once, and with 4 KB pages that is a
     TLB miss every 4 KB. The bench model's decode step with its packed weights in 2 MB pages

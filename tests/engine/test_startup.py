@@ -1,4 +1,5 @@
-"""KV-cache pool sizing: slots from a count or a memory budget, and a clear refusal."""
+"""Start-up: KV-cache pool sizing (slots from a count or a memory budget, a clear refusal) and
+the memory handed back once loaded."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import server.startup as startup_module
 from model.kv_cache import KVCachePool
+from model.llama import LlamaModel
 from model.weights import resolve_device
 from server.config import EngineConfig
-from server.startup import StartupError, parse_memory, plan_pool, step_activation_bytes
+from server.startup import (
+    StartupError,
+    build_engine,
+    parse_memory,
+    plan_pool,
+    step_activation_bytes,
+)
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,3 +121,17 @@ print(json.dumps([alive, frozen, len(gc.get_objects()), gc.collect()]))
     alive, frozen, tracked_after, collected = json.loads(out)
     assert frozen > 1000 and frozen <= alive
     assert tracked_after < 100 and collected == 0
+
+
+def test_memory_freed_by_packing_goes_back_at_start_up(tiny_checkpoint: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense weights that packing replaces are freed into the heap, which keeps freed
+    memory while serving (server/memory.py): start-up hands it back once, after packing."""
+    calls: list[str] = []
+    pack = LlamaModel.pack
+    monkeypatch.setattr(LlamaModel, "pack",
+                        lambda self, **kw: calls.append("pack") or pack(self, **kw))
+    monkeypatch.setattr(startup_module, "release_free_memory",
+                        lambda: calls.append("release") or True)
+    build_engine(tiny_checkpoint, EngineConfig(device="cpu"))
+    assert calls == ["pack", "release"]
