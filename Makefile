@@ -44,16 +44,17 @@ bench: install $(BENCH_MODEL)/config.json
 	$(VENV)/bin/llama-serve bench --base-url http://127.0.0.1:$(BENCH_PORT) --model bench \
 		--tokenizer $(BENCH_MODEL) $(BENCH_ARGS) --json bench.json
 
-# On a CUDA host, the README's GPU figures in one go (about 3 minutes on an H100): the GPU tests,
-# a decode step of a Llama-2-7B shape (random bf16 weights) against its bandwidth floor, and
-# the standard workload served on it, without and with --async-output-proc. Without the venv
-# (no network there), point PY at a python that has the dependencies: make gpu-check PY=python3
+# On a CUDA host, the README's GPU figures in one go (about 4 minutes on an H100): the GPU tests,
+# a decode step of a Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with
+# the Triton kernels and without, and the standard workload served on it: as is, without async
+# output processing, and without the Triton kernels. Without the venv (no network there),
+# point PY at a python that has the dependencies: make gpu-check PY=python3
 GPU_SHAPE ?= $(HOME)/.cache/llama-serve/llama2-7b-shape
 GPU_TOKENIZER ?= $(BENCH_MODEL)
 GPU_DEVICE_ARGS ?= --device cuda --dtype bfloat16
 GPU_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 1024
 GPU_BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4,16,64
-GPU_TESTS ?= tests/model/test_gpu.py
+GPU_TESTS ?= tests/model/test_gpu.py tests/model/test_triton_kernels.py
 GPU_SHAPE_CONFIG ?= dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, \
 	hidden_dim=11008, torch_dtype='bfloat16'
 $(GPU_SHAPE)/config.json:
@@ -65,7 +66,8 @@ $(GPU_SHAPE)/config.json:
 gpu-check: $(GPU_SHAPE)/config.json
 	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS)
-	@status=0; for flags in "" --async-output-proc; do \
+	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) --no-gpu-kernels
+	@status=0; for flags in "" --no-async-output-proc --no-gpu-kernels; do \
 		echo "=== serve $$flags"; \
 		$(PY) -m server serve $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) \
 			$(GPU_SERVE_ARGS) --port $(BENCH_PORT) --served-model-name bench \

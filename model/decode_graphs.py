@@ -102,10 +102,13 @@ class DecodeGraphs:
             mempool = torch.cuda.graph_pool_handle()
             for batch in reversed(self.batch_sizes):
                 self._pad_rows(self.inputs[:batch])
-                # Warm up outside the capture: lazy initialisation must not be recorded.
+                # Warm up outside the capture: lazy initialisation must not be recorded, and
+                # Triton compiles a kernel variant on its first launch (decode attention's
+                # depends on the length: see triton_kernels.attention_splits).
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    self.forward(batch, self.lengths[0])
+                    for length in self.lengths:
+                        self.forward(batch, length)
                 torch.cuda.current_stream(device).wait_stream(stream)
                 for length in reversed(self.lengths):
                     graph = torch.cuda.CUDAGraph()

@@ -12,6 +12,7 @@ are one sequence attended causally.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,14 @@ from model import cpu_kernels
 from model.attention import AttentionBatch, attend_cached, attend_causal
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
+
+if TYPE_CHECKING:  # imported where used: CPU servers need not import triton
+    from model.triton_kernels import TritonKernels
+
+    # The fused kernels a layer calls on the fast path: the C ones on CPU in float32,
+    # Triton's on a GPU. Both have rms_norm, rope_store, silu_mul and decode_attention; only
+    # the C ones have the linears (`linear_is_tuned`).
+    StepKernels = cpu_kernels.CpuKernels | TritonKernels
 
 Tensor = torch.Tensor
 
@@ -35,9 +44,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.doubled_weight: Tensor | None = None  # the CPU fast path, see `pack`
-        self.kernels: cpu_kernels.CpuKernels | None = None  # or the C kernel, see `pack`
+        self.kernels: StepKernels | None = None  # or a fused kernel, see `pack`
 
-    def pack(self, kernels: cpu_kernels.CpuKernels | None = None) -> None:
+    def pack(self, kernels: StepKernels | None = None) -> None:
         """The CPU float32 fast path: the C kernel (one pass over each row, the residual add
         fused in: `add_forward`) or, without it, RMSNorm as LayerNorm over [x, -x], whose mean
         is 0 and whose variance is mean(x^2), so its first half is x * rsqrt(mean(x^2) + eps)
@@ -135,13 +144,13 @@ class PackedLinear:
     MIN_ROWS = 4
 
     def __init__(self, weight: Tensor, use_onednn: bool, reorder: bool = True,
-                 kernels: cpu_kernels.CpuKernels | None = None) -> None:
+                 kernels: StepKernels | None = None) -> None:
         """`reorder=False` keeps the caller's dense weight (a tied lm_head: repacking would
         copy the embedding). `kernels` run the matmul where their linear is tuned for the CPU
         (`CpuKernels.linear_is_tuned`), else oneDNN does."""
         weight = weight.detach().contiguous()  # (out, in)
         self.out_features = weight.shape[0]
-        tuned = kernels is not None and kernels.linear_is_tuned
+        tuned = isinstance(kernels, cpu_kernels.CpuKernels) and kernels.linear_is_tuned
         self.kernels = kernels if reorder and tuned else None
         # Either packed layout is a copy: the caller drops the dense weight so memory is not
         # doubled.
@@ -200,11 +209,12 @@ class Attention(nn.Module):
 
         self.qkv: PackedLinear | None = None  # the fast path, see `pack`
         self.o: PackedLinear | None = None
-        self.kernels: cpu_kernels.CpuKernels | None = None  # C rotary/store/attention, `pack`
+        self.kernels: StepKernels | None = None  # fused rotary/store/attention, `pack`
 
-    def pack(self, use_onednn: bool, kernels: cpu_kernels.CpuKernels | None = None) -> None:
+    def pack(self, use_onednn: bool, kernels: StepKernels | None = None) -> None:
         """Fuse q/k/v into one matmul (one read of x, one launch) and free the originals;
-        with `kernels`, steps with a KV cache rotate, store and attend (decode rows) in C."""
+        with `kernels`, steps with a KV cache rotate, store and attend (decode rows) in
+        fused kernels."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         self.qkv = PackedLinear(w, use_onednn, kernels=kernels)
         self.o = PackedLinear(self.o_proj.weight, use_onednn, kernels=kernels)
@@ -218,8 +228,8 @@ class Attention(nn.Module):
             qkv = self.qkv(x).view(n_tokens, n_qk + self.n_kv_heads, self.head_dim)
             if self.kernels is not None and kv is not None:
                 assert batch is not None
-                # One C pass: rotate q and k, store K and V (what the branch below does in ~12
-                # small ops), then the decode rows attend in C too.
+                # One pass: rotate q and k, store K and V (what the branch below does in ~12
+                # small ops), then the decode rows attend in a kernel of the same kind.
                 k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
                 q = self.kernels.rope_store(qkv, cos, sin, k_cache, v_cache, batch.slot_ids,
                                             batch.positions, self.n_heads)
@@ -253,20 +263,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.gate_up: PackedLinear | None = None  # the fast path, see Attention.pack
         self.down: PackedLinear | None = None
+        self.kernels: StepKernels | None = None  # fused SiLU * up, see `pack`
 
-    def pack(self, use_onednn: bool, kernels: cpu_kernels.CpuKernels | None = None) -> None:
+    def pack(self, use_onednn: bool, kernels: StepKernels | None = None) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
         self.gate_up = PackedLinear(w, use_onednn, kernels=kernels)
         self.down = PackedLinear(self.down_proj.weight, use_onednn, kernels=kernels)
+        self.kernels = kernels
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up is None or self.down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up(x)
-        kernels = self.gate_up.kernels
-        if kernels is not None:  # as LlamaModel's decode step in C does it, to the last bit
-            return self.down(kernels.silu_mul(gate_up))
+        if self.kernels is not None:  # C: as LlamaModel's decode step in C, to the last bit
+            return self.down(self.kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
@@ -321,22 +332,31 @@ class LlamaModel(nn.Module):
         # Not a parameter and not in checkpoints; rebuilt by `init_rope` after loading.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def pack(self, use_cpu_kernels: bool = True) -> None:
+    def pack(self, use_cpu_kernels: bool = True, use_gpu_kernels: bool = True,
+             kernels: StepKernels | None = None) -> None:
         """Switch to the fast path: fused q/k/v and gate/up projections (one matmul each) run
-        by PackedLinear, and on CPU in float32 C kernels where they build (`use_cpu_kernels`,
-        cpu_kernels.py: the linears, norms, rotary + K/V store, decode attention), else
-        oneDNN's linears and the norms as LayerNorm (RMSNorm.pack). The reference modules and
-        checkpoint names are gone afterwards. Tested against the reference."""
+        by PackedLinear, and fused kernels for the rest of a layer where they apply. On CPU in
+        float32 the C kernels where they build (`use_cpu_kernels`, cpu_kernels.py: the
+        linears, norms, rotary + K/V store, decode attention), else oneDNN's linears and the
+        norms as LayerNorm (RMSNorm.pack). On a GPU, cuBLAS's matmuls and Triton's kernels
+        for the norms, rotary + K/V store, SiLU * up and decode attention
+        (`use_gpu_kernels`, triton_kernels.py). `kernels` forces a set (tests run Triton's on
+        CPU under its interpreter). The reference modules and checkpoint names are gone
+        afterwards. Tested against the reference."""
         weight = self.lm_head.weight
         on_cpu = weight.device.type == "cpu"
         cpu_fp32 = on_cpu and weight.dtype == torch.float32
         use_onednn = on_cpu and onednn_linear_works(weight.dtype)
-        kernels = cpu_kernels.load() if cpu_fp32 and use_cpu_kernels else None
-        self.cpu_kernels = kernels
+        self.cpu_kernels = None
+        if kernels is None and cpu_fp32 and use_cpu_kernels:
+            kernels = self.cpu_kernels = cpu_kernels.load()
+        elif kernels is None and weight.device.type == "cuda" and use_gpu_kernels:
+            from model import triton_kernels
+            kernels = triton_kernels.load()
         for layer in self.model.layers:
             layer.self_attn.pack(use_onednn, kernels)
             layer.mlp.pack(use_onednn, kernels)
-        if cpu_fp32:
+        if cpu_fp32 or kernels is not None:
             for norm in self.modules():
                 if isinstance(norm, RMSNorm):
                     norm.pack(kernels)

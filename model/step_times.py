@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--buffer-gib", type=float, default=None,
                    help="bandwidth buffer (default 4 GiB on a GPU, 0.25 GiB on CPU)")
     p.add_argument("--profile", action="store_true", help="print each step's kernels")
+    p.add_argument("--no-gpu-kernels", action="store_false", dest="gpu_kernels",
+                   help="PyTorch's ops instead of the fused Triton kernels (for an A/B)")
     p.add_argument("--json", type=Path, help="write every figure here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is embed
     # A tied table is read whole by the lm_head; else a step reads one row of it per token.
     read = weight_bytes - (0 if tied else embed.numel() * embed.element_size())
-    model.pack()
+    model.pack(use_gpu_kernels=args.gpu_kernels)
     results |= {"weight_bytes": weight_bytes, "weight_bytes_read_per_step": read}
     max_len = min(args.max_len, config.max_seq_len)
     pool = KVCachePool(config, max(batches), max_len, embed.dtype, device)

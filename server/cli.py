@@ -29,11 +29,12 @@ def _env(name: str, default: object) -> object:
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
     name = flag.lstrip("-")
     kwargs["default"] = _env(name, kwargs.get("default"))
-    if kwargs.get("action") in ("store_true", "store_false") and isinstance(kwargs["default"],
-                                                                          str):
+    if kwargs.get("action") in ("store_true", "store_false",
+                                argparse.BooleanOptionalAction) and isinstance(kwargs["default"],
+                                                                               str):
         # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
         given = kwargs["default"].lower() in ("1", "true", "yes", "on")
-        kwargs["default"] = given if kwargs["action"] == "store_true" else not given
+        kwargs["default"] = given if kwargs["action"] != "store_false" else not given
     env = ENV_PREFIX + name.upper().replace("-", "_")
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
@@ -84,11 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
     _add(serve, "--async-output-proc", "CUDA: stream a step's outputs while the next graphed "
-         "step runs (vLLM V0's async output processing); off by default until measured "
-         "further (README)", action="store_true", default=e.async_output_proc)
+         "step runs (vLLM V0's async output processing); on by default, --no-async-output-proc "
+         "posts each step's outputs before the next launch", action=argparse.BooleanOptionalAction,
+         default=e.async_output_proc)
     _add(serve, "--no-cpu-kernels", "CPU: oneDNN's linears and PyTorch's ops instead of the C "
          "kernels built on first use", action="store_false", dest="cpu_kernels",
          default=e.cpu_kernels)
+    _add(serve, "--no-gpu-kernels", "CUDA: PyTorch's ops instead of the fused Triton kernels "
+         "(norms, rotary + K/V store, SiLU * up, decode attention)", action="store_false",
+         dest="gpu_kernels", default=e.gpu_kernels)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])

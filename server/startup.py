@@ -124,7 +124,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
         raise StartupError(f"--max-model-len {config.max_model_len} is beyond the model's "
                            f"context length {model.config.max_seq_len}")
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
-    model.pack(use_cpu_kernels=config.cpu_kernels)
+    model.pack(use_cpu_kernels=config.cpu_kernels, use_gpu_kernels=config.gpu_kernels)
     release_free_memory()  # the dense weights that packing replaced
     batched_tokens = config.batched_tokens(device.type)
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)

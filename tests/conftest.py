@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels of the GPU path run on CPU tensors under Triton's
+# interpreter (tests/model/test_triton_kernels.py); it is chosen when they are defined, so
+# before anything imports model.triton_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from model.config import ModelConfig
 from model.demo import train_tokenizer, write_checkpoint

@@ -21,6 +21,7 @@ import server.outputs as outputs_module
 import server.sampling as sampling_module
 import server.startup as startup_module
 from model.decode_graphs import DecodeGraphs
+from model.llama import LlamaModel
 from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine, EngineOverloaded, RequestRejected
@@ -481,6 +482,18 @@ def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: 
     want = kernels if enabled else None
     assert all(layer.self_attn.kernels is want for layer in engine.runner.model.model.layers)
     assert engine.runner.sampler.kernels is want
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_engine_config_switches_the_gpu_kernels(tiny_checkpoint: Path, enabled: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--no-gpu-kernels` reaches the model's pack (the kernels themselves:
+    tests/model/test_triton_kernels.py); on CPU the C kernels stay the choice either way."""
+    calls: list[dict] = []
+    pack = LlamaModel.pack
+    monkeypatch.setattr(LlamaModel, "pack", lambda self, **kw: calls.append(kw) or pack(self, **kw))
+    build_engine(tiny_checkpoint, EngineConfig(device="cpu", gpu_kernels=enabled))
+    assert [c["use_gpu_kernels"] for c in calls] == [enabled]
 
 
 def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,

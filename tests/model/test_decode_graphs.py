@@ -36,9 +36,10 @@ def test_length_buckets(max_len: int, want: list[int]) -> None:
     assert length_buckets(max_len) == want
 
 
-def load(folder: Path) -> LlamaModel:
-    model = load_model(folder, ModelConfig.from_dir(folder), torch.float32, "cpu")
-    model.pack()
+def load(folder: Path, device: str = "cpu", pack: bool = True) -> LlamaModel:
+    model = load_model(folder, ModelConfig.from_dir(folder), torch.float32, device)
+    if pack:
+        model.pack()
     return model
 
 
@@ -59,11 +60,13 @@ def test_slot_rows_match_per_request_layout(tiny_checkpoint: Path) -> None:
 
 
 @torch.inference_mode()
-def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5) -> None:
+def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5,
+                      prompt_lens: dict[int, int] | None = None) -> None:
     """Decode steps through the graph layout give the per-request layout's logits, across a
-    length bucket boundary, while other slots hold sequences that are not decoding (their
-    rows are padding); those sequences then continue exactly as if nothing had happened.
-    Also run on CUDA with capture=True by tests/model/test_gpu.py."""
+    length bucket boundary (with the default `prompt_lens`, slot: length), while other slots
+    hold sequences that are not decoding (their rows are padding); those sequences then
+    continue exactly as if nothing had happened. Also run on CUDA with capture=True by
+    tests/model/test_gpu.py."""
     config, device = model.config, model.inv_freq.device
     dtype = model.model.embed_tokens.weight.dtype
     eager = KVCachePool(config, 8, MAX_LEN, dtype, device)
@@ -71,7 +74,7 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5) -> N
     graphs = DecodeGraphs(model, graphed, capture=capture)
     graphs.capture_all()
     gen = torch.Generator().manual_seed(0)
-    prompt_lens = {0: 250, 1: 40, 2: 7, 3: 120, 4: 251, 5: 1}
+    prompt_lens = prompt_lens or {0: 250, 1: 40, 2: 7, 3: 120, 4: 251, 5: 1}
     last: dict[int, int] = {}
     for slot, n in prompt_lens.items():
         ids = torch.randint(3, 1000, (n,), generator=gen).to(device)
@@ -92,9 +95,9 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5) -> N
             last[s], lengths[s] = int(row.argmax()), lengths[s] + 1
 
     decoding = [5, 0, 2, 3]  # slots 1 and 4 hold sequences but sit out: pad rows
-    for _ in range(10):  # slot 0 crosses from the 256 bucket into the 512 one
+    for _ in range(10):  # by default slot 0 crosses from the 256 bucket into the 512 one
         step_both(decoding)
-    assert lengths[0] == 260
+    assert lengths[0] == prompt_lens[0] + 10
     for slot in (1, 4):  # the pad rows wrote nowhere these sequences read
         n = lengths[slot]
         assert torch.equal(graphed.k[0][slot, :, :n], eager.k[0][slot, :, :n])

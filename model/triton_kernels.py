@@ -1,0 +1,338 @@
+"""Fused kernels for a step on a GPU, in Triton: what PyTorch runs as ~22 small kernels a layer.
+
+A decode step of a Llama-2-7B shape on an H100 reads 13.2 GB of weights in ~4.9 ms of matmuls,
+and spent another ~1.9 ms on ~720 kernels of a few microseconds each (norms, residual adds,
+rotary, K/V stores, the decode mask, attention, SiLU). These four kernels do that work in five
+launches a layer:
+
+- `rms_norm`: the residual add and the RMSNorm after it, one pass over each row;
+- `rope_store`: rotate q and k, store K and V at each token's (slot, position);
+- `silu_mul`: silu(gate) * up;
+- `decode_attention`: each decode row attends to its own slot's first `lens[r]` keys (not a
+  length bucket's worth, as the masked SDPA did), split over the keys when there are too few
+  rows and heads to fill the GPU.
+
+On an H100 the graphed step went 6.72 -> 5.73 ms at 1 row and 10.34 -> 8.08 ms at 64 (README,
+Performance, GPU); the four kernels take 0.42 ms of the 1-row step.
+
+They round where the reference ops round (each PyTorch op of the reference writes its result
+in the model's dtype): under Triton's interpreter the norm's residual add and the rotation are
+the reference's to the bit, and the norm and SiLU * up within a rounding step (a sum in
+another order, another exp). Compiled, the compiler may keep an intermediate in float32 (seen
+on an H100 for the rotation's products): such a result then rounds once where the reference
+rounds twice or three times. Attention accumulates in float32 like SDPA's kernels. The same
+interface as `CpuKernels` (rms_norm, rope_store, silu_mul, decode_attention), so the model
+calls either.
+
+Tests run these on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set by the
+test suite where there is no GPU) and compiled on a GPU host (`pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+try:  # the CUDA builds of torch bring triton; CPU installs need not have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    triton = None
+
+# Keys a program of decode_attention reads per iteration, and at least per split.
+BLOCK_KEYS = 64
+MIN_KEYS_PER_SPLIT = 256
+
+
+def interpreted() -> bool:
+    """Whether kernels run under Triton's interpreter (on CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def attention_splits(n_rows: int, n_kv_heads: int, longest: int, n_sm: int) -> int:
+    """How many parts decode attention splits each row's keys into: enough programs to give
+    every multiprocessor two, as long as each part keeps MIN_KEYS_PER_SPLIT keys (fewer
+    and combining the parts costs more than it saves). One split needs no combining kernel."""
+    programs = n_rows * n_kv_heads
+    want = -(-2 * n_sm // programs)  # ceil
+    most = max(1, longest // MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, most))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm(x_ptr, x_stride, d_ptr, d_stride, h_ptr, out_ptr, w_ptr, dim, eps,
+                      HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        if HAS_DELTA:  # h = x + delta, rounded to the dtype as PyTorch's add rounds it
+            d = tl.load(d_ptr + row * d_stride + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * dim + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / dim + eps)
+        # Normalised in float32 and rounded, then the weight and rounded again: the
+        # reference's F.rms_norm(x) * weight (for float32 both roundings are no-ops).
+        normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * dim + cols, (normed * w).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _rope_store(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slots_ptr, pos_ptr,
+                    n_heads, n_kv_heads, n_slots, max_len,
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+        """Program (token, block of HEADS heads): heads are q heads, then k, then v."""
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # (HEADS, 1)
+        d = tl.arange(0, HEAD_DIM)[None, :]  # (1, HEAD_DIM)
+        dt = q_ptr.dtype.element_ty
+        n_all = n_heads + 2 * n_kv_heads
+        src = qkv_ptr + (token * n_all + head) * HEAD_DIM
+        x = tl.load(src + d, mask=head < n_all, other=0.0)
+        # x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype as the
+        # reference's three ops round them (compiled, the products may stay float32: see the
+        # module docstring); rotate_half pairs i with i + D/2. For q and k.
+        partner = tl.load(src + (d + HALF) % HEAD_DIM, mask=head < n_all, other=0.0)
+        partner = partner.to(tl.float32)
+        c = tl.load(cos_ptr + token * HEAD_DIM + d).to(tl.float32)
+        s = tl.load(sin_ptr + token * HEAD_DIM + d).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+        b = (tl.where(d < HALF, -partner, partner) * s).to(dt).to(tl.float32)
+        x = tl.where(head < n_heads + n_kv_heads, (a + b).to(dt), x)
+        tl.store(q_ptr + (token * n_heads + head) * HEAD_DIM + d, x, mask=head < n_heads)
+        slot = tl.load(slots_ptr + token)
+        pos = tl.load(pos_ptr + token)
+        # Outside the pool nothing is written: the scheduler never asks for it, a CUDA graph
+        # cannot raise, and a stray write would corrupt another sequence.
+        inside = (slot >= 0) & (slot < n_slots) & (pos >= 0) & (pos < max_len)
+        kv_head = head - n_heads  # k heads, then v heads
+        is_k = inside & (kv_head >= 0) & (kv_head < n_kv_heads)
+        is_v = inside & (kv_head >= n_kv_heads) & (kv_head < 2 * n_kv_heads)
+        kv_head = tl.where(is_v, kv_head - n_kv_heads, kv_head)
+        at = ((slot * n_kv_heads + kv_head) * max_len + pos) * HEAD_DIM + d
+        tl.store(k_ptr + at, x, mask=is_k)
+        tl.store(v_ptr + at, x, mask=is_v)
+
+    @triton.jit
+    def _silu_mul(gu_ptr, out_ptr, hidden, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        dt = out_ptr.dtype.element_ty
+        gate = tl.load(gu_ptr + row * 2 * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * 2 * hidden + hidden + cols, mask=mask, other=0.0)
+        # F.silu(gate) rounded, then * up rounded: the reference's two ops.
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        tl.store(out_ptr + row * hidden + cols, (act * up.to(tl.float32)).to(dt), mask=mask)
+
+    @triton.jit
+    def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, slots_ptr,
+                          lens_ptr, n_heads, n_kv_heads, max_len, keys_per_split, scale,
+                          GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        """Program (row, kv head, split): the GROUP query heads sharing a KV head, against
+        keys [split * keys_per_split, ...) of the row's slot, up to its length. With SPLIT,
+        the unnormalised output and its (max, sum) go to part/stats for _combine_splits."""
+        row = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        n_splits = tl.num_programs(2)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + g  # the query heads of this KV head
+        q = tl.load(q_ptr + (row * n_heads + heads)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(g < GROUP)[:, None], other=0.0)
+        slot = tl.load(slots_ptr + row)
+        length = tl.load(lens_ptr + row).to(tl.int32)  # the loop's bounds in one type
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, length)
+        base = (slot * n_kv_heads + kv_head) * max_len * HEAD_DIM
+        m = tl.full([GROUP_P], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
+        for first in range(start, end, BLOCK_N):  # only the row's own keys
+            n = first + tl.arange(0, BLOCK_N)
+            keep = n < end
+            offsets = base + n[:, None] * HEAD_DIM + d[None, :]
+            k = tl.load(k_ptr + offsets, mask=keep[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(keep[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: key `first` is kept
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            total = total * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + offsets, mask=keep[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        if SPLIT:
+            at = (row * n_heads + heads) * n_splits + split  # (rows, heads, splits)
+            tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], acc,
+                     mask=(g < GROUP)[:, None])
+            tl.store(stats_ptr + at * 2, m, mask=g < GROUP)
+            tl.store(stats_ptr + at * 2 + 1, total, mask=g < GROUP)
+        else:
+            out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no keys: zeros, not NaN
+            tl.store(out_ptr + (row * n_heads + heads)[:, None] * HEAD_DIM + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+
+    @triton.jit
+    def _combine_splits(part_ptr, stats_ptr, out_ptr, n_splits,
+                        SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Program (row, head): the splits' partial outputs weighted by exp(max - overall)."""
+        at = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        i = tl.arange(0, SPLITS_P)
+        d = tl.arange(0, HEAD_DIM)
+        real = i < n_splits
+        m = tl.load(stats_ptr + (at * n_splits + i) * 2, mask=real, other=float("-inf"))
+        total = tl.load(stats_ptr + (at * n_splits + i) * 2 + 1, mask=real, other=0.0)
+        top = tl.max(m, axis=0)
+        # A split past the row's length saw no key (max -inf): weight 0.
+        weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        part = tl.load(part_ptr + (at * n_splits + i)[:, None] * HEAD_DIM + d[None, :],
+                       mask=real[:, None], other=0.0)
+        norm = tl.sum(total * weight, axis=0)
+        out = tl.sum(part * weight[:, None], axis=0) / tl.where(norm > 0, norm, 1.0)
+        tl.store(out_ptr + at * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class TritonKernels:
+    """The kernels behind CpuKernels' interface, for tensors on one GPU (or CPU tensors under
+    the interpreter). Each method checks what its kernel takes on trust."""
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float,
+                 delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(h, rms_norm(h) * weight) with h = x + delta, or x itself without delta. x and
+        delta (T, dim) with contiguous rows."""
+        n_rows, dim = x.shape
+        for t in (x, delta):
+            if t is not None and not (t.dtype == x.dtype and t.stride(1) == 1
+                                      and t.shape == x.shape and t.device == x.device):
+                raise ValueError("rms_norm: unexpected shapes, dtypes or layout")
+        if not (weight.shape == (dim,) and weight.is_contiguous()):
+            raise ValueError("rms_norm: unexpected weight")
+        out = torch.empty(n_rows, dim, dtype=x.dtype, device=x.device)
+        h = x if delta is None else torch.empty_like(out)
+        if n_rows:
+            block = _pow2(dim)
+            _add_rms_norm[(n_rows,)](
+                x, x.stride(0), x if delta is None else delta,
+                0 if delta is None else delta.stride(0), h, out, weight, dim, eps,
+                HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+        return h, out
+
+    def rope_store(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, slots: Tensor, positions: Tensor, n_heads: int) -> Tensor:
+        """Rotate the q and k heads of qkv (T, H + 2 KVH, D), write K and V at each token's
+        (slot, position) of the caches (n_slots, KVH, max_len, D), return the rotated q
+        (T, H, D). cos and sin (T, 1, D) or (T, D), the halves repeated. A token outside the
+        pool writes nothing."""
+        n_tokens, n_all, head_dim = qkv.shape
+        n_slots, n_kv_heads, max_len, _ = k_cache.shape
+        cos, sin = cos.reshape(n_tokens, head_dim), sin.reshape(n_tokens, head_dim)
+        if not (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
+                and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+                and head_dim == _pow2(head_dim) and n_all == n_heads + 2 * n_kv_heads
+                and slots.dtype == positions.dtype == torch.int64
+                and slots.shape == positions.shape == (n_tokens,)):
+            raise ValueError("rope_store: unexpected shapes, dtypes or layout")
+        q = torch.empty(n_tokens, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        if n_tokens:
+            heads = min(16, _pow2(n_all))
+            _rope_store[(n_tokens, triton.cdiv(n_all, heads))](
+                qkv, cos, sin, q, k_cache, v_cache, slots.contiguous(), positions.contiguous(),
+                n_heads, n_kv_heads, n_slots, max_len, HEADS=heads, HEAD_DIM=head_dim,
+                HALF=head_dim // 2, num_warps=4)
+        return q
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        """silu(gate) * up for gate_up (T, 2 * hidden) = [gate | up] -> (T, hidden)."""
+        if not (gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0):
+            raise ValueError("silu_mul: expected (T, 2 * hidden)")
+        gate_up = gate_up.contiguous()
+        n_rows, hidden = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(n_rows, hidden, dtype=gate_up.dtype, device=gate_up.device)
+        block = min(1024, _pow2(hidden))
+        if n_rows:
+            _silu_mul[(n_rows, triton.cdiv(hidden, block))](gate_up, out, hidden, BLOCK=block,
+                                                            num_warps=4)
+        return out
+
+    def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                         lens: Tensor, longest: int, splits: int | None = None) -> Tensor:
+        """q (R, H, D); caches (n_slots, KVH, max_len, D); slots and lens (R,) int64, each row
+        seeing the first lens[r] keys of slot slots[r]. `longest` bounds the lens (from the
+        host: a CUDA graph's length bucket) and sets how the keys are split (`splits`
+        overrides it). Returns (R, H, D)."""
+        n_rows, n_heads, head_dim = q.shape
+        n_slots, n_kv_heads, max_len, _ = k_cache.shape
+        if not (q.dtype == k_cache.dtype == v_cache.dtype and k_cache.is_contiguous()
+                and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+                and k_cache.shape[3] == head_dim and head_dim == _pow2(head_dim)
+                and n_heads % n_kv_heads == 0 and slots.dtype == lens.dtype == torch.int64
+                and slots.shape == lens.shape == (n_rows,) and 0 <= longest <= max_len):
+            raise ValueError("decode_attention: unexpected shapes, dtypes or layout")
+        q, slots, lens = q.contiguous(), slots.contiguous(), lens.contiguous()
+        out = torch.empty_like(q)
+        if n_rows == 0:
+            return out
+        if splits is None:
+            splits = attention_splits(n_rows, n_kv_heads, longest, _multiprocessors(q.device))
+        keys_per_split = -(-max(longest, 1) // splits)
+        keys_per_split = -(-keys_per_split // BLOCK_KEYS) * BLOCK_KEYS
+        group = n_heads // n_kv_heads
+        part = stats = out  # unused without splits
+        if splits > 1:
+            part = torch.empty(n_rows, n_heads, splits, head_dim, dtype=torch.float32,
+                               device=q.device)
+            stats = torch.empty(n_rows, n_heads, splits, 2, dtype=torch.float32,
+                                device=q.device)
+        _decode_attention[(n_rows, n_kv_heads, splits)](
+            q, k_cache, v_cache, out, part, stats, slots, lens, n_heads, n_kv_heads, max_len,
+            keys_per_split, head_dim ** -0.5, GROUP=group, GROUP_P=max(16, _pow2(group)),
+            HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS, SPLIT=splits > 1,
+            IEEE=q.dtype == torch.float32, num_warps=4)
+        if splits > 1:
+            _combine_splits[(n_rows, n_heads)](part, stats, out, splits,
+                                               SPLITS_P=_pow2(splits), HEAD_DIM=head_dim,
+                                               num_warps=1)
+        return out
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small GPU, so tests see splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def load() -> TritonKernels | None:
+    """The kernels where Triton imports, else None (logged once)."""
+    if triton is None:
+        logger.info("Triton unavailable: the GPU path runs PyTorch's ops")
+        return None
+    return TritonKernels()

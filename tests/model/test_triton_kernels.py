@@ -1,0 +1,205 @@
+"""The Triton kernels of the GPU path against the PyTorch ops they replace.
+
+Each test runs on CPU tensors under Triton's interpreter (tests/conftest.py turns it on where
+there is no GPU: CI) and, on a GPU host, compiled on CUDA (`pytest -m gpu`). The interpreter
+converts to bfloat16 by truncation, not rounding, so bf16 runs on the GPU only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.attention import AttentionBatch, PrefillSpan
+from model.kv_cache import KVCachePool
+from model.llama import apply_rope
+from tests.model.test_decode_graphs import check_graph_steps, load
+
+triton_kernels = pytest.importorskip("model.triton_kernels")
+if triton_kernels.triton is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not triton_kernels.interpreted(), reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available() or triton_kernels.interpreted(),
+        reason="needs CUDA, compiled")]),
+]
+DTYPES = {"cpu": [torch.float32, torch.float16],
+          "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def dtypes(device: str) -> list[torch.dtype]:
+    return DTYPES[device]
+
+
+K = triton_kernels.TritonKernels()
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's step at each value (1 = one rounding)."""
+    step = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(1e-3)
+    return ((got.float() - want.float()).abs() / step).max().item()
+
+
+def ulp_limit(dtype: torch.dtype) -> int:
+    """Half precision: each kernel rounds where the reference does, but a sum or an exp
+    computed another way can tip the intermediate's rounding, and the product after it
+    carries that step on: two steps. Float32 keeps float32 arithmetic in between, in another
+    order: a few steps."""
+    return 4 if dtype == torch.float32 else 2
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit for bit under the interpreter, where each product and sum rounds to the dtype as
+    the reference's ops do. Compiled, the products may stay in float32 (an FMA, or a
+    round trip through the dtype dropped: seen on an H100 in every dtype), so the result
+    rounds once where the reference rounds three times: within a rounding of products of
+    values up to about 4."""
+    if got.device.type == "cpu":
+        return torch.equal(got, want)
+    step = 4 * torch.finfo(got.dtype).eps
+    return torch.allclose(got, want, rtol=step, atol=step)
+
+
+def test_rms_norm_rounds_as_the_reference(device: str) -> None:
+    for dtype in dtypes(device):
+        x, delta = (torch.randn(7, 96, device=device).to(dtype) * 3 for _ in range(2))
+        weight = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
+        h, got = K.rms_norm(x, weight, 1e-5, delta)
+        assert torch.equal(h, x + delta)  # the residual add, bit for bit
+        if dtype == torch.float32:
+            want = F.rms_norm(x + delta, (96,), weight, 1e-5)
+        else:  # RMSNorm.forward's reference for half precision
+            want = F.rms_norm(x + delta, (96,), None, 1e-5) * weight
+        limit = ulp_limit(dtype)
+        assert ulps(got, want) <= limit, dtype
+        alone, got_alone = K.rms_norm(x, weight, 1e-5)
+        want_alone = F.rms_norm(x, (96,), None, 1e-5) * weight
+        assert alone is x and ulps(got_alone, want_alone) <= limit, dtype
+
+
+def test_silu_mul_is_the_reference(device: str) -> None:
+    for dtype in dtypes(device):
+        gate_up = (torch.randn(5, 2 * 1100, device=device) * 4).to(dtype)  # two column blocks
+        gate, up = gate_up.chunk(2, dim=-1)
+        got, want = K.silu_mul(gate_up), F.silu(gate) * up
+        if dtype == torch.float32:  # Triton's exp and PyTorch's differ in float32's last bits
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert ulps(got, want) <= ulp_limit(dtype), dtype
+
+
+def test_rope_store_rotates_and_stores_as_the_reference(device: str) -> None:
+    n_heads, n_kv, head_dim, n_slots, max_len = 8, 2, 32, 5, 40
+    slots = torch.tensor([3, 0, 4, 3, 1, 9], device=device)  # the last one is outside
+    positions = torch.tensor([7, 0, 39, 8, 20, 3], device=device)
+    for dtype in dtypes(device):
+        qkv = torch.randn(6, n_heads + 2 * n_kv, head_dim, device=device).to(dtype)
+        angles = torch.rand(6, 1, head_dim // 2, device=device) * 100
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        k_cache = torch.full((n_slots, n_kv, max_len, head_dim), 7.0, device=device).to(dtype)
+        v_cache = torch.full_like(k_cache, 7.0)
+        q = K.rope_store(qkv, cos, sin, k_cache, v_cache, slots, positions, n_heads)
+
+        rotated = apply_rope(qkv[:, :n_heads + n_kv], cos, sin)  # the layer's reference
+        assert same(q, rotated[:, :n_heads]), dtype
+        want_k, want_v = (torch.full_like(k_cache, 7.0) for _ in range(2))
+        inside = slots < n_slots
+        want_k[slots[inside], :, positions[inside]] = rotated[inside, n_heads:]
+        want_v[slots[inside], :, positions[inside]] = qkv[inside, n_heads + n_kv:]
+        assert same(k_cache, want_k) and torch.equal(v_cache, want_v), dtype
+
+
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: list[int], lens: list[int]) -> torch.Tensor:
+    """Each row alone, in float64, its query heads grouped onto their KV heads."""
+    n_kv = k_cache.shape[1]
+    out = []
+    for row, (slot, n) in enumerate(zip(slots, lens, strict=True)):
+        qs = q[row].double().view(n_kv, -1, q.shape[-1])
+        ks, vs = k_cache[slot, :, :n].double(), v_cache[slot, :, :n].double()
+        out.append(F.scaled_dot_product_attention(qs, ks, vs).reshape(q.shape[1:]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n_heads, n_kv", [(8, 2), (4, 4), (6, 1)])
+def test_decode_attention_reads_each_rows_own_keys(device: str, n_heads: int,
+                                                   n_kv: int) -> None:
+    head_dim, max_len = 32, 700
+    slots, lens = [4, 1, 2, 0], [1, 300, 700, 64]  # one key, a part block, all, one block
+    slot_ids = torch.tensor(slots, device=device)
+    seen = torch.tensor(lens, device=device)
+    for dtype in dtypes(device):
+        q = torch.randn(4, n_heads, head_dim, device=device).to(dtype)
+        k_cache, v_cache = (torch.randn(5, n_kv, max_len, head_dim, device=device).to(dtype)
+                            for _ in range(2))
+        want = reference_attention(q, k_cache, v_cache, slots, lens)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for splits in (None, 1, 3, 11):  # 11: some splits past a row's length see no key
+            got = K.decode_attention(q, k_cache, v_cache, slot_ids, seen, 700, splits=splits)
+            assert got.dtype == dtype
+            assert (got.double() - want).abs().max().item() < tol, (dtype, splits)
+
+
+def test_attention_splits() -> None:
+    splits = triton_kernels.attention_splits
+    assert splits(1, 32, 190, 132) == 1  # too few keys to split
+    assert splits(1, 32, 1024, 132) == 4  # 256 keys each at least
+    assert splits(1, 32, 8192, 132) == 9  # two programs per multiprocessor
+    assert splits(64, 32, 8192, 132) == 1  # the rows fill the GPU
+
+
+def test_bad_inputs_are_refused() -> None:
+    q = torch.randn(2, 4, 16)
+    cache = torch.randn(3, 2, 10, 16)
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError):
+        K.decode_attention(q, cache, cache, ids, ids, 11)  # longest past the cache
+    with pytest.raises(ValueError):
+        K.decode_attention(q.half(), cache, cache, ids, ids, 5)
+    with pytest.raises(ValueError):
+        K.rope_store(torch.randn(2, 7, 16), torch.randn(2, 16), torch.randn(2, 16), cache,
+                     cache, ids, ids, 4)  # 7 heads is not 4 + 2 x 2
+    with pytest.raises(ValueError):
+        K.rms_norm(torch.randn(2, 8), torch.randn(9), 1e-5)
+    with pytest.raises(ValueError):
+        K.silu_mul(torch.randn(2, 7))
+
+
+def test_model_with_triton_kernels_is_the_reference(tiny_checkpoint: Path, device: str
+                                                    ) -> None:
+    """Prefill, a mixed step and a decode step through the KV cache: the model on Triton's
+    kernels gives the reference model's logits (float32), and the CUDA-graph layout too."""
+    ref = load(tiny_checkpoint, device=device, pack=False)
+    fast = load(tiny_checkpoint, device=device, pack=False)
+    fast.pack(kernels=K)
+    assert fast.cpu_kernels is None and fast.model.layers[0].mlp.kernels is K
+    pools = [KVCachePool(ref.config, 4, 300, torch.float32, device) for _ in range(2)]
+
+    def both(ids: list[int], positions: list[int], batch: AttentionBatch) -> None:
+        args = (torch.tensor(ids, device=device), torch.tensor(positions, device=device))
+        with torch.inference_mode():
+            want, got = (m(*args, pool, batch) for m, pool in zip((ref, fast), pools, strict=True))
+        assert (got - want).abs().max().item() < 1e-4
+
+    prompt = torch.randint(0, 1000, (40,)).tolist()
+    both(prompt, list(range(40)), AttentionBatch.build([], [], [PrefillSpan(2, 0, 40, 0)],
+                                                       device))
+    both([7, 1, 2, 3, 4, 5], [40, 0, 1, 2, 3, 4],
+         AttentionBatch.build([2], [40], [PrefillSpan(0, 0, 5, 1)], device))
+    both([9, 8], [5, 41], AttentionBatch.build([0, 2], [5, 41], [], device))
+    # The graph layout (pad rows among the slots). The interpreter runs a program at a time:
+    # short prompts on CPU.
+    check_graph_steps(fast, capture=device == "cuda", atol=1e-4, prompt_lens=None
+                      if device == "cuda" else {0: 20, 1: 9, 2: 7, 3: 12, 4: 5, 5: 1})
