@@ -316,6 +316,11 @@ class CpuKernels:
                            weight.data_ptr(), n_rows, dim, eps, torch.get_num_threads())
         return h, out
 
+    @staticmethod
+    def handles_head_dim(head_dim: int) -> bool:
+        """Whether rope_store and decode_attention take heads of this size."""
+        return head_dim % 2 == 0
+
     def rope_store(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
                    v_cache: Tensor, slots: Tensor, positions: Tensor, n_heads: int) -> Tensor:
         """Rotate the q and k heads of qkv (T, H + 2 KVH, D), write K and V at each token's

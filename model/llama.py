@@ -353,8 +353,13 @@ class LlamaModel(nn.Module):
         elif kernels is None and weight.device.type == "cuda" and use_gpu_kernels:
             from model import triton_kernels
             kernels = triton_kernels.load()
+        # Heads the kernels cannot take keep PyTorch's rotary and attention (the norms and
+        # SiLU * up still fuse).
+        attn_kernels = kernels
+        if kernels is not None and not kernels.handles_head_dim(self.config.head_dim):
+            attn_kernels = None
         for layer in self.model.layers:
-            layer.self_attn.pack(use_onednn, kernels)
+            layer.self_attn.pack(use_onednn, attn_kernels)
             layer.mlp.pack(use_onednn, kernels)
         if cpu_fp32 or kernels is not None:
             for norm in self.modules():

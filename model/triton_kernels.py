@@ -221,6 +221,12 @@ class TritonKernels:
     """The kernels behind CpuKernels' interface, for tensors on one GPU (or CPU tensors under
     the interpreter). Each method checks what its kernel takes on trust."""
 
+    @staticmethod
+    def handles_head_dim(head_dim: int) -> bool:
+        """Whether rope_store and decode_attention take heads of this size: a power of two
+        (a block's width) of at least 16 (a matrix product's smallest side)."""
+        return head_dim >= 16 and head_dim == _pow2(head_dim)
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float,
                  delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(h, rms_norm(h) * weight) with h = x + delta, or x itself without delta. x and

@@ -259,11 +259,11 @@ class Engine:
     def _step(self) -> None:
         """One step: schedule, launch, read the sampled tokens back, update, hand out outputs.
 
-        With async output processing (CUDA, `--async-output-proc`) a step's outputs are held
-        until the next step is launched, so that the event loop streams them (holding the
-        GIL) while the device computes instead of holding up the next launch. Only a graphed
-        decode step's launch returns at once; before an eager one (prefill chunks), which
-        reads back from the device as it goes, they are posted first."""
+        With async output processing (CUDA, on unless `--no-async-output-proc`) a step's
+        outputs are held until the next step is launched, so that the event loop streams them
+        (holding the GIL) while the device computes instead of holding up the next launch.
+        Only a graphed decode step's launch returns at once; before an eager one (prefill
+        chunks), which reads back from the device as it goes, they are posted first."""
         plan = self.scheduler.schedule()
         admitted = sum(1 for c in plan.prefills if c.start == 0)
         if admitted:

@@ -7,7 +7,7 @@ lm_head at every position unless prompt logprobs were asked for.
 
 A step is `launch` (inputs, forward and sampling queued on the device) then `finish` (the
 sampled ids read back). On a GPU a graphed step runs between the two, where the engine can hand
-out the previous step's outputs (`launches_async`, --async-output-proc); on CPU `launch`
+out the previous step's outputs (`launches_async`, async output processing); on CPU `launch`
 already computes everything.
 """
 

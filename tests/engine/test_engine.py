@@ -476,7 +476,8 @@ def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: 
     """`--no-cpu-kernels` reaches the model and the sampler; on, the engine's steps use the
     kernels (their build and equality with PyTorch's ops: tests/model/test_cpu_kernels.py,
     tests/engine/test_sampling.py)."""
-    kernels = SimpleNamespace(linear_is_tuned=False)  # a marker; the linears stay oneDNN's
+    kernels = SimpleNamespace(linear_is_tuned=False,  # a marker; the linears stay oneDNN's
+                              handles_head_dim=lambda head_dim: True)
     monkeypatch.setattr("model.cpu_kernels.load", lambda: kernels)
     engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", cpu_kernels=enabled))
     want = kernels if enabled else None

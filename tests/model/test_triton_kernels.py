@@ -7,6 +7,7 @@ converts to bfloat16 by truncation, not rounding, so bf16 runs on the GPU only.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from model.attention import AttentionBatch, PrefillSpan
 from model.kv_cache import KVCachePool
 from model.llama import apply_rope
+from tests.conftest import TINY, MakeCheckpoint
 from tests.model.test_decode_graphs import check_graph_steps, load
 
 triton_kernels = pytest.importorskip("model.triton_kernels")
@@ -203,3 +205,26 @@ def test_model_with_triton_kernels_is_the_reference(tiny_checkpoint: Path, devic
     # short prompts on CPU.
     check_graph_steps(fast, capture=device == "cuda", atol=1e-4, prompt_lens=None
                       if device == "cuda" else {0: 20, 1: 9, 2: 7, 3: 12, 4: 5, 5: 1})
+
+
+def test_heads_the_kernels_cannot_take_keep_pytorchs_attention(make_checkpoint: MakeCheckpoint
+                                                                ) -> None:
+    """Heads of 24 (not a power of two): rotary and attention stay PyTorch's, the norms and
+    SiLU * up run the kernels, and the logits are the reference's (on CPU, interpreted)."""
+    if not triton_kernels.interpreted():
+        pytest.skip("the CPU run of the kernels needs TRITON_INTERPRET=1")
+    folder = make_checkpoint(dataclasses.replace(TINY, dim=72, n_heads=3, n_kv_heads=3,
+                                                 head_dim=24))
+    ref, fast = load(folder, pack=False), load(folder, pack=False)
+    fast.pack(kernels=K)
+    layer = fast.model.layers[0]
+    assert fast.config.head_dim == 24
+    assert layer.self_attn.kernels is None and layer.mlp.kernels is K
+    assert layer.input_layernorm.kernels is K
+    ids, positions = torch.randint(0, 1000, (9,)), torch.arange(9)
+    batch = AttentionBatch.build([], [], [PrefillSpan(0, 0, 9, 0)], "cpu")
+    pools = [KVCachePool(ref.config, 1, 16, torch.float32, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        want, got = (m(ids, positions, pool, batch) for m, pool in zip((ref, fast), pools,
+                                                                        strict=True))
+    assert (got - want).abs().max().item() < 1e-4
