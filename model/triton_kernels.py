@@ -138,7 +138,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, slots_ptr,
-                          lens_ptr, n_heads, n_kv_heads, max_len, keys_per_split, scale,
+                          lens_ptr, n_heads, n_kv_heads, n_slots, max_len, keys_per_split, scale,
                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
         """Program (row, kv head, split): the GROUP query heads sharing a KV head, against
@@ -154,7 +154,11 @@ if triton is not None:
         q = tl.load(q_ptr + (row * n_heads + heads)[:, None] * HEAD_DIM + d[None, :],
                     mask=(g < GROUP)[:, None], other=0.0)
         slot = tl.load(slots_ptr + row)
-        length = tl.load(lens_ptr + row).to(tl.int32)  # the loop's bounds in one type
+        # Never past the pool: a slot outside it sees no key (zeros), a length past max_len
+        # stops there. The scheduler never asks for either; a CUDA graph cannot raise.
+        length = tl.minimum(tl.load(lens_ptr + row), max_len).to(tl.int32)
+        length = tl.where((slot >= 0) & (slot < n_slots), length, 0)
+        slot = tl.where((slot >= 0) & (slot < n_slots), slot, 0)
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, length)
         base = (slot * n_kv_heads + kv_head) * max_len * HEAD_DIM
@@ -204,8 +208,8 @@ if triton is not None:
         m = tl.load(stats_ptr + (at * n_splits + i) * 2, mask=real, other=float("-inf"))
         total = tl.load(stats_ptr + (at * n_splits + i) * 2 + 1, mask=real, other=0.0)
         top = tl.max(m, axis=0)
-        # A split past the row's length saw no key (max -inf): weight 0.
-        weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        top = tl.where(top > float("-inf"), top, 0.0)  # a row that saw no key at all
+        weight = tl.exp(m - top)  # a split past the row's length (max -inf) weighs 0
         part = tl.load(part_ptr + (at * n_splits + i)[:, None] * HEAD_DIM + d[None, :],
                        mask=real[:, None], other=0.0)
         norm = tl.sum(total * weight, axis=0)
@@ -317,8 +321,8 @@ class TritonKernels:
             stats = torch.empty(n_rows, n_heads, splits, 2, dtype=torch.float32,
                                 device=q.device)
         _decode_attention[(n_rows, n_kv_heads, splits)](
-            q, k_cache, v_cache, out, part, stats, slots, lens, n_heads, n_kv_heads, max_len,
-            keys_per_split, head_dim ** -0.5, GROUP=group, GROUP_P=max(16, _pow2(group)),
+            q, k_cache, v_cache, out, part, stats, slots, lens, n_heads, n_kv_heads, n_slots,
+            max_len, keys_per_split, head_dim ** -0.5, GROUP=group, GROUP_P=max(16, _pow2(group)),
             HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS, SPLIT=splits > 1,
             IEEE=q.dtype == torch.float32, num_warps=4)
         if splits > 1:

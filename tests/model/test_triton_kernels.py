@@ -154,6 +154,19 @@ def test_decode_attention_reads_each_rows_own_keys(device: str, n_heads: int,
             assert (got.double() - want).abs().max().item() < tol, (dtype, splits)
 
 
+def test_decode_attention_stays_inside_the_pool(device: str) -> None:
+    """A slot outside the pool reads nothing (zeros), a length past max_len stops there:
+    nothing the scheduler asks for, but a CUDA graph cannot raise instead."""
+    q = torch.randn(2, 4, 16, device=device)
+    k_cache, v_cache = (torch.randn(3, 2, 70, 16, device=device) for _ in range(2))
+    slots, lens = torch.tensor([5, 1], device=device), torch.tensor([10, 99], device=device)
+    for splits in (1, 2):
+        got = K.decode_attention(q, k_cache, v_cache, slots, lens, 70, splits=splits)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        want = reference_attention(q[1:], k_cache, v_cache, [1], [70])
+        assert (got[1:].double() - want).abs().max().item() < 1e-5
+
+
 def test_attention_splits() -> None:
     splits = triton_kernels.attention_splits
     assert splits(1, 32, 190, 132) == 1  # too few keys to split
