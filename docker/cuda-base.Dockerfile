@@ -10,8 +10,11 @@
 # Container Toolkit for `--gpus`.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
-# Ubuntu's python3 of this release, whatever its patch version: no pin.
+# Ubuntu's python3 of this release, whatever its patch version: no pin. Triton (the GPU path's
+# kernels) builds its launcher with a C compiler and Python's headers on first use; without
+# them the server falls back to PyTorch's ops, slower (README, Performance, GPU).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+        libc6-dev \
     && rm -rf /var/lib/apt/lists/*

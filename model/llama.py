@@ -352,7 +352,7 @@ class LlamaModel(nn.Module):
             kernels = self.cpu_kernels = cpu_kernels.load()
         elif kernels is None and weight.device.type == "cuda" and use_gpu_kernels:
             from model import triton_kernels
-            kernels = triton_kernels.load()
+            kernels = triton_kernels.for_model(self.config, weight.dtype, weight.device)
         # Heads the kernels cannot take keep PyTorch's rotary and attention (the norms and
         # SiLU * up still fuse).
         attn_kernels = kernels

@@ -30,11 +30,14 @@ test suite where there is no GPU) and compiled on a GPU host (`pytest -m gpu`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 
 import torch
+
+from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +49,11 @@ try:  # the CUDA builds of torch bring triton; CPU installs need not have it
 except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
 
-# Keys a program of decode_attention reads per iteration, and at least per split.
+# Keys a program of decode_attention reads per iteration, and at least per split; at most
+# this many splits (the combining kernel holds them all at once).
 BLOCK_KEYS = 64
 MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 32
 
 
 def interpreted() -> bool:
@@ -62,7 +67,7 @@ def attention_splits(n_rows: int, n_kv_heads: int, longest: int, n_sm: int) -> i
     and combining the parts costs more than it saves). One split needs no combining kernel."""
     programs = n_rows * n_kv_heads
     want = -(-2 * n_sm // programs)  # ceil
-    most = max(1, longest // MIN_KEYS_PER_SPLIT)
+    most = min(MAX_SPLITS, max(1, longest // MIN_KEYS_PER_SPLIT))
     return max(1, min(want, most))
 
 
@@ -221,6 +226,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' (a model on cuda:1
+    driven from a thread whose current device is cuda:0)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 class TritonKernels:
     """The kernels behind CpuKernels' interface, for tensors on one GPU (or CPU tensors under
     the interpreter). Each method checks what its kernel takes on trust."""
@@ -246,10 +259,12 @@ class TritonKernels:
         h = x if delta is None else torch.empty_like(out)
         if n_rows:
             block = _pow2(dim)
-            _add_rms_norm[(n_rows,)](
-                x, x.stride(0), x if delta is None else delta,
-                0 if delta is None else delta.stride(0), h, out, weight, dim, eps,
-                HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+            with _on_device_of(x):
+                _add_rms_norm[(n_rows,)](
+                    x, x.stride(0), x if delta is None else delta,
+                    0 if delta is None else delta.stride(0), h, out, weight, dim, eps,
+                    HAS_DELTA=delta is not None, BLOCK=block,
+                    num_warps=min(16, max(1, block // 512)))
         return h, out
 
     def rope_store(self, qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
@@ -272,10 +287,11 @@ class TritonKernels:
         q = torch.empty(n_tokens, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
         if n_tokens:
             heads = min(16, _pow2(n_all))
-            _rope_store[(n_tokens, triton.cdiv(n_all, heads))](
-                qkv, cos, sin, q, k_cache, v_cache, slots.contiguous(), positions.contiguous(),
-                n_heads, n_kv_heads, n_slots, max_len, HEADS=heads, HEAD_DIM=head_dim,
-                HALF=head_dim // 2, num_warps=4)
+            with _on_device_of(qkv):
+                _rope_store[(n_tokens, triton.cdiv(n_all, heads))](
+                    qkv, cos, sin, q, k_cache, v_cache, slots.contiguous(),
+                    positions.contiguous(), n_heads, n_kv_heads, n_slots, max_len, HEADS=heads,
+                    HEAD_DIM=head_dim, HALF=head_dim // 2, num_warps=4)
         return q
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
@@ -287,8 +303,9 @@ class TritonKernels:
         out = torch.empty(n_rows, hidden, dtype=gate_up.dtype, device=gate_up.device)
         block = min(1024, _pow2(hidden))
         if n_rows:
-            _silu_mul[(n_rows, triton.cdiv(hidden, block))](gate_up, out, hidden, BLOCK=block,
-                                                            num_warps=4)
+            with _on_device_of(gate_up):
+                _silu_mul[(n_rows, triton.cdiv(hidden, block))](gate_up, out, hidden,
+                                                                BLOCK=block, num_warps=4)
         return out
 
     def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
@@ -320,16 +337,44 @@ class TritonKernels:
                                device=q.device)
             stats = torch.empty(n_rows, n_heads, splits, 2, dtype=torch.float32,
                                 device=q.device)
-        _decode_attention[(n_rows, n_kv_heads, splits)](
-            q, k_cache, v_cache, out, part, stats, slots, lens, n_heads, n_kv_heads, n_slots,
-            max_len, keys_per_split, head_dim ** -0.5, GROUP=group, GROUP_P=max(16, _pow2(group)),
-            HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS, SPLIT=splits > 1,
-            IEEE=q.dtype == torch.float32, num_warps=4)
-        if splits > 1:
-            _combine_splits[(n_rows, n_heads)](part, stats, out, splits,
-                                               SPLITS_P=_pow2(splits), HEAD_DIM=head_dim,
-                                               num_warps=1)
+        ieee = q.dtype == torch.float32
+        with _on_device_of(q):
+            # float32 tiles are twice as wide: Triton's default 3 pipeline stages would want
+            # 143 KB of shared memory at head_dim 128, over what many GPUs have.
+            _decode_attention[(n_rows, n_kv_heads, splits)](
+                q, k_cache, v_cache, out, part, stats, slots, lens, n_heads, n_kv_heads,
+                n_slots, max_len, keys_per_split, head_dim ** -0.5, GROUP=group,
+                GROUP_P=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS,
+                SPLIT=splits > 1, IEEE=ieee, num_warps=4, **({"num_stages": 1} if ieee else {}))
+            if splits > 1:
+                _combine_splits[(n_rows, n_heads)](part, stats, out, splits,
+                                                   SPLITS_P=_pow2(splits), HEAD_DIM=head_dim,
+                                                   num_warps=4)
         return out
+
+    def probe(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        """Run each kernel once at the model's widths on tiny inputs, with and without split
+        keys: raises what a launch would (no C compiler for Triton's launcher, more shared
+        memory than the GPU has, ...)."""
+        def draw(*shape: int) -> Tensor:
+            return torch.randn(*shape, device=device).to(dtype)
+        x = draw(2, config.dim)
+        self.rms_norm(x, draw(config.dim), config.norm_eps, x)
+        self.silu_mul(draw(2, 2 * config.hidden_dim))
+        n_heads, n_kv, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        if self.handles_head_dim(head_dim):
+            keys = 2 * MIN_KEYS_PER_SPLIT
+            k_cache, v_cache = (torch.zeros(1, n_kv, keys, head_dim, dtype=dtype, device=device)
+                                for _ in range(2))
+            slots = torch.zeros(2, dtype=torch.int64, device=device)
+            angles = draw(2, head_dim)
+            q = self.rope_store(draw(2, n_heads + 2 * n_kv, head_dim), angles, angles, k_cache,
+                                v_cache, slots, torch.arange(2, device=device), n_heads)
+            lens = torch.full((2,), keys, dtype=torch.int64, device=device)
+            for splits in (1, 2):
+                self.decode_attention(q, k_cache, v_cache, slots, lens, keys, splits=splits)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 @functools.cache
@@ -346,3 +391,19 @@ def load() -> TritonKernels | None:
         logger.info("Triton unavailable: the GPU path runs PyTorch's ops")
         return None
     return TritonKernels()
+
+
+def for_model(config: ModelConfig, dtype: torch.dtype, device: torch.device
+              ) -> TritonKernels | None:
+    """The kernels if Triton imports and they run at this model's widths on this device
+    (TritonKernels.probe), else None: the model then runs PyTorch's ops (logged)."""
+    kernels = load()
+    if kernels is None:
+        return None
+    try:
+        kernels.probe(config, dtype, device)
+    except Exception as exc:  # any failure to build or launch: the PyTorch ops still work
+        logger.warning("Triton kernels unavailable on %s, using PyTorch's ops: %s", device,
+                       exc)
+        return None
+    return kernels

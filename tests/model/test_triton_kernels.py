@@ -173,6 +173,26 @@ def test_attention_splits() -> None:
     assert splits(1, 32, 1024, 132) == 4  # 256 keys each at least
     assert splits(1, 32, 8192, 132) == 9  # two programs per multiprocessor
     assert splits(64, 32, 8192, 132) == 1  # the rows fill the GPU
+    assert splits(1, 1, 131072, 132) == triton_kernels.MAX_SPLITS  # the combine holds them all
+
+
+def test_kernels_that_fail_to_run_leave_the_model_on_pytorchs_ops(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """for_model runs every kernel at the model's widths first: a failure to build or launch
+    (a Docker image without a C compiler for Triton's launcher, too little shared memory)
+    leaves the model on PyTorch's ops with a warning instead of failing its first step."""
+    if not triton_kernels.interpreted():
+        pytest.skip("the CPU run of the kernels needs TRITON_INTERPRET=1")
+    cpu = torch.device("cpu")
+    assert isinstance(triton_kernels.for_model(TINY, torch.float32, cpu),
+                      triton_kernels.TritonKernels)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment")
+    monkeypatch.setattr(triton_kernels.TritonKernels, "decode_attention", broken)
+    with caplog.at_level("WARNING", logger="model.triton_kernels"):
+        assert triton_kernels.for_model(TINY, torch.float32, cpu) is None
+    assert "Failed to find C compiler" in caplog.text
 
 
 def test_bad_inputs_are_refused() -> None:
