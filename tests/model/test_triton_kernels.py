@@ -261,3 +261,40 @@ def test_heads_the_kernels_cannot_take_keep_pytorchs_attention(make_checkpoint: 
         want, got = (m(ids, positions, pool, batch) for m, pool in zip((ref, fast), pools,
                                                                         strict=True))
     assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels.interpreted(),
+                    reason="needs CUDA, compiled")
+def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: MakeCheckpoint
+                                                             ) -> None:
+    """Llama's head size (128), GQA 2:1, in bf16 on the GPU: the kernels' logits against
+    PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps whose keys are split."""
+    from model.weights import load_checkpoint
+    folder = make_checkpoint(dataclasses.replace(TINY, dim=512, n_heads=4, n_kv_heads=2,
+                                                 hidden_dim=1024))
+    fast, ref = (load_checkpoint(folder, torch.bfloat16, "cuda") for _ in range(2))
+    fast.pack()
+    ref.pack(use_gpu_kernels=False)
+    assert fast.config.head_dim == 128
+    assert fast.model.layers[0].self_attn.kernels is not None
+    assert ref.model.layers[0].self_attn.kernels is None
+    pools = [KVCachePool(fast.config, 2, 1024, torch.bfloat16, "cuda") for _ in range(2)]
+
+    def both(ids: list[int], positions: list[int], batch: AttentionBatch) -> None:
+        args = (torch.tensor(ids, device="cuda"), torch.tensor(positions, device="cuda"))
+        with torch.inference_mode():
+            got, want = (m(*args, pool, batch) for m, pool in zip((fast, ref), pools,
+                                                                   strict=True))
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() < 0.05 * scale
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8  # near ties
+
+    prompt = torch.randint(0, 1000, (600,)).tolist()
+    both(prompt, list(range(600)), AttentionBatch.build([], [], [PrefillSpan(0, 0, 600, 0)],
+                                                        "cuda"))
+    both(prompt[:20], list(range(20)),
+         AttentionBatch.build([], [], [PrefillSpan(1, 0, 20, 0)], "cuda"))
+    for step in range(3):  # 601 and 21 keys: slot 0's split in two (longest 601 >= 512)
+        batch = AttentionBatch.build([0, 1], [600 + step, 20 + step], [], "cuda")
+        both([5 + step, 9 + step], [600 + step, 20 + step], batch)
