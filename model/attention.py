@@ -119,6 +119,38 @@ class AttentionBatch:
         return self._decode_bias
 
 
+def check_rope_store_args(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                          v_cache: Tensor, slots: Tensor, positions: Tensor, n_heads: int,
+                          supported: bool) -> None:
+    """The layout every rope_store kernel (C, Triton) takes on trust: qkv (T, H + 2 KVH, D),
+    cos and sin (T, D), caches (n_slots, KVH, max_len, D), one dtype, all contiguous; slots
+    and positions (T,) int64. `supported`: the kernel's own dtype and head-size terms."""
+    n_tokens, n_all, head_dim = qkv.shape
+    if not (supported and qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
+            and all(t.is_contiguous() for t in (qkv, cos, sin, k_cache, v_cache))
+            and cos.shape == sin.shape == (n_tokens, head_dim)
+            and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+            and n_all == n_heads + 2 * k_cache.shape[1]
+            and slots.dtype == positions.dtype == torch.int64
+            and slots.shape == positions.shape == (n_tokens,)):
+        raise ValueError("rope_store: unexpected shapes, dtypes or layout")
+
+
+def check_decode_attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                                lens: Tensor, longest: int, supported: bool) -> None:
+    """The layout every decode_attention kernel (C, Triton) takes on trust: q (R, H, D),
+    caches (n_slots, KVH, max_len, D) contiguous in q's dtype, H a multiple of KVH; slots and
+    lens (R,) int64; 0 <= longest <= max_len. `supported`: the kernel's own terms."""
+    n_rows, n_heads, head_dim = q.shape
+    n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    if not (supported and q.dtype == k_cache.dtype == v_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+            and n_heads % n_kv_heads == 0 and slots.dtype == lens.dtype == torch.int64
+            and slots.shape == lens.shape == (n_rows,) and 0 <= longest <= max_len):
+        raise ValueError("decode_attention: unexpected shapes, dtypes or layout")
+
+
 def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One sequence without a cache. q (T, H, D), k/v (T, KVH, D) -> (T, H, D)."""
     out = F.scaled_dot_product_attention(

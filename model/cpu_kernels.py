@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from model.attention import check_decode_attention_args, check_rope_store_args
 from model.cache import cache_root
 
 logger = logging.getLogger("llama_serve")
@@ -178,12 +179,8 @@ class CpuKernels:
         Returns (R, H, D)."""
         n_rows, n_heads, head_dim = q.shape
         n_slots, n_kv_heads, max_len, _ = k_cache.shape
-        if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-                and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
-                and n_heads % n_kv_heads == 0 and slots.dtype == lens.dtype == torch.int64
-                and slots.shape == lens.shape == (n_rows,) and 0 <= longest <= max_len):
-            raise ValueError("decode_attention: unexpected shapes, dtypes or layout")
+        check_decode_attention_args(q, k_cache, v_cache, slots, lens, longest,
+                                    supported=q.dtype == torch.float32)
         q, slots, lens = q.contiguous(), slots.contiguous(), lens.contiguous()
         out = torch.empty_like(q)
         n_threads = torch.get_num_threads()
@@ -329,14 +326,9 @@ class CpuKernels:
         n_tokens, n_all, head_dim = qkv.shape
         n_slots, n_kv_heads, max_len, _ = k_cache.shape
         cos, sin = cos.reshape(n_tokens, head_dim), sin.reshape(n_tokens, head_dim)
-        if not (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
-                == torch.float32 and qkv.is_contiguous() and cos.is_contiguous()
-                and sin.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
-                and head_dim % 2 == 0 and n_all == n_heads + 2 * n_kv_heads
-                and slots.dtype == positions.dtype == torch.int64
-                and slots.shape == positions.shape == (n_tokens,)):
-            raise ValueError("rope_store: unexpected shapes, dtypes or layout")
+        check_rope_store_args(qkv, cos, sin, k_cache, v_cache, slots, positions, n_heads,
+                              supported=qkv.dtype == torch.float32
+                              and self.handles_head_dim(head_dim))
         slots, positions = slots.contiguous(), positions.contiguous()
         q = torch.empty(n_tokens, n_heads, head_dim)
         bad = self._rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(),

@@ -29,12 +29,11 @@ def _env(name: str, default: object) -> object:
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
     name = flag.lstrip("-")
     kwargs["default"] = _env(name, kwargs.get("default"))
-    if kwargs.get("action") in ("store_true", "store_false",
-                                argparse.BooleanOptionalAction) and isinstance(kwargs["default"],
-                                                                               str):
+    switch = kwargs.get("action") in ("store_true", "store_false", argparse.BooleanOptionalAction)
+    if switch and isinstance(kwargs["default"], str):
         # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
         given = kwargs["default"].lower() in ("1", "true", "yes", "on")
-        kwargs["default"] = given if kwargs["action"] != "store_false" else not given
+        kwargs["default"] = not given if kwargs["action"] == "store_false" else given
     env = ENV_PREFIX + name.upper().replace("-", "_")
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 

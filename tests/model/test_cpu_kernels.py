@@ -146,6 +146,11 @@ def test_rope_store_rotates_and_fills_the_cache(kernels: cpu_kernels.CpuKernels)
         kernels.rope_store(qkv, cos, sin, pool.k[0], pool.v[0], slots,
                            torch.tensor([17, 4, 5, 6, 32]), n_heads)
     assert torch.allclose(pool.k[0], want_pool.k[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):  # float64 heads
+        kernels.rope_store(qkv.double(), cos, sin, pool.k[0], pool.v[0], slots, positions,
+                           n_heads)
+    with pytest.raises(ValueError):  # heads that do not add up to H + 2 KVH
+        kernels.rope_store(qkv, cos, sin, pool.k[0], pool.v[0], slots, positions, n_heads + 1)
 
 
 @needs_compiler
