@@ -63,7 +63,7 @@ def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> N
         cwd=README.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert ModelConfig.from_dir(shape).dim == 64
-    assert re.search(r"^batch  64 \(bucket \d+ keys\): eager", out.stdout, flags=re.M)
+    # model.step_times twice: with the Triton kernels and without
     assert len(re.findall(r"^batch  64 \(bucket \d+ keys\): eager", out.stdout, flags=re.M)) == 2
     assert out.stdout.count("=== serve") == 3
     assert "--no-async-output-proc" in out.stdout and "--no-gpu-kernels" in out.stdout
