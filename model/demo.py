@@ -231,9 +231,18 @@ def write_meta_checkpoint(out: Path, config: ModelConfig, params: dict, seed: in
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
 
 
-if __name__ == "__main__":  # python -m model.demo OUT: the bench model, for `make bench`
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """`python -m model.demo OUT`: the bench model, for `make bench` where the workspace's
+    maker is absent. An argument parser, so that `--help` prints help instead of becoming a
+    folder named `--help`."""
+    import argparse
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m model.demo OUT_FOLDER  (writes the bench model there)")
-    write_bench_model(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(prog="python -m model.demo",
+                                     description="Write the bench model's shapes (random "
+                                     "weights, fixed seed) with a trained tokenizer.")
+    parser.add_argument("out", type=Path, help="folder to write (created)")
+    write_bench_model(parser.parse_args(argv).out)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,6 +81,15 @@ def test_make_bench_model_without_the_shared_maker(tmp_path: Path) -> None:
     assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.hidden_dim,
             config.vocab_size, config.max_seq_len) == (512, 8, 8, 4, 1408, 32000, 2048)
     assert Tokenizer.from_dir(out).vocab_size == 32000  # every id the model emits
+
+
+def test_bench_model_maker_help_writes_nothing(tmp_path: Path) -> None:
+    """`python -m model.demo --help` prints its usage; it once wrote a model into `--help/`."""
+    result = subprocess.run([sys.executable, "-m", "model.demo", "--help"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(README.parent)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage: python -m model.demo" in result.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_startup_summary(open_server: Server, tiny_checkpoint: Path) -> None:
