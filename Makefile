@@ -47,8 +47,9 @@ bench: install $(BENCH_MODEL)/config.json
 # On a CUDA host, the README's GPU figures in one go (about 4 minutes on an H100): the GPU tests,
 # a decode step of a Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with
 # the Triton kernels and without, and the standard workload served on it: as is, without async
-# output processing, and without the Triton kernels. Without the venv (no network there),
-# point PY at a python that has the dependencies: make gpu-check PY=python3
+# output processing, without the Triton kernels, and without the start-up warm-up. Without the
+# venv (no network there), point PY at a python that has the dependencies:
+# make gpu-check PY=python3
 GPU_SHAPE ?= $(HOME)/.cache/llama-serve/llama2-7b-shape
 GPU_TOKENIZER ?= $(BENCH_MODEL)
 GPU_DEVICE_ARGS ?= --device cuda --dtype bfloat16
@@ -67,7 +68,7 @@ gpu-check: $(GPU_SHAPE)/config.json
 	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) --no-gpu-kernels
-	@status=0; for flags in "" --no-async-output-proc --no-gpu-kernels; do \
+	@status=0; for flags in "" --no-async-output-proc --no-gpu-kernels --no-warmup; do \
 		echo "=== serve $$flags"; \
 		$(PY) -m server serve $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) \
 			$(GPU_SERVE_ARGS) --port $(BENCH_PORT) --served-model-name bench \

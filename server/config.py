@@ -32,6 +32,7 @@ class EngineConfig:
     cpu_kernels: bool = True  # CPU float32: the C kernels of model/cpu_kernels.py
     gpu_kernels: bool = True  # CUDA: the Triton kernels of model/triton_kernels.py
     load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)
+    warmup: bool = True  # run a full step, a mixed one and a decode one before serving
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -196,6 +196,55 @@ class Engine:
                 f"you requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in "
                 f"the completion). Please reduce the length of the prompt or completion.")
 
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Before serving (`start` not yet called; on the caller's thread): run the shapes
+        serving meets through the real step, so that their one-time costs (the allocator
+        growing to a full step, the BLAS and attention kernels' first calls at new sizes,
+        Triton compiling) fall here and not on the first requests, and so that a full step
+        which does not fit in memory fails at start-up. As vLLM's profile run and llama.cpp's
+        warm-up do. Three kinds of step: prompt chunks filling `max_num_batched_tokens`,
+        decode rows beside a prompt chunk, decode rows alone; greedy and seeded sampling (the
+        shared generator is not drawn from). Leaves no trace: slots free, counters zero.
+        Returns each step's (decode rows, prompt tokens); raises StepFailed."""
+        sched = self.scheduler
+        budget = sched.max_num_batched_tokens
+        outputs = min(2, sched.max_model_len - 1)  # the second one is a decode step
+        length = min(budget, sched.max_model_len - outputs)
+        n_full = min(-(-budget // length), max(1, sched.n_slots - 1))  # one slot stays free
+
+        def prompt(n: int, salt: int) -> list[int]:
+            return [(salt + 7919 * i) % self.vocab_size for i in range(n)]
+
+        # Seeded, greedy too: a row without a seed would draw from the shared generator.
+        greedy = SamplingParams(max_tokens=outputs, temperature=0.0, seed=0, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=outputs, temperature=1.0, seed=0, ignore_eos=True)
+        for i in range(n_full):
+            sched.add(Request(f"warm-up-{i}", prompt(length, i), greedy))
+        # Waits behind the full chunks, then is prefilled beside their decode rows.
+        sched.add(Request("warm-up-mixed", prompt(min(16, length), n_full), seeded))
+        self.runner.bind_thread()
+        shapes = []
+        for _ in range(4 * n_full + 8):  # a bound: it takes n_full + 2 steps or so
+            if not sched.has_work():
+                break
+            plan = self._step()
+            shapes.append((len(plan.decodes), plan.num_tokens - len(plan.decodes)))
+        if sched.has_work():
+            raise StepFailed(f"the warm-up did not finish in {len(shapes)} steps")
+        self._reset_counters()
+        return shapes
+
+    def _reset_counters(self) -> None:
+        """Zero what the warm-up counted (the metrics read these counters)."""
+        stats = self._stats
+        stats.prompt_tokens_total = stats.generation_tokens_total = stats.steps_total = 0
+        stats.finished_total.clear()  # in place: the output builder holds this Counter
+        with self._lock:
+            self._num_queued = 0  # _step counted the warm-up's admissions off it
+        self._outputs.take_iteration()
+        self._deferred = []
+        self._refresh_stats()
+
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
@@ -256,8 +305,9 @@ class Engine:
             self._emit_iteration()
         return True
 
-    def _step(self) -> None:
-        """One step: schedule, launch, read the sampled tokens back, update, hand out outputs.
+    def _step(self) -> StepPlan:
+        """One step: schedule, launch, read the sampled tokens back, update, hand out outputs;
+        returns its plan.
 
         With async output processing (CUDA, on unless `--no-async-output-proc`) a step's
         outputs are held until the next step is launched, so that the event loop streams them
@@ -271,7 +321,7 @@ class Engine:
                 self._num_queued -= admitted
         if plan.num_tokens == 0:
             self._post([])  # the last step's outputs, if held
-            return
+            return plan
         overlap = self._defer_outputs and self.runner.launches_async(plan)
         if not overlap:
             self._post([])
@@ -304,6 +354,7 @@ class Engine:
         else:
             self._post(outputs)
         self._emit_iteration()
+        return plan
 
     def _emit_iteration(self) -> None:
         it = self._outputs.take_iteration()

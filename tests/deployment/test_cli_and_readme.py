@@ -39,7 +39,8 @@ def test_help_documents_every_flag() -> None:
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
                  "--max-request-bytes", "--allowed-origins", "--metrics-compat",
                  "--shutdown-timeout", "--enforce-eager", "--async-output-proc",
-                 "--no-async-output-proc", "--no-cpu-kernels", "--no-gpu-kernels", "--load-format",
+                 "--no-async-output-proc", "--no-cpu-kernels", "--no-gpu-kernels", "--no-warmup",
+                 "--load-format",
                  "--seed", "--log-level"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"
@@ -51,8 +52,8 @@ def test_help_documents_every_flag() -> None:
 def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> None:
     """`make gpu-check` (for CUDA hosts) run on CPU with a small shape: it writes the shape,
     runs the GPU tests (skipped here), model.step_times with and without the Triton kernels,
-    and serves and benches the shape three times: as is, --no-async-output-proc and
-    --no-gpu-kernels."""
+    and serves and benches the shape four times: as is, --no-async-output-proc,
+    --no-gpu-kernels and --no-warmup."""
     shape = tmp_path / "shape"
     out = subprocess.run(
         ["make", "-s", "gpu-check", f"PY={sys.executable}", f"GPU_SHAPE={shape}",
@@ -66,9 +67,10 @@ def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> N
     assert ModelConfig.from_dir(shape).dim == 64
     # model.step_times twice: with the Triton kernels and without
     assert len(re.findall(r"^batch  64 \(bucket \d+ keys\): eager", out.stdout, flags=re.M)) == 2
-    assert out.stdout.count("=== serve") == 3
-    assert "--no-async-output-proc" in out.stdout and "--no-gpu-kernels" in out.stdout
-    assert len(re.findall(r"^ +2 +2 +0 ", out.stdout, flags=re.M)) == 3  # 2 ok, 0 failed
+    assert out.stdout.count("=== serve") == 4
+    for flag in ("--no-async-output-proc", "--no-gpu-kernels", "--no-warmup"):
+        assert f"=== serve {flag}" in out.stdout
+    assert len(re.findall(r"^ +2 +2 +0 ", out.stdout, flags=re.M)) == 4  # 2 ok, 0 failed
 
 
 def test_make_bench_model_without_the_shared_maker(tmp_path: Path) -> None:
@@ -165,7 +167,10 @@ def test_default_served_name(tmp_path: Path) -> None:
     ("async_output_proc", "ASYNC_OUTPUT_PROC", [], None, True),
     ("async_output_proc", "ASYNC_OUTPUT_PROC", ["--no-async-output-proc"], None, False),
     ("async_output_proc", "ASYNC_OUTPUT_PROC", ["--async-output-proc"], "0", True),
-    ("async_output_proc", "ASYNC_OUTPUT_PROC", [], "0", False)])
+    ("async_output_proc", "ASYNC_OUTPUT_PROC", [], "0", False),
+    ("warmup", "NO_WARMUP", [], None, True),
+    ("warmup", "NO_WARMUP", ["--no-warmup"], None, False),
+    ("warmup", "NO_WARMUP", [], "1", False)])
 def test_switch_flags_and_env(field: str, variable: str, argv: list[str], env: str | None,
                               want: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from server.cli import build_parser, configs

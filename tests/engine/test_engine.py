@@ -479,7 +479,9 @@ def test_engine_config_switches_the_cpu_kernels(tiny_checkpoint: Path, enabled: 
     kernels = SimpleNamespace(linear_is_tuned=False,  # a marker; the linears stay oneDNN's
                               handles_head_dim=lambda head_dim: True)
     monkeypatch.setattr("model.cpu_kernels.load", lambda: kernels)
-    engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", cpu_kernels=enabled))
+    # No warm-up: the marker cannot run a step.
+    engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", cpu_kernels=enabled,
+                                                        warmup=False))
     want = kernels if enabled else None
     assert all(layer.self_attn.kernels is want for layer in engine.runner.model.model.layers)
     assert engine.runner.sampler.kernels is want
