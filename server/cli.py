@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--no-gpu-kernels", "CUDA: PyTorch's ops instead of the fused Triton kernels "
          "(norms, rotary + K/V store, SiLU * up, decode attention)", action="store_false",
          dest="gpu_kernels", default=e.gpu_kernels)
-    _add(serve, "--no-warmup", "skip the start-up warm-up (a step of --max-num-batched-tokens "
-         "prompt tokens, one of decode rows beside a prompt chunk and one of decode rows, run "
-         "before /health answers 200)", action="store_false", dest="warmup", default=e.warmup)
+    _add(serve, "--no-warmup", "skip the start-up warm-up: the largest step (--max-num-batched-"
+         "tokens prompt tokens, every row's logits), then decode rows beside a prompt chunk and "
+         "alone, run on the engine thread before /health answers 200", action="store_false",
+         dest="warmup", default=e.warmup)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,
          choices=["debug", "info", "warning", "error"])

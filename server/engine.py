@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,10 @@ class EngineOverloaded(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; nothing more will be served (HTTP 503, /health fails)."""
+
+
+class WarmUpFailed(RuntimeError):
+    """A start-up warm-up step failed: the server could not run the steps it would be given."""
 
 
 @dataclass(slots=True)
@@ -92,8 +97,9 @@ class RequestStream:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
-                 max_waiting: int, async_output_proc: bool = False) -> None:
+                 max_waiting: int, async_output_proc: bool = False, warmup: bool = False) -> None:
         self.runner = runner
+        self._warmup = warmup  # `start` runs warm_up on the engine thread first
         # Outputs of a step wait for the next launch (see _step); only where the device runs
         # after a launch returns.
         self._defer_outputs = async_output_proc and runner.asynchronous
@@ -121,8 +127,34 @@ class Engine:
     # ------------------------------------------------------------------ asyncio side
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        """Start the engine thread. With warm-up on, the thread runs `warm_up` first (on the
+        thread that serves, so per-thread set-up such as the OpenMP team or a cuBLAS handle is
+        done too) and this returns once it is done; raises WarmUpFailed if it failed."""
+        warmed = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if self._warmup:
+                    self._logged_warm_up()
+            except BaseException as e:  # noqa: BLE001 - reported by start()
+                failure.append(e)
+                return
+            finally:
+                warmed.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="engine", daemon=True)
         self._thread.start()
+        warmed.wait()
+        if failure:
+            self._thread.join()
+            budget = self.scheduler.max_num_batched_tokens
+            raise WarmUpFailed(
+                f"the start-up warm-up failed ({failure[0].__cause__ or failure[0]}): this server "
+                f"cannot run the steps it would be given, up to {budget} tokens; lower "
+                f"--max-num-batched-tokens, --max-num-seqs or --kv-cache-memory (or pass "
+                f"--no-warmup to find out later)") from failure[0]
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -197,42 +229,61 @@ class Engine:
                 f"the completion). Please reduce the length of the prompt or completion.")
 
     def warm_up(self) -> list[tuple[int, int]]:
-        """Before serving (`start` not yet called; on the caller's thread): run the shapes
-        serving meets through the real step, so that their one-time costs (the allocator
-        growing to a full step, the BLAS and attention kernels' first calls at new sizes,
-        Triton compiling) fall here and not on the first requests, and so that a full step
-        which does not fit in memory fails at start-up. As vLLM's profile run and llama.cpp's
-        warm-up do. Three kinds of step: prompt chunks filling `max_num_batched_tokens`,
-        decode rows beside a prompt chunk, decode rows alone; greedy and seeded sampling (the
-        shared generator is not drawn from). Leaves no trace: slots free, counters zero.
-        Returns each step's (decode rows, prompt tokens); raises StepFailed."""
+        """Run the kinds of step serving meets through the real step, before serving (by
+        `start` on the engine thread, or by the caller before `start`), so that their one-time
+        costs (the allocator growing to a full step, the BLAS and attention kernels' first
+        calls at new sizes, Triton compiling) fall here and not on the first requests, and so
+        that a step which does not fit in memory fails at start-up: vLLM's profile run,
+        llama.cpp's warm-up. First the largest step: prompt chunks filling
+        `max_num_batched_tokens` (or every slot's length, if less), with every row's logits as
+        a request for prompt logprobs has them. Then decode rows beside a prompt chunk, and
+        decode rows alone, greedy and sampled with logprobs. Every request is seeded (a row
+        without a seed would draw from the shared generator), and the counters are zeroed
+        after: it leaves no trace. Returns each step's (decode rows, prompt tokens); raises
+        StepFailed."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("warm_up runs before serving, not beside it")
         sched = self.scheduler
-        budget = sched.max_num_batched_tokens
-        outputs = min(2, sched.max_model_len - 1)  # the second one is a decode step
-        length = min(budget, sched.max_model_len - outputs)
-        n_full = min(-(-budget // length), max(1, sched.n_slots - 1))  # one slot stays free
+        max_len, steps = sched.max_model_len, []
 
         def prompt(n: int, salt: int) -> list[int]:
             return [(salt + 7919 * i) % self.vocab_size for i in range(n)]
 
-        # Seeded, greedy too: a row without a seed would draw from the shared generator.
-        greedy = SamplingParams(max_tokens=outputs, temperature=0.0, seed=0, ignore_eos=True)
-        seeded = SamplingParams(max_tokens=outputs, temperature=1.0, seed=0, ignore_eos=True)
-        for i in range(n_full):
-            sched.add(Request(f"warm-up-{i}", prompt(length, i), greedy))
-        # Waits behind the full chunks, then is prefilled beside their decode rows.
-        sched.add(Request("warm-up-mixed", prompt(min(16, length), n_full), seeded))
+        def run_until(done: Callable[[], bool]) -> None:
+            for _ in range(sched.n_slots + 8):  # a bound: each phase takes a few steps
+                if done():
+                    return
+                plan = self._step()
+                steps.append((len(plan.decodes), plan.num_tokens - len(plan.decodes)))
+            raise StepFailed(f"the warm-up did not finish (steps: {steps})")
+
         self.runner.bind_thread()
-        shapes = []
-        for _ in range(4 * n_full + 8):  # a bound: it takes n_full + 2 steps or so
-            if not sched.has_work():
-                break
-            plan = self._step()
-            shapes.append((len(plan.decodes), plan.num_tokens - len(plan.decodes)))
-        if sched.has_work():
-            raise StepFailed(f"the warm-up did not finish in {len(shapes)} steps")
+        length = min(sched.max_num_batched_tokens, max_len - 1)  # one output each
+        full = SamplingParams(max_tokens=1, temperature=0.0, seed=0, ignore_eos=True,
+                              prompt_logprobs=0)
+        n_full = min(-(-sched.max_num_batched_tokens // length), sched.n_slots)
+        for i in range(n_full):
+            sched.add(Request(f"warm-up-full-{i}", prompt(length, i), full))
+        run_until(lambda: not sched.has_work())
+
+        outputs = min(2, max_len - 1)  # the second one is a decode step
+        short = min(16, max_len - outputs)
+        greedy = SamplingParams(max_tokens=outputs, temperature=0.0, seed=0, ignore_eos=True)
+        decoding = Request("warm-up-decode", prompt(short, n_full), greedy)
+        sched.add(decoding)
+        run_until(lambda: decoding.seqs[0].output_ids != [])
+        # Prefilled beside the other's decode row (after it, with a single slot).
+        sampled = replace(greedy, temperature=1.0, logprobs=0)
+        sched.add(Request("warm-up-mixed", prompt(short, n_full + 1), sampled))
+        run_until(lambda: not sched.has_work())
         self._reset_counters()
-        return shapes
+        return steps
+
+    def _logged_warm_up(self) -> None:
+        start = time.perf_counter()
+        steps = self.warm_up()
+        logger.info("warm-up: %d steps (decode rows + prompt tokens: %s) in %.2f s", len(steps),
+                    ", ".join(f"{d} + {p}" for d, p in steps), time.perf_counter() - start)
 
     def _reset_counters(self) -> None:
         """Zero what the warm-up counted (the metrics read these counters)."""
@@ -241,8 +292,7 @@ class Engine:
         stats.finished_total.clear()  # in place: the output builder holds this Counter
         with self._lock:
             self._num_queued = 0  # _step counted the warm-up's admissions off it
-        self._outputs.take_iteration()
-        self._deferred = []
+        self.runner.forget_last_step()
         self._refresh_stats()
 
     # ------------------------------------------------------------------ engine thread

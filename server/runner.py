@@ -68,6 +68,11 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
 
+    def forget_last_step(self) -> None:
+        """Drop the sampling controls kept for the next step (after the warm-up: they hold its
+        sequences)."""
+        self._last_sampling = ((), None)
+
     @property
     def asynchronous(self) -> bool:
         """Whether the device computes after `launch` returns (CUDA), so that host work put

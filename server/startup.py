@@ -8,7 +8,6 @@ the pool's size with the formula behind it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from model.kv_cache import KVCachePool
 from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
 from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
-from server.engine import Engine, StepFailed
+from server.engine import Engine
 from server.memory import keep_freed_memory, release_free_memory
 from server.runner import ModelRunner
 from server.scheduler import Scheduler
@@ -147,23 +146,5 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
     scheduler = Scheduler(plan.n_slots, plan.max_len, batched_tokens, eos_ids=tokenizer.eos_ids)
-    engine = Engine(runner, scheduler, tokenizer, config.max_waiting,
-                    async_output_proc=config.async_output_proc)
-    if config.warmup:
-        warm_up(engine, batched_tokens)
-    return engine
-
-
-def warm_up(engine: Engine, batched_tokens: int) -> None:
-    """Engine.warm_up, timed and logged; a failure (a full step out of memory) refuses to
-    start, with what to change."""
-    start = time.perf_counter()
-    try:
-        shapes = engine.warm_up()
-    except StepFailed as e:
-        raise StartupError(
-            f"the warm-up step of {batched_tokens} tokens failed ({e.__cause__ or e}); lower "
-            f"--max-num-batched-tokens, --max-num-seqs or --kv-cache-memory, or pass "
-            f"--no-warmup to find out later") from None
-    logger.info("warm-up: %d steps (decode rows, prompt tokens: %s) in %.2f s", len(shapes),
-                ", ".join(f"{d} + {p}" for d, p in shapes), time.perf_counter() - start)
+    return Engine(runner, scheduler, tokenizer, config.max_waiting,
+                  async_output_proc=config.async_output_proc, warmup=config.warmup)

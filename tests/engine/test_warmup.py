@@ -1,20 +1,22 @@
-"""The start-up warm-up (Engine.warm_up, run by build_engine unless --no-warmup): which steps it
-runs, that it leaves no trace (slots, counters, outputs, the shared generator), and that a
-failing warm-up refuses to start with what to change."""
+"""The start-up warm-up (Engine.warm_up, run by Engine.start on the engine thread unless
+--no-warmup): which steps it runs, that it leaves no trace (slots, counters, the queue limit,
+outputs, the shared generator), and that a failing warm-up refuses to start with what to
+change."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine import Engine
+from server.engine import Engine, EngineStats, WarmUpFailed
 from server.request import SamplingParams
 from server.runner import ModelRunner
-from server.startup import StartupError, build_engine
+from server.startup import build_engine
 
 
 def engine_for(folder: Path, **config: object) -> Engine:
@@ -28,45 +30,63 @@ def assert_untouched(engine: Engine) -> None:
     assert stats.prompt_tokens_total == stats.generation_tokens_total == stats.steps_total == 0
     assert not stats.finished_total and stats.slots_used == stats.tokens_used == 0
     assert engine.num_unfinished() == 0
+    assert engine._num_queued == 0  # what generate() holds against --max-waiting
 
 
-@pytest.mark.parametrize("config, first", [
-    # One prompt fills the step; a short one is prefilled beside its decode row.
-    ({"max_num_seqs": 4, "max_model_len": 256, "max_num_batched_tokens": 64}, (0, 64)),
-    # Prompts shorter than the step (the slot length bounds them): several fill it.
-    ({"max_num_seqs": 4, "max_model_len": 40, "max_num_batched_tokens": 64}, (0, 64)),
-    # One slot: no step can mix, the warm-up still ends.
-    ({"max_num_seqs": 1, "max_model_len": 256, "max_num_batched_tokens": 32}, (0, 32)),
-    # Room for a prompt token and one output only: both prompts in one step, no decode step.
-    ({"max_num_seqs": 2, "max_model_len": 2, "max_num_batched_tokens": 8}, (0, 2)),
+@pytest.mark.parametrize("seqs, max_len, budget", [
+    (4, 256, 64),  # one prompt fills the step
+    (4, 40, 64),  # prompts shorter than the step (a slot's length bounds them): two fill it
+    (2, 10, 64),  # two slots of 10 tokens: 18 prompt tokens is the largest step there is
+    (1, 256, 32),  # one slot: no step can mix, the warm-up still ends
+    (2, 2, 8),  # room for a prompt token and one output: no decode step
 ])
-def test_warm_up_runs_a_full_step_then_mixed_and_decode_steps(tiny_checkpoint: Path,
-                                                              config: dict, first: tuple) -> None:
-    engine = engine_for(tiny_checkpoint, warmup=False, **config)
-    shapes = engine.warm_up()
-    assert shapes[0] == first
-    if config["max_model_len"] > 2:
-        assert shapes[-1][1] == 0 and shapes[-1][0] > 0  # decode rows alone
-    if config["max_num_seqs"] > 1 and config["max_model_len"] > 2:
-        assert any(decodes and prompt for decodes, prompt in shapes)  # decode rows + a chunk
+def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
+        tiny_checkpoint: Path, seqs: int, max_len: int, budget: int) -> None:
+    engine = engine_for(tiny_checkpoint, warmup=False, max_num_seqs=seqs, max_model_len=max_len,
+                        max_num_batched_tokens=budget)
+    logit_rows: list[int] = []
+    forward = engine.runner.model.forward
+    engine.runner.model.forward = lambda *a, **k: (  # type: ignore[method-assign]
+        lambda out: logit_rows.append(out.shape[0]) or out)(forward(*a, **k))
+    steps = engine.warm_up()
+    largest = min(budget, seqs * (max_len - 1))
+    assert steps[0] == (0, largest)
+    assert logit_rows[0] == largest  # every row's logits: the most memory a step takes
+    if max_len > 2:
+        assert steps[-1][0] > 0 and steps[-1][1] == 0  # decode rows alone
+    if seqs > 1 and max_len > 2:
+        assert any(decodes and prompt for decodes, prompt in steps)  # beside a prompt chunk
     assert_untouched(engine)
     engine.warm_up()  # and again: nothing of the first run is in the way
     assert_untouched(engine)
 
 
-def test_build_engine_warms_up_unless_told_not_to(tiny_checkpoint: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Engine] = []
+def test_start_warms_up_on_the_engine_thread_unless_told_not_to(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
     warm_up = Engine.warm_up
-    monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(self) or warm_up(self))
+    monkeypatch.setattr(Engine, "warm_up",
+                        lambda self: threads.append(threading.current_thread().name)
+                        or warm_up(self))
     engine = engine_for(tiny_checkpoint)
-    assert calls == [engine]
-    assert_untouched(engine)
-    engine_for(tiny_checkpoint, warmup=False)
-    assert len(calls) == 1
+    assert threads == []  # building does not run it
+    engine.start()
+    try:
+        assert threads == ["engine"]  # start() returned after it
+        assert_untouched(engine)
+        engine.check_health()
+        with pytest.raises(RuntimeError, match="before serving"):
+            warm_up(engine)  # not beside the running loop
+    finally:
+        engine.stop()
+    quiet = engine_for(tiny_checkpoint, warmup=False)
+    quiet.start()
+    quiet.stop()
+    assert threads == ["engine"]
 
 
-def generate_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+def generate_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]
+                 ) -> tuple[list[list[int]], EngineStats]:
     async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
         return [t async for out in engine.generate(prompt, params, f"r{i}")
                 for t in out.token_ids]
@@ -76,22 +96,25 @@ def generate_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -
 
     engine.start()
     try:
-        return asyncio.run(main())
+        return asyncio.run(main()), engine.stats()
     finally:
         engine.stop()
 
 
-def test_warm_up_changes_no_output(tiny_checkpoint: Path) -> None:
+def test_warm_up_changes_no_output_and_no_count(tiny_checkpoint: Path) -> None:
     """Greedy, seeded and unseeded sampling (the shared generator, seeded by --seed) give the
     same tokens with and without the warm-up: it draws from no generator the requests use,
-    and what it wrote in the KV cache is never read."""
+    and what it wrote in the KV cache is never read. The counters then count the requests
+    alone."""
     jobs = [([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
             ([8, 9], SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)),
             ([10, 11, 12, 13], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))]
     config = {"max_num_seqs": 4, "max_model_len": 128, "max_num_batched_tokens": 64, "seed": 7}
-    warm = generate_all(engine_for(tiny_checkpoint, **config), jobs)
-    cold = generate_all(engine_for(tiny_checkpoint, warmup=False, **config), jobs)
+    warm, stats = generate_all(engine_for(tiny_checkpoint, **config), jobs)
+    cold, _ = generate_all(engine_for(tiny_checkpoint, warmup=False, **config), jobs)
     assert warm == cold and all(len(tokens) == 8 for tokens in warm)
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (9, 24)
+    assert +stats.finished_total == {"length": 3}  # (stopping adds an "error" of 0)
 
 
 def test_a_warm_up_that_fails_refuses_to_start(tiny_checkpoint: Path,
@@ -99,9 +122,13 @@ def test_a_warm_up_that_fails_refuses_to_start(tiny_checkpoint: Path,
     def out_of_memory(self: ModelRunner, plan: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    engine = engine_for(tiny_checkpoint, max_num_batched_tokens=64)
     monkeypatch.setattr(ModelRunner, "launch", out_of_memory)
-    with pytest.raises(StartupError) as failure:
-        engine_for(tiny_checkpoint, max_num_batched_tokens=64)
+    with pytest.raises(WarmUpFailed) as failure:
+        engine.start()
     message = str(failure.value)
-    assert "warm-up step of 64 tokens failed" in message and "Tried to allocate" in message
+    assert "warm-up failed" in message and "Tried to allocate 2.00 GiB" in message
+    assert "up to 64 tokens" in message
     assert "--max-num-batched-tokens" in message and "--no-warmup" in message
+    with pytest.raises(Exception, match="not running"):
+        engine.check_health()
