@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
          "(norms, rotary + K/V store, SiLU * up, decode attention)", action="store_false",
          dest="gpu_kernels", default=e.gpu_kernels)
     _add(serve, "--no-warmup", "skip the start-up warm-up: the largest step (--max-num-batched-"
-         "tokens prompt tokens, every row's logits), then decode rows beside a prompt chunk and "
-         "alone, run on the engine thread before /health answers 200", action="store_false",
+         "tokens prompt tokens, every row's logits), then a prompt chunk beside every other "
+         "slot's decode row and decode rows alone, run on the engine thread before /health "
+         "answers 200", action="store_false",
          dest="warmup", default=e.warmup)
     _add(serve, "--seed", "seed for requests without one", type=int, default=e.seed)
     _add(serve, "--log-level", "logging level", default=s.log_level,

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
+from server import warmup
 from server.memory import release_free_memory
 from server.outputs import IterationStats, OutputBuilder
 from server.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
@@ -99,7 +100,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
                  max_waiting: int, async_output_proc: bool = False, warmup: bool = False) -> None:
         self.runner = runner
-        self._warmup = warmup  # `start` runs warm_up on the engine thread first
+        self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
+        # turns it on; engines built directly, in tests, start without it)
         # Outputs of a step wait for the next launch (see _step); only where the device runs
         # after a launch returns.
         self._defer_outputs = async_output_proc and runner.asynchronous
@@ -149,12 +151,8 @@ class Engine:
         warmed.wait()
         if failure:
             self._thread.join()
-            budget = self.scheduler.max_num_batched_tokens
-            raise WarmUpFailed(
-                f"the start-up warm-up failed ({failure[0].__cause__ or failure[0]}): this server "
-                f"cannot run the steps it would be given, up to {budget} tokens; lower "
-                f"--max-num-batched-tokens, --max-num-seqs or --kv-cache-memory (or pass "
-                f"--no-warmup to find out later)") from failure[0]
+            raise WarmUpFailed(warmup.failure_message(
+                failure[0], self.scheduler.max_num_batched_tokens)) from failure[0]
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -229,28 +227,15 @@ class Engine:
                 f"the completion). Please reduce the length of the prompt or completion.")
 
     def warm_up(self) -> list[tuple[int, int]]:
-        """Run the kinds of step serving meets through the real step, before serving (by
-        `start` on the engine thread, or by the caller before `start`), so that their one-time
-        costs (the allocator growing to a full step, the BLAS and attention kernels' first
-        calls at new sizes, Triton compiling) fall here and not on the first requests, and so
-        that a step which does not fit in memory fails at start-up: vLLM's profile run,
-        llama.cpp's warm-up. First the largest step: prompt chunks filling
-        `max_num_batched_tokens` (or every slot's length, if less), with every row's logits as
-        a request for prompt logprobs has them. Then decode rows beside a prompt chunk, and
-        decode rows alone, greedy and sampled with logprobs. Every request is seeded (a row
-        without a seed would draw from the shared generator), and the counters are zeroed
-        after: it leaves no trace. Returns each step's (decode rows, prompt tokens); raises
-        StepFailed."""
+        """Run server/warmup.py's phases through the real step before serving (by `start` on
+        the engine thread, or by the caller before `start`), then zero the counters: it leaves
+        no trace. Returns each step's (decode rows, prompt tokens); raises StepFailed."""
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise RuntimeError("warm_up runs before serving, not beside it")
-        sched = self.scheduler
-        max_len, steps = sched.max_model_len, []
-
-        def prompt(n: int, salt: int) -> list[int]:
-            return [(salt + 7919 * i) % self.vocab_size for i in range(n)]
+        sched, steps = self.scheduler, []
 
         def run_until(done: Callable[[], bool]) -> None:
-            for _ in range(sched.n_slots + 8):  # a bound: each phase takes a few steps
+            for _ in range(sched.n_slots + 8):  # a bound: a phase takes a few steps
                 if done():
                     return
                 plan = self._step()
@@ -258,32 +243,20 @@ class Engine:
             raise StepFailed(f"the warm-up did not finish (steps: {steps})")
 
         self.runner.bind_thread()
-        length = min(sched.max_num_batched_tokens, max_len - 1)  # one output each
-        full = SamplingParams(max_tokens=1, temperature=0.0, seed=0, ignore_eos=True,
-                              prompt_logprobs=0)
-        n_full = min(-(-sched.max_num_batched_tokens // length), sched.n_slots)
-        for i in range(n_full):
-            sched.add(Request(f"warm-up-full-{i}", prompt(length, i), full))
-        run_until(lambda: not sched.has_work())
-
-        outputs = min(2, max_len - 1)  # the second one is a decode step
-        short = min(16, max_len - outputs)
-        greedy = SamplingParams(max_tokens=outputs, temperature=0.0, seed=0, ignore_eos=True)
-        decoding = Request("warm-up-decode", prompt(short, n_full), greedy)
-        sched.add(decoding)
-        run_until(lambda: decoding.seqs[0].output_ids != [])
-        # Prefilled beside the other's decode row (after it, with a single slot).
-        sampled = replace(greedy, temperature=1.0, logprobs=0)
-        sched.add(Request("warm-up-mixed", prompt(short, n_full + 1), sampled))
+        for phase in warmup.phases(sched, self.vocab_size):
+            for request in phase:
+                sched.add(request)
+            seqs = [seq for request in phase for seq in request.seqs]
+            run_until(lambda seqs=seqs: all(seq.output_ids for seq in seqs))
         run_until(lambda: not sched.has_work())
         self._reset_counters()
         return steps
 
     def _logged_warm_up(self) -> None:
-        start = time.perf_counter()
+        start = time.monotonic()
         steps = self.warm_up()
         logger.info("warm-up: %d steps (decode rows + prompt tokens: %s) in %.2f s", len(steps),
-                    ", ".join(f"{d} + {p}" for d, p in steps), time.perf_counter() - start)
+                    ", ".join(f"{d} + {p}" for d, p in steps), time.monotonic() - start)
 
     def _reset_counters(self) -> None:
         """Zero what the warm-up counted (the metrics read these counters)."""

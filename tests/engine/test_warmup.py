@@ -1,5 +1,5 @@
-"""The start-up warm-up (Engine.warm_up, run by Engine.start on the engine thread unless
---no-warmup): which steps it runs, that it leaves no trace (slots, counters, the queue limit,
+"""The start-up warm-up (server/warmup.py's phases, run by Engine.start on the engine thread
+unless --no-warmup): which steps it runs, that it leaves no trace (slots, counters, the queue limit,
 outputs, the shared generator), and that a failing warm-up refuses to start with what to
 change."""
 
@@ -52,10 +52,10 @@ def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
     largest = min(budget, seqs * (max_len - 1))
     assert steps[0] == (0, largest)
     assert logit_rows[0] == largest  # every row's logits: the most memory a step takes
-    if max_len > 2:
-        assert steps[-1][0] > 0 and steps[-1][1] == 0  # decode rows alone
-    if seqs > 1 and max_len > 2:
-        assert any(decodes and prompt for decodes, prompt in steps)  # beside a prompt chunk
+    if max_len > 3:
+        assert (seqs, 0) in steps  # decode rows alone, every slot
+        if seqs > 1:  # a prompt chunk beside every other slot's decode row
+            assert any(decodes == seqs - 1 and prompt for decodes, prompt in steps)
     assert_untouched(engine)
     engine.warm_up()  # and again: nothing of the first run is in the way
     assert_untouched(engine)
@@ -117,18 +117,25 @@ def test_warm_up_changes_no_output_and_no_count(tiny_checkpoint: Path) -> None:
     assert +stats.finished_total == {"length": 3}  # (stopping adds an "error" of 0)
 
 
-def test_a_warm_up_that_fails_refuses_to_start(tiny_checkpoint: Path,
+@pytest.mark.parametrize("error, says, advice", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
+     "up to 64 tokens; lower --max-num-batched-tokens, --max-num-seqs or --kv-cache-memory"),
+    (RuntimeError("device-side assert"), "failed (device-side assert)", "would fail requests"),
+])
+def test_a_warm_up_that_fails_refuses_to_start(tiny_checkpoint: Path, error: Exception,
+                                               says: str, advice: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def out_of_memory(self: ModelRunner, plan: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    """Memory gets what to lower; anything else only what it was."""
+    def failing(self: ModelRunner, plan: object) -> None:
+        raise error
 
     engine = engine_for(tiny_checkpoint, max_num_batched_tokens=64)
-    monkeypatch.setattr(ModelRunner, "launch", out_of_memory)
+    monkeypatch.setattr(ModelRunner, "launch", failing)
     with pytest.raises(WarmUpFailed) as failure:
         engine.start()
     message = str(failure.value)
-    assert "warm-up failed" in message and "Tried to allocate 2.00 GiB" in message
-    assert "up to 64 tokens" in message
-    assert "--max-num-batched-tokens" in message and "--no-warmup" in message
+    assert says in message and advice in message and "--no-warmup" in message
+    assert ("--kv-cache-memory" in message) == isinstance(error, torch.OutOfMemoryError)
     with pytest.raises(Exception, match="not running"):
         engine.check_health()

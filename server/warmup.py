@@ -1,0 +1,65 @@
+"""The start-up warm-up's requests: the kinds of step serving will run, run once before it.
+
+Engine.warm_up feeds these phases to its own step, on the engine thread, before `/health`
+turns 200 (`--no-warmup` skips it). The one-time costs of those shapes (the allocator growing
+to a full step, the BLAS and attention kernels' first calls at new sizes, Triton compiling a
+variant) and of the thread (its OpenMP team, a cuBLAS handle) then fall on start-up, not on
+the first requests; and a step that does not fit in memory refuses to start instead of
+failing requests later. vLLM's profile run and llama.cpp's warm-up do the same.
+
+1. The largest step there is: prompt chunks filling the token budget (or every slot's length,
+   if less), with every row's logits, as a request for prompt logprobs has them: the most
+   memory a step takes, and what start-up's pool sizing reserves.
+2. A one-token prompt in every slot but one, so that there are as many decode rows as a full
+   pool has;
+3. a short prompt prefilled beside those decode rows (a mixed step), sampled with logprobs;
+   then decode rows alone, all slots full, until everything has finished.
+
+Every request is seeded: a row without a seed would draw from the sampler's shared generator
+and so change what later unseeded requests get.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.request import SamplingParams
+from server.scheduler import Request, Scheduler
+
+
+def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
+    """Each phase's requests; the engine runs steps until each of them has an output token,
+    then adds the next phase, and after the last runs until nothing is left."""
+    max_len, n_slots = scheduler.max_model_len, scheduler.n_slots
+
+    def prompt(n: int, salt: int) -> list[int]:
+        return [(salt + 7919 * i) % vocab_size for i in range(n)]
+
+    def params(max_tokens: int, **sampling: object) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, seed=0, ignore_eos=True,
+                              **sampling)  # type: ignore[arg-type]
+
+    length = min(scheduler.max_num_batched_tokens, max_len - 1)  # one output each
+    n_full = min(-(-scheduler.max_num_batched_tokens // length), n_slots)
+    full = [Request(f"warm-up-full-{i}", prompt(length, i),
+                    params(1, temperature=0.0, prompt_logprobs=0)) for i in range(n_full)]
+    # Three outputs: the second beside the mixed step's chunk, the third beside its decode row.
+    rows = [Request(f"warm-up-row-{i}", prompt(1, i), params(min(3, max_len - 1), temperature=0.0))
+            for i in range(max(1, n_slots - 1))]
+    outputs = min(2, max_len - 1)
+    short = min(16, max_len - outputs)
+    mixed = Request("warm-up-mixed", prompt(short, n_slots),
+                    params(outputs, temperature=1.0, logprobs=0))
+    return [full, rows, [mixed]]
+
+
+def failure_message(error: BaseException, budget: int) -> str:
+    """What a failed warm-up tells the operator: for memory, what to lower."""
+    cause = error.__cause__ or error
+    if isinstance(cause, torch.OutOfMemoryError | MemoryError):
+        return (f"the start-up warm-up ran out of memory ({cause}): this server cannot run the "
+                f"steps it would be given, up to {budget} tokens; lower "
+                f"--max-num-batched-tokens, --max-num-seqs or --kv-cache-memory (or pass "
+                f"--no-warmup to find out later)")
+    return (f"the start-up warm-up failed ({cause}); the same would fail requests (pass "
+            f"--no-warmup to start anyway)")
