@@ -16,12 +16,15 @@ import random
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from tokenizers import Tokenizer
+
+from server import bench_steps
+from server.bench_steps import ServerSteps
 
 Prompt = list[int] | str
 T = TypeVar("T")
@@ -74,6 +77,9 @@ class LevelResult:
     tpot_ms: Stats
     e2el_ms: Stats
     first_error: str | None
+    # The server's decode steps during the level, from its /metrics (bench_steps.py); None
+    # where it does not export them.
+    server_steps: ServerSteps | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -333,8 +339,11 @@ async def bench(args: argparse.Namespace, source: PromptSource,
                                    args.temperature) for _ in range(args.num_prompts)]
             arrivals = arrival_times(len(bodies), args.request_rate, rng)
             progress.start(f"concurrency {concurrency}", len(bodies))
-            levels.append(await run_level(client, url, bodies, arrivals, concurrency,
-                                          args.input_len, progress))
+            before = await bench_steps.snapshot(client, base_url)
+            level = await run_level(client, url, bodies, arrivals, concurrency, args.input_len,
+                                    progress)
+            steps = bench_steps.decode_steps(before, await bench_steps.snapshot(client, base_url))
+            levels.append(replace(level, server_steps=steps))
             progress.close()
     return model, levels
 
@@ -363,6 +372,10 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
     lines += ["  ".join(cell.rjust(9) for cell in row) for row in [HEADER, *map(_row, levels)]]
     lines += [f"concurrency {lv.concurrency}: {lv.failed} failed, first error: {lv.first_error}"
               for lv in levels if lv.failed]
+    lines += [f"concurrency {lv.concurrency}, the server's decode steps (its /metrics): "
+              f"{st.decode_steps}, forward {st.forward_ms:.2f} ms, outside it {st.outside_ms:.2f} "
+              f"ms ({st.outside_share:.1%} of a step)"
+              for lv in levels if (st := lv.server_steps) is not None]
     return "\n".join(lines) + "\n"
 
 

@@ -276,6 +276,8 @@ class Engine:
             self.runner.bind_thread()
             while not self._stopping.is_set():
                 busy = self.scheduler.has_work()
+                if not busy:
+                    self.runner.idle()
                 arrived = self._drain_inbox(block=not busy)
                 if busy:
                     trimmed = False
@@ -370,6 +372,10 @@ class Engine:
         it = self._outputs.iteration
         it.batch_size = len(plan.decodes) + len(plan.prefills)
         it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
+        it.kind = "prefill" if not plan.decodes else "mixed" if plan.prefills else "decode"
+        if result.timing is not None:
+            it.forward_seconds = result.timing.forward_seconds
+            it.gap_seconds = result.timing.gap_seconds
         self.scheduler.update(plan, result.tokens, result.logprobs)
         outputs = self._step_outputs(plan, result)
         if self._defer_outputs and self.scheduler.has_work():

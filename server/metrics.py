@@ -34,6 +34,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+STEP_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+                1.0, 2.0)
 
 
 class Metrics:
@@ -63,6 +65,15 @@ class Metrics:
         self.gen_len = hist("request_generation_tokens", "Output tokens per request.",
                             LENGTH_BUCKETS)
         self.batch = hist("step_batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+        # Where a step's time goes (CPU, where the forward runs as it is called): their sums
+        # per kind give the share of a decode step spent outside the model.
+        self.step_forward = Histogram(
+            "llama_serve_step_forward_seconds", "The model's forward, by step kind (CPU).",
+            ["kind"], buckets=STEP_BUCKETS, registry=r)
+        self.step_gap = Histogram(
+            "llama_serve_step_gap_seconds", "From the end of one forward to the start of the "
+            "next while busy: scheduling, sampling, outputs, HTTP (CPU).", ["kind"],
+            buckets=STEP_BUCKETS, registry=r)
         self.compat_hists: list[tuple[Histogram, Histogram]] = []
         if compat == "vllm":
             def vllm_hist(name: str, doc: str) -> Histogram:
@@ -92,6 +103,10 @@ class Metrics:
         now = time.monotonic()
         if it.batch_size:
             self.batch.observe(it.batch_size)
+        if it.forward_seconds is not None:
+            self.step_forward.labels(it.kind).observe(it.forward_seconds)
+        if it.gap_seconds is not None:
+            self.step_gap.labels(it.kind).observe(it.gap_seconds)
         with self._window_lock:
             self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
         for ours, theirs in [(self.ttft, it.ttfts), (self.itl, it.itls)]:

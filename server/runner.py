@@ -13,6 +13,7 @@ already computes everything.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,17 @@ class StepResult:
     logprobs: list[TokenLogprob | None] | None  # aligned with plan.sampled; None: nobody asked
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
         default_factory=list)
+    timing: ForwardTiming | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardTiming:
+    """Where a step's time went on the engine thread, where the forward runs as it is called
+    (CPU): in the model's forward, and since the last forward ended (scheduling, sampling,
+    outputs, the event loop's turns with the GIL); the gap is None after an idle wait."""
+
+    forward_seconds: float
+    gap_seconds: float | None
 
 
 @dataclass(slots=True)
@@ -41,6 +53,7 @@ class PendingStep:
     sampled: SamplerOutput | None  # one row per plan.sampled; None: nothing sampled
     params: list[SamplingParams]
     scored: list[tuple[PrefillChunkRows, torch.Tensor]]  # prompt-logprob chunks, their logits
+    timing: ForwardTiming | None = None
 
 
 class ModelRunner:
@@ -58,6 +71,7 @@ class ModelRunner:
         self.generators: dict[Sequence, torch.Generator] = {}
         # The last step's sampled rows and their controls (see _sampling_batch).
         self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
+        self._forward_end: float | None = None  # when the last timed forward returned
 
     def bind_thread(self) -> None:
         """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
@@ -67,6 +81,10 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
+
+    def idle(self) -> None:
+        """The engine is about to wait for work: the next forward's gap would count the wait."""
+        self._forward_end = None
 
     def forget_last_step(self) -> None:
         """Drop the sampling controls kept for the next step (after the warm-up: they hold its
@@ -129,8 +147,10 @@ class ModelRunner:
 
         # A decode-only step wants every row's logits: no gather.
         wanted = tensor(logit_rows) if plan.prefills else None
+        start = time.monotonic()
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
                             logits_indices=wanted)  # (len(logit_rows), vocab)
+        timing = self._timing(start)
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
@@ -145,22 +165,32 @@ class ModelRunner:
         # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
         picked = logits[sample_rows] if plan.prefills and sample_rows else logits
         return self._pending(plan, sampling, picked,
-                             [(rows, logits[row:row + rows.n]) for rows, row in scored])
+                             [(rows, logits[row:row + rows.n]) for rows, row in scored], timing)
+
+    def _timing(self, start: float) -> ForwardTiming | None:
+        """The forward that began at `start` and just returned; None where it only queues work
+        on a device (its time shows up elsewhere)."""
+        if self.asynchronous:
+            return None
+        end, last = time.monotonic(), self._forward_end
+        self._forward_end = end
+        return ForwardTiming(end - start, None if last is None else start - last)
 
     def _pending(self, plan: StepPlan, sampling: SamplingBatch | None, logits: torch.Tensor,
-                 scored: list[tuple[PrefillChunkRows, torch.Tensor]]) -> PendingStep:
+                 scored: list[tuple[PrefillChunkRows, torch.Tensor]],
+                 timing: ForwardTiming | None = None) -> PendingStep:
         """The sampler queued on the step's logits (rows aligned with plan.sampled)."""
         sampled = self.sampler(logits, sampling) if sampling is not None else None
-        return PendingStep(sampled, [s.request.params for s in plan.sampled], scored)
+        return PendingStep(sampled, [s.request.params for s in plan.sampled], scored, timing)
 
     @torch.inference_mode()
     def finish(self, step: PendingStep) -> StepResult:
         """Read the launched step's tokens (and logprobs) back: waits for the device."""
-        result = StepResult([], None)
+        result = StepResult([], None, timing=step.timing)
         out = step.sampled
         if out is not None:
             tokens = out.token_ids.tolist()
-            result = StepResult(tokens, None)
+            result = StepResult(tokens, None, timing=step.timing)
             if out.logprobs is not None:
                 result.logprobs = self._logprobs(step.params, tokens, out)
         result.prompt_logprobs = [self._prompt_logprobs(rows, logits)

@@ -10,8 +10,10 @@ import random
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from server import bench_steps
 from server.bench import (
     BenchError,
     PromptSource,
@@ -58,6 +60,12 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
             stats = level[name]
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (name, stats)
         assert level["ttft_ms"]["p99"] <= level["e2el_ms"]["p99"]
+        steps = level["server_steps"]  # from the server's /metrics (a CPU server)
+        assert steps["decode_steps"] > 0 and steps["forward_ms"] > 0
+        assert 0 < steps["outside_share"] < 1
+    # One stream: every decode step is decode-only, 7 a request (the 8th token's).
+    assert report["levels"][0]["server_steps"]["decode_steps"] == 6 * 7
+    assert "concurrency 3, the server's decode steps (its /metrics): " in stdout
 
 
 def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> None:
@@ -171,3 +179,34 @@ def test_poisson_arrivals_are_seeded_and_increasing() -> None:
     assert all(a < b for a, b in zip(times, times[1:], strict=False))
     assert times[-1] / 200 == pytest.approx(1 / 50, rel=0.3)  # mean gap 1/rate
     assert arrival_times(3, math.inf, random.Random(1)) == [0.0, 0.0, 0.0]
+
+
+def test_server_steps_from_two_snapshots() -> None:
+    forward, gap = bench_steps.FORWARD, bench_steps.GAP
+    before = {f"{forward}_sum": 1.0, f"{forward}_count": 100, f"{gap}_sum": 0.2,
+              f"{gap}_count": 99}
+    after = {f"{forward}_sum": 1.9, f"{forward}_count": 200, f"{gap}_sum": 0.3,
+             f"{gap}_count": 199}
+    steps = bench_steps.decode_steps(before, after)
+    assert steps is not None and steps.decode_steps == 100
+    assert math.isclose(steps.forward_ms, 9.0) and math.isclose(steps.outside_ms, 1.0)
+    assert math.isclose(steps.outside_share, 0.1)
+    assert bench_steps.decode_steps(before, before) is None  # no step in between
+    assert bench_steps.decode_steps(None, after) is None
+
+
+def test_servers_without_step_metrics_give_none() -> None:
+    """vLLM's /metrics (other series), a server without /metrics, one that is not Prometheus."""
+    pages = {"vllm": (200, "# TYPE vllm:num_requests_running gauge\n"
+                             "vllm:num_requests_running{model_name=\"m\"} 0.0\n"),
+             "none": (404, "not found"), "html": (200, "<html>{{ not metrics")}
+
+    async def main() -> list[object]:
+        results = []
+        for status, text in pages.values():
+            transport = httpx.MockTransport(lambda _, s=status, t=text: httpx.Response(s, text=t))
+            async with httpx.AsyncClient(transport=transport) as client:
+                results.append(await bench_steps.snapshot(client, "http://x"))
+        return results
+
+    assert asyncio.run(main()) == [None, None, None]
