@@ -31,7 +31,7 @@ class ServerSteps:
 async def snapshot(client: httpx.AsyncClient, base_url: str) -> Snapshot | None:
     """The decode steps' sums and counts from /metrics; None where the server has none."""
     try:
-        response = await client.get(base_url + "/metrics")
+        response = await client.get(base_url + "/metrics", timeout=10.0)
         response.raise_for_status()
         families = list(text_string_to_metric_families(response.text))
     except (httpx.HTTPError, ValueError):

@@ -358,6 +358,7 @@ class Engine:
         except Exception as e:
             # One forward serves the whole batch, so its requests fail together; the engine
             # and everything not in this step go on.
+            self.runner.idle()  # the next gap would count this failure
             logger.exception("step failed")
             requests = {c.request for c in plan.prefills} | {s.request for s in plan.decodes}
             posts = []
@@ -372,17 +373,17 @@ class Engine:
         it = self._outputs.iteration
         it.batch_size = len(plan.decodes) + len(plan.prefills)
         it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
-        it.kind = "prefill" if not plan.decodes else "mixed" if plan.prefills else "decode"
         if result.timing is not None:
+            it.kind = result.timing.kind
             it.forward_seconds = result.timing.forward_seconds
             it.gap_seconds = result.timing.gap_seconds
         self.scheduler.update(plan, result.tokens, result.logprobs)
         outputs = self._step_outputs(plan, result)
+        self._emit_iteration()  # first: a client that sees its last token sees it counted
         if self._defer_outputs and self.scheduler.has_work():
             self._deferred = outputs  # posted by the next step (see above)
         else:
             self._post(outputs)
-        self._emit_iteration()
         return plan
 
     def _emit_iteration(self) -> None:

@@ -67,13 +67,16 @@ class Metrics:
         self.batch = hist("step_batch_size", "Sequences per engine step.", BATCH_BUCKETS)
         # Where a step's time goes (CPU, where the forward runs as it is called): their sums
         # per kind give the share of a decode step spent outside the model.
-        self.step_forward = Histogram(
+        forward = Histogram(
             "llama_serve_step_forward_seconds", "The model's forward, by step kind (CPU).",
             ["kind"], buckets=STEP_BUCKETS, registry=r)
-        self.step_gap = Histogram(
+        gap = Histogram(
             "llama_serve_step_gap_seconds", "From the end of one forward to the start of the "
-            "next while busy: scheduling, sampling, outputs, HTTP (CPU).", ["kind"],
-            buckets=STEP_BUCKETS, registry=r)
+            "next of the same kind while busy: sampling, outputs, HTTP, scheduling (CPU).",
+            ["kind"], buckets=STEP_BUCKETS, registry=r)
+        # Every kind's series from the start (at 0), so that a reader's first snapshot has them.
+        self.step_times = {kind: (forward.labels(kind), gap.labels(kind))
+                           for kind in ("decode", "mixed", "prefill")}
         self.compat_hists: list[tuple[Histogram, Histogram]] = []
         if compat == "vllm":
             def vllm_hist(name: str, doc: str) -> Histogram:
@@ -104,9 +107,10 @@ class Metrics:
         if it.batch_size:
             self.batch.observe(it.batch_size)
         if it.forward_seconds is not None:
-            self.step_forward.labels(it.kind).observe(it.forward_seconds)
-        if it.gap_seconds is not None:
-            self.step_gap.labels(it.kind).observe(it.gap_seconds)
+            forward, gap = self.step_times[it.kind]
+            forward.observe(it.forward_seconds)
+            if it.gap_seconds is not None:
+                gap.observe(it.gap_seconds)
         with self._window_lock:
             self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
         for ours, theirs in [(self.ttft, it.ttfts), (self.itl, it.itls)]:

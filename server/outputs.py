@@ -32,9 +32,10 @@ class IterationStats:
     batch_size: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
-    kind: str = ""  # "decode" (decode rows only), "mixed" (and prompt chunks), "prefill"
-    forward_seconds: float | None = None  # the model's forward, where timed (ForwardTiming)
-    gap_seconds: float | None = None  # since the last forward ended; None after idling
+    # Where the step's time went, where timed (the runner's ForwardTiming).
+    kind: str = ""
+    forward_seconds: float | None = None
+    gap_seconds: float | None = None
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
     finished: list[FinishedStats] = field(default_factory=list)

@@ -39,9 +39,12 @@ class StepResult:
 @dataclass(frozen=True, slots=True)
 class ForwardTiming:
     """Where a step's time went on the engine thread, where the forward runs as it is called
-    (CPU): in the model's forward, and since the last forward ended (scheduling, sampling,
-    outputs, the event loop's turns with the GIL); the gap is None after an idle wait."""
+    (CPU): in the model's forward, and since the last forward ended (the last step's sampling
+    and outputs, the event loop's turns with the GIL, this step's scheduling and inputs). The
+    gap is None after an idle wait, and after a step of another kind (whose costs it carries:
+    a prefill's outputs, its prompt logprobs)."""
 
+    kind: str  # "decode" (decode rows only), "mixed" (and prompt chunks), "prefill"
     forward_seconds: float
     gap_seconds: float | None
 
@@ -71,7 +74,8 @@ class ModelRunner:
         self.generators: dict[Sequence, torch.Generator] = {}
         # The last step's sampled rows and their controls (see _sampling_batch).
         self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
-        self._forward_end: float | None = None  # when the last timed forward returned
+        # When the last timed forward returned, and its step's kind (ForwardTiming).
+        self._last_forward: tuple[float, str] | None = None
 
     def bind_thread(self) -> None:
         """Called first on the engine thread: make the model's GPU (cuda:N too) current there,
@@ -83,8 +87,9 @@ class ModelRunner:
         self.generators.pop(seq, None)
 
     def idle(self) -> None:
-        """The engine is about to wait for work: the next forward's gap would count the wait."""
-        self._forward_end = None
+        """The engine is about to wait for work (or a step failed): the next forward's gap
+        would count the wait."""
+        self._last_forward = None
 
     def forget_last_step(self) -> None:
         """Drop the sampling controls kept for the next step (after the warm-up: they hold its
@@ -150,7 +155,7 @@ class ModelRunner:
         start = time.monotonic()
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
                             logits_indices=wanted)  # (len(logit_rows), vocab)
-        timing = self._timing(start)
+        timing = self._timing(start, step_kind(plan))
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
@@ -167,14 +172,15 @@ class ModelRunner:
         return self._pending(plan, sampling, picked,
                              [(rows, logits[row:row + rows.n]) for rows, row in scored], timing)
 
-    def _timing(self, start: float) -> ForwardTiming | None:
+    def _timing(self, start: float, kind: str) -> ForwardTiming | None:
         """The forward that began at `start` and just returned; None where it only queues work
         on a device (its time shows up elsewhere)."""
         if self.asynchronous:
             return None
-        end, last = time.monotonic(), self._forward_end
-        self._forward_end = end
-        return ForwardTiming(end - start, None if last is None else start - last)
+        end, last = time.monotonic(), self._last_forward
+        self._last_forward = (end, kind)
+        gap = start - last[0] if last is not None and last[1] == kind else None
+        return ForwardTiming(kind, end - start, gap)
 
     def _pending(self, plan: StepPlan, sampling: SamplingBatch | None, logits: torch.Tensor,
                  scored: list[tuple[PrefillChunkRows, torch.Tensor]],
@@ -266,6 +272,11 @@ class ModelRunner:
                                       top_lps.tolist(), strict=True):
                 out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True))))
         return rows.request, out
+
+
+def step_kind(plan: StepPlan) -> str:
+    """"decode", "mixed" or "prefill": what a step's rows are."""
+    return "prefill" if not plan.decodes else "mixed" if plan.prefills else "decode"
 
 
 @dataclass(frozen=True, slots=True)

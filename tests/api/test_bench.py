@@ -63,7 +63,7 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
         steps = level["server_steps"]  # from the server's /metrics (a CPU server)
         assert steps["decode_steps"] > 0 and steps["forward_ms"] > 0
         assert 0 < steps["outside_share"] < 1
-    # One stream: every decode step is decode-only, 7 a request (the 8th token's).
+    # One stream: every decode step is decode-only, 7 a request (after the first's token).
     assert report["levels"][0]["server_steps"]["decode_steps"] == 6 * 7
     assert "concurrency 3, the server's decode steps (its /metrics): " in stdout
 

@@ -51,12 +51,13 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
     assert m["llama_serve_request_generation_tokens_sum"] == 12
     assert m["llama_serve_step_batch_size_count"] >= 12
     # Where the steps' time went: one prefill and n_out - 1 decode steps a request, one after
-    # another; the gap before each prefill followed an idle wait, so it is not counted.
+    # another. A gap counts between two steps of one kind, never across an idle wait: none
+    # before a prefill, none before the first decode step after it.
     forward, gap = "llama_serve_step_forward_seconds", "llama_serve_step_gap_seconds"
     assert m[f'{forward}_count{{kind="prefill"}}'] == 3
     assert m[f'{forward}_count{{kind="decode"}}'] == 2 + 3 + 4
-    assert m[f'{gap}_count{{kind="decode"}}'] == 2 + 3 + 4
-    assert m.get(f'{gap}_count{{kind="prefill"}}', 0) == 0
+    assert m[f'{gap}_count{{kind="decode"}}'] == 1 + 2 + 3
+    assert m[f'{gap}_count{{kind="prefill"}}'] == m[f'{forward}_count{{kind="mixed"}}'] == 0
     assert 0 < m[f'{forward}_sum{{kind="decode"}}'] and 0 < m[f'{gap}_sum{{kind="decode"}}']
     assert m["llama_serve_generation_throughput_tokens_per_second"] > 0
     for gauge in ("requests_running", "requests_waiting", "kv_cache_slots_used",
