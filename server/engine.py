@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
-from server import warmup
 from server.memory import release_free_memory
 from server.outputs import IterationStats, OutputBuilder
 from server.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
 from server.runner import ModelRunner, StepResult
 from server.scheduler import Request, Scheduler, StepPlan
+from server.warmup import failure_message, phases
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Engine:
         warmed.wait()
         if failure:
             self._thread.join()
-            raise WarmUpFailed(warmup.failure_message(
+            raise WarmUpFailed(failure_message(
                 failure[0], self.scheduler.max_num_batched_tokens)) from failure[0]
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -243,7 +243,7 @@ class Engine:
             raise StepFailed(f"the warm-up did not finish (steps: {steps})")
 
         self.runner.bind_thread()
-        for phase in warmup.phases(sched, self.vocab_size):
+        for phase in phases(sched, self.vocab_size):
             for request in phase:
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]

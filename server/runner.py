@@ -275,7 +275,7 @@ class ModelRunner:
 
 
 def step_kind(plan: StepPlan) -> str:
-    """"decode", "mixed" or "prefill": what a step's rows are."""
+    """What a step's rows are: "decode" (decode rows only), "mixed" or "prefill"."""
     return "prefill" if not plan.decodes else "mixed" if plan.prefills else "decode"
 
 
