@@ -127,6 +127,8 @@ class Stream:
     error: BaseException | None = None
     first_chunk: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    started: float = 0.0  # time.monotonic() when the request went out
+    arrivals: list[float] = field(default_factory=list)  # and when each chunk came
 
     def join(self, timeout: float = 60) -> None:
         assert self.thread is not None
@@ -151,6 +153,7 @@ def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream") -> St
     stream = Stream()
 
     def read() -> None:
+        stream.started = time.monotonic()
         try:
             with httpx.Client(timeout=120) as client, client.stream(
                     "POST", f"{v1_url}/completions", headers={"X-Request-Id": request_id},
@@ -162,6 +165,7 @@ def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream") -> St
                         stream.done = True
                     elif line.startswith("data: "):
                         stream.chunks.append(json.loads(line[len("data: "):]))
+                        stream.arrivals.append(time.monotonic())
                         stream.first_chunk.set()
         except BaseException as e:  # noqa: BLE001 - handed to the test by join()
             stream.error = e

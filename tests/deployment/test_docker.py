@@ -198,12 +198,15 @@ def test_requests_reach_both_replicas(stack: Stack) -> None:
 
 
 def test_stream_arrives_while_generating(stack: Stack) -> None:
+    """Unbuffered by nginx, a stream's first chunk comes with its first token, long before its
+    last; buffered, they would all come at the end. (Timed at the client: asking a replica
+    whether it still generates takes a `docker exec`, about as long as the tiny model takes for
+    the whole stream on a fast machine.)"""
     stream = start_stream(stack.v1, LONG_STREAM)
-    assert stream.first_chunk.wait(60)
-    running_at_first_chunk = sum(stack.running(c) for c in stack.replicas())
     stream.join()
     assert stream.status == 200 and stream.done and stream.finish_reason == "length"
-    assert running_at_first_chunk == 1, "the whole stream arrived after generation ended"
+    first, last = (t - stream.started for t in (stream.arrivals[0], stream.arrivals[-1]))
+    assert first < 0.25 * last, f"first chunk after {first:.3f} s, last after {last:.3f} s"
 
 
 def test_docker_stop_lets_the_stream_finish(stack: Stack) -> None:
