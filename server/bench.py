@@ -24,7 +24,6 @@ import httpx
 from tokenizers import Tokenizer
 
 from server import bench_steps
-from server.bench_steps import ServerSteps
 
 Prompt = list[int] | str
 T = TypeVar("T")
@@ -79,7 +78,7 @@ class LevelResult:
     first_error: str | None
     # The server's decode steps during the level, from its /metrics (bench_steps.py); None
     # where it does not export them.
-    server_steps: ServerSteps | None = None
+    server_steps: bench_steps.ServerSteps | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float:

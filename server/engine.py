@@ -244,6 +244,8 @@ class Engine:
 
         self.runner.bind_thread()
         for phase in phases(sched, self.vocab_size):
+            with self._lock:  # counted as queued, as generate() does: admission counts it off
+                self._num_queued += len(phase)
             for request in phase:
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
@@ -263,8 +265,6 @@ class Engine:
         stats = self._stats
         stats.prompt_tokens_total = stats.generation_tokens_total = stats.steps_total = 0
         stats.finished_total.clear()  # in place: the output builder holds this Counter
-        with self._lock:
-            self._num_queued = 0  # _step counted the warm-up's admissions off it
         self.runner.forget_last_step()
         self._refresh_stats()
 

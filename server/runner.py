@@ -195,10 +195,9 @@ class ModelRunner:
         result = StepResult([], None, timing=step.timing)
         out = step.sampled
         if out is not None:
-            tokens = out.token_ids.tolist()
-            result = StepResult(tokens, None, timing=step.timing)
+            result.tokens = out.token_ids.tolist()
             if out.logprobs is not None:
-                result.logprobs = self._logprobs(step.params, tokens, out)
+                result.logprobs = self._logprobs(step.params, result.tokens, out)
         result.prompt_logprobs = [self._prompt_logprobs(rows, logits)
                                   for rows, logits in step.scored]
         return result
