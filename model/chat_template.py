@@ -27,19 +27,46 @@ class ChatTemplateError(ValueError):
 
 
 def render(template: jinja2.Template, messages: list[dict], special_tokens: dict[str, str],
-           add_generation_prompt: bool, extra: dict[str, Any]) -> str:
-    """The prompt text for `messages`, as transformers' apply_chat_template(tokenize=False)."""
+           add_generation_prompt: bool, extra: dict[str, Any],
+           continue_final_message: bool = False) -> str:
+    """The prompt text for `messages`, as transformers' apply_chat_template(tokenize=False).
+
+    `continue_final_message`: the text ends with the last message's content, without the
+    end-of-turn the template writes after it, so that the model continues that message (a
+    prefilled assistant answer); it excludes `add_generation_prompt`."""
     if not messages:
         raise ChatTemplateError("cannot apply the chat template to an empty message list")
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both "
+                                "be true: the first continues the last message, the second "
+                                "starts a new one")
     variables = {**special_tokens, "tools": None, "documents": None, **_plain(extra),
                  "messages": _template_messages(messages),
                  "add_generation_prompt": add_generation_prompt}
     try:
-        return template.render(**variables)
+        text = template.render(**variables)
     except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
         raise ChatTemplateError(f"chat template error: {e}") from e
     except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
         raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
+    return _cut_after_final(text, messages[-1]) if continue_final_message else text
+
+
+def _cut_after_final(text: str, final: dict) -> str:
+    """`text` up to the end of the final message's content, as transformers cuts it: the
+    last place the content appears (stripped, since templates often trim it), keeping the
+    content's trailing whitespace only where the template kept it."""
+    content = final.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text to "
+                                "continue")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not write the "
+                                "final message's content as it is, so it cannot be continued")
+    kept = content.lstrip()
+    end = at + len(kept) if text[at:at + len(kept)] == kept else at + len(content.strip())
+    return text[:end]
 
 
 def compile_template(source: str) -> jinja2.Template:

@@ -126,19 +126,22 @@ class Tokenizer:
         return [texts.get(i, "") for i in ids]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **extra: Any) -> str:
-        """The prompt text, rendered as transformers' apply_chat_template(tokenize=False)."""
+                            continue_final_message: bool = False, **extra: Any) -> str:
+        """The prompt text, rendered as transformers' apply_chat_template(tokenize=False);
+        `extra` are more template variables (vLLM's chat_template_kwargs)."""
         if self._template is None:
             raise ChatTemplateError(NO_TEMPLATE)
         return render(self._template, messages, self.special_tokens, add_generation_prompt,
-                      extra)
+                      extra, continue_final_message)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False,
                     **extra: Any) -> list[int]:
-        """Prompt ids: the rendered template encoded without adding special tokens (the
-        template writes its own BOS), as apply_chat_template(tokenize=True) does."""
-        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
-        return self.encode(text, add_special_tokens=False)
+        """Prompt ids: the rendered template encoded, by default without adding special tokens
+        (the template writes its own BOS), as apply_chat_template(tokenize=True) does."""
+        text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message,
+                                        **extra)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _read_json(path: Path) -> dict:

@@ -128,19 +128,21 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | int | None = None) -> JSONResponse:
+                   code: str | None = None) -> JSONResponse:
+    """OpenAI's error body. `code` is a string or null, as OpenAI sends it (vLLM sends the
+    status there, an int: one type for the field keeps typed clients working)."""
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
-    body = ErrorResponse.of(message, type_, param, code if code is not None else status)
+    body = ErrorResponse.of(message, type_, param, code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
-        if isinstance(exc, Unavailable):
-            code = exc.code
+        code = getattr(exc, "code", None) or code  # Unavailable's, RequestRejected's
         if status in (400, 503):
-            request.app.state.server.metrics.rejected(code or "invalid_request")
+            request.app.state.server.metrics.rejected(
+                "invalid_request" if status == 400 else code or "unavailable")
         return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:

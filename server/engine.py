@@ -32,7 +32,12 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class RequestRejected(ValueError):
-    """The request can never be served as asked (HTTP 400)."""
+    """The request can never be served as asked (HTTP 400); `param` names the field at fault,
+    `code` is OpenAI's error code where it has one."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class EngineOverloaded(RuntimeError):
@@ -188,6 +193,11 @@ class Engine:
         self._inbox.put(("add", Request(request_id, list(prompt_ids), params)))
         return stream
 
+    @property
+    def max_queued(self) -> int:
+        """The most requests `generate` takes at once: every slot's, then max_waiting more."""
+        return self.scheduler.n_slots + self.max_waiting
+
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots are free again before the next step."""
         self._inbox.put(("abort", request_id))
@@ -218,13 +228,16 @@ class Engine:
                                   f"[0, {self.vocab_size})")
         if params.n > self.scheduler.n_slots:
             raise RequestRejected(f"n={params.n} is more than the {self.scheduler.n_slots} "
-                                  f"sequences this server runs at once")
-        n_out = params.max_tokens if params.max_tokens is not None else 1
+                                  f"sequences this server runs at once", "n")
+        # The fewest tokens the request must produce: max_tokens, else min_tokens (at least 1)
+        n_out = params.max_tokens if params.max_tokens is not None else max(params.min_tokens, 1)
         if n_prompt + n_out > self.max_model_len:
+            least = " at least, its min_tokens" if params.max_tokens is None else ""
             raise RequestRejected(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in "
-                f"the completion). Please reduce the length of the prompt or completion.")
+                f"the completion{least}). Please reduce the length of the prompt or "
+                f"completion.", None, "context_length_exceeded")
 
     def warm_up(self) -> list[tuple[int, int]]:
         """Run server/warmup.py's phases through the real step before serving (by `start` on

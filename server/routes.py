@@ -130,7 +130,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     tokenizer = engine.tokenizer
     if body.messages is not None:
         text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
-                                             body.add_generation_prompt)
+                                             **body.template_args())
     else:
         text = body.prompt or ""
     tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
@@ -140,13 +140,21 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
     engine = state.accept(body)
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    # Special tokens kept, as vLLM's (transformers' decode by default)
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens,
+                                                             skip_special_tokens=False))
 
 
 class _EventStream(EventSourceResponse):
     """sse-starlette's response, without the anyio cancel scope it opens around every send
     when no send timeout is set (a scope that can never fire; a tenth of the event loop's
-    Python time per streamed token)."""
+    Python time per streamed token), and without its `Connection: keep-alive` header: the
+    connection is the HTTP server's business (uvicorn adds `close` when the client asked
+    for it, and the two contradicted each other), and HTTP/2 forbids the header."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"connection"]
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
-from server.engine import Engine, RequestStream
+from server.engine import Engine, RequestRejected, RequestStream
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -68,6 +68,11 @@ class Choice:
 def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
            response_id: str) -> list[Submitted]:
     """Queue every prompt, or none: a rejection aborts the ones already queued."""
+    if len(prompts) > engine.max_queued:  # a 503 would have the client retry in vain
+        raise RequestRejected(
+            f"the request has {len(prompts)} prompts, and this server holds at most "
+            f"{engine.max_queued} requests at once ({engine.scheduler.n_slots} running, "
+            f"{engine.max_waiting} waiting: --max-num-seqs, --max-waiting)", "prompt")
     submitted: list[Submitted] = []
     try:
         for i, (ids, text) in enumerate(prompts):
@@ -137,7 +142,7 @@ def _absorb(choice: Choice, out: RequestOutput) -> None:
 
 
 def error_event(message: str) -> str:
-    return ErrorResponse.of(message, "server_error", code=500).model_dump_json()
+    return ErrorResponse.of(message, "server_error").model_dump_json()
 
 
 # ---------------------------------------------------------------------- completions
@@ -148,8 +153,9 @@ class CompletionService:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
 
     def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
-        return [(self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None)
-                for p in request.prompts]
+        special = request.add_special_tokens
+        return [(self.tokenizer.encode(p, add_special_tokens=special), p) if isinstance(p, str)
+                else (list(p), None) for p in request.prompts]
 
     def _echo_text(self, s: Submitted) -> str:
         return s.prompt_text if s.prompt_text is not None else self.tokenizer.decode(s.prompt_ids)
@@ -244,7 +250,9 @@ class ChatService:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        return self.tokenizer.encode_chat([m.template_dict() for m in request.messages])
+        return self.tokenizer.encode_chat([m.template_dict() for m in request.messages],
+                                          add_special_tokens=request.add_special_tokens,
+                                          **request.template_args())
 
     def _logprobs(self, lps: list[TokenLogprob]):  # noqa: ANN202 - protocol type
         wanted = sorted(logprob_token_ids(lps))

@@ -192,6 +192,13 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
         loc = list(error.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
+        if error.get("type") == "json_invalid":  # loc holds the offset into the body
+            reason = (error.get("ctx") or {}).get("error", "")
+            return f"the body is not valid JSON: {reason} (at character {loc[0]})", None
+        if not loc and error.get("type") == "missing":
+            return "the request needs a JSON body", None
+        # Which member of a union failed is pydantic's business, not the client's
+        loc = [part for part in loc if not _union_member(part)]
         if i == 0 and loc and isinstance(loc[0], str):
             param = loc[0]
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -202,11 +209,19 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
     return "; ".join(parts) or "invalid request", param
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _union_member(part: Any) -> bool:
+    """A union member's tag in an error's location ("str", "list[function-wrap[...]]")."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
 class ErrorInfo(OpenAIBaseModel):
     message: str
     type: str
     param: str | None = None
-    code: int | str | None = None  # vLLM: the HTTP status; OpenAI: a string code or null
+    code: str | None = None  # OpenAI's: a string code ("model_not_found") or null
 
 
 class ErrorResponse(OpenAIBaseModel):
@@ -216,6 +231,6 @@ class ErrorResponse(OpenAIBaseModel):
 
     @classmethod
     def of(
-        cls, message: str, type: str, param: str | None = None, code: int | str | None = None
+        cls, message: str, type: str, param: str | None = None, code: str | None = None
     ) -> ErrorResponse:
         return cls(error=ErrorInfo(message=message, type=type, param=param, code=code))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from server.protocol.base import (
     MAP_CEILING,
@@ -34,8 +35,28 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MAP_CEILING]
 
 
+# Fields of vLLM's requests that this server does not implement. Unknown fields are ignored
+# (as vLLM ignores them); these are refused instead, with a 400 naming the field, whenever
+# they ask for something (a value other than null, false or empty): a vLLM user sending one
+# means it, and a silent default would answer a different question.
+Refused = SkipJsonSchema[Any]
+
+
+def _refuse(value: Any, info: ValidationInfo) -> Any:
+    if value not in (None, False, [], {}, ""):
+        raise ValueError(f"{info.field_name} is not supported by this server")
+    return value
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
+    continuous_usage_stats: Refused = None  # vLLM: usage in every chunk
+
+    _refused = field_validator("continuous_usage_stats")(_refuse)
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str
 
 
 class _SamplingRequest(OpenAIBaseModel):
@@ -62,6 +83,24 @@ class _SamplingRequest(OpenAIBaseModel):
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
+    allowed_token_ids: Refused = None
+    bad_words: Refused = None
+    prompt_logprobs: Refused = None
+    guided_json: Refused = None
+    guided_regex: Refused = None
+    guided_choice: Refused = None
+    guided_grammar: Refused = None
+    structured_outputs: Refused = None
+    logits_processors: Refused = None
+    use_beam_search: Refused = None
+    return_tokens_as_token_ids: Refused = None
+
+    _refused = field_validator(
+        "allowed_token_ids", "bad_words", "prompt_logprobs", "guided_json", "guided_regex",
+        "guided_choice", "guided_grammar", "structured_outputs", "logits_processors",
+        "use_beam_search", "return_tokens_as_token_ids")(_refuse)
 
     @field_validator("logit_bias")
     @classmethod
@@ -78,12 +117,12 @@ class _SamplingRequest(OpenAIBaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
-    @model_validator(mode="after")
-    def _min_below_max(self) -> _SamplingRequest:
-        max_tokens = self.requested_max_tokens
-        if max_tokens is not None and self.min_tokens > max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({max_tokens})")
-        return self
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(f"response_format type {value.type!r} is not supported, only 'text'")
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -104,6 +143,10 @@ class _SamplingRequest(OpenAIBaseModel):
     def _check_sampling_limits(self, limits: RequestLimits, vocab_size: int) -> None:
         stops, stop_ids, bias = self.stop_strings, self.stop_token_ids or [], self.logit_bias or {}
         _check_count(self.n, limits.max_n, "n")
+        max_tokens = self.requested_max_tokens
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
+                               f"({max_tokens})", "min_tokens")
         _check_count(len(stops), limits.max_stop_strings, "stop")
         longest = max(map(len, stops), default=0)
         if longest > limits.max_stop_string_length:
@@ -167,6 +210,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(16, ge=0)  # explicit null: the rest of the context
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a text prompt
 
     @field_validator("best_of")
     @classmethod
@@ -261,36 +305,68 @@ class ChatMessage(OpenAIBaseModel):
         return message
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: str
+class ChatTemplateControls(OpenAIBaseModel):
+    """vLLM's controls of the chat template, for chat completions and /tokenize:
+    `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue
+    the last message instead, e.g. a prefilled answer), `chat_template_kwargs` (more template
+    variables). A template per request is refused: the server's --chat-template serves all."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[dict[str, Any], MAP_CEILING] | None = None
+    chat_template: Refused = None
+
+    _refused_template = field_validator("chat_template")(_refuse)
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_turn_choice(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "true (send add_generation_prompt: false to continue the last "
+                             "message)")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = {"messages", "add_generation_prompt", "continue_final_message"}
+        for key in value or {}:
+            if key in reserved or not key.isidentifier():
+                raise ValueError(f"{key!r} cannot be a chat template variable")
+        return value
+
+    def template_args(self) -> dict[str, Any]:
+        """Keyword arguments of Tokenizer.apply_chat_template / encode_chat."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                **(self.chat_template_kwargs or {})}
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions. Tools, functions and JSON response formats are refused."""
+class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
+    """POST /v1/chat/completions. Tools, functions and JSON response formats are refused;
+    `add_special_tokens` adds the tokenizer's BOS on top of the template's own (off, as in
+    vLLM)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
     max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     tool_choice: Any = None
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
+    add_special_tokens: bool = False
+    echo: Refused = None  # vLLM's chat echo (the last message repeated in the answer)
+
+    _refused_chat = field_validator("echo")(_refuse)
 
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise ValueError(f"response_format type {value.type!r} is not supported, only 'text'")
         return value
 
     @field_validator("tools", "functions")

@@ -15,11 +15,12 @@ from server.protocol.base import (
     _check_count,
     _check_token_ids,
 )
-from server.protocol.requests import ChatMessage
+from server.protocol.requests import ChatMessage, ChatTemplateControls
 
 
-class TokenizeRequest(OpenAIBaseModel):
-    """POST /tokenize: exactly one of `prompt` or chat `messages` (vLLM's two requests in one).
+class TokenizeRequest(ChatTemplateControls):
+    """POST /tokenize: exactly one of `prompt` or chat `messages` (vLLM's two requests in one),
+    the latter with the chat template's controls.
 
     `add_special_tokens` defaults to True for a prompt and False for messages, whose chat
     template adds them.
@@ -29,7 +30,6 @@ class TokenizeRequest(OpenAIBaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
     @model_validator(mode="before")
     @classmethod

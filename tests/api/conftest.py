@@ -132,6 +132,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
     assert {"message", "type", "param", "code"} <= set(error), error
     assert isinstance(error["message"], str) and error["message"], error
     assert isinstance(error["type"], str) and error["type"], error
+    assert error["code"] is None or isinstance(error["code"], str), error  # OpenAI's: one type
     return error
 
 

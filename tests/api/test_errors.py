@@ -123,7 +123,18 @@ def test_chat_context_overflow_is_400(client: httpx.Client) -> None:
     r = client.post(CHAT, json={"model": "tiny", "messages": long_prompt, "max_tokens": 1})
     assert "512" in assert_openai_error(r, 400)["message"]
     r = client.post(CHAT, json={"model": "tiny", "messages": USER, "max_completion_tokens": 510})
-    assert "512" in assert_openai_error(r, 400)["message"]
+    error = assert_openai_error(r, 400)
+    assert "512" in error["message"] and error["code"] == "context_length_exceeded"
+
+
+def test_min_tokens_past_the_context_is_400(client: httpx.Client) -> None:
+    """Without max_tokens the budget is the rest of the context; a min_tokens beyond it can
+    never be met (it used to end at the context with finish_reason "length")."""
+    for path, body in [(CHAT, {"messages": USER}),
+                       (COMPLETIONS, {"prompt": "Hi", "max_tokens": None})]:
+        r = client.post(path, json={"model": "tiny", "min_tokens": 600, **body})
+        error = assert_openai_error(r, 400)
+        assert error["code"] == "context_length_exceeded" and "min_tokens" in error["message"]
 
 
 @pytest.mark.parametrize("content", [b"{\"prompt\": \"Hi\", ", b"", b"[1, 2]", b"null",
@@ -455,6 +466,20 @@ def test_full_queue_is_503_with_retry_after(limited: Server, auth: dict[str, str
     wait_idle(limited)  # closing the held stream freed the slot
     after = httpx.post(url, headers=auth, json={"prompt": "Hi", "max_tokens": 2})
     assert after.status_code == 200, after.text
+
+
+def test_more_prompts_than_the_server_holds_is_400_not_503(limited: Server,
+                                                          auth: dict[str, str]) -> None:
+    """Two prompts where one slot and no waiting room exist can never be taken: a 503 would
+    have the client retry in vain."""
+    wait_idle(limited)
+    r = httpx.post(limited.v1 + "/completions", headers=auth, timeout=60,
+                   json={"prompt": ["Hi", "there"], "max_tokens": 2})
+    error = assert_openai_error(r, 400)
+    assert error["param"] == "prompt" and "at most 1 requests at once" in error["message"]
+    one = httpx.post(limited.v1 + "/completions", headers=auth, timeout=60,
+                     json={"prompt": ["Hi"], "max_tokens": 2})
+    assert one.status_code == 200, one.text
 
 
 def test_overloaded_does_not_leak_queue_places(limited: Server, auth: dict[str, str]) -> None:

@@ -109,6 +109,7 @@ def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> Non
     assert not missing, f"error lacks {sorted(missing)}: {body}"
     assert isinstance(error["message"], str) and error["message"], body
     assert isinstance(error["type"], str) and error["type"], body
+    assert error["code"] is None or isinstance(error["code"], str), body
 
 
 def stream_completes(ctx: CheckContext, response: Response, case: Case) -> None:

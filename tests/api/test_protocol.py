@@ -191,7 +191,6 @@ def test_token_ids_are_read_as_pydantic_ints() -> None:
         ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
         ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
-        ({"min_tokens": 5, "max_tokens": 4}, None, "min_tokens (5) must be <= max_tokens (4)"),
         ({"stop_token_ids": [-1]}, "stop_token_ids", "greater than or equal to 0"),
         ({"seed": 2**63}, "seed", "less than or equal to"),
     ],
@@ -276,7 +275,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
         ({"n": 0}, "n", "greater than or equal to 1"),
         ({"logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
-        ({"min_tokens": 3, "max_completion_tokens": 2}, None, "min_tokens (3)"),
     ],
 )
 def test_chat_rejects(fields: dict[str, Any], param: str | None, fragment: str) -> None:
@@ -335,6 +333,8 @@ LIMITS = RequestLimits(
         (chat(messages=USER * 3), "messages"),
         (chat(n=5), "n"),
         (chat(logit_bias={str(VOCAB): 1}), "logit_bias"),
+        (completion(min_tokens=5, max_tokens=4), "min_tokens"),
+        (chat(min_tokens=3, max_completion_tokens=2), "min_tokens"),
         (TokenizeRequest(messages=USER * 3), "messages"),
         (DetokenizeRequest(tokens=[1, VOCAB]), "tokens"),
     ],
@@ -358,6 +358,46 @@ def test_check_limits_rejects(request_: Any, param: str) -> None:
 )
 def test_check_limits_accepts(request_: Any) -> None:
     request_.check_limits(LIMITS, VOCAB)
+
+
+REFUSED = ["allowed_token_ids", "bad_words", "prompt_logprobs", "guided_json", "guided_regex",
+           "guided_choice", "guided_grammar", "structured_outputs", "logits_processors",
+           "use_beam_search", "return_tokens_as_token_ids"]
+
+
+@pytest.mark.parametrize("field", REFUSED)
+def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None:
+    """Unknown fields are ignored, but a vLLM field this server does not implement is a 400
+    naming it whenever it asks for something; its neutral values pass."""
+    for build in (completion, chat):
+        assert_invalid(build, {field: [1] if field != "use_beam_search" else True}, field,
+                       f"{field} is not supported")
+        for neutral in (None, False, []):
+            build(**{field: neutral})
+    assert_invalid(chat, {"echo": True}, "echo", "echo is not supported")
+    assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
+    assert_invalid(completion, {"response_format": {"type": "json_object"}}, "response_format",
+                   "not supported")
+    assert_invalid(chat, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+                   "stream_options", "continuous_usage_stats is not supported")
+
+
+def test_chat_template_controls() -> None:
+    default = chat()
+    assert default.template_args() == {"add_generation_prompt": True,
+                                       "continue_final_message": False}
+    assert not default.add_special_tokens and completion().add_special_tokens
+    cont = chat(add_generation_prompt=False, continue_final_message=True,
+                chat_template_kwargs={"enable_thinking": False})
+    assert cont.template_args() == {"add_generation_prompt": False,
+                                    "continue_final_message": True, "enable_thinking": False}
+    assert_invalid(chat, {"continue_final_message": True}, "continue_final_message",
+                   "cannot both be true")
+    assert_invalid(chat, {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",
+                   "cannot be a chat template variable")
+    assert TokenizeRequest(messages=USER, add_generation_prompt=False,
+                           continue_final_message=True).template_args()[
+        "continue_final_message"]
 
 
 def test_request_limits_defaults_and_checks() -> None:
@@ -645,13 +685,14 @@ def test_models_list_and_error_shapes() -> None:
     assert listing["object"] == "list" and listing["data"][0]["object"] == "model"
     assert listing["data"][0]["max_model_len"] == 4096
     openai.types.Model.model_validate(listing["data"][0])
-    error = wire(ErrorResponse.of("too long", "invalid_request_error", param="messages", code=400))
+    error = wire(ErrorResponse.of("too long", "invalid_request_error", param="messages",
+                                  code="context_length_exceeded"))
     assert error == {
         "error": {
             "message": "too long",
             "type": "invalid_request_error",
             "param": "messages",
-            "code": 400,
+            "code": "context_length_exceeded",
         }
     }
     assert wire(ErrorResponse.of("x", "server_error"))["error"]["param"] is None
@@ -667,6 +708,21 @@ def test_describe_validation_errors_drops_body_prefix() -> None:
         "bad",
         None,
     )
+
+
+def test_describe_validation_errors_speaks_of_the_request_not_pydantic() -> None:
+    bad_json = [{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error",
+                 "ctx": {"error": "Expecting property name enclosed in double quotes"}}]
+    assert describe_validation_errors(bad_json) == (
+        "the body is not valid JSON: Expecting property name enclosed in double quotes "
+        "(at character 1)", None)
+    no_body = [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+    assert describe_validation_errors(no_body) == ("the request needs a JSON body", None)
+    with pytest.raises(ValidationError) as info:
+        chat(messages=[{"role": "user", "content": 5}])
+    message, param = describe_validation_errors(info.value.errors())
+    assert param == "messages" and "[" not in message and ".str" not in message
+    assert message.startswith("messages.0.content: Input should be a valid string")
 
 
 def test_random_id_and_finish_reason() -> None:

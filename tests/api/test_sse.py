@@ -140,6 +140,18 @@ def test_stream_headers(client: httpx.Client) -> None:
     assert r2.headers["x-request-id"] != r.headers["x-request-id"]
 
 
+def test_stream_leaves_the_connection_header_to_the_server(client: httpx.Client) -> None:
+    """sse-starlette's `Connection: keep-alive` is dropped: beside uvicorn's `close` for a
+    client that asked to close, the response said both."""
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body,
+                       headers={"Connection": "close"}) as r:
+        r.read()
+    assert r.headers.get_list("connection") == ["close"]
+    r, _ = stream(client, "/v1/completions", body)
+    assert "connection" not in r.headers  # HTTP/1.1: open by default
+
+
 def test_request_id_echoed(client: httpx.Client) -> None:
     mine = {"X-Request-Id": "trace-4711-abc"}
     r, _ = stream(client, "/v1/chat/completions",

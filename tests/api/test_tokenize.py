@@ -38,9 +38,12 @@ def detokenize(client: httpx.Client, tokens: list[int]) -> str:
 @pytest.mark.parametrize("text", ["Hello there", "def f(x):\n    return x * 2",
                                   "Héllo wörld ✓ 日本語 🙂", " leading and trailing  "])
 def test_prompt_round_trip(client: httpx.Client, text: str) -> None:
-    result = tokenize(client, model="tiny", prompt=text)
+    result = tokenize(client, model="tiny", prompt=text, add_special_tokens=False)
     assert result["count"] > 0
     assert detokenize(client, result["tokens"]) == text
+    # Special tokens are text too, as vLLM's /detokenize (transformers' decode) writes them
+    with_bos = tokenize(client, model="tiny", prompt=text)["tokens"]
+    assert detokenize(client, with_bos).startswith("<s>")
 
 
 def test_special_tokens_flag(client: httpx.Client) -> None:
@@ -70,6 +73,40 @@ def test_generation_prompt_is_a_suffix(client: httpx.Client) -> None:
     bare = tokenize(client, messages=MESSAGES, add_generation_prompt=False)["tokens"]
     prompted = tokenize(client, messages=MESSAGES, add_generation_prompt=True)["tokens"]
     assert len(prompted) > len(bare) and prompted[:len(bare)] == bare
+
+
+def test_chat_honours_the_template_controls(client: httpx.Client) -> None:
+    """vLLM's add_generation_prompt / continue_final_message / add_special_tokens: chat's
+    prompt is what /tokenize gives for the same controls."""
+    answer = [*MESSAGES, {"role": "assistant", "content": "Sure, the"}]
+    cases = [(MESSAGES, {"add_generation_prompt": False}),
+             (answer, {"add_generation_prompt": False, "continue_final_message": True}),
+             (MESSAGES, {"add_special_tokens": True})]
+    counts = []
+    for messages, controls in cases:
+        expected = tokenize(client, messages=messages, **controls)
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                      "max_tokens": 1, **controls})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == expected["count"], controls
+        counts.append(expected["count"])
+    assert detokenize(client, tokenize(client, messages=answer, add_generation_prompt=False,
+                                       continue_final_message=True)["tokens"]
+                      ).endswith("Sure, the")
+    assert counts[0] < tokenize(client, messages=MESSAGES)["count"] < counts[2]
+    both = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": answer, "continue_final_message": True})
+    assert assert_openai_error(both, 400)["param"] == "continue_final_message"
+
+
+def test_completions_honour_add_special_tokens(client: httpx.Client) -> None:
+    def prompt_tokens(**fields: Any) -> int:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello there",
+                                                 "max_tokens": 1, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(add_special_tokens=False) == prompt_tokens() - 1  # no BOS
 
 
 def test_messages_add_no_second_bos(client: httpx.Client) -> None:

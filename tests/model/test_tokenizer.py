@@ -201,6 +201,27 @@ def test_chat_template_matches_transformers(tok: Tokenizer, hf, add_generation_p
             hf_chat_ids(hf, messages, add_generation_prompt=add_generation_prompt))
 
 
+@pytest.mark.parametrize("answer", ["Sure, the", "  padded answer \n", "Sure ✓"])
+def test_continue_final_message_matches_transformers(tok: Tokenizer, hf, answer: str) -> None:
+    """The prompt ends inside the assistant's prefilled answer, its end-of-turn cut off, as
+    transformers cuts it (a trimmed template keeps no trailing whitespace)."""
+    messages = [*MESSAGES[1][:2], {"role": "assistant", "content": answer}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False,
+                                   continue_final_message=True)
+    assert text.rstrip().endswith(answer.strip())
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                          continue_final_message=True)
+    assert tok.encode_chat(messages, add_generation_prompt=False,
+                           continue_final_message=True) == hf_chat_ids(
+        hf, messages, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="cannot both be true"):
+        tok.apply_chat_template(messages, add_generation_prompt=True,
+                                continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="text to continue"):
+        tok.apply_chat_template([*messages[:2], {"role": "assistant", "content": " "}],
+                                add_generation_prompt=False, continue_final_message=True)
+
+
 def test_rich_template_matches_transformers(folder: Path, hf) -> None:
     tok = Tokenizer.from_dir(folder, chat_template=RICH_TEMPLATE)
     text = tok.apply_chat_template(RICH_MESSAGES, greeting="hi ü")
