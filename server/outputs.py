@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from server.request import RequestOutput, RequestStatus
+from server.request import RequestOutput, RequestStatus, SamplingParams
 from server.scheduler import FINISH_REASONS, Scheduler, Sequence
 
 
@@ -80,9 +80,18 @@ class OutputBuilder:
             elif seq.status.is_finished:
                 text += detok.flush()
         out = self._output(seq, text, [token], first)
+        if seq.status == RequestStatus.FINISHED_STOPPED:
+            out.stop_reason = (detok.stopped_by if detok.stopped_by is not None
+                               else self._stop_token(token, p))
         if seq.status.is_finished:
             self._release(seq)
         return out
+
+    def _stop_token(self, token: int, p: SamplingParams) -> int | None:
+        """The stop_token_ids id that ended a sequence; None for eos (as vLLM reports it)."""
+        if not p.ignore_eos and token in self._tokenizer.eos_ids:
+            return None
+        return token if token in p.stop_token_ids else None
 
     def final(self, seq: Sequence, error: str | None) -> RequestOutput:
         """The last output of a sequence ended from outside (abort, error): with the text still

@@ -122,6 +122,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's: the stop string or stop_token_ids id that finished it (None for eos and others)
+    stop_reason: str | int | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative

@@ -134,7 +134,9 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     else:
         text = body.prompt or ""
     tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
+    strs = [tokenizer.id_to_token(t) for t in tokens] if body.return_token_strs else None
+    return TokenizeResponse(tokens=tokens, token_strs=strs, count=len(tokens),
+                            max_model_len=engine.max_model_len)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

@@ -62,6 +62,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
     num_output_tokens: int = 0
 
 
@@ -139,6 +140,7 @@ def _absorb(choice: Choice, out: RequestOutput) -> None:
         choice.logprobs.extend(out.logprobs)
     choice.num_output_tokens = out.num_output_tokens
     choice.finish_reason = out.finish_reason
+    choice.stop_reason = out.stop_reason
 
 
 def error_event(message: str) -> str:
@@ -196,7 +198,8 @@ class CompletionService:
                                           0)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,
-                finish_reason=to_openai_finish_reason(choice.finish_reason)))
+                finish_reason=to_openai_finish_reason(choice.finish_reason),
+                stop_reason=choice.stop_reason))
         return CompletionResponse(id=response_id, model=self.model_name, choices=result,
                                   usage=_usage(submitted, choices))
 
@@ -210,10 +213,11 @@ class CompletionService:
             id=response_id, created=created, model=self.model_name, choices=[]))
 
         def chunk(index: int, text: str, logprobs: CompletionLogprobs | None,
-                  finish: FinishReason | None) -> str:
+                  out: RequestOutput) -> str:
             return envelope.render(CompletionResponseChoice(
                 index=index, text=text, logprobs=logprobs,
-                finish_reason=to_openai_finish_reason(finish)))
+                finish_reason=to_openai_finish_reason(out.finish_reason),
+                stop_reason=out.stop_reason))
 
         async for i, out in merged(self.engine, submitted):
             if out.finish_reason is FinishReason.ERROR:
@@ -234,7 +238,7 @@ class CompletionService:
                                           echo_lps, offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + sum(map(len, logprobs.tokens))
             if text or out.token_ids or out.finished:
-                yield chunk(index, text, logprobs, out.finish_reason)
+                yield chunk(index, text, logprobs, out)
         if request.include_usage:
             yield CompletionStreamResponse(id=response_id, created=created,
                                            model=self.model_name, choices=[],
@@ -268,7 +272,7 @@ class ChatService:
         result = [ChatCompletionResponseChoice(
             index=i, message=ChatCompletionMessage(content=c.text),
             logprobs=self._logprobs(c.logprobs) if request.logprobs else None,
-            finish_reason=to_openai_finish_reason(c.finish_reason))
+            finish_reason=to_openai_finish_reason(c.finish_reason), stop_reason=c.stop_reason)
             for i, c in sorted(choices.items())]
         return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
                                       usage=_usage(submitted, choices))
@@ -282,10 +286,11 @@ class ChatService:
             id=response_id, created=created, model=self.model_name, choices=[]))
 
         def chunk(index: int, delta: DeltaMessage, logprobs=None,  # noqa: ANN001
-                  finish: FinishReason | None = None) -> str:
+                  finish: RequestOutput | None = None) -> str:
             return envelope.render(ChatCompletionStreamChoice(
                 index=index, delta=delta, logprobs=logprobs,
-                finish_reason=to_openai_finish_reason(finish)))
+                finish_reason=to_openai_finish_reason(finish and finish.finish_reason),
+                stop_reason=finish and finish.stop_reason))
 
         for index in range(request.n):  # the role comes first, before any content
             yield chunk(index, DeltaMessage(role="assistant", content=""))
@@ -299,7 +304,7 @@ class ChatService:
                 logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
                 yield chunk(out.index, DeltaMessage(content=out.text), logprobs)
             if out.finished:
-                yield chunk(out.index, DeltaMessage(), finish=out.finish_reason)
+                yield chunk(out.index, DeltaMessage(), finish=out)
         if request.include_usage:
             yield ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                       choices=[], usage=_usage(submitted, choices)

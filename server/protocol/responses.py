@@ -19,6 +19,9 @@ from server.request import FinishReason
 
 # OpenAI's reasons, plus vLLM's "abort" for requests cut off by a server shutdown.
 OpenAIFinishReason = Literal["stop", "length", "abort"]
+# vLLM's extra field: the stop string or stop token id that ended a choice; null otherwise
+# (eos, length, abort, and every chunk before the last)
+StopReason = str | int | None
 
 
 def random_id(prefix: str) -> str:
@@ -104,6 +107,7 @@ class CompletionResponseChoice(ResponseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
+    stop_reason: StopReason = None
 
 
 class CompletionResponse(ResponseModel):
@@ -138,6 +142,7 @@ class ChatCompletionResponseChoice(ResponseModel):
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
+    stop_reason: StopReason = None
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -165,6 +170,7 @@ class ChatCompletionStreamChoice(ResponseModel):
     delta: DeltaMessage
     logprobs: ChatCompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
+    stop_reason: StopReason = None
 
 
 class ChatCompletionChunk(_OmitNullUsage):

@@ -30,6 +30,7 @@ class TokenizeRequest(ChatTemplateControls):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
     add_special_tokens: bool = True
+    return_token_strs: bool = False  # vLLM's: each token's vocabulary entry as well
 
     @model_validator(mode="before")
     @classmethod
@@ -51,6 +52,7 @@ class TokenizeRequest(ChatTemplateControls):
 
 class TokenizeResponse(ResponseModel):
     tokens: list[int]
+    token_strs: list[str] | None = None
     count: int
     max_model_len: int
 

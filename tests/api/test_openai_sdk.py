@@ -173,9 +173,21 @@ def test_stop_string_truncates_output(sdk: OpenAI) -> None:
     stop = full[start:start + 2]
     r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, stop=[stop], **GREEDY)
     choice = r.choices[0]
-    assert choice.finish_reason == "stop"
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop  # vLLM's extra field
     assert stop not in choice.text
     assert choice.text == full[:full.index(stop)]
+
+
+def test_stop_reason_names_the_stop_token_id(sdk: OpenAI) -> None:
+    """vLLM's `stop_reason`: the stop_token_ids id that ended a choice; null at the length.
+    A logit bias makes token 42 the greedy choice at every step."""
+    forced = {"logit_bias": {"42": 100}, **GREEDY}
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, **forced)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].stop_reason is None
+    stop = {"extra_body": {"ignore_eos": True, "stop_token_ids": [42], "min_tokens": 2}}
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, **{**forced, **stop})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].stop_reason == 42
+    assert r.usage.completion_tokens == 3  # 42 is banned for the first min_tokens, as in vLLM
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -190,10 +202,12 @@ def test_chat_stop_string(sdk: OpenAI, stream: bool) -> None:
     if stream:
         chunks = list(r)
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
-        finish = chunks[-1].choices[0].finish_reason
+        last = chunks[-1].choices[0]
+        assert all(c.choices[0].stop_reason is None for c in chunks[:-1])
     else:
-        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
-    assert finish == "stop" and text == full[:full.index(stop)]
+        text, last = r.choices[0].message.content, r.choices[0]
+    assert last.finish_reason == "stop" and text == full[:full.index(stop)]
+    assert last.stop_reason == stop
 
 
 def test_seed_reproducible(sdk: OpenAI) -> None:

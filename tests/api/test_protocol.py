@@ -514,7 +514,8 @@ def test_detokenize_and_tokenize_shapes() -> None:
         DetokenizeRequest.model_validate({"tokens": [-1]})
     assert DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
     response = TokenizeResponse(tokens=[1, 2], count=2, max_model_len=128)
-    assert wire(response) == {"tokens": [1, 2], "count": 2, "max_model_len": 128}
+    assert wire(response) == {"tokens": [1, 2], "token_strs": None, "count": 2,
+                              "max_model_len": 128}  # vLLM's shape: token_strs on request
 
 
 # --- logprob builders -------------------------------------------------------------------------
@@ -630,6 +631,7 @@ def test_chat_chunks_keep_nulls_and_parse_with_openai_sdk() -> None:
         "delta": {"content": "Hi"},
         "logprobs": None,
         "finish_reason": None,
+        "stop_reason": None,  # vLLM's, null until a stop string or stop token id ends it
     }
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
     assert "usage" not in middle and usage["choices"] == []
@@ -647,7 +649,8 @@ def test_completion_chunks_keep_nulls() -> None:
         "object": "text_completion",
         "created": 1,
         "model": "m",
-        "choices": [{"index": 1, "text": "lo", "logprobs": None, "finish_reason": None}],
+        "choices": [{"index": 1, "text": "lo", "logprobs": None, "finish_reason": None,
+                     "stop_reason": None}],
     }
     final = CompletionResponseChoice(index=1, text="", finish_reason="stop")
     usage = CompletionStreamResponse(id="cmpl-1", model="m", choices=[final], usage=USAGE)

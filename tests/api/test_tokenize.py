@@ -46,6 +46,16 @@ def test_prompt_round_trip(client: httpx.Client, text: str) -> None:
     assert detokenize(client, with_bos).startswith("<s>")
 
 
+def test_token_strs_are_the_vocabulary_entries(client: httpx.Client) -> None:
+    plain = tokenize(client, prompt="Hello there")
+    assert plain["token_strs"] is None
+    named = tokenize(client, prompt="Hello there", return_token_strs=True)
+    assert named["tokens"] == plain["tokens"] and named["token_strs"][0] == "<s>"
+    assert len(named["token_strs"]) == named["count"]
+    pieces = "".join(named["token_strs"][1:])
+    assert pieces.replace("\u2581", " ").replace("\u0120", " ").strip() == "Hello there"
+
+
 def test_special_tokens_flag(client: httpx.Client) -> None:
     with_bos = tokenize(client, prompt="Hello there")["tokens"]
     without = tokenize(client, prompt="Hello there", add_special_tokens=False)["tokens"]
