@@ -164,13 +164,22 @@ class CompletionService:
 
     def _logprobs(self, s: Submitted, new_ids: list[int],
                   new_lps: list[TokenLogprob], echo: list[TokenLogprob | None] | None,
-                  offset: int) -> CompletionLogprobs:
+                  offset: int, skip_special_tokens: bool) -> tuple[CompletionLogprobs, int]:
+        """The logprobs of `new_ids` (after the prompt's, when echoing), and the text offset
+        after them."""
         ids: list[int] = list(new_ids)
         lps: list[TokenLogprob | None] = list(new_lps)
         if echo is not None:
             ids, lps = s.prompt_ids + ids, list(echo) + lps
         texts = self._texts(ids, lps)
-        return completion_logprobs(ids, lps, texts, text_offset=offset)
+        # text_offset passes over the special tokens the text leaves out (an echoed prompt
+        # never shows them), so that each offset points into the text returned.
+        special = self.tokenizer.special_ids
+        shown = [not (skip_special_tokens and t in special) for t in new_ids]
+        if echo is not None:
+            shown = [t not in special for t in s.prompt_ids] + shown
+        end = offset + sum(len(texts[t]) for t, show in zip(ids, shown, strict=True) if show)
+        return completion_logprobs(ids, lps, texts, text_offset=offset, shown=shown), end
 
     def _texts(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[int, str]:
         wanted = sorted(set(ids) | logprob_token_ids(lps))
@@ -192,10 +201,10 @@ class CompletionService:
             echo = self._echo_text(s) if request.echo else ""
             logprobs = None
             if request.logprobs is not None:
-                logprobs = self._logprobs(s, choice.token_ids[:len(choice.logprobs)],
-                                          choice.logprobs,
-                                          prompt_lps.get(index // n) if request.echo else None,
-                                          0)
+                logprobs, _ = self._logprobs(
+                    s, choice.token_ids[:len(choice.logprobs)], choice.logprobs,
+                    prompt_lps.get(index // n) if request.echo else None, 0,
+                    request.skip_special_tokens)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
@@ -234,9 +243,9 @@ class CompletionService:
                 echo_lps = out.prompt_logprobs or []
             logprobs = None
             if request.logprobs is not None:
-                logprobs = self._logprobs(s, out.token_ids, out.logprobs or [],
-                                          echo_lps, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + sum(map(len, logprobs.tokens))
+                logprobs, offsets[index] = self._logprobs(
+                    s, out.token_ids, out.logprobs or [], echo_lps, offsets.get(index, 0),
+                    request.skip_special_tokens)
             if text or out.token_ids or out.finished:
                 yield chunk(index, text, logprobs, out)
         if request.include_usage:

@@ -57,21 +57,27 @@ def completion_logprobs(
     logprobs: Sequence[TokenLogprob | None],
     token_texts: Mapping[int, str],
     text_offset: int = 0,
+    shown: Sequence[bool] | None = None,
 ) -> CompletionLogprobs:
     """The completions shape for `token_ids` (prompt ids first when echoing).
 
     `text_offset` is the length of the text already returned before the first token; offsets
-    run over the token texts. `top_logprobs` holds the chosen token and its alternatives, so up
-    to logprobs + 1 entries (vLLM's documented behaviour).
+    run over the texts of the tokens `shown` (default: all) in the returned text, which may
+    leave some out (special tokens): each offset then points into that text. `top_logprobs`
+    holds the chosen token and its alternatives, so up to logprobs + 1 entries (vLLM's
+    documented behaviour).
     """
     if len(token_ids) != len(logprobs):
         raise ValueError(f"{len(token_ids)} token ids but {len(logprobs)} logprobs")
+    if shown is not None and len(shown) != len(token_ids):
+        raise ValueError(f"{len(token_ids)} token ids but {len(shown)} shown flags")
     result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, logprobs, strict=True):
+    for i, (token_id, entry) in enumerate(zip(token_ids, logprobs, strict=True)):
         text = token_texts[token_id]
         result.tokens.append(text)
         result.text_offset.append(text_offset)
-        text_offset += len(text)
+        if shown is None or shown[i]:
+            text_offset += len(text)
         if entry is None:
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)

@@ -165,6 +165,26 @@ def test_echo_with_logprobs_covers_prompt(sdk: OpenAI) -> None:
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offsets_point_into_the_text(sdk: OpenAI, stream: bool) -> None:
+    """OpenAI's text_offset: where each token starts in the text returned. The echoed
+    prompt's BOS is not in that text, so it takes no room (it took 3 characters)."""
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, echo=True,
+                               logprobs=0, stream=stream, **GREEDY)
+    choices = [c.choices[0] for c in r] if stream else [r.choices[0]]
+    text = "".join(c.text for c in choices)
+    tokens = [t for c in choices for t in c.logprobs.tokens]
+    offsets = [o for c in choices for o in c.logprobs.text_offset]
+    assert tokens[0] == "<s>" and offsets[:2] == [0, 0]
+    checked = 0
+    for token, offset in zip(tokens[1:], offsets[1:], strict=True):
+        if "\ufffd" in token:  # a piece of a character: texts and text then part ways
+            break
+        assert text[offset:offset + len(token)] == token, (token, offset, text)
+        checked += 1
+    assert checked > 4  # the prompt's tokens at least
+
+
 def test_stop_string_truncates_output(sdk: OpenAI) -> None:
     full = greedy_text(sdk, PROMPT, 24)
     # a stop string taken from the second half of the greedy output, ASCII so no byte games
