@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class Tokenizer:
         # strip (which only applies at the start of a text) does not eat the token's space.
         self._anchor = backend.encode("a", add_special_tokens=False).ids
         self._anchor_text = backend.decode(self._anchor, skip_special_tokens=False)
+        self._decoders = _decoder_types(json.loads(backend.to_str()).get("decoder"))
+        self._added = frozenset(backend.get_added_tokens_decoder())
 
     @classmethod
     def from_dir(cls, folder: Path, chat_template: str | None = None) -> Tokenizer:
@@ -125,6 +128,32 @@ class Tokenizer:
                 texts[i] = self._backend.decode([i], skip_special_tokens=False)
         return [texts.get(i, "") for i in ids]
 
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each id's own bytes, as OpenAI's chat logprobs give them: for a token holding part
+        of a UTF-8 character (byte fallback's <0xE4>, a byte-level piece) the raw byte(s),
+        where its text can only be "\ufffd"; joined, a sequence's bytes are its text. Leading
+        spaces as in `token_texts`."""
+        texts = None
+        out = []
+        for i, token_id in enumerate(ids):
+            token = (self._backend.id_to_token(token_id)
+                     if 0 <= token_id < self.vocab_size else None)
+            if token is None:
+                out.append(b"")
+            elif token_id in self._added:  # added tokens are their content, as decode has them
+                out.append(token.encode("utf-8"))
+            elif "ByteLevel" in self._decoders:
+                out.append(bytes(_BYTE_OF_CHAR[c] for c in token)
+                           if all(c in _BYTE_OF_CHAR for c in token) else token.encode())
+            elif "ByteFallback" in self._decoders and _BYTE_TOKEN.fullmatch(token):
+                out.append(bytes([int(token[3:5], 16)]))
+            elif "Replace" in self._decoders or "Metaspace" in self._decoders:
+                out.append(token.replace("\u2581", " ").encode("utf-8"))
+            else:  # a decoder we do not model: its text, as the token's logprob shows it
+                texts = texts or self.token_texts(ids)
+                out.append(texts[i].encode("utf-8"))
+        return out
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, **extra: Any) -> str:
         """The prompt text, rendered as transformers' apply_chat_template(tokenize=False);
@@ -142,6 +171,24 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message,
                                         **extra)
         return self.encode(text, add_special_tokens=add_special_tokens)
+
+
+# GPT-2's byte-level alphabet (tokenizers' ByteLevel): every byte is a printable character
+# in tokens; the inverse gives a token's raw bytes.
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+              *range(ord("\xae"), ord("\xff") + 1)]
+_BYTE_OF_CHAR = {chr(b): b for b in _PRINTABLE}
+_BYTE_OF_CHAR.update({chr(256 + n): b for n, b in enumerate(
+    b for b in range(256) if b not in _PRINTABLE)})
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
+
+
+def _decoder_types(decoder: dict | None) -> frozenset[str]:
+    """The decoder's types, a Sequence's members included."""
+    if not decoder:
+        return frozenset()
+    members = decoder.get("decoders") or []
+    return frozenset({decoder.get("type", ""), *(d.get("type", "") for d in members)})
 
 
 def _read_json(path: Path) -> dict:

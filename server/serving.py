@@ -270,7 +270,8 @@ class ChatService:
     def _logprobs(self, lps: list[TokenLogprob]):  # noqa: ANN202 - protocol type
         wanted = sorted(logprob_token_ids(lps))
         texts = dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
-        return chat_logprobs(lps, texts)
+        raw = dict(zip(wanted, self.tokenizer.token_bytes(wanted), strict=True))
+        return chat_logprobs(lps, texts, raw)
 
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:

@@ -90,24 +90,24 @@ def completion_logprobs(
     return result
 
 
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
 def chat_logprobs(
-    logprobs: Sequence[TokenLogprob], token_texts: Mapping[int, str]
+    logprobs: Sequence[TokenLogprob], token_texts: Mapping[int, str],
+    token_bytes: Mapping[int, bytes] | None = None,
 ) -> ChatCompletionLogprobs:
-    """The chat shape: per token its text, logprob, UTF-8 bytes and top alternatives."""
+    """The chat shape: per token its text, logprob, bytes and top alternatives. `token_bytes`
+    are the tokens' own bytes (a byte token's raw byte, where its text is "\ufffd"); without
+    them, the UTF-8 of the texts."""
+
+    def raw(token_id: int) -> list[int]:
+        if token_bytes is not None:
+            return list(token_bytes[token_id])
+        return list(token_texts[token_id].encode("utf-8", errors="replace"))
+
     content = []
     for entry in logprobs:
-        text = token_texts[entry.token_id]
-        top = [
-            TopLogprob(token=token_texts[i], logprob=_clamp(lp), bytes=_utf8(token_texts[i]))
-            for i, lp in entry.top
-        ]
-        content.append(
-            ChatCompletionTokenLogprob(
-                token=text, logprob=_clamp(entry.logprob), bytes=_utf8(text), top_logprobs=top
-            )
-        )
+        top = [TopLogprob(token=token_texts[i], logprob=_clamp(lp), bytes=raw(i))
+               for i, lp in entry.top]
+        content.append(ChatCompletionTokenLogprob(
+            token=token_texts[entry.token_id], logprob=_clamp(entry.logprob),
+            bytes=raw(entry.token_id), top_logprobs=top))
     return ChatCompletionLogprobs(content=content)

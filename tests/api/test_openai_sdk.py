@@ -135,15 +135,38 @@ def test_completion_logprobs(sdk: OpenAI) -> None:
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_chat_logprob_bytes_of_byte_tokens(sdk: OpenAI, server: Server) -> None:
+    """A token holding part of a character shows as "\ufffd", and its `bytes` are its raw
+    byte, not the replacement character's three: the logit bias makes the model write the
+    three byte tokens of "你" in the order it likes."""
+    pieces = httpx.post(server.base_url + "/tokenize", timeout=60,
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"prompt": "你", "add_special_tokens": False}).json()["tokens"]
+    assert len(pieces) == 3
+    r = sdk.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=4, logprobs=True,
+        logit_bias={str(t): 100 for t in pieces}, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert all(len(entry.bytes) == 1 and entry.bytes[0] in (0xE4, 0xBD, 0xA0)
+               for entry in content), [(e.token, e.bytes) for e in content]
+    raw = b"".join(bytes(entry.bytes) for entry in content)
+    assert raw.decode("utf-8", errors="replace") == r.choices[0].message.content
+
+
 def test_chat_logprobs(sdk: OpenAI) -> None:
     r = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=6, logprobs=True,
                                     top_logprobs=2, **GREEDY)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 6
     for entry in content:
-        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0
+        if "\ufffd" not in entry.token:  # else a piece of a character: its raw byte(s)
+            assert entry.bytes == list(entry.token.encode())
         assert len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))
+    # OpenAI's promise: joined, the tokens' bytes are the text (here across byte tokens)
+    raw = b"".join(bytes(entry.bytes) for entry in content)
+    assert raw.decode("utf-8", errors="replace") == r.choices[0].message.content
     # without logprobs=True there are none
     plain = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
     assert plain.choices[0].logprobs is None

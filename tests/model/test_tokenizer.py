@@ -189,6 +189,18 @@ def test_token_texts_keep_spaces_and_mark_partial_bytes(tok: Tokenizer) -> None:
     assert pieces == ["\ufffd"] * 3
 
 
+def test_token_bytes_rebuild_the_text(tok: Tokenizer) -> None:
+    """OpenAI's logprob `bytes`: a byte token's raw byte, not the replacement character's
+    three; joined, a text's tokens give it back (with SentencePiece's leading space)."""
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        joined = b"".join(tok.token_bytes(ids)).decode("utf-8")
+        assert joined in (text, " " + text), (text, joined)
+    ni = [b for b in tok.token_bytes(tok.encode("你", add_special_tokens=False)) if b.strip()]
+    assert ni == [bytes([0xE4]), bytes([0xBD]), bytes([0xA0])]
+    assert tok.token_bytes([BOS, EOS, 10**9]) == [b"<s>", b"</s>", b""]
+
+
 # --- chat template -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
