@@ -40,33 +40,41 @@ def render(template: jinja2.Template, messages: list[dict], special_tokens: dict
         raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both "
                                 "be true: the first continues the last message, the second "
                                 "starts a new one")
+    if continue_final_message:
+        messages = _tag_final(messages)
     variables = {**special_tokens, "tools": None, "documents": None, **_plain(extra),
                  "messages": _template_messages(messages),
                  "add_generation_prompt": add_generation_prompt}
     try:
-        text = template.render(**variables)
+        text = template.render(variables)  # a dict: a variable named "self" is no argument
     except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
         raise ChatTemplateError(f"chat template error: {e}") from e
     except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
         raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
-    return _cut_after_final(text, messages[-1]) if continue_final_message else text
+    return _cut_at_tag(text, messages[-1]["content"]) if continue_final_message else text
 
 
-def _cut_after_final(text: str, final: dict) -> str:
-    """`text` up to the end of the final message's content, as transformers cuts it: the
-    last place the content appears (stripped, since templates often trim it), keeping the
-    content's trailing whitespace only where the template kept it."""
-    content = final.get("content")
+# transformers' marker: appended to the final message, rendered, then cut at
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final(messages: list[dict]) -> list[dict]:
+    content = messages[-1].get("content")
     if not isinstance(content, str) or not content.strip():
         raise ChatTemplateError("continue_final_message needs a final message with text to "
                                 "continue")
-    at = text.rfind(content.strip())
-    if at < 0:
+    return [*messages[:-1], {**messages[-1], "content": content + _CONTINUE_TAG}]
+
+
+def _cut_at_tag(text: str, tagged: str) -> str:
+    """The text up to the tag, as transformers cuts it: where the template trimmed the space
+    after it, the text before it is right-stripped too."""
+    content = tagged[:-len(_CONTINUE_TAG)]
+    if content.strip() not in text or _CONTINUE_TAG.strip() not in text:
         raise ChatTemplateError("continue_final_message: the chat template does not write the "
                                 "final message's content as it is, so it cannot be continued")
-    kept = content.lstrip()
-    end = at + len(kept) if text[at:at + len(kept)] == kept else at + len(content.strip())
-    return text[:end]
+    at = text.rindex(_CONTINUE_TAG.strip())
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def compile_template(source: str) -> jinja2.Template:

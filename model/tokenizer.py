@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         bos = special_tokens.get("bos_token")
         self.bos_id: int | None = backend.token_to_id(bos) if bos else None
-        self.eos_ids = eos_ids
+        self.eos_ids = eos_ids  # generation_config.json's and the tokenizer's eos
+        eos = special_tokens.get("eos_token")
+        self.eos_id: int | None = backend.token_to_id(eos) if eos else None  # the tokenizer's
         # What decode(skip_special_tokens=True) drops: the added tokens marked special.
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
                                      if t.special)
@@ -57,6 +59,7 @@ class Tokenizer:
         self._anchor_text = backend.decode(self._anchor, skip_special_tokens=False)
         self._decoders = _decoder_types(json.loads(backend.to_str()).get("decoder"))
         self._added = frozenset(backend.get_added_tokens_decoder())
+        self._bytes: dict[int, bytes] = {}  # token_bytes' answers: a token's bytes never change
 
     @classmethod
     def from_dir(cls, folder: Path, chat_template: str | None = None) -> Tokenizer:
@@ -133,6 +136,12 @@ class Tokenizer:
         of a UTF-8 character (byte fallback's <0xE4>, a byte-level piece) the raw byte(s),
         where its text can only be "\ufffd"; joined, a sequence's bytes are its text. Leading
         spaces as in `token_texts`."""
+        missing = [i for i in dict.fromkeys(ids) if i not in self._bytes]
+        for token_id, raw in zip(missing, self._token_bytes(missing), strict=True):
+            self._bytes[token_id] = raw
+        return [self._bytes[i] for i in ids]
+
+    def _token_bytes(self, ids: list[int]) -> list[bytes]:
         texts = None
         out = []
         for i, token_id in enumerate(ids):
@@ -155,21 +164,23 @@ class Tokenizer:
         return out
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, **extra: Any) -> str:
+                            continue_final_message: bool = False,
+                            variables: Mapping[str, Any] | None = None, **extra: Any) -> str:
         """The prompt text, rendered as transformers' apply_chat_template(tokenize=False);
-        `extra` are more template variables (vLLM's chat_template_kwargs)."""
+        `variables` and `extra` are more template variables (a client's chat_template_kwargs
+        come as `variables`, a dict, so that no key of theirs can be taken for an argument)."""
         if self._template is None:
             raise ChatTemplateError(NO_TEMPLATE)
         return render(self._template, messages, self.special_tokens, add_generation_prompt,
-                      extra, continue_final_message)
+                      {**(variables or {}), **extra}, continue_final_message)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, add_special_tokens: bool = False,
-                    **extra: Any) -> list[int]:
+                    variables: Mapping[str, Any] | None = None, **extra: Any) -> list[int]:
         """Prompt ids: the rendered template encoded, by default without adding special tokens
         (the template writes its own BOS), as apply_chat_template(tokenize=True) does."""
         text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message,
-                                        **extra)
+                                        variables, **extra)
         return self.encode(text, add_special_tokens=add_special_tokens)
 
 

@@ -88,10 +88,14 @@ class OutputBuilder:
         return out
 
     def _stop_token(self, token: int, p: SamplingParams) -> int | None:
-        """The stop_token_ids id that ended a sequence; None for eos (as vLLM reports it)."""
-        if not p.ignore_eos and token in self._tokenizer.eos_ids:
+        """The id that ended a sequence, as vLLM reports it: None for the tokenizer's eos;
+        a stop_token_ids id, or another eos of generation_config.json (Llama 3's <|eot_id|>,
+        which vLLM counts among the stop token ids), as itself."""
+        if token == self._tokenizer.eos_id and not p.ignore_eos:
             return None
-        return token if token in p.stop_token_ids else None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self._tokenizer.eos_ids):
+            return token
+        return None
 
     def final(self, seq: Sequence, error: str | None) -> RequestOutput:
         """The last output of a sequence ended from outside (abort, error): with the text still

@@ -155,9 +155,17 @@ class CompletionService:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
 
     def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
-        special = request.add_special_tokens
-        return [(self.tokenizer.encode(p, add_special_tokens=special), p) if isinstance(p, str)
-                else (list(p), None) for p in request.prompts]
+        """Each prompt's ids and its text as sent (None for ids, or once truncated: the echo
+        then decodes the ids kept)."""
+        special, keep = request.add_special_tokens, request.truncate_prompt_tokens
+        out: list[tuple[list[int], str | None]] = []
+        for p in request.prompts:
+            ids, text = ((self.tokenizer.encode(p, add_special_tokens=special), p)
+                         if isinstance(p, str) else (list(p), None))
+            if keep is not None and len(ids) > keep:
+                ids, text = ids[-keep:], None
+            out.append((ids, text))
+        return out
 
     def _echo_text(self, s: Submitted) -> str:
         return s.prompt_text if s.prompt_text is not None else self.tokenizer.decode(s.prompt_ids)
@@ -177,9 +185,21 @@ class CompletionService:
         special = self.tokenizer.special_ids
         shown = [not (skip_special_tokens and t in special) for t in new_ids]
         if echo is not None:
-            shown = [t not in special for t in s.prompt_ids] + shown
+            shown = self._prompt_shown(s) + shown
         end = offset + sum(len(texts[t]) for t, show in zip(ids, shown, strict=True) if show)
         return completion_logprobs(ids, lps, texts, text_offset=offset, shown=shown), end
+
+    def _prompt_shown(self, s: Submitted) -> list[bool]:
+        """Which prompt tokens the echoed text shows. A text prompt is echoed as sent: all but
+        what the tokenizer added around it (BOS), even special tokens written in it. Token
+        ids are echoed decoded, without special tokens."""
+        ids = s.prompt_ids
+        if s.prompt_text is not None:
+            plain = self.tokenizer.encode(s.prompt_text, add_special_tokens=False)
+            for start in range(len(ids) - len(plain) + 1):
+                if ids[start:start + len(plain)] == plain:
+                    return [start <= i < start + len(plain) for i in range(len(ids))]
+        return [t not in self.tokenizer.special_ids for t in ids]
 
     def _texts(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[int, str]:
         wanted = sorted(set(ids) | logprob_token_ids(lps))
@@ -263,9 +283,11 @@ class ChatService:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        return self.tokenizer.encode_chat([m.template_dict() for m in request.messages],
-                                          add_special_tokens=request.add_special_tokens,
-                                          **request.template_args())
+        ids = self.tokenizer.encode_chat([m.template_dict() for m in request.messages],
+                                         add_special_tokens=request.add_special_tokens,
+                                         **request.template_args())
+        keep = request.truncate_prompt_tokens  # vLLM's: the last k tokens
+        return ids[-keep:] if keep is not None else ids
 
     def _logprobs(self, lps: list[TokenLogprob]):  # noqa: ANN202 - protocol type
         wanted = sorted(logprob_token_ids(lps))

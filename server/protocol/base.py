@@ -8,6 +8,7 @@ naming the field. Imports nothing else of the package.
 from __future__ import annotations
 
 import logging
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -210,11 +211,13 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+# pydantic's schema names: "constrained-str", "function-wrap[...]", "list[...]"
+_SCHEMA_TAG = re.compile(r"[a-z]+(-[a-z]+)+|[a-z-]+\[.*\]")
 
 
 def _union_member(part: Any) -> bool:
     """A union member's tag in an error's location ("str", "list[function-wrap[...]]")."""
-    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+    return isinstance(part, str) and (part in _TYPE_TAGS or bool(_SCHEMA_TAG.fullmatch(part)))
 
 
 class ErrorInfo(OpenAIBaseModel):

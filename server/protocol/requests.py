@@ -43,7 +43,9 @@ Refused = SkipJsonSchema[Any]
 
 
 def _refuse(value: Any, info: ValidationInfo) -> Any:
-    if value not in (None, False, [], {}, ""):
+    neutral = value is None or value is False or (isinstance(value, list | dict | str)
+                                                  and not value)
+    if not neutral:  # 0 asks for something: prompt_logprobs 0 is the prompt's own logprobs
         raise ValueError(f"{info.field_name} is not supported by this server")
     return value
 
@@ -83,6 +85,7 @@ class _SamplingRequest(OpenAIBaseModel):
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
     response_format: ResponseFormat | None = None
     # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
     allowed_token_ids: Refused = None
@@ -183,21 +186,22 @@ class _SamplingRequest(OpenAIBaseModel):
 
 
 def _prompt_kind(value: Any) -> str | None:
+    """The prompt's shape, as a tag error messages leave out (hyphenated, like pydantic's)."""
     if isinstance(value, str):
-        return "text"
+        return "prompt-text"
     if not isinstance(value, list) or not value:
         return None
-    return {str: "texts", list: "batch"}.get(type(value[0]), "ids")
+    return {str: "prompt-texts", list: "prompt-batch"}.get(type(value[0]), "prompt-ids")
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `suffix` and `best_of != n` are refused."""
 
     prompt: Annotated[
-        Annotated[str, Tag("text")]
-        | Annotated[list[str], MAX_ITEMS_FIELD, Tag("texts")]
-        | Annotated[TokenIds, Tag("ids")]
-        | Annotated[list[TokenIds], MAX_ITEMS_FIELD, Tag("batch")],
+        Annotated[str, Tag("prompt-text")]
+        | Annotated[list[str], MAX_ITEMS_FIELD, Tag("prompt-texts")]
+        | Annotated[TokenIds, Tag("prompt-ids")]
+        | Annotated[list[TokenIds], MAX_ITEMS_FIELD, Tag("prompt-batch")],
         Discriminator(
             _prompt_kind,
             custom_error_type="invalid_prompt",
@@ -340,7 +344,7 @@ class ChatTemplateControls(OpenAIBaseModel):
         """Keyword arguments of Tokenizer.apply_chat_template / encode_chat."""
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message,
-                **(self.chat_template_kwargs or {})}
+                "variables": self.chat_template_kwargs or {}}
 
 
 class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):

@@ -189,10 +189,12 @@ def test_echo_with_logprobs_covers_prompt(sdk: OpenAI) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_text_offsets_point_into_the_text(sdk: OpenAI, stream: bool) -> None:
+@pytest.mark.parametrize("prompt", [PROMPT, "<|user|>" + PROMPT])
+def test_text_offsets_point_into_the_text(sdk: OpenAI, stream: bool, prompt: str) -> None:
     """OpenAI's text_offset: where each token starts in the text returned. The echoed
-    prompt's BOS is not in that text, so it takes no room (it took 3 characters)."""
-    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, echo=True,
+    prompt's BOS is not in that text, so it takes no room (it took 3 characters); a special
+    token the prompt's text spells out is (the echo is the text as sent)."""
+    r = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=8, echo=True,
                                logprobs=0, stream=stream, **GREEDY)
     choices = [c.choices[0] for c in r] if stream else [r.choices[0]]
     text = "".join(c.text for c in choices)

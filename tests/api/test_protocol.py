@@ -372,6 +372,8 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
     for build in (completion, chat):
         assert_invalid(build, {field: [1] if field != "use_beam_search" else True}, field,
                        f"{field} is not supported")
+        if field == "prompt_logprobs":  # 0 asks for the prompt's own logprobs
+            assert_invalid(build, {field: 0}, field, "not supported")
         for neutral in (None, False, []):
             build(**{field: neutral})
     assert_invalid(chat, {"echo": True}, "echo", "echo is not supported")
@@ -385,12 +387,13 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
 def test_chat_template_controls() -> None:
     default = chat()
     assert default.template_args() == {"add_generation_prompt": True,
-                                       "continue_final_message": False}
+                                       "continue_final_message": False, "variables": {}}
     assert not default.add_special_tokens and completion().add_special_tokens
     cont = chat(add_generation_prompt=False, continue_final_message=True,
                 chat_template_kwargs={"enable_thinking": False})
     assert cont.template_args() == {"add_generation_prompt": False,
-                                    "continue_final_message": True, "enable_thinking": False}
+                                    "continue_final_message": True,
+                                    "variables": {"enable_thinking": False}}
     assert_invalid(chat, {"continue_final_message": True}, "continue_final_message",
                    "cannot both be true")
     assert_invalid(chat, {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",
@@ -721,6 +724,11 @@ def test_describe_validation_errors_speaks_of_the_request_not_pydantic() -> None
         "(at character 1)", None)
     no_body = [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
     assert describe_validation_errors(no_body) == ("the request needs a JSON body", None)
+    for fields, expected in [({"stop": [1]}, "stop: Input should be a valid string"),
+                             ({"prompt": [[1, "a"]]}, "prompt.0: token id at index 1")]:
+        with pytest.raises(ValidationError) as info:
+            completion(**fields)
+        assert describe_validation_errors(info.value.errors())[0].startswith(expected)
     with pytest.raises(ValidationError) as info:
         chat(messages=[{"role": "user", "content": 5}])
     message, param = describe_validation_errors(info.value.errors())

@@ -91,7 +91,9 @@ def test_chat_honours_the_template_controls(client: httpx.Client) -> None:
     answer = [*MESSAGES, {"role": "assistant", "content": "Sure, the"}]
     cases = [(MESSAGES, {"add_generation_prompt": False}),
              (answer, {"add_generation_prompt": False, "continue_final_message": True}),
-             (MESSAGES, {"add_special_tokens": True})]
+             (MESSAGES, {"add_special_tokens": True}),
+             # a client's template variables never collide with the call's arguments
+             (MESSAGES, {"chat_template_kwargs": {"add_special_tokens": True, "self": 1}})]
     counts = []
     for messages, controls in cases:
         expected = tokenize(client, messages=messages, **controls)
@@ -103,10 +105,27 @@ def test_chat_honours_the_template_controls(client: httpx.Client) -> None:
     assert detokenize(client, tokenize(client, messages=answer, add_generation_prompt=False,
                                        continue_final_message=True)["tokens"]
                       ).endswith("Sure, the")
-    assert counts[0] < tokenize(client, messages=MESSAGES)["count"] < counts[2]
+    assert counts[0] < tokenize(client, messages=MESSAGES)["count"] == counts[3] < counts[2]
     both = client.post("/v1/chat/completions", json={
         "model": "tiny", "messages": answer, "continue_final_message": True})
     assert assert_openai_error(both, 400)["param"] == "continue_final_message"
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client: httpx.Client) -> None:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens; an echo shows those."""
+    ids = tokenize(client, prompt="one two three four five six seven")["tokens"]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "one two three four "
+                                             "five six seven", "max_tokens": 1, "echo": True,
+                                             "truncate_prompt_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 3
+    assert r.json()["choices"][0]["text"].startswith(detokenize(client, ids[-3:]))
+    chat = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
+                                                     "max_tokens": 1,
+                                                     "truncate_prompt_tokens": 4})
+    assert chat.json()["usage"]["prompt_tokens"] == 4
+    bad = client.post("/v1/completions", json={"prompt": "x", "truncate_prompt_tokens": 0})
+    assert assert_openai_error(bad, 400)["param"] == "truncate_prompt_tokens"
 
 
 def test_completions_honour_add_special_tokens(client: httpx.Client) -> None:

@@ -47,6 +47,7 @@ class Result:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     text: dict[int, str] = field(default_factory=dict)
     finish: dict[int, FinishReason | None] = field(default_factory=dict)
+    stop_reason: dict[int, str | int | None] = field(default_factory=dict)
     prompt_logprobs: list | None = None
     error: str | None = None
 
@@ -76,6 +77,7 @@ async def collect(engine: Engine, prompt: list[int], params: SamplingParams, rid
             res.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             res.finish[out.index] = out.finish_reason
+            res.stop_reason[out.index] = out.stop_reason
             res.error = res.error or out.error
     return res
 
@@ -300,6 +302,26 @@ def test_stop_token_text_is_left_out(tiny_checkpoint: Path) -> None:
     assert cut.tokens[0] == [t] and cut.text[0] == "" and cut.finish[0] == FinishReason.STOP
     assert kept.tokens[0] == [t] and kept.text[0] == piece
     assert shown.tokens[0] == [eos] and shown.text[0] == ""
+    # vLLM's stop_reason: the stop token id, and null for the tokenizer's eos
+    assert cut.stop_reason[0] == kept.stop_reason[0] == t and shown.stop_reason[0] is None
+
+
+def test_stop_reason_names_a_second_eos_but_not_the_tokenizers(tiny_checkpoint: Path) -> None:
+    """generation_config.json's other eos ids (Llama 3's <|eot_id|>) are stop token ids to
+    vLLM, which reports them in stop_reason; the tokenizer's own eos is null there."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        t, _ = forced_token(engine, [5, 6])
+        tok = engine.tokenizer
+        assert tok.eos_id is not None and tok.eos_id in tok.eos_ids
+        tok.eos_ids = engine.scheduler.eos_ids = frozenset({*tok.eos_ids, t})
+        second, own, ignored = run(
+            engine, ([5, 6], SamplingParams(logit_bias=((t, 100.0),), max_tokens=5), "second"),
+            ([5, 6], SamplingParams(logit_bias=((tok.eos_id, 100.0),), max_tokens=5), "own"),
+            ([5, 6], SamplingParams(logit_bias=((t, 100.0),), max_tokens=3, ignore_eos=True),
+             "ignored"))
+    assert second.finish[0] == FinishReason.STOP and second.stop_reason[0] == t
+    assert own.finish[0] == FinishReason.STOP and own.stop_reason[0] is None
+    assert ignored.finish[0] == FinishReason.LENGTH and ignored.stop_reason[0] is None
 
 
 def test_stop_strings_wait_for_min_tokens(tiny_checkpoint: Path) -> None:

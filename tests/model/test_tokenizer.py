@@ -213,7 +213,7 @@ def test_chat_template_matches_transformers(tok: Tokenizer, hf, add_generation_p
             hf_chat_ids(hf, messages, add_generation_prompt=add_generation_prompt))
 
 
-@pytest.mark.parametrize("answer", ["Sure, the", "  padded answer \n", "Sure ✓"])
+@pytest.mark.parametrize("answer", ["Sure, the", "  padded answer \n", "Sure ✓", "s", "<"])
 def test_continue_final_message_matches_transformers(tok: Tokenizer, hf, answer: str) -> None:
     """The prompt ends inside the assistant's prefilled answer, its end-of-turn cut off, as
     transformers cuts it (a trimmed template keeps no trailing whitespace)."""
