@@ -112,7 +112,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     assert service is not None
     response_id = random_id("chatcmpl")
     params = body.to_sampling_params(body.requested_max_tokens)
-    submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id)
+    submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id,
+                       "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 

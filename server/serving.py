@@ -67,8 +67,9 @@ class Choice:
 
 
 def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-           response_id: str) -> list[Submitted]:
-    """Queue every prompt, or none: a rejection aborts the ones already queued."""
+           response_id: str, prompt_param: str = "prompt") -> list[Submitted]:
+    """Queue every prompt, or none: a rejection aborts the ones already queued.
+    `prompt_param` is the field a too-long prompt is blamed on ("messages" for chat)."""
     if len(prompts) > engine.max_queued:  # a 503 would have the client retry in vain
         raise RequestRejected(
             f"the request has {len(prompts)} prompts, and this server holds at most "
@@ -79,9 +80,11 @@ def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: 
         for i, (ids, text) in enumerate(prompts):
             stream = engine.generate(ids, params, f"{response_id}-{i}")
             submitted.append(Submitted(ids, text, stream))
-    except Exception:
+    except Exception as e:
         for s in submitted:
             engine.abort(s.stream.request_id)
+        if isinstance(e, RequestRejected) and e.code == "context_length_exceeded":
+            e.param = e.param or prompt_param  # as OpenAI names it
         raise
     return submitted
 

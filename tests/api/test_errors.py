@@ -113,7 +113,9 @@ def test_context_overflow_is_400_with_numbers(client: httpx.Client, stream: bool
     n_prompt = client.post("/tokenize", json={"prompt": "Hi there"}).json()["count"]
     r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": "Hi there", "max_tokens": 600,
                                        "stream": stream})
-    message = assert_openai_error(r, 400)["message"]
+    error = assert_openai_error(r, 400)
+    message = error["message"]
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
     assert "512" in message and "600" in message and str(n_prompt + 600) in message, message
     assert str(n_prompt) in message
 
@@ -125,6 +127,7 @@ def test_chat_context_overflow_is_400(client: httpx.Client) -> None:
     r = client.post(CHAT, json={"model": "tiny", "messages": USER, "max_completion_tokens": 510})
     error = assert_openai_error(r, 400)
     assert "512" in error["message"] and error["code"] == "context_length_exceeded"
+    assert error["param"] == "messages"  # OpenAI's; completions name "prompt"
 
 
 def test_min_tokens_past_the_context_is_400(client: httpx.Client) -> None:
