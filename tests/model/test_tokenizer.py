@@ -234,6 +234,38 @@ def test_continue_final_message_matches_transformers(tok: Tokenizer, hf, answer:
                                 add_generation_prompt=False, continue_final_message=True)
 
 
+TEMPLATES = Path(__file__).with_name("templates")  # real models' chat templates
+
+
+@pytest.mark.parametrize("name", ["llama-2-chat", "llama-3.1-instruct"])
+def test_real_llama_templates_match_transformers(folder: Path, hf, name: str) -> None:
+    """Meta's chat templates (tokenizer_config.json of Llama-2-7b-chat-hf and
+    Llama-3.1-8B-Instruct) render as transformers renders them: system prompts, turns, the
+    generation prompt, a continued answer, a template variable (3.1's date_string)."""
+    template = (TEMPLATES / f"{name}.jinja").read_text()
+    tok = Tokenizer.from_dir(folder, chat_template=template)
+    answer = [*MESSAGES[1][:3]]  # system, user, assistant: continue the assistant's answer
+    cases = [(MESSAGES[0], {"add_generation_prompt": True}),
+             (MESSAGES[1], {"add_generation_prompt": True}),
+             (MESSAGES[1], {"add_generation_prompt": False}),
+             (answer, {"add_generation_prompt": False, "continue_final_message": True})]
+    if name == "llama-3.1-instruct":
+        cases.append((MESSAGES[1], {"add_generation_prompt": True,
+                                    "date_string": "26 Nov 2026"}))
+    for messages, kwargs in cases:
+        text = tok.apply_chat_template(messages, **kwargs)
+        assert text == hf.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                              **kwargs), (name, kwargs)
+        assert tok.encode_chat(messages, **kwargs) == hf_chat_ids(
+            hf, messages, chat_template=template, **kwargs)
+    if name == "llama-2-chat":  # its own check: roles must alternate
+        with pytest.raises(ChatTemplateError, match="must alternate"):
+            tok.apply_chat_template([{"role": "user", "content": "a"}] * 2)
+    else:
+        assert "Today Date: 26 Nov 2026" in tok.apply_chat_template(
+            MESSAGES[1], variables={"date_string": "26 Nov 2026"})
+
+
 def test_rich_template_matches_transformers(folder: Path, hf) -> None:
     tok = Tokenizer.from_dir(folder, chat_template=RICH_TEMPLATE)
     text = tok.apply_chat_template(RICH_MESSAGES, greeting="hi ü")
