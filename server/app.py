@@ -288,7 +288,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
             if state.engine is not None:
                 state.engine.stop()
 
-    app = FastAPI(title="llama-serve", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="llama-serve", version=package_version(), lifespan=lifespan)
     app.state.server = state
     _install_error_table(app)
     app.include_router(router)
@@ -302,7 +302,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
     return app
 
 
-def _version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from server.bench import add_bench_parser, run_bench
-from server.config import DEFAULT_BATCHED_TOKENS, EngineConfig, ServerConfig
+from server.config import DEFAULT_BATCHED_TOKENS, DEFAULT_MAX_MODEL_LEN, EngineConfig, ServerConfig
 
 logger = logging.getLogger("llama_serve")
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
          choices=["auto", "float32", "bfloat16", "float16"])
     _add(serve, "--device", "auto, cpu, cuda or cuda:N", default=e.device)
     _add(serve, "--max-model-len", "tokens per sequence (prompt + output); default: the "
-         "model's context, capped at 4096", type=int, default=e.max_model_len)
+         f"model's context, capped at {DEFAULT_MAX_MODEL_LEN}", type=int,
+         default=e.max_model_len)
     _add(serve, "--max-num-seqs", "KV-cache slots: sequences decoded at once", type=int,
          default=e.max_num_seqs)
     by_device = ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCHED_TOKENS.items())

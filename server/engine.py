@@ -29,6 +29,9 @@ from server.warmup import failure_message, phases
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# How long an idle engine waits on its inbox before it looks at the stop flag again; a whole
+# poll with nothing arriving is also the quiet moment it gives freed heap back in.
+IDLE_POLL_SECONDS = 0.05
 
 
 class RequestRejected(ValueError):
@@ -64,6 +67,11 @@ class EngineStats:
     generation_tokens_total: int = 0
     steps_total: int = 0
     finished_total: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Tokens held / the pool's capacity, 0 to 1."""
+        return self.tokens_used / self.tokens_capacity if self.tokens_capacity else 0.0
 
 
 class RequestStream:
@@ -194,6 +202,11 @@ class Engine:
         return stream
 
     @property
+    def num_slots(self) -> int:
+        """KV-cache slots: sequences run at once."""
+        return self.scheduler.n_slots
+
+    @property
     def max_queued(self) -> int:
         """The most requests `generate` takes at once: every slot's, then max_waiting more."""
         return self.scheduler.n_slots + self.max_waiting
@@ -318,7 +331,8 @@ class Engine:
     def _drain_inbox(self, block: bool) -> bool:
         """Apply everything queued (adds, aborts); whether anything was."""
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            item = (self._inbox.get(timeout=IDLE_POLL_SECONDS) if block
+                    else self._inbox.get_nowait())
         except queue.Empty:
             return False
         posts: list[RequestOutput] = []
@@ -418,7 +432,7 @@ class Engine:
                 logger.exception("request %s failed", seq.request.request_id)
                 posts += self._finish_request(seq.request, RequestStatus.FINISHED_ERROR, repr(e))
         for chunk in plan.prefills:  # scoring requests (max_tokens=0) end with their prefill
-            if chunk.is_last and chunk.request.params.max_tokens == 0:
+            if chunk.is_last and chunk.request.params.scores_only:
                 posts += [self._outputs.final(seq, "") for seq in chunk.request.seqs]
         return posts
 

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from server.engine import Engine, EngineStats
 from server.outputs import IterationStats
+from server.request import FinishReason
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 THROUGHPUT_WINDOW_SECONDS = 10.0
@@ -164,8 +165,7 @@ class _StatsCollector(Collector):
         yield gauge("kv_cache_slots_total", "KV-cache slots in the pool.", s.slots_total)
         yield gauge("kv_cache_tokens_used", "Tokens held in the KV-cache pool.", s.tokens_used)
         yield gauge("kv_cache_tokens_capacity", "Tokens the pool can hold.", s.tokens_capacity)
-        yield gauge("kv_cache_usage_ratio", "Tokens used / capacity.",
-                    s.tokens_used / s.tokens_capacity if s.tokens_capacity else 0.0)
+        yield gauge("kv_cache_usage_ratio", "Tokens used / capacity.", s.kv_cache_usage)
         prompt_tps, gen_tps = m.throughput()
         yield gauge("prompt_throughput_tokens_per_second",
                     f"Prompt tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.",
@@ -178,8 +178,8 @@ class _StatsCollector(Collector):
         yield counter("engine_steps_total", "Engine steps run.", s.steps_total)
         finished = CounterMetricFamily("llama_serve_requests_finished_total",
                                        "Finished requests by reason.", labels=["finish_reason"])
-        for reason in ("stop", "length", "abort", "error"):
-            finished.add_metric([reason], s.finished_total.get(reason, 0))
+        for reason in FinishReason:
+            finished.add_metric([reason.value], s.finished_total.get(reason.value, 0))
         yield finished
         rejected = CounterMetricFamily("llama_serve_requests_rejected_total",
                                        "Requests refused before queueing.", labels=["reason"])
@@ -199,7 +199,7 @@ def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:
     yield family(GaugeMetricFamily, "num_requests_running", "Running requests.", s.num_running)
     yield family(GaugeMetricFamily, "num_requests_waiting", "Waiting requests.", s.num_waiting)
     yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage, 1 = full.",
-                 s.tokens_used / s.tokens_capacity if s.tokens_capacity else 0.0)
+                 s.kv_cache_usage)
     yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens.", s.prompt_tokens_total)
     yield family(CounterMetricFamily, "generation_tokens", "Generation tokens.",
                  s.generation_tokens_total)

@@ -85,6 +85,11 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
+    def scores_only(self) -> bool:
+        """max_tokens 0: the prompt is scored (echo with logprobs), nothing is generated."""
+        return self.max_tokens == 0
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 

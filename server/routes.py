@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Send
 
-from server.app import ServerState, _version
+from server.app import RETRY_AFTER_SECONDS, ServerState, package_version
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -57,7 +57,7 @@ async def health(state: State) -> JSONResponse:
         state.serving_engine()
     except Exception as e:  # noqa: BLE001 - any reason not to serve is a 503 for probes
         return JSONResponse({"status": state.status, "reason": str(e)}, status_code=503,
-                            headers={"Retry-After": "1"})
+                            headers={"Retry-After": RETRY_AFTER_SECONDS})
     return JSONResponse({"status": "ok"})
 
 
@@ -68,7 +68,7 @@ async def live() -> dict[str, str]:
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    return {"version": _version()}
+    return {"version": package_version()}
 
 
 @router.get("/metrics")
@@ -99,7 +99,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     service = state.completions
     assert service is not None
     response_id = random_id("cmpl")
-    params = body.to_sampling_params(body.requested_max_tokens)
+    params = body.to_sampling_params()
     submitted = submit(engine, service.prompts(body), params, response_id)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
@@ -111,7 +111,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     service = state.chat
     assert service is not None
     response_id = random_id("chatcmpl")
-    params = body.to_sampling_params(body.requested_max_tokens)
+    params = body.to_sampling_params()
     submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id,
                        "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
@@ -129,12 +129,12 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
 async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     engine = state.accept(body)
     tokenizer = engine.tokenizer
-    if body.messages is not None:
-        text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
-                                             **body.template_args())
+    if body.messages is not None:  # the same path as a chat request's prompt
+        tokens = tokenizer.encode_chat([m.template_dict() for m in body.messages],
+                                       add_special_tokens=body.add_special_tokens,
+                                       **body.template_args())
     else:
-        text = body.prompt or ""
-    tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     strs = [tokenizer.id_to_token(t) for t in tokens] if body.return_token_strs else None
     return TokenizeResponse(tokens=tokens, token_strs=strs, count=len(tokens),
                             max_model_len=engine.max_model_len)

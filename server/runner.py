@@ -160,7 +160,7 @@ class ModelRunner:
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
         for i, chunk in enumerate(plan.prefills):
-            if i not in last_rows or chunk.request.params.max_tokens == 0:
+            if i not in last_rows or chunk.request.params.scores_only:
                 continue
             first = chunk.request.seqs[0]
             for seq in chunk.request.seqs:

@@ -87,7 +87,7 @@ class StepPlan:
         the decode rows, then every sample of each request whose prefill completes."""
         out = list(self.decodes)
         for chunk in self.prefills:
-            if chunk.is_last and chunk.request.params.max_tokens != 0:
+            if chunk.is_last and not chunk.request.params.scores_only:
                 out.extend(chunk.request.seqs)
         return out
 
@@ -180,7 +180,7 @@ class Scheduler:
                 self.prefilling.remove(request)
                 for seq in request.seqs:
                     seq.num_computed = request.num_prefilled
-                if request.params.max_tokens == 0:  # scoring only: nothing to generate
+                if request.params.scores_only:  # nothing to generate
                     self.finish_request(request, RequestStatus.FINISHED_LENGTH)
                 else:
                     self.decoding.extend(request.seqs)

@@ -73,7 +73,7 @@ def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: 
     if len(prompts) > engine.max_queued:  # a 503 would have the client retry in vain
         raise RequestRejected(
             f"the request has {len(prompts)} prompts, and this server holds at most "
-            f"{engine.max_queued} requests at once ({engine.scheduler.n_slots} running, "
+            f"{engine.max_queued} requests at once ({engine.num_slots} running, "
             f"{engine.max_waiting} waiting: --max-num-seqs, --max-waiting)", "prompt")
     submitted: list[Submitted] = []
     try:

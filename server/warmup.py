@@ -33,6 +33,7 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
     max_len, n_slots = scheduler.max_model_len, scheduler.n_slots
 
     def prompt(n: int, salt: int) -> list[int]:
+        # A prime stride: ids spread over the vocabulary, no run of one id (any ids would do)
         return [(salt + 7919 * i) % vocab_size for i in range(n)]
 
     def params(max_tokens: int, **sampling: object) -> SamplingParams:

@@ -143,7 +143,6 @@ class RequestError(ValueError):
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.param = param
 
 
@@ -220,14 +219,14 @@ def _union_member(part: Any) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or bool(_SCHEMA_TAG.fullmatch(part)))
 
 
-class ErrorInfo(OpenAIBaseModel):
+class ErrorInfo(ResponseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None  # OpenAI's: a string code ("model_not_found") or null
 
 
-class ErrorResponse(OpenAIBaseModel):
+class ErrorResponse(ResponseModel):
     """`{"error": {"message", "type", "param", "code"}}`, every key always present."""
 
     error: ErrorInfo

@@ -250,10 +250,11 @@ class CompletionRequest(_SamplingRequest):
             if not isinstance(prompt, str):
                 _check_token_ids(prompt, vocab_size, "prompt")
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """`max_tokens`: the caller's budget, from `requested_max_tokens` or the context left."""
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's parameters; max_tokens None (the rest of the context) is the engine's
+        to fill in, which knows the prompt's length."""
         return SamplingParams(
-            **self._sampling_kwargs(max_tokens),
+            **self._sampling_kwargs(self.requested_max_tokens),
             logprobs=self.logprobs,
             prompt_logprobs=self.logprobs if self.echo else None,
         )
@@ -398,9 +399,10 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         self._check_sampling_limits(limits, vocab_size)
         _check_count(len(self.messages), limits.max_messages, "messages")
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """`max_tokens`: the caller's budget, from `requested_max_tokens` or the context left."""
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's parameters; max_tokens None (the rest of the context) is the engine's
+        to fill in, which knows the prompt's length."""
         return SamplingParams(
-            **self._sampling_kwargs(max_tokens),
+            **self._sampling_kwargs(self.requested_max_tokens),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )

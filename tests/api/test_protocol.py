@@ -434,7 +434,7 @@ EVERY_SAMPLING_FIELD = dict(
 
 def test_completion_to_sampling_params_maps_every_field() -> None:
     request = completion(**EVERY_SAMPLING_FIELD, echo=True, logprobs=3, max_tokens=50)
-    params = request.to_sampling_params(max_tokens=50)
+    params = request.to_sampling_params()
     default = SamplingParams()
     unchanged = [
         f.name
@@ -450,7 +450,7 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
 
 def test_chat_to_sampling_params_maps_every_field() -> None:
     request = chat(**{**EVERY_SAMPLING_FIELD, "best_of": None}, logprobs=True, top_logprobs=4)
-    params = request.to_sampling_params(max_tokens=None)
+    params = request.to_sampling_params()
     default = SamplingParams()
     unchanged = {
         f.name
@@ -473,7 +473,7 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
 def test_completion_logprobs_mapping(
     fields: dict[str, Any], logprobs: int | None, prompt_logprobs: int | None
 ) -> None:
-    params = completion(**fields).to_sampling_params(16)
+    params = completion(**fields).to_sampling_params()
     assert (params.logprobs, params.prompt_logprobs) == (logprobs, prompt_logprobs)
 
 
@@ -482,14 +482,14 @@ def test_completion_logprobs_mapping(
     [({}, None), ({"logprobs": False, "top_logprobs": 0}, None), ({"logprobs": True}, 0)],
 )
 def test_chat_logprobs_mapping(fields: dict[str, Any], logprobs: int | None) -> None:
-    assert chat(**fields).to_sampling_params(8).logprobs == logprobs
+    assert chat(**fields).to_sampling_params().logprobs == logprobs
 
 
 def test_sampling_params_small_cases() -> None:
-    assert completion(top_k=-1).to_sampling_params(16).top_k == 0
-    assert completion(stop="END").to_sampling_params(16).stop == ("END",)
-    assert completion().to_sampling_params(16).stop == ()
-    assert completion(max_tokens=0, echo=True).to_sampling_params(0).max_tokens == 0
+    assert completion(top_k=-1).to_sampling_params().top_k == 0
+    assert completion(stop="END").to_sampling_params().stop == ("END",)
+    assert completion().to_sampling_params().stop == ()
+    assert completion(max_tokens=0, echo=True).to_sampling_params().max_tokens == 0
 
 
 # --- tokenize / detokenize --------------------------------------------------------------------
