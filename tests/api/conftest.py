@@ -117,6 +117,13 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
 
+@pytest.fixture
+def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
+    """An HTTP client of the shared server, with its key."""
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
+        yield c
+
+
 # --- helpers shared by the API tests -----------------------------------------------------------
 
 TRACEBACK_MARKERS = ("Traceback", 'File "')

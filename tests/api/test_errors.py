@@ -27,12 +27,6 @@ USER = [{"role": "user", "content": "Hello"}]
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
-@pytest.fixture
-def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
-        yield c
-
-
 # --- 400: the request itself is wrong ----------------------------------------------------------
 
 BAD_COMPLETIONS = [  # (name, fields added to a valid request, param that names the field)

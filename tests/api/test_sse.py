@@ -4,7 +4,6 @@ and greedy chat == greedy completion of the rendered chat template."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,16 +11,10 @@ import pytest
 from sse_starlette.event import ensure_bytes
 
 from server.routes import _frame
-from tests.api.conftest import Server, sse_data
+from tests.api.conftest import sse_data
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
 GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture
-def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
-        yield c
 
 
 def stream(client: httpx.Client, path: str, body: dict[str, Any],

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.api.conftest import Server, assert_openai_error
+from tests.api.conftest import assert_openai_error
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
-        yield c
 
 
 def tokenize(client: httpx.Client, **body: Any) -> dict[str, Any]:

@@ -4,26 +4,24 @@ reading so that every figure is exact."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import server.runner as runner_module
-from server.config import EngineConfig
 from server.outputs import IterationStats
 from server.request import SamplingParams
 from server.scheduler import Request
-from server.startup import build_engine
+from tests.engine.conftest import CpuEngine
 
 TICK = 0.001  # each reading of the runner's clock is one tick after the last
 
 
-def test_forward_and_gap_by_kind(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_and_gap_by_kind(cpu_engine: CpuEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter(range(1, 10_000))
     monkeypatch.setattr(runner_module, "time",
                         SimpleNamespace(monotonic=lambda: next(clock) * TICK))
-    engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", warmup=False))
+    engine = cpu_engine(warmup=False)
     seen: list[IterationStats] = []
     engine.add_listener(seen.append)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8)

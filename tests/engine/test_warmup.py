@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
-from server.config import EngineConfig
 from server.engine import Engine, EngineStats, WarmUpFailed
 from server.request import SamplingParams
 from server.runner import ModelRunner
-from server.startup import build_engine
-
-
-def engine_for(folder: Path, **config: object) -> Engine:
-    return build_engine(folder, EngineConfig(device="cpu", **config))  # type: ignore[arg-type]
+from tests.engine.conftest import CpuEngine
 
 
 def assert_untouched(engine: Engine) -> None:
@@ -41,8 +35,8 @@ def assert_untouched(engine: Engine) -> None:
     (2, 2, 8),  # room for a prompt token and one output: no decode step
 ])
 def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
-        tiny_checkpoint: Path, seqs: int, max_len: int, budget: int) -> None:
-    engine = engine_for(tiny_checkpoint, warmup=False, max_num_seqs=seqs, max_model_len=max_len,
+        cpu_engine: CpuEngine, seqs: int, max_len: int, budget: int) -> None:
+    engine = cpu_engine(warmup=False, max_num_seqs=seqs, max_model_len=max_len,
                         max_num_batched_tokens=budget)
     logit_rows: list[int] = []
     forward = engine.runner.model.forward
@@ -62,13 +56,13 @@ def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
 
 
 def test_start_warms_up_on_the_engine_thread_unless_told_not_to(
-        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cpu_engine: CpuEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []
     warm_up = Engine.warm_up
     monkeypatch.setattr(Engine, "warm_up",
                         lambda self: threads.append(threading.current_thread().name)
                         or warm_up(self))
-    engine = engine_for(tiny_checkpoint)
+    engine = cpu_engine()
     assert threads == []  # building does not run it
     engine.start()
     try:
@@ -79,7 +73,7 @@ def test_start_warms_up_on_the_engine_thread_unless_told_not_to(
             warm_up(engine)  # not beside the running loop
     finally:
         engine.stop()
-    quiet = engine_for(tiny_checkpoint, warmup=False)
+    quiet = cpu_engine(warmup=False)
     quiet.start()
     quiet.stop()
     assert threads == ["engine"]
@@ -101,7 +95,7 @@ def generate_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]
         engine.stop()
 
 
-def test_warm_up_changes_no_output_and_no_count(tiny_checkpoint: Path) -> None:
+def test_warm_up_changes_no_output_and_no_count(cpu_engine: CpuEngine) -> None:
     """Greedy, seeded and unseeded sampling (the shared generator, seeded by --seed) give the
     same tokens with and without the warm-up: it draws from no generator the requests use,
     and what it wrote in the KV cache is never read. The counters then count the requests
@@ -110,8 +104,8 @@ def test_warm_up_changes_no_output_and_no_count(tiny_checkpoint: Path) -> None:
             ([8, 9], SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)),
             ([10, 11, 12, 13], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))]
     config = {"max_num_seqs": 4, "max_model_len": 128, "max_num_batched_tokens": 64, "seed": 7}
-    warm, stats = generate_all(engine_for(tiny_checkpoint, **config), jobs)
-    cold, _ = generate_all(engine_for(tiny_checkpoint, warmup=False, **config), jobs)
+    warm, stats = generate_all(cpu_engine(**config), jobs)
+    cold, _ = generate_all(cpu_engine(warmup=False, **config), jobs)
     assert warm == cold and all(len(tokens) == 8 for tokens in warm)
     assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (9, 24)
     assert +stats.finished_total == {"length": 3}  # (stopping adds an "error" of 0)
@@ -123,14 +117,14 @@ def test_warm_up_changes_no_output_and_no_count(tiny_checkpoint: Path) -> None:
      "up to 64 tokens; lower --max-num-batched-tokens, --max-num-seqs or --kv-cache-memory"),
     (RuntimeError("device-side assert"), "failed (device-side assert)", "would fail requests"),
 ])
-def test_a_warm_up_that_fails_refuses_to_start(tiny_checkpoint: Path, error: Exception,
+def test_a_warm_up_that_fails_refuses_to_start(cpu_engine: CpuEngine, error: Exception,
                                                says: str, advice: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory gets what to lower; anything else only what it was."""
     def failing(self: ModelRunner, plan: object) -> None:
         raise error
 
-    engine = engine_for(tiny_checkpoint, max_num_batched_tokens=64)
+    engine = cpu_engine(max_num_batched_tokens=64)
     monkeypatch.setattr(ModelRunner, "launch", failing)
     with pytest.raises(WarmUpFailed) as failure:
         engine.start()
