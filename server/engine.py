@@ -55,6 +55,22 @@ class WarmUpFailed(RuntimeError):
     """A start-up warm-up step failed: the server could not run the steps it would be given."""
 
 
+# What the HTTP side sends the engine thread, through its inbox
+@dataclass(frozen=True, slots=True)
+class Add:
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAll:
+    pass
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int = 0
@@ -123,7 +139,7 @@ class Engine:
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = runner.vocab_size
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Add | Abort | AbortAll] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # touched under _lock from both sides
         self._lock = threading.Lock()
         self._num_queued = 0  # submitted, not yet given a slot (under _lock)
@@ -198,7 +214,7 @@ class Engine:
                 raise EngineOverloaded(f"{self._num_queued} requests are already waiting")
             self._num_queued += 1
             self._streams[request_id] = stream
-        self._inbox.put(("add", Request(request_id, list(prompt_ids), params)))
+        self._inbox.put(Add(Request(request_id, list(prompt_ids), params)))
         return stream
 
     @property
@@ -213,7 +229,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots are free again before the next step."""
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(Abort(request_id))
 
     def num_unfinished(self) -> int:
         """Requests accepted and not yet finished (their streams are still open)."""
@@ -222,7 +238,7 @@ class Engine:
 
     def abort_all(self) -> None:
         """Abort everything in flight; each stream gets a final `abort` output."""
-        self._inbox.put(("abort_all", None))
+        self._inbox.put(AbortAll())
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -337,17 +353,16 @@ class Engine:
             return False
         posts: list[RequestOutput] = []
         while True:
-            kind, payload = item
-            if kind == "add":
-                assert isinstance(payload, Request)
-                self.scheduler.add(payload)
-            elif kind == "abort":
-                request = self.scheduler.requests.get(str(payload))
-                if request is not None:
-                    posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
-            elif kind == "abort_all":
-                for request in list(self.scheduler.requests.values()):
-                    posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+            match item:
+                case Add(request):
+                    self.scheduler.add(request)
+                case Abort(request_id):
+                    request = self.scheduler.requests.get(request_id)
+                    if request is not None:
+                        posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+                case AbortAll():
+                    for request in list(self.scheduler.requests.values()):
+                        posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

@@ -40,7 +40,9 @@ def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path,
     with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
                     "--max-model-len", "4096") as server:
         first = threading.Event()
-        result = stream_in_thread(server, LONG_STREAM, first)
+        # Long enough to be in flight through the checks below, short enough to finish in
+        # the 60 s on a loaded machine (the 4000-token stream once took longer there)
+        result = stream_in_thread(server, LONG_STREAM // 4, first)
         assert first.wait(20)
         server.process.send_signal(signal.SIGTERM)
         health = httpx.get(f"{server.base_url}/health")
