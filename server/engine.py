@@ -211,7 +211,10 @@ class Engine:
             # Free slots take requests at the next step; beyond them, max_waiting may queue.
             free_slots = self.scheduler.n_slots - self._stats.slots_used
             if self._num_queued >= self.max_waiting + free_slots:
-                raise EngineOverloaded(f"{self._num_queued} requests are already waiting")
+                raise EngineOverloaded(
+                    f"the server is at capacity: {self._num_queued} requests are queued for "
+                    f"{free_slots} free slots and {self.max_waiting} waiting places "
+                    f"(--max-waiting); retry later")
             self._num_queued += 1
             self._streams[request_id] = stream
         self._inbox.put(Add(Request(request_id, list(prompt_ids), params)))
