@@ -27,6 +27,12 @@ from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logpr
 from server.scheduler import Request, Sequence, StepPlan
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the device (or the host) running out of memory; for callers that
+    hold no tensors (the warm-up's message)."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError)
+
+
 @dataclass(slots=True)
 class StepResult:
     tokens: list[int]  # aligned with plan.sampled

@@ -21,9 +21,8 @@ and so change what later unseeded requests get.
 
 from __future__ import annotations
 
-import torch
-
 from server.request import SamplingParams
+from server.runner import out_of_memory
 from server.scheduler import Request, Scheduler
 
 
@@ -57,7 +56,7 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
 def failure_message(error: BaseException, budget: int) -> str:
     """What a failed warm-up tells the operator: for memory, what to lower."""
     cause = error.__cause__ or error
-    if isinstance(cause, torch.OutOfMemoryError | MemoryError):
+    if out_of_memory(cause):
         return (f"the start-up warm-up ran out of memory ({cause}): this server cannot run the "
                 f"steps it would be given, up to {budget} tokens; lower "
                 f"--max-num-batched-tokens, --max-num-seqs or --kv-cache-memory (or pass "
