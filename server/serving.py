@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
 from server.engine import Engine, RequestRejected, RequestStream
 from server.protocol import (
     ChatCompletionChunk,
+    ChatCompletionLogprobs,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -150,12 +151,21 @@ def error_event(message: str) -> str:
     return ErrorResponse.of(message, "server_error").model_dump_json()
 
 
+class _Service:
+    """What both endpoints' services hold, and the token texts their logprobs show."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+
+    def _token_texts(self, ids: Iterable[int]) -> dict[int, str]:
+        wanted = sorted(set(ids))
+        return dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
+
+
 # ---------------------------------------------------------------------- completions
 
 
-class CompletionService:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+class CompletionService(_Service):
 
     def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
         """Each prompt's ids and its text as sent (None for ids, or once truncated: the echo
@@ -205,8 +215,7 @@ class CompletionService:
         return [t not in self.tokenizer.special_ids for t in ids]
 
     def _texts(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[int, str]:
-        wanted = sorted(set(ids) | logprob_token_ids(lps))
-        return dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
+        return self._token_texts(set(ids) | logprob_token_ids(lps))
 
     async def create(self, request: CompletionRequest, submitted: list[Submitted],
                      response_id: str) -> CompletionResponse:
@@ -281,9 +290,7 @@ class CompletionService:
 # ---------------------------------------------------------------------- chat
 
 
-class ChatService:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+class ChatService(_Service):
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         ids = self.tokenizer.encode_chat([m.template_dict() for m in request.messages],
@@ -292,10 +299,9 @@ class ChatService:
         keep = request.truncate_prompt_tokens  # vLLM's: the last k tokens
         return ids[-keep:] if keep is not None else ids
 
-    def _logprobs(self, lps: list[TokenLogprob]):  # noqa: ANN202 - protocol type
-        wanted = sorted(logprob_token_ids(lps))
-        texts = dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
-        raw = dict(zip(wanted, self.tokenizer.token_bytes(wanted), strict=True))
+    def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs:
+        texts = self._token_texts(logprob_token_ids(lps))
+        raw = dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True))
         return chat_logprobs(lps, texts, raw)
 
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
@@ -320,7 +326,7 @@ class ChatService:
         envelope = StreamEnvelope(ChatCompletionChunk(
             id=response_id, created=created, model=self.model_name, choices=[]))
 
-        def chunk(index: int, delta: DeltaMessage, logprobs=None,  # noqa: ANN001
+        def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogprobs | None = None,
                   finish: RequestOutput | None = None) -> str:
             return envelope.render(ChatCompletionStreamChoice(
                 index=index, delta=delta, logprobs=logprobs,
