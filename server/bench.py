@@ -79,6 +79,8 @@ class LevelResult:
     # The server's decode steps during the level, from its /metrics (bench_steps.py); None
     # where it does not export them.
     server_steps: bench_steps.ServerSteps | None = None
+    # This process's CPU during the level: beside a server on the same machine, taken from it
+    client_cpu_seconds: float | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -339,10 +341,12 @@ async def bench(args: argparse.Namespace, source: PromptSource,
             arrivals = arrival_times(len(bodies), args.request_rate, rng)
             progress.start(f"concurrency {concurrency}", len(bodies))
             before = await bench_steps.snapshot(client, base_url)
+            cpu = time.process_time()
             level = await run_level(client, url, bodies, arrivals, concurrency, args.input_len,
                                     progress)
+            cpu = time.process_time() - cpu
             steps = bench_steps.decode_steps(before, await bench_steps.snapshot(client, base_url))
-            levels.append(replace(level, server_steps=steps))
+            levels.append(replace(level, server_steps=steps, client_cpu_seconds=cpu))
             progress.close()
     return model, levels
 
@@ -375,6 +379,10 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
               f"{st.decode_steps}, forward {st.forward_ms:.2f} ms, outside it {st.outside_ms:.2f} "
               f"ms ({st.outside_share:.1%} of a step)"
               for lv in levels if (st := lv.server_steps) is not None]
+    lines += [f"concurrency {lv.concurrency}, this client's CPU: {cpu:.2f} s, "
+              f"{cpu / lv.duration_seconds:.0%} of a core (on the server's machine, taken from "
+              f"the server)" for lv in levels
+              if (cpu := lv.client_cpu_seconds) is not None and lv.duration_seconds > 0]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,9 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
     # One stream: every decode step is decode-only, 7 a request (after the first's token).
     assert report["levels"][0]["server_steps"]["decode_steps"] == 6 * 7
     assert "concurrency 3, the server's decode steps (its /metrics): " in stdout
+    # the client's own CPU, which a server on the same machine loses
+    assert all(0 < level["client_cpu_seconds"] for level in report["levels"])
+    assert "concurrency 3, this client's CPU: " in stdout and "of a core" in stdout
 
 
 def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> None:
