@@ -46,7 +46,7 @@ def _refuse(value: Any, info: ValidationInfo) -> Any:
     neutral = value is None or value is False or (isinstance(value, list | dict | str)
                                                   and not value)
     if not neutral:  # 0 asks for something: prompt_logprobs 0 is the prompt's own logprobs
-        raise ValueError(f"{info.field_name} is not supported by this server")
+        raise ValueError("not supported by this server")  # the message names the field
     return value
 
 

@@ -371,17 +371,17 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
     naming it whenever it asks for something; its neutral values pass."""
     for build in (completion, chat):
         assert_invalid(build, {field: [1] if field != "use_beam_search" else True}, field,
-                       f"{field} is not supported")
+                       f"{field}: not supported by this server")
         if field == "prompt_logprobs":  # 0 asks for the prompt's own logprobs
             assert_invalid(build, {field: 0}, field, "not supported")
         for neutral in (None, False, []):
             build(**{field: neutral})
-    assert_invalid(chat, {"echo": True}, "echo", "echo is not supported")
+    assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
     assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
     assert_invalid(completion, {"response_format": {"type": "json_object"}}, "response_format",
                    "not supported")
     assert_invalid(chat, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-                   "stream_options", "continuous_usage_stats is not supported")
+                   "stream_options", "continuous_usage_stats: not supported")
 
 
 def test_chat_template_controls() -> None:
