@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
          default=e.max_waiting)
     _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or %% of free memory "
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
-    _add(serve, "--chat-template", "file with a Jinja chat template replacing the model's")
+    _add(serve, "--chat-template", "a Jinja chat template replacing the model's: a file, or "
+         "the template itself")
     _add(serve, "--max-n", "largest n (samples per prompt) a request may ask for", type=int,
          default=s.max_n)
     _add(serve, "--max-request-bytes", "largest request body; more get 413", type=int,
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
-    template = Path(args.chat_template).read_text() if args.chat_template else None
+    template = chat_template_text(args.chat_template) if args.chat_template else None
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
     server = ServerConfig(
         host=args.host, port=args.port,
@@ -117,6 +118,18 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout)
     return engine, server
+
+
+def chat_template_text(arg: str) -> str:
+    """--chat-template's template: the file it names, or, as vLLM takes it, the template
+    itself when it is written inline (it has Jinja's braces and names no file)."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in arg or "{%" in arg:
+        return arg
+    raise ValueError(f"--chat-template {arg!r}: no such file (a template given inline must "
+                     "contain Jinja tags)")
 
 
 def served_name(model: str | None, model_dir: Path) -> str:

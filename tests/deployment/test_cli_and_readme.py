@@ -150,6 +150,20 @@ def test_default_served_name(tmp_path: Path) -> None:
     assert served_name(None, tmp_path / "demo-v1") == "demo-v1"
 
 
+def test_chat_template_from_a_file_or_inline(tmp_path: Path) -> None:
+    """--chat-template takes a file or, as vLLM does, the template itself."""
+    from server.cli import build_parser, chat_template_text, configs
+
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(inline + "!")
+    assert chat_template_text(str(tmp_path / "t.jinja")) == inline + "!"
+    assert chat_template_text(inline) == inline
+    with pytest.raises(ValueError, match="no such file"):
+        chat_template_text(str(tmp_path / "missing.jinja"))
+    args = build_parser().parse_args(["serve", str(tmp_path), "--chat-template", inline])
+    assert configs(args, tmp_path)[1].chat_template == inline
+
+
 @pytest.mark.parametrize("field, variable, argv, env, want", [
     ("enforce_eager", "ENFORCE_EAGER", [], None, False),
     ("enforce_eager", "ENFORCE_EAGER", ["--enforce-eager"], None, True),
