@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from server.request import RequestOutput, RequestStatus, SamplingParams
+from server.request import RequestOutput, RequestStatus
 from server.scheduler import FINISH_REASONS, Scheduler, Sequence
 
 
@@ -76,26 +76,14 @@ class OutputBuilder:
         else:
             text = detok.add([token])
             if detok.stopped_by is not None:
+                seq.stop_reason = detok.stopped_by
                 self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
             elif seq.status.is_finished:
                 text += detok.flush()
         out = self._output(seq, text, [token], first)
-        if seq.status == RequestStatus.FINISHED_STOPPED:
-            out.stop_reason = (detok.stopped_by if detok.stopped_by is not None
-                               else self._stop_token(token, p))
         if seq.status.is_finished:
             self._release(seq)
         return out
-
-    def _stop_token(self, token: int, p: SamplingParams) -> int | None:
-        """The id that ended a sequence, as vLLM reports it: None for the tokenizer's eos;
-        a stop_token_ids id, or another eos of generation_config.json (Llama 3's <|eot_id|>,
-        which vLLM counts among the stop token ids), as itself."""
-        if token == self._tokenizer.eos_id and not p.ignore_eos:
-            return None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self._tokenizer.eos_ids):
-            return token
-        return None
 
     def final(self, seq: Sequence, error: str | None) -> RequestOutput:
         """The last output of a sequence ended from outside (abort, error): with the text still
@@ -131,6 +119,8 @@ class OutputBuilder:
             seq.last_token_time = now
         if seq.status.is_finished:
             out.finish_reason = FINISH_REASONS[seq.status]
+            if seq.status == RequestStatus.FINISHED_STOPPED:
+                out.stop_reason = seq.stop_reason
             self._finished_total[out.finish_reason.value] += 1
             admitted = request.admitted_time or now
             self.iteration.finished.append(FinishedStats(

@@ -26,6 +26,9 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the slot
     status: RequestStatus = RequestStatus.WAITING
+    # What stopped it, as vLLM reports it: a stop string or a stop token id; None for the
+    # tokenizer's eos (set by whoever finishes it with FINISHED_STOPPED)
+    stop_reason: str | int | None = None
     last_token_time: float | None = None  # monotonic; for inter-token latency
 
     @property
@@ -94,9 +97,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
-                 eos_ids: frozenset[int] = frozenset()) -> None:
+                 eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None) -> None:
         self.n_slots = n_slots
-        self.eos_ids = eos_ids
+        # Every eos id (generation_config.json's and the tokenizer's); `eos_id` is the
+        # tokenizer's own, the one stop that reports no stop_reason (vLLM counts the others
+        # among the stop token ids, Llama 3's <|eot_id|> for one).
+        self.eos_ids, self.eos_id = eos_ids, eos_id
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         # A min-heap: the lowest free slot goes first, so slots in use stay packed at the low
@@ -201,9 +207,9 @@ class Scheduler:
         params = seq.request.params
         n_out = len(seq.output_ids)
         if n_out >= params.min_tokens:  # the sampler bans stop ids before min_tokens anyway
-            if token in params.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token in self.eos_ids:
+            eos = not params.ignore_eos and token in self.eos_ids
+            if eos or token in params.stop_token_ids:
+                seq.stop_reason = None if eos and token == self.eos_id else token
                 return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH

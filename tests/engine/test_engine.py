@@ -313,7 +313,8 @@ def test_stop_reason_names_a_second_eos_but_not_the_tokenizers(tiny_checkpoint: 
         t, _ = forced_token(engine, [5, 6])
         tok = engine.tokenizer
         assert tok.eos_id is not None and tok.eos_id in tok.eos_ids
-        tok.eos_ids = engine.scheduler.eos_ids = frozenset({*tok.eos_ids, t})
+        assert engine.scheduler.eos_id == tok.eos_id  # the tokenizer's, from start-up
+        engine.scheduler.eos_ids = frozenset({*tok.eos_ids, t})  # as generation_config adds
         second, own, ignored = run(
             engine, ([5, 6], SamplingParams(logit_bias=((t, 100.0),), max_tokens=5), "second"),
             ([5, 6], SamplingParams(logit_bias=((tok.eos_id, 100.0),), max_tokens=5), "own"),
