@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from server.protocol.base import (
@@ -39,10 +39,7 @@ LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], M
 # (as vLLM ignores them); these are refused instead, with a 400 naming the field, whenever
 # they ask for something (a value other than null, false or empty): a vLLM user sending one
 # means it, and a silent default would answer a different question.
-Refused = SkipJsonSchema[Any]
-
-
-def _refuse(value: Any, info: ValidationInfo) -> Any:
+def _refuse(value: Any) -> Any:
     neutral = value is None or value is False or (isinstance(value, list | dict | str)
                                                   and not value)
     if not neutral:  # 0 asks for something: prompt_logprobs 0 is the prompt's own logprobs
@@ -50,11 +47,12 @@ def _refuse(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+Refused = Annotated[SkipJsonSchema[Any], AfterValidator(_refuse)]
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
     continuous_usage_stats: Refused = None  # vLLM: usage in every chunk
-
-    _refused = field_validator("continuous_usage_stats")(_refuse)
 
 
 class ResponseFormat(OpenAIBaseModel):
@@ -99,11 +97,6 @@ class _SamplingRequest(OpenAIBaseModel):
     logits_processors: Refused = None
     use_beam_search: Refused = None
     return_tokens_as_token_ids: Refused = None
-
-    _refused = field_validator(
-        "allowed_token_ids", "bad_words", "prompt_logprobs", "guided_json", "guided_regex",
-        "guided_choice", "guided_grammar", "structured_outputs", "logits_processors",
-        "use_beam_search", "return_tokens_as_token_ids")(_refuse)
 
     @field_validator("logit_bias")
     @classmethod
@@ -321,8 +314,6 @@ class ChatTemplateControls(OpenAIBaseModel):
     chat_template_kwargs: Annotated[dict[str, Any], MAP_CEILING] | None = None
     chat_template: Refused = None
 
-    _refused_template = field_validator("chat_template")(_refuse)
-
     @field_validator("continue_final_message")
     @classmethod
     def _one_turn_choice(cls, value: bool, info: ValidationInfo) -> bool:
@@ -364,8 +355,6 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     function_call: Any = None
     add_special_tokens: bool = False
     echo: Refused = None  # vLLM's chat echo (the last message repeated in the answer)
-
-    _refused_chat = field_validator("echo")(_refuse)
 
     @field_validator("top_logprobs")
     @classmethod
