@@ -199,8 +199,7 @@ class CompletionService(_Service):
         shown = [not (skip_special_tokens and t in special) for t in new_ids]
         if echo is not None:
             shown = self._prompt_shown(s) + shown
-        end = offset + sum(len(texts[t]) for t, show in zip(ids, shown, strict=True) if show)
-        return completion_logprobs(ids, lps, texts, text_offset=offset, shown=shown), end
+        return completion_logprobs(ids, lps, texts, text_offset=offset, shown=shown)
 
     def _prompt_shown(self, s: Submitted) -> list[bool]:
         """Which prompt tokens the echoed text shows. A text prompt is echoed as sent: all but

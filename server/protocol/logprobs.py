@@ -58,8 +58,9 @@ def completion_logprobs(
     token_texts: Mapping[int, str],
     text_offset: int = 0,
     shown: Sequence[bool] | None = None,
-) -> CompletionLogprobs:
-    """The completions shape for `token_ids` (prompt ids first when echoing).
+) -> tuple[CompletionLogprobs, int]:
+    """The completions shape for `token_ids` (prompt ids first when echoing), and the text
+    offset after them (where a stream's next chunk starts).
 
     `text_offset` is the length of the text already returned before the first token; offsets
     run over the texts of the tokens `shown` (default: all) in the returned text, which may
@@ -87,27 +88,20 @@ def completion_logprobs(
         for alt_id, alt_logprob in entry.top:
             top.setdefault(token_texts[alt_id], _clamp(alt_logprob))
         result.top_logprobs.append(top)
-    return result
+    return result, text_offset
 
 
 def chat_logprobs(
     logprobs: Sequence[TokenLogprob], token_texts: Mapping[int, str],
-    token_bytes: Mapping[int, bytes] | None = None,
+    token_bytes: Mapping[int, bytes],
 ) -> ChatCompletionLogprobs:
     """The chat shape: per token its text, logprob, bytes and top alternatives. `token_bytes`
-    are the tokens' own bytes (a byte token's raw byte, where its text is "\ufffd"); without
-    them, the UTF-8 of the texts."""
-
-    def raw(token_id: int) -> list[int]:
-        if token_bytes is not None:
-            return list(token_bytes[token_id])
-        return list(token_texts[token_id].encode("utf-8", errors="replace"))
-
+    are the tokens' own bytes (a byte token's raw byte, where its text is "\ufffd")."""
     content = []
     for entry in logprobs:
-        top = [TopLogprob(token=token_texts[i], logprob=_clamp(lp), bytes=raw(i))
+        top = [TopLogprob(token=token_texts[i], logprob=_clamp(lp), bytes=list(token_bytes[i]))
                for i, lp in entry.top]
         content.append(ChatCompletionTokenLogprob(
             token=token_texts[entry.token_id], logprob=_clamp(entry.logprob),
-            bytes=raw(entry.token_id), top_logprobs=top))
+            bytes=list(token_bytes[entry.token_id]), top_logprobs=top))
     return ChatCompletionLogprobs(content=content)

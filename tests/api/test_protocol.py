@@ -524,6 +524,7 @@ def test_detokenize_and_tokenize_shapes() -> None:
 # --- logprob builders -------------------------------------------------------------------------
 
 TEXTS = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "é", 6: "!"}
+BYTES = {i: text.encode() for i, text in TEXTS.items()}
 
 
 def test_completion_logprobs_shape() -> None:
@@ -531,16 +532,19 @@ def test_completion_logprobs_shape() -> None:
         TokenLogprob(3, -0.5, top=((3, -0.5), (6, -1.5))),
         TokenLogprob(4, float("-inf"), top=()),
     ]
-    result = completion_logprobs([3, 4], entries, TEXTS, text_offset=5)
+    result, end = completion_logprobs([3, 4], entries, TEXTS, text_offset=5)
     assert result.tokens == [" wor", "ld"]
-    assert result.text_offset == [5, 9]
+    assert result.text_offset == [5, 9] and end == 11
+    # a token the text leaves out (a special token) takes no room
+    hidden, end = completion_logprobs([3, 4], entries, TEXTS, text_offset=5, shown=[False, True])
+    assert hidden.text_offset == [5, 5] and end == 7
     assert result.token_logprobs == [-0.5, -9999.0]
     assert result.top_logprobs == [{" wor": -0.5, "!": -1.5}, {"ld": -9999.0}]
 
 
 def test_completion_logprobs_echo_first_token_is_null() -> None:
     entries = [None, TokenLogprob(2, -1.0, top=((5, -0.25),))]
-    result = completion_logprobs([1, 2], entries, TEXTS)
+    result, _ = completion_logprobs([1, 2], entries, TEXTS)
     assert result.token_logprobs == [None, -1.0]
     assert result.top_logprobs == [None, {"lo": -1.0, "é": -0.25}]
     assert result.text_offset == [0, 3]
@@ -551,7 +555,7 @@ def test_completion_logprobs_echo_first_token_is_null() -> None:
 
 def test_chat_logprobs_shape() -> None:
     entries = [TokenLogprob(5, -0.1, top=((5, -0.1), (6, -2.5))), TokenLogprob(6, math.nan)]
-    result = wire(chat_logprobs(entries, TEXTS))
+    result = wire(chat_logprobs(entries, TEXTS, BYTES))
     assert result == {
         "content": [
             {
@@ -580,7 +584,8 @@ USAGE = CompletionUsage.of(prompt_tokens=5, completion_tokens=2)
 
 
 def test_completion_response_parses_with_openai_sdk() -> None:
-    logprobs = completion_logprobs([1, 2], [TokenLogprob(1, -0.5), TokenLogprob(2, -0.7)], TEXTS)
+    logprobs, _ = completion_logprobs([1, 2], [TokenLogprob(1, -0.5), TokenLogprob(2, -0.7)],
+                                      TEXTS)
     response = CompletionResponse(
         id=random_id("cmpl"),
         model="llama",
@@ -605,7 +610,7 @@ def test_chat_response_parses_with_openai_sdk() -> None:
             ChatCompletionResponseChoice(
                 index=0,
                 message=ChatCompletionMessage(content="Hello"),
-                logprobs=chat_logprobs([TokenLogprob(1, -0.5, top=((1, -0.5),))], TEXTS),
+                logprobs=chat_logprobs([TokenLogprob(1, -0.5, top=((1, -0.5),))], TEXTS, BYTES),
                 finish_reason="stop",
             )
         ],
