@@ -57,7 +57,9 @@ class Tokenizer:
         # strip (which only applies at the start of a text) does not eat the token's space.
         self._anchor = backend.encode("a", add_special_tokens=False).ids
         self._anchor_text = backend.decode(self._anchor, skip_special_tokens=False)
-        self._decoders = _decoder_types(json.loads(backend.to_str()).get("decoder"))
+        # The decoder's JSON alone (its pickled state): the whole tokenizer's holds the vocab
+        decoder = backend.decoder
+        self._decoders = _decoder_types(json.loads(decoder.__getstate__()) if decoder else None)
         self._added = frozenset(backend.get_added_tokens_decoder())
         self._bytes: dict[int, bytes] = {}  # token_bytes' answers: a token's bytes never change
 

@@ -418,10 +418,7 @@ class Engine:
         it = self._outputs.iteration
         it.batch_size = len(plan.decodes) + len(plan.prefills)
         it.num_prompt_tokens, it.num_generation_tokens = n_prompt, len(result.tokens)
-        if result.timing is not None:
-            it.kind = result.timing.kind
-            it.forward_seconds = result.timing.forward_seconds
-            it.gap_seconds = result.timing.gap_seconds
+        it.timing = result.timing
         self.scheduler.update(plan, result.tokens, result.logprobs)
         outputs = self._step_outputs(plan, result)
         self._emit_iteration()  # first: a client that sees its last token sees it counted

@@ -107,11 +107,11 @@ class Metrics:
         now = time.monotonic()
         if it.batch_size:
             self.batch.observe(it.batch_size)
-        if it.forward_seconds is not None:
-            forward, gap = self.step_times[it.kind]
-            forward.observe(it.forward_seconds)
-            if it.gap_seconds is not None:
-                gap.observe(it.gap_seconds)
+        if (timing := it.timing) is not None:
+            forward, gap = self.step_times[timing.kind]
+            forward.observe(timing.forward_seconds)
+            if timing.gap_seconds is not None:
+                gap.observe(timing.gap_seconds)
         with self._window_lock:
             self._window.append((now, it.num_prompt_tokens, it.num_generation_tokens))
         for ours, theirs in [(self.ttft, it.ttfts), (self.itl, it.itls)]:

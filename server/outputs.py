@@ -25,6 +25,19 @@ class FinishedStats:
     num_generation_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class ForwardTiming:
+    """Where a step's time went on the engine thread, where the forward runs as it is called
+    (CPU; the runner times it): in the model's forward, and since the last forward ended (the
+    last step's sampling and outputs, the event loop's turns with the GIL, this step's
+    scheduling and inputs). The gap is None after an idle wait, and after a step of another
+    kind (whose costs it carries: a prefill's outputs, its prompt logprobs)."""
+
+    kind: str  # "decode" (decode rows only), "mixed" (and prompt chunks), "prefill"
+    forward_seconds: float
+    gap_seconds: float | None
+
+
 @dataclass(slots=True)
 class IterationStats:
     """What one step did, handed to listeners (metrics) on the engine thread."""
@@ -32,10 +45,7 @@ class IterationStats:
     batch_size: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
-    # Where the step's time went, where timed (the runner's ForwardTiming).
-    kind: str = ""
-    forward_seconds: float | None = None
-    gap_seconds: float | None = None
+    timing: ForwardTiming | None = None  # where the runner timed the step
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
     finished: list[FinishedStats] = field(default_factory=list)

@@ -22,6 +22,7 @@ from model.attention import AttentionBatch, PrefillSpan
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
+from server.outputs import ForwardTiming
 from server.request import SamplingParams, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
 from server.scheduler import Request, Sequence, StepPlan
@@ -40,19 +41,6 @@ class StepResult:
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
         default_factory=list)
     timing: ForwardTiming | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardTiming:
-    """Where a step's time went on the engine thread, where the forward runs as it is called
-    (CPU): in the model's forward, and since the last forward ended (the last step's sampling
-    and outputs, the event loop's turns with the GIL, this step's scheduling and inputs). The
-    gap is None after an idle wait, and after a step of another kind (whose costs it carries:
-    a prefill's outputs, its prompt logprobs)."""
-
-    kind: str  # "decode" (decode rows only), "mixed" (and prompt chunks), "prefill"
-    forward_seconds: float
-    gap_seconds: float | None
 
 
 @dataclass(slots=True)

@@ -28,8 +28,9 @@ def test_forward_and_gap_by_kind(cpu_engine: CpuEngine, monkeypatch: pytest.Monk
 
     def step() -> tuple[str, float | None, float | None]:
         engine._step()  # the engine thread's step, run here (the thread is not started)
-        it = seen[-1]
-        return it.kind, it.forward_seconds, it.gap_seconds
+        timing = seen[-1].timing
+        assert timing is not None
+        return timing.kind, timing.forward_seconds, timing.gap_seconds
 
     def approx(kind: str, gap: float | None) -> tuple[str, object, object]:
         return kind, pytest.approx(TICK), None if gap is None else pytest.approx(gap)
