@@ -4,4 +4,6 @@ import sys
 
 from server.cli import main
 
-sys.exit(main())
+# Guarded: the engine process is spawned, and spawning imports the parent's main module.
+if __name__ == "__main__":
+    sys.exit(main())

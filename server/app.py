@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import ChatTemplateError
 from server.config import ServerConfig
-from server.engine import Engine, EngineDeadError, EngineOverloaded, RequestRejected
+from server.engine_front import EngineDeadError, EngineFront, EngineOverloaded, RequestRejected
+from server.engine_process import EngineStartFailed
 from server.memory import freeze_startup_objects
 from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
@@ -60,14 +61,14 @@ class ServerState:
     config: ServerConfig
     limits: RequestLimits
     metrics: Metrics
-    engine: Engine | None = None
+    engine: EngineFront | None = None
     completions: CompletionService | None = None
     chat: ChatService | None = None
     status: str = "loading"  # loading | ready | draining | failed
     reason: str = "the model is loading"
     ready: threading.Event = field(default_factory=threading.Event)
 
-    def serving_engine(self) -> Engine:
+    def serving_engine(self) -> EngineFront:
         if self.status != "ready" or self.engine is None:
             raise Unavailable(self.reason, self.status)
         try:
@@ -77,7 +78,7 @@ class ServerState:
             raise
         return self.engine
 
-    def accept(self, body: AcceptedBody) -> Engine:
+    def accept(self, body: AcceptedBody) -> EngineFront:
         """The engine, once `body` passes the checks every endpoint makes: serving, model
         name, configured limits."""
         engine = self.serving_engine()
@@ -247,7 +248,7 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
+def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """The app; `load_engine` runs on a thread at start-up, `on_fatal` hears if it fails."""
     from server.routes import router
@@ -269,7 +270,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], Engine],
             logger.info("ready: serving %s (%d start-up objects left out of garbage collection)",
                         config.served_model_name, frozen)
         except Exception as e:  # noqa: BLE001 - any load failure is fatal and reported
-            logger.error("loading failed: %s", e, exc_info=not isinstance(e, ValueError))
+            # An engine process logged its own traceback; a ValueError's message says it all
+            logger.error("loading failed: %s", e,
+                         exc_info=not isinstance(e, ValueError | EngineStartFailed))
             state.status, state.reason = "failed", f"loading failed: {e}"
             if on_fatal is not None:
                 on_fatal(str(e))

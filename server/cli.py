@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
+    _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "
+         "HTTP server's event loop (vLLM V1's layout); --no-engine-process runs it on a thread "
+         "of the server's process", action=argparse.BooleanOptionalAction,
+         default=s.engine_process)
     _add(serve, "--load-format", "auto: the checkpoint's weights; dummy: random weights of "
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
@@ -116,7 +120,8 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         served_model_name=args.served_model_name or served_name(args.model, model_dir),
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
-        metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout)
+        metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
+        engine_process=args.engine_process)
     return engine, server
 
 
@@ -146,7 +151,8 @@ def serve(args: argparse.Namespace) -> int:
     from model.demo import ensure_demo_model
     from model.source import resolve_model
     from server.app import DrainingServer, create_app
-    from server.startup import build_engine
+    from server.engine_front import EngineFront
+    from server.engine_process import EngineProcess
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -169,9 +175,15 @@ def serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(server_config,
-                     lambda: build_engine(model_dir, engine_config, server_config.chat_template),
-                     on_fatal)
+    def load_engine() -> EngineFront:
+        if server_config.engine_process:
+            return EngineProcess(model_dir, engine_config, server_config.chat_template,
+                                 server_config.log_level)
+        from server.startup import build_engine
+
+        return build_engine(model_dir, engine_config, server_config.chat_template)
+
+    app = create_app(server_config, load_engine, on_fatal)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, timeout_graceful_shutdown=10)
     # Bind before anything loads: a taken port fails at once, with uvicorn's message, instead

@@ -1,27 +1,36 @@
 """Engine: runs scheduler -> runner -> update on its own thread; requests stream back to asyncio.
 
 The asyncio side calls `generate()` (validates, queues, returns an async stream) and
-`abort()`; both only touch a thread-safe inbox. The engine thread owns the scheduler, the
-KV-cache pool and the model, drains the inbox between steps, and posts each step's outputs
-(built by server.outputs.OutputBuilder) to the streams with one `call_soon_threadsafe` per
-event loop. No FastAPI here.
+`abort()` (server/engine_front.py); both only touch a thread-safe inbox. The engine thread
+owns the scheduler, the KV-cache pool and the model, drains the inbox between steps, and posts
+each step's outputs (built by server.outputs.OutputBuilder) to the streams with one
+`call_soon_threadsafe` per event loop, or, in an engine process, to its pipe. No FastAPI here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 
 from model.tokenizer import Tokenizer
+from server.engine_front import (
+    Abort,
+    AbortAll,
+    Add,
+    EngineDeadError,
+    EngineFront,
+    EngineStats,
+    StreamTable,
+    check_admission,
+)
 from server.memory import release_free_memory
-from server.outputs import IterationStats, OutputBuilder
-from server.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
+from server.outputs import OutputBuilder
+from server.request import FinishReason, RequestOutput, RequestStatus
 from server.runner import ModelRunner, StepResult
 from server.scheduler import Request, Scheduler, StepPlan
 from server.warmup import failure_message, phases
@@ -34,98 +43,14 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 IDLE_POLL_SECONDS = 0.05
 
 
-class RequestRejected(ValueError):
-    """The request can never be served as asked (HTTP 400); `param` names the field at fault,
-    `code` is OpenAI's error code where it has one."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full (HTTP 503 with Retry-After)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped; nothing more will be served (HTTP 503, /health fails)."""
-
-
 class WarmUpFailed(RuntimeError):
     """A start-up warm-up step failed: the server could not run the steps it would be given."""
 
 
-# What the HTTP side sends the engine thread, through its inbox
-@dataclass(frozen=True, slots=True)
-class Add:
-    request: Request
+class Engine(EngineFront):
+    """The engine loop on a thread of this process. Its outputs go to its own streams, or,
+    in an engine process, to `output_sink` (set before `start`)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class AbortAll:
-    pass
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    slots_used: int = 0
-    slots_total: int = 0
-    tokens_used: int = 0
-    tokens_capacity: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    steps_total: int = 0
-    finished_total: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Tokens held / the pool's capacity, 0 to 1."""
-        return self.tokens_used / self.tokens_capacity if self.tokens_capacity else 0.0
-
-
-class RequestStream:
-    """Async iterator over one request's outputs; ends after every sample has finished."""
-
-    # A deque and one waiter rather than an asyncio.Queue: this runs for every streamed token,
-    # with one reader and no bound, and the queue's bookkeeping was a tenth of that path.
-    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.n = n
-        self.loop = loop
-        self._outputs: deque[RequestOutput] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
-        self._unfinished = n
-
-    def put(self, output: RequestOutput) -> None:  # called on the event loop
-        self._outputs.append(output)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        while self._unfinished:
-            if not self._outputs:
-                self._waiter = self.loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            output = self._outputs.popleft()
-            if output.finished:
-                self._unfinished -= 1
-            yield output
-
-
-class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
                  max_waiting: int, async_output_proc: bool = False, warmup: bool = False) -> None:
         self.runner = runner
@@ -138,11 +63,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = runner.vocab_size
+        self.num_slots = scheduler.n_slots
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[Add | Abort | AbortAll] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # touched under _lock from both sides
-        self._lock = threading.Lock()
-        self._num_queued = 0  # submitted, not yet given a slot (under _lock)
+        self.streams = StreamTable()
+        self.output_sink: Callable[[list[RequestOutput]], None] = self.streams.deliver
+        self._lock = threading.Lock()  # admission: the stats' num_queued / slots_used
         self._stats = EngineStats(slots_total=scheduler.n_slots,
                                   tokens_capacity=scheduler.n_slots * scheduler.max_model_len)
         self._outputs = OutputBuilder(tokenizer, scheduler, runner.release,
@@ -150,8 +76,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
-        self._closed = False  # set (under _lock) when the loop ends: no stream is opened after
-        self._listeners: list[Callable[[IterationStats], None]] = []
+        self._listeners = []
         # A step's outputs, held until the next step is launched (see _step).
         self._deferred: list[RequestOutput] = []
 
@@ -194,82 +119,30 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str) -> RequestStream:
-        """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
-        so the caller can answer with a status before any streaming starts."""
-        self.check_health()
-        self._validate(prompt_ids, params)
-        if params.max_tokens is None:
-            params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
-        stream = RequestStream(request_id, params.n, asyncio.get_running_loop())
-        with self._lock:
-            if self._closed:
-                raise EngineDeadError("the engine stopped")
-            if request_id in self._streams:
-                raise RequestRejected(f"request id {request_id!r} is already in flight")
-            # Free slots take requests at the next step; beyond them, max_waiting may queue.
-            free_slots = self.scheduler.n_slots - self._stats.slots_used
-            if self._num_queued >= self.max_waiting + free_slots:
-                raise EngineOverloaded(
-                    f"the server is at capacity: {self._num_queued} requests are queued for "
-                    f"{free_slots} free slots and {self.max_waiting} waiting places "
-                    f"(--max-waiting); retry later")
-            self._num_queued += 1
-            self._streams[request_id] = stream
-        self._inbox.put(Add(Request(request_id, list(prompt_ids), params)))
-        return stream
+    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+        if isinstance(item, Add):
+            with self._lock:
+                check_admission(self._stats.num_queued,
+                                self.num_slots - self._stats.slots_used, self.max_waiting)
+        self.put(item)
 
-    @property
-    def num_slots(self) -> int:
-        """KV-cache slots: sequences run at once."""
-        return self.scheduler.n_slots
-
-    @property
-    def max_queued(self) -> int:
-        """The most requests `generate` takes at once: every slot's, then max_waiting more."""
-        return self.scheduler.n_slots + self.max_waiting
-
-    def abort(self, request_id: str) -> None:
-        """Cancel a request; its slots are free again before the next step."""
-        self._inbox.put(Abort(request_id))
-
-    def num_unfinished(self) -> int:
-        """Requests accepted and not yet finished (their streams are still open)."""
-        with self._lock:
-            return len(self._streams)
-
-    def abort_all(self) -> None:
-        """Abort everything in flight; each stream gets a final `abort` output."""
-        self._inbox.put(AbortAll())
+    def put(self, item: Add | Abort | AbortAll) -> None:
+        """Pass an item to the engine loop as it is: an engine process's requests were
+        admitted by its proxy."""
+        if isinstance(item, Add):
+            with self._lock:
+                self._stats.num_queued += 1
+                self._stats.num_received += 1
+        self._inbox.put(item)
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    def add_listener(self, listener: Callable[[IterationStats], None]) -> None:
-        """`listener(stats)` runs on the engine thread after every step; keep it cheap."""
-        self._listeners.append(listener)
-
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise RequestRejected("the prompt is empty: it must contain at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
-                                  f"[0, {self.vocab_size})")
-        if params.n > self.scheduler.n_slots:
-            raise RequestRejected(f"n={params.n} is more than the {self.scheduler.n_slots} "
-                                  f"sequences this server runs at once", "n")
-        # The fewest tokens the request must produce: max_tokens, else min_tokens (at least 1)
-        n_out = params.max_tokens if params.max_tokens is not None else max(params.min_tokens, 1)
-        if n_prompt + n_out > self.max_model_len:
-            least = " at least, its min_tokens" if params.max_tokens is None else ""
-            raise RequestRejected(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in "
-                f"the completion{least}). Please reduce the length of the prompt or "
-                f"completion.", None, "context_length_exceeded")
+    def stats_snapshot(self) -> EngineStats:
+        """A copy of the stats as they are now (engine thread): to send to another process."""
+        self._refresh_stats()
+        with self._lock:
+            return replace(self._stats, finished_total=Counter(self._stats.finished_total))
 
     def warm_up(self) -> list[tuple[int, int]]:
         """Run server/warmup.py's phases through the real step before serving (by `start` on
@@ -290,7 +163,7 @@ class Engine:
         self.runner.bind_thread()
         for phase in phases(sched, self.vocab_size):
             with self._lock:  # counted as queued, as generate() does: admission counts it off
-                self._num_queued += len(phase)
+                self._stats.num_queued += len(phase)
             for request in phase:
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
@@ -370,9 +243,9 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-        self._post(posts)
         if posts:
-            self._emit_iteration()
+            self._emit_iteration()  # first, as in _step
+        self._post(posts)
         return True
 
     def _step(self) -> StepPlan:
@@ -388,7 +261,7 @@ class Engine:
         admitted = sum(1 for c in plan.prefills if c.start == 0)
         if admitted:
             with self._lock:
-                self._num_queued -= admitted
+                self._stats.num_queued -= admitted
         if plan.num_tokens == 0:
             self._post([])  # the last step's outputs, if held
             return plan
@@ -429,12 +302,7 @@ class Engine:
         return plan
 
     def _emit_iteration(self) -> None:
-        it = self._outputs.take_iteration()
-        for listener in self._listeners:
-            try:
-                listener(it)
-            except Exception:  # metrics must never take the engine down
-                logger.exception("stats listener failed")
+        self._notify(self._outputs.take_iteration())
 
     def _step_outputs(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         for request, logprobs in result.prompt_logprobs:
@@ -456,32 +324,18 @@ class Engine:
         """Finish every unfinished sample of a request, with a final output for each."""
         if any(s.status == RequestStatus.WAITING for s in request.seqs):
             with self._lock:
-                self._num_queued -= 1
+                self._stats.num_queued -= 1
         open_seqs = [s for s in request.seqs if not s.status.is_finished]
         self.scheduler.finish_request(request, status)
         return [self._outputs.final(seq, error) for seq in open_seqs]
 
     def _post(self, outputs: list[RequestOutput]) -> None:
-        """Hand outputs to their streams, after any the last step deferred (so a stream never
-        sees them out of order): one thread-safe callback per event loop."""
+        """Hand outputs to the sink, after any the last step deferred (so a stream never sees
+        them out of order). The sink hears of every call, even with none: an engine
+        process's sends the step's stats with them."""
         if self._deferred:
             outputs, self._deferred = self._deferred + outputs, []
-        if not outputs:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream, out))
-            for out in outputs:  # all samples finished: the stream gets no more
-                if out.finished and out.request_id not in self.scheduler.requests:
-                    self._streams.pop(out.request_id, None)
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop closed (server shutting down)
-                pass
+        self.output_sink(outputs)
 
     def _refresh_stats(self) -> None:
         s, sched = self._stats, self.scheduler
@@ -493,26 +347,13 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         """End every stream: the scheduler's requests, and those accepted by `generate()` but
         still in the inbox, whose clients would otherwise wait forever."""
-        with self._lock:
-            self._closed = True
-            queued = [s for rid, s in self._streams.items() if rid not in self.scheduler.requests]
+        queued = self.streams.close(message, skip=self.scheduler.requests)
         posts = []
         for request in list(self.scheduler.requests.values()):
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
-        posts += [RequestOutput(s.request_id, i, finish_reason=FinishReason.ERROR, error=message)
-                  for s in queued for i in range(s.n)]
-        self._stats.finished_total[FinishReason.ERROR.value] += sum(s.n for s in queued)
-        self._post(posts)
+        self._stats.finished_total[FinishReason.ERROR.value] += len(queued)
+        self._post(posts + queued)
 
 
 class StepFailed(RuntimeError):
     """A forward pass raised; its requests were failed."""
-
-
-def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-    for stream, output in items:
-        stream.put(output)
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    return replace(params, max_tokens=max_tokens)

@@ -1,9 +1,9 @@
 """Prometheus metrics, one registry per app, fed from the engine's plain stats. No torch.
 
-Gauges and counters are read from `Engine.stats()` at scrape time; histograms are fed by the
-engine thread through `observe()` once per step. Names: `llama_serve_*`, base units, `_total`
-on counters. `--metrics-compat vllm` adds vLLM's names for the series that autoscalers and
-dashboards read.
+Gauges and counters are read from the engine's `stats()` at scrape time; histograms are fed
+through `observe()` once per step (on the engine thread, or the reader of an engine process).
+Names: `llama_serve_*`, base units, `_total` on counters. `--metrics-compat vllm` adds vLLM's
+names for the series that autoscalers and dashboards read.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine import Engine, EngineStats
+from server.engine_front import EngineFront, EngineStats
 from server.outputs import IterationStats
 from server.request import FinishReason
 
@@ -44,7 +44,7 @@ class Metrics:
         self.model_name = model_name
         self.compat = compat
         self.registry = CollectorRegistry()
-        self._engine: Engine | None = None
+        self._engine: EngineFront | None = None
         self._rejected: dict[str, int] = {}
         self._window: deque[tuple[float, int, int]] = deque()  # (time, prompt, generation)
         # The engine thread appends while a scrape iterates: iterating a deque that another
@@ -95,7 +95,7 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: EngineFront) -> None:
         self._engine = engine
         engine.add_listener(self.observe)
 

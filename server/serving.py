@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
-from server.engine import Engine, RequestRejected, RequestStream
+from server.engine_front import EngineFront, RequestRejected, RequestStream
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionLogprobs,
@@ -67,7 +67,7 @@ class Choice:
     num_output_tokens: int = 0
 
 
-def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
            response_id: str, prompt_param: str = "prompt") -> list[Submitted]:
     """Queue every prompt, or none: a rejection aborts the ones already queued.
     `prompt_param` is the field a too-long prompt is blamed on ("messages" for chat)."""
@@ -90,7 +90,7 @@ def submit(engine: Engine, prompts: list[tuple[list[int], str | None]], params: 
     return submitted
 
 
-async def merged(engine: Engine, submitted: list[Submitted]
+async def merged(engine: EngineFront, submitted: list[Submitted]
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from all prompts' streams as they arrive; aborts on exit."""
     if len(submitted) == 1:  # one prompt (chat, most completions): no pump task, no queue
@@ -154,7 +154,7 @@ def error_event(message: str) -> str:
 class _Service:
     """What both endpoints' services hold, and the token texts their logprobs show."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
 
     def _token_texts(self, ids: Iterable[int]) -> dict[int, str]:

@@ -41,6 +41,11 @@ class Server:
         """Every sample of /metrics as {'name{labels}': value}."""
         return parse_metrics(httpx.get(f"{self.base_url}/metrics").text)
 
+    def children(self) -> list[int]:
+        """The server's child processes (an engine process, multiprocessing's tracker)."""
+        tasks = Path(f"/proc/{self.process.pid}/task").glob("*/children")
+        return [int(pid) for task in tasks for pid in task.read_text().split()]
+
     def metric(self, name: str) -> float:
         """The value of one series in /metrics (name plus labels, as written)."""
         return self.metrics()[name]

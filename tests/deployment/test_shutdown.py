@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.api.conftest import Server, run_server
 from tests.deployment.balancer import LONG_STREAM
@@ -35,10 +36,23 @@ def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) ->
     return result
 
 
-def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path,
-                                                tmp_path: Path) -> None:
+ENGINE_MODES = pytest.mark.parametrize("engine_mode", ["--no-engine-process", "--engine-process"])
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie: exited
+    except FileNotFoundError:
+        return True
+
+
+@ENGINE_MODES
+def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path, tmp_path: Path,
+                                                engine_mode: str) -> None:
     with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
-                    "--max-model-len", "4096") as server:
+                    "--max-model-len", "4096", engine_mode) as server:
+        helpers = server.children()  # the engine process and multiprocessing's tracker
+        assert helpers or engine_mode == "--no-engine-process"
         first = threading.Event()
         # Long enough to be in flight through the checks below, short enough to finish in
         # the 60 s on a loaded machine (the 4000-token stream once took longer there)
@@ -49,6 +63,7 @@ def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path,
         late = httpx.post(f"{server.v1}/completions", json={"prompt": "x", "max_tokens": 2})
         result["thread"].join(60)
         assert server.process.wait(timeout=30) == 0
+    assert all(gone(pid) for pid in helpers)
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert late.status_code == 503 and late.headers["retry-after"]
     assert late.json()["error"]["code"] == "draining"
@@ -57,10 +72,11 @@ def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path,
     assert len(result["chunks"]) >= 2
 
 
-def test_sigterm_aborts_what_outlives_the_timeout(long_context_checkpoint: Path,
-                                                  tmp_path: Path) -> None:
+@ENGINE_MODES
+def test_sigterm_aborts_what_outlives_the_timeout(long_context_checkpoint: Path, tmp_path: Path,
+                                                  engine_mode: str) -> None:
     with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "0.1",
-                    "--max-model-len", "4096") as server:
+                    "--max-model-len", "4096", engine_mode) as server:
         first = threading.Event()
         result = stream_in_thread(server, LONG_STREAM, first)
         assert first.wait(20)

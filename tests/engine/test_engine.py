@@ -24,7 +24,8 @@ from model.decode_graphs import DecodeGraphs
 from model.llama import LlamaModel
 from model.weights import load_checkpoint
 from server.config import EngineConfig
-from server.engine import Engine, EngineOverloaded, RequestRejected
+from server.engine import Engine
+from server.engine_front import EngineOverloaded, RequestRejected
 from server.request import FinishReason, SamplingParams
 from server.runner import ModelRunner
 from server.startup import build_engine

@@ -11,7 +11,8 @@ import threading
 import pytest
 import torch
 
-from server.engine import Engine, EngineStats, WarmUpFailed
+from server.engine import Engine, WarmUpFailed
+from server.engine_front import EngineStats
 from server.request import SamplingParams
 from server.runner import ModelRunner
 from tests.engine.conftest import CpuEngine
@@ -24,7 +25,7 @@ def assert_untouched(engine: Engine) -> None:
     assert stats.prompt_tokens_total == stats.generation_tokens_total == stats.steps_total == 0
     assert not stats.finished_total and stats.slots_used == stats.tokens_used == 0
     assert engine.num_unfinished() == 0
-    assert engine._num_queued == 0  # what generate() holds against --max-waiting
+    assert engine.stats().num_queued == 0  # what generate() holds against --max-waiting
 
 
 @pytest.mark.parametrize("seqs, max_len, budget", [

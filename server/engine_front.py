@@ -1,0 +1,294 @@
+"""What the asyncio side of an engine calls, and what crosses to the engine: no torch here.
+
+`EngineFront` is the interface the HTTP layer uses (generate, abort, stats, listeners): the
+in-process `Engine` (server/engine.py) and the proxy of an engine process
+(server/engine_process.py) both implement it. Requests are validated and admitted here, before
+they reach the engine, so a client hears 400 or 503 at once; outputs come back through a
+`StreamTable`, fed from the engine's thread (or the reader of its process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Container
+from dataclasses import dataclass, field, replace
+
+from model.tokenizer import Tokenizer
+from server.outputs import IterationStats
+from server.request import FinishReason, RequestOutput, SamplingParams
+from server.scheduler import Request
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (HTTP 400); `param` names the field at fault,
+    `code` is OpenAI's error code where it has one."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (HTTP 503 with Retry-After)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; nothing more will be served (HTTP 503, /health fails)."""
+
+
+# What the HTTP side sends the engine thread, through its inbox
+@dataclass(frozen=True, slots=True)
+class Add:
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAll:
+    pass
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    slots_used: int = 0
+    slots_total: int = 0
+    tokens_used: int = 0
+    tokens_capacity: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    steps_total: int = 0
+    finished_total: Counter[str] = field(default_factory=Counter)
+    # Admission (under the engine's lock): requests taken and not yet given a slot, and all
+    # requests ever taken, so that a proxy in another process can tell which of its own
+    # sends a snapshot has seen
+    num_queued: int = 0
+    num_received: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Tokens held / the pool's capacity, 0 to 1."""
+        return self.tokens_used / self.tokens_capacity if self.tokens_capacity else 0.0
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after every sample has finished."""
+
+    # A deque and one waiter rather than an asyncio.Queue: this runs for every streamed token,
+    # with one reader and no bound, and the queue's bookkeeping was a tenth of that path.
+    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.n = n
+        self.loop = loop
+        self._outputs: deque[RequestOutput] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
+        self._unfinished = n
+
+    def put(self, output: RequestOutput) -> None:  # called on the event loop
+        self._outputs.append(output)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while self._unfinished:
+            if not self._outputs:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            output = self._outputs.popleft()
+            if output.finished:
+                self._unfinished -= 1
+            yield output
+
+
+class StreamTable:
+    """The open streams by request id. Opened on the event loop, fed from another thread
+    (the engine's, or the reader of an engine process), so every method takes the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}
+        self._open: dict[str, set[int]] = {}  # samples not finished yet, as delivered
+        self._closed = False  # no stream opens after `close`
+
+    def open(self, request_id: str, n: int) -> RequestStream:
+        stream = RequestStream(request_id, n, asyncio.get_running_loop())
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine stopped")
+            if request_id in self._streams:
+                raise RequestRejected(f"request id {request_id!r} is already in flight")
+            self._streams[request_id] = stream
+            self._open[request_id] = set(range(n))
+        return stream
+
+    def discard(self, request_id: str) -> None:
+        """Forget a stream that was opened for a request then refused."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._open.pop(request_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one thread-safe callback per event loop. A stream
+        whose samples have all finished is forgotten."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+                if out.finished:
+                    samples = self._open[out.request_id]
+                    samples.discard(out.index)
+                    if not samples:
+                        del self._streams[out.request_id], self._open[out.request_id]
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed (server shutting down)
+                pass
+
+    def close(self, message: str, skip: Container[str] = ()) -> list[RequestOutput]:
+        """Open no more streams; returns an error output for every open sample of the streams
+        not in `skip` (whose requests are ended otherwise), for the caller to deliver."""
+        with self._lock:
+            self._closed = True
+            return [RequestOutput(rid, i, finish_reason=FinishReason.ERROR, error=message)
+                    for rid, samples in self._open.items() if rid not in skip
+                    for i in sorted(samples)]
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int,
+                     num_slots: int, max_model_len: int) -> None:
+    """Raise RequestRejected for a request that no engine of these sizes can serve."""
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise RequestRejected("the prompt is empty: it must contain at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
+                              f"[0, {vocab_size})")
+    if params.n > num_slots:
+        raise RequestRejected(f"n={params.n} is more than the {num_slots} sequences this server "
+                              f"runs at once", "n")
+    # The fewest tokens the request must produce: max_tokens, else min_tokens (at least 1)
+    n_out = params.max_tokens if params.max_tokens is not None else max(params.min_tokens, 1)
+    if n_prompt + n_out > max_model_len:
+        least = " at least, its min_tokens" if params.max_tokens is None else ""
+        raise RequestRejected(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in the "
+            f"completion{least}). Please reduce the length of the prompt or completion.",
+            None, "context_length_exceeded")
+
+
+def check_admission(num_queued: int, free_slots: int, max_waiting: int) -> None:
+    """Free slots take requests at the next step; beyond them, max_waiting may queue."""
+    if num_queued >= max_waiting + free_slots:
+        raise EngineOverloaded(
+            f"the server is at capacity: {num_queued} requests are queued for {free_slots} free "
+            f"slots and {max_waiting} waiting places (--max-waiting); retry later")
+
+
+class EngineFront:
+    """What the asyncio side calls, shared by the in-process Engine and the proxy of an
+    engine process (server/engine_process.py): requests in, streams out."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    max_waiting: int
+    num_slots: int  # KV-cache slots: sequences run at once
+    streams: StreamTable
+    _listeners: list[Callable[[IterationStats], None]]
+
+    def start(self) -> None:
+        """Start serving; returns once warmed up and ready."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError unless the engine loop is running."""
+        raise NotImplementedError
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
+
+    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+        """Pass an item to the engine loop; an Add is first checked against the queue's room
+        (raises EngineOverloaded)."""
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str) -> RequestStream:
+        """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
+        so the caller can answer with a status before any streaming starts."""
+        self.check_health()
+        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.max_model_len - len(prompt_ids))
+        stream = self.streams.open(request_id, params.n)
+        try:
+            self._enqueue(Add(Request(request_id, list(prompt_ids), params)))
+        except BaseException:
+            self.streams.discard(request_id)
+            raise
+        return stream
+
+    @property
+    def max_queued(self) -> int:
+        """The most requests `generate` takes at once: every slot's, then max_waiting more."""
+        return self.num_slots + self.max_waiting
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slots are free again before the next step."""
+        self._enqueue(Abort(request_id))
+
+    def abort_all(self) -> None:
+        """Abort everything in flight; each stream gets a final `abort` output."""
+        self._enqueue(AbortAll())
+
+    def num_unfinished(self) -> int:
+        """Requests accepted and not yet finished (their streams are still open)."""
+        return len(self.streams)
+
+    def add_listener(self, listener: Callable[[IterationStats], None]) -> None:
+        """`listener(stats)` runs after every step, on the thread that hears of it; keep it
+        cheap."""
+        self._listeners.append(listener)
+
+    def _notify(self, it: IterationStats) -> None:
+        for listener in self._listeners:
+            try:
+                listener(it)
+            except Exception:  # metrics must never take the engine down
+                logger.exception("stats listener failed")
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.put(output)
+
+

@@ -1,0 +1,263 @@
+"""The engine in a process of its own, and its proxy on the HTTP side (vLLM V1's layout).
+
+In one process the event loop that streams every token holds the GIL the engine thread needs
+between its C calls: at 16 streams on 2 cores it took about 0.5 ms of each ~7 ms step, and a
+flood of cheap requests (health checks, 4xx) cut generation several times over. Here the
+engine runs in a child process (spawned: no fork after threads exist), and this process keeps
+HTTP, tokenization and chat templates. They talk over one pipe:
+
+- to the core: `Add` (an admitted request), `Abort`, `AbortAll`, `Stop`;
+- to the proxy: `Ready` once warmed up (or `Failed`), then a `StepReport` per step (its
+  outputs, its IterationStats, a snapshot of the engine's stats), and `Died` if the loop dies.
+
+The proxy admits requests itself against the last snapshot (`EngineFront.generate`), counting
+the requests the snapshot has not seen yet, so a request is refused or accepted at once with
+no round trip. A reader thread turns reports into stream outputs and metrics, as the engine
+thread does in one process. The core exits when the pipe closes: nothing outlives the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from model.tokenizer import Tokenizer
+from server.config import EngineConfig
+from server.engine_front import (
+    Abort,
+    AbortAll,
+    Add,
+    EngineDeadError,
+    EngineFront,
+    EngineStats,
+    StreamTable,
+    check_admission,
+)
+from server.memory import freeze_startup_objects
+from server.outputs import IterationStats
+from server.request import RequestOutput
+
+if TYPE_CHECKING:
+    from server.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+# How long the core waits on its pipe before it looks at the engine's health again
+CORE_POLL_SECONDS = 0.5
+
+
+class EngineStartFailed(RuntimeError):
+    """The engine process could not load or warm up; the message is its reason."""
+
+
+# ---------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """End the engine (every stream still open gets an error output) and the process."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    vocab_size: int
+    max_model_len: int
+    num_slots: int
+    max_waiting: int
+    stats: EngineStats
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    outputs: list[RequestOutput]
+    iterations: list[IterationStats]
+    stats: EngineStats
+
+
+@dataclass(frozen=True, slots=True)
+class Died:
+    message: str
+
+
+# ---------------------------------------------------------------------- the child
+
+
+def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template: str | None,
+             log_level: str) -> None:
+    """The engine process: build and warm up the engine, then serve the pipe until it closes
+    or says Stop."""
+    # Ctrl-C reaches the whole process group; the server drains first, then stops the core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    from server.startup import build_engine  # torch: only in this process
+
+    built: list[Engine] = []
+
+    def load() -> None:
+        try:
+            engine = build_engine(folder, config, chat_template)
+            engine.start()
+            built.append(engine)
+        except Exception as e:  # noqa: BLE001 - any failure is reported to the proxy
+            logger.error("the engine could not start: %s", e,
+                         exc_info=not isinstance(e, ValueError))
+            conn.send(Failed(str(e)))
+
+    # Loaded on a thread that then ends, as in one process (server/app.py): loading runs
+    # OpenMP regions, and a thread that had run them and stayed alive beside the engine's
+    # would double libgomp's threads past the CPUs (measured: the forward 40% slower).
+    loader = threading.Thread(target=load, name="loader")
+    loader.start()
+    loader.join()
+    if not built:
+        return
+    engine = built[0]
+    iterations: list[IterationStats] = []
+    send_lock = threading.Lock()  # the engine thread reports; this thread may report a death
+
+    def report(outputs: list[RequestOutput]) -> None:  # the engine's output sink
+        if not outputs and not iterations:
+            return
+        report = StepReport(outputs, iterations[:], engine.stats_snapshot())
+        iterations.clear()
+        with send_lock:
+            conn.send(report)
+
+    engine.add_listener(iterations.append)  # sent with the step's outputs (Engine._post)
+    engine.output_sink = report
+    freeze_startup_objects()
+    conn.send(Ready(engine.vocab_size, engine.max_model_len, engine.num_slots,
+                    engine.max_waiting, engine.stats_snapshot()))
+    try:
+        while True:
+            if not conn.poll(CORE_POLL_SECONDS):
+                engine.check_health()
+                continue
+            item = conn.recv()
+            if isinstance(item, Stop):
+                break
+            engine.put(item)
+    except EngineDeadError as e:
+        with send_lock:
+            conn.send(Died(str(e)))
+    except (EOFError, OSError):  # the server went away
+        pass
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------- the proxy
+
+
+class EngineProcess(EngineFront):
+    """The HTTP side's engine: the same calls as Engine's, served by a child process."""
+
+    def __init__(self, folder: Path, config: EngineConfig, chat_template: str | None = None,
+                 log_level: str = "info") -> None:
+        self.tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
+        self.streams = StreamTable()
+        self._listeners = []
+        self._stats = EngineStats()
+        self._sent = 0  # Adds sent; the core counts those it took in stats.num_received
+        self._send_lock = threading.Lock()  # event loops, the drain thread and stop() send
+        self._dead: str | None = None
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._child_conn = child_conn
+        self._process = context.Process(
+            target=run_core, args=(child_conn, folder, config, chat_template, log_level),
+            name="engine-core", daemon=True)
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start the engine process and wait until it has warmed up; raises EngineStartFailed
+        with its reason if it could not."""
+        self._process.start()
+        self._child_conn.close()  # the child's end: EOF here once the child is gone
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise EngineStartFailed(f"the engine process exited with code "
+                                    f"{self._process.exitcode} before it was ready") from None
+        if isinstance(message, Failed):
+            self._process.join()
+            raise EngineStartFailed(message.message)
+        assert isinstance(message, Ready), message
+        self.vocab_size, self.max_model_len = message.vocab_size, message.max_model_len
+        self.num_slots, self.max_waiting = message.num_slots, message.max_waiting
+        self._stats = message.stats
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        try:
+            with self._send_lock:
+                self._conn.send(Stop())
+        except OSError:  # already gone
+            pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if not self._process.is_alive():
+            raise EngineDeadError(f"the engine process exited with code "
+                                  f"{self._process.exitcode}")
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+        with self._send_lock:
+            if isinstance(item, Add):
+                # Queued: those the last report counted, and those sent since it
+                stats = self._stats
+                check_admission(stats.num_queued + self._sent - stats.num_received,
+                                self.num_slots - stats.slots_used, self.max_waiting)
+                self._sent += 1
+            try:
+                self._conn.send(item)
+            except OSError as e:
+                raise EngineDeadError(f"the engine process is gone: {e}") from None
+
+    def _read(self) -> None:
+        """The reader thread: reports -> metrics listeners and streams, until the pipe ends."""
+        try:
+            while True:
+                match self._conn.recv():
+                    case StepReport(outputs, iterations, stats):
+                        self._stats = stats
+                        for it in iterations:  # first: a client that sees its last token
+                            self._notify(it)   # sees it counted
+                        self.streams.deliver(outputs)
+                    case Died(message):
+                        self._dead = message
+        except (EOFError, OSError):
+            pass
+        if self._dead is None:
+            self._process.join(1.0)  # the pipe closes as the process exits
+            self._dead = (f"the engine process exited with code {self._process.exitcode}"
+                          if not self._stopping else "the engine stopped")
+        if not self._stopping:
+            logger.error("engine process: %s", self._dead)
+        self.streams.deliver(self.streams.close(f"engine failed: {self._dead}"))

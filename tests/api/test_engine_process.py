@@ -1,0 +1,107 @@
+"""`--engine-process`: a real server whose engine runs in a child process answers exactly as
+the shared server (engine on a thread) does, and reports the child's death instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import (
+    Server,
+    assert_openai_error,
+    run_server,
+    sse_data,
+    wait_idle,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def proc_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Server]:
+    """The shared server's model and limits, without the key, the engine in a child process."""
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("proc"), "--engine-process",
+                    "--served-model-name", "tiny", "--max-model-len", "512",
+                    "--max-num-seqs", "8", "--max-n", "4") as s:
+        yield s
+
+
+def engine_pid(server: Server) -> int:
+    """The engine process: the server's child that multiprocessing spawned."""
+    for child in server.children():
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            return child
+    raise AssertionError(f"no engine process among {server.children()}")
+
+
+def without_ids(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+REQUESTS = [
+    ("completions", {"model": "tiny", "prompt": ["Once upon", "a time"], "max_tokens": 12,
+                     "temperature": 0, "logprobs": 2, "echo": True}),
+    ("completions", {"model": "tiny", "prompt": "The cat", "max_tokens": 16, "n": 2,
+                     "temperature": 0.9, "seed": 7, "stop": ["e"]}),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                          "max_tokens": 10, "temperature": 0, "logprobs": True,
+                          "top_logprobs": 2}),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body"), REQUESTS)
+def test_answers_as_the_engine_on_a_thread(server: Server, auth: dict[str, str],
+                                           proc_server: Server, endpoint: str,
+                                           body: dict) -> None:
+    here = httpx.post(f"{proc_server.v1}/{endpoint}", json=body, timeout=60)
+    there = httpx.post(f"{server.v1}/{endpoint}", json=body, headers=auth, timeout=60)
+    assert here.status_code == there.status_code == 200, here.text
+    assert without_ids(here.json()) == without_ids(there.json())
+
+
+def test_streams_and_counts_as_the_engine_on_a_thread(proc_server: Server) -> None:
+    wait_idle(proc_server)
+    before = proc_server.metric("llama_serve_generation_tokens_total")
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 9, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{proc_server.v1}/completions", json=body, timeout=60) as r:
+        events = sse_data(r)
+    assert events[-1] == "[DONE]"
+    assert '"completion_tokens":9' in events[-2]
+    wait_idle(proc_server)  # the gauges come back to 0 from the engine process's reports
+    assert proc_server.metric("llama_serve_generation_tokens_total") == before + 9
+
+
+def test_bad_requests_never_reach_the_engine_process(proc_server: Server) -> None:
+    r = httpx.post(f"{proc_server.v1}/completions",
+                   json={"model": "tiny", "prompt": [5000], "max_tokens": 2})
+    assert "out of range" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(f"{proc_server.v1}/completions",
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 600})
+    assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"
+    assert httpx.get(f"{proc_server.base_url}/health").status_code == 200
+
+
+def test_a_killed_engine_process_turns_the_server_unavailable(
+        long_context_checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(long_context_checkpoint, tmp_path, "--engine-process",
+                    "--max-model-len", "4096") as server:
+        body = {"prompt": [10, 11], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data:"):
+                pass
+            os.kill(engine_pid(server), signal.SIGKILL)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        assert "engine process exited" in rest[-2]  # the error event, as any failed stream's
+        assert wait_until(lambda: httpx.get(f"{server.base_url}/health").status_code == 503)
+        late = httpx.post(f"{server.v1}/completions", json={"prompt": "x", "max_tokens": 2})
+        error = assert_openai_error(late, 503)
+        assert error["code"] == "failed" and "engine process exited" in error["message"]
+        assert server.process.poll() is None  # still answering, for the orchestrator to see

@@ -1,0 +1,147 @@
+"""The engine in a child process (server/engine_process.py), through its proxy: the same outputs
+as the engine on a thread, admission counted across the pipe, and death, start-up failure and
+stop reported rather than hung on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from server.config import EngineConfig
+from server.engine_front import EngineDeadError, EngineFront, EngineOverloaded
+from server.engine_process import EngineProcess, EngineStartFailed
+from server.outputs import IterationStats
+from server.request import FinishReason, RequestOutput, SamplingParams
+from tests.engine.conftest import CpuEngine
+
+CONFIG = {"max_model_len": 1024, "warmup": False}
+
+
+@contextmanager
+def started(engine: EngineFront) -> Iterator[EngineFront]:
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def proxy(folder: Path, **config: object) -> EngineProcess:
+    return EngineProcess(folder, EngineConfig(device="cpu", **{**CONFIG, **config}))  # type: ignore[arg-type]
+
+
+JOBS = [  # (prompt, params): greedy, seeded sampling with logprobs, n=2, a stop string
+    ([5, 6, 7], SamplingParams(max_tokens=12, temperature=0)),
+    ([9, 8, 7, 6], SamplingParams(max_tokens=10, temperature=0.8, seed=3, logprobs=2)),
+    ([11, 12], SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=5)),
+    ([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, stop=("e",),
+                               prompt_logprobs=1)),
+]
+
+
+def generate_all(engine: EngineFront) -> list[list[RequestOutput]]:
+    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[RequestOutput]:
+        return [out async for out in engine.generate(prompt, params, f"r{i}")]
+
+    async def main() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(JOBS)))
+
+    return asyncio.run(main())
+
+
+def test_outputs_match_the_engine_on_a_thread(tiny_checkpoint: Path,
+                                              cpu_engine: CpuEngine) -> None:
+    with started(cpu_engine(**CONFIG)) as engine:
+        local = generate_all(engine)
+    with started(proxy(tiny_checkpoint)) as engine:
+        remote = generate_all(engine)
+    assert remote == local  # every output: text, ids, logprobs, finish and stop reasons
+
+
+def test_listeners_and_stats_hear_every_step(tiny_checkpoint: Path) -> None:
+    heard: list[IterationStats] = []
+    with started(proxy(tiny_checkpoint)) as engine:
+        engine.add_listener(heard.append)
+        outputs = generate_all(engine)
+        stats = engine.stats()  # as of the last step: its report came with the last outputs
+    finals = [out for outs in outputs for out in outs if out.finished]
+    assert len(finals) == 5  # one per sample
+    assert stats.generation_tokens_total == sum(out.num_output_tokens for out in finals)
+    assert sum(it.num_generation_tokens for it in heard) == stats.generation_tokens_total
+    assert stats.prompt_tokens_total == sum(len(p) for p, _ in JOBS)
+    assert sum(len(it.finished) for it in heard) == 5
+    assert stats.slots_used == stats.num_queued == 0
+    assert stats.num_received == len(JOBS)
+
+
+def test_admission_counts_requests_the_engine_has_not_seen(tiny_checkpoint: Path) -> None:
+    """The proxy admits against the engine's last report plus what it sent since: two
+    requests sent in one breath fill one slot and one waiting place before any report."""
+    with started(proxy(tiny_checkpoint, max_num_seqs=1, max_waiting=1)) as engine:
+        async def main() -> None:
+            busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
+            queued = engine.generate([5], SamplingParams(max_tokens=1), "queued")
+            with pytest.raises(EngineOverloaded, match="2 requests are queued"):
+                engine.generate([5], SamplingParams(max_tokens=1), "rejected")
+            engine.abort("busy")
+            outs = [out async for out in busy] + [out async for out in queued]
+            assert [o.finish_reason for o in outs if o.finished] == [FinishReason.ABORT,
+                                                                      FinishReason.LENGTH]
+            again = engine.generate([5], SamplingParams(max_tokens=1), "again")
+            assert [o.finish_reason async for o in again] == [FinishReason.LENGTH]
+
+        asyncio.run(main())
+        assert engine.num_unfinished() == 0
+
+
+def test_a_dead_engine_process_fails_streams_and_health(long_context_checkpoint: Path) -> None:
+    with started(proxy(long_context_checkpoint, max_model_len=4096)) as engine:
+        assert isinstance(engine, EngineProcess)
+
+        async def main() -> RequestOutput:
+            stream = engine.generate([5], SamplingParams(max_tokens=4000, ignore_eos=True), "r")
+            outs = aiter(stream)
+            await anext(outs)
+            os.kill(engine._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            return [out async for out in outs][-1]
+
+        last = asyncio.run(main())
+        assert last.finish_reason is FinishReason.ERROR
+        assert "engine process exited with code -9" in (last.error or "")
+        with pytest.raises(EngineDeadError, match="exited"):
+            engine.check_health()
+
+        async def late() -> None:
+            engine.generate([5], SamplingParams(max_tokens=1), "late")
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(late())
+
+
+def test_start_failure_is_reported_with_its_reason(tiny_checkpoint: Path) -> None:
+    engine = proxy(tiny_checkpoint, max_model_len=99999)
+    with pytest.raises(EngineStartFailed, match="beyond the model's context length"):
+        engine.start()
+    assert not engine._process.is_alive()
+
+
+def test_stop_ends_open_streams_and_the_process(long_context_checkpoint: Path) -> None:
+    engine = proxy(long_context_checkpoint, max_model_len=4096)
+    engine.start()
+
+    async def main() -> list[RequestOutput]:
+        stream = engine.generate([5], SamplingParams(max_tokens=4000, ignore_eos=True), "r")
+        outs = aiter(stream)
+        await anext(outs)
+        await asyncio.to_thread(engine.stop)
+        return [out async for out in outs]
+
+    rest = asyncio.run(main())
+    assert rest[-1].finish_reason is FinishReason.ERROR
+    assert not engine._process.is_alive() and engine._process.exitcode == 0
