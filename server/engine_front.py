@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field, replace
@@ -210,7 +211,7 @@ def check_admission(num_queued: int, free_slots: int, max_waiting: int) -> None:
             f"slots and {max_waiting} waiting places (--max-waiting); retry later")
 
 
-class EngineFront:
+class EngineFront(ABC):
     """What the asyncio side calls, shared by the in-process Engine and the proxy of an
     engine process (server/engine_process.py): requests in, streams out."""
 
@@ -222,24 +223,26 @@ class EngineFront:
     streams: StreamTable
     _listeners: list[Callable[[IterationStats], None]]
 
+    @abstractmethod
     def start(self) -> None:
         """Start serving; returns once warmed up and ready."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
-        raise NotImplementedError
+        """Stop serving; every stream still open ends with an error output."""
 
+    @abstractmethod
     def check_health(self) -> None:
         """Raise EngineDeadError unless the engine loop is running."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stats(self) -> EngineStats:
-        raise NotImplementedError
+        """The counters and gauges the metrics read, as of the last step."""
 
+    @abstractmethod
     def _enqueue(self, item: Add | Abort | AbortAll) -> None:
         """Pass an item to the engine loop; an Add is first checked against the queue's room
         (raises EngineOverloaded)."""
-        raise NotImplementedError
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  request_id: str) -> RequestStream:

@@ -105,3 +105,14 @@ def test_a_killed_engine_process_turns_the_server_unavailable(
         error = assert_openai_error(late, 503)
         assert error["code"] == "failed" and "engine process exited" in error["message"]
         assert server.process.poll() is None  # still answering, for the orchestrator to see
+
+
+def test_the_engine_process_exits_with_the_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A server killed outright (no drain) leaves no engine process behind: it sees its
+    pipe close."""
+    with run_server(tiny_checkpoint, tmp_path, "--engine-process") as server:
+        engine = engine_pid(server)
+        server.process.kill()
+        server.process.wait(timeout=10)
+        assert wait_until(lambda: not Path(f"/proc/{engine}").exists()
+                          or Path(f"/proc/{engine}/stat").read_text().split()[2] == "Z")
