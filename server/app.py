@@ -105,7 +105,7 @@ class ServerState:
                 time.sleep(0.02)
 
     def check_model(self, model: str | None) -> None:
-        if model and model != self.config.served_model_name:
+        if model and model not in self.config.model_names:
             raise ModelNotFound(f"The model `{model}` does not exist.")
 
 

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     e, s = EngineConfig(), ServerConfig()
     _add(serve, "--host", "address to bind", default=s.host)
     _add(serve, "--port", "port to bind", type=int, default=s.port)
-    _add(serve, "--served-model-name", "model id clients use (default: the folder's name)")
+    _add(serve, "--served-model-name", "model id clients use (default: the folder's name); "
+         "more names are aliases: requests may use any, responses carry the first",
+         nargs="+")
     _add(serve, "--api-key", "require 'Authorization: Bearer KEY' on /v1/* and /(de)tokenize")
     _add(serve, "--dtype", "weights and KV-cache dtype", default=e.dtype,
          choices=["auto", "float32", "bfloat16", "float16"])
@@ -115,9 +117,13 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
     engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
     template = chat_template_text(args.chat_template) if args.chat_template else None
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
+    names = args.served_model_name or []  # a list from the command line, text from the variable
+    if isinstance(names, str):
+        names = names.replace(",", " ").split()
     server = ServerConfig(
         host=args.host, port=args.port,
-        served_model_name=args.served_model_name or served_name(args.model, model_dir),
+        served_model_name=names[0] if names else served_name(args.model, model_dir),
+        model_aliases=tuple(names[1:]),
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,

@@ -63,7 +63,9 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str = "model"
+    served_model_name: str = "model"  # what responses and metrics name
+    # More names requests may use (vLLM's `--served-model-name A B`: both answer, as A)
+    model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
     max_request_bytes: int = 4 * 2**20
@@ -76,3 +78,7 @@ class ServerConfig:
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
     # the forward needs (c=16 ~5% slower, README); it is meant for GPU hosts with cores to spare.
     engine_process: bool = False
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, *self.model_aliases)

@@ -78,18 +78,19 @@ async def metrics(state: State) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: State) -> ModelList:
-    return ModelList(data=[_model_card(state)])
+    return ModelList(data=[_model_card(state, name) for name in state.config.model_names])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: State) -> ModelCard:
     state.check_model(model_id)
-    return _model_card(state)
+    return _model_card(state, model_id)
 
 
-def _model_card(state: ServerState) -> ModelCard:
+def _model_card(state: ServerState, name: str) -> ModelCard:
+    """A card for each name the model answers to; `root` is the name responses carry."""
     engine = state.engine
-    return ModelCard(id=state.config.served_model_name,
+    return ModelCard(id=name, root=state.config.served_model_name,
                      max_model_len=engine.max_model_len if engine else None)
 
 

@@ -196,6 +196,22 @@ def test_switch_flags_and_env(field: str, variable: str, argv: list[str], env: s
     assert getattr(engine, field) is want
 
 
+@pytest.mark.parametrize(("argv", "env"), [
+    (["--served-model-name", "a", "b", "c"], None),
+    ([], "a, b c"),
+    (["--served-model-name", "a", "b", "c"], "x y")])  # the command line wins
+def test_served_model_names_from_flag_and_env(argv: list[str], env: str | None,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from server.cli import build_parser, configs
+
+    if env is not None:
+        monkeypatch.setenv("LLAMA_SERVE_SERVED_MODEL_NAME", env)
+    args = build_parser().parse_args(["serve", str(tmp_path), *argv])
+    _, server = configs(args, tmp_path)
+    assert server.model_names == ("a", "b", "c") and server.served_model_name == "a"
+
+
 def test_dummy_load_format_serves_a_config_without_weights(tiny_checkpoint: Path,
                                                             tmp_path: Path) -> None:
     import httpx
