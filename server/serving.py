@@ -254,10 +254,12 @@ class CompletionService(_Service):
 
         def chunk(index: int, text: str, logprobs: CompletionLogprobs | None,
                   out: RequestOutput) -> str:
+            usage = (CompletionUsage.of(out.num_prompt_tokens, out.num_output_tokens)
+                     if request.continuous_usage else None)  # this choice's, as vLLM's
             return envelope.render(CompletionResponseChoice(
                 index=index, text=text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(out.finish_reason),
-                stop_reason=out.stop_reason))
+                stop_reason=out.stop_reason), usage)
 
         async for i, out in merged(self.engine, submitted):
             if out.finish_reason is FinishReason.ERROR:
@@ -325,12 +327,16 @@ class ChatService(_Service):
         envelope = StreamEnvelope(ChatCompletionChunk(
             id=response_id, created=created, model=self.model_name, choices=[]))
 
+        num_prompt = len(submitted[0].prompt_ids)
+
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogprobs | None = None,
-                  finish: RequestOutput | None = None) -> str:
+                  finish: RequestOutput | None = None, num_output: int = 0) -> str:
+            usage = (CompletionUsage.of(num_prompt, num_output)
+                     if request.continuous_usage else None)  # this choice's, as vLLM's
             return envelope.render(ChatCompletionStreamChoice(
                 index=index, delta=delta, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(finish and finish.finish_reason),
-                stop_reason=finish and finish.stop_reason))
+                stop_reason=finish and finish.stop_reason), usage)
 
         for index in range(request.n):  # the role comes first, before any content
             yield chunk(index, DeltaMessage(role="assistant", content=""))
@@ -342,9 +348,11 @@ class ChatService(_Service):
             _absorb(choices.setdefault(out.index, Choice()), out)
             if out.text or out.logprobs:
                 logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
-                yield chunk(out.index, DeltaMessage(content=out.text), logprobs)
+                yield chunk(out.index, DeltaMessage(content=out.text), logprobs,
+                            num_output=out.num_output_tokens)
             if out.finished:
-                yield chunk(out.index, DeltaMessage(), finish=out)
+                yield chunk(out.index, DeltaMessage(), finish=out,
+                            num_output=out.num_output_tokens)
         if request.include_usage:
             yield ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                       choices=[], usage=_usage(submitted, choices)

@@ -52,7 +52,7 @@ Refused = Annotated[SkipJsonSchema[Any], AfterValidator(_refuse)]
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
-    continuous_usage_stats: Refused = None  # vLLM: usage in every chunk
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk too
 
 
 class ResponseFormat(OpenAIBaseModel):
@@ -129,6 +129,12 @@ class _SamplingRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk carries the usage so far (vLLM's; with include_usage only)."""
+        options = self.stream_options
+        return self.include_usage and options is not None and options.continuous_usage_stats
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

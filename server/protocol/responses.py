@@ -96,8 +96,12 @@ class StreamEnvelope:
             raise ValueError("the chunk must have an empty choices list")
         self._head = head + '"choices":['
 
-    def render(self, choice: ResponseModel) -> str:
-        return f"{self._head}{choice.model_dump_json()}]{self._tail}"
+    def render(self, choice: ResponseModel, usage: CompletionUsage | None = None) -> str:
+        if usage is None:
+            return f"{self._head}{choice.model_dump_json()}]{self._tail}"
+        # The tail opens with `,` or `}`, so a key can go right after the choices.
+        return (f'{self._head}{choice.model_dump_json()}],"usage":{usage.model_dump_json()}'
+                f"{self._tail}")
 
 
 class CompletionResponseChoice(ResponseModel):

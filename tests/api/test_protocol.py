@@ -380,8 +380,6 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
     assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
     assert_invalid(completion, {"response_format": {"type": "json_object"}}, "response_format",
                    "not supported")
-    assert_invalid(chat, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-                   "stream_options", "continuous_usage_stats: not supported")
 
 
 def test_chat_template_controls() -> None:

@@ -105,6 +105,44 @@ def test_usage_chunk_matches_unstreamed_usage(client: httpx.Client, path: str,
     assert plain.json()["usage"]["completion_tokens"] == 7 * 2 * (2 if "prompt" in body else 1)
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/completions", {"prompt": ["Rivers", "Mountains are"]}),
+], ids=["chat", "completions"])
+def test_continuous_usage_counts_each_choice_so_far(client: httpx.Client, path: str,
+                                                    body: dict[str, Any]) -> None:
+    """vLLM's `continuous_usage_stats`: every chunk carries its prompt's tokens and its own
+    choice's tokens so far; the final usage chunk still totals every choice."""
+    request = {**GREEDY, **body, "max_tokens": 7, "n": 2}
+    plain = client.post(path, json=request).json()["usage"]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    _, events = stream(client, path, {**request, "stream_options": options})
+    *chunks, final = check_framing(events)
+    assert final["choices"] == [] and final["usage"] == plain
+    counts: dict[int, list[int]] = {}
+    prompt_tokens: dict[int, set[int]] = {}  # by prompt (choice index // n)
+    for chunk in chunks:
+        [choice], usage = chunk["choices"], chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        counts.setdefault(choice["index"], []).append(usage["completion_tokens"])
+        prompt_tokens.setdefault(choice["index"] // 2, set()).add(usage["prompt_tokens"])
+    assert sorted(counts) == ([0, 1, 2, 3] if "prompt" in body else [0, 1])
+    for index, seen in counts.items():
+        assert seen == sorted(seen) and seen[-1] == 7, (index, seen)
+        if "messages" in body:
+            assert seen[0] == 0  # the role chunk, before any token
+    assert all(len(tokens) == 1 for tokens in prompt_tokens.values())
+    assert sum(tokens.pop() for tokens in prompt_tokens.values()) == plain["prompt_tokens"]
+
+
+def test_continuous_usage_needs_include_usage(client: httpx.Client) -> None:
+    """As in vLLM: without include_usage, no chunk carries usage."""
+    _, events = stream(client, "/v1/completions",
+                       {**GREEDY, "prompt": "Rivers", "max_tokens": 3,
+                        "stream_options": {"continuous_usage_stats": True}})
+    assert all("usage" not in c for c in check_framing(events))
+
+
 def test_streamed_text_equals_unstreamed(client: httpx.Client) -> None:
     """Concatenated deltas == the response text, per choice, for both endpoints."""
     body = {**GREEDY, "prompt": ["Rivers", "Mountains are"], "max_tokens": 10}
