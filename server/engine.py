@@ -25,7 +25,6 @@ from server.engine_front import (
     EngineDeadError,
     EngineFront,
     EngineStats,
-    StreamTable,
     check_admission,
 )
 from server.memory import release_free_memory
@@ -53,6 +52,7 @@ class Engine(EngineFront):
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
                  max_waiting: int, async_output_proc: bool = False, warmup: bool = False) -> None:
+        super().__init__()
         self.runner = runner
         self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
         # turns it on; engines built directly, in tests, start without it)
@@ -66,7 +66,6 @@ class Engine(EngineFront):
         self.num_slots = scheduler.n_slots
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[Add | Abort | AbortAll] = queue.SimpleQueue()
-        self.streams = StreamTable()
         self.output_sink: Callable[[list[RequestOutput]], None] = self.streams.deliver
         self._lock = threading.Lock()  # admission: the stats' num_queued / slots_used
         self._stats = EngineStats(slots_total=scheduler.n_slots,
@@ -76,7 +75,6 @@ class Engine(EngineFront):
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
-        self._listeners = []
         # A step's outputs, held until the next step is launched (see _step).
         self._deferred: list[RequestOutput] = []
 
@@ -120,17 +118,16 @@ class Engine(EngineFront):
             raise EngineDeadError("engine loop is not running")
 
     def _enqueue(self, item: Add | Abort | AbortAll) -> None:
-        if isinstance(item, Add):
-            with self._lock:
-                check_admission(self._stats.num_queued,
-                                self.num_slots - self._stats.slots_used, self.max_waiting)
-        self.put(item)
+        self.put(item, admit=True)
 
-    def put(self, item: Add | Abort | AbortAll) -> None:
-        """Pass an item to the engine loop as it is: an engine process's requests were
-        admitted by its proxy."""
+    def put(self, item: Add | Abort | AbortAll, admit: bool = False) -> None:
+        """Pass an item to the engine loop; an Add is counted as queued, after the admission
+        check if `admit` (an engine process's requests were admitted by its proxy)."""
         if isinstance(item, Add):
-            with self._lock:
+            with self._lock:  # checked and counted at once: two loops may call generate()
+                if admit:
+                    check_admission(self._stats.num_queued,
+                                    self.num_slots - self._stats.slots_used, self.max_waiting)
                 self._stats.num_queued += 1
                 self._stats.num_received += 1
         self._inbox.put(item)

@@ -220,8 +220,10 @@ class EngineFront(ABC):
     max_model_len: int
     max_waiting: int
     num_slots: int  # KV-cache slots: sequences run at once
-    streams: StreamTable
-    _listeners: list[Callable[[IterationStats], None]]
+
+    def __init__(self) -> None:
+        self.streams = StreamTable()
+        self._listeners: list[Callable[[IterationStats], None]] = []
 
     @abstractmethod
     def start(self) -> None:

@@ -18,10 +18,14 @@ thread does in one process. The core exits when the pipe closes: nothing outlive
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,7 +40,6 @@ from server.engine_front import (
     EngineDeadError,
     EngineFront,
     EngineStats,
-    StreamTable,
     check_admission,
 )
 from server.memory import freeze_startup_objects
@@ -97,8 +100,16 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
              log_level: str) -> None:
     """The engine process: build and warm up the engine, then serve the pipe until it closes
     or says Stop."""
-    # Ctrl-C reaches the whole process group; the server drains first, then stops the core.
+    # Ctrl-C, and a SIGTERM to the whole process group (systemd's default), reach this process
+    # too; the server drains first, then stops it (Stop, the pipe closing, or a SIGKILL).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A server that dies outright (SIGKILL, or a signal uvicorn re-raises at exit) takes this
+    # process along at once, even in the middle of loading, when nothing reads the pipe.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="parent-watch",
+                         daemon=True).start()
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     from server.startup import build_engine  # torch: only in this process
@@ -113,7 +124,8 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
         except Exception as e:  # noqa: BLE001 - any failure is reported to the proxy
             logger.error("the engine could not start: %s", e,
                          exc_info=not isinstance(e, ValueError))
-            conn.send(Failed(str(e)))
+            with contextlib.suppress(OSError):
+                conn.send(Failed(str(e)))
 
     # Loaded on a thread that then ends, as in one process (server/app.py): loading runs
     # OpenMP regions, and a thread that had run them and stayed alive beside the engine's
@@ -130,32 +142,41 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
     def report(outputs: list[RequestOutput]) -> None:  # the engine's output sink
         if not outputs and not iterations:
             return
-        report = StepReport(outputs, iterations[:], engine.stats_snapshot())
+        message = StepReport(outputs, iterations[:], engine.stats_snapshot())
         iterations.clear()
         with send_lock:
-            conn.send(report)
+            try:
+                conn.send(message)
+            except OSError:  # the server is gone; this process's main thread sees it and ends
+                pass
 
     engine.add_listener(iterations.append)  # sent with the step's outputs (Engine._post)
     engine.output_sink = report
     freeze_startup_objects()
-    conn.send(Ready(engine.vocab_size, engine.max_model_len, engine.num_slots,
-                    engine.max_waiting, engine.stats_snapshot()))
     try:
+        conn.send(Ready(engine.vocab_size, engine.max_model_len, engine.num_slots,
+                        engine.max_waiting, engine.stats_snapshot()))
         while True:
+            # Every pass, not only when idle: requests keep arriving to a dead engine too.
+            engine.check_health()
             if not conn.poll(CORE_POLL_SECONDS):
-                engine.check_health()
                 continue
             item = conn.recv()
             if isinstance(item, Stop):
                 break
             engine.put(item)
     except EngineDeadError as e:
-        with send_lock:
+        with send_lock, contextlib.suppress(OSError):
             conn.send(Died(str(e)))
     except (EOFError, OSError):  # the server went away
         pass
     finally:
         engine.stop()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns once the server's process has ended
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------- the proxy
@@ -165,10 +186,11 @@ class EngineProcess(EngineFront):
     """The HTTP side's engine: the same calls as Engine's, served by a child process."""
 
     def __init__(self, folder: Path, config: EngineConfig, chat_template: str | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", core: Callable[..., None] = run_core) -> None:
+        """`core` is the child's entry point (run_core's arguments): a module-level function,
+        since the child imports it; tests pass one that breaks the engine first."""
+        super().__init__()
         self.tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
-        self.streams = StreamTable()
-        self._listeners = []
         self._stats = EngineStats()
         self._sent = 0  # Adds sent; the core counts those it took in stats.num_received
         self._send_lock = threading.Lock()  # event loops, the drain thread and stop() send
@@ -177,7 +199,7 @@ class EngineProcess(EngineFront):
         self._conn, child_conn = context.Pipe()
         self._child_conn = child_conn
         self._process = context.Process(
-            target=run_core, args=(child_conn, folder, config, chat_template, log_level),
+            target=core, args=(child_conn, folder, config, chat_template, log_level),
             name="engine-core", daemon=True)
         self._reader: threading.Thread | None = None
         self._stopping = False
@@ -187,6 +209,9 @@ class EngineProcess(EngineFront):
         with its reason if it could not."""
         self._process.start()
         self._child_conn.close()  # the child's end: EOF here once the child is gone
+        # Before multiprocessing's own exit handler, which would only SIGTERM it (ignored, see
+        # run_core) and wait: a server leaving while the engine loads must not hang on it.
+        atexit.register(self.stop)
         try:
             message = self._conn.recv()
         except EOFError:
@@ -220,6 +245,8 @@ class EngineProcess(EngineFront):
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
+        if self._reader is None or not self._reader.is_alive():
+            raise EngineDeadError("the engine process's outputs are no longer read")
         if not self._process.is_alive():
             raise EngineDeadError(f"the engine process exited with code "
                                   f"{self._process.exitcode}")
@@ -234,14 +261,18 @@ class EngineProcess(EngineFront):
                 stats = self._stats
                 check_admission(stats.num_queued + self._sent - stats.num_received,
                                 self.num_slots - stats.slots_used, self.max_waiting)
-                self._sent += 1
             try:
                 self._conn.send(item)
             except OSError as e:
-                raise EngineDeadError(f"the engine process is gone: {e}") from None
+                if isinstance(item, Add):
+                    raise EngineDeadError(f"the engine process is gone: {e}") from None
+                return  # an abort: a dead engine runs nothing (the reader ends its streams)
+            if isinstance(item, Add):
+                self._sent += 1
 
     def _read(self) -> None:
-        """The reader thread: reports -> metrics listeners and streams, until the pipe ends."""
+        """The reader thread: reports -> metrics listeners and streams, until the pipe ends;
+        then every stream still open ends with an error, whatever ended the reading."""
         try:
             while True:
                 match self._conn.recv():
@@ -254,10 +285,18 @@ class EngineProcess(EngineFront):
                         self._dead = message
         except (EOFError, OSError):
             pass
+        except BaseException:
+            logger.exception("reading the engine process failed")
+            self._dead = "reading the engine process failed"
+            raise
+        finally:
+            self._closed()
+
+    def _closed(self) -> None:
         if self._dead is None:
             self._process.join(1.0)  # the pipe closes as the process exits
             self._dead = (f"the engine process exited with code {self._process.exitcode}"
                           if not self._stopping else "the engine stopped")
         if not self._stopping:
             logger.error("engine process: %s", self._dead)
-        self.streams.deliver(self.streams.close(f"engine failed: {self._dead}"))
+        self.streams.deliver(self.streams.close(self._dead))

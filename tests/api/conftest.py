@@ -73,14 +73,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 
 @contextmanager
 def run_server(folder: Path, tmp: Path, *args: str, env: dict[str, str] | None = None,
-               wait: bool = True) -> Iterator[Server]:
+               wait: bool = True, new_session: bool = False) -> Iterator[Server]:
+    """`llama-serve serve folder *args` on a free port, healthy unless not `wait`; with
+    `new_session` in a process group of its own (one a test may signal as a whole)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server", "serve", str(folder), "--port", str(port),
            "--device", "cpu", *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**os.environ, **(env or {})},
+                                   start_new_session=new_session)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:
         if wait:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import Server, run_server
+from tests.api.conftest import Server, run_server, wait_until
 from tests.deployment.balancer import LONG_STREAM
 
 
@@ -63,13 +64,30 @@ def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path, t
         late = httpx.post(f"{server.v1}/completions", json={"prompt": "x", "max_tokens": 2})
         result["thread"].join(60)
         assert server.process.wait(timeout=30) == 0
-    assert all(gone(pid) for pid in helpers)
+    # multiprocessing's tracker leaves on its own once it sees the server's end close
+    assert wait_until(lambda: all(gone(pid) for pid in helpers))
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert late.status_code == 503 and late.headers["retry-after"]
     assert late.json()["error"]["code"] == "draining"
     assert result["done"]
     assert result["chunks"][-1]["choices"][0]["finish_reason"] == "length"
     assert len(result["chunks"]) >= 2
+
+
+def test_sigterm_to_the_process_group_still_drains(long_context_checkpoint: Path,
+                                                   tmp_path: Path) -> None:
+    """systemd (KillMode=control-group) and `kill -TERM -PGID` signal the engine process too:
+    it leaves its lifetime to the server, which drains first."""
+    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
+                    "--max-model-len", "4096", "--engine-process", new_session=True) as server:
+        first = threading.Event()
+        result = stream_in_thread(server, LONG_STREAM // 4, first)
+        assert first.wait(20)
+        os.killpg(server.process.pid, signal.SIGTERM)
+        result["thread"].join(60)
+        assert server.process.wait(timeout=30) == 0
+    assert result["done"]
+    assert result["chunks"][-1]["choices"][0]["finish_reason"] == "length"
 
 
 @ENGINE_MODES

@@ -87,7 +87,7 @@ def test_admission_counts_requests_the_engine_has_not_seen(tiny_checkpoint: Path
         async def main() -> None:
             busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
             queued = engine.generate([5], SamplingParams(max_tokens=1), "queued")
-            with pytest.raises(EngineOverloaded, match="2 requests are queued"):
+            with pytest.raises(EngineOverloaded, match="requests are queued"):
                 engine.generate([5], SamplingParams(max_tokens=1), "rejected")
             engine.abort("busy")
             outs = [out async for out in busy] + [out async for out in queued]
@@ -122,6 +122,52 @@ def test_a_dead_engine_process_fails_streams_and_health(long_context_checkpoint:
 
         with pytest.raises(EngineDeadError):
             asyncio.run(late())
+
+
+def core_whose_steps_fail(*args: object) -> None:
+    """run_core, with every step failing from the third forward on: the engine loop dies
+    after MAX_CONSECUTIVE_STEP_FAILURES of them (runs in the child)."""
+    from server.engine_process import run_core
+    from server.runner import ModelRunner
+
+    launch, calls = ModelRunner.launch, [0]
+
+    def failing(self: ModelRunner, plan: object) -> object:
+        calls[0] += 1
+        if calls[0] > 2:
+            raise RuntimeError("device lost")
+        return launch(self, plan)  # type: ignore[arg-type]
+
+    ModelRunner.launch = failing  # type: ignore[method-assign]
+    run_core(*args)
+
+
+def test_a_dead_engine_loop_is_seen_under_steady_traffic(tiny_checkpoint: Path) -> None:
+    """The engine process notices its loop died even while requests keep arriving (it used to
+    look only when its pipe was quiet), so /health fails and no request is left waiting."""
+    engine = EngineProcess(tiny_checkpoint, EngineConfig(device="cpu", **CONFIG),  # type: ignore[arg-type]
+                           core=core_whose_steps_fail)
+    with started(engine):
+        async def main() -> list[RequestOutput]:
+            streams, deadline = [], asyncio.get_running_loop().time() + 30
+            while True:  # a request every 50 ms until the engine is reported dead
+                try:
+                    engine.check_health()
+                    streams.append(engine.generate([5, 6], SamplingParams(max_tokens=4),
+                                                   f"r{len(streams)}"))
+                except EngineDeadError:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "never reported dead"
+                await asyncio.sleep(0.05)
+            lasts = []
+            for stream in streams:  # every one ends: none is left waiting on a dead engine
+                lasts.append([out async for out in stream][-1])
+            return lasts
+
+        lasts = asyncio.run(main())
+    assert lasts and all(out.finished for out in lasts)
+    assert lasts[-1].finish_reason is FinishReason.ERROR
+    assert any("device lost" in (out.error or "") for out in lasts)
 
 
 def test_start_failure_is_reported_with_its_reason(tiny_checkpoint: Path) -> None:
