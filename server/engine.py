@@ -29,9 +29,9 @@ from server.engine_front import (
 )
 from server.memory import release_free_memory
 from server.outputs import OutputBuilder
-from server.request import FinishReason, RequestOutput, RequestStatus
+from server.request import FinishReason, Request, RequestOutput, RequestStatus
 from server.runner import ModelRunner, StepResult
-from server.scheduler import Request, Scheduler, StepPlan
+from server.scheduler import Scheduler, StepPlan
 from server.warmup import failure_message, phases
 
 logger = logging.getLogger(__name__)

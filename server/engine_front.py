@@ -19,8 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
 from server.outputs import IterationStats
-from server.request import FinishReason, RequestOutput, SamplingParams
-from server.scheduler import Request
+from server.request import FinishReason, Request, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 

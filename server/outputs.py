@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from server.request import RequestOutput, RequestStatus
-from server.scheduler import FINISH_REASONS, Scheduler, Sequence
+from server.request import RequestOutput, RequestStatus, Sequence
+from server.scheduler import FINISH_REASONS, Scheduler
 
 
 @dataclass(frozen=True, slots=True)

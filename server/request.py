@@ -1,12 +1,15 @@
 """Plain values that cross the engine boundary: sampling parameters, request state, outputs.
 
-No torch and no HTTP here: the API layer builds a `SamplingParams`, the engine turns a
-`Request` into `RequestOutput`s. Everything is a list of ints, a string or a number.
+No torch and no HTTP here: the API layer builds a `SamplingParams` and a `Request` (one
+`Sequence` per sample, whose slot and tokens the scheduler keeps), the engine turns it into
+`RequestOutput`s. Everything is a list of ints, a string or a number, so all of it can also
+cross to an engine process.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -136,3 +139,48 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request: its slot, its tokens and how many of them the slot holds."""
+
+    request: Request
+    index: int
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the slot
+    status: RequestStatus = RequestStatus.WAITING
+    # What stopped it, as vLLM reports it: a stop string or a stop token id; None for the
+    # tokenizer's eos (set by whoever finishes it with FINISHED_STOPPED)
+    stop_reason: str | int | None = None
+    last_token_time: float | None = None  # monotonic; for inter-token latency
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None
+    num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.status.is_finished for s in self.seqs)

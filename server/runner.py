@@ -23,9 +23,9 @@ from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
 from server.outputs import ForwardTiming
-from server.request import SamplingParams, TokenLogprob
+from server.request import Request, SamplingParams, Sequence, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
-from server.scheduler import Request, Sequence, StepPlan
+from server.scheduler import StepPlan
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -21,9 +21,9 @@ and so change what later unseeded requests get.
 
 from __future__ import annotations
 
-from server.request import SamplingParams
+from server.request import Request, SamplingParams
 from server.runner import out_of_memory
-from server.scheduler import Request, Scheduler
+from server.scheduler import Scheduler
 
 
 def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.request import RequestStatus, SamplingParams
-from server.scheduler import Request, Scheduler
+from server.request import Request, RequestStatus, SamplingParams
+from server.scheduler import Scheduler
 
 EOS = 0
 

@@ -10,8 +10,7 @@ import pytest
 
 import server.runner as runner_module
 from server.outputs import IterationStats
-from server.request import SamplingParams
-from server.scheduler import Request
+from server.request import Request, SamplingParams
 from tests.engine.conftest import CpuEngine
 
 TICK = 0.001  # each reading of the runner's clock is one tick after the last
