@@ -68,7 +68,7 @@ gpu-check: $(GPU_SHAPE)/config.json
 	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) --no-gpu-kernels
-	@status=0; for flags in "" --no-async-output-proc --no-gpu-kernels --no-warmup; do \
+	@status=0; for flags in "" --engine-process --no-async-output-proc --no-gpu-kernels --no-warmup; do \
 		echo "=== serve $$flags"; \
 		$(PY) -m server serve $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) \
 			$(GPU_SERVE_ARGS) --port $(BENCH_PORT) --served-model-name bench \

@@ -93,3 +93,30 @@ def test_cuda_half_precision_rms_norm_is_transformers() -> None:
     want, got = theirs(x).float(), ours(x).float()
     assert ((got - want).abs() <= want.abs() * 2**-7).all()
     assert (got != want).float().mean().item() < 0.01
+
+
+def test_cuda_engine_process_decodes_like_cpu(tiny_checkpoint: Path) -> None:
+    """--engine-process on CUDA: graphs captured and async output processing on in the child,
+    its greedy float32 tokens equal the CPU engine's on a thread."""
+    from server.engine_process import EngineProcess
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[5 + i, 6, 7] * (i + 1) for i in range(8)]
+
+    def run(engine) -> list[list[int]]:  # noqa: ANN001 - Engine or EngineProcess
+        engine.start()
+
+        async def one(i: int) -> list[int]:
+            return [t async for out in engine.generate(prompts[i], params, f"r{i}")
+                    for t in out.token_ids]
+
+        async def main() -> list[list[int]]:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        try:
+            return asyncio.run(main())
+        finally:
+            engine.stop()
+
+    config = {"dtype": "float32", "max_model_len": 512}
+    on_gpu = run(EngineProcess(tiny_checkpoint, EngineConfig(device="cuda", **config)))  # type: ignore[arg-type]
+    assert on_gpu == run(build_engine(tiny_checkpoint, EngineConfig(device="cpu", **config)))  # type: ignore[arg-type]
