@@ -47,7 +47,8 @@ bench: install $(BENCH_MODEL)/config.json
 # On a CUDA host, the README's GPU figures in one go (about 4 minutes on an H100): the GPU tests,
 # a decode step of a Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with
 # the Triton kernels and without, and the standard workload served on it: as is, without async
-# output processing, without the Triton kernels, and without the start-up warm-up. Without the
+# output processing, without the Triton kernels, and without the start-up warm-up; and with the
+# engine in a process of its own. Without the
 # venv (no network there), point PY at a python that has the dependencies:
 # make gpu-check PY=python3
 GPU_SHAPE ?= $(HOME)/.cache/llama-serve/llama2-7b-shape

@@ -151,10 +151,10 @@ def served_name(model: str | None, model_dir: Path) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    # Torch is imported only now, after main() has set up its threading environment.
+    # Torch is imported only after main() has set up its threading environment, and only
+    # where it runs: by the engine (build_engine), or to make the demo model.
     import uvicorn
 
-    from model.demo import ensure_demo_model
     from model.source import resolve_model
     from server.app import DrainingServer, create_app
     from server.engine_front import EngineFront
@@ -166,6 +166,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.model:
             model_dir = resolve_model(args.model)
         else:
+            from model.demo import ensure_demo_model
+
             model_dir = ensure_demo_model()
             logger.warning("no MODEL given: serving the built-in demo model from %s. Its "
                            "weights are RANDOM, so its output is random text.", model_dir)

@@ -76,7 +76,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
-    # the forward needs (c=16 ~5% slower, README); it is meant for GPU hosts with cores to spare.
+    # the forward needs (slower at c=16, README); it is meant for GPU hosts with cores to spare.
     engine_process: bool = False
 
     @property

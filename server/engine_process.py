@@ -230,6 +230,7 @@ class EngineProcess(EngineFront):
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        atexit.unregister(self.stop)
         try:
             with self._send_lock:
                 self._conn.send(Stop())

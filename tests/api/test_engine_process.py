@@ -77,6 +77,15 @@ def test_streams_and_counts_as_the_engine_on_a_thread(proc_server: Server) -> No
     assert proc_server.metric("llama_serve_generation_tokens_total") == before + 9
 
 
+def test_only_the_engine_process_loads_torch(proc_server: Server) -> None:
+    """The server's process keeps HTTP, tokenizing and templates: no torch library mapped."""
+    def maps(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    assert "libtorch" not in maps(proc_server.process.pid)
+    assert "libtorch" in maps(engine_pid(proc_server))
+
+
 def test_bad_requests_never_reach_the_engine_process(proc_server: Server) -> None:
     r = httpx.post(f"{proc_server.v1}/completions",
                    json={"model": "tiny", "prompt": [5000], "max_tokens": 2})
