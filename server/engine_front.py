@@ -194,11 +194,14 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
     # The fewest tokens the request must produce: max_tokens, else min_tokens (at least 1)
     n_out = params.max_tokens if params.max_tokens is not None else max(params.min_tokens, 1)
     if n_prompt + n_out > max_model_len:
-        least = " at least, its min_tokens" if params.max_tokens is None else ""
+        completion = f"{n_out} in the completion"
+        if params.max_tokens is None:  # left to the context: what it must leave room for
+            completion = "at least " + completion + (
+                ", its min_tokens" if params.min_tokens > 1 else "")
         raise RequestRejected(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {n_out} in the "
-            f"completion{least}). Please reduce the length of the prompt or completion.",
+            f"requested {n_prompt + n_out} tokens ({n_prompt} in the prompt, {completion}). "
+            f"Please reduce the length of the prompt or completion.",
             None, "context_length_exceeded")
 
 

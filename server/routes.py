@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Send
 
-from server.app import RETRY_AFTER_SECONDS, ServerState, package_version
+from server.app import RETRY_AFTER_SECONDS, ModelNotFound, ServerState, package_version
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
 # Stop proxies (nginx) from buffering the stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Bodies larger than this are tokenized off the event loop (_tokenized); smaller ones, the
+# usual case, inline: a thread hop per request is not free either.
+TOKENIZE_OFF_LOOP_BYTES = 16_384
 T = TypeVar("T")
 
 
@@ -83,7 +86,8 @@ async def list_models(state: State) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: State) -> ModelCard:
-    state.check_model(model_id)
+    if model_id not in state.config.model_names:  # "" too: `/v1/models/` names no model
+        raise ModelNotFound(f"The model `{model_id}` does not exist.")
     return _model_card(state, model_id)
 
 
@@ -101,7 +105,8 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     assert service is not None
     response_id = random_id("cmpl")
     params = body.to_sampling_params()
-    submitted = submit(engine, service.prompts(body), params, response_id)
+    prompts = await _tokenized(request, lambda: service.prompts(body))
+    submitted = submit(engine, prompts, params, response_id)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -113,9 +118,18 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     assert service is not None
     response_id = random_id("chatcmpl")
     params = body.to_sampling_params()
-    submitted = submit(engine, [(service.prompt_ids(body), None)], params, response_id,
-                       "messages")
+    prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
+    submitted = submit(engine, [(prompt_ids, None)], params, response_id, "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
+
+
+async def _tokenized(request: Request, work: Callable[[], T]) -> T:
+    """`work()` (tokenizing), on a worker thread for a large body: encoding takes about 0.6 s
+    a MB (model/tokenizer.py releases the GIL for long texts), which on the event loop would
+    stall every stream and health check."""
+    if int(request.headers.get("content-length") or 0) > TOKENIZE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(work)
+    return work()
 
 
 async def _respond(request: Request, stream: bool, service: Any, body: Any,
@@ -127,15 +141,18 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, state: State, request: Request) -> TokenizeResponse:
     engine = state.accept(body)
     tokenizer = engine.tokenizer
-    if body.messages is not None:  # the same path as a chat request's prompt
-        tokens = tokenizer.encode_chat([m.template_dict() for m in body.messages],
-                                       add_special_tokens=body.add_special_tokens,
-                                       **body.template_args())
-    else:
-        tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+
+    def encode() -> list[int]:
+        if body.messages is not None:  # the same path as a chat request's prompt
+            return tokenizer.encode_chat([m.template_dict() for m in body.messages],
+                                         add_special_tokens=body.add_special_tokens,
+                                         **body.template_args())
+        return tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+
+    tokens = await _tokenized(request, encode)
     strs = [tokenizer.id_to_token(t) for t in tokens] if body.return_token_strs else None
     return TokenizeResponse(tokens=tokens, token_strs=strs, count=len(tokens),
                             max_model_len=engine.max_model_len)

@@ -100,3 +100,34 @@ def test_server_serves_after_disconnects(server: Server, auth: dict[str, str]) -
                            json={"model": "tiny", "prompt": "a", "max_tokens": 3,
                                  "stream": True}) as s:
             assert sse_data(s)[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_a_huge_prompt_does_not_stall_the_server(server: Server, auth: dict[str, str],
+                                                 path: str) -> None:
+    """A prompt of megabytes takes seconds to tokenize; meanwhile /health keeps answering.
+    Tokenized on the event loop, holding the GIL, it stopped every other request for the
+    whole time (the longest gap between health answers was the request's whole duration)."""
+    text = "ab " * 1_000_000  # 3 MB, under the body limit: about 2 s of encoding here
+    body = ({"messages": [{"role": "user", "content": text}]} if "chat" in path
+            else {"prompt": text})
+    if path != "/tokenize":
+        body.update(model="tiny", max_tokens=1)
+
+    async def run() -> tuple[float, float, int]:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth,
+                                     timeout=120) as client:
+            big = asyncio.create_task(client.post(path, json=body))
+            answers: list[float] = []
+            start = time.monotonic()
+            while not big.done():
+                await client.get("/health")
+                answers.append(time.monotonic())
+            response = await big
+            took = time.monotonic() - start
+            gaps = [b - a for a, b in zip([start, *answers], answers, strict=False)]
+            return took, max(gaps), response.status_code
+
+    took, longest_gap, status = asyncio.run(run())
+    assert status in (200, 400)  # tokenized: a prompt over the context is refused after it
+    assert longest_gap < took / 3, (longest_gap, took)

@@ -132,6 +132,10 @@ def test_min_tokens_past_the_context_is_400(client: httpx.Client) -> None:
         r = client.post(path, json={"model": "tiny", "min_tokens": 600, **body})
         error = assert_openai_error(r, 400)
         assert error["code"] == "context_length_exceeded" and "min_tokens" in error["message"]
+    # A prompt filling the context leaves no room for the one token every request makes
+    r = client.post(COMPLETIONS, json={"model": "tiny", "prompt": [5] * 512, "max_tokens": None})
+    message = assert_openai_error(r, 400)["message"]
+    assert "at least 1 in the completion" in message and "min_tokens" not in message
 
 
 @pytest.mark.parametrize("content", [b"{\"prompt\": \"Hi\", ", b"", b"[1, 2]", b"null",
@@ -215,6 +219,12 @@ def test_unknown_model_is_404(client: httpx.Client, method: str, path: str,
                               body: dict[str, Any] | None) -> None:
     error = assert_openai_error(client.request(method, path, json=body), 404)
     assert error["code"] == "model_not_found" and "nope" in error["message"]
+
+
+def test_models_path_with_no_id_is_404(client: httpx.Client) -> None:
+    """`/v1/models/` names no model: not a card with an empty id."""
+    error = assert_openai_error(client.get("/v1/models/"), 404)
+    assert error["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/v1/nope"), ("POST", "/v1/engines"),

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import transformers
 
-from model.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from model.tokenizer import (
+    LONG_TEXT_CHARS,
+    ChatTemplateError,
+    IncrementalDetokenizer,
+    Tokenizer,
+)
 
 # Ids fixed by model/demo.py's trainer, which adds the special tokens first, in this order.
 UNK, BOS, EOS, SYSTEM, USER, ASSISTANT = range(6)  # <unk> <s> </s> <|system|> <|user|> ...
@@ -136,6 +141,16 @@ def test_encode_decode_round_trip_and_match_transformers(tok: Tokenizer, hf) -> 
         if not (text.startswith(" ") and tok.decode(tok.encode(" x")) == "x"):
             assert tok.decode(tok.encode(text)) == text, text
     assert_same_as_transformers(tok, hf, TEXTS)
+
+
+def test_a_long_text_encodes_as_a_short_one_would(tok: Tokenizer, hf) -> None:
+    """Past LONG_TEXT_CHARS the text goes through encode_batch (the GIL released): the same
+    ids as transformers', with and without the special tokens."""
+    text = " ".join(TEXTS) * (LONG_TEXT_CHARS // len(" ".join(TEXTS)) + 2)
+    assert len(text) > LONG_TEXT_CHARS
+    for special in (True, False):
+        assert tok.encode(text, add_special_tokens=special) == hf(
+            text, add_special_tokens=special)["input_ids"]
 
 
 def set_post_processor_none(data: dict) -> None:
