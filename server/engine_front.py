@@ -150,6 +150,8 @@ class StreamTable:
     def deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to their streams: one thread-safe callback per event loop. A stream
         whose samples have all finished is forgotten."""
+        if not outputs:  # the engine posts every step, with or without outputs
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         with self._lock:
             for out in outputs:
