@@ -257,19 +257,20 @@ class EngineProcess(EngineFront):
 
     def _enqueue(self, item: Add | Abort | AbortAll) -> None:
         with self._send_lock:
-            if isinstance(item, Add):
-                # Queued: those the last report counted, and those sent since it
-                stats = self._stats
-                check_admission(stats.num_queued + self._sent - stats.num_received,
-                                self.num_slots - stats.slots_used, self.max_waiting)
+            if not isinstance(item, Add):
+                # An abort to a dead engine is moot: the reader ends its streams
+                with contextlib.suppress(OSError):
+                    self._conn.send(item)
+                return
+            # Queued: those the last report counted, and those sent since it
+            stats = self._stats
+            check_admission(stats.num_queued + self._sent - stats.num_received,
+                            self.num_slots - stats.slots_used, self.max_waiting)
             try:
                 self._conn.send(item)
             except OSError as e:
-                if isinstance(item, Add):
-                    raise EngineDeadError(f"the engine process is gone: {e}") from None
-                return  # an abort: a dead engine runs nothing (the reader ends its streams)
-            if isinstance(item, Add):
-                self._sent += 1
+                raise EngineDeadError(f"the engine process is gone: {e}") from None
+            self._sent += 1
 
     def _read(self) -> None:
         """The reader thread: reports -> metrics listeners and streams, until the pipe ends;

@@ -31,7 +31,7 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
-from server.serving import DONE, Submitted, error_event, submit
+from server.serving import DONE, Submitted, encode_messages, error_event, submit
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -147,9 +147,7 @@ async def tokenize(body: TokenizeRequest, state: State, request: Request) -> Tok
 
     def encode() -> list[int]:
         if body.messages is not None:  # the same path as a chat request's prompt
-            return tokenizer.encode_chat([m.template_dict() for m in body.messages],
-                                         add_special_tokens=body.add_special_tokens,
-                                         **body.template_args())
+            return encode_messages(tokenizer, body.messages, body, body.add_special_tokens)
         return tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
 
     tokens = await _tokenized(request, encode)

@@ -23,6 +23,8 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionStreamChoice,
+    ChatMessage,
+    ChatTemplateControls,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
@@ -145,6 +147,14 @@ def _absorb(choice: Choice, out: RequestOutput) -> None:
     choice.num_output_tokens = out.num_output_tokens
     choice.finish_reason = out.finish_reason
     choice.stop_reason = out.stop_reason
+
+
+def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
+                    controls: ChatTemplateControls, add_special_tokens: bool) -> list[int]:
+    """A chat prompt's ids, as chat completions and /tokenize make them."""
+    return tokenizer.encode_chat([m.template_dict() for m in messages],
+                                 add_special_tokens=add_special_tokens,
+                                 **controls.template_args())
 
 
 def error_event(message: str) -> str:
@@ -294,9 +304,8 @@ class CompletionService(_Service):
 class ChatService(_Service):
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        ids = self.tokenizer.encode_chat([m.template_dict() for m in request.messages],
-                                         add_special_tokens=request.add_special_tokens,
-                                         **request.template_args())
+        ids = encode_messages(self.tokenizer, request.messages, request,
+                              request.add_special_tokens)
         keep = request.truncate_prompt_tokens  # vLLM's: the last k tokens
         return ids[-keep:] if keep is not None else ids
 

@@ -28,6 +28,7 @@ from server.protocol.logprobs import (
 from server.protocol.requests import (
     ChatCompletionRequest,
     ChatMessage,
+    ChatTemplateControls,
     CompletionRequest,
     ContentPart,
     Penalty,
@@ -72,6 +73,7 @@ __all__ = [
     "ChatCompletionStreamChoice",
     "ChatCompletionTokenLogprob",
     "ChatMessage",
+    "ChatTemplateControls",
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",

@@ -15,6 +15,11 @@ from tests.api.conftest import sse_data
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
 GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
+# Chat, and completions with two prompts (usage adds up over prompts and samples)
+BOTH_ENDPOINTS = pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/completions", {"prompt": ["Rivers", "Mountains are"]}),
+], ids=["chat", "completions"])
 
 
 def stream(client: httpx.Client, path: str, body: dict[str, Any],
@@ -88,10 +93,7 @@ def test_completion_stream_chunk_order(client: httpx.Client, n: int) -> None:
     assert all("usage" not in c for c in chunks)  # no include_usage, no usage chunk
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/chat/completions", {"messages": USER}),
-    ("/v1/completions", {"prompt": ["Rivers", "Mountains are"]}),
-], ids=["chat", "completions"])
+@BOTH_ENDPOINTS
 def test_usage_chunk_matches_unstreamed_usage(client: httpx.Client, path: str,
                                              body: dict[str, Any]) -> None:
     request = {**GREEDY, **body, "max_tokens": 7, "n": 2}
@@ -105,10 +107,7 @@ def test_usage_chunk_matches_unstreamed_usage(client: httpx.Client, path: str,
     assert plain.json()["usage"]["completion_tokens"] == 7 * 2 * (2 if "prompt" in body else 1)
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/chat/completions", {"messages": USER}),
-    ("/v1/completions", {"prompt": ["Rivers", "Mountains are"]}),
-], ids=["chat", "completions"])
+@BOTH_ENDPOINTS
 def test_continuous_usage_counts_each_choice_so_far(client: httpx.Client, path: str,
                                                     body: dict[str, Any]) -> None:
     """vLLM's `continuous_usage_stats`: every chunk carries its prompt's tokens and its own
