@@ -61,6 +61,14 @@ def parse_metrics(text: str) -> dict[str, float]:
     return series
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited: no /proc entry, or a zombie not yet reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
     """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ import pytest
 from tests.api.conftest import (
     Server,
     assert_openai_error,
+    process_gone,
     run_server,
     sse_data,
     wait_idle,
@@ -123,5 +124,4 @@ def test_the_engine_process_exits_with_the_server(tiny_checkpoint: Path, tmp_pat
         engine = engine_pid(server)
         server.process.kill()
         server.process.wait(timeout=10)
-        assert wait_until(lambda: not Path(f"/proc/{engine}").exists()
-                          or Path(f"/proc/{engine}/stat").read_text().split()[2] == "Z")
+        assert wait_until(lambda: process_gone(engine))

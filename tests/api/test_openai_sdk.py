@@ -135,13 +135,12 @@ def test_completion_logprobs(sdk: OpenAI) -> None:
     assert lp.text_offset == sorted(lp.text_offset)
 
 
-def test_chat_logprob_bytes_of_byte_tokens(sdk: OpenAI, server: Server) -> None:
+def test_chat_logprob_bytes_of_byte_tokens(sdk: OpenAI, client: httpx.Client) -> None:
     """A token holding part of a character shows as "\ufffd", and its `bytes` are its raw
     byte, not the replacement character's three: the logit bias makes the model write the
     three byte tokens of "你" in the order it likes."""
-    pieces = httpx.post(server.base_url + "/tokenize", timeout=60,
-                        headers={"Authorization": f"Bearer {API_KEY}"},
-                        json={"prompt": "你", "add_special_tokens": False}).json()["tokens"]
+    pieces = client.post("/tokenize", json={"prompt": "你", "add_special_tokens": False}
+                         ).json()["tokens"]
     assert len(pieces) == 3
     r = sdk.chat.completions.create(
         model="tiny", messages=USER, max_tokens=4, logprobs=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import Server, run_server, wait_until
+from tests.api.conftest import Server, process_gone, run_server, wait_until
 from tests.deployment.balancer import LONG_STREAM
 
 
@@ -40,32 +40,26 @@ def stream_in_thread(server: Server, max_tokens: int, first: threading.Event) ->
 ENGINE_MODES = pytest.mark.parametrize("engine_mode", ["--no-engine-process", "--engine-process"])
 
 
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie: exited
-    except FileNotFoundError:
-        return True
-
-
 @ENGINE_MODES
 def test_sigterm_lets_requests_in_flight_finish(long_context_checkpoint: Path, tmp_path: Path,
                                                 engine_mode: str) -> None:
-    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
+    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "150",
                     "--max-model-len", "4096", engine_mode) as server:
         helpers = server.children()  # the engine process and multiprocessing's tracker
         assert helpers or engine_mode == "--no-engine-process"
         first = threading.Event()
-        # Long enough to be in flight through the checks below, short enough to finish in
-        # the 60 s on a loaded machine (the 4000-token stream once took longer there)
-        result = stream_in_thread(server, LONG_STREAM // 4, first)
+        # Long enough to be in flight through the checks below on a fast idle machine (a
+        # quarter of it left 0.2 s), with a timeout long enough for a loaded one (4000 tokens
+        # once took over 60 s there)
+        result = stream_in_thread(server, LONG_STREAM, first)
         assert first.wait(20)
         server.process.send_signal(signal.SIGTERM)
         health = httpx.get(f"{server.base_url}/health")
         late = httpx.post(f"{server.v1}/completions", json={"prompt": "x", "max_tokens": 2})
-        result["thread"].join(60)
+        result["thread"].join(150)
         assert server.process.wait(timeout=30) == 0
     # multiprocessing's tracker leaves on its own once it sees the server's end close
-    assert wait_until(lambda: all(gone(pid) for pid in helpers))
+    assert wait_until(lambda: all(process_gone(pid) for pid in helpers))
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert late.status_code == 503 and late.headers["retry-after"]
     assert late.json()["error"]["code"] == "draining"

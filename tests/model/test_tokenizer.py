@@ -8,6 +8,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transformers
@@ -148,9 +149,25 @@ def test_a_long_text_encodes_as_a_short_one_would(tok: Tokenizer, hf) -> None:
     ids as transformers', with and without the special tokens."""
     text = " ".join(TEXTS) * (LONG_TEXT_CHARS // len(" ".join(TEXTS)) + 2)
     assert len(text) > LONG_TEXT_CHARS
-    for special in (True, False):
-        assert tok.encode(text, add_special_tokens=special) == hf(
-            text, add_special_tokens=special)["input_ids"]
+    backend, batched = tok._backend, []
+
+    class Spy:  # the backend, recording which texts go through encode_batch
+        def __getattr__(self, name: str) -> Any:
+            return getattr(backend, name)
+
+        def encode_batch(self, texts: list[str], **kw: Any) -> Any:
+            batched.extend(texts)
+            return backend.encode_batch(texts, **kw)
+
+    tok._backend = Spy()
+    try:
+        for special in (True, False):
+            assert tok.encode(text, add_special_tokens=special) == hf(
+                text, add_special_tokens=special)["input_ids"]
+        tok.encode("short")
+    finally:
+        tok._backend = backend
+    assert batched == [text, text]  # the long text both times, the short one not
 
 
 def set_post_processor_none(data: dict) -> None:
