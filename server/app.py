@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
@@ -122,17 +122,20 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     ChatTemplateError: (400, "invalid_request_error", None),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     EngineOverloaded: (503, "server_error", "overloaded"),
-    EngineDeadError: (503, "server_error", "engine_dead"),
+    EngineDeadError: (503, "server_error", "failed"),  # as /health says from then on
     Unavailable: (503, "server_error", None),
     GenerationFailed: (500, "server_error", None),
 }
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: Mapping[str, str] | None = None
+                   ) -> JSONResponse:
     """OpenAI's error body. `code` is a string or null, as OpenAI sends it (vLLM sends the
     status there, an int: one type for the field keeps typed clients working)."""
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
     body = ErrorResponse.of(message, type_, param, code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -154,7 +157,9 @@ def _install_error_table(app: FastAPI) -> None:
     async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, str(exc.detail), type_, code=code)
+        # Starlette's own headers kept: a 405's Allow lists the methods the path takes
+        return error_response(exc.status_code, str(exc.detail), type_, code=code,
+                              headers=exc.headers)
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error", exc_info=exc)

@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Send
 
-from server.app import RETRY_AFTER_SECONDS, ModelNotFound, ServerState, package_version
+from server.app import (
+    RETRY_AFTER_SECONDS,
+    ModelNotFound,
+    ServerState,
+    package_version,
+    request_id_var,
+)
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -103,10 +109,10 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     engine = state.accept(body)
     service = state.completions
     assert service is not None
-    response_id = random_id("cmpl")
+    response_id = _response_id("cmpl")
     params = body.to_sampling_params()
     prompts = await _tokenized(request, lambda: service.prompts(body))
-    submitted = submit(engine, prompts, params, response_id)
+    submitted = submit(engine, prompts, params, random_id("cmpl"))
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -116,11 +122,20 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     engine = state.accept(body)
     service = state.chat
     assert service is not None
-    response_id = random_id("chatcmpl")
+    response_id = _response_id("chatcmpl")
     params = body.to_sampling_params()
     prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
-    submitted = submit(engine, [(prompt_ids, None)], params, response_id, "messages")
+    submitted = submit(engine, [(prompt_ids, None)], params, random_id("chatcmpl"), "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
+
+
+def _response_id(prefix: str) -> str:
+    """`<prefix>-<X-Request-Id>`, as vLLM names a response after the request's header (the
+    middleware makes an id up when none came), so that a client's or a proxy's id finds the
+    response and its log lines. The engine's request ids are made apart: an X-Request-Id
+    may repeat, they may not."""
+    request_id = request_id_var.get()
+    return f"{prefix}-{request_id}" if request_id != "-" else random_id(prefix)
 
 
 async def _tokenized(request: Request, work: Callable[[], T]) -> T:

@@ -70,9 +70,10 @@ class Choice:
 
 
 def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-           response_id: str, prompt_param: str = "prompt") -> list[Submitted]:
-    """Queue every prompt, or none: a rejection aborts the ones already queued.
-    `prompt_param` is the field a too-long prompt is blamed on ("messages" for chat)."""
+           request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
+    """Queue every prompt, or none: a rejection aborts the ones already queued. Prompt i's
+    engine request is `<request_id>-<i>`. `prompt_param` is the field a too-long prompt is
+    blamed on ("messages" for chat)."""
     if len(prompts) > engine.max_queued:  # a 503 would have the client retry in vain
         raise RequestRejected(
             f"the request has {len(prompts)} prompts, and this server holds at most "
@@ -81,7 +82,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     submitted: list[Submitted] = []
     try:
         for i, (ids, text) in enumerate(prompts):
-            stream = engine.generate(ids, params, f"{response_id}-{i}")
+            stream = engine.generate(ids, params, f"{request_id}-{i}")
             submitted.append(Submitted(ids, text, stream))
     except Exception as e:
         for s in submitted:

@@ -25,7 +25,8 @@ StopReason = str | int | None
 
 
 def random_id(prefix: str) -> str:
-    """A response id, `cmpl-<hex>` or `chatcmpl-<hex>`; the engine's request id too."""
+    """A unique id, `cmpl-<hex>` or `chatcmpl-<hex>`: engine requests' (and a response's outside
+    an HTTP request)."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 

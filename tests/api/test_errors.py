@@ -238,8 +238,10 @@ def test_unknown_route_is_404(server: Server, auth: dict[str, str], method: str,
     assert_openai_error(r, 401 if path.startswith("/v1/") and not with_key else 404)
 
 
-def test_wrong_method_is_405(client: httpx.Client) -> None:
-    assert_openai_error(client.get(COMPLETIONS), 405)
+def test_wrong_method_is_405_with_allow(client: httpx.Client) -> None:
+    r = client.get(COMPLETIONS)
+    assert_openai_error(r, 405)
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the path takes
 
 
 # --- padded vocabulary ids: in the model's embedding, outside the tokenizer --------------------

@@ -163,11 +163,12 @@ def test_stream_headers(client: httpx.Client) -> None:
     r, events = stream(client, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-accel-buffering"] == "no"
-    assert r.headers["x-request-id"]
-    r2, _ = stream(client, "/v1/chat/completions",
-                   {"model": "tiny", "messages": USER, "max_tokens": 2})
+    assert check_framing(events)[0]["id"] == f"cmpl-{r.headers['x-request-id']}"
+    r2, events = stream(client, "/v1/chat/completions",
+                        {"model": "tiny", "messages": USER, "max_tokens": 2})
     assert r2.headers["content-type"].startswith("text/event-stream")
     assert r2.headers["x-request-id"] != r.headers["x-request-id"]
+    assert check_framing(events)[0]["id"] == f"chatcmpl-{r2.headers['x-request-id']}"
 
 
 def test_stream_leaves_the_connection_header_to_the_server(client: httpx.Client) -> None:
@@ -183,15 +184,39 @@ def test_stream_leaves_the_connection_header_to_the_server(client: httpx.Client)
 
 
 def test_request_id_echoed(client: httpx.Client) -> None:
+    """The header comes back, and names the response as vLLM's does (`chatcmpl-<id>`)."""
     mine = {"X-Request-Id": "trace-4711-abc"}
-    r, _ = stream(client, "/v1/chat/completions",
-                  {"model": "tiny", "messages": USER, "max_tokens": 2}, headers=mine)
+    r, events = stream(client, "/v1/chat/completions",
+                       {"model": "tiny", "messages": USER, "max_tokens": 2}, headers=mine)
     assert r.headers["x-request-id"] == "trace-4711-abc"
+    assert check_framing(events)[0]["id"] == "chatcmpl-trace-4711-abc"
     plain = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 1},
                         headers=mine)
     assert plain.headers["x-request-id"] == "trace-4711-abc"
+    assert plain.json()["id"] == "cmpl-trace-4711-abc"
     error = client.post("/v1/completions", json={"prompt": 5}, headers=mine)
     assert error.status_code == 400 and error.headers["x-request-id"] == "trace-4711-abc"
+
+
+def test_a_repeated_request_id_keeps_requests_apart(client: httpx.Client) -> None:
+    """Two requests in flight under one X-Request-Id (a client retrying, a proxy reusing
+    ids) are still two engine requests: each gets its own whole output."""
+    mine = {"X-Request-Id": "same"}
+    bodies = [{**GREEDY, "prompt": p, "max_tokens": m}  # the first runs long: both in flight
+              for p, m in (("Rivers", 400), ("Mountains are", 24))]
+    alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"]
+             for b in bodies]
+    with client.stream("POST", "/v1/completions", json={**bodies[0], "stream": True},
+                       headers=mine) as first:
+        events = (line for line in first.iter_lines() if line)
+        lines = [next(events)]  # the first request is in flight...
+        second = client.post("/v1/completions", json=bodies[1], headers=mine)  # ...meanwhile
+        lines += events
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone[0]
+    assert second.json()["choices"][0]["text"] == alone[1]
+    assert second.json()["id"] == chunks[0]["id"] == "cmpl-same"
 
 
 def test_stream_with_logprobs(client: httpx.Client) -> None:
