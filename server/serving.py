@@ -1,9 +1,10 @@
 """OpenAI completions and chat on top of the engine: prompts in, response objects or SSE out.
 
-Shared by both endpoints: each prompt becomes one engine request with `n` samples; their
-outputs are merged into choices (index = prompt * n + sample), streamed as chunks or gathered
-into one response. Abandoning a stream (client gone) aborts every engine request behind it.
-No FastAPI and no tensors here.
+Shared by both endpoints: each prompt becomes one engine request with `n` samples (or, when
+`n` is more than the server's slots, one a group of samples that fits); their outputs are
+merged into choices (index = prompt * n + sample), streamed as chunks or gathered into one
+response. Abandoning a stream (client gone) aborts every engine request behind it. No FastAPI
+and no tensors here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
 from server.engine_front import EngineFront, RequestRejected, RequestStream
@@ -49,12 +50,21 @@ class GenerationFailed(RuntimeError):
 
 
 @dataclass(slots=True)
+class SampleGroup:
+    """An engine request for samples `first`, `first` + 1, ... of a prompt."""
+
+    stream: RequestStream
+    first: int
+
+
+@dataclass(slots=True)
 class Submitted:
-    """One prompt's engine request."""
+    """One prompt's engine requests: one for all `n` samples, unless they need more slots
+    than the server has (a request's samples run together, one slot each)."""
 
     prompt_ids: list[int]
     prompt_text: str | None  # as the client sent it, for echo
-    stream: RequestStream
+    groups: list[SampleGroup]
 
 
 @dataclass(slots=True)
@@ -69,24 +79,46 @@ class Choice:
     num_output_tokens: int = 0
 
 
+def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
+    """(first sample, count) of each engine request for `n` samples, at most a slot each."""
+    return [(first, min(num_slots, n - first)) for first in range(0, n, num_slots)]
+
+
 def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
            request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
     """Queue every prompt, or none: a rejection aborts the ones already queued. Prompt i's
-    engine request is `<request_id>-<i>`. `prompt_param` is the field a too-long prompt is
-    blamed on ("messages" for chat)."""
-    if len(prompts) > engine.max_queued:  # a 503 would have the client retry in vain
+    engine request is `<request_id>-<i>` (`-<i>-<first sample>` for each group of samples,
+    when `n` is more than the slots: those queue one after another, as vLLM's samples do,
+    each group's seed moved on by its first sample's index so that sample k is drawn with
+    seed + k either way). `prompt_param` is the field a too-long prompt is blamed on
+    ("messages" for chat)."""
+    groups = sample_groups(params.n, engine.num_slots)
+    needed = len(prompts) * len(groups)
+    if needed > engine.max_queued:  # a 503 would have the client retry in vain
+        what = (f"has {needed} prompts" if len(groups) == 1 else
+                f"needs {needed} requests ({len(prompts)} prompt(s) x {len(groups)} groups "
+                f"of its n={params.n} samples, at most {engine.num_slots} a group)")
         raise RequestRejected(
-            f"the request has {len(prompts)} prompts, and this server holds at most "
-            f"{engine.max_queued} requests at once ({engine.num_slots} running, "
-            f"{engine.max_waiting} waiting: --max-num-seqs, --max-waiting)", "prompt")
+            f"the request {what}, and this server holds at most {engine.max_queued} requests "
+            f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
+            "--max-num-seqs, --max-waiting)", "n" if len(groups) > 1 else "prompt")
     submitted: list[Submitted] = []
     try:
         for i, (ids, text) in enumerate(prompts):
-            stream = engine.generate(ids, params, f"{request_id}-{i}")
-            submitted.append(Submitted(ids, text, stream))
+            s = Submitted(ids, text, [])
+            submitted.append(s)
+            for first, count in groups:
+                if len(groups) == 1:
+                    rid, group_params = f"{request_id}-{i}", params
+                else:
+                    seed = None if params.seed is None else params.seed + first
+                    rid, group_params = f"{request_id}-{i}-{first}", replace(params, n=count,
+                                                                              seed=seed)
+                s.groups.append(SampleGroup(engine.generate(ids, group_params, rid), first))
     except Exception as e:
         for s in submitted:
-            engine.abort(s.stream.request_id)
+            for group in s.groups:
+                engine.abort(group.stream.request_id)
         if isinstance(e, RequestRejected) and e.code == "context_length_exceeded":
             e.param = e.param or prompt_param  # as OpenAI names it
         raise
@@ -95,25 +127,28 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
 
 async def merged(engine: EngineFront, submitted: list[Submitted]
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from all prompts' streams as they arrive; aborts on exit."""
-    if len(submitted) == 1:  # one prompt (chat, most completions): no pump task, no queue
-        finished = False
+    """(prompt index, output) from all prompts' streams as they arrive, each output's `index`
+    its sample's within the prompt; aborts on exit."""
+    groups = [(i, group) for i, s in enumerate(submitted) for group in s.groups]
+    if len(groups) == 1:  # one engine request (chat, most completions): no pump task, no queue
+        stream, finished = groups[0][1].stream, False
         try:
-            async for out in submitted[0].stream:
+            async for out in stream:
                 yield 0, out
             finished = True
         finally:
             if not finished:
-                engine.abort(submitted[0].stream.request_id)
+                engine.abort(stream.request_id)
         return
     queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
 
-    async def pump(i: int, stream: RequestStream) -> None:
-        async for out in stream:
+    async def pump(i: int, group: SampleGroup) -> None:
+        async for out in group.stream:
+            out.index += group.first  # each output is this stream's alone
             queue.put_nowait((i, out))
         queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(i, s.stream)) for i, s in enumerate(submitted)]
+    tasks = [asyncio.create_task(pump(i, group)) for i, group in groups]
     open_streams = len(tasks)
     try:
         while open_streams:
@@ -126,8 +161,8 @@ async def merged(engine: EngineFront, submitted: list[Submitted]
         for task in tasks:
             task.cancel()
         if open_streams:  # left early: the client went away or something failed
-            for s in submitted:
-                engine.abort(s.stream.request_id)
+            for _, group in groups:
+                engine.abort(group.stream.request_id)
 
 
 def _usage(submitted: list[Submitted], choices: dict[int, Choice]) -> CompletionUsage:

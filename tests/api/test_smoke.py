@@ -1,10 +1,11 @@
 """The shared server answers the two basic requests; a model may answer to several names."""
 
+import json
 from pathlib import Path
 
 import httpx
 
-from tests.api.conftest import Server, assert_openai_error, run_server
+from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
 
 
 def test_health_and_completion(server: Server, auth: dict[str, str]) -> None:
@@ -41,3 +42,55 @@ def test_aliases_answer_as_the_first_name(tiny_checkpoint: Path, tmp_path: Path)
         r = httpx.post(f"{server.v1}/completions",
                        json={"model": "tiny-v3", "prompt": "hi", "max_tokens": 2})
         assert assert_openai_error(r, 404)["code"] == "model_not_found"
+
+
+def test_n_beyond_the_slots_runs_in_groups(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """n=5 on 2 slots: three engine requests (2 + 2 + 1 samples) one after another, as vLLM
+    queues samples; sample k is drawn with seed + k as when all run at once, so each choice
+    is what a one-sample request with that seed gives."""
+    with run_server(tiny_checkpoint, tmp_path, "--served-model-name", "tiny",
+                    "--max-num-seqs", "2", "--max-n", "8", "--max-waiting", "8") as server:
+        url = f"{server.v1}/completions"
+        body = {"prompt": "Rivers", "max_tokens": 8, "temperature": 1.0, "ignore_eos": True}
+        alone = [httpx.post(url, json={**body, "seed": 11 + k}).json()["choices"][0]["text"]
+                 for k in range(5)]
+        assert len(set(alone)) > 1  # the samples differ: the test can tell them apart
+        r = httpx.post(url, json={**body, "n": 5, "seed": 11}).json()
+        assert [c["index"] for c in r["choices"]] == list(range(5))
+        assert [c["text"] for c in r["choices"]] == alone
+        assert r["usage"] == {"prompt_tokens": r["usage"]["prompt_tokens"],
+                              "completion_tokens": 40,
+                              "total_tokens": r["usage"]["prompt_tokens"] + 40}
+        assert r["usage"]["prompt_tokens"] == len(
+            httpx.post(f"{server.base_url}/tokenize", json={"prompt": "Rivers"}).json()["tokens"])
+
+        # Two prompts, n=3 each (groups of 2 + 1), streamed: choice = prompt * n + sample
+        two = {**body, "prompt": ["Rivers", "Rivers"], "n": 3, "seed": 11, "stream": True}
+        with httpx.stream("POST", url, json=two, timeout=60) as s:
+            chunks = [json.loads(e) for e in sse_data(s)[:-1]]
+        texts = {i: "".join(c["choices"][0]["text"] for c in chunks
+                            if c["choices"][0]["index"] == i) for i in range(6)}
+        assert list(texts.values()) == alone[:3] * 2
+        finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+        assert sorted(finished) == list(range(6))
+
+        # Chat likewise, streamed: every sample's role chunk first, then its content
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                "temperature": 1.0, "ignore_eos": True}
+        chat_url = f"{server.v1}/chat/completions"
+        alone = [httpx.post(chat_url, json={**chat, "seed": 3 + k}).json()
+                 ["choices"][0]["message"]["content"] for k in range(3)]
+        with httpx.stream("POST", chat_url, json={**chat, "n": 3, "seed": 3, "stream": True},
+                          timeout=60) as s:
+            choices = [json.loads(e)["choices"][0] for e in sse_data(s)[:-1]]
+        assert [c["delta"].get("role") for c in choices[:3]] == ["assistant"] * 3
+        assert [c["index"] for c in choices[:3]] == [0, 1, 2]
+        assert [
+            "".join(c["delta"].get("content") or "" for c in choices if c["index"] == k)
+            for k in range(3)] == alone
+
+        # More groups than the server holds at once (2 running + 8 waiting) is a 400, not a
+        # 503 to retry in vain
+        many = httpx.post(url, json={**body, "prompt": ["a"] * 3, "n": 8})
+        error = assert_openai_error(many, 400)
+        assert error["param"] == "n" and "needs 12 requests" in error["message"]
