@@ -37,7 +37,8 @@ from server.protocol import ErrorResponse, RequestError, RequestLimits, describe
 from server.serving import ChatService, CompletionService, GenerationFailed
 
 logger = logging.getLogger(__name__)
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+# The request being served (RequestIdMiddleware): names the response (routes)
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -227,7 +228,7 @@ class ApiKeyMiddleware:
 
 
 class RequestIdMiddleware:
-    """Honour or generate X-Request-Id; it tags the log lines and the response."""
+    """Honour or generate X-Request-Id: it comes back as a header and names the response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -112,7 +113,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     response_id = _response_id("cmpl")
     params = body.to_sampling_params()
     prompts = await _tokenized(request, lambda: service.prompts(body))
-    submitted = submit(engine, prompts, params, random_id("cmpl"))
+    submitted = submit(engine, prompts, params, _engine_request_id(response_id))
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -125,17 +126,23 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     response_id = _response_id("chatcmpl")
     params = body.to_sampling_params()
     prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
-    submitted = submit(engine, [(prompt_ids, None)], params, random_id("chatcmpl"), "messages")
+    submitted = submit(engine, [(prompt_ids, None)], params, _engine_request_id(response_id),
+                       "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
 def _response_id(prefix: str) -> str:
     """`<prefix>-<X-Request-Id>`, as vLLM names a response after the request's header (the
     middleware makes an id up when none came), so that a client's or a proxy's id finds the
-    response and its log lines. The engine's request ids are made apart: an X-Request-Id
-    may repeat, they may not."""
+    response."""
     request_id = request_id_var.get()
-    return f"{prefix}-{request_id}" if request_id != "-" else random_id(prefix)
+    return f"{prefix}-{request_id}" if request_id is not None else random_id(prefix)
+
+
+def _engine_request_id(response_id: str) -> str:
+    """The response's id and a random tag: an X-Request-Id may repeat, the engine's ids may
+    not, and the engine's log lines still name the response."""
+    return f"{response_id}-{secrets.token_hex(4)}"
 
 
 async def _tokenized(request: Request, work: Callable[[], T]) -> T:

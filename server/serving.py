@@ -88,9 +88,9 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
            request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
     """Queue every prompt, or none: a rejection aborts the ones already queued. Prompt i's
     engine request is `<request_id>-<i>` (`-<i>-<first sample>` for each group of samples,
-    when `n` is more than the slots: those queue one after another, as vLLM's samples do,
-    each group's seed moved on by its first sample's index so that sample k is drawn with
-    seed + k either way). `prompt_param` is the field a too-long prompt is blamed on
+    when `n` is more than the slots: the groups queue one after another, each prefilling the
+    prompt again, its seed moved on by its first sample's index so that sample k is drawn
+    with seed + k either way). `prompt_param` is the field a too-long prompt is blamed on
     ("messages" for chat)."""
     groups = sample_groups(params.n, engine.num_slots)
     needed = len(prompts) * len(groups)
@@ -101,7 +101,8 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
         raise RequestRejected(
             f"the request {what}, and this server holds at most {engine.max_queued} requests "
             f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
-            "--max-num-seqs, --max-waiting)", "n" if len(groups) > 1 else "prompt")
+            "--max-num-seqs, --max-waiting)",
+            "prompt" if len(prompts) > engine.max_queued else "n")
     submitted: list[Submitted] = []
     try:
         for i, (ids, text) in enumerate(prompts):

@@ -64,9 +64,11 @@ def test_n_beyond_the_slots_runs_in_groups(tiny_checkpoint: Path, tmp_path: Path
         assert r["usage"]["prompt_tokens"] == len(
             httpx.post(f"{server.base_url}/tokenize", json={"prompt": "Rivers"}).json()["tokens"])
 
-        # Two prompts, n=3 each (groups of 2 + 1), streamed: choice = prompt * n + sample
-        two = {**body, "prompt": ["Rivers", "Rivers"], "n": 3, "seed": 11, "stream": True}
-        with httpx.stream("POST", url, json=two, timeout=60) as s:
+        # Two prompts, n=3 each (groups of 2 + 1): choice = prompt * n + sample
+        two = {**body, "prompt": ["Rivers", "Rivers"], "n": 3, "seed": 11}
+        whole = httpx.post(url, json=two, timeout=60).json()["choices"]
+        assert [(c["index"], c["text"]) for c in whole] == list(enumerate(alone[:3] * 2))
+        with httpx.stream("POST", url, json={**two, "stream": True}, timeout=60) as s:
             chunks = [json.loads(e) for e in sse_data(s)[:-1]]
         texts = {i: "".join(c["choices"][0]["text"] for c in chunks
                             if c["choices"][0]["index"] == i) for i in range(6)}

@@ -11,7 +11,7 @@ import pytest
 from sse_starlette.event import ensure_bytes
 
 from server.routes import _frame
-from tests.api.conftest import sse_data
+from tests.api.conftest import Server, sse_data
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
 GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
@@ -198,12 +198,13 @@ def test_request_id_echoed(client: httpx.Client) -> None:
     assert error.status_code == 400 and error.headers["x-request-id"] == "trace-4711-abc"
 
 
-def test_a_repeated_request_id_keeps_requests_apart(client: httpx.Client) -> None:
+def test_a_repeated_request_id_keeps_requests_apart(client: httpx.Client,
+                                                     server: Server) -> None:
     """Two requests in flight under one X-Request-Id (a client retrying, a proxy reusing
     ids) are still two engine requests: each gets its own whole output."""
     mine = {"X-Request-Id": "same"}
     bodies = [{**GREEDY, "prompt": p, "max_tokens": m}  # the first runs long: both in flight
-              for p, m in (("Rivers", 400), ("Mountains are", 24))]
+              for p, m in (("Rivers", 480), ("Mountains are", 24))]
     alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"]
              for b in bodies]
     with client.stream("POST", "/v1/completions", json={**bodies[0], "stream": True},
@@ -211,6 +212,7 @@ def test_a_repeated_request_id_keeps_requests_apart(client: httpx.Client) -> Non
         events = (line for line in first.iter_lines() if line)
         lines = [next(events)]  # the first request is in flight...
         second = client.post("/v1/completions", json=bodies[1], headers=mine)  # ...meanwhile
+        assert server.metric("llama_serve_requests_running") == 1  # and still is
         lines += events
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]

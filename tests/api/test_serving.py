@@ -1,0 +1,123 @@
+"""serving.submit and serving.merged against a recording engine: how a request's prompts and
+samples become engine requests, and how their outputs come back (no HTTP, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from server.engine_front import EngineOverloaded, RequestRejected, RequestStream
+from server.request import FinishReason, RequestOutput, SamplingParams
+from server.serving import merged, sample_groups, submit
+
+
+def on_a_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on an event loop of its own (streams belong to a loop)."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+    return run
+
+
+class RecordingEngine:
+    """Takes requests as an engine would (up to `refuse_after`, then 503s) and records them."""
+
+    def __init__(self, num_slots: int = 2, max_waiting: int = 8,
+                 refuse_after: int | None = None) -> None:
+        self.num_slots, self.max_waiting = num_slots, max_waiting
+        self.refuse_after = refuse_after
+        self.queued: dict[str, tuple[SamplingParams, RequestStream]] = {}
+        self.aborted: list[str] = []
+
+    @property
+    def max_queued(self) -> int:
+        return self.num_slots + self.max_waiting
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str) -> RequestStream:
+        if self.refuse_after is not None and len(self.queued) == self.refuse_after:
+            raise EngineOverloaded("the queue is full")
+        assert params.n <= self.num_slots and request_id not in self.queued
+        stream = RequestStream(request_id, params.n, asyncio.get_running_loop())
+        self.queued[request_id] = (params, stream)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def finish_all(self) -> None:
+        """One output a sample, `index` as the engine numbers it: within its own request."""
+        for request_id, (params, stream) in self.queued.items():
+            for k in reversed(range(params.n)):
+                stream.put(RequestOutput(request_id, k, text=f"{request_id}/{k}",
+                                         finish_reason=FinishReason.STOP))
+
+
+def test_sample_groups() -> None:
+    assert sample_groups(3, 4) == [(0, 3)]
+    assert sample_groups(4, 4) == [(0, 4)]
+    assert sample_groups(5, 2) == [(0, 2), (2, 2), (4, 1)]
+
+
+@on_a_loop
+async def test_samples_beyond_the_slots_become_groups_with_moved_seeds() -> None:
+    engine = RecordingEngine(num_slots=2)
+    submitted = submit(engine, [([1, 2], None), ([3], "text")],
+                       SamplingParams(n=5, seed=10, temperature=1.0), "cmpl-x")
+    assert {rid: (p.n, p.seed) for rid, (p, _) in engine.queued.items()} == {
+        "cmpl-x-0-0": (2, 10), "cmpl-x-0-2": (2, 12), "cmpl-x-0-4": (1, 14),
+        "cmpl-x-1-0": (2, 10), "cmpl-x-1-2": (2, 12), "cmpl-x-1-4": (1, 14)}
+    assert [s.prompt_ids for s in submitted] == [[1, 2], [3]]
+    assert [[g.first for g in s.groups] for s in submitted] == [[0, 2, 4]] * 2
+    engine.finish_all()
+    got = [(i, out.index, out.text) async for i, out in merged(engine, submitted)]
+    # Each output's index is its sample's within the prompt, whichever group ran it
+    assert sorted(got) == sorted(
+        (i, first + k, f"cmpl-x-{i}-{first}/{k}")
+        for i in range(2) for first, count in sample_groups(5, 2) for k in range(count))
+    assert engine.aborted == []  # every stream ran to its end
+
+
+@on_a_loop
+async def test_unseeded_groups_stay_unseeded_and_one_group_keeps_its_params() -> None:
+    engine = RecordingEngine(num_slots=4)
+    params = SamplingParams(n=3)
+    submit(engine, [([1], None)], params, "r")
+    assert engine.queued["r-0"][0] is params  # no group: the request as it came
+    submit(engine, [([1], None)], SamplingParams(n=6), "s")
+    assert [(p.n, p.seed) for p, _ in engine.queued.values()][1:] == [(4, None), (2, None)]
+
+
+@on_a_loop
+async def test_a_refused_group_aborts_every_group_queued() -> None:
+    engine = RecordingEngine(num_slots=2, refuse_after=4)
+    with pytest.raises(EngineOverloaded):
+        submit(engine, [([1], None), ([2], None)], SamplingParams(n=5), "r")
+    assert engine.aborted == list(engine.queued) == ["r-0-0", "r-0-2", "r-0-4", "r-1-0"]
+
+
+@on_a_loop
+async def test_leaving_early_aborts_every_group() -> None:
+    engine = RecordingEngine(num_slots=2)
+    submitted = submit(engine, [([1], None)], SamplingParams(n=4), "r")
+    engine.queued["r-0-2"][1].put(RequestOutput("r-0-2", 0, text="a"))
+    outputs = merged(engine, submitted)
+    assert (await anext(outputs))[1].index == 2
+    await outputs.aclose()  # the client went away
+    assert sorted(engine.aborted) == ["r-0-0", "r-0-2"]
+
+
+@pytest.mark.parametrize("prompts,n,param", [(11, 1, "prompt"), (4, 5, "n"), (11, 5, "prompt")])
+@on_a_loop
+async def test_more_than_the_server_holds_is_rejected(prompts: int, n: int, param: str) -> None:
+    """2 slots + 8 waiting hold 10 engine requests: 11 prompts never fit (blame the prompts),
+    4 prompts of n=5 (3 groups each) neither (blame n)."""
+    engine = RecordingEngine(num_slots=2, max_waiting=8)
+    with pytest.raises(RequestRejected) as rejected:
+        submit(engine, [([1], None)] * prompts, SamplingParams(n=n), "r")
+    assert rejected.value.param == param and "holds at most 10 requests" in str(rejected.value)
+    assert engine.queued == {}
