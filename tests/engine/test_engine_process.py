@@ -7,29 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from server.config import EngineConfig
-from server.engine_front import EngineDeadError, EngineFront, EngineOverloaded
+from server.engine_front import EngineDeadError, EngineOverloaded
 from server.engine_process import EngineProcess, EngineStartFailed
 from server.outputs import IterationStats
 from server.request import FinishReason, RequestOutput, SamplingParams
-from tests.engine.conftest import CpuEngine
+from tests.engine.conftest import CpuEngine, generate_all, started
 
 CONFIG = {"max_model_len": 1024, "warmup": False}
-
-
-@contextmanager
-def started(engine: EngineFront) -> Iterator[EngineFront]:
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
 
 
 def proxy(folder: Path, **config: object) -> EngineProcess:
@@ -45,22 +34,12 @@ JOBS = [  # (prompt, params): greedy, seeded sampling with logprobs, n=2, a stop
 ]
 
 
-def generate_all(engine: EngineFront) -> list[list[RequestOutput]]:
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[RequestOutput]:
-        return [out async for out in engine.generate(prompt, params, f"r{i}")]
-
-    async def main() -> list[list[RequestOutput]]:
-        return await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(JOBS)))
-
-    return asyncio.run(main())
-
-
 def test_outputs_match_the_engine_on_a_thread(tiny_checkpoint: Path,
                                               cpu_engine: CpuEngine) -> None:
     with started(cpu_engine(**CONFIG)) as engine:
-        local = generate_all(engine)
+        local = generate_all(engine, JOBS)
     with started(proxy(tiny_checkpoint)) as engine:
-        remote = generate_all(engine)
+        remote = generate_all(engine, JOBS)
     assert remote == local  # every output: text, ids, logprobs, finish and stop reasons
 
 
@@ -68,7 +47,7 @@ def test_listeners_and_stats_hear_every_step(tiny_checkpoint: Path) -> None:
     heard: list[IterationStats] = []
     with started(proxy(tiny_checkpoint)) as engine:
         engine.add_listener(heard.append)
-        outputs = generate_all(engine)
+        outputs = generate_all(engine, JOBS)
         stats = engine.stats()  # as of the last step: its report came with the last outputs
     finals = [out for outs in outputs for out in outs if out.finished]
     assert len(finals) == 5  # one per sample

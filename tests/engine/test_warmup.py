@@ -5,7 +5,6 @@ change."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
@@ -15,7 +14,7 @@ from server.engine import Engine, WarmUpFailed
 from server.engine_front import EngineStats
 from server.request import SamplingParams
 from server.runner import ModelRunner
-from tests.engine.conftest import CpuEngine
+from tests.engine.conftest import CpuEngine, generate_all, started
 
 
 def assert_untouched(engine: Engine) -> None:
@@ -80,20 +79,12 @@ def test_start_warms_up_on_the_engine_thread_unless_told_not_to(
     assert threads == ["engine"]
 
 
-def generate_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]
-                 ) -> tuple[list[list[int]], EngineStats]:
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
-        return [t async for out in engine.generate(prompt, params, f"r{i}")
-                for t in out.token_ids]
-
-    async def main() -> list[list[int]]:
-        return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
-
-    engine.start()
-    try:
-        return asyncio.run(main()), engine.stats()
-    finally:
-        engine.stop()
+def generated_ids(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]
+                  ) -> tuple[list[list[int]], EngineStats]:
+    """Each job's token ids, and the engine's stats after them."""
+    with started(engine):
+        outputs = generate_all(engine, jobs)
+        return [[t for out in outs for t in out.token_ids] for outs in outputs], engine.stats()
 
 
 def test_warm_up_changes_no_output_and_no_count(cpu_engine: CpuEngine) -> None:
@@ -105,8 +96,8 @@ def test_warm_up_changes_no_output_and_no_count(cpu_engine: CpuEngine) -> None:
             ([8, 9], SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)),
             ([10, 11, 12, 13], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))]
     config = {"max_num_seqs": 4, "max_model_len": 128, "max_num_batched_tokens": 64, "seed": 7}
-    warm, stats = generate_all(cpu_engine(**config), jobs)
-    cold, _ = generate_all(cpu_engine(warmup=False, **config), jobs)
+    warm, stats = generated_ids(cpu_engine(**config), jobs)
+    cold, _ = generated_ids(cpu_engine(warmup=False, **config), jobs)
     assert warm == cold and all(len(tokens) == 8 for tokens in warm)
     assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (9, 24)
     assert +stats.finished_total == {"length": 3}  # (stopping adds an "error" of 0)
