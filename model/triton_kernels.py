@@ -350,14 +350,17 @@ class TritonKernels:
         def draw(*shape: int) -> Tensor:
             return torch.randn(*shape, device=device).to(dtype)
         x = draw(2, config.dim)
+        self.rms_norm(x, draw(config.dim), config.norm_eps)  # the first layer's: no residual
         self.rms_norm(x, draw(config.dim), config.norm_eps, x)
         self.silu_mul(draw(2, 2 * config.hidden_dim))
         n_heads, n_kv, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         if self.handles_head_dim(head_dim):
+            # Two slots: Triton compiles an integer argument of 1 as a constant, a variant
+            # that serving's pools never run
             keys = 2 * MIN_KEYS_PER_SPLIT
-            k_cache, v_cache = (torch.zeros(1, n_kv, keys, head_dim, dtype=dtype, device=device)
+            k_cache, v_cache = (torch.zeros(2, n_kv, keys, head_dim, dtype=dtype, device=device)
                                 for _ in range(2))
-            slots = torch.zeros(2, dtype=torch.int64, device=device)
+            slots = torch.arange(2, dtype=torch.int64, device=device)
             angles = draw(2, head_dim)
             q = self.rope_store(draw(2, n_heads + 2 * n_kv, head_dim), angles, angles, k_cache,
                                 v_cache, slots, torch.arange(2, device=device), n_heads)
@@ -394,7 +397,17 @@ def for_model(config: ModelConfig, dtype: torch.dtype, device: torch.device
     try:
         kernels.probe(config, dtype, device)
     except Exception as exc:  # any failure to build or launch: the PyTorch ops still work
+        if device_fault(exc):
+            raise  # ...unless the device itself faulted: nothing runs on it any more
         logger.warning("Triton kernels unavailable on %s, using PyTorch's ops: %s", device,
                        exc)
         return None
     return kernels
+
+
+def device_fault(exc: BaseException) -> bool:
+    """A fault of the device (an illegal address, ...), which leaves its CUDA context unusable:
+    torch's AcceleratorError, or the RuntimeError that versions before it raise."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return ((accelerator_error is not None and isinstance(exc, accelerator_error))
+            or "CUDA error" in str(exc))

@@ -31,7 +31,8 @@ from server.scheduler import StepPlan
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is the device (or the host) running out of memory; for callers that
     hold no tensors (the warm-up's message)."""
-    return isinstance(error, torch.OutOfMemoryError | MemoryError)
+    # torch.cuda's name: torch.OutOfMemoryError (the same class) came with torch 2.5
+    return isinstance(error, torch.cuda.OutOfMemoryError | MemoryError)
 
 
 @dataclass(slots=True)

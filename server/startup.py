@@ -138,7 +138,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
         graphs = DecodeGraphs(model, pool, capture=True)
         try:
             graphs.capture_all()
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from torch 2.5
             raise StartupError(f"capturing {graphs.num_graphs} CUDA graphs for decode ran out "
                                f"of device memory ({e}); leave more room beside the KV cache "
                                f"(--kv-cache-memory, --max-num-seqs) or pass --enforce-eager"

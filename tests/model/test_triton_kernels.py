@@ -195,6 +195,42 @@ def test_kernels_that_fail_to_run_leave_the_model_on_pytorchs_ops(
     assert "Failed to find C compiler" in caplog.text
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    *([torch.AcceleratorError("an illegal memory access")]
+      if hasattr(torch, "AcceleratorError") else []),
+], ids=str)
+def test_a_device_fault_in_the_probe_is_not_a_fallback(monkeypatch: pytest.MonkeyPatch,
+                                                       error: Exception) -> None:
+    """A fault of the device leaves its context unusable: falling back to PyTorch's ops on it
+    would only fail later, with a misleading message."""
+    def faulting(*args: object, **kwargs: object) -> None:
+        raise error
+    monkeypatch.setattr(triton_kernels.TritonKernels, "silu_mul", faulting)
+    with pytest.raises(type(error)):
+        triton_kernels.for_model(TINY, torch.float32, torch.device("cpu"))
+
+
+def test_the_probe_runs_every_variant_serving_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both RMSNorms (the first layer's has no residual) and a pool of more than one slot
+    (Triton compiles an integer argument of 1 as a constant)."""
+    if not triton_kernels.interpreted():
+        pytest.skip("the CPU run of the kernels needs TRITON_INTERPRET=1")
+    kernels = triton_kernels.TritonKernels()
+    calls: list[tuple[str, object]] = []
+    for name in ("rms_norm", "decode_attention"):
+        def spy(*args: object, name: str = name,
+                real: object = getattr(kernels, name), **kwargs: object) -> object:
+            calls.append((name, args[3] if name == "rms_norm" and len(args) > 3
+                          else args[1].shape[0] if name == "decode_attention" else None))
+            return real(*args, **kwargs)  # type: ignore[operator]
+        monkeypatch.setattr(kernels, name, spy)
+    kernels.probe(TINY, torch.float32, torch.device("cpu"))
+    norms = [residual for name, residual in calls if name == "rms_norm"]
+    assert None in norms and any(r is not None for r in norms)
+    assert {slots for name, slots in calls if name == "decode_attention"} == {2}
+
+
 def test_bad_inputs_are_refused() -> None:
     q = torch.randn(2, 4, 16)
     cache = torch.randn(3, 2, 10, 16)
