@@ -65,7 +65,8 @@ class KVCachePool:
         self.v[layer][slot_ids, :, positions] = v
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Duplicate the first `length` positions of a slot (n > 1 samples share a prefill)."""
+        """Duplicate the first `length` positions of a slot (n > 1 samples share a prefill;
+        a prompt starts from a cached prefix)."""
         for cache in self.k + self.v:
             cache[dst, :, :length].copy_(cache[src, :, :length])
 

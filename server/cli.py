@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
          "step runs (vLLM V0's async output processing); on by default, --no-async-output-proc "
          "posts each step's outputs before the next launch", action=argparse.BooleanOptionalAction,
          default=e.async_output_proc)
+    _add(serve, "--enable-prefix-caching", "copy a prompt's prefix from a KV-cache slot "
+         "that holds it (a finished request's, a running one's) instead of computing it "
+         "again (vLLM's automatic prefix caching); on by default, --no-enable-prefix-caching "
+         "computes every prompt whole", action=argparse.BooleanOptionalAction,
+         dest="prefix_caching", default=e.prefix_caching)
     _add(serve, "--no-cpu-kernels", "CPU: oneDNN's linears and PyTorch's ops instead of the C "
          "kernels built on first use", action="store_false", dest="cpu_kernels",
          default=e.cpu_kernels)

@@ -33,6 +33,9 @@ class EngineConfig:
     gpu_kernels: bool = True  # CUDA: the Triton kernels of model/triton_kernels.py
     load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)
     warmup: bool = True  # run a full step, a mixed one and a decode one before serving
+    # Copy a prompt's prefix from a slot that holds it instead of computing it (vLLM's
+    # automatic prefix caching, llama.cpp's cache_prompt): server/scheduler.py
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

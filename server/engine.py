@@ -181,6 +181,9 @@ class Engine(EngineFront):
         stats.prompt_tokens_total = stats.generation_tokens_total = stats.steps_total = 0
         stats.finished_total.clear()  # in place: the output builder holds this Counter
         self.runner.forget_last_step()
+        # Nor a prefix cache: serving starts from an empty one
+        self.scheduler.forget_cached_prefixes()
+        self.scheduler.prefix_queries_total = self.scheduler.prefix_hits_total = 0
         self._refresh_stats()
 
     # ------------------------------------------------------------------ engine thread
@@ -255,10 +258,9 @@ class Engine(EngineFront):
         Only a graphed decode step's launch returns at once; before an eager one (prefill
         chunks), which reads back from the device as it goes, they are posted first."""
         plan = self.scheduler.schedule()
-        admitted = sum(1 for c in plan.prefills if c.start == 0)
-        if admitted:
+        if plan.admitted:
             with self._lock:
-                self._stats.num_queued -= admitted
+                self._stats.num_queued -= plan.admitted
         if plan.num_tokens == 0:
             self._post([])  # the last step's outputs, if held
             return plan
@@ -274,6 +276,7 @@ class Engine(EngineFront):
             # One forward serves the whole batch, so its requests fail together; the engine
             # and everything not in this step go on.
             self.runner.idle()  # the next gap would count this failure
+            self.scheduler.forget_cached_prefixes()  # what the step wrote is unknown
             logger.exception("step failed")
             requests = {c.request for c in plan.prefills} | {s.request for s in plan.decodes}
             posts = []
@@ -281,7 +284,8 @@ class Engine(EngineFront):
                 posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, repr(e))
             self._post(posts)
             raise StepFailed(f"a step failed: {e!r}") from e
-        n_prompt = sum(len(c.token_ids) for c in plan.prefills)
+        # Prompt tokens taken, computed or found in the prefix cache (as vLLM counts them)
+        n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
         self._stats.steps_total += 1
         self._stats.prompt_tokens_total += n_prompt
         self._stats.generation_tokens_total += len(result.tokens)
@@ -340,6 +344,8 @@ class Engine(EngineFront):
         s.num_waiting = len(sched.waiting)
         s.slots_used = sched.num_used_slots
         s.tokens_used = sched.num_used_tokens
+        s.prefix_cache_queries_total = sched.prefix_queries_total
+        s.prefix_cache_hits_total = sched.prefix_hits_total
 
     def _fail_all(self, message: str) -> None:
         """End every stream: the scheduler's requests, and those accepted by `generate()` but

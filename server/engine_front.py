@@ -68,6 +68,8 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     steps_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # ... and copied from it
     finished_total: Counter[str] = field(default_factory=Counter)
     # Admission (under the engine's lock): requests taken and not yet given a slot, and all
     # requests ever taken, so that a proxy in another process can tell which of its own

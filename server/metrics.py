@@ -172,10 +172,15 @@ class _StatsCollector(Collector):
                     prompt_tps)
         yield gauge("generation_throughput_tokens_per_second",
                     f"Output tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.", gen_tps)
-        yield counter("prompt_tokens_total", "Prompt tokens computed.", s.prompt_tokens_total)
+        yield counter("prompt_tokens_total", "Prompt tokens taken (computed or found in "
+                      "the prefix cache).", s.prompt_tokens_total)
         yield counter("generation_tokens_total", "Output tokens generated.",
                       s.generation_tokens_total)
         yield counter("engine_steps_total", "Engine steps run.", s.steps_total)
+        yield counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix "
+                      "cache.", s.prefix_cache_queries_total)
+        yield counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache "
+                      "(copied, not computed).", s.prefix_cache_hits_total)
         finished = CounterMetricFamily("llama_serve_requests_finished_total",
                                        "Finished requests by reason.", labels=["finish_reason"])
         for reason in FinishReason:
@@ -203,3 +208,7 @@ def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:
     yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens.", s.prompt_tokens_total)
     yield family(CounterMetricFamily, "generation_tokens", "Generation tokens.",
                  s.generation_tokens_total)
+    yield family(CounterMetricFamily, "prefix_cache_queries",
+                 "Prefix cache queries, in queried tokens.", s.prefix_cache_queries_total)
+    yield family(CounterMetricFamily, "prefix_cache_hits", "Prefix cache hits, in tokens.",
+                 s.prefix_cache_hits_total)

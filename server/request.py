@@ -165,6 +165,16 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
 
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose K/V its slot holds: the first `num_computed` of prompt + output
+        (the newest output token is not fed yet); a prompt still in prefill only in the first
+        sample's slot (the others get their copy when it completes)."""
+        request = self.request
+        if request.num_prefilled < len(request.prompt_ids) or request.params.scores_only:
+            # (a scored prompt is not copied to the other samples' slots)
+            return request.prompt_ids[:request.num_prefilled] if self.index == 0 else []
+        return (request.prompt_ids + self.output_ids)[:self.num_computed]
+
 
 @dataclass(eq=False)
 class Request:
@@ -174,6 +184,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
     num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
+    num_cached: int = 0  # of those, copied from the prefix cache rather than computed
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
 

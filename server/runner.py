@@ -116,6 +116,8 @@ class ModelRunner:
         # The sampling controls go to the device first: a host-to-device copy queued after
         # the forward would wait for it.
         sampling = self._sampling_batch(plan.sampled) if plan.sampled else None
+        for copy in plan.copies:  # cached prefixes into new prompts' slots, before any write
+            self.pool.copy_slot(copy.src, copy.dst, copy.length)
         ids = [seq.last_token for seq in plan.decodes]
         n_decode = len(ids)
         # A decoding sequence feeds its newest token at position num_computed (the number of

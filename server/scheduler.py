@@ -3,6 +3,11 @@
 A request with `n` samples is one prompt and `n` sequences; each sequence owns one slot of the
 KV-cache pool while it runs. The prompt is prefilled once into the first sequence's slot, then
 copied to the others' (the runner does the copy), and every sequence decodes on its own.
+
+Prefix caching: a slot keeps its tokens' K/V after its sequence ends, and the scheduler
+remembers which tokens those are. A new prompt that begins with the tokens some slot holds
+(free, or in use by a running sequence: a shared system prompt) has that prefix copied into
+its own slot before the step's forward instead of computing it again.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from server.request import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
@@ -30,10 +36,22 @@ class PrefillChunk:
         return self.start + len(self.token_ids) == len(self.request.prompt_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCopy:
+    """K/V of positions [0, length) of slot `src` into slot `dst`, before the step's forward."""
+
+    src: int
+    dst: int
+    length: int
+
+
 @dataclass(slots=True)
 class StepPlan:
     decodes: list[Sequence] = field(default_factory=list)  # one token each, at num_computed
     prefills: list[PrefillChunk] = field(default_factory=list)
+    copies: list[PrefixCopy] = field(default_factory=list)  # in order, before the forward
+    admitted: int = 0  # requests given their slots by this step
+    num_cached_tokens: int = 0  # their prompt tokens copied from the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -50,9 +68,16 @@ class StepPlan:
         return out
 
 
+# Shortest prefix worth copying (vLLM caches blocks of 16 tokens): below it, a prompt is
+# computed whole. (The first tokens of most chat prompts, BOS and the template's header,
+# would otherwise always come from another request.)
+MIN_PREFIX_TOKENS = 16
+
+
 class Scheduler:
     def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
-                 eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None) -> None:
+                 eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None,
+                 prefix_caching: bool = False) -> None:
         self.n_slots = n_slots
         # Every eos id (generation_config.json's and the tokenizer's); `eos_id` is the
         # tokenizer's own, the one stop that reports no stop_reason (vLLM counts the others
@@ -67,6 +92,11 @@ class Scheduler:
         self.prefilling: list[Request] = []  # admitted, prompt not yet fully computed
         self.decoding: list[Sequence] = []
         self.requests: dict[str, Request] = {}
+        self.prefix_caching = prefix_caching
+        # Free slots whose K/V still hold these tokens (positions 0..len-1)
+        self.cached: dict[int, list[int]] = {}
+        self.prefix_queries_total = 0  # prompt tokens looked up in the cache
+        self.prefix_hits_total = 0  # ... and found there (copied, not computed)
 
     # ------------------------------------------------------------------ accounting
 
@@ -118,9 +148,59 @@ class Scheduler:
             for seq in request.seqs:
                 seq.slot = heapq.heappop(self.free_slots)
                 seq.status = RequestStatus.RUNNING
+            if self.prefix_caching:
+                self._reuse_prefix(plan, request)
+            for seq in request.seqs:
+                self.cached.pop(seq.slot, None)  # overwritten from now on
             self.prefilling.append(request)
+            plan.admitted += 1
             budget -= self._add_chunk(plan, request, budget)
         return plan
+
+    def _reuse_prefix(self, plan: StepPlan, request: Request) -> None:
+        """Start `request`'s prefill after the longest prefix of its prompt that a slot holds,
+        copied into its first slot by the runner (unless that slot holds it already). The
+        prompt's last token is always computed (its logits are sampled), and every token is
+        where prompt logprobs are asked for."""
+        prompt = request.prompt_ids
+        if request.params.prompt_logprobs is not None or len(prompt) <= MIN_PREFIX_TOKENS:
+            return
+        dst = request.seqs[0].slot
+        best, src = 0, dst
+        for slot, tokens in self._prefix_sources(prompt[:MIN_PREFIX_TOKENS]):
+            length = common_prefix(prompt, tokens, len(prompt) - 1)
+            if length > best or (length == best and slot == dst):
+                best, src = length, slot
+        self.prefix_queries_total += len(prompt)
+        if best < MIN_PREFIX_TOKENS:
+            return
+        if src != dst:
+            plan.copies.append(PrefixCopy(src, dst, best))
+        request.num_prefilled = request.num_cached = best
+        plan.num_cached_tokens += best
+        self.prefix_hits_total += best
+
+    def _prefix_sources(self, head: list[int]) -> Iterator[tuple[int, list[int]]]:
+        """(slot, the tokens whose K/V it holds) for every slot a prompt beginning with `head`
+        (MIN_PREFIX_TOKENS long) may take a prefix from: free ones (the slot it was just
+        given among them), running sequences' and prompts in prefill (in their first slot; a
+        copy to it queued this step lands before anything reads it). Others are passed over
+        on their first tokens, before their token lists are built."""
+        n = len(head)
+        for slot, tokens in self.cached.items():
+            if tokens[:n] == head:
+                yield slot, tokens
+        for seq in self.decoding:
+            prompt = seq.request.prompt_ids
+            if len(prompt) < n or prompt[:n] == head:
+                yield seq.slot, seq.cached_tokens()
+        for r in self.prefilling:
+            if r.prompt_ids[:n] == head:
+                yield r.seqs[0].slot, r.prompt_ids[:r.num_prefilled]
+
+    def forget_cached_prefixes(self) -> None:
+        """Trust no free slot's contents (after a failed step, or the warm-up)."""
+        self.cached.clear()
 
     def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
         start = request.num_prefilled
@@ -189,6 +269,8 @@ class Scheduler:
         if was_running:
             assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
             heapq.heappush(self.free_slots, seq.slot)
+            if self.prefix_caching:
+                self.cached[seq.slot] = seq.cached_tokens()
         if request.is_finished:
             self.requests.pop(request.request_id, None)
             if request in self.prefilling:
@@ -207,3 +289,16 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`: a binary search over slice
+    comparisons, which run in C (a Python loop over a long prompt would not)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -96,6 +96,32 @@ def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
     assert not [k for k in metrics_server.metrics() if re.search(r"request_id|prompt=", k)]
 
 
+def prefix_counters(server: Server) -> tuple[float, float]:
+    m = server.metrics()
+    return m["llama_serve_prefix_cache_queries_total"], m["llama_serve_prefix_cache_hits_total"]
+
+
+def test_prefix_cache_counters_follow_a_known_workload(metrics_server: Server,
+                                                       tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    """A 40-token prompt, the same again (all but its last token from the cache), then it and
+    two more tokens (all of it); counted in prompt tokens, as vLLM counts them."""
+    prompt = list(range(500, 540))  # no other test's tokens: nothing else in the cache matches
+    queries, hits = prefix_counters(metrics_server)
+    for ids in (prompt, prompt, prompt + [7, 8]):
+        r = httpx.post(f"{metrics_server.v1}/completions",
+                       json={"prompt": ids, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+    assert prefix_counters(metrics_server) == (queries + 40 + 40 + 42, hits + 39 + 40)
+    m = metrics_server.metrics()
+    assert m['vllm:prefix_cache_hits_total{model_name="m"}'] == hits + 79
+    assert m['vllm:prefix_cache_queries_total{model_name="m"}'] == queries + 122
+    with run_server(tiny_checkpoint, tmp_path, "--no-enable-prefix-caching") as plain:
+        for ids in (prompt, prompt):
+            httpx.post(f"{plain.v1}/completions", json={"prompt": ids, "max_tokens": 1})
+        assert prefix_counters(plain) == (0, 0)
+
+
 def test_process_and_garbage_collector_series(metrics_server: Server) -> None:
     """The process_* and python_gc_* series every Python exporter has, from the server's own
     process; and start-up froze its objects out of the collector's walks (server/memory.py)."""

@@ -39,7 +39,9 @@ def test_help_documents_every_flag() -> None:
                  "--max-waiting", "--kv-cache-memory", "--chat-template", "--max-n",
                  "--max-request-bytes", "--allowed-origins", "--metrics-compat",
                  "--shutdown-timeout", "--enforce-eager", "--async-output-proc",
-                 "--no-async-output-proc", "--no-cpu-kernels", "--no-gpu-kernels", "--no-warmup",
+                 "--no-async-output-proc", "--enable-prefix-caching",
+                 "--no-enable-prefix-caching", "--no-cpu-kernels", "--no-gpu-kernels",
+                 "--no-warmup",
                  "--load-format",
                  "--seed", "--log-level"):
         assert flag in out

@@ -558,3 +558,35 @@ def test_async_output_proc_needs_a_device_that_runs_after_launch(tiny_checkpoint
     with running(tiny_checkpoint, max_model_len=1024, async_output_proc=True) as engine:
         # ModelRunner.asynchronous is forced only in the "deferred" runs.
         assert engine._defer_outputs == deferred_outputs
+
+
+def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
+    """A chat's next turn (the conversation so far, and more) and a prompt sharing a running
+    request's long system prompt get the tokens they get computed whole, greedy and seeded,
+    while most of their prompts come from the cache (and n > 1 samples, from one copy)."""
+    rng = random.Random(3)
+    system = [rng.randrange(3, 1000) for _ in range(150)]
+    first = system + [rng.randrange(3, 1000) for _ in range(30)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=24, ignore_eos=True)
+
+    def conversation(engine: Engine) -> tuple[list[Result], int]:
+        [one] = run(engine, (first, greedy, "turn-1"))
+        turn = first + one.tokens[0] + [7, 8, 9]
+        # Admitted in one step: the turn starts in its own slot (the first turn's), the
+        # other gets the system prompt copied from there
+        results = run(engine, (turn, greedy, "turn-2"), (system + [11, 12] * 20, seeded, "beside"))
+        return [one, *results], engine.stats().prefix_cache_hits_total
+
+    config = {"max_num_seqs": 4, "max_num_batched_tokens": 64, "max_model_len": 512}
+    with running(tiny_checkpoint, prefix_caching=False, **config) as engine:
+        whole, no_hits = conversation(engine)
+    with running(tiny_checkpoint, **config) as engine:
+        cached, hits = conversation(engine)
+        assert engine.stats().prompt_tokens_total == sum(  # taken, cached or not
+            len(p) for p in (first, first + whole[0].tokens[0] + [7, 8, 9], system + [11, 12] * 20))
+    assert [r.tokens for r in cached] == [r.tokens for r in whole]
+    assert no_hits == 0
+    # The turn: all it repeats but the last output token (never fed); beside it: the system
+    # prompt
+    assert hits == (len(first) + 24 - 1) + len(system)

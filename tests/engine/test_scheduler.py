@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.request import Request, RequestStatus, SamplingParams
-from server.scheduler import Scheduler
+from server.scheduler import (
+    MIN_PREFIX_TOKENS,
+    PrefixCopy,
+    Scheduler,
+    StepPlan,
+    common_prefix,
+)
 
 EOS = 0
 
@@ -118,3 +124,139 @@ def test_token_level_stops() -> None:
     run_step(s, 5)
     assert reqs["ignore"].seqs[0].status == RequestStatus.FINISHED_LENGTH
     assert reqs["ignore"].seqs[0].output_ids == [EOS, EOS, 5]
+
+
+# --- prefix caching ----------------------------------------------------------------------------
+
+class ShadowPool:
+    """What each slot holds, written as the runner writes it: a plan's prefix copies, then its
+    prompt chunks and decode rows, then an n > 1 prompt's copy to its other samples' slots."""
+
+    def __init__(self, n_slots: int, max_len: int) -> None:
+        self.slots: list[list[int | None]] = [[None] * max_len for _ in range(n_slots)]
+
+    def run(self, plan: StepPlan) -> None:
+        for copy in plan.copies:
+            self.slots[copy.dst][:copy.length] = self.slots[copy.src][:copy.length]
+        for chunk in plan.prefills:
+            # What this chunk attends to must be its own prompt's tokens
+            held = self.slots[chunk.slot][:chunk.start]
+            assert held == chunk.request.prompt_ids[:chunk.start], "a prefix is not there"
+            self.slots[chunk.slot][chunk.start:chunk.start + len(chunk.token_ids)] = \
+                chunk.token_ids
+        for seq in plan.decodes:
+            tokens = seq.request.prompt_ids + seq.output_ids
+            assert self.slots[seq.slot][:seq.num_computed] == tokens[:seq.num_computed]
+            self.slots[seq.slot][seq.num_computed] = seq.last_token
+        for chunk in plan.prefills:
+            if chunk.is_last and not chunk.request.params.scores_only:
+                prompt = chunk.request.prompt_ids
+                for seq in chunk.request.seqs[1:]:
+                    self.slots[seq.slot][:len(prompt)] = self.slots[chunk.slot][:len(prompt)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(-1, 8), st.integers(0, 40), st.integers(0, 8),
+              st.integers(1, 6), st.integers(0, 12), st.integers(1, 2)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(5, 9)),
+), max_size=60), n_slots=st.integers(1, 4), budget=st.integers(4, 64))
+def test_every_reused_prefix_is_really_there(ops: list, n_slots: int, budget: int) -> None:
+    """Random prompts sharing prefixes of one base (as system prompts do) or continuing an
+    earlier request's prompt and output (as chat turns do), random outputs, aborts and
+    budgets: every token a step relies on is the one its request has, by a simulation of
+    what each slot holds."""
+    max_len = 64
+    s = Scheduler(n_slots, max_model_len=max_len, max_num_batched_tokens=max(budget, n_slots),
+                  eos_ids=frozenset({EOS}), prefix_caching=True)
+    pool = ShadowPool(n_slots, max_len)
+    base = list(range(100, 100 + max_len))
+    added: list[Request] = []
+    for op in ops:
+        if op[0] == "add":
+            _, earlier, shared, tail, tail_token, max_tokens, n = op
+            if earlier >= 0 and added:  # the next turn of an earlier request's first sample
+                before = added[earlier % len(added)]
+                head = before.prompt_ids + before.seqs[0].output_ids
+            else:
+                head = base
+            prompt = head[:shared] + [tail_token] * tail or [1]
+            if n <= n_slots and len(prompt) < max_len:
+                params = SamplingParams(n=n, max_tokens=min(max_tokens, max_len - len(prompt)))
+                added.append(Request(f"r{len(added)}", prompt, params))
+                s.add(added[-1])
+        elif op[0] == "abort":
+            s.abort(f"r{op[1]}")
+        else:
+            plan = s.schedule()
+            pool.run(plan)
+            s.update(plan, [op[1]] * len(plan.sampled))
+            check_invariants(s)
+    while s.has_work():
+        plan = s.schedule()
+        pool.run(plan)
+        s.update(plan, [5] * len(plan.sampled))
+    assert s.prefix_hits_total <= s.prefix_queries_total
+
+
+def test_a_finished_requests_slot_serves_the_next_turn() -> None:
+    """The next chat turn (the whole conversation again, and more) copies what the last
+    left: its prompt and all but its newest output token, which was never fed."""
+    s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
+                  prefix_caching=True)
+    first = Request("a", list(range(1, 41)), SamplingParams(max_tokens=5, ignore_eos=True))
+    s.add(first)
+    while s.has_work():
+        run_step(s, 5)
+    assert s.cached == {0: list(range(1, 41)) + [5] * 4}
+    turn = list(range(1, 41)) + [5] * 5 + [60, 61]
+    s.add(Request("b", turn, SamplingParams(max_tokens=2)))
+    s.add(Request("c", list(range(1, 41)), SamplingParams(max_tokens=2)))  # the same again
+    plan = s.schedule()
+    [b, c] = plan.prefills
+    assert (b.slot, b.start, b.token_ids) == (0, 44, [5, 60, 61])  # its own slot: no copy
+    assert (c.slot, c.start, c.token_ids) == (1, 39, [40])  # the last token is computed
+    assert plan.copies == [PrefixCopy(src=0, dst=1, length=39)]
+    assert plan.num_cached_tokens == 44 + 39 and plan.admitted == 2
+    assert (s.prefix_hits_total, s.prefix_queries_total) == (83, 40 + 47 + 40)  # a, b, c
+    assert s.cached == {}  # both slots are in use again
+
+
+def test_a_running_sequence_shares_its_prompt() -> None:
+    s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
+                  prefix_caching=True)
+    system = list(range(1, 31))
+    s.add(Request("a", system + [90], SamplingParams(max_tokens=50, ignore_eos=True)))
+    run_step(s, 5)
+    run_step(s, 5)  # a decodes in slot 0
+    s.add(Request("b", system + [91, 92], SamplingParams(max_tokens=2)))
+    plan = s.schedule()
+    assert plan.copies == [PrefixCopy(src=0, dst=1, length=30)]
+    assert (plan.prefills[0].start, plan.prefills[0].token_ids) == (30, [91, 92])
+
+
+def test_what_is_not_taken_from_the_cache() -> None:
+    """Prefixes under MIN_PREFIX_TOKENS, prompts whose logprobs are asked for (every row is
+    computed), and everything with prefix caching off."""
+    prompt = list(range(1, 41))
+    for caching, params, reused in [
+            (True, SamplingParams(max_tokens=2), 39),
+            (True, SamplingParams(max_tokens=2, prompt_logprobs=0), 0),
+            (False, SamplingParams(max_tokens=2), 0)]:
+        s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
+                      prefix_caching=caching)
+        s.add(Request("a", prompt, SamplingParams(max_tokens=1)))
+        run_step(s, 5)
+        s.add(Request("b", prompt, params))
+        s.add(Request("c", prompt[:MIN_PREFIX_TOKENS - 1] + [99] * 10, SamplingParams()))
+        plan = s.schedule()
+        assert [chunk.start for chunk in plan.prefills] == [reused, 0]
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3, 4], [1, 2, 9], 10) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3], 10) == 3
+    assert common_prefix([1, 2, 3], [1, 2, 3], 2) == 2
+    assert common_prefix([], [1], 5) == 0
+    assert common_prefix([7] * 1000 + [1], [7] * 1000 + [2], 5000) == 1000
