@@ -180,10 +180,9 @@ class Engine(EngineFront):
         stats = self._stats
         stats.prompt_tokens_total = stats.generation_tokens_total = stats.steps_total = 0
         stats.finished_total.clear()  # in place: the output builder holds this Counter
+        stats.prefix_cache_queries_total = stats.prefix_cache_hits_total = 0
         self.runner.forget_last_step()
-        # Nor a prefix cache: serving starts from an empty one
-        self.scheduler.forget_cached_prefixes()
-        self.scheduler.prefix_queries_total = self.scheduler.prefix_hits_total = 0
+        self.scheduler.forget_cached_prefixes()  # nor a prefix cache: serving starts empty
         self._refresh_stats()
 
     # ------------------------------------------------------------------ engine thread
@@ -276,18 +275,21 @@ class Engine(EngineFront):
             # One forward serves the whole batch, so its requests fail together; the engine
             # and everything not in this step go on.
             self.runner.idle()  # the next gap would count this failure
-            self.scheduler.forget_cached_prefixes()  # what the step wrote is unknown
             logger.exception("step failed")
             requests = {c.request for c in plan.prefills} | {s.request for s in plan.decodes}
             posts = []
             for request in requests:
                 posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, repr(e))
+            # Last: what the step wrote (or copied) is unknown, its own slots' too
+            self.scheduler.forget_cached_prefixes()
             self._post(posts)
             raise StepFailed(f"a step failed: {e!r}") from e
         # Prompt tokens taken, computed or found in the prefix cache (as vLLM counts them)
         n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
         self._stats.steps_total += 1
         self._stats.prompt_tokens_total += n_prompt
+        self._stats.prefix_cache_queries_total += plan.num_queried_tokens
+        self._stats.prefix_cache_hits_total += plan.num_cached_tokens
         self._stats.generation_tokens_total += len(result.tokens)
         it = self._outputs.iteration
         it.batch_size = len(plan.decodes) + len(plan.prefills)
@@ -344,8 +346,6 @@ class Engine(EngineFront):
         s.num_waiting = len(sched.waiting)
         s.slots_used = sched.num_used_slots
         s.tokens_used = sched.num_used_tokens
-        s.prefix_cache_queries_total = sched.prefix_queries_total
-        s.prefix_cache_hits_total = sched.prefix_hits_total
 
     def _fail_all(self, message: str) -> None:
         """End every stream: the scheduler's requests, and those accepted by `generate()` but

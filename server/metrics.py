@@ -168,7 +168,8 @@ class _StatsCollector(Collector):
         yield gauge("kv_cache_usage_ratio", "Tokens used / capacity.", s.kv_cache_usage)
         prompt_tps, gen_tps = m.throughput()
         yield gauge("prompt_throughput_tokens_per_second",
-                    f"Prompt tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.",
+                    f"Prompt tokens/s (computed or found in the prefix cache) over the last "
+                    f"{THROUGHPUT_WINDOW_SECONDS:.0f} s.",
                     prompt_tps)
         yield gauge("generation_throughput_tokens_per_second",
                     f"Output tokens/s over the last {THROUGHPUT_WINDOW_SECONDS:.0f} s.", gen_tps)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from server.request import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
@@ -51,7 +50,8 @@ class StepPlan:
     prefills: list[PrefillChunk] = field(default_factory=list)
     copies: list[PrefixCopy] = field(default_factory=list)  # in order, before the forward
     admitted: int = 0  # requests given their slots by this step
-    num_cached_tokens: int = 0  # their prompt tokens copied from the prefix cache
+    num_queried_tokens: int = 0  # their prompt tokens looked up in the prefix cache
+    num_cached_tokens: int = 0  # ... and copied from it
 
     @property
     def num_tokens(self) -> int:
@@ -95,8 +95,6 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         # Free slots whose K/V still hold these tokens (positions 0..len-1)
         self.cached: dict[int, list[int]] = {}
-        self.prefix_queries_total = 0  # prompt tokens looked up in the cache
-        self.prefix_hits_total = 0  # ... and found there (copied, not computed)
 
     # ------------------------------------------------------------------ accounting
 
@@ -165,38 +163,34 @@ class Scheduler:
         prompt = request.prompt_ids
         if request.params.prompt_logprobs is not None or len(prompt) <= MIN_PREFIX_TOKENS:
             return
-        dst = request.seqs[0].slot
-        best, src = 0, dst
-        for slot, tokens in self._prefix_sources(prompt[:MIN_PREFIX_TOKENS]):
-            length = common_prefix(prompt, tokens, len(prompt) - 1)
+        plan.num_queried_tokens += len(prompt)
+        dst, limit = request.seqs[0].slot, len(prompt) - 1
+        best, src = MIN_PREFIX_TOKENS - 1, dst  # to beat: the shortest prefix worth a copy
+
+        def consider(slot: int, tokens: list[int]) -> None:
+            nonlocal best, src
+            # A slice comparison rules most sources out: they must hold best + 1 tokens of it
+            if len(tokens) <= best or tokens[:best + 1] != prompt[:best + 1]:
+                if not (slot == dst and tokens[:best] == prompt[:best]):
+                    return
+            length = common_prefix(prompt, tokens, limit)
             if length > best or (length == best and slot == dst):
                 best, src = length, slot
-        self.prefix_queries_total += len(prompt)
+
+        for slot, tokens in self.cached.items():  # free slots, the one just taken among them
+            consider(slot, tokens)
+        for seq in self.decoding:  # running: their token lists are built only if they may win
+            held = seq.request.prompt_ids
+            if len(held) <= best or held[:best + 1] == prompt[:best + 1]:
+                consider(seq.slot, seq.cached_tokens())
+        for r in self.prefilling:  # prompts in prefill, in their first slot (a copy to it
+            consider(r.seqs[0].slot, r.prompt_ids[:r.num_prefilled])  # queued here lands first)
         if best < MIN_PREFIX_TOKENS:
             return
         if src != dst:
             plan.copies.append(PrefixCopy(src, dst, best))
         request.num_prefilled = request.num_cached = best
         plan.num_cached_tokens += best
-        self.prefix_hits_total += best
-
-    def _prefix_sources(self, head: list[int]) -> Iterator[tuple[int, list[int]]]:
-        """(slot, the tokens whose K/V it holds) for every slot a prompt beginning with `head`
-        (MIN_PREFIX_TOKENS long) may take a prefix from: free ones (the slot it was just
-        given among them), running sequences' and prompts in prefill (in their first slot; a
-        copy to it queued this step lands before anything reads it). Others are passed over
-        on their first tokens, before their token lists are built."""
-        n = len(head)
-        for slot, tokens in self.cached.items():
-            if tokens[:n] == head:
-                yield slot, tokens
-        for seq in self.decoding:
-            prompt = seq.request.prompt_ids
-            if len(prompt) < n or prompt[:n] == head:
-                yield seq.slot, seq.cached_tokens()
-        for r in self.prefilling:
-            if r.prompt_ids[:n] == head:
-                yield r.seqs[0].slot, r.prompt_ids[:r.num_prefilled]
 
     def forget_cached_prefixes(self) -> None:
         """Trust no free slot's contents (after a failed step, or the warm-up)."""

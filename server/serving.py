@@ -89,9 +89,9 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     """Queue every prompt, or none: a rejection aborts the ones already queued. Prompt i's
     engine request is `<request_id>-<i>` (`-<i>-<first sample>` for each group of samples,
     when `n` is more than the slots: the groups queue one after another, each prefilling the
-    prompt again (from the prefix cache, where it is on), its seed moved on by its first sample's index so that sample k is drawn
-    with seed + k either way). `prompt_param` is the field a too-long prompt is blamed on
-    ("messages" for chat)."""
+    prompt again (from the prefix cache, where it is on), its seed moved on by its first
+    sample's index so that sample k is drawn with seed + k either way). `prompt_param` is
+    the field a too-long prompt is blamed on ("messages" for chat)."""
     groups = sample_groups(params.n, engine.num_slots)
     needed = len(prompts) * len(groups)
     if needed > engine.max_queued:  # a 503 would have the client retry in vain

@@ -586,7 +586,33 @@ def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
         assert engine.stats().prompt_tokens_total == sum(  # taken, cached or not
             len(p) for p in (first, first + whole[0].tokens[0] + [7, 8, 9], system + [11, 12] * 20))
     assert [r.tokens for r in cached] == [r.tokens for r in whole]
-    assert no_hits == 0
+    assert no_hits == 0 and engine.stats().num_queued == 0  # every admission counted off
     # The turn: all it repeats but the last output token (never fed); beside it: the system
     # prompt
     assert hits == (len(first) + 24 - 1) + len(system)
+
+
+def test_a_failed_step_leaves_no_prefix_claimed(tiny_checkpoint: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a failed step wrote or copied is unknown, in its own requests' slots too: after
+    it no slot is trusted, and its lookups are not counted."""
+    prompt = list(range(100, 140))
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        run(engine, (prompt + [11], GREEDY, "first"))
+        hits = engine.stats().prefix_cache_hits_total
+        real = engine.runner.launch
+
+        def failing(plan: object) -> object:
+            monkeypatch.setattr(engine.runner, "launch", real)  # once
+            raise MemoryError("no room for the step")
+        monkeypatch.setattr(engine.runner, "launch", failing)
+        [failed] = run(engine, (prompt + [21], GREEDY, "failed"))  # would reuse 40 tokens
+        assert failed.finish[0] == FinishReason.ERROR
+        assert engine.scheduler.cached == {}
+        assert engine.stats().prefix_cache_hits_total == hits
+        assert engine.stats().num_queued == 0
+        [after] = run(engine, (prompt + [31], GREEDY, "after"))
+        assert engine.stats().prefix_cache_hits_total == hits  # computed whole
+    with running(tiny_checkpoint, max_model_len=1024, prefix_caching=False) as engine:
+        [whole] = run(engine, (prompt + [31], GREEDY, "after"))
+    assert after.tokens == whole.tokens

@@ -21,7 +21,7 @@ def assert_untouched(engine: Engine) -> None:
     sched, stats = engine.scheduler, engine.stats()
     assert not sched.has_work() and not sched.requests
     assert sorted(sched.free_slots) == list(range(sched.n_slots))
-    assert not sched.cached and sched.prefix_queries_total == 0  # no prefix from the warm-up
+    assert not sched.cached and stats.prefix_cache_queries_total == 0  # nor the cache
     assert stats.prompt_tokens_total == stats.generation_tokens_total == stats.steps_total == 0
     assert not stats.finished_total and stats.slots_used == stats.tokens_used == 0
     assert engine.num_unfinished() == 0
