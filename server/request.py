@@ -184,7 +184,6 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
     num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
-    num_cached: int = 0  # of those, copied from the prefix cache rather than computed
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
 
