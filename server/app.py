@@ -267,9 +267,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             engine = load_engine()
             engine.start()
             state.engine = engine
-            state.completions = CompletionService(engine, engine.tokenizer,
-                                                  config.served_model_name)
-            state.chat = ChatService(engine, engine.tokenizer, config.served_model_name)
+            services = (engine, engine.tokenizer, config.served_model_name,
+                        config.prompt_tokens_details)
+            state.completions = CompletionService(*services)
+            state.chat = ChatService(*services)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

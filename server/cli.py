@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--allowed-origins", "comma-separated CORS origins (default: CORS off)",
          default="")
     _add(serve, "--metrics-compat", "also export vLLM's metric names", choices=["vllm"])
+    _add(serve, "--enable-prompt-tokens-details", "report the prompt tokens taken from the "
+         "prefix cache in usage, as prompt_tokens_details.cached_tokens (vLLM's flag)",
+         action="store_true", dest="prompt_tokens_details", default=s.prompt_tokens_details)
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
     _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "
@@ -132,7 +135,7 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template, log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
-        engine_process=args.engine_process)
+        engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details)
     return engine, server
 
 

@@ -76,6 +76,7 @@ class ServerConfig:
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
     log_level: str = "info"
     metrics_compat: str | None = None  # "vllm": also export vLLM's metric names
+    prompt_tokens_details: bool = False  # usage's prompt_tokens_details.cached_tokens
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores

@@ -119,7 +119,8 @@ class OutputBuilder:
             logprobs=seq.output_logprobs[-len(token_ids):] if seq.output_logprobs and token_ids
             else None,
             prompt_logprobs=prompt_logprobs,
-            num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids))
+            num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids),
+            num_cached_tokens=request.num_cached_tokens)
         now = time.monotonic()
         if token_ids:
             if seq.last_token_time is None:

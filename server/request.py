@@ -135,6 +135,7 @@ class RequestOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
     @property
     def finished(self) -> bool:
@@ -184,6 +185,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
     num_prefilled: int = 0  # prompt tokens computed so far (shared by all samples)
+    num_cached_tokens: int = 0  # of those, copied from the prefix cache at admission
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
 

@@ -38,7 +38,14 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
-from server.serving import DONE, Submitted, encode_messages, error_event, submit
+from server.serving import (
+    DONE,
+    GenerationFailed,
+    Submitted,
+    encode_messages,
+    error_event,
+    submit,
+)
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -216,6 +223,9 @@ async def _in_band_errors(events: AsyncIterator[str]) -> AsyncIterator[bytes | s
     try:
         async for event in events:
             yield _frame(event)
+    except GenerationFailed as e:  # the engine failed the request, and said why
+        yield _frame(error_event(str(e)))
+        yield _frame(DONE)
     except Exception:
         logger.exception("stream failed")
         yield _frame(error_event("internal server error"))

@@ -189,7 +189,7 @@ class Scheduler:
             return
         if src != dst:
             plan.copies.append(PrefixCopy(src, dst, best))
-        request.num_prefilled = best
+        request.num_prefilled = request.num_cached_tokens = best
         plan.num_cached_tokens += best
 
     def forget_cached_prefixes(self) -> None:

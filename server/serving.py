@@ -77,6 +77,7 @@ class Choice:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # its engine request's prompt tokens from the prefix cache
 
 
 def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
@@ -166,11 +167,6 @@ async def merged(engine: EngineFront, submitted: list[Submitted]
                 engine.abort(group.stream.request_id)
 
 
-def _usage(submitted: list[Submitted], choices: dict[int, Choice]) -> CompletionUsage:
-    return CompletionUsage.of(sum(len(s.prompt_ids) for s in submitted),
-                              sum(c.num_output_tokens for c in choices.values()))
-
-
 def _check(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         raise GenerationFailed(out.error or "generation failed")
@@ -182,6 +178,7 @@ def _absorb(choice: Choice, out: RequestOutput) -> None:
     if out.logprobs:
         choice.logprobs.extend(out.logprobs)
     choice.num_output_tokens = out.num_output_tokens
+    choice.num_cached_tokens = out.num_cached_tokens
     choice.finish_reason = out.finish_reason
     choice.stop_reason = out.stop_reason
 
@@ -201,8 +198,19 @@ def error_event(message: str) -> str:
 class _Service:
     """What both endpoints' services hold, and the token texts their logprobs show."""
 
-    def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str,
+                 prompt_tokens_details: bool = False) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.prompt_tokens_details = prompt_tokens_details  # usage's cached_tokens
+
+    def _usage(self, submitted: list[Submitted], choices: dict[int, Choice],
+               n: int) -> CompletionUsage:
+        """Each prompt counted once, its cached tokens as its first sample's engine request
+        (the first group, which prefills it first) reports them."""
+        cached = (sum(c.num_cached_tokens for i, c in choices.items() if i % n == 0)
+                  if self.prompt_tokens_details else None)
+        return CompletionUsage.of(sum(len(s.prompt_ids) for s in submitted),
+                                  sum(c.num_output_tokens for c in choices.values()), cached)
 
     def _token_texts(self, ids: Iterable[int]) -> dict[int, str]:
         wanted = sorted(set(ids))
@@ -288,7 +296,7 @@ class CompletionService(_Service):
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
                 stop_reason=choice.stop_reason))
         return CompletionResponse(id=response_id, model=self.model_name, choices=result,
-                                  usage=_usage(submitted, choices))
+                                  usage=self._usage(submitted, choices, request.n))
 
     async def stream(self, request: CompletionRequest, submitted: list[Submitted],
                      response_id: str) -> AsyncIterator[str]:
@@ -309,10 +317,7 @@ class CompletionService(_Service):
                 stop_reason=out.stop_reason), usage)
 
         async for i, out in merged(self.engine, submitted):
-            if out.finish_reason is FinishReason.ERROR:
-                yield error_event(out.error or "generation failed")
-                yield DONE
-                return
+            _check(out)  # reported in the stream by the route, which ends it
             index = i * n + out.index
             s, first = submitted[i], index not in choices
             choice = choices.setdefault(index, Choice())
@@ -329,9 +334,7 @@ class CompletionService(_Service):
             if text or out.token_ids or out.finished:
                 yield chunk(index, text, logprobs, out)
         if request.include_usage:
-            yield CompletionStreamResponse(id=response_id, created=created,
-                                           model=self.model_name, choices=[],
-                                           usage=_usage(submitted, choices)).model_dump_json()
+            yield envelope.usage_chunk(self._usage(submitted, choices, n))
         yield DONE
 
 
@@ -363,7 +366,7 @@ class ChatService(_Service):
             finish_reason=to_openai_finish_reason(c.finish_reason), stop_reason=c.stop_reason)
             for i, c in sorted(choices.items())]
         return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
-                                      usage=_usage(submitted, choices))
+                                      usage=self._usage(submitted, choices, request.n))
 
     async def stream(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> AsyncIterator[str]:
@@ -387,10 +390,7 @@ class ChatService(_Service):
         for index in range(request.n):  # the role comes first, before any content
             yield chunk(index, DeltaMessage(role="assistant", content=""))
         async for _, out in merged(self.engine, submitted):
-            if out.finish_reason is FinishReason.ERROR:
-                yield error_event(out.error or "generation failed")
-                yield DONE
-                return
+            _check(out)  # reported in the stream by the route, which ends it
             _absorb(choices.setdefault(out.index, Choice()), out)
             if out.text or out.logprobs:
                 logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
@@ -400,8 +400,6 @@ class ChatService(_Service):
                 yield chunk(out.index, DeltaMessage(), finish=out,
                             num_output=out.num_output_tokens)
         if request.include_usage:
-            yield ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                      choices=[], usage=_usage(submitted, choices)
-                                      ).model_dump_json()
+            yield envelope.usage_chunk(self._usage(submitted, choices, request.n))
         yield DONE
 

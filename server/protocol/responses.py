@@ -60,18 +60,36 @@ class ModelList(ResponseModel):
     data: list[ModelCard] = Field(default_factory=list)
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int  # prompt tokens taken from the prefix cache
+
+
 class CompletionUsage(ResponseModel):
+    """`prompt_tokens_details` is sent only with --enable-prompt-tokens-details (vLLM's
+    flag), on a response's usage and a stream's final usage chunk."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    def of(cls, prompt_tokens: int, completion_tokens: int,
+           cached_tokens: int | None = None) -> CompletionUsage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=(None if cached_tokens is None
+                                   else PromptTokensDetails(cached_tokens=cached_tokens)),
         )
+
+    @model_serializer(mode="wrap")
+    def _omit_null_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data["prompt_tokens_details"] is None:
+            del data["prompt_tokens_details"]
+        return data
 
 
 class _OmitNullUsage(ResponseModel):
@@ -103,6 +121,10 @@ class StreamEnvelope:
         # The tail opens with `,` or `}`, so a key can go right after the choices.
         return (f'{self._head}{choice.model_dump_json()}],"usage":{usage.model_dump_json()}'
                 f"{self._tail}")
+
+    def usage_chunk(self, usage: CompletionUsage) -> str:
+        """The stream's last chunk before [DONE] when usage is asked for: no choices."""
+        return f'{self._head}],"usage":{usage.model_dump_json()}{self._tail}'
 
 
 class CompletionResponseChoice(ResponseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -27,8 +28,8 @@ def metrics_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempP
                    ) -> Iterator[Server]:
     # A 4096-token context: a held stream is still generating when the test reads /metrics.
     with run_server(long_context_checkpoint, tmp_path_factory.mktemp("metrics"),
-                    "--metrics-compat",
-                    "vllm", "--served-model-name", "m", "--max-num-seqs", "4") as server:
+                    "--metrics-compat", "vllm", "--served-model-name", "m", "--max-num-seqs",
+                    "4", "--enable-prompt-tokens-details") as server:
         yield server
 
 
@@ -105,20 +106,26 @@ def test_prefix_cache_counters_follow_a_known_workload(metrics_server: Server,
                                                        tiny_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     """A 40-token prompt, the same again (all but its last token from the cache), then it and
-    two more tokens (all of it); counted in prompt tokens, as vLLM counts them."""
+    two more tokens (all of it); counted in prompt tokens, as vLLM counts them, and in each
+    response's usage (--enable-prompt-tokens-details), streamed or not."""
     prompt = list(range(500, 540))  # no other test's tokens: nothing else in the cache matches
     queries, hits = prefix_counters(metrics_server)
-    for ids in (prompt, prompt, prompt + [7, 8]):
+    turns = ((prompt, False, 0), (prompt, True, 39), (prompt + [7, 8], False, 40))
+    for ids, stream, cached in turns:
         r = httpx.post(f"{metrics_server.v1}/completions",
-                       json={"prompt": ids, "max_tokens": 1, "temperature": 0})
+                       json={"prompt": ids, "max_tokens": 1, "temperature": 0, "stream": stream,
+                             "stream_options": {"include_usage": True} if stream else None})
         assert r.status_code == 200, r.text
+        usage = (json.loads(r.text.split("data: ")[-2]) if stream else r.json())["usage"]
+        assert usage["prompt_tokens_details"] == {"cached_tokens": cached}
     assert prefix_counters(metrics_server) == (queries + 40 + 40 + 42, hits + 39 + 40)
     m = metrics_server.metrics()
     assert m['vllm:prefix_cache_hits_total{model_name="m"}'] == hits + 79
     assert m['vllm:prefix_cache_queries_total{model_name="m"}'] == queries + 122
     with run_server(tiny_checkpoint, tmp_path, "--no-enable-prefix-caching") as plain:
         for ids in (prompt, prompt):
-            httpx.post(f"{plain.v1}/completions", json={"prompt": ids, "max_tokens": 1})
+            r = httpx.post(f"{plain.v1}/completions", json={"prompt": ids, "max_tokens": 1})
+            assert "prompt_tokens_details" not in r.json()["usage"]  # without the flag
         assert prefix_counters(plain) == (0, 0)
 
 

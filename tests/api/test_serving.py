@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from server.engine_front import EngineOverloaded, RequestRejected, RequestStream
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request import FinishReason, RequestOutput, SamplingParams
-from server.serving import merged, sample_groups, submit
+from server.routes import _in_band_errors
+from server.serving import ChatService, CompletionService, merged, sample_groups, submit
 
 
 def on_a_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -49,12 +52,14 @@ class RecordingEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def finish_all(self) -> None:
-        """One output a sample, `index` as the engine numbers it: within its own request."""
+    def finish_all(self, cached: Callable[[str], int] = lambda request_id: 0) -> None:
+        """One output a sample, `index` as the engine numbers it: within its own request;
+        `cached(request_id)` prompt tokens from the prefix cache."""
         for request_id, (params, stream) in self.queued.items():
             for k in reversed(range(params.n)):
                 stream.put(RequestOutput(request_id, k, text=f"{request_id}/{k}",
-                                         finish_reason=FinishReason.STOP))
+                                         finish_reason=FinishReason.STOP, num_output_tokens=1,
+                                         num_cached_tokens=cached(request_id)))
 
 
 def test_sample_groups() -> None:
@@ -121,3 +126,57 @@ async def test_more_than_the_server_holds_is_rejected(prompts: int, n: int, para
         submit(engine, [([1], None)] * prompts, SamplingParams(n=n), "r")
     assert rejected.value.param == param and "holds at most 10 requests" in str(rejected.value)
     assert engine.queued == {}
+
+
+def group_cache(request_id: str) -> int:
+    """A prompt's first group found 3 tokens of it in the cache, the later groups 30."""
+    return 3 if request_id.endswith("-0") else 30
+
+
+@pytest.mark.parametrize("details", [False, True])
+@on_a_loop
+async def test_usage_reports_each_prompts_cached_tokens_once(details: bool) -> None:
+    """Two prompts of n=5 on 2 slots: each prompt counts once, as its first group (which
+    prefills it first) found it; only with --enable-prompt-tokens-details."""
+    engine = RecordingEngine(num_slots=2)
+    service = CompletionService(engine, None, "m", prompt_tokens_details=details)  # type: ignore[arg-type]
+    request = CompletionRequest(model="m", prompt=[[1, 2, 3, 4], [5, 6]], n=5, seed=1)
+    submitted = submit(engine, service.prompts(request), SamplingParams(n=5, seed=1), "c")
+    engine.finish_all(group_cache)
+    usage = (await service.create(request, submitted, "c")).usage.model_dump()
+    assert usage["prompt_tokens"] == 6 and usage["completion_tokens"] == 10
+    assert usage.get("prompt_tokens_details") == ({"cached_tokens": 3 + 3} if details else None)
+
+    chat = ChatService(engine, None, "m", prompt_tokens_details=details)  # type: ignore[arg-type]
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    n=3, stream=True, stream_options={"include_usage": True})
+    submitted = submit(engine, [([1, 2, 3], None)], SamplingParams(n=3), "h")
+    engine.queued = {k: v for k, v in engine.queued.items() if k.startswith("h")}
+    engine.finish_all(group_cache)
+    events = [event async for event in chat.stream(request, submitted, "h")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["id"] == "h"
+    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                             **({"prompt_tokens_details": {"cached_tokens": 3}} if details else {})}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@on_a_loop
+async def test_a_failed_request_ends_its_stream_with_the_engines_error(endpoint: str) -> None:
+    engine = RecordingEngine(num_slots=2)
+    submitted = submit(engine, [([1, 2], None)], SamplingParams(n=2), "r")
+    stream = engine.queued["r-0"][1]
+    stream.put(RequestOutput("r-0", 1, text="fine"))
+    stream.put(RequestOutput("r-0", 0, finish_reason=FinishReason.ERROR, error="out of memory"))
+    if endpoint == "chat":
+        events = ChatService(engine, None, "m").stream(  # type: ignore[arg-type]
+            ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=2,
+                                  stream=True), submitted, "r")
+    else:
+        events = CompletionService(engine, None, "m").stream(  # type: ignore[arg-type]
+            CompletionRequest(model="m", prompt=[1, 2], n=2, stream=True), submitted, "r")
+    frames = [frame async for frame in _in_band_errors(events)]
+    assert frames[-1] == b"data: [DONE]\n\n"
+    assert json.loads(frames[-2][len(b"data: "):])["error"]["message"] == "out of memory"
+    assert b"fine" in frames[-3]  # what came before it was streamed

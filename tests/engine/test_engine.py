@@ -51,6 +51,7 @@ class Result:
     stop_reason: dict[int, str | int | None] = field(default_factory=dict)
     prompt_logprobs: list | None = None
     error: str | None = None
+    cached: set[int] = field(default_factory=set)  # num_cached_tokens, as every output said
 
 
 @contextmanager
@@ -74,6 +75,7 @@ async def collect(engine: Engine, prompt: list[int], params: SamplingParams, rid
     async for out in engine.generate(prompt, params, rid):
         res.tokens.setdefault(out.index, []).extend(out.token_ids)
         res.text[out.index] = res.text.get(out.index, "") + out.text
+        res.cached.add(out.num_cached_tokens)
         if out.prompt_logprobs is not None:
             res.prompt_logprobs = out.prompt_logprobs
         if out.finished:
@@ -588,8 +590,11 @@ def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
     assert [r.tokens for r in cached] == [r.tokens for r in whole]
     assert no_hits == 0 and engine.stats().num_queued == 0  # every admission counted off
     # The turn: all it repeats but the last output token (never fed); beside it: the system
-    # prompt
+    # prompt. Each request's outputs say so (usage's cached_tokens), and no output of the
+    # requests computed whole
     assert hits == (len(first) + 24 - 1) + len(system)
+    assert [r.cached for r in cached] == [{0}, {len(first) + 24 - 1}, {len(system)}]
+    assert [r.cached for r in whole] == [{0}] * 3
 
 
 def test_a_failed_step_leaves_no_prefix_claimed(tiny_checkpoint: Path,
