@@ -9,7 +9,7 @@ BENCH_PORT ?= 8765
 BENCH_SERVE_ARGS ?= --max-num-seqs 64 --max-model-len 2048
 BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4,16,64
 
-.PHONY: install test test-docker serve lint bench gpu-check clean
+.PHONY: install test test-docker serve lint bench gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -44,13 +44,24 @@ bench: install $(BENCH_MODEL)/config.json
 	$(VENV)/bin/llama-serve bench --base-url http://127.0.0.1:$(BENCH_PORT) --model bench \
 		--tokenizer $(BENCH_MODEL) $(BENCH_ARGS) --json bench.json
 
-# On a CUDA host, the README's GPU figures in one go (about 4 minutes on an H100): the GPU tests,
-# a decode step of a Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with
-# the Triton kernels and without, and the standard workload served on it: as is, without async
-# output processing, without the Triton kernels, and without the start-up warm-up; and with the
-# engine in a process of its own. Without the
-# venv (no network there), point PY at a python that has the dependencies:
-# make gpu-check PY=python3
+# On a CUDA host, the README's GPU figures in one go: the GPU tests, a decode step of a
+# Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with the Triton kernels
+# and without, and the standard workload served on it once per GPU_VARIANTS: as is, with the
+# engine in a process of its own, without async output processing, without the Triton kernels,
+# and without the start-up warm-up (about a minute each on an H100; name fewer for a short
+# lease). Without the venv, point PY at a python that has the dependencies:
+#   make gpu-check PY=python3 GPU_VARIANTS='"" --engine-process'
+# A host without network that has torch but not the HTTP stack (the lent GPU machines) gets
+# it from wheels that `make gpu-wheels` downloads here into .whl/ (for GPU_PYTHON):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site make gpu-check PY=python3
+GPU_VARIANTS ?= "" --engine-process --no-async-output-proc --no-gpu-kernels --no-warmup
+GPU_PYTHON ?= 3.12
+# What serving needs beyond torch, tokenizers, safetensors, jinja2, httpx, prometheus-client,
+# uvloop, click, h11 and idna, which such an image has; the versions are this venv's (with
+# anyio and typing_extensions, which the image may hold too old for them)
+GPU_WHEELS ?= fastapi starlette pydantic pydantic_core annotated_types annotated_doc \
+	typing_inspection typing_extensions opentelemetry_api anyio sse_starlette uvicorn httptools
 GPU_SHAPE ?= $(HOME)/.cache/llama-serve/llama2-7b-shape
 GPU_TOKENIZER ?= $(BENCH_MODEL)
 GPU_DEVICE_ARGS ?= --device cuda --dtype bfloat16
@@ -69,7 +80,7 @@ gpu-check: $(GPU_SHAPE)/config.json
 	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS)
 	$(PY) -m model.step_times $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) --no-gpu-kernels
-	@status=0; for flags in "" --engine-process --no-async-output-proc --no-gpu-kernels --no-warmup; do \
+	@status=0; for flags in $(GPU_VARIANTS); do \
 		echo "=== serve $$flags"; \
 		$(PY) -m server serve $(GPU_SHAPE) --load-format dummy $(GPU_DEVICE_ARGS) \
 			$(GPU_SERVE_ARGS) --port $(BENCH_PORT) --served-model-name bench \
@@ -80,6 +91,16 @@ gpu-check: $(GPU_SHAPE)/config.json
 			--tokenizer $(GPU_SHAPE) $(GPU_BENCH_ARGS) --no-progress || status=1; \
 		kill $$pid; wait $$pid || status=1; \
 	done; exit $$status
+
+gpu-wheels: install
+	rm -rf .whl && mkdir .whl && for pkg in $(GPU_WHEELS); do \
+		version=$$($(PY) -c "import importlib.metadata as m; print(m.version('$$pkg'))") && \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+			--python-version $(GPU_PYTHON) --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+			--platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+			"$$pkg==$$version" || exit 1; \
+	done
 
 # The image and the compose stack, for real, on a Docker engine of its own (about 4 minutes).
 test-docker: install

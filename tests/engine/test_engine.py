@@ -57,7 +57,8 @@ class Result:
 @contextmanager
 def running(folder: Path, graph_layout: bool = False, **config: object) -> Iterator[Engine]:
     config.setdefault("async_output_proc", ASYNC_OUTPUT_PROC)
-    engine = build_engine(folder, EngineConfig(device="cpu", **config))  # type: ignore[arg-type]
+    config.setdefault("device", "cpu")
+    engine = build_engine(folder, EngineConfig(**config))  # type: ignore[arg-type]
     if graph_layout:  # the CUDA-graph decode layout, run eagerly (no capture on CPU)
         runner = engine.runner
         runner.graphs = DecodeGraphs(runner.model, runner.pool, capture=False)
@@ -563,9 +564,14 @@ def test_async_output_proc_needs_a_device_that_runs_after_launch(tiny_checkpoint
 
 
 def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
+    check_prefix_caching_changes_no_token(tiny_checkpoint)
+
+
+def check_prefix_caching_changes_no_token(folder: Path, **engine_config: object) -> None:
     """A chat's next turn (the conversation so far, and more) and a prompt sharing a running
     request's long system prompt get the tokens they get computed whole, greedy and seeded,
-    while most of their prompts come from the cache (and n > 1 samples, from one copy)."""
+    while most of their prompts come from the cache (and n > 1 samples, from one copy).
+    (tests/model/test_gpu.py runs it on CUDA.)"""
     rng = random.Random(3)
     system = [rng.randrange(3, 1000) for _ in range(150)]
     first = system + [rng.randrange(3, 1000) for _ in range(30)]
@@ -580,10 +586,11 @@ def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
         results = run(engine, (turn, greedy, "turn-2"), (system + [11, 12] * 20, seeded, "beside"))
         return [one, *results], engine.stats().prefix_cache_hits_total
 
-    config = {"max_num_seqs": 4, "max_num_batched_tokens": 64, "max_model_len": 512}
-    with running(tiny_checkpoint, prefix_caching=False, **config) as engine:
+    config = {"max_num_seqs": 4, "max_num_batched_tokens": 64, "max_model_len": 512,
+              **engine_config}
+    with running(folder, prefix_caching=False, **config) as engine:
         whole, no_hits = conversation(engine)
-    with running(tiny_checkpoint, **config) as engine:
+    with running(folder, **config) as engine:
         cached, hits = conversation(engine)
         assert engine.stats().prompt_tokens_total == sum(  # taken, cached or not
             len(p) for p in (first, first + whole[0].tokens[0] + [7, 8, 9], system + [11, 12] * 20))

@@ -12,6 +12,7 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.request import SamplingParams
 from server.startup import build_engine
+from tests.engine.test_engine import check_prefix_caching_changes_no_token
 from tests.model.test_decode_graphs import check_graph_steps
 
 pytestmark = [pytest.mark.gpu,
@@ -120,3 +121,11 @@ def test_cuda_engine_process_decodes_like_cpu(tiny_checkpoint: Path) -> None:
     config = {"dtype": "float32", "max_model_len": 512}
     on_gpu = run(EngineProcess(tiny_checkpoint, EngineConfig(device="cuda", **config)))  # type: ignore[arg-type]
     assert on_gpu == run(build_engine(tiny_checkpoint, EngineConfig(device="cpu", **config)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_cuda_prefix_caching_changes_no_token(tiny_checkpoint: Path, enforce_eager: bool) -> None:
+    """Prefix copies on CUDA (queued on the engine's stream before an eager step's forward,
+    beside graphed decode steps or not) change no greedy or seeded token."""
+    check_prefix_caching_changes_no_token(tiny_checkpoint, device="cuda", dtype="float32",
+                                          enforce_eager=enforce_eager)
