@@ -81,6 +81,8 @@ class LevelResult:
     server_steps: bench_steps.ServerSteps | None = None
     # This process's CPU during the level: beside a server on the same machine, taken from it
     client_cpu_seconds: float | None = None
+    # The server's prefix cache during the level, from its /metrics; None where it has none
+    prefix_cache: bench_steps.PrefixCache | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -122,18 +124,29 @@ def summarize(concurrency: int, results: Sequence[RequestResult],
 class PromptSource:
     """Random prompts, never one twice in a run (a prefix cache would fake the TTFT).
 
-    Completions get exactly `input_len` token ids; chat gets text: random ids decoded by the
-    tokenizer (trimmed to at most `input_len` tokens), or `input_len` common words without one.
+    Completions get exactly `prefix_len` + `input_len` token ids; chat gets text: random ids
+    decoded by the tokenizer (trimmed to at most that many tokens), or as many common words
+    without one. The first `prefix_len` are the same in every prompt of the run (vLLM's
+    `--random-prefix-len`: a shared system prompt, which a prefix cache serves).
     """
 
     def __init__(self, endpoint: str, input_len: int, vocab_size: int, min_token_id: int,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, prefix_len: int = 0,
+                 seed: int | str = 0) -> None:
         if not 0 <= min_token_id < vocab_size:
             raise BenchError(f"--min-token-id ({min_token_id}) must be in [0, vocabulary size "
                              f"{vocab_size})")
         self.endpoint, self.input_len, self.tokenizer = endpoint, input_len, tokenizer
         self.vocab_size, self.min_token_id = vocab_size, min_token_id
+        self.prefix_len = prefix_len
         self.seen: set[tuple[int, ...] | str] = set()
+        rng = random.Random(f"{seed}:prefix")
+        self._prefix_ids = self._ids(rng, prefix_len)
+        self._prefix_words = rng.choices(WORDS, k=prefix_len)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prefix_len + self.input_len
 
     def make(self, rng: random.Random) -> Prompt:
         for _ in range(100):
@@ -145,20 +158,25 @@ class PromptSource:
         raise BenchError(f"cannot draw {len(self.seen) + 1} distinct prompts of "
                          f"{self.input_len} tokens; raise --input-len or the vocabulary")
 
+    def _ids(self, rng: random.Random, n: int) -> list[int]:
+        return [rng.randrange(self.min_token_id, self.vocab_size) for _ in range(n)]
+
     def _draw(self, rng: random.Random) -> Prompt:
         n, tok = self.input_len, self.tokenizer
         if self.endpoint == "chat" and tok is None:
-            return " ".join(rng.choices(WORDS, k=n))
-        ids = [rng.randrange(self.min_token_id, self.vocab_size) for _ in range(n)]
+            return " ".join(self._prefix_words + rng.choices(WORDS, k=n))
+        ids = self._prefix_ids + self._ids(rng, n)
         if self.endpoint == "completions" or tok is None:
             return ids
-        return tok.decode(tok.encode(tok.decode(ids), add_special_tokens=False).ids[:n])
+        return tok.decode(tok.encode(tok.decode(ids), add_special_tokens=False).ids[:len(ids)])
 
 
 def prompt_source(args: argparse.Namespace) -> PromptSource:
     """The run's prompts; --tokenizer (a folder or its tokenizer.json) sets the vocabulary."""
+    shape = {"prefix_len": args.prefix_len, "seed": args.seed}
     if args.tokenizer is None:
-        return PromptSource(args.endpoint, args.input_len, args.vocab_size, args.min_token_id)
+        return PromptSource(args.endpoint, args.input_len, args.vocab_size, args.min_token_id,
+                            **shape)
     path = Path(args.tokenizer)
     path = path / "tokenizer.json" if path.is_dir() else path
     try:
@@ -167,7 +185,7 @@ def prompt_source(args: argparse.Namespace) -> PromptSource:
         raise BenchError(f"cannot load the tokenizer from {path}: {e}") from None
     # Without added (special) tokens, as Hugging Face's `vocab_size` and vLLM's random prompts.
     return PromptSource(args.endpoint, args.input_len, tokenizer.get_vocab_size(False),
-                        args.min_token_id, tokenizer)
+                        args.min_token_id, tokenizer, **shape)
 
 
 def arrival_times(n: int, request_rate: float, rng: random.Random) -> list[float]:
@@ -331,7 +349,7 @@ async def bench(args: argparse.Namespace, source: PromptSource,
         if not args.no_warmup:
             prompt = source.make(random.Random(f"{args.seed}:warmup"))
             body = request_body(args.endpoint, model, prompt, args.output_len, args.temperature)
-            if (error := (await send(client, url, body, args.input_len)).error) is not None:
+            if (error := (await send(client, url, body, source.prompt_len)).error) is not None:
                 raise BenchError(f"the warm-up request failed: {error}")
         levels = []
         for i, concurrency in enumerate(args.concurrency):
@@ -342,11 +360,13 @@ async def bench(args: argparse.Namespace, source: PromptSource,
             progress.start(f"concurrency {concurrency}", len(bodies))
             before = await bench_steps.snapshot(client, base_url)
             cpu = time.process_time()
-            level = await run_level(client, url, bodies, arrivals, concurrency, args.input_len,
-                                    progress)
+            level = await run_level(client, url, bodies, arrivals, concurrency,
+                                    source.prompt_len, progress)
             cpu = time.process_time() - cpu
-            steps = bench_steps.decode_steps(before, await bench_steps.snapshot(client, base_url))
-            levels.append(replace(level, server_steps=steps, client_cpu_seconds=cpu))
+            after = await bench_steps.snapshot(client, base_url)
+            levels.append(replace(level, server_steps=bench_steps.decode_steps(before, after),
+                                  client_cpu_seconds=cpu,
+                                  prefix_cache=bench_steps.prefix_cache(before, after)))
             progress.close()
     return model, levels
 
@@ -367,8 +387,12 @@ def _row(lv: LevelResult) -> list[str]:
 def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult]) -> str:
     done = sum(lv.completed for lv in levels)
     mean_in = sum(lv.total_input_tokens for lv in levels) / max(done, 1)
+    prompt = f"{args.input_len} prompt tokens"
+    if args.prefix_len:
+        prompt = (f"{args.prefix_len} + {prompt} (the first {args.prefix_len} the same in "
+                  "every request)")
     lines = [f"{model} at {endpoint_url(args)[1]}: {args.num_prompts} requests per level, "
-             f"{args.input_len} prompt tokens ({mean_in:.0f} counted by the server), "
+             f"{prompt} ({mean_in:.0f} counted by the server), "
              f"{args.output_len} output tokens, temperature {args.temperature:g}, "
              f"request rate {args.request_rate:g}/s; "
              "times in ms"]
@@ -379,6 +403,9 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
               f"{st.decode_steps}, forward {st.forward_ms:.2f} ms, outside it {st.outside_ms:.2f} "
               f"ms ({st.outside_share:.1%} of a step)"
               for lv in levels if (st := lv.server_steps) is not None]
+    lines += [f"concurrency {lv.concurrency}, the server's prefix cache (its /metrics): "
+              f"{pc.hits} of the {pc.queries} prompt tokens looked up found ({pc.hit_rate:.1%})"
+              for lv in levels if (pc := lv.prefix_cache) is not None]
     lines += [f"concurrency {lv.concurrency}, this client's CPU: {cpu:.2f} s, "
               f"{cpu / lv.duration_seconds:.0%} of a core (on the server's machine, taken from "
               f"the server)" for lv in levels
@@ -390,8 +417,8 @@ def write_json(path: Path, args: argparse.Namespace, model: str, source: PromptS
                levels: list[LevelResult]) -> None:
     """Every figure and the run's parameters (never the API key)."""
     params = {key: getattr(args, key) for key in (
-        "base_url", "endpoint", "input_len", "output_len", "num_prompts", "concurrency",
-        "temperature", "seed", "tokenizer", "min_token_id", "no_warmup")}
+        "base_url", "endpoint", "input_len", "prefix_len", "output_len", "num_prompts",
+        "concurrency", "temperature", "seed", "tokenizer", "min_token_id", "no_warmup")}
     params.update(model=model, vocab_size=source.vocab_size,
                   request_rate=None if math.isinf(args.request_rate) else args.request_rate)
     path.write_text(json.dumps({"parameters": params, "levels": [asdict(lv) for lv in levels]},
@@ -405,6 +432,13 @@ def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _temperature(text: str) -> float:
@@ -432,6 +466,9 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--model", help="model id to request (default: the first in /v1/models)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--input-len", type=_positive(int), default=1024, help="prompt tokens")
+    p.add_argument("--prefix-len", "--random-prefix-len", type=_non_negative, default=0,
+                   help="tokens before the --input-len random ones, the same in every prompt "
+                   "of the run (a shared system prompt; vLLM's --random-prefix-len)")
     p.add_argument("--output-len", type=_positive(int), default=128, help="tokens per request")
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sampling temperature of every request (0: greedy, as vllm bench serve)")

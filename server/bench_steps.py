@@ -5,7 +5,8 @@ between one forward's end and the next one's start (`llama_serve_step_forward_se
 `llama_serve_step_gap_seconds`, by step kind). Their sums, read from /metrics before and after
 a level, give the share of a decode step spent outside the model: the scheduler, sampling,
 outputs and HTTP overhead that the performance issue bounds. Servers without these series
-(vLLM, ours on a GPU) give none.
+(vLLM, ours on a GPU) give none. Its prefix cache's counters (ours, or vLLM's names) give how
+many of the level's prompt tokens came from the cache.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 FORWARD, GAP = "llama_serve_step_forward_seconds", "llama_serve_step_gap_seconds"
-Snapshot = dict[str, float]  # "<series>_sum" / "<series>_count" of decode steps -> value
+# Counter families (the parser drops `_total`): ours, else vLLM's
+PREFIX_HITS = ("llama_serve_prefix_cache_hits", "vllm:prefix_cache_hits")
+PREFIX_QUERIES = ("llama_serve_prefix_cache_queries", "vllm:prefix_cache_queries")
+# "<series>_sum" / "<series>_count" of decode steps, and the prefix cache's "hits" and
+# "queries" -> value
+Snapshot = dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +34,39 @@ class ServerSteps:
     outside_share: float  # outside / (outside + forward)
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCache:
+    """Prompt tokens a level looked up in the server's prefix cache, and found there."""
+    queries: int
+    hits: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries
+
+
 async def snapshot(client: httpx.AsyncClient, base_url: str) -> Snapshot | None:
-    """The decode steps' sums and counts from /metrics; None where the server has none."""
+    """The decode steps' sums and counts and the prefix cache's counters, from /metrics; None
+    where the server has none of them."""
     try:
         response = await client.get(base_url + "/metrics", timeout=10.0)
         response.raise_for_status()
-        families = list(text_string_to_metric_families(response.text))
+        return parse_snapshot(response.text)
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def parse_snapshot(text: str) -> Snapshot | None:
+    """`snapshot`'s values from Prometheus text (ValueError if it is not that)."""
+    families = list(text_string_to_metric_families(text))
     values = {f"{sample.name}": sample.value for family in families
               if family.name in (FORWARD, GAP) for sample in family.samples
               if sample.labels.get("kind") == "decode"
               and sample.name.endswith(("_sum", "_count"))}
+    for key, names in (("hits", PREFIX_HITS), ("queries", PREFIX_QUERIES)):
+        counters = {f.name: f for f in families if f.name in names}
+        if family := next((counters[name] for name in names if name in counters), None):
+            values[key] = sum(s.value for s in family.samples if s.name.endswith("_total"))
     return values or None
 
 
@@ -58,3 +85,11 @@ def decode_steps(before: Snapshot | None, after: Snapshot | None) -> ServerSteps
     outside = delta(f"{GAP}_sum") / n_gap
     return ServerSteps(int(n_forward), forward * 1e3, outside * 1e3,
                        outside / (outside + forward) if outside + forward > 0 else 0.0)
+
+
+def prefix_cache(before: Snapshot | None, after: Snapshot | None) -> PrefixCache | None:
+    """The prefix cache's lookups between two snapshots; None without both or without any."""
+    if before is None or after is None or not {"hits", "queries"} <= before.keys() & after.keys():
+        return None
+    queries = int(after["queries"] - before["queries"])
+    return PrefixCache(queries, int(after["hits"] - before["hits"])) if queries > 0 else None

@@ -72,6 +72,68 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
     assert "concurrency 3, this client's CPU: " in stdout and "of a core" in stdout
 
 
+def test_a_shared_prefix_comes_from_the_cache(server: Server, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--prefix-len 40: one request at a time, each finds the 40 tokens its predecessor's slot
+    holds (the warm-up's, for the first), and the report says so from the server's /metrics."""
+    out = tmp_path / "bench.json"
+    rc = bench("--base-url", server.base_url, "--api-key", API_KEY, "--num-prompts", "4",
+               "--prefix-len", "40", "--input-len", "8", "--output-len", "2",
+               "--vocab-size", "1000", "--json", str(out))
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "40 + 8 prompt tokens (the first 40 the same in every request)" in stdout
+    report = json.loads(out.read_text())
+    assert report["parameters"]["prefix_len"] == 40
+    [level] = report["levels"]
+    assert level["total_input_tokens"] == 4 * 48
+    assert level["prefix_cache"] == {"queries": 4 * 48, "hits": 4 * 40}
+    assert "concurrency 1, the server's prefix cache (its /metrics): 160 of the 192 prompt " \
+           "tokens looked up found (83.3%)" in stdout
+
+
+def test_prompts_share_the_prefix_and_nothing_after_it() -> None:
+    source = PromptSource("completions", input_len=6, vocab_size=1000, min_token_id=10,
+                          prefix_len=20, seed=1)
+    prompts = [source.make(random.Random(i)) for i in range(5)]
+    assert source.prompt_len == 26 and all(len(p) == 26 for p in prompts)
+    assert len({tuple(p[:20]) for p in prompts}) == 1  # the one prefix of the run
+    assert len({tuple(p[20:]) for p in prompts}) == 5
+    other = PromptSource("completions", input_len=6, vocab_size=1000, min_token_id=10,
+                         prefix_len=20, seed=2)
+    assert other.make(random.Random(0))[:20] != prompts[0][:20]  # another seed, another prefix
+    chat = PromptSource("chat", input_len=3, vocab_size=1000, min_token_id=10, prefix_len=4)
+    words = [chat.make(random.Random(i)).split() for i in range(3)]
+    assert all(len(w) == 7 and w[:4] == words[0][:4] for w in words)
+
+
+def test_prefix_cache_counters_from_ours_or_vllms_names() -> None:
+    ours = bench_steps.parse_snapshot("# TYPE llama_serve_prefix_cache_hits_total counter\n"
+                          "llama_serve_prefix_cache_hits_total 30.0\n"
+                          "# TYPE llama_serve_prefix_cache_queries_total counter\n"
+                          "llama_serve_prefix_cache_queries_total 100.0\n"
+                          "# TYPE vllm:prefix_cache_hits_total counter\n"
+                          'vllm:prefix_cache_hits_total{model_name="m"} 30.0\n')
+    assert ours == {"hits": 30.0, "queries": 100.0}  # ours, not both added up
+    vllm = bench_steps.parse_snapshot("# TYPE vllm:prefix_cache_hits_total counter\n"
+                          'vllm:prefix_cache_hits_total{model_name="m"} 70.0\n'
+                          "# TYPE vllm:prefix_cache_queries_total counter\n"
+                          'vllm:prefix_cache_queries_total{model_name="m"} 90.0\n')
+    assert vllm == {"hits": 70.0, "queries": 90.0}
+    assert bench_steps.prefix_cache(ours, {"hits": 50.0, "queries": 140.0}) == \
+        bench_steps.PrefixCache(queries=40, hits=20)
+    assert bench_steps.prefix_cache(ours, ours) is None  # nothing looked up in between
+    assert bench_steps.prefix_cache(None, ours) is None
+    assert bench_steps.prefix_cache({"forward_sum": 1.0}, ours) is None
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_bad_prefix_len_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench("--base-url", "http://127.0.0.1:1", "--prefix-len", value)
+    assert exit_info.value.code == 2 and "--prefix-len" in capsys.readouterr().err
+
+
 def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> None:
     body = request_body("completions", "m", [5, 6, 7], 9, temperature=0.7)
     assert body["prompt"] == [5, 6, 7] and body["max_tokens"] == 9
