@@ -71,7 +71,8 @@ class CompletionUsage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        default=None, exclude_if=lambda details: details is None)
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int,
@@ -83,13 +84,6 @@ class CompletionUsage(ResponseModel):
             prompt_tokens_details=(None if cached_tokens is None
                                    else PromptTokensDetails(cached_tokens=cached_tokens)),
         )
-
-    @model_serializer(mode="wrap")
-    def _omit_null_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data["prompt_tokens_details"] is None:
-            del data["prompt_tokens_details"]
-        return data
 
 
 class _OmitNullUsage(ResponseModel):

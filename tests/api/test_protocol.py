@@ -758,3 +758,15 @@ def test_response_models_reject_unknown_finish_reason() -> None:
         "top_logprobs": [],
         "text_offset": [],
     }
+
+
+def test_usage_details_are_openais_and_named_in_the_schema() -> None:
+    usage = CompletionUsage.of(5, 2, cached_tokens=3)
+    parsed = openai.types.CompletionUsage.model_validate_json(usage.model_dump_json())
+    assert parsed.prompt_tokens_details is not None
+    assert parsed.prompt_tokens_details.cached_tokens == 3
+    assert "prompt_tokens_details" not in CompletionUsage.of(5, 2).model_dump_json()
+    # Omitting the key keeps the model's fields in its schema (the OpenAPI document's)
+    schema = CompletionUsage.model_json_schema(mode="serialization")
+    assert {"prompt_tokens", "completion_tokens", "total_tokens",
+            "prompt_tokens_details"} <= schema["properties"].keys()

@@ -123,9 +123,13 @@ def test_cuda_engine_process_decodes_like_cpu(tiny_checkpoint: Path) -> None:
     assert on_gpu == run(build_engine(tiny_checkpoint, EngineConfig(device="cpu", **config)))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_cuda_prefix_caching_changes_no_token(tiny_checkpoint: Path, enforce_eager: bool) -> None:
+@pytest.mark.parametrize("enforce_eager, async_output_proc", [(False, True), (True, False)],
+                         ids=["graphs-async-output", "eager"])
+def test_cuda_prefix_caching_changes_no_token(tiny_checkpoint: Path, enforce_eager: bool,
+                                              async_output_proc: bool) -> None:
     """Prefix copies on CUDA (queued on the engine's stream before an eager step's forward,
-    beside graphed decode steps or not) change no greedy or seeded token."""
+    beside graphed decode steps whose outputs are posted a step late, as served by default,
+    or eagerly) change no greedy or seeded token."""
     check_prefix_caching_changes_no_token(tiny_checkpoint, device="cuda", dtype="float32",
-                                          enforce_eager=enforce_eager)
+                                          enforce_eager=enforce_eager,
+                                          async_output_proc=async_output_proc)
