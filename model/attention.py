@@ -40,9 +40,10 @@ class AttentionBatch:
     Built by the runner with `build`. `slot_ids` and `positions` have one entry per token
     (T,); the first `n_decode` tokens are single-token decode rows of `decode_slots`; then
     come the `prefills`. How the decode rows read the cache is decided here, once per step
-    rather than per layer: when their slots form a packed run [lo, hi] (the scheduler hands
-    out the lowest free slot) the run is read as one strided view (`decode_run`), else the
-    slots are gathered.
+    rather than per layer: when their slots form a packed enough run [lo, hi] (under CUDA
+    graphs the scheduler hands out the lowest free slot) the run is read as one strided view
+    (`decode_run`), else the slots are gathered. (The C and Triton kernels read each row's
+    own slot.)
     """
 
     slot_ids: Tensor  # (T,) int64

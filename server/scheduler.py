@@ -7,7 +7,12 @@ copied to the others' (the runner does the copy), and every sequence decodes on 
 Prefix caching: a slot keeps its tokens' K/V after its sequence ends, and the scheduler
 remembers which tokens those are. A new prompt that begins with the tokens some slot holds
 (free, or in use by a running sequence: a shared system prompt) has that prefix copied into
-its own slot before the step's forward instead of computing it again.
+its own slot before the step's forward instead of computing it again, or, when it continues
+all that a free slot holds (a chat's next turn), takes that slot and decodes on in place.
+Which free slot a request takes: with `packed_slots` (CUDA graphs, which lay a decode step out
+by slot) the lowest; otherwise one that holds nothing, else the one whose cache is oldest, so
+that what recent requests left survives the requests in between (vLLM evicts its least
+recently used blocks).
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ MIN_PREFIX_TOKENS = 16
 class Scheduler:
     def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
                  eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None,
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, packed_slots: bool = False) -> None:
         self.n_slots = n_slots
         # Every eos id (generation_config.json's and the tokenizer's); `eos_id` is the
         # tokenizer's own, the one stop that reports no stop_reason (vLLM counts the others
@@ -85,15 +90,16 @@ class Scheduler:
         self.eos_ids, self.eos_id = eos_ids, eos_id
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        # A min-heap: the lowest free slot goes first, so slots in use stay packed at the low
-        # end and decode attention can read them as one contiguous run.
+        # A min-heap. With `packed_slots` the lowest free slot goes first, so slots in use
+        # stay packed at the low end (a CUDA graph's rows are the slots below its bucket).
         self.free_slots: list[int] = list(range(n_slots))
+        self.packed_slots = packed_slots
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not yet fully computed
         self.decoding: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self.prefix_caching = prefix_caching
-        # Free slots whose K/V still hold these tokens (positions 0..len-1)
+        # Free slots whose K/V still hold these tokens (positions 0..len-1), oldest first
         self.cached: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ accounting
@@ -143,41 +149,78 @@ class Scheduler:
                 break  # FCFS: no overtaking
             self.waiting.popleft()
             request.admitted_time = time.monotonic()
-            for seq in request.seqs:
-                seq.slot = heapq.heappop(self.free_slots)
-                seq.status = RequestStatus.RUNNING
-            if self.prefix_caching:
-                self._reuse_prefix(plan, request)
-            for seq in request.seqs:
-                self.cached.pop(seq.slot, None)  # overwritten from now on
+            self._admit(plan, request)
             self.prefilling.append(request)
             plan.admitted += 1
             budget -= self._add_chunk(plan, request, budget)
         return plan
 
-    def _reuse_prefix(self, plan: StepPlan, request: Request) -> None:
-        """Start `request`'s prefill after the longest prefix of its prompt that a slot holds,
-        copied into its first slot by the runner (unless that slot holds it already). The
-        prompt's last token is always computed (its logits are sampled), and every token is
-        where prompt logprobs are asked for."""
+    def _admit(self, plan: StepPlan, request: Request) -> None:
+        """Give each of `request`'s samples a slot, and start its prefill after the longest
+        prefix of its prompt that a slot holds: copied into its first slot by the runner,
+        unless that slot holds it already."""
+        found = None
+        if self.packed_slots:
+            slots = [heapq.heappop(self.free_slots) for _ in request.seqs]
+            if self.prefix_caching:
+                found = self._longest_prefix(plan, request, own=slots[0])
+        else:
+            if self.prefix_caching:
+                found = self._longest_prefix(plan, request)
+            slots = self._keeping_caches(len(request.seqs), found)
+        for seq, slot in zip(request.seqs, slots, strict=True):
+            seq.slot, seq.status = slot, RequestStatus.RUNNING
+            self.cached.pop(slot, None)  # overwritten from now on
+        if found is not None:
+            src, length = found
+            if src != slots[0]:
+                plan.copies.append(PrefixCopy(src, slots[0], length))
+            request.num_prefilled = request.num_cached_tokens = length
+            plan.num_cached_tokens += length
+
+    def _keeping_caches(self, n: int, found: tuple[int, int] | None) -> list[int]:
+        """`n` free slots that lose the least cache: the one the prefix was found in when the
+        prompt continues all of it (nothing else there to lose), then slots that hold nothing,
+        lowest first, then the oldest caches; the one the prefix is copied from last (the
+        next prompt may want it too)."""
+        source = found[0] if found is not None else None
+        order = [slot for slot in sorted(self.free_slots) if slot not in self.cached]
+        order += [slot for slot in self.cached if slot != source]  # the oldest first
+        if source in self.cached:
+            assert found is not None
+            if len(self.cached[source]) == found[1]:
+                order.insert(0, source)
+            else:
+                order.append(source)
+        slots = order[:n]
+        self.free_slots = [slot for slot in self.free_slots if slot not in slots]
+        heapq.heapify(self.free_slots)
+        return slots
+
+    def _longest_prefix(self, plan: StepPlan, request: Request,
+                        own: int | None = None) -> tuple[int, int] | None:
+        """(slot, length): the longest prefix of `request`'s prompt that a slot holds (free
+        slots, running sequences', prompts in prefill), from MIN_PREFIX_TOKENS tokens; `own`
+        wins a tie. The prompt's last token is always computed (its logits are sampled), and
+        every token is where prompt logprobs are asked for."""
         prompt = request.prompt_ids
         if request.params.prompt_logprobs is not None or len(prompt) <= MIN_PREFIX_TOKENS:
-            return
+            return None
         plan.num_queried_tokens += len(prompt)
-        dst, limit = request.seqs[0].slot, len(prompt) - 1
-        best, src = MIN_PREFIX_TOKENS - 1, dst  # to beat: the shortest prefix worth a copy
+        limit = len(prompt) - 1
+        best, src = MIN_PREFIX_TOKENS - 1, own  # to beat: the shortest prefix worth a copy
 
         def consider(slot: int, tokens: list[int]) -> None:
             nonlocal best, src
             # A slice comparison rules most sources out: they must hold best + 1 tokens of it
             if len(tokens) <= best or tokens[:best + 1] != prompt[:best + 1]:
-                if not (slot == dst and tokens[:best] == prompt[:best]):
+                if not (slot == own and tokens[:best] == prompt[:best]):
                     return
             length = common_prefix(prompt, tokens, limit)
-            if length > best or (length == best and slot == dst):
+            if length > best or (length == best and slot == own):
                 best, src = length, slot
 
-        for slot, tokens in self.cached.items():  # free slots, the one just taken among them
+        for slot, tokens in self.cached.items():  # free slots, a packed request's own among them
             consider(slot, tokens)
         for seq in self.decoding:  # running: their token lists are built only if they may win
             held = seq.request.prompt_ids
@@ -185,12 +228,9 @@ class Scheduler:
                 consider(seq.slot, seq.cached_tokens())
         for r in self.prefilling:  # prompts in prefill, in their first slot (a copy to it
             consider(r.seqs[0].slot, r.prompt_ids[:r.num_prefilled])  # queued here lands first)
-        if best < MIN_PREFIX_TOKENS:
-            return
-        if src != dst:
-            plan.copies.append(PrefixCopy(src, dst, best))
-        request.num_prefilled = request.num_cached_tokens = best
-        plan.num_cached_tokens += best
+        if best < MIN_PREFIX_TOKENS or src is None:
+            return None
+        return src, best
 
     def forget_cached_prefixes(self) -> None:
         """Trust no free slot's contents (after a failed step, or the warm-up)."""
@@ -263,8 +303,8 @@ class Scheduler:
         if was_running:
             assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
             heapq.heappush(self.free_slots, seq.slot)
-            if self.prefix_caching:
-                self.cached[seq.slot] = seq.cached_tokens()
+            if self.prefix_caching and len(tokens := seq.cached_tokens()) >= MIN_PREFIX_TOKENS:
+                self.cached[seq.slot] = tokens  # (shorter ones can serve no prompt)
         if request.is_finished:
             self.requests.pop(request.request_id, None)
             if request in self.prefilling:

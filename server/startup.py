@@ -145,7 +145,9 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                                ) from None
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
+    # A CUDA graph's rows are the slots below its bucket: keep the slots in use packed there
     scheduler = Scheduler(plan.n_slots, plan.max_len, batched_tokens, eos_ids=tokenizer.eos_ids,
-                          eos_id=tokenizer.eos_id, prefix_caching=config.prefix_caching)
+                          eos_id=tokenizer.eos_id, prefix_caching=config.prefix_caching,
+                          packed_slots=graphs is not None)
     return Engine(runner, scheduler, tokenizer, config.max_waiting,
                   async_output_proc=config.async_output_proc, warmup=config.warmup)

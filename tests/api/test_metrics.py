@@ -129,6 +129,20 @@ def test_prefix_cache_counters_follow_a_known_workload(metrics_server: Server,
         assert prefix_counters(plain) == (0, 0)
 
 
+def test_conversations_taking_turns_keep_their_caches(metrics_server: Server) -> None:
+    """Two conversations take turns: each next turn finds all of its last one in the cache,
+    though the other ran in between (a new request takes a slot that holds no cache, or the
+    oldest cache, not the one just left)."""
+    def cached(ids: list[int]) -> int:
+        r = httpx.post(f"{metrics_server.v1}/completions",
+                       json={"prompt": ids, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    a, b = list(range(600, 640)), list(range(700, 740))  # no other test's tokens
+    assert [cached(a), cached(b), cached(a + [7, 8]), cached(b + [7, 8])] == [0, 0, 40, 40]
+
+
 def test_process_and_garbage_collector_series(metrics_server: Server) -> None:
     """The process_* and python_gc_* series every Python exporter has, from the server's own
     process; and start-up froze its objects out of the collector's walks (server/memory.py)."""

@@ -62,6 +62,7 @@ def running(folder: Path, graph_layout: bool = False, **config: object) -> Itera
     if graph_layout:  # the CUDA-graph decode layout, run eagerly (no capture on CPU)
         runner = engine.runner
         runner.graphs = DecodeGraphs(runner.model, runner.pool, capture=False)
+        engine.scheduler.packed_slots = True  # as start-up sets it with graphs
     engine.start()
     try:
         yield engine

@@ -171,15 +171,16 @@ class ShadowPool:
               st.integers(1, 6), st.integers(0, 12), st.integers(1, 2)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(5, 9)),
-), max_size=60), n_slots=st.integers(1, 4), budget=st.integers(4, 64))
-def test_every_reused_prefix_is_really_there(ops: list, n_slots: int, budget: int) -> None:
+), max_size=60), n_slots=st.integers(1, 4), budget=st.integers(4, 64), packed=st.booleans())
+def test_every_reused_prefix_is_really_there(ops: list, n_slots: int, budget: int,
+                                             packed: bool) -> None:
     """Random prompts sharing prefixes of one base (as system prompts do) or continuing an
     earlier request's prompt and output (as chat turns do), random outputs, aborts and
-    budgets: every token a step relies on is the one its request has, by a simulation of
-    what each slot holds."""
+    budgets, slots packed or keeping caches: every token a step relies on is the one its
+    request has, by a simulation of what each slot holds."""
     max_len = 64
     s = Scheduler(n_slots, max_model_len=max_len, max_num_batched_tokens=max(budget, n_slots),
-                  eos_ids=frozenset({EOS}), prefix_caching=True)
+                  eos_ids=frozenset({EOS}), prefix_caching=True, packed_slots=packed)
     pool = ShadowPool(n_slots, max_len)
     base = list(range(100, 100 + max_len))
     added: list[Request] = []
@@ -245,6 +246,48 @@ def test_a_running_sequence_shares_its_prompt() -> None:
     plan = s.schedule()
     assert plan.copies == [PrefixCopy(src=0, dst=1, length=30)]
     assert (plan.prefills[0].start, plan.prefills[0].token_ids) == (30, [91, 92])
+
+
+def run_alone(s: Scheduler, request: Request) -> tuple[int, int, int]:
+    """(the request's slot, prompt tokens it took from the cache, the copy's source or -1),
+    run to its end."""
+    s.add(request)
+    plan = s.schedule()
+    copies = [copy.src for copy in plan.copies]
+    while s.has_work():
+        s.update(plan, [5] * len(plan.sampled))
+        plan = s.schedule()
+    return request.seqs[0].slot, request.num_cached_tokens, copies[0] if copies else -1
+
+
+def test_conversations_taking_turns_keep_their_caches() -> None:
+    """Two chats take turns on 4 slots: each turn finds the last one's slot and decodes on
+    there, though the other chat ran in between; with packed slots (CUDA graphs) each turn
+    takes slot 0 and finds nothing of its own."""
+    a, b = list(range(100, 140)), list(range(200, 240))
+    for packed, want in [(False, [(0, 0, -1), (1, 0, -1), (0, 44, -1), (1, 44, -1)]),
+                         (True, [(0, 0, -1), (0, 0, -1), (0, 0, -1), (0, 0, -1)])]:
+        s = Scheduler(n_slots=4, max_model_len=200, max_num_batched_tokens=256,
+                      prefix_caching=True, packed_slots=packed)
+        params = SamplingParams(max_tokens=5, ignore_eos=True)
+        got = [run_alone(s, Request("a1", a, params)), run_alone(s, Request("b1", b, params))]
+        got += [run_alone(s, Request("a2", a + [5] * 5 + [7], params)),
+                run_alone(s, Request("b2", b + [5] * 5 + [7], params))]
+        assert got == want, packed
+
+
+def test_a_shorter_prompt_copies_and_leaves_the_longer_cache() -> None:
+    """P, then its first 20 tokens (copied into a slot of its own), then P again: it still
+    finds all of P but the last token, and the oldest cache goes first when slots run out."""
+    p = list(range(100, 160))
+    s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
+                  prefix_caching=True)
+    params = SamplingParams(max_tokens=1)
+    assert run_alone(s, Request("p", p, params)) == (0, 0, -1)
+    assert run_alone(s, Request("short", p[:20], params)) == (1, 19, 0)
+    # Both slots hold caches: the one copied from is taken last, so the 20 tokens go
+    assert run_alone(s, Request("again", p, params)) == (1, 59, 0)
+    assert list(s.cached) == [0, 1]
 
 
 def test_what_is_not_taken_from_the_cache() -> None:
