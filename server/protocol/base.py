@@ -49,13 +49,16 @@ _TOKEN_ID = TypeAdapter(TokenId)
 def _token_ids(value: Any) -> Any:
     """Token-id lists may be as long as a context, so they get no ceiling: they are checked in
     one pass that stops at the first bad id (one error, not one per item). What is not a
-    plain int is validated as pydantic would (5.0 and "5" are 5, as in vLLM)."""
+    plain int is validated as pydantic would (5.0 and "5" are 5, as in vLLM), but for
+    booleans, which pydantic would take as 0 and 1: `true` is no token id."""
     if not isinstance(value, list):
         return value
     converted = None
     for i, token_id in enumerate(value):
         if type(token_id) is int and token_id >= 0:
             continue
+        if isinstance(token_id, bool):
+            raise ValueError(f"token id at index {i}: a boolean is not a token id")
         try:
             token_id = _TOKEN_ID.validate_python(token_id)
         except ValidationError as e:

@@ -148,12 +148,17 @@ def test_body_nested_beyond_the_recursion_limit_is_validated() -> None:
 
 def test_token_ids_are_read_as_pydantic_ints() -> None:
     """The one-pass token-id check still takes what pydantic's lax int takes (5.0 and "5",
-    as vLLM does), and refuses a fractional or negative id with one error."""
+    as vLLM does), and refuses a fractional or negative id with one error, and booleans."""
     assert completion(prompt=[5.0, "6", 7]).prompt == [5, 6, 7]
     assert completion(prompt=[[5.0], [6]], stop_token_ids=["2"]).stop_token_ids == [2]
     with pytest.raises(ValidationError) as e:
         completion(prompt=[5, 1.5] * 1000)
     assert len(e.value.errors()) == 1 and "index 1" in e.value.errors()[0]["msg"]
+    for fields in ({"prompt": [5, True]}, {"prompt": [[False]]}, {"stop_token_ids": [True]}):
+        with pytest.raises(ValidationError, match="a boolean is not a token id"):
+            completion(**fields)
+    with pytest.raises(ValidationError, match="a boolean is not a token id"):
+        DetokenizeRequest(model="m", tokens=[1, True])
 
 
 @pytest.mark.parametrize(
