@@ -10,6 +10,7 @@ and no tensors here.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,32 @@ class Choice:
     stop_reason: str | int | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # its engine request's prompt tokens from the prefix cache
+
+
+_UTF8 = codecs.getincrementaldecoder("utf-8")
+
+
+@dataclass(slots=True)
+class TextOffset:
+    """Where a completion choice's next token starts in its text (logprobs' `text_offset`):
+    the characters so far, counted by decoding the tokens' bytes as they come, so that a
+    character spread over several tokens (byte fallback's <0xE2>...) counts once, where it
+    starts. (Bytes that never make a character count as U+FFFD, as in the text, by Python's
+    count, which byte fallback's may exceed.)"""
+
+    chars: int = 0
+    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: _UTF8("replace"))
+
+    def take(self, raw: bytes) -> int:
+        """Where the next token, of these bytes, starts; the offset moves past it. A piece of a
+        character starts where the character does (which it moves past once complete); a
+        token after pieces that made no character, after their U+FFFD."""
+        text = self._decoder.decode(raw)
+        # What the token's own bytes make: the rest stands for the pieces before it
+        own = len(_UTF8("replace").decode(raw))
+        start = self.chars + max(0, len(text) - own)
+        self.chars += len(text)
+        return start
 
 
 def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
@@ -240,9 +267,9 @@ class CompletionService(_Service):
 
     def _logprobs(self, s: Submitted, new_ids: list[int],
                   new_lps: list[TokenLogprob], echo: list[TokenLogprob | None] | None,
-                  offset: int, skip_special_tokens: bool) -> tuple[CompletionLogprobs, int]:
-        """The logprobs of `new_ids` (after the prompt's, when echoing), and the text offset
-        after them."""
+                  offset: TextOffset, skip_special_tokens: bool) -> CompletionLogprobs:
+        """The logprobs of `new_ids` (after the prompt's, when echoing); `offset` moves on
+        past them."""
         ids: list[int] = list(new_ids)
         lps: list[TokenLogprob | None] = list(new_lps)
         if echo is not None:
@@ -254,7 +281,9 @@ class CompletionService(_Service):
         shown = [not (skip_special_tokens and t in special) for t in new_ids]
         if echo is not None:
             shown = self._prompt_shown(s) + shown
-        return completion_logprobs(ids, lps, texts, text_offset=offset, shown=shown)
+        starts = [offset.take(raw) if show else offset.chars
+                  for raw, show in zip(self.tokenizer.token_bytes(ids), shown, strict=True)]
+        return completion_logprobs(ids, lps, texts, starts)
 
     def _prompt_shown(self, s: Submitted) -> list[bool]:
         """Which prompt tokens the echoed text shows. A text prompt is echoed as sent: all but
@@ -287,9 +316,9 @@ class CompletionService(_Service):
             echo = self._echo_text(s) if request.echo else ""
             logprobs = None
             if request.logprobs is not None:
-                logprobs, _ = self._logprobs(
+                logprobs = self._logprobs(
                     s, choice.token_ids[:len(choice.logprobs)], choice.logprobs,
-                    prompt_lps.get(index // n) if request.echo else None, 0,
+                    prompt_lps.get(index // n) if request.echo else None, TextOffset(),
                     request.skip_special_tokens)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,
@@ -302,7 +331,7 @@ class CompletionService(_Service):
                      response_id: str) -> AsyncIterator[str]:
         n, created = request.n, int(time.time())
         choices: dict[int, Choice] = {}
-        offsets: dict[int, int] = {}
+        offsets: dict[int, TextOffset] = {}
 
         envelope = StreamEnvelope(CompletionStreamResponse(
             id=response_id, created=created, model=self.model_name, choices=[]))
@@ -328,9 +357,9 @@ class CompletionService(_Service):
                 echo_lps = out.prompt_logprobs or []
             logprobs = None
             if request.logprobs is not None:
-                logprobs, offsets[index] = self._logprobs(
-                    s, out.token_ids, out.logprobs or [], echo_lps, offsets.get(index, 0),
-                    request.skip_special_tokens)
+                logprobs = self._logprobs(
+                    s, out.token_ids, out.logprobs or [], echo_lps,
+                    offsets.setdefault(index, TextOffset()), request.skip_special_tokens)
             if text or out.token_ids or out.finished:
                 yield chunk(index, text, logprobs, out)
         if request.include_usage:

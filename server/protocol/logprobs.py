@@ -56,29 +56,19 @@ def completion_logprobs(
     token_ids: Sequence[int],
     logprobs: Sequence[TokenLogprob | None],
     token_texts: Mapping[int, str],
-    text_offset: int = 0,
-    shown: Sequence[bool] | None = None,
-) -> tuple[CompletionLogprobs, int]:
-    """The completions shape for `token_ids` (prompt ids first when echoing), and the text
-    offset after them (where a stream's next chunk starts).
-
-    `text_offset` is the length of the text already returned before the first token; offsets
-    run over the texts of the tokens `shown` (default: all) in the returned text, which may
-    leave some out (special tokens): each offset then points into that text. `top_logprobs`
-    holds the chosen token and its alternatives, so up to logprobs + 1 entries (vLLM's
-    documented behaviour).
-    """
-    if len(token_ids) != len(logprobs):
-        raise ValueError(f"{len(token_ids)} token ids but {len(logprobs)} logprobs")
-    if shown is not None and len(shown) != len(token_ids):
-        raise ValueError(f"{len(token_ids)} token ids but {len(shown)} shown flags")
-    result = CompletionLogprobs()
-    for i, (token_id, entry) in enumerate(zip(token_ids, logprobs, strict=True)):
+    text_offsets: Sequence[int],
+) -> CompletionLogprobs:
+    """The completions shape for `token_ids` (prompt ids first when echoing), each starting
+    at its `text_offsets` entry in the text returned (the serving layer counts them).
+    `top_logprobs` holds the chosen token and its alternatives, so up to logprobs + 1
+    entries (vLLM's documented behaviour)."""
+    if not len(token_ids) == len(logprobs) == len(text_offsets):
+        raise ValueError(f"{len(token_ids)} token ids, {len(logprobs)} logprobs and "
+                         f"{len(text_offsets)} offsets")
+    result = CompletionLogprobs(text_offset=list(text_offsets))
+    for token_id, entry in zip(token_ids, logprobs, strict=True):
         text = token_texts[token_id]
         result.tokens.append(text)
-        result.text_offset.append(text_offset)
-        if shown is None or shown[i]:
-            text_offset += len(text)
         if entry is None:
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
@@ -88,7 +78,7 @@ def completion_logprobs(
         for alt_id, alt_logprob in entry.top:
             top.setdefault(token_texts[alt_id], _clamp(alt_logprob))
         result.top_logprobs.append(top)
-    return result, text_offset
+    return result
 
 
 def chat_logprobs(

@@ -535,25 +535,21 @@ def test_completion_logprobs_shape() -> None:
         TokenLogprob(3, -0.5, top=((3, -0.5), (6, -1.5))),
         TokenLogprob(4, float("-inf"), top=()),
     ]
-    result, end = completion_logprobs([3, 4], entries, TEXTS, text_offset=5)
+    result = completion_logprobs([3, 4], entries, TEXTS, [5, 9])
     assert result.tokens == [" wor", "ld"]
-    assert result.text_offset == [5, 9] and end == 11
-    # a token the text leaves out (a special token) takes no room
-    hidden, end = completion_logprobs([3, 4], entries, TEXTS, text_offset=5, shown=[False, True])
-    assert hidden.text_offset == [5, 5] and end == 7
+    assert result.text_offset == [5, 9]
     assert result.token_logprobs == [-0.5, -9999.0]
     assert result.top_logprobs == [{" wor": -0.5, "!": -1.5}, {"ld": -9999.0}]
 
 
 def test_completion_logprobs_echo_first_token_is_null() -> None:
     entries = [None, TokenLogprob(2, -1.0, top=((5, -0.25),))]
-    result, _ = completion_logprobs([1, 2], entries, TEXTS)
+    result = completion_logprobs([1, 2], entries, TEXTS, [0, 3])
     assert result.token_logprobs == [None, -1.0]
     assert result.top_logprobs == [None, {"lo": -1.0, "é": -0.25}]
-    assert result.text_offset == [0, 3]
     assert wire(result)["token_logprobs"][0] is None
     with pytest.raises(ValueError):
-        completion_logprobs([1], entries, TEXTS)
+        completion_logprobs([1], entries, TEXTS, [0])
 
 
 def test_chat_logprobs_shape() -> None:
@@ -587,8 +583,8 @@ USAGE = CompletionUsage.of(prompt_tokens=5, completion_tokens=2)
 
 
 def test_completion_response_parses_with_openai_sdk() -> None:
-    logprobs, _ = completion_logprobs([1, 2], [TokenLogprob(1, -0.5), TokenLogprob(2, -0.7)],
-                                      TEXTS)
+    logprobs = completion_logprobs([1, 2], [TokenLogprob(1, -0.5), TokenLogprob(2, -0.7)],
+                                   TEXTS, [0, 3])
     response = CompletionResponse(
         id=random_id("cmpl"),
         model="llama",

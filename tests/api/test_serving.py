@@ -15,7 +15,14 @@ from server.engine_front import EngineOverloaded, RequestRejected, RequestStream
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request import FinishReason, RequestOutput, SamplingParams
 from server.routes import _in_band_errors
-from server.serving import ChatService, CompletionService, merged, sample_groups, submit
+from server.serving import (
+    ChatService,
+    CompletionService,
+    TextOffset,
+    merged,
+    sample_groups,
+    submit,
+)
 
 
 def on_a_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -180,3 +187,15 @@ async def test_a_failed_request_ends_its_stream_with_the_engines_error(endpoint:
     assert frames[-1] == b"data: [DONE]\n\n"
     assert json.loads(frames[-2][len(b"data: "):])["error"]["message"] == "out of memory"
     assert b"fine" in frames[-3]  # what came before it was streamed
+
+
+def test_text_offsets_count_characters_where_they_start() -> None:
+    """`aé😀b` in byte pieces (é two, 😀 four) and whole tokens; a lead byte that no piece
+    completes is one U+FFFD, before the token that ends it."""
+    offset = TextOffset()
+    tokens = [b"a", b"\xc3", b"\xa9", b"\xf0", b"\x9f", b"\x98", b"\x80", b" b"]
+    assert [offset.take(raw) for raw in tokens] == [0, 1, 1, 2, 2, 2, 2, 3]
+    assert offset.chars == len("aé😀 b")
+    broken = TextOffset()
+    assert [broken.take(raw) for raw in [b"x", b"\xe2", b"\t", b"y"]] == [0, 1, 2, 3]
+    assert broken.chars == len("x\ufffd\ty")
