@@ -371,6 +371,13 @@ class LlamaModel(nn.Module):
                                            kernels=kernels)
         del self.lm_head
 
+    @property
+    def attends_by_slot(self) -> bool:
+        """Whether decode attention reads each row's own slot (the C and Triton kernels), so
+        that the slots in use need not be packed: PyTorch's ops read them as one run of
+        slots, idle ones included, or gather them."""
+        return all(layer.self_attn.kernels is not None for layer in self.model.layers)
+
     def init_rope(self, device: torch.device | str) -> None:
         c = self.config
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)

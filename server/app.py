@@ -332,7 +332,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.state.status != "ready":
-            return super().handle_exit(sig, frame)
+            # Stop now (a second signal; or nothing to drain: loading, failed), and exit 0 as
+            # a drain does: uvicorn's own handler re-raises the signal at exit (status 143)
+            self.should_exit = True
+            return
         self.draining = True
 
         def drain_then_exit() -> None:

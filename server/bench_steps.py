@@ -17,9 +17,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 FORWARD, GAP = "llama_serve_step_forward_seconds", "llama_serve_step_gap_seconds"
-# Counter families (the parser drops `_total`): ours, else vLLM's
-PREFIX_HITS = ("llama_serve_prefix_cache_hits", "vllm:prefix_cache_hits")
-PREFIX_QUERIES = ("llama_serve_prefix_cache_queries", "vllm:prefix_cache_queries")
+# Counter families (the parser drops `_total`): ours, else vLLM's (older ones: `gpu_`)
+PREFIX_HITS = ("llama_serve_prefix_cache_hits", "vllm:prefix_cache_hits",
+               "vllm:gpu_prefix_cache_hits")
+PREFIX_QUERIES = ("llama_serve_prefix_cache_queries", "vllm:prefix_cache_queries",
+                  "vllm:gpu_prefix_cache_queries")
 # "<series>_sum" / "<series>_count" of decode steps, and the prefix cache's "hits" and
 # "queries" -> value
 Snapshot = dict[str, float]

@@ -26,15 +26,31 @@ def _env(name: str, default: object) -> object:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 
 
+SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
+    """A flag whose default a LLAMA_SERVE_ variable may set, checked as the flag would be: a
+    value off its choices, or a switch's that is neither on nor off, is a usage error
+    (argparse checks neither for defaults)."""
     name = flag.lstrip("-")
-    kwargs["default"] = _env(name, kwargs.get("default"))
-    switch = kwargs.get("action") in ("store_true", "store_false", argparse.BooleanOptionalAction)
-    if switch and isinstance(kwargs["default"], str):
-        # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
-        given = kwargs["default"].lower() in ("1", "true", "yes", "on")
-        kwargs["default"] = not given if kwargs["action"] == "store_false" else given
     env = ENV_PREFIX + name.upper().replace("-", "_")
+    value = os.environ.get(env)
+    if value is not None:
+        choices = kwargs.get("choices")
+        if kwargs.get("action") in ("store_true", "store_false",
+                                    argparse.BooleanOptionalAction):
+            # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
+            if value.strip().lower() not in SWITCH_ON + SWITCH_OFF:
+                parser.error(f"{env}={value!r}: expected 1, true, yes or on (or 0, false, "
+                             f"no, off)")
+            given = value.strip().lower() in SWITCH_ON
+            kwargs["default"] = not given if kwargs["action"] == "store_false" else given
+        elif isinstance(choices, list | tuple) and kwargs.get("type") is None \
+                and value not in choices:
+            parser.error(f"{env}={value!r}: expected one of {', '.join(map(str, choices))}")
+        else:
+            kwargs["default"] = value  # converted by `type`, as argparse converts defaults
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
 

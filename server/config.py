@@ -15,6 +15,25 @@ DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len 
 DEFAULT_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
 
 
+def kv_cache_budget(spec: str, free_bytes: int) -> int:
+    """--kv-cache-memory in bytes: `4` or `4GiB` is 4 GiB, `50%` half of `free_bytes`."""
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+            if not 0 < fraction <= 1:
+                raise ValueError
+            return int(free_bytes * fraction)
+        value = float(text.removesuffix("GiB").removesuffix("G"))
+        if not 0 < value < float("inf"):
+            raise ValueError
+        return int(value * 2**30)
+    except ValueError:
+        raise ValueError(f"--kv-cache-memory {spec!r}: expected GiB above 0 (e.g. 4) or a "
+                         f"percentage of free memory above 0 and at most 100 (e.g. 50%)"
+                         ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_num_seqs: int = 16  # KV-cache slots = sequences decoding at once
@@ -52,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.kv_cache_memory is not None:
+            kv_cache_budget(self.kv_cache_memory, 2**30)  # its syntax, before anything loads
 
     def batched_tokens(self, device_type: str) -> int:
         """max_num_batched_tokens, or the device's default (DEFAULT_BATCHED_TOKENS), raised to
@@ -82,6 +103,10 @@ class ServerConfig:
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
     # the forward needs (slower at c=16, README); it is meant for GPU hosts with cores to spare.
     engine_process: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
 
     @property
     def model_names(self) -> tuple[str, ...]:

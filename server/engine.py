@@ -258,8 +258,9 @@ class Engine(EngineFront):
         chunks), which reads back from the device as it goes, they are posted first."""
         plan = self.scheduler.schedule()
         if plan.admitted:
-            with self._lock:
+            with self._lock:  # counted off the queue and onto the slots at once
                 self._stats.num_queued -= plan.admitted
+                self._stats.slots_used = self.scheduler.num_used_slots
         if plan.num_tokens == 0:
             self._post([])  # the last step's outputs, if held
             return plan

@@ -25,8 +25,9 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +45,7 @@ from server.engine_front import (
 )
 from server.memory import freeze_startup_objects
 from server.outputs import IterationStats
-from server.request import RequestOutput
+from server.request import FinishReason, RequestOutput
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -301,4 +302,10 @@ class EngineProcess(EngineFront):
                           if not self._stopping else "the engine stopped")
         if not self._stopping:
             logger.error("engine process: %s", self._dead)
-        self.streams.deliver(self.streams.close(self._dead))
+        failed = self.streams.close(self._dead)
+        # Its last report's gauges no longer hold: nothing runs, and what was open failed
+        finished = Counter(self._stats.finished_total)
+        finished[FinishReason.ERROR.value] += len(failed)
+        self._stats = replace(self._stats, num_running=0, num_waiting=0, num_queued=0,
+                              slots_used=0, tokens_used=0, finished_total=finished)
+        self.streams.deliver(failed)

@@ -167,7 +167,7 @@ class Scheduler:
         else:
             if self.prefix_caching:
                 found = self._longest_prefix(plan, request)
-            slots = self._keeping_caches(len(request.seqs), found)
+            slots = self._keeping_caches(request, found)
         for seq, slot in zip(request.seqs, slots, strict=True):
             seq.slot, seq.status = slot, RequestStatus.RUNNING
             self.cached.pop(slot, None)  # overwritten from now on
@@ -178,21 +178,22 @@ class Scheduler:
             request.num_prefilled = request.num_cached_tokens = length
             plan.num_cached_tokens += length
 
-    def _keeping_caches(self, n: int, found: tuple[int, int] | None) -> list[int]:
-        """`n` free slots that lose the least cache: the one the prefix was found in when the
-        prompt continues all of it (nothing else there to lose), then slots that hold nothing,
-        lowest first, then the oldest caches; the one the prefix is copied from last (the
-        next prompt may want it too)."""
+    def _keeping_caches(self, request: Request, found: tuple[int, int] | None) -> list[int]:
+        """Free slots for `request`'s samples that lose the least cache: the one the prefix
+        was found in when the prompt holds all of it (nothing there to lose: a chat's next
+        turn, or the same prompt again, whose last token is computed again), then slots that
+        hold nothing, lowest first, then the oldest caches; the one the prefix is copied from
+        last (the next prompt may want it too)."""
         source = found[0] if found is not None else None
         order = [slot for slot in sorted(self.free_slots) if slot not in self.cached]
         order += [slot for slot in self.cached if slot != source]  # the oldest first
         if source in self.cached:
-            assert found is not None
-            if len(self.cached[source]) == found[1]:
+            held = self.cached[source]
+            if request.prompt_ids[:len(held)] == held:
                 order.insert(0, source)
             else:
                 order.append(source)
-        slots = order[:n]
+        slots = order[:len(request.seqs)]
         self.free_slots = [slot for slot in self.free_slots if slot not in slots]
         heapq.heapify(self.free_slots)
         return slots

@@ -18,7 +18,7 @@ from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
-from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, kv_cache_budget
 from server.engine import Engine
 from server.memory import keep_freed_memory, release_free_memory
 from server.runner import ModelRunner
@@ -27,8 +27,9 @@ from server.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
-class StartupError(RuntimeError):
-    """The server cannot start as configured; the message says why."""
+class StartupError(ValueError):
+    """The server cannot start as configured; the message says why (a ValueError: like a
+    bad flag's, it is logged without a traceback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,10 @@ class PoolPlan:
     max_len: int
     nbytes: int
     formula: str
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -72,15 +77,15 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
         n_slots = config.max_num_seqs
     else:
         # "100%" means all that is free once a step has its room.
-        budget = min(parse_memory(config.kv_cache_memory, free_bytes), free_bytes - reserve)
+        budget = min(kv_cache_budget(config.kv_cache_memory, free_bytes), free_bytes - reserve)
         n_slots = min(config.max_num_seqs,
                       KVCachePool.slots_for_budget(model, budget, max_len, dtype))
         if n_slots < 1:
             per_slot = KVCachePool.bytes_needed(model, 1, max_len, dtype)
             raise StartupError(
-                f"--kv-cache-memory {config.kv_cache_memory} ({budget / 2**30:.2f} GiB) holds "
-                f"no slot of {max_len} tokens ({per_slot / 2**30:.3f} GiB each); lower "
-                f"--max-model-len or raise the budget")
+                f"--kv-cache-memory {config.kv_cache_memory} ({_size(budget)}) holds no slot "
+                f"of {max_len} tokens ({_size(per_slot)} each); lower --max-model-len or "
+                f"raise the budget")
     nbytes = KVCachePool.bytes_needed(model, n_slots, max_len, dtype)
     if nbytes + reserve > free_bytes:
         raise StartupError(
@@ -90,24 +95,6 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
             f"{free_bytes / 2**30:.2f} GiB is free; lower --max-num-seqs, --max-model-len or "
             f"--max-num-batched-tokens")
     return PoolPlan(n_slots, max_len, nbytes, KVCachePool.formula(model, n_slots, max_len, dtype))
-
-
-def parse_memory(spec: str, free_bytes: int) -> int:
-    """`4` or `4GiB` -> 4 GiB; `50%` -> half of the free memory."""
-    text = spec.strip()
-    try:
-        if text.endswith("%"):
-            fraction = float(text[:-1]) / 100
-            if not 0 < fraction <= 1:
-                raise ValueError
-            return int(free_bytes * fraction)
-        value = float(text.removesuffix("GiB").removesuffix("G"))
-        if value <= 0:
-            raise ValueError
-        return int(value * 2**30)
-    except ValueError:
-        raise StartupError(f"--kv-cache-memory {spec!r}: expected GiB (e.g. 4) or a percentage "
-                           f"of free memory (e.g. 50%)") from None
 
 
 def build_engine(folder: Path, config: EngineConfig, chat_template: str | None = None) -> Engine:
@@ -145,9 +132,10 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                                ) from None
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
-    # A CUDA graph's rows are the slots below its bucket: keep the slots in use packed there
+    # A CUDA graph's rows are the slots below its bucket, and PyTorch's decode attention
+    # reads a run of slots: keep the slots in use packed at the low end for both
     scheduler = Scheduler(plan.n_slots, plan.max_len, batched_tokens, eos_ids=tokenizer.eos_ids,
                           eos_id=tokenizer.eos_id, prefix_caching=config.prefix_caching,
-                          packed_slots=graphs is not None)
+                          packed_slots=graphs is not None or not model.attends_by_slot)
     return Engine(runner, scheduler, tokenizer, config.max_waiting,
                   async_output_proc=config.async_output_proc, warmup=config.warmup)

@@ -120,6 +120,11 @@ def test_prefix_cache_counters_from_ours_or_vllms_names() -> None:
                           "# TYPE vllm:prefix_cache_queries_total counter\n"
                           'vllm:prefix_cache_queries_total{model_name="m"} 90.0\n')
     assert vllm == {"hits": 70.0, "queries": 90.0}
+    older = bench_steps.parse_snapshot("# TYPE vllm:gpu_prefix_cache_hits_total counter\n"
+                                       'vllm:gpu_prefix_cache_hits_total{model_name="m"} 5\n'
+                                       "# TYPE vllm:gpu_prefix_cache_queries_total counter\n"
+                                       'vllm:gpu_prefix_cache_queries_total{model_name="m"} 9\n')
+    assert older == {"hits": 5.0, "queries": 9.0}  # vLLM's older names
     assert bench_steps.prefix_cache(ours, {"hits": 50.0, "queries": 140.0}) == \
         bench_steps.PrefixCache(queries=40, hits=20)
     assert bench_steps.prefix_cache(ours, ours) is None  # nothing looked up in between

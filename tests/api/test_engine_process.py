@@ -119,6 +119,13 @@ def test_a_killed_engine_process_turns_the_server_unavailable(
         health = httpx.get(f"{server.base_url}/health")
         assert health.status_code == 503 and health.json()["status"] == "failed"
         assert server.process.poll() is None  # still answering, for the orchestrator to see
+        # Its gauges say nothing runs any more, and the stream it failed is counted
+        metrics = server.metrics()
+        assert metrics["llama_serve_requests_running"] == 0
+        assert metrics["llama_serve_kv_cache_slots_used"] == 0
+        assert metrics['llama_serve_requests_finished_total{finish_reason="error"}'] == 1
+        server.process.send_signal(signal.SIGTERM)  # nothing to drain: stops, exit 0
+        assert server.process.wait(timeout=30) == 0
 
 
 def test_the_engine_process_exits_with_the_server(tiny_checkpoint: Path, tmp_path: Path) -> None:

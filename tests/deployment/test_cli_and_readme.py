@@ -199,6 +199,25 @@ def test_switch_flags_and_env(field: str, variable: str, argv: list[str], env: s
     assert getattr(engine, field) is want
 
 
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("ENGINE_PROCESS", "maybe", "expected 1, true, yes or on"),
+    ("NO_WARMUP", "enabled", "expected 1, true, yes or on"),
+    ("METRICS_COMPAT", "prom", "expected one of vllm"),
+    ("DTYPE", "fp8", "expected one of auto, float32, bfloat16, float16")])
+def test_a_bad_variable_is_a_usage_error(variable: str, value: str, expected: str,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """As the flag's value would be: argparse checks neither choices nor switches in the
+    defaults that variables set."""
+    from server.cli import build_parser
+
+    monkeypatch.setenv(f"LLAMA_SERVE_{variable}", value)
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "x"])
+    assert exit_info.value.code == 2
+    assert f"LLAMA_SERVE_{variable}={value!r}: {expected}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "env"), [
     (["--served-model-name", "a", "b", "c"], None),
     ([], "a, b c"),
@@ -240,3 +259,11 @@ def test_taken_port_fails_fast_and_cleanly(open_server: Server, tiny_checkpoint:
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"127.0.0.1:{port} cannot be bound" in out.stderr
     assert "loaded" not in out.stderr and "terminate" not in out.stderr
+
+
+def test_a_negative_shutdown_timeout_is_refused() -> None:
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="--shutdown-timeout must be >= 0"):
+        ServerConfig(shutdown_timeout=-5)
+    assert ServerConfig(shutdown_timeout=0).shutdown_timeout == 0

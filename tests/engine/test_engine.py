@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -415,6 +416,35 @@ def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
         asyncio.run(main())
 
 
+def test_admitted_requests_hold_their_slots_from_the_moment_they_are_scheduled(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-waiting 0: while the step that admitted two requests to the two slots runs,
+    a third is refused (the queue had let it in, seeing free slots until the step ended)."""
+    with running(tiny_checkpoint, max_num_seqs=2, max_waiting=0, max_model_len=1024) as engine:
+        in_step, release = threading.Event(), threading.Event()
+        real = engine.runner.launch
+
+        def held(plan):  # noqa: ANN001, ANN202
+            if plan.admitted:
+                in_step.set()
+                release.wait(10)
+            return real(plan)
+        monkeypatch.setattr(engine.runner, "launch", held)
+
+        async def main() -> None:
+            params = SamplingParams(max_tokens=2, ignore_eos=True)
+            streams = [engine.generate([5, 6], params, f"r{i}") for i in range(2)]
+            assert await asyncio.to_thread(in_step.wait, 10)
+            try:
+                with pytest.raises(EngineOverloaded):
+                    engine.generate([5], params, "third")
+            finally:
+                release.set()
+            for stream in streams:
+                assert [out async for out in stream][-1].finish_reason == FinishReason.LENGTH
+        asyncio.run(main())
+
+
 def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A step failure fails that step's requests; repeated failures mark the engine dead."""
@@ -603,6 +633,15 @@ def check_prefix_caching_changes_no_token(folder: Path, **engine_config: object)
     assert hits == (len(first) + 24 - 1) + len(system)
     assert [r.cached for r in cached] == [{0}, {len(first) + 24 - 1}, {len(system)}]
     assert [r.cached for r in whole] == [{0}] * 3
+
+
+def test_slots_stay_packed_where_decode_attention_reads_a_run(tiny_checkpoint: Path) -> None:
+    """The C kernels read each row's own slot; PyTorch's ops read the slots in use as one
+    run (idle ones included) or gather them, so without the kernels slots stay packed."""
+    with running(tiny_checkpoint, max_model_len=256) as engine:
+        assert engine.runner.model.attends_by_slot and not engine.scheduler.packed_slots
+    with running(tiny_checkpoint, max_model_len=256, cpu_kernels=False) as engine:
+        assert not engine.runner.model.attends_by_slot and engine.scheduler.packed_slots
 
 
 def test_a_failed_step_leaves_no_prefix_claimed(tiny_checkpoint: Path,

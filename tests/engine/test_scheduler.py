@@ -277,17 +277,31 @@ def test_conversations_taking_turns_keep_their_caches() -> None:
 
 
 def test_a_shorter_prompt_copies_and_leaves_the_longer_cache() -> None:
-    """P, then its first 20 tokens (copied into a slot of its own), then P again: it still
-    finds all of P but the last token, and the oldest cache goes first when slots run out."""
+    """P, then its first 20 tokens (copied into a slot of its own, leaving P whole), then P
+    again (in place: its last token is computed again, over the same), then a new prompt
+    (into the oldest cache's slot, the 20 tokens')."""
     p = list(range(100, 160))
     s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
                   prefix_caching=True)
     params = SamplingParams(max_tokens=1)
     assert run_alone(s, Request("p", p, params)) == (0, 0, -1)
     assert run_alone(s, Request("short", p[:20], params)) == (1, 19, 0)
-    # Both slots hold caches: the one copied from is taken last, so the 20 tokens go
-    assert run_alone(s, Request("again", p, params)) == (1, 59, 0)
+    assert run_alone(s, Request("again", p, params)) == (0, 59, -1)
+    assert run_alone(s, Request("new", list(range(300, 340)), params)) == (1, 0, -1)
     assert list(s.cached) == [0, 1]
+
+
+def test_the_oldest_cache_goes_first() -> None:
+    """Three conversations on two slots: the third takes the first's slot, so the second's
+    next turn still finds its own."""
+    s = Scheduler(n_slots=2, max_model_len=200, max_num_batched_tokens=256,
+                  prefix_caching=True)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    a, b, c = (list(range(k, k + 40)) for k in (100, 200, 300))
+    assert [run_alone(s, Request(name, ids, params))
+            for name, ids in (("a", a), ("b", b), ("c", c))] == [(0, 0, -1), (1, 0, -1),
+                                                                 (0, 0, -1)]
+    assert run_alone(s, Request("b2", b + [5] * 5, params)) == (1, 44, -1)
 
 
 def test_what_is_not_taken_from_the_cache() -> None:

@@ -15,11 +15,10 @@ import server.startup as startup_module
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
 from model.weights import resolve_device
-from server.config import EngineConfig
+from server.config import EngineConfig, kv_cache_budget
 from server.startup import (
     StartupError,
     build_engine,
-    parse_memory,
     plan_pool,
     step_activation_bytes,
 )
@@ -97,10 +96,23 @@ def test_the_pool_leaves_room_for_a_step() -> None:
     assert plan.n_slots == 4
 
 
-@pytest.mark.parametrize("spec", ["lots", "-1", "0", "150%", "0%"])
-def test_bad_memory_spec(spec: str) -> None:
-    with pytest.raises(StartupError, match="kv-cache-memory"):
-        parse_memory(spec, 2**30)
+@pytest.mark.parametrize("spec", ["lots", "-1", "0", "150%", "0%", "inf", "nan%"])
+def test_bad_memory_spec_is_refused_with_the_config(spec: str) -> None:
+    """Before anything loads: the CLI reports it as a bad flag, in one line."""
+    with pytest.raises(ValueError, match="kv-cache-memory"):
+        EngineConfig(kv_cache_memory=spec)
+
+
+def test_memory_spec() -> None:
+    assert kv_cache_budget("4", 2**30) == kv_cache_budget("4GiB", 0) == 4 * 2**30
+    assert kv_cache_budget(" 50% ", 2**30) == 2**29
+
+
+def test_a_budget_too_small_for_a_slot_says_so_in_mib() -> None:
+    config = EngineConfig(max_num_seqs=4, max_model_len=1024, kv_cache_memory="0.0001")
+    with pytest.raises(StartupError, match=r"\(0\.1 MiB\) holds no slot of 1024 tokens "
+                                           r"\(\d+\.\d MiB each\)"):
+        plan_pool(TINY, config, torch.float32, free_bytes=2**30)
 
 
 def test_freeze_startup_objects_leaves_them_out_of_collections() -> None:
