@@ -281,8 +281,14 @@ class CompletionService(_Service):
         shown = [not (skip_special_tokens and t in special) for t in new_ids]
         if echo is not None:
             shown = self._prompt_shown(s) + shown
+        raws = self.tokenizer.token_bytes(ids)
+        first = next((i for i, show in enumerate(shown) if show), None)
+        if (echo is not None and first is not None and first < len(s.prompt_ids)
+                and raws[first].startswith(b" ") and not self._echo_text(s).startswith(" ")):
+            # SentencePiece's dummy prefix: the first token's space is not in the echoed text
+            raws[first] = raws[first][1:]
         starts = [offset.take(raw) if show else offset.chars
-                  for raw, show in zip(self.tokenizer.token_bytes(ids), shown, strict=True)]
+                  for raw, show in zip(raws, shown, strict=True)]
         return completion_logprobs(ids, lps, texts, starts)
 
     def _prompt_shown(self, s: Submitted) -> list[bool]:

@@ -7,17 +7,20 @@ import asyncio
 import functools
 import json
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from model.tokenizer import Tokenizer
 from server.engine_front import EngineOverloaded, RequestRejected, RequestStream
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.request import FinishReason, RequestOutput, SamplingParams
+from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from server.routes import _in_band_errors
 from server.serving import (
     ChatService,
     CompletionService,
+    Submitted,
     TextOffset,
     merged,
     sample_groups,
@@ -199,3 +202,25 @@ def test_text_offsets_count_characters_where_they_start() -> None:
     broken = TextOffset()
     assert [broken.take(raw) for raw in [b"x", b"\xe2", b"\t", b"y"]] == [0, 1, 2, 3]
     assert broken.chars == len("x\ufffd\ty")
+
+
+@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token-ids"])
+def test_echoed_prompt_offsets_with_sentencepieces_dummy_prefix(sp_tokenizer_dir: Path,
+                                                                as_ids: bool) -> None:
+    """Llama 2's tokenizer writes "The" as "▁The", whose text is " The"; the echoed prompt (as
+    sent, or decoded) has no such space, so the next token starts at 3, not 4."""
+    tokenizer = Tokenizer.from_dir(sp_tokenizer_dir)
+    service = CompletionService(None, tokenizer, "m")  # type: ignore[arg-type]
+    text = "The quick brown fox é!"
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    s = Submitted(ids, None if as_ids else text, [])
+    assert service._echo_text(s) == text
+    echo = [None] + [TokenLogprob(i, -1.0) for i in ids[1:]]
+    logprobs = service._logprobs(s, [], [], echo, TextOffset(), True)
+    tokens, offsets = logprobs.tokens, logprobs.text_offset
+    assert tokens[1] == " The" and offsets[:3] == [0, 0, 3]
+    for token, offset in zip(tokens[2:], offsets[2:], strict=True):
+        if token == "\ufffd":  # a piece of é
+            assert text[offset] == "é"
+        else:
+            assert text[offset:offset + len(token)] == token, (token, offset)
