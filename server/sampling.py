@@ -88,15 +88,22 @@ class SamplingBatch:
             for row, extra in zip(pairs, extra_bias, strict=True):
                 row.extend(extra)
         logit_bias = None
-        if any(pairs):
+        if any(pairs) or any(p.allowed_token_ids for p in params):
             rows = [i for i, row in enumerate(pairs) for _ in row]
             ids = [token_id for row in pairs for token_id, _ in row]
-            if not all(0 <= t < vocab_size for t in ids):
-                raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {ids}")
+            allowed = [t for p in params for t in p.allowed_token_ids]
+            if not all(0 <= t < vocab_size for t in ids + allowed):
+                raise ValueError(f"logit_bias / allowed_token_ids: token ids must be in "
+                                 f"[0, {vocab_size}), got {ids + allowed}")
             logit_bias = torch.zeros(n_rows, vocab_size, dtype=torch.float32)
+            for i, p in enumerate(params):  # anything else is banned
+                if p.allowed_token_ids:
+                    logit_bias[i] = float("-inf")
+                    logit_bias[i, list(p.allowed_token_ids)] = 0.0
             values = torch.tensor([bias for row in pairs for _, bias in row], dtype=torch.float32)
             # accumulate: a user bias and an extra ban on the same token add up (-inf wins)
-            logit_bias.index_put_((torch.tensor(rows), torch.tensor(ids)), values, accumulate=True)
+            logit_bias.index_put_((torch.tensor(rows, dtype=torch.long),
+                                   torch.tensor(ids, dtype=torch.long)), values, accumulate=True)
             logit_bias = logit_bias.to(device)
 
         if generators is None:

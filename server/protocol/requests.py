@@ -85,8 +85,8 @@ class _SamplingRequest(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
     response_format: ResponseFormat | None = None
+    allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
-    allowed_token_ids: Refused = None
     bad_words: Refused = None
     prompt_logprobs: Refused = None
     guided_json: Refused = None
@@ -161,6 +161,7 @@ class _SamplingRequest(OpenAIBaseModel):
         _check_token_ids(stop_ids, vocab_size, "stop_token_ids")
         _check_count(len(bias), limits.max_logit_bias, "logit_bias")
         _check_token_ids((int(key) for key in bias), vocab_size, "logit_bias")
+        _check_token_ids(self.allowed_token_ids or [], vocab_size, "allowed_token_ids")
 
     def _sampling_kwargs(self, max_tokens: int | None) -> dict[str, Any]:
         return dict(
@@ -175,6 +176,7 @@ class _SamplingRequest(OpenAIBaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items()),
+            allowed_token_ids=tuple(dict.fromkeys(self.allowed_token_ids or ())),
             seed=self.seed,
             stop=self.stop_strings,
             stop_token_ids=tuple(self.stop_token_ids or ()),

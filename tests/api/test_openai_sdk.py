@@ -347,3 +347,21 @@ def test_not_found_error(sdk: OpenAI) -> None:
         sdk.chat.completions.create(model="nope", messages=USER, max_tokens=2)
     with pytest.raises(openai.NotFoundError):
         sdk.models.retrieve("nope")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_allowed_token_ids_are_all_that_comes(sdk: OpenAI, server: Server,
+                                             temperature: float) -> None:
+    """vLLM's allowed_token_ids: every generated token is one of them (ids seen through the
+    logprobs' token texts); eos is not among them, so the output runs to max_tokens."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    ids = httpx.post(f"{server.base_url}/tokenize", headers=headers,
+                     json={"prompt": " the cat sat", "add_special_tokens": False}).json()["tokens"]
+    texts = {httpx.post(f"{server.base_url}/detokenize", headers=headers,
+                        json={"tokens": [i]}).json()["prompt"] for i in ids}
+    r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, logprobs=0,
+                               temperature=temperature, seed=3,
+                               extra_body={"allowed_token_ids": ids})
+    choice = r.choices[0]
+    assert set(choice.logprobs.tokens) <= texts and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == 12 and choice.text == "".join(choice.logprobs.tokens)

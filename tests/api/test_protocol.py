@@ -342,6 +342,7 @@ LIMITS = RequestLimits(
         (chat(min_tokens=3, max_completion_tokens=2), "min_tokens"),
         (TokenizeRequest(messages=USER * 3), "messages"),
         (DetokenizeRequest(tokens=[1, VOCAB]), "tokens"),
+        (chat(allowed_token_ids=[1, VOCAB]), "allowed_token_ids"),
     ],
 )
 def test_check_limits_rejects(request_: Any, param: str) -> None:
@@ -365,7 +366,18 @@ def test_check_limits_accepts(request_: Any) -> None:
     request_.check_limits(LIMITS, VOCAB)
 
 
-REFUSED = ["allowed_token_ids", "bad_words", "prompt_logprobs", "guided_json", "guided_regex",
+def test_allowed_token_ids_reach_the_sampling_params() -> None:
+    """vLLM's: sample only these (repeats once); an empty list allows nothing, a 400."""
+    for build in (completion, chat):
+        params = build(allowed_token_ids=[5, 3, 5]).to_sampling_params()
+        assert params.allowed_token_ids == (5, 3)
+        assert build().to_sampling_params().allowed_token_ids == ()
+        assert_invalid(build, {"allowed_token_ids": []}, "allowed_token_ids", "at least 1")
+        assert_invalid(build, {"allowed_token_ids": [1, -1]}, "allowed_token_ids",
+                       "greater than or equal to 0")
+
+
+REFUSED = ["bad_words", "prompt_logprobs", "guided_json", "guided_regex",
            "guided_choice", "guided_grammar", "structured_outputs", "logits_processors",
            "use_beam_search", "return_tokens_as_token_ids"]
 
@@ -432,6 +444,7 @@ EVERY_SAMPLING_FIELD = dict(
     ignore_eos=True,
     include_stop_str_in_output=True,
     skip_special_tokens=False,
+    allowed_token_ids=[7, 9, 11],
 )
 
 
@@ -448,6 +461,7 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
     assert params.stop == ("###", "\n\n")
     assert params.stop_token_ids == (2, 3)
+    assert params.allowed_token_ids == (7, 9, 11)
     assert (params.logprobs, params.prompt_logprobs, params.max_tokens) == (3, 3, 50)
 
 

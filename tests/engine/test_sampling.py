@@ -172,6 +172,22 @@ def test_extra_bias_adds_to_user_bias() -> None:
     assert support(out.token_ids) == {0, 2}
 
 
+def test_allowed_token_ids_are_all_a_row_samples() -> None:
+    """vLLM's allowed_token_ids: every other token is banned, a client's bias still counts
+    among the allowed, and rows without it are untouched."""
+    row = [3.0, 0.5, 1.0, 2.0, 0.3, -0.2]
+    allowed = draws(row, SamplingParams(temperature=1.5, allowed_token_ids=(1, 4, 5)))
+    assert support(allowed) == {1, 4, 5}
+    biased = draws(row, SamplingParams(allowed_token_ids=(1, 4), logit_bias=((4, 100.0),)))
+    assert support(biased) == {4}
+    logits = torch.tensor([row, row])
+    greedy = run(logits, [SamplingParams(temperature=0.0, allowed_token_ids=(2, 3)),
+                          SamplingParams(temperature=0.0)])
+    assert greedy.token_ids.tolist() == [3, 0]
+    with pytest.raises(ValueError, match="token ids must be in"):
+        SamplingBatch.from_params([SamplingParams(allowed_token_ids=(6,))], 6, DEVICE)
+
+
 def test_logit_bias_out_of_vocab_is_rejected() -> None:
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingBatch.from_params([SamplingParams(logit_bias=((10, 1.0),))], 10, DEVICE)
