@@ -60,7 +60,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 def _tag_final(messages: list[dict]) -> list[dict]:
     content = messages[-1].get("content")
-    if not isinstance(content, str) or not content.strip():
+    if not isinstance(content, str):  # empty is fine: the prompt ends at the opened turn
         raise ChatTemplateError("continue_final_message needs a final message with text to "
                                 "continue")
     return [*messages[:-1], {**messages[-1], "content": content + _CONTINUE_TAG}]

@@ -7,6 +7,7 @@ limits that depend on server configuration are checked by `check_limits()`, whic
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -271,12 +272,45 @@ class ContentPart(OpenAIBaseModel):
 ContentParts = Annotated[list[ContentPart], MAX_ITEMS_FIELD]
 
 
-class ChatMessage(OpenAIBaseModel):
-    """A request message. `content` may be null only for the assistant."""
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str | dict[str, Any] = ""  # OpenAI's: JSON text
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, value: str | dict[str, Any]) -> dict[str, Any]:
+        """Parsed, as vLLM hands them to templates (Llama 3.1's writes them out again)."""
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError("arguments must be JSON text") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return parsed
+
+
+class ToolCall(OpenAIBaseModel):
+    """A call an earlier assistant turn made: history for the template, as vLLM passes it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(OpenAIBaseModel):
+    """A request message. `content` may be null only for the assistant. Any role a template
+    knows may come (Llama 3.1's `ipython`), as vLLM takes them; an assistant turn's
+    `tool_calls` and reasoning, and a tool result's `tool_call_id`, reach the template."""
+
+    role: str = Field(min_length=1, max_length=64)
     content: str | ContentParts | None = Field(None, validate_default=True)
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], MAX_ITEMS_FIELD] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -303,11 +337,14 @@ class ChatMessage(OpenAIBaseModel):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def template_dict(self) -> dict[str, str]:
-        """The message as a chat template sees it."""
-        message = {"role": self.role, "content": self.text}
-        if self.name is not None:
-            message["name"] = self.name
+    def template_dict(self) -> dict[str, Any]:
+        """The message as a chat template sees it (the fields given, and `content`)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        for key in ("name", "tool_call_id", "reasoning_content", "reasoning"):
+            if (value := getattr(self, key)) is not None:
+                message[key] = value
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return message
 
 

@@ -221,6 +221,9 @@ def test_completion_prompts_normalised() -> None:
         {"messages": [*USER, {"role": "assistant", "content": None}]},
         {"messages": [*USER, {"role": "assistant"}]},
         {"messages": [{"role": "tool", "content": "42", "tool_call_id": "t1"}]},
+        {"messages": [{"role": "ipython", "content": "42"}]},  # any role a template knows
+        {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
         {"messages": [{"role": "user", "name": "ann", "content": "hi"}]},
         {"max_tokens": 1},
@@ -248,7 +251,10 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
     [
         ({"messages": []}, "messages", "at least 1"),
         ({"messages": None}, "messages", "valid list"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "role"),
+        ({"messages": [{"role": "", "content": "x"}]}, "messages", "role"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{oops"}}]}]}, "messages",
+         "arguments must be JSON text"),
         ({"messages": [{"role": "user"}]}, "messages", "content is required for role 'user'"),
         ({"messages": [{"role": "system", "content": None}]}, "messages", "content is required"),
         (

@@ -245,14 +245,15 @@ def test_chat_template_matches_transformers(tok: Tokenizer, hf, add_generation_p
             hf_chat_ids(hf, messages, add_generation_prompt=add_generation_prompt))
 
 
-@pytest.mark.parametrize("answer", ["Sure, the", "  padded answer \n", "Sure ✓", "s", "<"])
+@pytest.mark.parametrize("answer", ["Sure, the", "  padded answer \n", "Sure ✓", "s", "<", "",
+                                    "  "])
 def test_continue_final_message_matches_transformers(tok: Tokenizer, hf, answer: str) -> None:
     """The prompt ends inside the assistant's prefilled answer, its end-of-turn cut off, as
     transformers cuts it (a trimmed template keeps no trailing whitespace)."""
     messages = [*MESSAGES[1][:2], {"role": "assistant", "content": answer}]
     text = tok.apply_chat_template(messages, add_generation_prompt=False,
                                    continue_final_message=True)
-    assert text.rstrip().endswith(answer.strip())
+    assert text.rstrip().endswith(answer.strip())  # (an empty answer: the turn's header)
     assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
                                           continue_final_message=True)
     assert tok.encode_chat(messages, add_generation_prompt=False,
@@ -262,7 +263,7 @@ def test_continue_final_message_matches_transformers(tok: Tokenizer, hf, answer:
         tok.apply_chat_template(messages, add_generation_prompt=True,
                                 continue_final_message=True)
     with pytest.raises(ChatTemplateError, match="text to continue"):
-        tok.apply_chat_template([*messages[:2], {"role": "assistant", "content": " "}],
+        tok.apply_chat_template([*messages[:2], {"role": "assistant", "content": None}],
                                 add_generation_prompt=False, continue_final_message=True)
 
 
@@ -296,6 +297,28 @@ def test_real_llama_templates_match_transformers(folder: Path, hf, name: str) ->
     else:
         assert "Today Date: 26 Nov 2026" in tok.apply_chat_template(
             MESSAGES[1], variables={"date_string": "26 Nov 2026"})
+
+
+def test_tool_call_history_reaches_the_template(folder: Path, hf) -> None:
+    """An assistant turn's tool_calls (arguments as OpenAI sends them, JSON text) and the tool
+    result's turn (Llama 3.1's `ipython` role), through the request's messages, render as
+    transformers renders them with the arguments parsed (as vLLM hands them over)."""
+    from server.protocol import ChatMessage
+
+    template = (TEMPLATES / "llama-3.1-instruct.jinja").read_text()
+    tok = Tokenizer.from_dir(folder, chat_template=template)
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": '{"a": 1}'}}
+    sent = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "ipython", "content": "out", "tool_call_id": "c1"}]
+    messages = [ChatMessage.model_validate(m).template_dict() for m in sent]
+    parsed = [*sent[:1], {**sent[1], "content": "", "tool_calls": [
+        {**call, "function": {"name": "f", "arguments": {"a": 1}}}]}, sent[2]]
+    text = tok.apply_chat_template(messages)
+    assert '{"name": "f", "parameters": {"a": 1}}' in text
+    assert text == hf.apply_chat_template(parsed, chat_template=template, tokenize=False,
+                                          add_generation_prompt=True)
 
 
 def test_rich_template_matches_transformers(folder: Path, hf) -> None:
