@@ -61,7 +61,7 @@ BAD_CHATS = [
     ("messages_empty", {"messages": []}, "messages"),
     ("messages_type", {"messages": "Hello"}, "messages"),
     ("messages_missing", {"messages": None}, "messages"),
-    ("role_unknown", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("role_empty", {"messages": [{"role": "", "content": "x"}]}, "messages"),
     ("content_missing", {"messages": [{"role": "user"}]}, "messages"),
     ("image_part", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
