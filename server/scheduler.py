@@ -7,12 +7,13 @@ copied to the others' (the runner does the copy), and every sequence decodes on 
 Prefix caching: a slot keeps its tokens' K/V after its sequence ends, and the scheduler
 remembers which tokens those are. A new prompt that begins with the tokens some slot holds
 (free, or in use by a running sequence: a shared system prompt) has that prefix copied into
-its own slot before the step's forward instead of computing it again, or, when it continues
-all that a free slot holds (a chat's next turn), takes that slot and decodes on in place.
-Which free slot a request takes: with `packed_slots` (CUDA graphs, which lay a decode step out
-by slot) the lowest; otherwise one that holds nothing, else the one whose cache is oldest, so
-that what recent requests left survives the requests in between (vLLM evicts its least
-recently used blocks).
+its own slot before the step's forward instead of computing it again, or, when it holds all
+that a free slot holds (a chat's next turn, the same prompt again), takes that slot and goes on
+in place. Which free slot a request takes: with `packed_slots` (CUDA graphs, which lay a
+decode step out by slot, and PyTorch's decode attention, which reads a run of slots) the
+lowest; otherwise one that holds nothing, else the one whose cache is oldest, so that what
+recent requests left survives the requests in between (vLLM evicts its least recently used
+blocks).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         # A min-heap. With `packed_slots` the lowest free slot goes first, so slots in use
-        # stay packed at the low end (a CUDA graph's rows are the slots below its bucket).
+        # stay packed at the low end (server/startup.py says when).
         self.free_slots: list[int] = list(range(n_slots))
         self.packed_slots = packed_slots
         self.waiting: deque[Request] = deque()
