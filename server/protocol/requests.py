@@ -11,7 +11,15 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from server.protocol.base import (
@@ -263,10 +271,22 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(OpenAIBaseModel):
-    """A message content part; only `{"type": "text", "text": ...}` is supported."""
+    """A message content part: text, or an assistant's refusal (OpenAI's; its text is the
+    refusal, as vLLM reads it). Images, audio and files are not supported."""
 
-    type: Literal["text"]
-    text: str
+    type: Literal["text", "refusal"]
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _has_its_text(self) -> ContentPart:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type!r} content part needs `{self.type}`")
+        return self
+
+    @property
+    def content(self) -> str:
+        return (self.text if self.type == "text" else self.refusal) or ""
 
 
 ContentParts = Annotated[list[ContentPart], MAX_ITEMS_FIELD]
@@ -317,8 +337,9 @@ class ChatMessage(OpenAIBaseModel):
     def _text_parts_only(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
             kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-            if kind != "text":
-                raise ValueError(f"content part type {kind!r} is not supported, only 'text'")
+            if kind not in ("text", "refusal"):
+                raise ValueError(f"content part type {kind!r} is not supported, only 'text' "
+                                 f"(and an assistant's 'refusal')")
         return value
 
     @field_validator("content")
@@ -335,7 +356,7 @@ class ChatMessage(OpenAIBaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.content for part in self.content)
 
     def template_dict(self) -> dict[str, Any]:
         """The message as a chat template sees it (the fields given, and `content`)."""

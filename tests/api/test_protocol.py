@@ -299,6 +299,12 @@ def test_chat_message_text_and_template_dict() -> None:
     assert message.template_dict() == {"role": "user", "content": "a\nb", "name": "ann"}
     assistant = ChatMessage.model_validate({"role": "assistant", "content": None})
     assert assistant.template_dict() == {"role": "assistant", "content": ""}
+    # An assistant's refusal part reads as its text, as vLLM reads it
+    refused = ChatMessage.model_validate({"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "No."}, {"type": "text", "text": "Sorry"}]})
+    assert refused.text == "No.\nSorry"
+    with pytest.raises(ValidationError, match="a 'refusal' content part needs `refusal`"):
+        ChatMessage.model_validate({"role": "assistant", "content": [{"type": "refusal"}]})
 
 
 def test_requested_max_tokens() -> None:
