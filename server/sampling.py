@@ -191,7 +191,7 @@ class Sampler:
     without top-k, top-p or min-p are drawn in C: softmax and the two-level inverse-CDF search
     in one pass per row, 3x faster than the PyTorch ops below at 1-64 rows of 32000 tokens.
     Which path a row takes depends only on its own parameters, and both invert the CDF at the
-    same uniform draw, so a seeded request's tokens still do not depend on its batch; they can
+    same uniform draw, so a seeded request's draws still do not depend on its batch; they can
     differ from the PyTorch path's where a draw falls within rounding of a token boundary.
     """
 
