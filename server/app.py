@@ -333,7 +333,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.state.status != "ready":
             # Stop now (a second signal; or nothing to drain: loading, failed), and exit 0 as
-            # a drain does: uvicorn's own handler re-raises the signal at exit (status 143)
+            # a drain does: uvicorn's own handler re-raises the signal at exit (status 143).
+            # One more signal after that stops without waiting for connections.
+            self.force_exit = self.should_exit
             self.should_exit = True
             return
         self.draining = True

@@ -30,27 +30,35 @@ SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", 
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object) -> None:
-    """A flag whose default a LLAMA_SERVE_ variable may set, checked as the flag would be: a
-    value off its choices, or a switch's that is neither on nor off, is a usage error
-    (argparse checks neither for defaults)."""
+    """A flag whose default a LLAMA_SERVE_ variable may set, checked as the flag would be
+    (argparse checks neither choices nor switches in defaults): a switch's value must be on
+    or off, a choice one of the choices (in any case; empty: unset). A bad value is reported
+    when the configs are built (`configs`), so that other commands and --help still run."""
     name = flag.lstrip("-")
     env = ENV_PREFIX + name.upper().replace("-", "_")
     value = os.environ.get(env)
     if value is not None:
-        choices = kwargs.get("choices")
+        choices, word = kwargs.get("choices"), value.strip().lower()
+        problem = None
         if kwargs.get("action") in ("store_true", "store_false",
                                     argparse.BooleanOptionalAction):
             # The variable says what the flag says: LLAMA_SERVE_NO_X=1 is --no-x.
-            if value.strip().lower() not in SWITCH_ON + SWITCH_OFF:
-                parser.error(f"{env}={value!r}: expected 1, true, yes or on (or 0, false, "
-                             f"no, off)")
-            given = value.strip().lower() in SWITCH_ON
-            kwargs["default"] = not given if kwargs["action"] == "store_false" else given
-        elif isinstance(choices, list | tuple) and kwargs.get("type") is None \
-                and value not in choices:
-            parser.error(f"{env}={value!r}: expected one of {', '.join(map(str, choices))}")
+            if word in SWITCH_ON + SWITCH_OFF:
+                given = word in SWITCH_ON
+                kwargs["default"] = not given if kwargs["action"] == "store_false" else given
+            else:
+                problem = f"{env}={value!r}: expected 1, true, yes or on (or 0, false, no, off)"
+        elif isinstance(choices, list | tuple) and kwargs.get("type") is None:
+            match = next((c for c in choices if str(c).lower() == word), None)
+            if match is not None:
+                kwargs["default"] = match
+            elif word:  # empty: unset, as for a switch
+                problem = f"{env}={value!r}: expected one of {', '.join(map(str, choices))}"
         else:
             kwargs["default"] = value  # converted by `type`, as argparse converts defaults
+        if problem is not None:
+            parser.set_defaults(env_problems=[*(parser.get_default("env_problems") or []),
+                                              problem])
     parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
 
@@ -138,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, ServerConfig]:
+    if problems := getattr(args, "env_problems", None):
+        raise ValueError("; ".join(problems))
     engine = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
     template = chat_template_text(args.chat_template) if args.chat_template else None
     origins = tuple(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
@@ -231,6 +241,13 @@ def serve(args: argparse.Namespace) -> int:
                 model_dir, engine_config.dtype, engine_config.device)
     server = DrainingServer(config, app.state.server)
     server.run(sockets=[sock])
+    if app.state.server.status == "loading":
+        # Stopped while the model loads: the loader (or the engine thread, warming up) is
+        # inside torch, and the interpreter's exit beside it aborts (status 134); there is
+        # nothing to save or drain
+        logger.info("stopped while loading")
+        logging.shutdown()
+        os._exit(0)
     if fatal:
         logger.error("cannot start: %s", fatal[0])
         return 1

@@ -251,6 +251,8 @@ class ModelRunner:
         if len(seq.output_ids) >= params.min_tokens:
             return []
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        if params.allowed_token_ids and banned.issuperset(params.allowed_token_ids):
+            return []  # only tokens that end it are allowed: min_tokens gives way
         return [(t, float("-inf")) for t in banned]
 
     def _prompt_logprobs(self, rows: PrefillChunkRows, logits: torch.Tensor

@@ -294,7 +294,7 @@ ContentParts = Annotated[list[ContentPart], MAX_ITEMS_FIELD]
 
 class ToolCallFunction(OpenAIBaseModel):
     name: str
-    arguments: str | dict[str, Any] = ""  # OpenAI's: JSON text
+    arguments: str | dict[str, Any] = Field("", validate_default=True)  # OpenAI's: JSON text
 
     @field_validator("arguments")
     @classmethod

@@ -305,6 +305,11 @@ def test_chat_message_text_and_template_dict() -> None:
     assert refused.text == "No.\nSorry"
     with pytest.raises(ValidationError, match="a 'refusal' content part needs `refusal`"):
         ChatMessage.model_validate({"role": "assistant", "content": [{"type": "refusal"}]})
+    # A tool call's arguments: JSON text parsed, missing or empty as no arguments
+    calls = ChatMessage.model_validate({"role": "assistant", "tool_calls": [
+        {"function": {"name": "f"}}, {"function": {"name": "g", "arguments": ""}},
+        {"function": {"name": "h", "arguments": '{"x": [1]}'}}]}).template_dict()["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == [{}, {}, {"x": [1]}]
 
 
 def test_requested_max_tokens() -> None:

@@ -204,18 +204,31 @@ def test_switch_flags_and_env(field: str, variable: str, argv: list[str], env: s
     ("NO_WARMUP", "enabled", "expected 1, true, yes or on"),
     ("METRICS_COMPAT", "prom", "expected one of vllm"),
     ("DTYPE", "fp8", "expected one of auto, float32, bfloat16, float16")])
-def test_a_bad_variable_is_a_usage_error(variable: str, value: str, expected: str,
+def test_a_bad_variable_stops_serve_only(variable: str, value: str, expected: str,
                                          monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """As the flag's value would be: argparse checks neither choices nor switches in the
-    defaults that variables set."""
-    from server.cli import build_parser
+                                         tmp_path: Path) -> None:
+    """As the flag's value would be (argparse checks neither choices nor switches in the
+    defaults that variables set), when serve builds its configs: bench and --help, which
+    read none of them, still run."""
+    from server.cli import build_parser, configs
 
     monkeypatch.setenv(f"LLAMA_SERVE_{variable}", value)
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["serve", "x"])
-    assert exit_info.value.code == 2
-    assert f"LLAMA_SERVE_{variable}={value!r}: {expected}" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", str(tmp_path)])
+    with pytest.raises(ValueError, match=re.escape(f"LLAMA_SERVE_{variable}={value!r}: "
+                                                   f"{expected}")):
+        configs(args, tmp_path)
+    assert build_parser().parse_args(["bench", "--base-url", "x"]).command == "bench"
+
+
+def test_variables_with_choices_take_any_case_and_empty_is_unset(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.cli import build_parser, configs
+
+    monkeypatch.setenv("LLAMA_SERVE_LOG_LEVEL", "INFO")
+    monkeypatch.setenv("LLAMA_SERVE_METRICS_COMPAT", "")
+    args = build_parser().parse_args(["serve", str(tmp_path)])
+    _, server = configs(args, tmp_path)
+    assert server.log_level == "info" and server.metrics_compat is None
 
 
 @pytest.mark.parametrize(("argv", "env"), [

@@ -416,6 +416,17 @@ def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
         asyncio.run(main())
 
 
+def test_allowed_token_ids_that_only_end_it_win_over_min_tokens(tiny_checkpoint: Path) -> None:
+    """allowed_token_ids of eos alone, min_tokens 3: banning eos until then would leave no
+    token to draw (one outside the set came out); the set wins, and eos ends it at 3."""
+    with running(tiny_checkpoint, max_model_len=256) as engine:
+        eos = engine.tokenizer.eos_id
+        params = SamplingParams(temperature=1.0, seed=1, allowed_token_ids=(eos,),
+                                min_tokens=3, max_tokens=8)
+        [result] = run(engine, ([5, 6, 7], params, "only-eos"))
+    assert result.tokens[0] == [eos] * 3 and result.finish[0] == FinishReason.STOP
+
+
 def test_admitted_requests_hold_their_slots_from_the_moment_they_are_scheduled(
         tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-waiting 0: while the step that admitted two requests to the two slots runs,
