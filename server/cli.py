@@ -22,8 +22,9 @@ logger = logging.getLogger("llama_serve")
 ENV_PREFIX = "LLAMA_SERVE_"
 
 
-def _env(name: str, default: object) -> object:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+def _env_name(name: str) -> str:
+    """`max-num-seqs` -> LLAMA_SERVE_MAX_NUM_SEQS."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
 
 
 SWITCH_ON, SWITCH_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -34,8 +35,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: object
     (argparse checks neither choices nor switches in defaults): a switch's value must be on
     or off, a choice one of the choices (in any case; empty: unset). A bad value is reported
     when the configs are built (`configs`), so that other commands and --help still run."""
-    name = flag.lstrip("-")
-    env = ENV_PREFIX + name.upper().replace("-", "_")
+    env = _env_name(flag.lstrip("-"))
     value = os.environ.get(env)
     if value is not None:
         choices, word = kwargs.get("choices"), value.strip().lower()
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve MODEL (a checkpoint folder or a Hugging Face hub "
                            "id; omitted: the built-in random demo model) with an "
                            "OpenAI-compatible API.")
-    serve.add_argument("model", nargs="?", default=_env("model", None),
+    serve.add_argument("model", nargs="?", default=os.environ.get(_env_name("model")),
                        help=f"checkpoint folder or hub id [env {ENV_PREFIX}MODEL]")
     e, s = EngineConfig(), ServerConfig()
     _add(serve, "--host", "address to bind", default=s.host)

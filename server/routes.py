@@ -223,12 +223,13 @@ async def _in_band_errors(events: AsyncIterator[str]) -> AsyncIterator[bytes | s
     try:
         async for event in events:
             yield _frame(event)
-    except GenerationFailed as e:  # the engine failed the request, and said why
-        yield _frame(error_event(str(e)))
-        yield _frame(DONE)
-    except Exception:
-        logger.exception("stream failed")
-        yield _frame(error_event("internal server error"))
+    except Exception as e:
+        if isinstance(e, GenerationFailed):  # the engine failed the request, and said why
+            message = str(e)
+        else:
+            logger.exception("stream failed")
+            message = "internal server error"
+        yield _frame(error_event(message))
         yield _frame(DONE)
 
 
