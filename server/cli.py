@@ -15,7 +15,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from server.bench import add_bench_parser, run_bench
-from server.config import DEFAULT_BATCHED_TOKENS, DEFAULT_MAX_MODEL_LEN, EngineConfig, ServerConfig
+from server.config import (
+    DEFAULT_BATCHED_TOKENS,
+    DEFAULT_MAX_MODEL_LEN,
+    LARGE_GPU_BATCHED_TOKENS,
+    EngineConfig,
+    ServerConfig,
+)
 
 logger = logging.getLogger("llama_serve")
 
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
          default=e.max_num_seqs)
     by_device = ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCHED_TOKENS.items())
     _add(serve, "--max-num-batched-tokens", "tokens per forward pass (prefill chunk budget); "
-         f"default: {by_device}, at least --max-num-seqs", type=int,
+         f"default: {by_device} ({LARGE_GPU_BATCHED_TOKENS} on GPUs of 70 GiB or more but "
+         "the A100, as vLLM), at least --max-num-seqs", type=int,
          default=e.max_num_batched_tokens)
     _add(serve, "--max-waiting", "requests queued beyond the slots; more get 503", type=int,
          default=e.max_waiting)

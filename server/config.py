@@ -10,9 +10,14 @@ DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len 
 # the streams decoding beside it: on the bench model 256 against 512 kept throughput
 # (c=4/16/64) and halved ITL p99 at c=16 (~100 vs ~180 ms). GPUs need bigger chunks to fill:
 # a Llama-2-7B shape on an H100 (bf16, 64 slots, 128-token prompts) did c=16 / c=64 at
-# 1355 / 1955-2432 output tok/s with 2048 against 422 / 708-1533 with 512 (README); 8192 was
-# no better but for a burst of 64 arrivals, and needs 4x the activation memory beside the pool.
+# 1355 / 1955-2432 output tok/s with 2048 against 422 / 708-1533 with 512 (README).
 DEFAULT_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
+# vLLM's default for its API server on GPUs of 70 GiB or more but the A100 (on which it
+# measured lower throughput): on an H100 a burst of 64 prompts then prefills in one step
+# instead of four, each of which the streams already decoding waited through (c=64 TPOT mean
+# 9.3-9.5 ms against 12.0-17.4 with 2048; README, Performance, GPU).
+LARGE_GPU_BATCHED_TOKENS = 8192
+LARGE_GPU_BYTES = 70 * 2**30
 
 
 def kv_cache_budget(spec: str, free_bytes: int) -> int:
@@ -74,12 +79,17 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             kv_cache_budget(self.kv_cache_memory, 2**30)  # its syntax, before anything loads
 
-    def batched_tokens(self, device_type: str) -> int:
-        """max_num_batched_tokens, or the device's default (DEFAULT_BATCHED_TOKENS), raised to
+    def batched_tokens(self, device_type: str, device_bytes: int = 0,
+                       device_name: str = "") -> int:
+        """max_num_batched_tokens, or the device's default (DEFAULT_BATCHED_TOKENS; on a GPU of
+        `device_bytes` >= 70 GiB but an A100, LARGE_GPU_BATCHED_TOKENS), raised to
         max_num_seqs so every running sequence gets its token each step."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         default = DEFAULT_BATCHED_TOKENS.get(device_type, DEFAULT_BATCHED_TOKENS["cuda"])
+        if (device_type == "cuda" and device_bytes >= LARGE_GPU_BYTES
+                and "a100" not in device_name.lower()):
+            default = LARGE_GPU_BATCHED_TOKENS
         return max(default, self.max_num_seqs)
 
 

@@ -55,6 +55,14 @@ def free_memory_bytes(device: torch.device) -> int:
     raise StartupError("cannot read available memory from /proc/meminfo")
 
 
+def device_size_and_name(device: torch.device) -> tuple[int, str]:
+    """A GPU's total memory and name (the default step size depends on them); 0 and "" on CPU."""
+    if device.type != "cuda":
+        return 0, ""
+    props = torch.cuda.get_device_properties(device)
+    return props.total_memory, props.name
+
+
 def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
     """About the most memory a step of `tokens` tokens holds besides weights and pool, kept
     free when the pool is sized (an estimate from the shapes; vLLM measures a dummy step).
@@ -113,7 +121,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
     model.pack(use_cpu_kernels=config.cpu_kernels, use_gpu_kernels=config.gpu_kernels)
     release_free_memory()  # the dense weights that packing replaced
-    batched_tokens = config.batched_tokens(device.type)
+    batched_tokens = config.batched_tokens(device.type, *device_size_and_name(device))
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
                 model.config.n_layers, model.config.dim, model.config.vocab_size,

@@ -54,6 +54,11 @@ def test_memory_budget_sets_the_slot_count() -> None:
 def test_tokens_per_step_default_by_device_and_never_below_the_slots() -> None:
     assert EngineConfig().batched_tokens("cpu") == 256
     assert EngineConfig().batched_tokens("cuda") == 2048
+    # vLLM's default on GPUs of 70 GiB or more, but the A100
+    assert EngineConfig().batched_tokens("cuda", 80 * 2**30, "NVIDIA H100 80GB HBM3") == 8192
+    assert EngineConfig().batched_tokens("cuda", 80 * 2**30, "NVIDIA A100-SXM4-80GB") == 2048
+    assert EngineConfig().batched_tokens("cuda", 24 * 2**30, "NVIDIA L4") == 2048
+    assert EngineConfig().batched_tokens("cpu", 80 * 2**30) == 256
     assert EngineConfig(max_num_seqs=300).batched_tokens("cpu") == 300
     assert EngineConfig(max_num_batched_tokens=100).batched_tokens("cuda") == 100  # given: kept
     with pytest.raises(ValueError, match="must be >= max_num_seqs"):

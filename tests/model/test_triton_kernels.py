@@ -308,7 +308,7 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
     PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps whose keys are split."""
     from model.weights import load_checkpoint
     folder = make_checkpoint(dataclasses.replace(TINY, dim=512, n_heads=4, n_kv_heads=2,
-                                                 hidden_dim=1024))
+                                                 head_dim=128, hidden_dim=1024))
     fast, ref = (load_checkpoint(folder, torch.bfloat16, "cuda") for _ in range(2))
     fast.pack()
     ref.pack(use_gpu_kernels=False)
