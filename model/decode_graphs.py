@@ -133,10 +133,12 @@ class DecodeGraphs:
         return batch, self.lengths[j]
 
     @torch.inference_mode()
-    def run(self, slots: list[int], token_ids: list[int], positions: list[int]
-            ) -> Tensor | None:
+    def run(self, slots: list[int], token_ids: list[int], positions: list[int],
+            feed: Tensor | None = None) -> Tensor | None:
         """Logits (len(slots), vocab) of one decode step, rows in the order given; each row
-        feeds `token_ids[i]` at `positions[i]` of slot `slots[i]`. None: not graphable."""
+        feeds `token_ids[i]` at `positions[i]` of slot `slots[i]`. With `feed` (token ids on
+        the device: the step before's, not yet read back), `token_ids[i]` is the row of
+        `feed` to take instead. None: not graphable."""
         key = self.bucket(slots, positions)
         if key is None:
             return None
@@ -144,6 +146,8 @@ class DecodeGraphs:
         if self._staging_read is not None:
             self._staging_read.synchronize()
         staging = self._pad_rows(self.staging[:batch])
+        if feed is not None:
+            staging[:, 0] = len(feed)  # a pad row's index: the 0 appended to `feed` below
         slot_ids = torch.tensor(slots, dtype=torch.long)
         staging[slot_ids, 0] = torch.tensor(token_ids, dtype=torch.long)
         at = torch.tensor(positions, dtype=torch.long)
@@ -152,6 +156,9 @@ class DecodeGraphs:
         self.inputs[:batch].copy_(staging, non_blocking=True)
         if self._staging_read is not None:
             self._staging_read.record()
+        if feed is not None:  # the rows' indices into feed become its ids, on the device
+            padded = torch.cat([feed, feed.new_zeros(1)])
+            self.input_ids[:batch] = padded[self.input_ids[:batch]]
         if self.capture:
             self.graphs[key].replay()
         else:

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
          "step runs (vLLM V0's async output processing); on by default, --no-async-output-proc "
          "posts each step's outputs before the next launch", action=argparse.BooleanOptionalAction,
          default=e.async_output_proc)
+    _add(serve, "--async-scheduling", "CUDA graphs: launch the next decode step before this "
+         "one's tokens are read back, feeding on them on the GPU (vLLM's --async-scheduling); "
+         "on by default, --no-async-scheduling reads each step back before the next launch",
+         action=argparse.BooleanOptionalAction, default=e.async_scheduling)
     _add(serve, "--enable-prefix-caching", "copy a prompt's prefix from a KV-cache slot "
          "that holds it (a finished request's, a running one's) instead of computing it "
          "again (vLLM's automatic prefix caching); on by default, --no-enable-prefix-caching "

@@ -53,6 +53,9 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
     # CUDA: a step's outputs go to the streams once the next step is launched (Engine._step)
     async_output_proc: bool = True
+    # CUDA graphs: the next decode step is launched before this one's tokens are read, and
+    # feeds on them on the device (Engine._step; vLLM's --async-scheduling)
+    async_scheduling: bool = True
     cpu_kernels: bool = True  # CPU float32: the C kernels of model/cpu_kernels.py
     gpu_kernels: bool = True  # CUDA: the Triton kernels of model/triton_kernels.py
     load_format: str = "auto"  # "dummy": random weights of config.json's shapes (benchmarks)

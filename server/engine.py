@@ -30,7 +30,7 @@ from server.engine_front import (
 from server.memory import release_free_memory
 from server.outputs import OutputBuilder
 from server.request import FinishReason, Request, RequestOutput, RequestStatus
-from server.runner import ModelRunner, StepResult
+from server.runner import ModelRunner, PendingStep, StepResult
 from server.scheduler import Scheduler, StepPlan
 from server.warmup import failure_message, phases
 
@@ -51,7 +51,8 @@ class Engine(EngineFront):
     in an engine process, to `output_sink` (set before `start`)."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
-                 max_waiting: int, async_output_proc: bool = False, warmup: bool = False) -> None:
+                 max_waiting: int, async_output_proc: bool = False, warmup: bool = False,
+                 async_scheduling: bool = False) -> None:
         super().__init__()
         self.runner = runner
         self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
@@ -59,6 +60,9 @@ class Engine(EngineFront):
         # Outputs of a step wait for the next launch (see _step); only where the device runs
         # after a launch returns.
         self._defer_outputs = async_output_proc and runner.asynchronous
+        # The next decode step is launched before this one's tokens are read (see _step).
+        self._async_scheduling = async_scheduling
+        self._ahead: tuple[StepPlan, PendingStep] | None = None
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.max_model_len = scheduler.max_model_len
@@ -165,7 +169,7 @@ class Engine(EngineFront):
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
             run_until(lambda seqs=seqs: all(seq.output_ids for seq in seqs))
-        run_until(lambda: not sched.has_work())
+        run_until(lambda: not sched.has_work() and self._ahead is None)
         self._reset_counters()
         return steps
 
@@ -192,7 +196,8 @@ class Engine(EngineFront):
         try:
             self.runner.bind_thread()
             while not self._stopping.is_set():
-                busy = self.scheduler.has_work()
+                # (a step launched ahead whose sequences have all ended is still read back)
+                busy = self.scheduler.has_work() or self._ahead is not None
                 if not busy:
                     self.runner.idle()
                 arrived = self._drain_inbox(block=not busy)
@@ -204,7 +209,7 @@ class Engine(EngineFront):
                     # back, once per idle period (it takes milliseconds on a fragmented heap).
                     release_free_memory()
                     trimmed = True
-                if self.scheduler.has_work():
+                if self.scheduler.has_work() or self._ahead is not None:
                     try:
                         self._step()
                         failures = 0
@@ -255,26 +260,41 @@ class Engine(EngineFront):
         outputs are held until the next step is launched, so that the event loop streams them
         (holding the GIL) while the device computes instead of holding up the next launch.
         Only a graphed decode step's launch returns at once; before an eager one (prefill
-        chunks), which reads back from the device as it goes, they are posted first."""
-        plan = self.scheduler.schedule()
-        if plan.admitted:
-            with self._lock:  # counted off the queue and onto the slots at once
-                self._stats.num_queued -= plan.admitted
-                self._stats.slots_used = self.scheduler.num_used_slots
-        if plan.num_tokens == 0:
-            self._post([])  # the last step's outputs, if held
-            return plan
-        overlap = self._defer_outputs and self.runner.launches_async(plan)
-        if not overlap:
-            self._post([])
+        chunks), which reads back from the device as it goes, they are posted first.
+
+        With async scheduling (vLLM's `--async-scheduling`; CUDA graphs, on unless
+        `--no-async-scheduling`) the next decode step is launched too before this one's
+        tokens are read, feeding on them on the device (Scheduler.plan_ahead,
+        ModelRunner.launch_ahead): the GPU goes from step to step while the host reads,
+        updates and streams. That step is this method's next call; the rows of sequences that
+        ended meanwhile (a stop token, an abort) are computed and dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            plan, launched = ahead
+            overlap = self._defer_outputs
+        else:
+            plan, launched = self.scheduler.schedule(), None
+            if plan.admitted:
+                with self._lock:  # counted off the queue and onto the slots at once
+                    self._stats.num_queued -= plan.admitted
+                    self._stats.slots_used = self.scheduler.num_used_slots
+            if plan.num_tokens == 0:
+                self._post([])  # the last step's outputs, if held
+                return plan
+            overlap = self._defer_outputs and self.runner.launches_async(plan)
+            if not overlap:
+                self._post([])
         try:
-            pending = self.runner.launch(plan)
+            pending = launched or self.runner.launch(plan)
+            if self._async_scheduling:
+                self._launch_ahead(plan, pending)
             if overlap:
                 self._post([])  # the last step's outputs, while this one runs
             result = self.runner.finish(pending)
         except Exception as e:
             # One forward serves the whole batch, so its requests fail together; the engine
             # and everything not in this step go on.
+            self._ahead = None  # (its rows are this step's sequences)
             self.runner.idle()  # the next gap would count this failure
             logger.exception("step failed")
             requests = {c.request for c in plan.prefills} | {s.request for s in plan.decodes}
@@ -285,6 +305,8 @@ class Engine(EngineFront):
             self.scheduler.forget_cached_prefixes()
             self._post(posts)
             raise StepFailed(f"a step failed: {e!r}") from e
+        if plan.fed_from is not None:
+            plan, result = _still_running(plan, result)
         # Prompt tokens taken, computed or found in the prefix cache (as vLLM counts them)
         n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
         self._stats.steps_total += 1
@@ -304,6 +326,12 @@ class Engine(EngineFront):
         else:
             self._post(outputs)
         return plan
+
+    def _launch_ahead(self, plan: StepPlan, pending: PendingStep) -> None:
+        """Launch the decode step after `plan` now, if it can be planned ahead (_step)."""
+        nxt = self.scheduler.plan_ahead(plan)
+        if nxt is not None and (launched := self.runner.launch_ahead(nxt, pending)):
+            self._ahead = (nxt, launched)
 
     def _emit_iteration(self) -> None:
         self._notify(self._outputs.take_iteration())
@@ -357,6 +385,19 @@ class Engine(EngineFront):
             posts += self._finish_request(request, RequestStatus.FINISHED_ERROR, message)
         self._stats.finished_total[FinishReason.ERROR.value] += len(queued)
         self._post(posts + queued)
+
+
+def _still_running(plan: StepPlan, result: StepResult) -> tuple[StepPlan, StepResult]:
+    """A step planned ahead, less the rows of sequences that ended after it was launched (a
+    stop token in the step before, an abort): their tokens are dropped."""
+    live = [i for i, seq in enumerate(plan.decodes) if not seq.status.is_finished]
+    if len(live) == len(plan.decodes):
+        return plan, result
+    assert plan.fed_from is not None
+    kept = StepPlan(decodes=[plan.decodes[i] for i in live],
+                    fed_from=[plan.fed_from[i] for i in live])
+    logprobs = None if result.logprobs is None else [result.logprobs[i] for i in live]
+    return kept, replace(result, tokens=[result.tokens[i] for i in live], logprobs=logprobs)
 
 
 class StepFailed(RuntimeError):

@@ -8,7 +8,9 @@ lm_head at every position unless prompt logprobs were asked for.
 A step is `launch` (inputs, forward and sampling queued on the device) then `finish` (the
 sampled ids read back). On a GPU a graphed step runs between the two, where the engine can hand
 out the previous step's outputs (`launches_async`, async output processing); on CPU `launch`
-already computes everything.
+already computes everything. With async scheduling the engine also launches the next decode
+step before `finish` (`launch_ahead`): its rows feed on the sampled ids still on the device, so
+the GPU never waits for the host between two graphed steps.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class PendingStep:
     params: list[SamplingParams]
     scored: list[tuple[PrefillChunkRows, torch.Tensor]]  # prompt-logprob chunks, their logits
     timing: ForwardTiming | None = None
+    # On a GPU, `sampled` copied to pinned host memory as the step ends, and the event of
+    # that copy: `finish` waits for this step alone, not for one launched after it.
+    host: SamplerOutput | None = None
+    copied: torch.cuda.Event | None = None
 
 
 class ModelRunner:
@@ -107,27 +113,43 @@ class ModelRunner:
         if self.graphs is None or plan.prefills or not plan.decodes:
             return False
         return self.graphs.bucket([s.slot for s in plan.decodes],
-                                  [s.num_computed for s in plan.decodes]) is not None
+                                  plan.decode_positions()) is not None
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> PendingStep:
+    def launch_ahead(self, plan: StepPlan, before: PendingStep) -> PendingStep | None:
+        """Launch `plan` (Scheduler.plan_ahead) behind the step `before`, still unread: its
+        rows feed the tokens `before` samples, on the device. None, launching nothing, where
+        the step could not go ahead as planned: it runs no graph, or its sampling depends on
+        the tokens it does not know yet (penalties count them; a min_tokens ban is lifted
+        after the last of them)."""
+        if before.sampled is None or not self._replays_graph(plan):
+            return None
+        if any(s.request.params.has_penalties or self._min_tokens_ban(s) for s in plan.decodes):
+            return None
+        return self.launch(plan, feed=before.sampled.token_ids)
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, feed: torch.Tensor | None = None) -> PendingStep:
         """Queue the step's forward and sampling; nothing is read back from the device (on a
-        graphed decode step), so on a GPU this returns while the step runs."""
+        graphed decode step), so on a GPU this returns while the step runs. `feed`: the
+        sampled ids of the step before, for a plan made ahead of them (`launch_ahead`)."""
         # The sampling controls go to the device first: a host-to-device copy queued after
         # the forward would wait for it.
         sampling = self._sampling_batch(plan.sampled) if plan.sampled else None
         for copy in plan.copies:  # cached prefixes into new prompts' slots, before any write
             self.pool.copy_slot(copy.src, copy.dst, copy.length)
-        ids = [seq.last_token for seq in plan.decodes]
+        # Each decoding sequence feeds its newest token: the last one it holds, or, planned
+        # ahead, its row of `feed` (which the graph gathers on the device).
+        ids = plan.fed_from if feed is not None else [seq.last_token for seq in plan.decodes]
+        assert ids is not None
         n_decode = len(ids)
-        # A decoding sequence feeds its newest token at position num_computed (the number of
-        # tokens its slot already holds).
-        slots, positions = [s.slot for s in plan.decodes], [s.num_computed for s in plan.decodes]
+        slots, positions = [s.slot for s in plan.decodes], plan.decode_positions()
         if self._replays_graph(plan):
             assert self.graphs is not None
-            logits = self.graphs.run(slots, ids, positions)
+            logits = self.graphs.run(slots, ids, positions, feed=feed)
             assert logits is not None  # the bucket exists (_replays_graph)
             return self._pending(plan, sampling, logits, [])
+        assert feed is None, "a step planned ahead replays a graph (launch_ahead)"
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
         last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token
@@ -184,13 +206,23 @@ class ModelRunner:
                  timing: ForwardTiming | None = None) -> PendingStep:
         """The sampler queued on the step's logits (rows aligned with plan.sampled)."""
         sampled = self.sampler(logits, sampling) if sampling is not None else None
-        return PendingStep(sampled, [s.request.params for s in plan.sampled], scored, timing)
+        step = PendingStep(sampled, [s.request.params for s in plan.sampled], scored, timing)
+        if sampled is not None and self.device.type == "cuda":
+            step.host = SamplerOutput(*(None if t is None else _to_pinned_host(t)
+                                        for t in (sampled.token_ids, sampled.logprobs,
+                                                  sampled.top_ids, sampled.top_logprobs)))
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
 
     @torch.inference_mode()
     def finish(self, step: PendingStep) -> StepResult:
         """Read the launched step's tokens (and logprobs) back: waits for the device."""
         result = StepResult([], None, timing=step.timing)
         out = step.sampled
+        if step.copied is not None:
+            step.copied.synchronize()
+            out = step.host
         if out is not None:
             result.tokens = out.token_ids.tolist()
             if out.logprobs is not None:
@@ -270,6 +302,14 @@ class ModelRunner:
                                       top_lps.tolist(), strict=True):
                 out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True))))
         return rows.request, out
+
+
+def _to_pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a device tensor into pinned host memory, queued on the stream (from torch's
+    caching host allocator: no allocation per step once warm)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def step_kind(plan: StepPlan) -> str:

@@ -58,10 +58,19 @@ class StepPlan:
     admitted: int = 0  # requests given their slots by this step
     num_queried_tokens: int = 0  # their prompt tokens looked up in the prefix cache
     num_cached_tokens: int = 0  # ... and copied from it
+    # A step planned ahead (async scheduling, Scheduler.plan_ahead): each decode's row among
+    # the tokens of the step before, which is still running; None for a step planned as usual
+    fed_from: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
+
+    def decode_positions(self) -> list[int]:
+        """Where each decode row feeds its token, as the step is launched: at num_computed,
+        or one on for a step planned ahead (the step before has not counted its token yet)."""
+        lag = 0 if self.fed_from is None else 1
+        return [s.num_computed + lag for s in self.decodes]
 
     @property
     def sampled(self) -> list[Sequence]:
@@ -155,6 +164,29 @@ class Scheduler:
             plan.admitted += 1
             budget -= self._add_chunk(plan, request, budget)
         return plan
+
+    def plan_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The decode step after `plan`, planned while `plan` runs, before its tokens are read
+        back (async scheduling; the runner feeds it `plan`'s sampled ids on the device): the
+        same sequences, one token on. Only where nothing else would change the step: `plan`
+        decodes only, and no request waits or is mid-prefill. A sequence that `plan` ends by
+        length is left out; one that it ends with a stop token is not known yet, and its row
+        is computed and dropped (Engine._step). None: plan the next step as usual."""
+        if plan.prefills or plan.copies or not plan.decodes or self.waiting or self.prefilling:
+            return None
+        rows = [i for i, seq in enumerate(plan.decodes)
+                if not seq.status.is_finished and not self._ends_by_length_after_one(seq)]
+        if not rows:
+            return None
+        return StepPlan(decodes=[plan.decodes[i] for i in rows], fed_from=rows)
+
+    def _ends_by_length_after_one(self, seq: Sequence) -> bool:
+        """Whether one more token ends `seq` by max_tokens or the context (_token_stop);
+        the next position must also stay inside its slot."""
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None and len(seq.output_ids) + 1 >= max_tokens:
+            return True
+        return seq.num_tokens + 1 >= self.max_model_len
 
     def _admit(self, plan: StepPlan, request: Request) -> None:
         """Give each of `request`'s samples a slot, and start its prefill after the longest

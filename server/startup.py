@@ -146,4 +146,5 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                           eos_id=tokenizer.eos_id, prefix_caching=config.prefix_caching,
                           packed_slots=graphs is not None or not model.attends_by_slot)
     return Engine(runner, scheduler, tokenizer, config.max_waiting,
-                  async_output_proc=config.async_output_proc, warmup=config.warmup)
+                  async_output_proc=config.async_output_proc, warmup=config.warmup,
+                  async_scheduling=config.async_scheduling and graphs is not None)

@@ -64,6 +64,7 @@ def running(folder: Path, graph_layout: bool = False, **config: object) -> Itera
         runner = engine.runner
         runner.graphs = DecodeGraphs(runner.model, runner.pool, capture=False)
         engine.scheduler.packed_slots = True  # as start-up sets it with graphs
+        engine._async_scheduling = EngineConfig(**config).async_scheduling  # ... and this
     engine.start()
     try:
         yield engine
@@ -135,32 +136,144 @@ def test_batch_invariance(tiny_checkpoint: Path, sampled: bool) -> None:
         assert len(a.tokens[0]) == job[1].max_tokens
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["in-turn", "ahead"])
 def test_graph_decode_layout_changes_no_token(tiny_checkpoint: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              async_scheduling: bool) -> None:
     """Decode steps in the CUDA-graph layout (slot rows, buckets, pad rows; eager on CPU)
-    give every one of 24 staggered requests, greedy and seeded, the tokens it gets alone."""
+    give every one of 24 staggered requests, greedy and seeded, the tokens it gets alone;
+    also with async scheduling (steps launched ahead, fed the tokens of the step before on
+    the device)."""
     rng = random.Random(3)
     jobs = []
     for i, prompt in enumerate(prompts(24, seed=3, max_len=300)):
         params = SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i,
                                 max_tokens=rng.randint(1, 30), ignore_eos=True)
         jobs.append((prompt, params, f"r{i}", rng.random() * 0.3))
-    graphed_steps = []
+    graphed_steps, fed = [], []
     run_graphs = DecodeGraphs.run
 
-    def counting(self, *args):  # noqa: ANN001, ANN002, ANN202
-        logits = run_graphs(self, *args)
+    def counting(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        logits = run_graphs(self, *args, **kwargs)
         graphed_steps.append(logits is not None)
+        fed.append(kwargs.get("feed") is not None)
         return logits
     monkeypatch.setattr(DecodeGraphs, "run", counting)
     config = {"max_num_seqs": 12, "max_num_batched_tokens": 96, "max_model_len": 512}
-    with running(tiny_checkpoint, graph_layout=True, **config) as engine:
+    with running(tiny_checkpoint, graph_layout=True, async_scheduling=async_scheduling,
+                 **config) as engine:
         together = run(engine, *jobs)
     with running(tiny_checkpoint, **config) as engine:
         alone = [run(engine, (p, params, rid))[0] for p, params, rid, _ in jobs]
     assert sum(graphed_steps) >= 20
+    assert (sum(fed) >= 10) if async_scheduling else not any(fed)
     for job, a, t in zip(jobs, alone, together, strict=True):
         assert t.tokens == a.tokens, f"{job[2]} changed in the graph layout"
+
+
+def test_async_scheduling_ends_like_steps_in_turn(tiny_checkpoint: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    check_async_scheduling_ends_like_steps_in_turn(tiny_checkpoint, monkeypatch)
+
+
+def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   **engine_config: object) -> None:
+    """Steps launched ahead end every kind of request as steps taken in turn do: stop
+    tokens and stop strings (found only after the next step was launched: its row is
+    dropped), max_tokens and the context's end (never launched ahead), logprobs, n=2, an
+    abort, and penalties and min_tokens (which keep a step from going ahead while they need
+    the tokens it does not know). On CPU in the graph layout run eagerly;
+    tests/model/test_gpu.py runs it on CUDA's graphs."""
+    graph_layout = engine_config.get("device", "cpu") == "cpu"
+    config = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 160,
+              **engine_config}
+    base = [prompts(12, seed=9, max_len=100)[i] for i in range(12)]
+    with running(folder, graph_layout=graph_layout, async_scheduling=False, **config) as e:
+        greedy = run(e, *((p, replace(GREEDY, max_tokens=20), f"g{i}")
+                          for i, p in enumerate(base)))
+        tok = e.tokenizer
+    stop_text = tok.decode(greedy[3].tokens[0][6:8]).strip()[:2]
+    assert stop_text
+    jobs = [
+        (base[0], SamplingParams(temperature=0.0, max_tokens=30,
+                                 stop_token_ids=(greedy[0].tokens[0][5],)), "stop-token", 0.0),
+        (base[1], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True), "length", 0.01),
+        (base[2], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True), "context",
+         0.02),
+        (base[3], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                                 stop=(stop_text,)), "stop-string", 0.03),
+        (base[4], SamplingParams(temperature=0.8, seed=4, max_tokens=15, ignore_eos=True,
+                                 logprobs=2, n=2), "seeded-n2", 0.0),
+        (base[5], SamplingParams(temperature=0.7, seed=5, max_tokens=12, ignore_eos=True,
+                                 presence_penalty=0.5, frequency_penalty=0.3), "penalties",
+         0.05),
+        # The stop token forced every step: it ends the request at the first step min_tokens
+        # allows it (a ban counted one token behind would run one step on)
+        (base[6], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
+                                 logit_bias=((7, 100.0),), stop_token_ids=(7,)), "min-tokens",
+         0.02),
+    ]
+    def both(engine: Engine) -> list[Result]:
+        async def main() -> list[Result]:
+            aborted = collect_aborted(engine, base[7], replace(GREEDY, max_tokens=40), "abort",
+                                      after=5)
+            return await asyncio.gather(*(collect(engine, *job) for job in jobs), aborted)
+        return asyncio.run(main())
+    with running(folder, graph_layout=graph_layout, async_scheduling=False, **config) as e:
+        in_turn = both(e)
+    with running(folder, graph_layout=graph_layout, async_scheduling=True, **config) as e:
+        ahead = both(e)
+    for job, a, b in zip(jobs, in_turn, ahead, strict=False):
+        assert (a.tokens, a.text, a.finish) == (b.tokens, b.text, b.finish), job[2]
+    assert in_turn[0].finish[0] == FinishReason.STOP and len(in_turn[0].tokens[0]) < 30
+    assert in_turn[3].finish[0] == FinishReason.STOP and stop_text not in in_turn[3].text[0]
+    assert len(in_turn[2].tokens[0]) + len(base[2]) == 160
+    assert len(in_turn[6].tokens[0]) == 7 and in_turn[6].finish[0] == FinishReason.STOP
+    assert ahead[-1].finish[0] == FinishReason.ABORT
+    assert ahead[-1].tokens[0][:5] == in_turn[-1].tokens[0][:5]
+
+
+def test_async_scheduling_launches_the_next_step_before_reading(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step is launched before the one in flight is read back, except where the
+    sequence ends by length in the step in flight (its last token is never run ahead); one
+    that ends on a stop token had its next step launched, whose row is dropped."""
+    dropped: list[int] = []
+    still = engine_module._still_running
+
+    def recording(plan, result):  # noqa: ANN001, ANN202
+        kept = still(plan, result)
+        dropped.append(len(plan.decodes) - len(kept[0].decodes))
+        return kept
+    monkeypatch.setattr(engine_module, "_still_running", recording)
+    with running(tiny_checkpoint, graph_layout=True, max_model_len=1024,
+                 async_scheduling=True) as engine:
+        full = run(engine, ([5, 6], replace(GREEDY, max_tokens=12), "full"))[0].tokens[0]
+        k = next(i for i in range(2, 12) if full[i] not in full[:i])
+        cut = run(engine, ([5, 6], replace(GREEDY, max_tokens=12, ignore_eos=False,
+                                           stop_token_ids=(full[k],)), "cut"))[0]
+        run(engine, ([5], replace(GREEDY, max_tokens=1), "after"))  # (the dropped step first)
+    assert cut.tokens[0] == full[:k + 1] and cut.finish[0] == FinishReason.STOP
+    assert sum(dropped) == 1
+    events: list[str] = []
+    with running(tiny_checkpoint, graph_layout=True, max_model_len=1024,
+                 async_scheduling=True) as engine:
+        launch, finish = engine.runner.launch, engine.runner.finish
+
+        def recording_launch(plan, feed=None):  # noqa: ANN001, ANN202
+            events.append("launch" if feed is None else "ahead")
+            return launch(plan, feed)
+
+        def recording_finish(step):  # noqa: ANN001, ANN202
+            events.append("read")
+            return finish(step)
+
+        engine.runner.launch, engine.runner.finish = recording_launch, recording_finish  # type: ignore
+        res = run(engine, ([5, 6], replace(GREEDY, max_tokens=5), "r"))[0]
+    assert len(res.tokens[0]) == 5
+    # prefill (token 1); decode 2, with 3 ahead; 3, with 4 ahead; 4, with 5 ahead; 5 alone
+    assert events == ["launch", "read", "launch", "ahead", "read", "ahead", "read", "ahead",
+                      "read", "read"]
 
 
 def test_chunked_prefill_gives_same_logits(tiny_checkpoint: Path) -> None:
@@ -574,7 +687,8 @@ def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,
     tokens are posted (the event loop streams them while the device computes); the prefill
     (eager) step and the final tokens post at once; without it, every step posts at once."""
     events: list[str] = []
-    with running(tiny_checkpoint, graph_layout=True, max_model_len=1024) as engine:
+    with running(tiny_checkpoint, graph_layout=True, max_model_len=1024,
+                 async_scheduling=False) as engine:
         launch, post = engine.runner.launch, engine._post
 
         def recording_launch(plan):  # noqa: ANN001, ANN202

@@ -126,6 +126,31 @@ def test_token_level_stops() -> None:
     assert reqs["ignore"].seqs[0].output_ids == [EOS, EOS, 5]
 
 
+def test_plan_ahead_takes_the_same_decodes_one_token_on() -> None:
+    """The step planned while a decode step runs: the same sequences at the next position,
+    each fed its row of that step's tokens; not one that step ends by length (max_tokens,
+    the context), and no plan at all while a prompt waits or is mid-prefill."""
+    s = Scheduler(n_slots=4, max_model_len=12, max_num_batched_tokens=64)
+    s.add(Request("a", [1, 2], SamplingParams(max_tokens=8, ignore_eos=True)))
+    s.add(Request("last", [1, 2], SamplingParams(max_tokens=2, ignore_eos=True)))
+    s.add(Request("ctx", [1] * 10, SamplingParams(max_tokens=None, ignore_eos=True)))
+    reqs = dict(s.requests)
+    run_step(s, 5)  # the prompts; each has 1 token now
+    assert s.plan_ahead(StepPlan(prefills=[])) is None
+    plan = s.schedule()
+    assert [q.request.request_id for q in plan.decodes] == ["a", "last", "ctx"]
+    ahead = s.plan_ahead(plan)  # "last" ends with its 2nd token, "ctx" at 10 + 2 = 12
+    assert ahead is not None
+    assert [q.request.request_id for q in ahead.decodes] == ["a"] and ahead.fed_from == [0]
+    assert ahead.decode_positions() == [plan.decode_positions()[0] + 1] == [3]
+    s.update(plan, [6, 6, 6])
+    assert reqs["last"].seqs[0].status == RequestStatus.FINISHED_LENGTH
+    assert reqs["ctx"].seqs[0].status == RequestStatus.FINISHED_LENGTH
+    assert ahead.decode_positions() == [4]  # counted from the updated state: one on again
+    s.add(Request("new", [1, 2, 3], SamplingParams(max_tokens=3)))
+    assert s.plan_ahead(s.schedule()) is None  # "new" is in that plan: mid-prefill until run
+
+
 # --- prefix caching ----------------------------------------------------------------------------
 
 class ShadowPool:

@@ -12,7 +12,10 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.request import SamplingParams
 from server.startup import build_engine
-from tests.engine.test_engine import check_prefix_caching_changes_no_token
+from tests.engine.test_engine import (
+    check_async_scheduling_ends_like_steps_in_turn,
+    check_prefix_caching_changes_no_token,
+)
 from tests.model.test_decode_graphs import check_graph_steps
 
 pytestmark = [pytest.mark.gpu,
@@ -46,20 +49,23 @@ def test_cuda_graphs_on_a_second_gpu(tiny_checkpoint: Path) -> None:
     check_graph_steps(model, capture=True, atol=1e-4)
 
 
-@pytest.mark.parametrize("enforce_eager, async_output_proc",
-                         [(False, False), (True, False), (False, True)],
-                         ids=["graphs", "eager", "graphs-async-output"])
+@pytest.mark.parametrize("enforce_eager, async_output_proc, async_scheduling",
+                         [(False, False, False), (True, False, False), (False, True, False),
+                          (False, True, True)],
+                         ids=["graphs", "eager", "graphs-async-output", "graphs-ahead"])
 def test_cuda_engine_decodes_like_cpu(tiny_checkpoint: Path, enforce_eager: bool,
-                                      async_output_proc: bool) -> None:
-    """Greedy float32 tokens on CUDA (with and without CUDA graphs, and with async output
-    processing) equal the CPU engine's, for a batch of requests."""
+                                      async_output_proc: bool, async_scheduling: bool) -> None:
+    """Greedy float32 tokens on CUDA (with and without CUDA graphs, with async output
+    processing, and with async scheduling too: the defaults) equal the CPU engine's, for a
+    batch of requests."""
     def run(device: str) -> list[list[int]]:
         engine = build_engine(tiny_checkpoint, EngineConfig(
             device=device, dtype="float32", max_model_len=512, enforce_eager=enforce_eager,
-            async_output_proc=async_output_proc))
+            async_output_proc=async_output_proc, async_scheduling=async_scheduling))
         if device == "cuda":
             assert (engine.runner.graphs is None) == enforce_eager
             assert engine._defer_outputs == async_output_proc
+            assert engine._async_scheduling == async_scheduling
         engine.start()
 
         async def one(i: int) -> list[int]:
@@ -133,3 +139,11 @@ def test_cuda_prefix_caching_changes_no_token(tiny_checkpoint: Path, enforce_eag
     check_prefix_caching_changes_no_token(tiny_checkpoint, device="cuda", dtype="float32",
                                           enforce_eager=enforce_eager,
                                           async_output_proc=async_output_proc)
+
+
+def test_cuda_async_scheduling_ends_like_steps_in_turn(tiny_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps launched ahead on CUDA graphs (fed the sampled ids on the GPU, read back from
+    pinned copies while the next step runs) end every kind of request as steps in turn do."""
+    check_async_scheduling_ends_like_steps_in_turn(tiny_checkpoint, monkeypatch, device="cuda",
+                                                   dtype="float32", async_output_proc=True)
