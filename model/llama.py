@@ -11,7 +11,9 @@ are one sequence attended causally.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +34,8 @@ if TYPE_CHECKING:  # imported where used: CPU servers need not import triton
     StepKernels = cpu_kernels.CpuKernels | TritonKernels
 
 Tensor = torch.Tensor
+
+logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -165,8 +169,14 @@ class PackedLinear:
         self.use_onednn = use_onednn
         # The plain layout is the other way round: more rows cost more.
         self.min_rows = self.MIN_ROWS if weight.is_mkldnn else 0
+        # On a GPU, a matmul for up to `skinny_rows` rows that beat cuBLAS on this shape
+        # (LlamaModel.pack: TritonKernels.faster_skinny_shapes)
+        self.skinny: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.skinny_rows = 0
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.skinny is not None and x.shape[0] <= self.skinny_rows:
+            return self.skinny(x, self.weight)
         if self.kernels is not None:
             return self.kernels.linear(x, self.weight, self.out_features)
         if not self.use_onednn:
@@ -370,6 +380,27 @@ class LlamaModel(nn.Module):
         self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied,
                                            kernels=kernels)
         del self.lm_head
+        self._use_skinny_matmuls(kernels)
+
+    def _use_skinny_matmuls(self, kernels: StepKernels | None) -> None:
+        """With Triton's kernels, their skinny matmul for decode's few rows in the linears of
+        the shapes where it measured faster than cuBLAS here (on an H100 in bf16 o_proj and
+        gate_up_proj, 5 us a layer at 1 row; README, Performance, GPU)."""
+        if kernels is None or isinstance(kernels, cpu_kernels.CpuKernels):
+            return
+        from model import triton_kernels
+        linears = [self.lm_head_packed]
+        for layer in self.model.layers:
+            linears += [layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down]
+        # (on CPU, where tests force these kernels, oneDNN's blocked weights are not plain)
+        packed = [lin for lin in linears if lin is not None and not lin.weight.is_mkldnn]
+        faster = kernels.faster_skinny_shapes([lin.weight for lin in packed])
+        for lin in packed:
+            if tuple(lin.weight.shape) in faster:
+                lin.skinny, lin.skinny_rows = kernels.skinny_linear, triton_kernels.SKINNY_ROWS
+        logger.info("skinny matmul (up to %d rows) for weights %s; cuBLAS for the others",
+                    triton_kernels.SKINNY_ROWS,
+                    ", ".join(f"{n}x{k}" for n, k in sorted(faster)) or "none")
 
     @property
     def attends_by_slot(self) -> bool:

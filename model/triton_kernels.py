@@ -34,8 +34,10 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from model.attention import check_decode_attention_args, check_rope_store_args
 from model.config import ModelConfig
@@ -223,6 +225,41 @@ if triton is not None:
         tl.store(out_ptr + at * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _skinny_matmul(x_ptr, w_ptr, y_ptr, n_rows, n_out, n_in, x_stride, y_stride,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # y (n_rows, n_out) = x (n_rows, n_in) @ w (n_out, n_in)^T for a few rows: each
+        # program reads BLOCK_N rows of the weight once, whole, for all of x's rows.
+        rows = tl.arange(0, BLOCK_M)
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :],
+                        mask=(rows[:, None] < n_rows) & (ks[None, :] < n_in), other=0.0)
+            w = tl.load(w_ptr + outs[:, None].to(tl.int64) * n_in + ks[None, :],
+                        mask=(outs[:, None] < n_out) & (ks[None, :] < n_in), other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        tl.store(y_ptr + rows[:, None] * y_stride + outs[None, :],
+                 acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < n_rows) & (outs[None, :] < n_out))
+
+
+# The skinny matmul's rows (a matrix product's smallest side) and tiles: on an H100 in bf16
+# the best of 24 configurations for Llama-2-7B's o_proj and gate_up_proj at 1 and 4 rows
+# (README, Performance, GPU); float32 tiles a quarter as deep, to fit shared memory.
+SKINNY_ROWS = 16
+SKINNY_BLOCK_N = 32
+SKINNY_BLOCK_K = {torch.float32: 128}
+SKINNY_BLOCK_K_DEFAULT = 512
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -343,6 +380,57 @@ class TritonKernels:
                                                    num_warps=4)
         return out
 
+    def skinny_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (R, K) @ weight (N, K)^T for R <= SKINNY_ROWS rows: each weight row is read once
+        for all of them, in tiles (SKINNY_BLOCK_*) that cuBLAS's kernels for so few rows do
+        not use. Where it beats cuBLAS is measured at load (`faster_skinny_shapes`)."""
+        n_rows, n_in = x.shape
+        n_out = weight.shape[0]
+        if not (n_rows <= SKINNY_ROWS and weight.shape == (n_out, n_in)
+                and weight.is_contiguous() and x.stride(1) == 1 and x.dtype == weight.dtype):
+            raise ValueError("skinny_linear: unexpected shapes, dtypes or layout")
+        y = torch.empty(n_rows, n_out, dtype=x.dtype, device=x.device)
+        if n_rows:
+            block_k = SKINNY_BLOCK_K.get(x.dtype, SKINNY_BLOCK_K_DEFAULT)
+            with _on_device_of(x):
+                _skinny_matmul[(triton.cdiv(n_out, SKINNY_BLOCK_N),)](
+                    x, weight, y, n_rows, n_out, n_in, x.stride(0), y.stride(0),
+                    BLOCK_M=SKINNY_ROWS, BLOCK_N=SKINNY_BLOCK_N, BLOCK_K=block_k,
+                    IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
+        return y
+
+    def faster_skinny_shapes(self, weights: list[Tensor], rows: tuple[int, ...] = (1, 8),
+                             repeats: int = 5) -> set[tuple[int, int]]:
+        """The weight shapes that `skinny_linear` multiplies faster than cuBLAS (F.linear)
+        at each of `rows`, timed on a GPU by CUDA events over every weight of a shape in turn
+        (the layers' weights: no reuse from L2, as in a step). A shape whose kernel fails to
+        launch (shared memory, ...) is left to cuBLAS. Under the interpreter, every shape
+        (so that CPU tests run the kernel)."""
+        by_shape: dict[tuple[int, int], list[Tensor]] = {}
+        for w in weights:
+            by_shape.setdefault(tuple(w.shape), []).append(w)
+        if not by_shape:
+            return set()
+        device = weights[0].device
+        if device.type != "cuda":
+            return set(by_shape) if interpreted() else set()
+        faster = set()
+        for shape, group in by_shape.items():
+            try:
+                ours = theirs = 0.0
+                for n in rows:
+                    x = torch.randn(n, shape[1], device=device).to(group[0].dtype)
+                    ours += _time_over(group, lambda w, x=x: self.skinny_linear(x, w), repeats)
+                    theirs += _time_over(group, lambda w, x=x: F.linear(x, w), repeats)
+            except Exception as exc:  # noqa: BLE001 - cuBLAS stays the choice
+                if device_fault(exc):
+                    raise
+                logger.info("skinny matmul unavailable for %s: %s", shape, exc)
+                continue
+            if ours < theirs:
+                faster.add(shape)
+        return faster
+
     def probe(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         """Run each kernel once at the model's widths on tiny inputs, with and without split
         keys: raises what a launch would (no C compiler for Triton's launcher, more shared
@@ -369,6 +457,24 @@ class TritonKernels:
                 self.decode_attention(q, k_cache, v_cache, slots, lens, keys, splits=splits)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def _time_over(weights: list[Tensor], matmul: Callable[[Tensor], object],
+               repeats: int) -> float:
+    """Milliseconds of `matmul` over every weight in turn (after one warm-up pass), the
+    fastest of `repeats` passes."""
+    for w in weights:
+        matmul(w)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for w in weights:
+            matmul(w)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
 
 
 @functools.cache

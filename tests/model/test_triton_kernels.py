@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import llama
 from model.attention import AttentionBatch, PrefillSpan
 from model.kv_cache import KVCachePool
 from model.llama import apply_rope
@@ -99,6 +100,46 @@ def test_silu_mul_is_the_reference(device: str) -> None:
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         else:
             assert ulps(got, want) <= ulp_limit(dtype), dtype
+
+
+def test_skinny_linear_is_the_matmul(device: str) -> None:
+    """1 to 16 rows against F.linear, in tiles that do not divide the weight (the masked
+    edges): float32 to float32's rounding (an IEEE dot), half precision within a rounding of
+    the output (the sum in another order)."""
+    for dtype in dtypes(device):
+        if device == "cpu" and dtype == torch.bfloat16:
+            continue  # the interpreter's matrix product takes no bfloat16
+        weight = torch.randn(100, 600, device=device).to(dtype)  # 600: not whole 512s or 128s
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 600, device=device).to(dtype)
+            got, want = K.skinny_linear(x, weight), F.linear(x.float(), weight.float())
+            assert got.dtype == dtype and got.shape == (rows, 100)
+            tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+            assert torch.allclose(got.float(), want, rtol=tol, atol=tol * 25), (dtype, rows)
+    with pytest.raises(ValueError):
+        K.skinny_linear(torch.randn(17, 600, device=device), torch.randn(100, 600, device=device))
+
+
+def test_skinny_matmuls_are_chosen_where_faster(tiny_checkpoint: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels are asked once, with every linear's weight; the linears of the shapes
+    that they say the skinny matmul won take it, for up to SKINNY_ROWS rows only."""
+    asked: list[int] = []
+    model = load(tiny_checkpoint, pack=False)
+    dim = model.config.dim
+    kernels = triton_kernels.TritonKernels()
+    monkeypatch.setattr(kernels, "faster_skinny_shapes",
+                        lambda weights: asked.append(len(weights)) or {(dim, dim)})
+    monkeypatch.setattr(llama, "onednn_linear_works", lambda dtype: False)  # plain weights
+    model.pack(kernels=kernels)
+    assert asked == [4 * model.config.n_layers + 1]
+    o, qkv = model.model.layers[0].self_attn.o, model.model.layers[0].self_attn.qkv
+    assert o is not None and tuple(o.weight.shape) == (dim, dim) and o.skinny is not None
+    assert qkv is not None and qkv.skinny is None
+    rows: list[int] = []
+    o.skinny = lambda x, w: rows.append(len(x)) or F.linear(x, w)
+    o(torch.randn(2, dim)), o(torch.randn(triton_kernels.SKINNY_ROWS + 1, dim))
+    assert rows == [2]  # more rows: F.linear
 
 
 def test_rope_store_rotates_and_stores_as_the_reference(device: str) -> None:
@@ -304,8 +345,9 @@ def test_heads_the_kernels_cannot_take_keep_pytorchs_attention(make_checkpoint: 
                     reason="needs CUDA, compiled")
 def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: MakeCheckpoint
                                                              ) -> None:
-    """Llama's head size (128), GQA 2:1, in bf16 on the GPU: the kernels' logits against
-    PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps whose keys are split."""
+    """Llama's head size (128), GQA 2:1, in bf16 on the GPU: the kernels' logits (the skinny
+    matmul's too) against PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps
+    whose keys are split."""
     from model.weights import load_checkpoint
     folder = make_checkpoint(dataclasses.replace(TINY, dim=512, n_heads=4, n_kv_heads=2,
                                                  head_dim=128, hidden_dim=1024))
@@ -313,8 +355,13 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
     fast.pack()
     ref.pack(use_gpu_kernels=False)
     assert fast.config.head_dim == 128
-    assert fast.model.layers[0].self_attn.kernels is not None
+    kernels = fast.model.layers[0].self_attn.kernels
+    assert kernels is not None
     assert ref.model.layers[0].self_attn.kernels is None
+    # Every linear on the skinny matmul for its few rows, whatever it measured here
+    for layer in fast.model.layers:
+        for lin in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
+            lin.skinny, lin.skinny_rows = kernels.skinny_linear, triton_kernels.SKINNY_ROWS
     pools = [KVCachePool(fast.config, 2, 1024, torch.bfloat16, "cuda") for _ in range(2)]
 
     def both(ids: list[int], positions: list[int], batch: AttentionBatch) -> None:
