@@ -404,11 +404,10 @@ class TritonKernels:
         """The weight shapes that `skinny_linear` multiplies in under `margin` of cuBLAS's
         (F.linear) time, summed over `rows`: timed on a GPU with CUDA events over every
         weight of a shape in turn (the layers' weights: no reuse from L2, as in a step),
-        the two taking turns, the fastest of `repeats` passes each. (One pass each, as first
-        written, chose differently between two loads on an H100: a few per cent apart, the
-        clocks of a GPU just woken decide; the margin leaves a tie to cuBLAS.) A shape whose
-        kernel fails to launch (shared memory, ...) is left to cuBLAS. Under the
-        interpreter, every shape (so that CPU tests run the kernel)."""
+        replayed from CUDA graphs and taking turns, the fastest of `repeats` replays each (the
+        margin leaves a near tie to cuBLAS). A shape whose kernel fails to launch (shared
+        memory, ...) is left to cuBLAS. Under the interpreter, every shape (so that CPU tests
+        run the kernel)."""
         by_shape: dict[tuple[int, int], list[Tensor]] = {}
         for w in weights:
             by_shape.setdefault(tuple(w.shape), []).append(w)
@@ -466,22 +465,41 @@ class TritonKernels:
 
 def _fastest_over(weights: list[Tensor], repeats: int,
                   *matmuls: Callable[[Tensor], object]) -> list[float]:
-    """Milliseconds of each matmul over every weight in turn, the fastest of `repeats`
-    passes, the matmuls taking turns (after a warm-up pass of each)."""
-    for matmul in matmuls:
-        for w in weights:
-            matmul(w)
-    best = [float("inf")] * len(matmuls)
-    for _ in range(repeats):
-        for i, matmul in enumerate(matmuls):
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            for w in weights:
-                matmul(w)
-            end.record()
-            end.synchronize()
-            best[i] = min(best[i], start.elapsed_time(end))
-    return best
+    """Milliseconds of each matmul over every weight in turn, replayed from a CUDA graph as
+    a decode step is (launched eagerly, a Triton kernel's launch from Python took longer
+    than its run on a small weight: on an H100 o_proj measured 40% slower that way and 11%
+    faster in a graph); the fastest of `repeats` replays, the matmuls taking turns."""
+    device = weights[0].device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graphs = []
+    try:
+        with torch.cuda.stream(stream):
+            for matmul in matmuls:  # compiled and warmed up outside the capture
+                for w in weights:
+                    matmul(w)
+        for matmul in matmuls:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for w in weights:
+                    matmul(w)
+            graphs.append(graph)
+        best = [float("inf")] * len(matmuls)
+        for _ in range(repeats):
+            for i, graph in enumerate(graphs):
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                best[i] = min(best[i], start.elapsed_time(end))
+        return best
+    finally:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        del graphs
+        # cuBLAS keeps a workspace per stream, here in the graphs' memory, now freed
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
 
 
 @functools.cache
