@@ -46,16 +46,17 @@ bench: install $(BENCH_MODEL)/config.json
 
 # On a CUDA host, the README's GPU figures in one go: the GPU tests, a decode step of a
 # Llama-2-7B shape (random bf16 weights) against its bandwidth floor, with the Triton kernels
-# and without, and the standard workload served on it once per GPU_VARIANTS: as is, with the
-# engine in a process of its own, without async output processing, without the Triton kernels,
-# and without the start-up warm-up (about a minute each on an H100; name fewer for a short
-# lease). Without the venv, point PY at a python that has the dependencies:
+# and without, and the standard workload served on it once per GPU_VARIANTS: as is, without
+# async scheduling, with the engine in a process of its own, without async output processing,
+# without the Triton kernels, and without the start-up warm-up (about a minute each on an
+# H100; name fewer for a short lease). Without the venv, point PY at a python that has the dependencies:
 #   make gpu-check PY=python3 GPU_VARIANTS='"" --engine-process'
 # A host without network that has torch but not the HTTP stack (the lent GPU machines) gets
 # it from wheels that `make gpu-wheels` downloads here into .whl/ (for GPU_PYTHON):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site make gpu-check PY=python3
-GPU_VARIANTS ?= "" --engine-process --no-async-output-proc --no-gpu-kernels --no-warmup
+GPU_VARIANTS ?= "" --no-async-scheduling --engine-process --no-async-output-proc \
+	--no-gpu-kernels --no-warmup
 GPU_PYTHON ?= 3.12
 # What serving needs beyond torch, tokenizers, safetensors, jinja2, httpx, prometheus-client,
 # uvloop, click, h11 and idna, which such an image has; the versions are this venv's (with

@@ -386,20 +386,20 @@ class LlamaModel(nn.Module):
         """With Triton's kernels, their skinny matmul for decode's few rows in the linears of
         the shapes where it measured faster than cuBLAS here (on an H100 in bf16 o_proj and
         gate_up_proj, 5 us a layer at 1 row; README, Performance, GPU)."""
-        if kernels is None or isinstance(kernels, cpu_kernels.CpuKernels):
+        choose = getattr(kernels, "faster_skinny_shapes", None)
+        if kernels is None or choose is None:  # the C kernels' linears are their own
             return
-        from model import triton_kernels
         linears = [self.lm_head_packed]
         for layer in self.model.layers:
             linears += [layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down]
         # (on CPU, where tests force these kernels, oneDNN's blocked weights are not plain)
         packed = [lin for lin in linears if lin is not None and not lin.weight.is_mkldnn]
-        faster = kernels.faster_skinny_shapes([lin.weight for lin in packed])
+        faster = choose([lin.weight for lin in packed])
         for lin in packed:
             if tuple(lin.weight.shape) in faster:
-                lin.skinny, lin.skinny_rows = kernels.skinny_linear, triton_kernels.SKINNY_ROWS
+                lin.skinny, lin.skinny_rows = kernels.skinny_linear, kernels.skinny_rows
         logger.info("skinny matmul (up to %d rows) for weights %s; cuBLAS for the others",
-                    triton_kernels.SKINNY_ROWS,
+                    kernels.skinny_rows,
                     ", ".join(f"{n}x{k}" for n, k in sorted(faster)) or "none")
 
     @property

@@ -276,6 +276,8 @@ class TritonKernels:
     """The kernels behind CpuKernels' interface, for tensors on one GPU (or CPU tensors under
     the interpreter). Each method checks what its kernel takes on trust."""
 
+    skinny_rows = SKINNY_ROWS  # the most rows skinny_linear takes
+
     @staticmethod
     def handles_head_dim(head_dim: int) -> bool:
         """Whether rope_store and decode_attention take heads of this size: a power of two

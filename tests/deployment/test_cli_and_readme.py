@@ -54,8 +54,8 @@ def test_help_documents_every_flag() -> None:
 def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> None:
     """`make gpu-check` (for CUDA hosts) run on CPU with a small shape: it writes the shape,
     runs the GPU tests (skipped here), model.step_times with and without the Triton kernels,
-    and serves and benches the shape five times: as is, --engine-process,
-    --no-async-output-proc, --no-gpu-kernels and --no-warmup."""
+    and serves and benches the shape six times: as is, --no-async-scheduling,
+    --engine-process, --no-async-output-proc, --no-gpu-kernels and --no-warmup."""
     shape = tmp_path / "shape"
     out = subprocess.run(
         ["make", "-s", "gpu-check", f"PY={sys.executable}", f"GPU_SHAPE={shape}",
@@ -69,11 +69,11 @@ def test_make_gpu_check_runs_its_steps(tokenizer_dir: Path, tmp_path: Path) -> N
     assert ModelConfig.from_dir(shape).dim == 64
     # model.step_times twice: with the Triton kernels and without
     assert len(re.findall(r"^batch  64 \(bucket \d+ keys\): eager", out.stdout, flags=re.M)) == 2
-    assert out.stdout.count("=== serve") == 5
-    for flag in ("--engine-process", "--no-async-output-proc", "--no-gpu-kernels",
-                 "--no-warmup"):
+    assert out.stdout.count("=== serve") == 6
+    for flag in ("--no-async-scheduling", "--engine-process", "--no-async-output-proc",
+                 "--no-gpu-kernels", "--no-warmup"):
         assert f"=== serve {flag}" in out.stdout
-    assert len(re.findall(r"^ +2 +2 +0 ", out.stdout, flags=re.M)) == 5  # 2 ok, 0 failed
+    assert len(re.findall(r"^ +2 +2 +0 ", out.stdout, flags=re.M)) == 6  # 2 ok, 0 failed
 
 
 def test_make_bench_model_without_the_shared_maker(tmp_path: Path) -> None:
