@@ -31,7 +31,7 @@ import torch
 
 from model.attention import AttentionBatch
 from model.kv_cache import KVCachePool
-from model.llama import LlamaModel
+from model.llama import LlamaModel, graph_step
 
 logger = logging.getLogger(__name__)
 
@@ -176,5 +176,6 @@ class DecodeGraphs:
         graph records, and what runs in its place without CUDA."""
         positions = self.positions[:batch]
         attention = AttentionBatch.slot_rows(positions, self.seq_lens[:batch], length)
-        logits = self.model(self.input_ids[:batch], positions, self.pool, attention)
+        with graph_step():
+            logits = self.model(self.input_ids[:batch], positions, self.pool, attention)
         self.logits[:batch].copy_(logits)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +38,22 @@ if TYPE_CHECKING:  # imported where used: CPU servers need not import triton
 Tensor = torch.Tensor
 
 logger = logging.getLogger(__name__)
+
+# Whether the forward running now is a CUDA-graph decode step (its capture, its warm-up, or
+# its eager stand-in): only there the skinny matmul runs (PackedLinear). It was chosen by
+# timing graph replays; launched from Python a Triton kernel costs more than cuBLAS's
+# (an H100's eager 1-row step took 20-25 ms with it against 14 without).
+_graph_step: ContextVar[bool] = ContextVar("graph_step", default=False)
+
+
+@contextmanager
+def graph_step() -> Iterator[None]:
+    """Run a forward as a CUDA-graph decode step (model/decode_graphs.py)."""
+    token = _graph_step.set(True)
+    try:
+        yield
+    finally:
+        _graph_step.reset(token)
 
 
 class RMSNorm(nn.Module):
@@ -175,7 +193,7 @@ class PackedLinear:
         self.skinny_rows = 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.skinny is not None and x.shape[0] <= self.skinny_rows:
+        if self.skinny is not None and x.shape[0] <= self.skinny_rows and _graph_step.get():
             return self.skinny(x, self.weight)
         if self.kernels is not None:
             return self.kernels.linear(x, self.weight, self.out_features)
@@ -383,9 +401,10 @@ class LlamaModel(nn.Module):
         self._use_skinny_matmuls(kernels)
 
     def _use_skinny_matmuls(self, kernels: StepKernels | None) -> None:
-        """With Triton's kernels, their skinny matmul for decode's few rows in the linears of
-        the shapes where it measured faster than cuBLAS here (on an H100 in bf16 o_proj and
-        gate_up_proj, 5 us a layer at 1 row; README, Performance, GPU)."""
+        """With Triton's kernels, their skinny matmul for the few rows of CUDA-graph decode
+        steps (`graph_step`) in the linears of the shapes where it measured faster than
+        cuBLAS here (on an H100 in bf16 o_proj, gate_up_proj and the lm_head: 0.25 ms of a
+        5.9 ms step at 1 row; README, Performance, GPU)."""
         choose = getattr(kernels, "faster_skinny_shapes", None)
         if kernels is None or choose is None:  # the C kernels' linears are their own
             return

@@ -472,6 +472,12 @@ def _fastest_over(weights: list[Tensor], repeats: int,
     than its run on a small weight: on an H100 o_proj measured 40% slower that way and 11%
     faster in a graph); the fastest of `repeats` replays, the matmuls taking turns."""
     device = weights[0].device
+    with torch.cuda.device(device):  # events and captures on the weights' GPU (cuda:1 too)
+        return _fastest_on_device(weights, repeats, device, matmuls)
+
+
+def _fastest_on_device(weights: list[Tensor], repeats: int, device: torch.device,
+                       matmuls: tuple[Callable[[Tensor], object], ...]) -> list[float]:
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     graphs = []
