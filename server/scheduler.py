@@ -169,13 +169,24 @@ class Scheduler:
         """The decode step after `plan`, planned while `plan` runs, before its tokens are read
         back (async scheduling; the runner feeds it `plan`'s sampled ids on the device): the
         same sequences, one token on. Only where nothing else would change the step: `plan`
-        decodes only, and no request waits or is mid-prefill. A sequence that `plan` ends by
-        length is left out; one that it ends with a stop token is not known yet, and its row
-        is computed and dropped (Engine._step). None: plan the next step as usual."""
-        if plan.prefills or plan.copies or not plan.decodes or self.waiting or self.prefilling:
+        decodes only, no request is mid-prefill, and the first waiting one (if any) could not
+        take its slots after `plan` either (when the slots are full, as under overload, a
+        stop token freeing one in `plan` delays its admission by a step, as in vLLM). A
+        sequence that `plan` ends by length is left out; one that it ends with a stop token
+        is not known yet, and its row is computed and dropped (Engine._step). None: plan the
+        next step as usual."""
+        if plan.prefills or plan.copies or not plan.decodes or self.prefilling:
             return None
-        rows = [i for i, seq in enumerate(plan.decodes)
-                if not seq.status.is_finished and not self._ends_by_length_after_one(seq)]
+        rows, leaving = [], 0
+        for i, seq in enumerate(plan.decodes):
+            if seq.status.is_finished:
+                continue
+            if self._ends_by_length_after_one(seq):
+                leaving += 1  # its slot is free for the next step
+            else:
+                rows.append(i)
+        if self.waiting and self.waiting[0].params.n <= len(self.free_slots) + leaving:
+            return None  # admit it now rather than a step later
         if not rows:
             return None
         return StepPlan(decodes=[plan.decodes[i] for i in rows], fed_from=rows)

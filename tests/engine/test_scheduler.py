@@ -151,6 +151,25 @@ def test_plan_ahead_takes_the_same_decodes_one_token_on() -> None:
     assert s.plan_ahead(s.schedule()) is None  # "new" is in that plan: mid-prefill until run
 
 
+def test_plan_ahead_while_requests_wait_for_slots() -> None:
+    """Under overload (every slot taken, requests queued) steps still go ahead, unless one
+    that `plan` ends by length frees the slots the first waiting request needs."""
+    s = Scheduler(n_slots=2, max_model_len=100, max_num_batched_tokens=64)
+    s.add(Request("a", [1, 2], SamplingParams(max_tokens=3, ignore_eos=True)))
+    s.add(Request("b", [1, 2], SamplingParams(max_tokens=20, ignore_eos=True)))
+    run_step(s, 5)  # both prefilled, 1 token each
+    s.add(Request("queued", [1, 2, 3], SamplingParams(max_tokens=3)))
+    plan = s.schedule()
+    assert not plan.prefills and len(plan.decodes) == 2  # no slot for "queued"
+    ahead = s.plan_ahead(plan)  # "a" gets its 2nd token: the slots stay full
+    assert ahead is not None and len(ahead.decodes) == 2
+    s.update(plan, [5, 5])
+    plan = s.schedule()
+    assert s.plan_ahead(plan) is None  # "a" ends with this step's token: "queued" goes next
+    s.update(plan, [5, 5])
+    assert [c.request.request_id for c in s.schedule().prefills] == ["queued"]
+
+
 # --- prefix caching ----------------------------------------------------------------------------
 
 class ShadowPool:
