@@ -75,13 +75,14 @@ class SamplingBatch:
         device = torch.device(device)
 
         def column(values: list, dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return _to_device(torch.tensor(values, dtype=dtype), device)
 
         output_counts = prompt_mask = None
         if any(p.has_penalties for p in params):
             output_counts = _scatter_rows(output_token_ids, n_rows, vocab_size, torch.int32)
             prompt_mask = _scatter_rows(prompt_token_ids, n_rows, vocab_size, torch.bool)
-            output_counts, prompt_mask = output_counts.to(device), prompt_mask.to(device)
+            output_counts = _to_device(output_counts, device)
+            prompt_mask = _to_device(prompt_mask, device)
 
         pairs = [list(p.logit_bias) for p in params]
         if extra_bias is not None:
@@ -104,7 +105,7 @@ class SamplingBatch:
             # accumulate: a user bias and an extra ban on the same token add up (-inf wins)
             logit_bias.index_put_((torch.tensor(rows, dtype=torch.long),
                                    torch.tensor(ids, dtype=torch.long)), values, accumulate=True)
-            logit_bias = logit_bias.to(device)
+            logit_bias = _to_device(logit_bias, device)
 
         if generators is None:
             generators = [
@@ -146,6 +147,15 @@ class SamplingBatch:
                              if not p.is_greedy and (p.top_k <= 0 or p.top_k >= vocab_size)
                              and p.top_p >= 1.0 and p.min_p <= 0.0),
         )
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor's copy on `device`. To a GPU, from pinned memory without waiting: a plain
+    copy would wait for everything queued on the stream, which with async scheduling is the
+    step in flight (the caching host allocator keeps the pinned block until the copy ran)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _scatter_rows(
