@@ -181,7 +181,7 @@ class Scheduler:
         for i, seq in enumerate(plan.decodes):
             if seq.status.is_finished:
                 continue
-            if self._ends_by_length_after_one(seq):
+            if self._at_length_limit(seq, extra=1):
                 leaving += 1  # its slot is free for the next step
             else:
                 rows.append(i)
@@ -191,13 +191,14 @@ class Scheduler:
             return None
         return StepPlan(decodes=[plan.decodes[i] for i in rows], fed_from=rows)
 
-    def _ends_by_length_after_one(self, seq: Sequence) -> bool:
-        """Whether one more token ends `seq` by max_tokens or the context (_token_stop);
-        the next position must also stay inside its slot."""
+    def _at_length_limit(self, seq: Sequence, extra: int = 0) -> bool:
+        """Whether `seq`, with `extra` more tokens, has all it may have: max_tokens, or the
+        context. One rule for the stop (`_token_stop`) and for the step planned ahead, which
+        must not feed a position past the slot's end."""
         max_tokens = seq.request.params.max_tokens
-        if max_tokens is not None and len(seq.output_ids) + 1 >= max_tokens:
+        if max_tokens is not None and len(seq.output_ids) + extra >= max_tokens:
             return True
-        return seq.num_tokens + 1 >= self.max_model_len
+        return seq.num_tokens + extra >= self.max_model_len
 
     def _admit(self, plan: StepPlan, request: Request) -> None:
         """Give each of `request`'s samples a slot, and start its prefill after the longest
@@ -325,9 +326,7 @@ class Scheduler:
             if eos or token in params.stop_token_ids:
                 seq.stop_reason = None if eos and token == self.eos_id else token
                 return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and n_out >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if seq.num_tokens >= self.max_model_len:
+        if self._at_length_limit(seq):
             return RequestStatus.FINISHED_LENGTH
         return None
 
