@@ -470,44 +470,40 @@ def _fastest_over(weights: list[Tensor], repeats: int,
     """Milliseconds of each matmul over every weight in turn, replayed from a CUDA graph as
     a decode step is (launched eagerly, a Triton kernel's launch from Python took longer
     than its run on a small weight: on an H100 o_proj measured 40% slower that way and 11%
-    faster in a graph); the fastest of `repeats` replays, the matmuls taking turns."""
+    faster in a graph); the fastest of `repeats` replays, the matmuls taking turns. On the
+    weights' GPU (cuda:1 too)."""
     device = weights[0].device
-    with torch.cuda.device(device):  # events and captures on the weights' GPU (cuda:1 too)
-        return _fastest_on_device(weights, repeats, device, matmuls)
-
-
-def _fastest_on_device(weights: list[Tensor], repeats: int, device: torch.device,
-                       matmuls: tuple[Callable[[Tensor], object], ...]) -> list[float]:
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    graphs = []
-    try:
-        with torch.cuda.stream(stream):
-            for matmul in matmuls:  # compiled and warmed up outside the capture
-                for w in weights:
-                    matmul(w)
-        for matmul in matmuls:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                for w in weights:
-                    matmul(w)
-            graphs.append(graph)
-        best = [float("inf")] * len(matmuls)
-        for _ in range(repeats):
-            for i, graph in enumerate(graphs):
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                best[i] = min(best[i], start.elapsed_time(end))
-        return best
-    finally:
-        torch.cuda.current_stream(device).wait_stream(stream)
-        del graphs
-        # cuBLAS keeps a workspace per stream, here in the graphs' memory, now freed
-        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-            torch._C._cuda_clearCublasWorkspaces()
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graphs = []
+        try:
+            with torch.cuda.stream(stream):
+                for matmul in matmuls:  # compiled and warmed up outside the capture
+                    for w in weights:
+                        matmul(w)
+            for matmul in matmuls:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    for w in weights:
+                        matmul(w)
+                graphs.append(graph)
+            best = [float("inf")] * len(matmuls)
+            for _ in range(repeats):
+                for i, graph in enumerate(graphs):
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    best[i] = min(best[i], start.elapsed_time(end))
+            return best
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            del graphs
+            # cuBLAS keeps a workspace per stream, here in the graphs' memory, now freed
+            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+                torch._C._cuda_clearCublasWorkspaces()
 
 
 @functools.cache

@@ -169,7 +169,7 @@ class Engine(EngineFront):
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
             run_until(lambda seqs=seqs: all(seq.output_ids for seq in seqs))
-        run_until(lambda: not sched.has_work() and self._ahead is None)
+        run_until(lambda: not self._has_work())
         self._reset_counters()
         return steps
 
@@ -196,8 +196,7 @@ class Engine(EngineFront):
         try:
             self.runner.bind_thread()
             while not self._stopping.is_set():
-                # (a step launched ahead whose sequences have all ended is still read back)
-                busy = self.scheduler.has_work() or self._ahead is not None
+                busy = self._has_work()
                 if not busy:
                     self.runner.idle()
                 arrived = self._drain_inbox(block=not busy)
@@ -209,7 +208,7 @@ class Engine(EngineFront):
                     # back, once per idle period (it takes milliseconds on a fragmented heap).
                     release_free_memory()
                     trimmed = True
-                if self.scheduler.has_work() or self._ahead is not None:
+                if self._has_work():
                     try:
                         self._step()
                         failures = 0
@@ -223,6 +222,11 @@ class Engine(EngineFront):
             logger.exception("engine loop died")
             self._dead = e
             self._fail_all(f"engine failed: {e!r}")
+
+    def _has_work(self) -> bool:
+        """Requests to step, or a step launched ahead to read back (even if its sequences
+        have all ended since)."""
+        return self.scheduler.has_work() or self._ahead is not None
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply everything queued (adds, aborts); whether anything was."""
