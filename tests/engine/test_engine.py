@@ -213,6 +213,11 @@ def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: py
                                  logit_bias=((7, 100.0),), stop_token_ids=(7,)), "min-tokens",
          0.02),
     ]
+    ahead_steps: list[int] = []  # each step launched ahead, as it is read back
+    still = engine_module._still_running
+    monkeypatch.setattr(engine_module, "_still_running",
+                        lambda plan, result: ahead_steps.append(1) or still(plan, result))
+
     def both(engine: Engine) -> list[Result]:
         async def main() -> list[Result]:
             aborted = collect_aborted(engine, base[7], replace(GREEDY, max_tokens=40), "abort",
@@ -221,8 +226,10 @@ def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: py
         return asyncio.run(main())
     with running(folder, graph_layout=graph_layout, async_scheduling=False, **config) as e:
         in_turn = both(e)
+    assert not ahead_steps
     with running(folder, graph_layout=graph_layout, async_scheduling=True, **config) as e:
         ahead = both(e)
+    assert len(ahead_steps) >= 20  # (else the comparison shows nothing)
     for job, a, b in zip(jobs, in_turn, ahead, strict=False):
         assert (a.tokens, a.text, a.finish) == (b.tokens, b.text, b.finish), job[2]
     assert in_turn[0].finish[0] == FinishReason.STOP and len(in_turn[0].tokens[0]) < 30
