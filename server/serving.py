@@ -339,13 +339,18 @@ class CompletionService(_Service):
         choices: dict[int, Choice] = {}
         offsets: dict[int, TextOffset] = {}
 
-        envelope = StreamEnvelope(CompletionStreamResponse(
-            id=response_id, created=created, model=self.model_name, choices=[]))
+        envelope = StreamEnvelope(
+            CompletionStreamResponse(id=response_id, created=created, model=self.model_name,
+                                     choices=[]),
+            text_choice=lambda index, text: CompletionResponseChoice(index=index, text=text))
+        continuous_usage = request.continuous_usage
 
         def chunk(index: int, text: str, logprobs: CompletionLogprobs | None,
                   out: RequestOutput) -> str:
+            if logprobs is None and out.finish_reason is None and not continuous_usage:
+                return envelope.text_chunk(index, text)  # most tokens' chunk
             usage = (CompletionUsage.of(out.num_prompt_tokens, out.num_output_tokens)
-                     if request.continuous_usage else None)  # this choice's, as vLLM's
+                     if continuous_usage else None)  # this choice's, as vLLM's
             return envelope.render(CompletionResponseChoice(
                 index=index, text=text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(out.finish_reason),
@@ -408,15 +413,18 @@ class ChatService(_Service):
         created = int(time.time())
         choices: dict[int, Choice] = {}
 
-        envelope = StreamEnvelope(ChatCompletionChunk(
-            id=response_id, created=created, model=self.model_name, choices=[]))
-
+        envelope = StreamEnvelope(
+            ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+                                choices=[]),
+            text_choice=lambda index, text: ChatCompletionStreamChoice(
+                index=index, delta=DeltaMessage(content=text)))
+        continuous_usage = request.continuous_usage
         num_prompt = len(submitted[0].prompt_ids)
 
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogprobs | None = None,
                   finish: RequestOutput | None = None, num_output: int = 0) -> str:
             usage = (CompletionUsage.of(num_prompt, num_output)
-                     if request.continuous_usage else None)  # this choice's, as vLLM's
+                     if continuous_usage else None)  # this choice's, as vLLM's
             return envelope.render(ChatCompletionStreamChoice(
                 index=index, delta=delta, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(finish and finish.finish_reason),
@@ -427,7 +435,9 @@ class ChatService(_Service):
         async for _, out in merged(self.engine, submitted):
             _check(out)  # reported in the stream by the route, which ends it
             _absorb(choices.setdefault(out.index, Choice()), out)
-            if out.text or out.logprobs:
+            if out.text and not request.logprobs and not continuous_usage:
+                yield envelope.text_chunk(out.index, out.text)  # most tokens' chunk
+            elif out.text or out.logprobs:
                 logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
                 yield chunk(out.index, DeltaMessage(content=out.text), logprobs,
                             num_output=out.num_output_tokens)

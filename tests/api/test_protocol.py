@@ -696,6 +696,14 @@ def test_completion_chunks_keep_nulls() -> None:
     assert parsed.usage.completion_tokens == 2
 
 
+def _completion_text(index: int, text: str) -> CompletionResponseChoice:
+    return CompletionResponseChoice(index=index, text=text)
+
+
+def _chat_text(index: int, text: str) -> ChatCompletionStreamChoice:
+    return ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=text))
+
+
 @pytest.mark.parametrize("model", ["m", 'a "choices":[] model', "模型\\"])
 def test_stream_envelope_renders_the_whole_chunk(model: str) -> None:
     """The envelope (shared fields serialized once) gives the chunk model's own JSON, byte for
@@ -703,12 +711,14 @@ def test_stream_envelope_renders_the_whole_chunk(model: str) -> None:
     lps = CompletionLogprobs(tokens=[" é"], token_logprobs=[-0.5], top_logprobs=[{" é": -0.5}],
                              text_offset=[3])
     completion = StreamEnvelope(
-        CompletionStreamResponse(id="cmpl-1", created=7, model=model, choices=[]))
+        CompletionStreamResponse(id="cmpl-1", created=7, model=model, choices=[]),
+        _completion_text)
     for choice in (CompletionResponseChoice(index=2, text='a "quoted"\n line'),
                    CompletionResponseChoice(index=0, text="", logprobs=lps, finish_reason="stop")):
         whole = CompletionStreamResponse(id="cmpl-1", created=7, model=model, choices=[choice])
         assert completion.render(choice) == whole.model_dump_json()
-    chat = StreamEnvelope(ChatCompletionChunk(id="chatcmpl-1", created=7, model=model, choices=[]))
+    chat = StreamEnvelope(ChatCompletionChunk(id="chatcmpl-1", created=7, model=model, choices=[]),
+                          _chat_text)
     deltas = [(DeltaMessage(role="assistant", content=""), None),
               (DeltaMessage(content="\u2028"), None), (DeltaMessage(), "length")]
     for delta, finish in deltas:
@@ -716,7 +726,28 @@ def test_stream_envelope_renders_the_whole_chunk(model: str) -> None:
         whole = ChatCompletionChunk(id="chatcmpl-1", created=7, model=model, choices=[choice])
         assert chat.render(choice) == whole.model_dump_json()
     with pytest.raises(ValueError, match="empty choices"):
-        StreamEnvelope(ChatCompletionChunk(id="x", model="m", choices=[choice]))
+        StreamEnvelope(ChatCompletionChunk(id="x", model="m", choices=[choice]), _chat_text)
+
+
+# Every Unicode scalar value, in runs, and the strings whose escapes differ most between JSON
+# writers: quotes, backslashes, control characters, line separators, astral characters.
+ALL_CHARACTERS = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+CHUNK_TEXTS = ["", " hello", 'a "quoted"\\ path\n', "\x00\x01\x1f\x7f\b\f\r\t", "\u2028\u2029",
+         "é 模型 🦙", "</script>", *(ALL_CHARACTERS[i:i + 4096]
+                                    for i in range(0, len(ALL_CHARACTERS), 4096))]
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_text_chunks_are_the_choice_models_json(index: int) -> None:
+    """The per-token path (the choice's JSON around its text, the text encoded alone) writes
+    exactly what building and serializing the chunk model would, for every character."""
+    for make, chunk_model in ((_completion_text, CompletionStreamResponse),
+                              (_chat_text, ChatCompletionChunk)):
+        envelope = StreamEnvelope(chunk_model(id="id-1", created=7, model='m "x"', choices=[]),
+                                  make)
+        for text in CHUNK_TEXTS:
+            whole = chunk_model(id="id-1", created=7, model='m "x"', choices=[make(index, text)])
+            assert envelope.text_chunk(index, text) == whole.model_dump_json()
 
 
 def test_models_list_and_error_shapes() -> None:
