@@ -18,6 +18,12 @@ DEFAULT_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
 # 9.3-9.5 ms against 12.0-17.4 with 2048; README, Performance, GPU).
 LARGE_GPU_BATCHED_TOKENS = 8192
 LARGE_GPU_BYTES = 70 * 2**30
+# Prompt tokens whose logprobs one step computes (prompt_logprobs, echo with logprobs): a chunk
+# of such a request is cut to what the step has left of them. Their float32 logits and
+# log-softmax, 2 x vocab x 4 bytes a token, are the largest part of a step's activations: at
+# 8192 tokens a step, 8.4 GB for a Llama-3 vocabulary held back from the KV cache, against
+# 1.05 GB at this cap.
+MAX_SCORED_TOKENS_PER_STEP = 1024
 
 
 def kv_cache_budget(spec: str, free_bytes: int) -> int:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.config import MAX_SCORED_TOKENS_PER_STEP
 from server.request import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
 
 
@@ -66,6 +67,12 @@ class StepPlan:
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
 
+    @property
+    def num_scored_tokens(self) -> int:
+        """Prompt tokens whose logprobs the step computes (each with a row of logits)."""
+        return sum(len(c.token_ids) for c in self.prefills
+                   if c.request.params.prompt_logprobs is not None)
+
     def decode_positions(self) -> list[int]:
         """Where each decode row feeds its token, as the step is launched: at num_computed,
         or one on for a step planned ahead (the step before has not counted its token yet)."""
@@ -92,7 +99,8 @@ MIN_PREFIX_TOKENS = 16
 class Scheduler:
     def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
                  eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None,
-                 prefix_caching: bool = False, packed_slots: bool = False) -> None:
+                 prefix_caching: bool = False, packed_slots: bool = False,
+                 max_scored_tokens: int = MAX_SCORED_TOKENS_PER_STEP) -> None:
         self.n_slots = n_slots
         # Every eos id (generation_config.json's and the tokenizer's); `eos_id` is the
         # tokenizer's own, the one stop that reports no stop_reason (vLLM counts the others
@@ -100,6 +108,7 @@ class Scheduler:
         self.eos_ids, self.eos_id = eos_ids, eos_id
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_scored_tokens = max_scored_tokens  # of those, prompt tokens given logprobs
         # A min-heap. With `packed_slots` the lowest free slot goes first, so slots in use
         # stay packed at the low end (server/startup.py says when).
         self.free_slots: list[int] = list(range(n_slots))
@@ -144,7 +153,8 @@ class Scheduler:
     # what is left of `max_num_batched_tokens` on prompt chunks: requests already prefilling in
     # arrival order, then waiting requests in FCFS order, each admitted only when all its `n`
     # slots are free. A long prompt therefore takes several steps, and decoding sequences get
-    # a token in every one of them.
+    # a token in every one of them. Chunks of requests asking for prompt logprobs share at most
+    # `max_scored_tokens` tokens a step (the memory of their logits).
     def schedule(self) -> StepPlan:
         # In slot order, so that the decode rows usually are one packed run of the cache.
         plan = StepPlan(decodes=sorted(self.decoding, key=lambda s: s.slot))
@@ -152,17 +162,17 @@ class Scheduler:
         for request in self.prefilling:
             if budget <= 0:
                 break
-            budget -= self._add_chunk(plan, request, budget)
+            budget -= self._add_chunk(plan, request, self._room(plan, request, budget))
         while self.waiting and budget > 0:
             request = self.waiting[0]
-            if request.params.n > len(self.free_slots):
+            if request.params.n > len(self.free_slots) or not self._room(plan, request, budget):
                 break  # FCFS: no overtaking
             self.waiting.popleft()
             request.admitted_time = time.monotonic()
             self._admit(plan, request)
             self.prefilling.append(request)
             plan.admitted += 1
-            budget -= self._add_chunk(plan, request, budget)
+            budget -= self._add_chunk(plan, request, self._room(plan, request, budget))
         return plan
 
     def plan_ahead(self, plan: StepPlan) -> StepPlan | None:
@@ -282,9 +292,18 @@ class Scheduler:
         """Trust no free slot's contents (after a failed step, or the warm-up)."""
         self.cached.clear()
 
-    def _add_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
+    def _room(self, plan: StepPlan, request: Request, budget: int) -> int:
+        """Prompt tokens `request` may take in `plan`: `budget`, and no more than the step's
+        scored tokens have left if it asks for prompt logprobs."""
+        if request.params.prompt_logprobs is None:
+            return budget
+        return min(budget, self.max_scored_tokens - plan.num_scored_tokens)
+
+    def _add_chunk(self, plan: StepPlan, request: Request, room: int) -> int:
+        if room <= 0:
+            return 0
         start = request.num_prefilled
-        ids = request.prompt_ids[start:start + budget]
+        ids = request.prompt_ids[start:start + room]
         plan.prefills.append(PrefillChunk(request, request.seqs[0].slot, start, ids))
         return len(ids)
 

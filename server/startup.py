@@ -18,7 +18,12 @@ from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
-from server.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, kv_cache_budget
+from server.config import (
+    DEFAULT_MAX_MODEL_LEN,
+    MAX_SCORED_TOKENS_PER_STEP,
+    EngineConfig,
+    kv_cache_budget,
+)
 from server.engine import Engine
 from server.memory import keep_freed_memory, release_free_memory
 from server.runner import ModelRunner
@@ -63,16 +68,19 @@ def device_size_and_name(device: torch.device) -> tuple[int, str]:
     return props.total_memory, props.name
 
 
-def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype,
+                          logit_rows: int | None = None) -> int:
     """About the most memory a step of `tokens` tokens holds besides weights and pool, kept
     free when the pool is sized (an estimate from the shapes; vLLM measures a dummy step).
     Per token: the residual stream, its delta and norm, q/k/v and the attention output, the
-    MLP's gate/up and their product; and float32 logits twice over for every token (a chunk
-    whose prompt logprobs are asked for, and their log-softmax)."""
+    MLP's gate/up and their product. Per row of logits (`logit_rows`, at most `tokens`; every
+    token where not given): float32 logits twice over (the logits, and their log-softmax or
+    probabilities)."""
     itemsize = torch.finfo(dtype).bits // 8
     widths = (3 * model.dim + (2 * model.n_heads + 2 * model.n_kv_heads) * model.head_dim
               + 3 * model.hidden_dim)
-    return tokens * (widths * itemsize + 2 * model.vocab_size * 4)
+    rows = tokens if logit_rows is None else min(logit_rows, tokens)
+    return tokens * widths * itemsize + rows * 2 * model.vocab_size * 4
 
 
 def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
@@ -80,7 +88,9 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
     """The pool's slots and length; refused when it and a step of `step_tokens` tokens
     (step_activation_bytes) do not fit in `free_bytes`."""
     max_len = config.max_model_len or min(model.max_seq_len, DEFAULT_MAX_MODEL_LEN)
-    reserve = step_activation_bytes(model, step_tokens, dtype)
+    # Rows with logits: a sampled one per sequence, and the prompt tokens scored in a step
+    reserve = step_activation_bytes(model, step_tokens, dtype,
+                                    logit_rows=config.max_num_seqs + MAX_SCORED_TOKENS_PER_STEP)
     if config.kv_cache_memory is None:
         n_slots = config.max_num_seqs
     else:

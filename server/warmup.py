@@ -8,8 +8,9 @@ the first requests; and a step that does not fit in memory refuses to start inst
 failing requests later. vLLM's profile run and llama.cpp's warm-up do the same.
 
 1. The largest step there is: prompt chunks filling the token budget (or every slot's length,
-   if less), with every row's logits, as a request for prompt logprobs has them: the most
-   memory a step takes, and what start-up's pool sizing reserves.
+   if less), the first with every row's logits, as a request for prompt logprobs has them (as
+   many as a step scores, Scheduler.max_scored_tokens): the most memory a step takes, and
+   what start-up's pool sizing reserves.
 2. A one-token prompt in every slot but one, so that there are as many decode rows as a full
    pool has;
 3. a short prompt prefilled beside those decode rows (a mixed step), sampled with logprobs;
@@ -39,10 +40,13 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
         return SamplingParams(max_tokens=max_tokens, seed=0, ignore_eos=True,
                               **sampling)  # type: ignore[arg-type]
 
-    length = min(scheduler.max_num_batched_tokens, max_len - 1)  # one output each
-    n_full = min(-(-scheduler.max_num_batched_tokens // length), n_slots)
-    full = [Request(f"warm-up-full-{i}", prompt(length, i),
-                    params(1, temperature=0.0, prompt_logprobs=0)) for i in range(n_full)]
+    budget = scheduler.max_num_batched_tokens
+    length = min(budget, max_len - 1)  # one output each
+    scored = min(length, scheduler.max_scored_tokens)  # the first prompt's, in one chunk
+    n_full = min(1 + -(-(budget - scored) // length), n_slots)
+    full = [Request(f"warm-up-full-{i}", prompt(scored if i == 0 else length, i),
+                    params(1, temperature=0.0, prompt_logprobs=0 if i == 0 else None))
+            for i in range(n_full)]
     # Three outputs: the second beside the mixed step's chunk, the third beside its decode row.
     rows = [Request(f"warm-up-row-{i}", prompt(1, i), params(min(3, max_len - 1), temperature=0.0))
             for i in range(max(1, n_slots - 1))]

@@ -89,6 +89,50 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
     assert s.requests["long"].num_prefilled == 6 * 15
 
 
+def test_prompt_logprobs_chunks_share_a_cap_per_step() -> None:
+    """Chunks of requests asking for prompt logprobs take at most `max_scored_tokens` tokens a
+    step between them (each such token gets a row of logits); the others fill the rest."""
+    s = Scheduler(n_slots=4, max_model_len=200, max_num_batched_tokens=64, max_scored_tokens=20)
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    s.add(Request("a", [1] * 30, scored))
+    s.add(Request("b", [1] * 30, scored))
+    s.add(Request("c", [1] * 30, SamplingParams(max_tokens=1)))
+
+    def chunks(plan: StepPlan) -> list[tuple[str, int]]:
+        return [(c.request.request_id, len(c.token_ids)) for c in plan.prefills]
+
+    plan = s.schedule()  # b has no scored room left, and c does not overtake it (FCFS)
+    assert chunks(plan) == [("a", 20)] and plan.num_scored_tokens == 20
+    s.update(plan, [])
+    plan = s.schedule()
+    assert chunks(plan) == [("a", 10), ("b", 10), ("c", 30)] and plan.num_scored_tokens == 20
+    s.update(plan, [5] * len(plan.sampled))
+    assert chunks(s.schedule()) == [("b", 20)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompts=st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=8),
+       n_slots=st.integers(1, 4), budget=st.integers(4, 64), cap=st.integers(1, 30))
+def test_every_step_keeps_both_budgets_and_everything_finishes(
+        prompts: list[tuple[int, bool]], n_slots: int, budget: int, cap: int) -> None:
+    s = Scheduler(n_slots, max_model_len=48, max_num_batched_tokens=max(budget, n_slots),
+                  max_scored_tokens=cap)
+    for i, (n_prompt, scored) in enumerate(prompts):
+        params = SamplingParams(max_tokens=2, ignore_eos=True,
+                                prompt_logprobs=0 if scored else None)
+        s.add(Request(f"r{i}", [7] * n_prompt, params))
+    for _ in range(400):
+        if not s.has_work():
+            break
+        plan = s.schedule()
+        assert plan.num_tokens <= s.max_num_batched_tokens
+        assert plan.num_scored_tokens <= cap
+        assert plan.num_tokens > 0  # always progress
+        s.update(plan, [5] * len(plan.sampled))
+        check_invariants(s)
+    assert not s.has_work() and s.num_used_slots == 0
+
+
 def test_fcfs_waits_for_enough_slots() -> None:
     """A request needing n slots blocks later ones rather than being overtaken."""
     s = Scheduler(n_slots=2, max_model_len=100, max_num_batched_tokens=64)

@@ -15,7 +15,7 @@ import server.startup as startup_module
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
 from model.weights import resolve_device
-from server.config import EngineConfig, kv_cache_budget
+from server.config import MAX_SCORED_TOKENS_PER_STEP, EngineConfig, kv_cache_budget
 from server.startup import (
     StartupError,
     build_engine,
@@ -99,6 +99,23 @@ def test_the_pool_leaves_room_for_a_step() -> None:
     everything = EngineConfig(max_num_seqs=64, max_model_len=1024, kv_cache_memory="100%")
     plan = plan_pool(TINY, everything, torch.float32, 4 * PER_SLOT + step, step_tokens=256)
     assert plan.n_slots == 4
+
+
+def test_a_step_holds_logits_for_its_sequences_and_scored_prompt_tokens_only() -> None:
+    """Past a sampled row per sequence and the prompt tokens a step may score (the scheduler's
+    cap), a step's tokens hold no logits: a big step size no longer takes 2 x vocab floats a
+    token from the KV cache."""
+    big = 8192
+    rows = 4 + MAX_SCORED_TOKENS_PER_STEP
+    step = step_activation_bytes(TINY, big, torch.float32, logit_rows=rows)
+    assert step == (step_activation_bytes(TINY, big, torch.float32)
+                    - (big - rows) * 2 * TINY.vocab_size * 4)
+    assert step_activation_bytes(TINY, 256, torch.float32, logit_rows=rows) == (
+        step_activation_bytes(TINY, 256, torch.float32))  # never more rows than tokens
+    config = EngineConfig(max_num_seqs=4, max_model_len=1024)
+    assert plan_pool(TINY, config, torch.float32, 4 * PER_SLOT + step, step_tokens=big)
+    with pytest.raises(StartupError, match="step of 8192 tokens"):
+        plan_pool(TINY, config, torch.float32, 4 * PER_SLOT + step - 1, step_tokens=big)
 
 
 @pytest.mark.parametrize("spec", ["lots", "-1", "0", "150%", "0%", "inf", "nan%"])

@@ -28,17 +28,19 @@ def assert_untouched(engine: Engine) -> None:
     assert engine.stats().num_queued == 0  # what generate() holds against --max-waiting
 
 
-@pytest.mark.parametrize("seqs, max_len, budget", [
-    (4, 256, 64),  # one prompt fills the step
-    (4, 40, 64),  # prompts shorter than the step (a slot's length bounds them): two fill it
-    (2, 10, 64),  # two slots of 10 tokens: 18 prompt tokens is the largest step there is
-    (1, 256, 32),  # one slot: no step can mix, the warm-up still ends
-    (2, 2, 8),  # room for a prompt token and one output: no decode step
+@pytest.mark.parametrize("seqs, max_len, budget, cap", [
+    (4, 256, 64, 1024),  # one prompt fills the step
+    (4, 40, 64, 1024),  # prompts shorter than the step (a slot's length bounds them): two fill it
+    (4, 256, 64, 24),  # a scored prompt as long as a step may score, another fills the step
+    (2, 10, 64, 1024),  # two slots of 10 tokens: 18 prompt tokens is the largest step there is
+    (1, 256, 32, 1024),  # one slot: no step can mix, the warm-up still ends
+    (2, 2, 8, 1024),  # room for a prompt token and one output: no decode step
 ])
 def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
-        cpu_engine: CpuEngine, seqs: int, max_len: int, budget: int) -> None:
+        cpu_engine: CpuEngine, seqs: int, max_len: int, budget: int, cap: int) -> None:
     engine = cpu_engine(warmup=False, max_num_seqs=seqs, max_model_len=max_len,
                         max_num_batched_tokens=budget)
+    engine.scheduler.max_scored_tokens = cap
     logit_rows: list[int] = []
     forward = engine.runner.model.forward
     engine.runner.model.forward = lambda *a, **k: (  # type: ignore[method-assign]
@@ -46,7 +48,11 @@ def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
     steps = engine.warm_up()
     largest = min(budget, seqs * (max_len - 1))
     assert steps[0] == (0, largest)
-    assert logit_rows[0] == largest  # every row's logits: the most memory a step takes
+    # As many rows of logits as a step may have: a whole prompt scored (as long as a step
+    # scores, or a slot holds), and a row for each other prompt that the step completes
+    scored = min(cap, max_len - 1, budget)
+    others_done = min(seqs - 1, (largest - scored) // (max_len - 1))
+    assert logit_rows[0] == scored + others_done
     if max_len > 3:
         assert (seqs, 0) in steps  # decode rows alone, every slot
         if seqs > 1:  # a prompt chunk beside every other slot's decode row
