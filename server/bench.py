@@ -237,8 +237,11 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                     continue  # blank separators, `: ping` comments, `event:` lines
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    # Read on to the body's end (it ends here): a stream left before it closes
+                    # the connection instead of returning it to the pool, and every request
+                    # then paid for a new one, on both sides.
                     done = True
-                    break
+                    continue
                 chunk = json.loads(data)
                 if "error" in chunk or chunk.get("object") == "error":
                     return RequestResult(error=f"error event: {_error_message(data)}")

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -70,6 +71,72 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
     assert all(0 < level["client_cpu_seconds"] < 4 * level["duration_seconds"] + 1
                for level in report["levels"])  # the level's own, not the process's so far
     assert "concurrency 3, this client's CPU: " in stdout and "of a core" in stdout
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 in front of `target`, on a thread of its own: counts the
+    connections it accepts."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target_port, self.port, self.accepted = int(port), free_port(), 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, started: threading.Event) -> None:
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                                 return_exceptions=True)
+
+        async def main() -> None:
+            await asyncio.start_server(accept, "127.0.0.1", self.port)
+            started.set()
+
+        self.loop.run_until_complete(main())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_the_client_keeps_its_connections(server: Server, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    """Each stream is read to its end, so its connection goes back to the pool: a level of
+    concurrency 2 opens two connections, not one a request (left at [DONE], a stream's
+    connection was closed, and both sides paid for a new one every request)."""
+    proxy = CountingProxy(server.base_url)
+    try:
+        rc = bench("--base-url", proxy.base_url, "--api-key", API_KEY, "--num-prompts", "8",
+                   "--concurrency", "2", "--input-len", "8", "--output-len", "2",
+                   "--vocab-size", "1000")
+    finally:
+        proxy.close()
+    assert rc == 0, capsys.readouterr().out
+    assert 1 <= proxy.accepted <= 2
 
 
 def test_a_shared_prefix_comes_from_the_cache(server: Server, tmp_path: Path,
