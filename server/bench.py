@@ -15,7 +15,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from server import bench_steps
 Prompt = list[int] | str
 T = TypeVar("T")
 PERCENTILES = (50, 90, 99)
+DRAIN_SECONDS = 1.0  # how long a stream is read past its [DONE] for its connection (_drain)
 # Chat prompts without --tokenizer: common words, about one token each in Llama tokenizers.
 WORDS = ("the of and to in is was for on that with as by at from his her it be are this had "
          "not but which one all were they have new an more first two time been after who "
@@ -231,17 +232,15 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 return RequestResult(error=f"HTTP {response.status_code}: {_error_message(text)}")
-            async for line in response.aiter_lines():
+            lines = response.aiter_lines()
+            async for line in lines:
                 now = time.monotonic() - start
                 if not line.startswith("data:"):
                     continue  # blank separators, `: ping` comments, `event:` lines
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    # Read on to the body's end (it ends here): a stream left before it closes
-                    # the connection instead of returning it to the pool, and every request
-                    # then paid for a new one, on both sides.
                     done = True
-                    continue
+                    break
                 chunk = json.loads(data)
                 if "error" in chunk or chunk.get("object") == "error":
                     return RequestResult(error=f"error event: {_error_message(data)}")
@@ -256,6 +255,8 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                 else:
                     itl.append(now - last_content)
                 last_content, num_chunks = now, num_chunks + 1
+            if done:
+                await _drain(lines)
     except (httpx.HTTPError, ValueError) as e:  # transport failures, bad JSON in the stream
         return RequestResult(error=f"{type(e).__name__}: {e}")
     if not done:
@@ -266,6 +267,20 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     return RequestResult(input_tokens=int(usage.get("prompt_tokens", input_len)),
                          output_tokens=int(usage.get("completion_tokens", num_chunks)),
                          ttft_seconds=ttft, e2e_seconds=last_choice, itl_seconds=tuple(itl))
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read a stream past its [DONE] to the body's end, for a second at most: a stream left
+    before its end closes the connection instead of returning it to the pool, and every
+    request then paid for a new one (on both sides of a bench that shares the server's
+    machine). A server that keeps the stream open after [DONE] loses its connection, as
+    before; nothing read after [DONE] counts."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
 
 
 class Progress:

@@ -7,10 +7,12 @@ variant) and of the thread (its OpenMP team, a cuBLAS handle) then fall on start
 the first requests; and a step that does not fit in memory refuses to start instead of
 failing requests later. vLLM's profile run and llama.cpp's warm-up do the same.
 
-1. The largest step there is: prompt chunks filling the token budget (or every slot's length,
-   if less), the first with every row's logits, as a request for prompt logprobs has them (as
-   many as a step scores, Scheduler.max_scored_tokens): the most memory a step takes, and
-   what start-up's pool sizing reserves.
+1. The largest steps there are: prompt chunks filling the token budget (or every slot's
+   length, if less), as many of their tokens with logits as a step may score for prompt
+   logprobs (Scheduler.max_scored_tokens): the most memory a step takes, and what start-up's
+   pool sizing reserves. Where the cap is below that many tokens, two steps: every token
+   unscored, then prompts scored up to the cap beside unscored ones (a scored chunk being cut
+   at the cap, the slots may not hold both at their largest in one step).
 2. A one-token prompt in every slot but one, so that there are as many decode rows as a full
    pool has;
 3. a short prompt prefilled beside those decode rows (a mixed step), sampled with logprobs;
@@ -40,13 +42,24 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
         return SamplingParams(max_tokens=max_tokens, seed=0, ignore_eos=True,
                               **sampling)  # type: ignore[arg-type]
 
-    budget = scheduler.max_num_batched_tokens
+    budget, cap = scheduler.max_num_batched_tokens, scheduler.max_scored_tokens
     length = min(budget, max_len - 1)  # one output each
-    scored = min(length, scheduler.max_scored_tokens)  # the first prompt's, in one chunk
-    n_full = min(1 + -(-(budget - scored) // length), n_slots)
-    full = [Request(f"warm-up-full-{i}", prompt(scored if i == 0 else length, i),
-                    params(1, temperature=0.0, prompt_logprobs=0 if i == 0 else None))
-            for i in range(n_full)]
+
+    def largest(name: str, scored: int, salt: int) -> list[Request]:
+        """Prompts filling a step, `scored` of its tokens with prompt logprobs: the scored
+        prompts first, so that the scheduler gives them those, then the others the rest.
+        (Salted apart from another phase's prompts, which the prefix cache would supply.)"""
+        n_scored = -(-scored // length)
+        n = min(n_scored + -(-(budget - scored) // length), n_slots)
+        return [Request(f"warm-up-{name}-{i}", prompt(length, salt + i),
+                        params(1, temperature=0.0, prompt_logprobs=0 if i < n_scored else None))
+                for i in range(n)]
+
+    most_tokens = min(budget, n_slots * length)
+    if cap >= most_tokens:  # one step can score every token it has
+        first = [largest("full", most_tokens, salt=0)]
+    else:
+        first = [largest("full", 0, salt=0), largest("scored", cap, salt=n_slots + 1)]
     # Three outputs: the second beside the mixed step's chunk, the third beside its decode row.
     rows = [Request(f"warm-up-row-{i}", prompt(1, i), params(min(3, max_len - 1), temperature=0.0))
             for i in range(max(1, n_slots - 1))]
@@ -54,7 +67,7 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
     short = min(16, max_len - outputs)
     mixed = Request("warm-up-mixed", prompt(short, n_slots),
                     params(outputs, temperature=1.0, logprobs=0))
-    return [full, rows, [mixed]]
+    return [*first, rows, [mixed]]
 
 
 def failure_message(error: BaseException, budget: int) -> str:

@@ -25,6 +25,7 @@ from server.bench import (
     request_body,
     run_bench,
     run_loop,
+    send,
     summarize,
 )
 from tests.api.conftest import API_KEY, Server, free_port
@@ -79,8 +80,9 @@ class CountingProxy:
 
     def __init__(self, target: str) -> None:
         self.host, port = target.removeprefix("http://").rsplit(":", 1)
-        self.target_port, self.port, self.accepted = int(port), free_port(), 0
+        self.target_port, self.port, self.accepted = int(port), 0, 0
         self.loop = asyncio.new_event_loop()
+        self.writers: list[asyncio.StreamWriter] = []
         started = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
         self.thread.start()
@@ -100,11 +102,13 @@ class CountingProxy:
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.accepted += 1
             up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+            self.writers += [writer, up_writer]
             await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
                                  return_exceptions=True)
 
         async def main() -> None:
-            await asyncio.start_server(accept, "127.0.0.1", self.port)
+            self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
             started.set()
 
         self.loop.run_until_complete(main())
@@ -112,15 +116,20 @@ class CountingProxy:
 
     def close(self) -> None:
         async def shutdown() -> None:
+            self.server.close()
+            for writer in self.writers:
+                writer.close()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.server.wait_closed()
             self.loop.stop()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         self.thread.join(10)
-        self.loop.close()
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def test_the_client_keeps_its_connections(server: Server, capsys: pytest.CaptureFixture[str]
@@ -137,6 +146,34 @@ def test_the_client_keeps_its_connections(server: Server, capsys: pytest.Capture
         proxy.close()
     assert rc == 0, capsys.readouterr().out
     assert 1 <= proxy.accepted <= 2
+
+
+def test_a_stream_kept_open_after_done_still_completes() -> None:
+    """A server that keeps streaming keep-alive comments after [DONE]: the request counts as
+    done after at most DRAIN_SECONDS of reading on (the connection is then dropped)."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()).strip():
+            pass  # the request's headers (its body is never read)
+        chunk = json.dumps({"choices": [{"index": 0, "text": "x"}],
+                            "usage": {"prompt_tokens": 4, "completion_tokens": 1}})
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        for event in (f"data: {chunk}\n\n", "data: [DONE]\n\n", *[": ping\n\n"] * 100):
+            data = event.encode()
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    async def main() -> RequestResult:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.wait_for(
+                send(client, f"http://127.0.0.1:{port}/v1/completions", {}, 4), timeout=10)
+
+    result = asyncio.run(main())
+    assert result.error is None and result.output_tokens == 1
 
 
 def test_a_shared_prefix_comes_from_the_cache(server: Server, tmp_path: Path,

@@ -31,10 +31,14 @@ def assert_untouched(engine: Engine) -> None:
 @pytest.mark.parametrize("seqs, max_len, budget, cap", [
     (4, 256, 64, 1024),  # one prompt fills the step
     (4, 40, 64, 1024),  # prompts shorter than the step (a slot's length bounds them): two fill it
-    (4, 256, 64, 24),  # a scored prompt as long as a step may score, another fills the step
     (2, 10, 64, 1024),  # two slots of 10 tokens: 18 prompt tokens is the largest step there is
     (1, 256, 32, 1024),  # one slot: no step can mix, the warm-up still ends
     (2, 2, 8, 1024),  # room for a prompt token and one output: no decode step
+    # A step may score fewer tokens than it has: the largest unscored, then the most scored
+    (4, 256, 64, 24),  # a scored prompt cut at the cap, another fills the step
+    (1, 256, 32, 24),  # one slot: its prompt scored only up to the cap
+    (2, 40, 64, 24),  # two slots, the scored one cut at the cap
+    (8, 100, 512, 150),  # two scored prompts (the second cut at the cap), four others
 ])
 def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
         cpu_engine: CpuEngine, seqs: int, max_len: int, budget: int, cap: int) -> None:
@@ -45,14 +49,25 @@ def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
     forward = engine.runner.model.forward
     engine.runner.model.forward = lambda *a, **k: (  # type: ignore[method-assign]
         lambda out: logit_rows.append(out.shape[0]) or out)(forward(*a, **k))
+    plans: list[tuple[int, int]] = []  # (tokens, scored tokens) a step
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: (  # type: ignore[method-assign]
+        lambda plan: plans.append((plan.num_tokens, plan.num_scored_tokens)) or plan)(schedule())
     steps = engine.warm_up()
-    largest = min(budget, seqs * (max_len - 1))
+    length = min(budget, max_len - 1)
+    largest = min(budget, seqs * length)
     assert steps[0] == (0, largest)
-    # As many rows of logits as a step may have: a whole prompt scored (as long as a step
-    # scores, or a slot holds), and a row for each other prompt that the step completes
-    scored = min(cap, max_len - 1, budget)
-    others_done = min(seqs - 1, (largest - scored) // (max_len - 1))
-    assert logit_rows[0] == scored + others_done
+    assert len(logit_rows) == len(plans)
+    # The most memory a step takes: as many tokens scored as a step may (every token's
+    # logits when it may score them all), with as many other tokens beside them as there is
+    # room for in the step and the slots
+    scored = min(cap, largest)
+    step = max(range(len(plans)), key=lambda i: plans[i][1])
+    beside = min(budget - scored, (seqs - -(-scored // length)) * length)
+    assert plans[step] == (scored + beside, scored)
+    assert logit_rows[step] >= scored
+    if cap >= largest:
+        assert step == 0 and logit_rows[0] == largest  # one step, every row's logits
     if max_len > 3:
         assert (seqs, 0) in steps  # decode rows alone, every slot
         if seqs > 1:  # a prompt chunk beside every other slot's decode row
