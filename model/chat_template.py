@@ -42,13 +42,16 @@ def render(template: jinja2.Template, messages: list[dict], special_tokens: dict
                                 "starts a new one")
     if continue_final_message:
         messages = _tag_final(messages)
-    variables = {**special_tokens, "tools": None, "documents": None, **_plain(extra),
-                 "messages": _template_messages(messages),
-                 "add_generation_prompt": add_generation_prompt}
     try:
+        variables = {**special_tokens, "tools": None, "documents": None, **_plain(extra),
+                     "messages": _template_messages(messages),
+                     "add_generation_prompt": add_generation_prompt}
         text = template.render(variables)  # a dict: a variable named "self" is no argument
     except jinja2.TemplateError as e:  # raise_exception, sandbox SecurityError, undefined
         raise ChatTemplateError(f"chat template error: {e}") from e
+    except RecursionError:  # JSON nested hundreds deep (the body parser allows ~970 levels)
+        raise ChatTemplateError("the messages or chat_template_kwargs are nested too deeply "
+                                "for the chat template") from None
     except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
         raise ChatTemplateError(f"chat template failed on these messages: {e!r}") from e
     return _cut_at_tag(text, messages[-1]["content"]) if continue_final_message else text

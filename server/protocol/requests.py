@@ -306,6 +306,8 @@ class ToolCallFunction(OpenAIBaseModel):
             parsed = json.loads(value) if value.strip() else {}
         except ValueError:
             raise ValueError("arguments must be JSON text") from None
+        except RecursionError:  # nesting inside a string escapes the body parser's limit
+            raise ValueError("arguments are nested too deeply") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be a JSON object")
         return parsed

@@ -276,6 +276,29 @@ def test_deeply_nested_body_is_never_a_server_error(client: httpx.Client) -> Non
             assert_openai_error(r, 400)
 
 
+@pytest.mark.parametrize("where", ["chat_template_kwargs", "arguments object",
+                                   "arguments text"])
+def test_deeply_nested_chat_data_is_a_400(client: httpx.Client, where: str) -> None:
+    """Nesting the body parser lets through (a few hundred levels, or any depth inside the
+    JSON text of a tool call's arguments) overflowed the stack converting it for the chat
+    template, or parsing the arguments: a 500, and a traceback in the log."""
+    nested = json.loads("[" * 600 + "]" * 600)
+    messages: list[dict] = [{"role": "user", "content": "hi"}]
+    body: dict = {"model": "tiny", "max_tokens": 1, "messages": messages}
+    if where == "chat_template_kwargs":
+        body["chat_template_kwargs"] = {"x": nested}
+    else:
+        text = '{"a":' * 1000 + "1" + "}" * 1000
+        arguments = {"x": nested} if where == "arguments object" else text
+        messages.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": arguments}}]})
+        messages.append({"role": "user", "content": "and?"})
+    for path in (CHAT, "/tokenize"):
+        r = client.post(path, json=body)
+        assert "too deeply" in assert_openai_error(r, 400)["message"], (path, r.text)
+
+
 def test_many_bad_token_ids_give_a_short_error(client: httpx.Client) -> None:
     """250000 negative ids are one error, not 250000 (a 15 MB answer, seconds of the event
     loop); a body with many invalid items of another kind names five and counts the rest."""
