@@ -13,17 +13,18 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -141,6 +142,35 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def internal_error(exc: Exception) -> JSONResponse:
+    """The answer to an error nothing expected (a bug): logged with its traceback, a 500."""
+    logger.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", "server_error")
+
+
+class ErrorAnsweringRoute(APIRoute):
+    """A route that answers an error no exception handler names itself, as a 500.
+
+    Starlette gives a handler for Exception to its outermost middleware, which re-raises
+    after answering: uvicorn then logged a second traceback and closed the keep-alive
+    connection unannounced, so the client's next request on it failed as well. Errors with a
+    handler of their own (the error table, validation, HTTP errors) go on to it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                handlers = request.app.exception_handlers
+                if any(cls in handlers for cls in type(exc).__mro__ if cls is not Exception):
+                    raise
+                return internal_error(exc)
+
+        return answer
+
+
 def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
@@ -163,8 +193,7 @@ def _install_error_table(app: FastAPI) -> None:
                               headers=exc.headers)
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled error", exc_info=exc)
-        return error_response(500, "internal server error", "server_error")
+        return internal_error(exc)
 
     for exc_type in ERRORS:
         app.add_exception_handler(exc_type, known)

@@ -19,6 +19,7 @@ from starlette.types import Message, Send
 
 from server.app import (
     RETRY_AFTER_SECONDS,
+    ErrorAnsweringRoute,
     ModelNotFound,
     ServerState,
     package_version,
@@ -65,7 +66,7 @@ async def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-router = APIRouter()
+router = APIRouter(route_class=ErrorAnsweringRoute)
 
 
 @router.get("/health")

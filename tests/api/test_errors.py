@@ -17,6 +17,7 @@ from tests.api.conftest import (
     API_KEY,
     Server,
     assert_openai_error,
+    free_port,
     run_server,
     sse_data,
     wait_idle,
@@ -534,3 +535,46 @@ def test_overloaded_does_not_leak_queue_places(limited: Server, auth: dict[str, 
     for _ in range(3):
         post()
     assert results[-3:] == [200, 200, 200]
+
+
+def test_an_unexpected_error_is_one_500_and_the_connection_stays(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a route (here, a route made to raise) is answered with OpenAI's 500 and logged
+    once; the keep-alive connection stays usable. (Starlette's catch-all re-raised after
+    answering: uvicorn logged the error a second time and closed the connection, and the
+    client's next request on it failed with a reset.) The app is the real one, served by
+    uvicorn on 127.0.0.1 in this process, without an engine."""
+    import uvicorn
+
+    from server.app import ErrorAnsweringRoute, create_app
+    from server.config import ServerConfig
+
+    def no_engine() -> Any:
+        raise ValueError("no engine in this test")
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app = create_app(ServerConfig(), no_engine)
+    app.router.add_api_route("/boom", boom, route_class_override=ErrorAnsweringRoute)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=20)
+        url = f"http://127.0.0.1:{server.config.port}"
+        ports = []
+        with httpx.Client(base_url=url) as client:
+            for _ in range(3):
+                r = client.get("/boom")
+                assert assert_openai_error(r, 500)["message"] == "internal server error"
+                assert client.get("/version").status_code == 200  # the same connection
+                ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+        assert len(set(ports)) == 1
+        errors = [rec for rec in caplog.records if rec.levelname == "ERROR"]
+        assert [rec.getMessage() for rec in errors].count("unhandled error") == 3
+        assert not any("Exception in ASGI application" in rec.getMessage() for rec in errors)
+    finally:
+        server.should_exit = True
+        thread.join(10)
