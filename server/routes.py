@@ -69,7 +69,8 @@ State = Annotated[ServerState, Depends(get_state)]
 router = APIRouter(route_class=ErrorAnsweringRoute)
 
 
-@router.get("/health")
+# HEAD too on the probes: load balancers' health checks often send it (the body is dropped)
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(state: State) -> JSONResponse:
     try:
         state.serving_engine()
@@ -79,7 +80,7 @@ async def health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/live")
+@router.api_route("/live", methods=["GET", "HEAD"])
 async def live() -> dict[str, str]:
     return {"status": "alive"}
 

@@ -16,6 +16,13 @@ def test_health_and_completion(server: Server, auth: dict[str, str]) -> None:
     assert r.json()["usage"]["completion_tokens"] == 4
 
 
+def test_probes_answer_head(server: Server) -> None:
+    """Load balancers' health checks often send HEAD: the status, no body."""
+    for path in ("/health", "/live"):
+        r = httpx.head(f"{server.base_url}{path}")
+        assert r.status_code == 200 and r.content == b"", path
+
+
 def test_openapi_describes_the_real_schemas(server: Server) -> None:
     spec = httpx.get(f"{server.base_url}/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
