@@ -275,11 +275,13 @@ async def _drain(lines: AsyncIterator[str]) -> None:
     request then paid for a new one (on both sides of a bench that shares the server's
     machine). A server that keeps the stream open after [DONE] loses its connection, as
     before; nothing read after [DONE] counts."""
-    try:
-        async with asyncio.timeout(DRAIN_SECONDS):
-            async for _ in lines:
-                pass
-    except (TimeoutError, httpx.HTTPError):
+    async def read_all() -> None:
+        async for _ in lines:
+            pass
+
+    try:  # wait_for, not asyncio.timeout: Python 3.10 has no timeout()
+        await asyncio.wait_for(read_all(), DRAIN_SECONDS)
+    except (asyncio.TimeoutError, httpx.HTTPError):
         pass
 
 
