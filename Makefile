@@ -49,7 +49,8 @@ bench: install $(BENCH_MODEL)/config.json
 # and without, and the standard workload served on it once per GPU_VARIANTS: as is, without
 # async scheduling, with the engine in a process of its own, without async output processing,
 # without the Triton kernels, and without the start-up warm-up (about a minute each on an
-# H100; name fewer for a short lease). Without the venv, point PY at a python that has the dependencies:
+# H100; name fewer for a short lease). Without the venv, point PY at a python that has the
+# dependencies:
 #   make gpu-check PY=python3 GPU_VARIANTS='"" --engine-process'
 # A host without network that has torch but not the HTTP stack (the lent GPU machines) gets
 # it from wheels that `make gpu-wheels` downloads here into .whl/ (for GPU_PYTHON):

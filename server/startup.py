@@ -69,18 +69,16 @@ def device_size_and_name(device: torch.device) -> tuple[int, str]:
 
 
 def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype,
-                          logit_rows: int | None = None) -> int:
+                          logit_rows: int) -> int:
     """About the most memory a step of `tokens` tokens holds besides weights and pool, kept
     free when the pool is sized (an estimate from the shapes; vLLM measures a dummy step).
     Per token: the residual stream, its delta and norm, q/k/v and the attention output, the
-    MLP's gate/up and their product. Per row of logits (`logit_rows`, at most `tokens`; every
-    token where not given): float32 logits twice over (the logits, and their log-softmax or
-    probabilities)."""
+    MLP's gate/up and their product. Per row of logits (`logit_rows`, at most `tokens`):
+    float32 logits twice over (the logits, and their log-softmax or probabilities)."""
     itemsize = torch.finfo(dtype).bits // 8
     widths = (3 * model.dim + (2 * model.n_heads + 2 * model.n_kv_heads) * model.head_dim
               + 3 * model.hidden_dim)
-    rows = tokens if logit_rows is None else min(logit_rows, tokens)
-    return tokens * widths * itemsize + rows * 2 * model.vocab_size * 4
+    return tokens * widths * itemsize + min(logit_rows, tokens) * 2 * model.vocab_size * 4
 
 
 def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,

@@ -56,10 +56,10 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
                 for i in range(n)]
 
     most_tokens = min(budget, n_slots * length)
-    if cap >= most_tokens:  # one step can score every token it has
-        first = [largest("full", most_tokens, salt=0)]
-    else:
-        first = [largest("full", 0, salt=0), largest("scored", cap, salt=n_slots + 1)]
+    scored = min(cap, most_tokens)
+    first = [largest("scored", scored, salt=0)]
+    if scored < most_tokens:  # and first the most tokens, none scored (see 1. above)
+        first.insert(0, largest("full", 0, salt=n_slots + 1))
     # Three outputs: the second beside the mixed step's chunk, the third beside its decode row.
     rows = [Request(f"warm-up-row-{i}", prompt(1, i), params(min(3, max_len - 1), temperature=0.0))
             for i in range(max(1, n_slots - 1))]

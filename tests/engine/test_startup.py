@@ -88,8 +88,9 @@ def test_pool_larger_than_free_memory_is_refused_with_both_numbers() -> None:
 def test_the_pool_leaves_room_for_a_step() -> None:
     """A pool that fits only if a step's activations had no room is refused at start-up
     (else the first long prefill would run out of memory), and "100%" leaves that room."""
-    step = step_activation_bytes(TINY, 256, torch.float32)
-    # Per token: 3 x 64 + (2 x 4 + 2 x 2) x 16 + 3 x 160 float32 values, and 2 x 1024 logits.
+    step = step_activation_bytes(TINY, 256, torch.float32, logit_rows=4 + 1024)
+    # Per token: 3 x 64 + (2 x 4 + 2 x 2) x 16 + 3 x 160 float32 values, and (every token of
+    # the 256 having a row of logits) 2 x 1024 logits.
     assert step == 256 * ((3 * 64 + 12 * 16 + 3 * 160) * 4 + 2 * 1024 * 4)
     config = EngineConfig(max_num_seqs=4, max_model_len=1024)
     assert plan_pool(TINY, config, torch.float32, 4 * PER_SLOT, step_tokens=0).n_slots == 4
@@ -108,10 +109,10 @@ def test_a_step_holds_logits_for_its_sequences_and_scored_prompt_tokens_only() -
     big = 8192
     rows = 4 + MAX_SCORED_TOKENS_PER_STEP
     step = step_activation_bytes(TINY, big, torch.float32, logit_rows=rows)
-    assert step == (step_activation_bytes(TINY, big, torch.float32)
+    assert step == (step_activation_bytes(TINY, big, torch.float32, logit_rows=big)
                     - (big - rows) * 2 * TINY.vocab_size * 4)
     assert step_activation_bytes(TINY, 256, torch.float32, logit_rows=rows) == (
-        step_activation_bytes(TINY, 256, torch.float32))  # never more rows than tokens
+        step_activation_bytes(TINY, 256, torch.float32, logit_rows=256))  # no more than tokens
     config = EngineConfig(max_num_seqs=4, max_model_len=1024)
     assert plan_pool(TINY, config, torch.float32, 4 * PER_SLOT + step, step_tokens=big)
     with pytest.raises(StartupError, match="step of 8192 tokens"):
