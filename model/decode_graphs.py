@@ -68,14 +68,16 @@ class DecodeGraphs:
         self.lengths = length_buckets(pool.max_len)
         n, device = self.batch_sizes[-1], pool.device
         # Static inputs and output: graphs read and write these addresses on every replay.
-        # Columns of `inputs`: token id, position, length, and which rows the caller wants;
-        # row-major, so the first `batch` rows are one contiguous block to copy.
-        self.inputs = torch.zeros(n, 4, dtype=torch.long, device=device)
-        self.input_ids, self.positions, self.seq_lens, self.rows = self.inputs.unbind(1)
+        # Rows of `inputs`: token id, position, length, and which rows the caller wants. Each
+        # is contiguous: the kernels take positions and lengths as plain vectors, and columns
+        # of a (n, 4) block cost two copies a layer (on an H100 at 64 rows, 64 kernels a
+        # step). The whole block, 32 bytes a row, is copied each step.
+        self.inputs = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.seq_lens, self.rows = self.inputs.unbind(0)
         # Staged on the host, pinned where that allows one asynchronous copy per step; the
         # event says when the device has read it (normally long ago: the step's sampled
         # tokens were read back, unless that step failed).
-        self.staging = torch.zeros(n, 4, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.staging = torch.zeros(4, n, dtype=torch.long, pin_memory=device.type == "cuda")
         self._staging_read = torch.cuda.Event() if device.type == "cuda" else None
         self.logits = torch.zeros(n, model.config.vocab_size, dtype=torch.float32,
                                   device=device)
@@ -101,7 +103,7 @@ class DecodeGraphs:
             stream = torch.cuda.Stream(device)
             mempool = torch.cuda.graph_pool_handle()
             for batch in reversed(self.batch_sizes):
-                self._pad_rows(self.inputs[:batch])
+                self._pad_rows(self.inputs[:, :batch])
                 # Warm up outside the capture: lazy initialisation must not be recorded, and
                 # Triton compiles a kernel variant on its first launch (decode attention's
                 # depends on the length: see triton_kernels.attention_splits).
@@ -145,15 +147,16 @@ class DecodeGraphs:
         batch, length = key
         if self._staging_read is not None:
             self._staging_read.synchronize()
-        staging = self._pad_rows(self.staging[:batch])
+        staging = self._pad_rows(self.staging[:, :batch])
         if feed is not None:
-            staging[:, 0] = len(feed)  # a pad row's index: the 0 appended to `feed` below
+            staging[0] = len(feed)  # a pad row's index: the 0 appended to `feed` below
         slot_ids = torch.tensor(slots, dtype=torch.long)
-        staging[slot_ids, 0] = torch.tensor(token_ids, dtype=torch.long)
+        staging[0, slot_ids] = torch.tensor(token_ids, dtype=torch.long)
         at = torch.tensor(positions, dtype=torch.long)
-        staging[slot_ids, 1], staging[slot_ids, 2] = at, at + 1
-        staging[:len(slots), 3] = slot_ids
-        self.inputs[:batch].copy_(staging, non_blocking=True)
+        staging[1, slot_ids], staging[2, slot_ids] = at, at + 1
+        staging[3, :len(slots)] = slot_ids
+        # Whole, as one transfer (the rows past `batch` are stale; this graph reads none)
+        self.inputs.copy_(self.staging, non_blocking=True)
         if self._staging_read is not None:
             self._staging_read.record()
         if feed is not None:  # the rows' indices into feed become its ids, on the device
@@ -165,11 +168,11 @@ class DecodeGraphs:
             self.forward(batch, length)
         return self.logits[self.rows[:len(slots)]]  # a copy: the next replay overwrites logits
 
-    def _pad_rows(self, rows: Tensor) -> Tensor:
-        """Make every row of an inputs block (batch, 4) a pad row: token 0 at max_len - 1,
+    def _pad_rows(self, block: Tensor) -> Tensor:
+        """Make every row of an inputs block (4, batch) a pad row: token 0 at max_len - 1,
         one key (see the module docstring). Capture warms up with these."""
-        rows[:, 0], rows[:, 1], rows[:, 2] = 0, self.pool.max_len - 1, 1
-        return rows
+        block[0], block[1], block[2] = 0, self.pool.max_len - 1, 1
+        return block
 
     def forward(self, batch: int, length: int) -> None:
         """One step of the first `batch` static rows over `length` keys, run eagerly: what a
