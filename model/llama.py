@@ -11,6 +11,7 @@ are one sequence attended causally.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
 
 # Whether the forward running now is a CUDA-graph decode step (its capture, its warm-up, or
-# its eager stand-in): only there the skinny matmul runs (PackedLinear). It was chosen by
+# its eager stand-in): only there the tiled matmuls run (PackedLinear). It was chosen by
 # timing graph replays; launched from Python a Triton kernel costs more than cuBLAS's
 # (an H100's eager 1-row step took 20-25 ms with it against 14 without).
 _graph_step: ContextVar[bool] = ContextVar("graph_step", default=False)
@@ -187,14 +188,17 @@ class PackedLinear:
         self.use_onednn = use_onednn
         # The plain layout is the other way round: more rows cost more.
         self.min_rows = self.MIN_ROWS if weight.is_mkldnn else 0
-        # On a GPU, a matmul for up to `skinny_rows` rows that beat cuBLAS on this shape
-        # (LlamaModel.pack: TritonKernels.faster_skinny_shapes)
-        self.skinny: Callable[[Tensor, Tensor], Tensor] | None = None
-        self.skinny_rows = 0
+        # On a GPU, per tier of rows (the most it takes, lowest first), the matmul of
+        # CUDA-graph steps where one beat cuBLAS on this shape, None where none did
+        # (LlamaModel.pack: TritonKernels.graph_matmuls)
+        self.graph_matmuls: tuple[tuple[int, Callable[[Tensor, Tensor], Tensor] | None],
+                                  ...] = ()
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.skinny is not None and x.shape[0] <= self.skinny_rows and _graph_step.get():
-            return self.skinny(x, self.weight)
+        if self.graph_matmuls and _graph_step.get():
+            matmul = self.graph_matmul(x.shape[0])
+            if matmul is not None:
+                return matmul(x, self.weight)
         if self.kernels is not None:
             return self.kernels.linear(x, self.weight, self.out_features)
         if not self.use_onednn:
@@ -206,6 +210,13 @@ class PackedLinear:
             return torch.ops.mkldnn._linear_pointwise(padded, self.weight, None, "none", [],
                                                       "")[:n]
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def graph_matmul(self, n_rows: int) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """The matmul of a CUDA-graph step of n_rows rows: its tier's, None for cuBLAS."""
+        for rows, matmul in self.graph_matmuls:
+            if n_rows <= rows:
+                return matmul
+        return None
 
 
 def onednn_linear_works(dtype: torch.dtype) -> bool:
@@ -398,14 +409,15 @@ class LlamaModel(nn.Module):
         self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied,
                                            kernels=kernels)
         del self.lm_head
-        self._use_skinny_matmuls(kernels)
+        self._use_graph_matmuls(kernels)
 
-    def _use_skinny_matmuls(self, kernels: StepKernels | None) -> None:
-        """With Triton's kernels, their skinny matmul for the few rows of CUDA-graph decode
-        steps (`graph_step`) in the linears of the shapes where it measured faster than
-        cuBLAS here (on an H100 in bf16 o_proj, gate_up_proj and the lm_head: 0.25 ms of a
-        5.9 ms step at 1 row; README, Performance, GPU)."""
-        choose = getattr(kernels, "faster_skinny_shapes", None)
+    def _use_graph_matmuls(self, kernels: StepKernels | None) -> None:
+        """With Triton's kernels, their tiled matmuls for the few rows of CUDA-graph decode
+        steps (`graph_step`), per weight shape and tier of rows, where one measured faster
+        than cuBLAS here (on an H100 in bf16 up to 16 rows o_proj, gate_up_proj and the
+        lm_head: 0.25 ms of a 5.9 ms step at 1 row; up to 64, gate_up_proj and the lm_head;
+        README, Performance, GPU)."""
+        choose = getattr(kernels, "graph_matmuls", None)
         if choose is None:  # none, or the C kernels (their linears are their own)
             return
         linears = [self.lm_head_packed]
@@ -413,13 +425,19 @@ class LlamaModel(nn.Module):
             linears += [layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down]
         # (on CPU, where tests force these kernels, oneDNN's blocked weights are not plain)
         packed = [lin for lin in linears if lin is not None and not lin.weight.is_mkldnn]
-        faster = choose([lin.weight for lin in packed])
+        chosen = choose([lin.weight for lin in packed])
         for lin in packed:
-            if tuple(lin.weight.shape) in faster:
-                lin.skinny, lin.skinny_rows = kernels.skinny_linear, kernels.skinny_rows
-        logger.info("skinny matmul (up to %d rows) for weights %s; cuBLAS for the others",
-                    kernels.skinny_rows,
-                    ", ".join(f"{n}x{k}" for n, k in sorted(faster)) or "none")
+            lin.graph_matmuls = tuple(
+                (rows, None if tiling is None
+                 else functools.partial(kernels.tiled_linear, tiling=tiling))
+                for rows, tiling in chosen[tuple(lin.weight.shape)])
+        tiers: dict[int, list[str]] = {}
+        for (n, k), choice in sorted(chosen.items()):
+            for rows, tiling in choice:
+                tiers.setdefault(rows, []).extend([f"{n}x{k}"] if tiling is not None else [])
+        logger.info("tiled matmuls in CUDA-graph steps, cuBLAS for the other weights: %s",
+                    "; ".join(f"up to {rows} rows for {', '.join(names) or 'none'}"
+                              for rows, names in tiers.items()))
 
     @property
     def attends_by_slot(self) -> bool:

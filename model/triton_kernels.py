@@ -15,6 +15,9 @@ launches a layer:
 On an H100 the graphed step went 6.72 -> 5.73 ms at 1 row and 10.34 -> 8.08 ms at 64 (README,
 Performance, GPU); the four kernels take 0.42 ms of the 1-row step.
 
+A fifth, `tiled_linear`, is the matmul of CUDA-graph steps of up to 16 and up to 64 rows for
+the weight shapes where one of its tilings beat cuBLAS at load (`graph_matmuls`).
+
 They round where the reference ops round (each PyTorch op of the reference writes its result
 in the model's dtype): under Triton's interpreter the norm's residual add and the rotation are
 the reference's to the bit, and the norm and SiLU * up within a rounding step (a sum in
@@ -31,6 +34,7 @@ test suite where there is no GPU) and compiled on a GPU host (`pytest -m gpu`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -228,9 +232,9 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _skinny_matmul(x_ptr, w_ptr, y_ptr, n_rows, n_out, n_in, x_stride, y_stride,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr):
+    def _tiled_matmul(x_ptr, w_ptr, y_ptr, n_rows, n_out, n_in, x_stride, y_stride,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      IEEE: tl.constexpr):
         # y (n_rows, n_out) = x (n_rows, n_in) @ w (n_out, n_in)^T for a few rows: each
         # program reads BLOCK_N rows of the weight once, whole, for all of x's rows.
         rows = tl.arange(0, BLOCK_M)
@@ -251,13 +255,40 @@ if triton is not None:
                  mask=(rows[:, None] < n_rows) & (outs[None, :] < n_out))
 
 
-# The skinny matmul's rows (a matrix product's smallest side) and tiles: on an H100 in bf16
-# the best of 24 configurations for Llama-2-7B's o_proj and gate_up_proj at 1 and 4 rows
-# (README, Performance, GPU); float32 tiles a quarter as deep, to fit shared memory.
-SKINNY_ROWS = 16
-SKINNY_BLOCK_N = 32
-SKINNY_BLOCK_K = {torch.float32: 128}
-SKINNY_BLOCK_K_DEFAULT = 512
+@dataclasses.dataclass(frozen=True)
+class MatmulTiling:
+    """One tiling of `_tiled_matmul` for up to `rows` rows (its BLOCK_M): each program reads
+    `block_n` weight rows once, whole, `block_k` inputs at a time (`block_k_fp32` in float32,
+    whose tiles are twice as wide, to fit shared memory), in `stages` pipelined loads."""
+    rows: int
+    block_n: int
+    block_k: int
+    block_k_fp32: int
+    warps: int = 4
+    stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulTier:
+    """Graph steps of more than the tier below's rows and up to `rows` take one of `tilings`
+    or cuBLAS, per weight shape, whichever was fastest at load over `timed_at` rows."""
+    rows: int
+    timed_at: tuple[int, ...]
+    tilings: tuple[MatmulTiling, ...]
+
+
+# On an H100 in bf16, Llama-2-7B's shapes (README, Performance, GPU): up to 16 rows the best
+# of 24 tilings for o_proj and gate_up_proj at 1 and 4 rows; up to 64 the best three of 52
+# over the five shapes at 32 and 64 rows (gate_up_proj 66.4 us against cuBLAS's 71.7, the
+# lm_head 94.0 against 101.8; qkv_proj, o_proj and down_proj within 3%).
+MATMUL_TIERS = (
+    MatmulTier(16, (1, 8), (MatmulTiling(16, 32, 512, 128),)),
+    MatmulTier(64, (32, 64), (MatmulTiling(64, 32, 128, 32),
+                              MatmulTiling(64, 32, 128, 32, stages=6),
+                              MatmulTiling(64, 128, 128, 32))),
+)
+# A shape's choice per tier, lowest tier first: (rows, tiling), None for cuBLAS
+GraphMatmuls = tuple[tuple[int, MatmulTiling | None], ...]
 
 
 def _pow2(n: int) -> int:
@@ -275,8 +306,6 @@ def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
 class TritonKernels:
     """The kernels behind CpuKernels' interface, for tensors on one GPU (or CPU tensors under
     the interpreter). Each method checks what its kernel takes on trust."""
-
-    skinny_rows = SKINNY_ROWS  # the most rows skinny_linear takes
 
     @staticmethod
     def handles_head_dim(head_dim: int) -> bool:
@@ -382,60 +411,89 @@ class TritonKernels:
                                                    num_warps=4)
         return out
 
-    def skinny_linear(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x (R, K) @ weight (N, K)^T for R <= SKINNY_ROWS rows: each weight row is read once
-        for all of them, in tiles (SKINNY_BLOCK_*) that cuBLAS's kernels for so few rows do
-        not use. Where it beats cuBLAS is measured at load (`faster_skinny_shapes`)."""
+    def tiled_linear(self, x: Tensor, weight: Tensor, tiling: MatmulTiling) -> Tensor:
+        """x (R, K) @ weight (N, K)^T for R <= tiling.rows: each weight row is read once for
+        all of them, in tiles that cuBLAS's kernels for so few rows do not use. Where it beats
+        cuBLAS is measured at load (`graph_matmuls`)."""
         n_rows, n_in = x.shape
         n_out = weight.shape[0]
-        if not (n_rows <= SKINNY_ROWS and weight.shape == (n_out, n_in)
+        if not (n_rows <= tiling.rows and weight.shape == (n_out, n_in)
                 and weight.is_contiguous() and x.stride(1) == 1 and x.dtype == weight.dtype):
-            raise ValueError("skinny_linear: unexpected shapes, dtypes or layout")
+            raise ValueError("tiled_linear: unexpected shapes, dtypes or layout")
         y = torch.empty(n_rows, n_out, dtype=x.dtype, device=x.device)
         if n_rows:
-            block_k = SKINNY_BLOCK_K.get(x.dtype, SKINNY_BLOCK_K_DEFAULT)
+            fp32 = x.dtype == torch.float32
             with _on_device_of(x):
-                _skinny_matmul[(triton.cdiv(n_out, SKINNY_BLOCK_N),)](
+                _tiled_matmul[(triton.cdiv(n_out, tiling.block_n),)](
                     x, weight, y, n_rows, n_out, n_in, x.stride(0), y.stride(0),
-                    BLOCK_M=SKINNY_ROWS, BLOCK_N=SKINNY_BLOCK_N, BLOCK_K=block_k,
-                    IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
+                    BLOCK_M=tiling.rows, BLOCK_N=tiling.block_n,
+                    BLOCK_K=tiling.block_k_fp32 if fp32 else tiling.block_k, IEEE=fp32,
+                    num_warps=tiling.warps, num_stages=tiling.stages)
         return y
 
-    def faster_skinny_shapes(self, weights: list[Tensor], rows: tuple[int, ...] = (1, 8),
-                             repeats: int = 8, margin: float = 0.97) -> set[tuple[int, int]]:
-        """The weight shapes that `skinny_linear` multiplies in under `margin` of cuBLAS's
-        (F.linear) time, summed over `rows`: timed on a GPU with CUDA events over every
-        weight of a shape in turn (the layers' weights: no reuse from L2, as in a step),
-        replayed from CUDA graphs and taking turns, the fastest of `repeats` replays each (the
-        margin leaves a near tie to cuBLAS). A shape whose kernel fails to launch (shared
-        memory, ...) is left to cuBLAS. Under the interpreter, every shape (so that CPU tests
-        run the kernel)."""
+    def graph_matmuls(self, weights: list[Tensor], repeats: int = 8, margin: float = 0.97
+                      ) -> dict[tuple[int, int], GraphMatmuls]:
+        """For each weight shape, the matmul of each tier (MATMUL_TIERS) for CUDA-graph steps:
+        the tier's fastest tiling if it ran in under `margin` of cuBLAS's (F.linear) time,
+        summed over the tier's `timed_at` rows, else None (cuBLAS). Timed on a GPU with CUDA
+        events over every weight of a shape in turn (the layers' weights: no reuse from L2,
+        as in a step), replayed from CUDA graphs and taking turns, the fastest of `repeats`
+        replays each (the margin leaves a near tie to cuBLAS). A tiling that fails to launch
+        (shared memory, ...) is left out. Under the interpreter, every tier's first tiling
+        for every shape (so that CPU tests run the kernel); on CPU otherwise, cuBLAS's
+        stand-in everywhere."""
         by_shape: dict[tuple[int, int], list[Tensor]] = {}
         for w in weights:
             by_shape.setdefault(tuple(w.shape), []).append(w)
         if not by_shape:
-            return set()
+            return {}
         device = weights[0].device
         if device.type != "cuda":
-            return set(by_shape) if interpreted() else set()
-        faster = set()
-        for shape, group in by_shape.items():
-            ours = theirs = 0.0
+            first = tuple((tier.rows, tier.tilings[0] if interpreted() else None)
+                          for tier in MATMUL_TIERS)
+            return dict.fromkeys(by_shape, first)
+        chosen = {shape: tuple((tier.rows, self._fastest_tiling(tier, group, repeats, margin))
+                               for tier in MATMUL_TIERS)
+                  for shape, group in by_shape.items()}
+        # The timing's graphs and outputs (0.4 GB for Llama-2-7B's shapes at 64 rows) back to
+        # the device: start-up sizes the KV pool from what the device reports free.
+        torch.cuda.empty_cache()
+        return chosen
+
+    def _fastest_tiling(self, tier: MatmulTier, group: list[Tensor], repeats: int,
+                        margin: float) -> MatmulTiling | None:
+        """The tier's fastest tiling over these weights (one shape), None where cuBLAS's
+        time times `margin` is shorter."""
+        shape, dtype, device = tuple(group[0].shape), group[0].dtype, group[0].device
+        xs = [torch.randn(n, shape[1], device=device).to(dtype) for n in tier.timed_at]
+        tilings = []
+        for tiling in tier.tilings:
             try:
-                for n in rows:
-                    x = torch.randn(n, shape[1], device=device).to(group[0].dtype)
-                    best = _fastest_over(group, repeats, lambda w, x=x: self.skinny_linear(x, w),
-                                         lambda w, x=x: F.linear(x, w))
-                    ours, theirs = ours + best[0], theirs + best[1]
-            except Exception as exc:  # noqa: BLE001 - cuBLAS stays the choice
+                for x in xs:  # (Triton compiles a variant for 1 row)
+                    self.tiled_linear(x, group[0], tiling)
+            except Exception as exc:  # noqa: BLE001 - another tiling, or cuBLAS
                 if device_fault(exc):
                     raise
-                logger.info("skinny matmul unavailable for %s: %s", shape, exc)
+                logger.info("tiled matmul %s unavailable for %s: %s", tiling, shape, exc)
                 continue
-            logger.debug("skinny matmul %s: %.3f ms against cuBLAS's %.3f", shape, ours, theirs)
-            if ours < margin * theirs:
-                faster.add(shape)
-        return faster
+            tilings.append(tiling)
+        if not tilings:
+            return None
+        totals = [0.0] * (len(tilings) + 1)  # the tilings', then cuBLAS's
+        try:
+            for x in xs:
+                matmuls = [functools.partial(self.tiled_linear, x, tiling=t) for t in tilings]
+                best = _fastest_over(group, repeats, *matmuls, lambda w, x=x: F.linear(x, w))
+                totals = [a + b for a, b in zip(totals, best, strict=True)]
+        except Exception as exc:  # noqa: BLE001 - cuBLAS stays the choice
+            if device_fault(exc):
+                raise
+            logger.info("tiled matmuls for %s not timed: %s", shape, exc)
+            return None
+        i = min(range(len(tilings)), key=totals.__getitem__)
+        logger.debug("tiled matmul %s, %d rows: %.3f ms (%s) against cuBLAS's %.3f", shape,
+                     tier.rows, totals[i], tilings[i], totals[-1])
+        return tilings[i] if totals[i] < margin * totals[-1] else None
 
     def probe(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         """Run each kernel once at the model's widths on tiny inputs, with and without split

@@ -8,6 +8,7 @@ converts to bfloat16 by truncation, not rounding, so bf16 runs on the GPU only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -102,47 +103,95 @@ def test_silu_mul_is_the_reference(device: str) -> None:
             assert ulps(got, want) <= ulp_limit(dtype), dtype
 
 
-def test_skinny_linear_is_the_matmul(device: str) -> None:
-    """1 to 16 rows against F.linear, in tiles that do not divide the weight (the masked
-    edges): float32 to float32's rounding (an IEEE dot), half precision within a rounding of
-    the output (the sum in another order)."""
+TILINGS = [t for tier in triton_kernels.MATMUL_TIERS for t in tier.tilings]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=str)
+def test_tiled_linear_is_the_matmul(device: str, tiling: triton_kernels.MatmulTiling) -> None:
+    """Every tiling of every tier, from 1 row to its most, against F.linear, in tiles that do
+    not divide the weight (the masked edges): float32 to float32's rounding (an IEEE dot),
+    half precision within a rounding of the output (the sum in another order)."""
     for dtype in dtypes(device):
         if device == "cpu" and dtype == torch.bfloat16:
             continue  # the interpreter's matrix product takes no bfloat16
         weight = torch.randn(100, 600, device=device).to(dtype)  # 600: not whole 512s or 128s
-        for rows in (1, 3, 16):
+        for rows in (1, 3, tiling.rows):
             x = torch.randn(rows, 600, device=device).to(dtype)
-            got, want = K.skinny_linear(x, weight), F.linear(x.float(), weight.float())
+            got, want = K.tiled_linear(x, weight, tiling), F.linear(x.float(), weight.float())
             assert got.dtype == dtype and got.shape == (rows, 100)
             tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
             assert torch.allclose(got.float(), want, rtol=tol, atol=tol * 25), (dtype, rows)
     with pytest.raises(ValueError):
-        K.skinny_linear(torch.randn(17, 600, device=device), torch.randn(100, 600, device=device))
+        K.tiled_linear(torch.randn(tiling.rows + 1, 600, device=device),
+                       torch.randn(100, 600, device=device), tiling)
 
 
-def test_skinny_matmuls_are_chosen_where_faster(tiny_checkpoint: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernels are asked once, with every linear's weight; the linears of the shapes
-    that they say the skinny matmul won take it, for up to SKINNY_ROWS rows of a CUDA-graph
-    step only (where it was timed; eagerly its launch costs more)."""
+def test_graph_matmuls_are_chosen_per_shape_and_tier(tiny_checkpoint: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels are asked once, with every linear's weight; each linear then runs, in a
+    CUDA-graph step only (where they were timed; eagerly a launch costs more), its tier's
+    tiling for the rows of the step, and cuBLAS (F.linear) where its tier chose none or
+    past the last tier."""
     asked: list[int] = []
     model = load(tiny_checkpoint, pack=False)
-    dim = model.config.dim
+    c = model.config
+    dim, qkv_shape = c.dim, ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim)
+    few, more = (tier.tilings[0] for tier in triton_kernels.MATMUL_TIERS)
+    top = triton_kernels.MATMUL_TIERS[-1].rows
     kernels = triton_kernels.TritonKernels()
-    monkeypatch.setattr(kernels, "faster_skinny_shapes",
-                        lambda weights: asked.append(len(weights)) or {(dim, dim)})
+
+    def choose(weights: list[torch.Tensor]) -> dict:
+        asked.append(len(weights))
+        shapes = {tuple(w.shape) for w in weights}
+        # o_proj: both tiers; qkv: only the second; the rest: cuBLAS
+        return {shape: ((16, few if shape == (dim, dim) else None),
+                        (top, more if shape in ((dim, dim), qkv_shape) else None))
+                for shape in shapes}
+
+    used: list[tuple[int, int]] = []
+    monkeypatch.setattr(kernels, "graph_matmuls", choose)
+    monkeypatch.setattr(kernels, "tiled_linear", lambda x, w, tiling: used.append(
+        (len(x), tiling.rows)) or F.linear(x, w))
     monkeypatch.setattr(llama, "onednn_linear_works", lambda dtype: False)  # plain weights
     model.pack(kernels=kernels)
     assert asked == [4 * model.config.n_layers + 1]
-    o, qkv = model.model.layers[0].self_attn.o, model.model.layers[0].self_attn.qkv
-    assert o is not None and tuple(o.weight.shape) == (dim, dim) and o.skinny is not None
-    assert qkv is not None and qkv.skinny is None
-    rows: list[int] = []
-    o.skinny = lambda x, w: rows.append(len(x)) or F.linear(x, w)
+    attn = model.model.layers[0].self_attn
+    o, qkv, down = attn.o, attn.qkv, model.model.layers[0].mlp.down
+    assert o is not None and qkv is not None and down is not None
+    assert tuple(o.weight.shape) == (dim, dim) and tuple(qkv.weight.shape) == qkv_shape
     with llama.graph_step():
-        o(torch.randn(2, dim)), o(torch.randn(triton_kernels.SKINNY_ROWS + 1, dim))
+        for lin in (o, qkv, down):
+            for rows in (2, 16, 17, top, top + 1):
+                lin(torch.randn(rows, lin.weight.shape[1]))
     o(torch.randn(3, dim))  # an eager step
-    assert rows == [2]  # more rows, or eagerly: F.linear
+    assert used == [(2, 16), (16, 16), (17, top), (top, top)] + [(17, top), (top, top)]
+
+
+def test_the_fastest_tiling_under_the_margin_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tier's choice from its timings: the fastest tiling if under `margin` of cuBLAS (the
+    last time), else cuBLAS (None); a tiling that fails to launch is not timed."""
+    tiers = triton_kernels.MATMUL_TIERS
+    tier = dataclasses.replace(tiers[-1], timed_at=(2, 5))
+    times: list[list[float]] = []
+    monkeypatch.setattr(triton_kernels, "_fastest_over",
+                        lambda weights, repeats, *matmuls: times.pop(0)[:len(matmuls)])
+    weights = [torch.randn(40, 64) for _ in range(3)]
+    a, b, c = tier.tilings
+    times[:] = [[3.0, 2.0, 4.0, 3.0], [3.0, 2.0, 4.0, 3.0]]  # b: 4 against cuBLAS's 6
+    assert K._fastest_tiling(tier, weights, 1, 0.97) == b
+    times[:] = [[3.0, 2.95, 4.0, 3.0], [3.0, 2.95, 4.0, 3.0]]  # b: a near tie
+    assert K._fastest_tiling(tier, weights, 1, 0.97) is None
+    real = K.tiled_linear
+
+    def fails_for_b(x: torch.Tensor, w: torch.Tensor, tiling: object) -> torch.Tensor:
+        if tiling == b:
+            raise RuntimeError("out of resources: shared memory")
+        return real(x, w, tiling)
+
+    monkeypatch.setattr(K, "tiled_linear", fails_for_b)
+    times[:] = [[3.0, 1.0, 3.0], [3.0, 1.0, 3.0]]  # (a, c, cuBLAS)
+    assert K._fastest_tiling(tier, weights, 1, 0.97) == c
+    assert c != b and a != c
 
 
 def test_rope_store_rotates_and_stores_as_the_reference(device: str) -> None:
@@ -348,8 +397,8 @@ def test_heads_the_kernels_cannot_take_keep_pytorchs_attention(make_checkpoint: 
                     reason="needs CUDA, compiled")
 def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: MakeCheckpoint
                                                              ) -> None:
-    """Llama's head size (128), GQA 2:1, in bf16 on the GPU: the kernels' logits (the skinny
-    matmul's too) against PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps
+    """Llama's head size (128), GQA 2:1, in bf16 on the GPU: the kernels' logits (the tiled
+    matmuls' too) against PyTorch's ops (`--no-gpu-kernels`) for a prefill and decode steps
     whose keys are split."""
     from model.weights import load_checkpoint
     folder = make_checkpoint(dataclasses.replace(TINY, dim=512, n_heads=4, n_kv_heads=2,
@@ -361,20 +410,23 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
     kernels = fast.model.layers[0].self_attn.kernels
     assert kernels is not None
     assert ref.model.layers[0].self_attn.kernels is None
-    # Every linear on the skinny matmul for its few rows, whatever it measured here
+    # Every linear on the tiled matmuls for its few rows, whatever they measured here
     for layer in fast.model.layers:
         for lin in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
-            lin.skinny, lin.skinny_rows = kernels.skinny_linear, triton_kernels.SKINNY_ROWS
+            lin.graph_matmuls = tuple(
+                (tier.rows, functools.partial(kernels.tiled_linear, tiling=tier.tilings[0]))
+                for tier in triton_kernels.MATMUL_TIERS)
     pools = [KVCachePool(fast.config, 2, 1024, torch.bfloat16, "cuda") for _ in range(2)]
+    agree: list[bool] = []
 
     def both(ids: list[int], positions: list[int], batch: AttentionBatch) -> None:
         args = (torch.tensor(ids, device="cuda"), torch.tensor(positions, device="cuda"))
-        with torch.inference_mode(), llama.graph_step():  # (where the skinny matmul runs)
+        with torch.inference_mode(), llama.graph_step():  # (where the tiled matmuls run)
             got, want = (m(*args, pool, batch) for m, pool in zip((fast, ref), pools,
                                                                    strict=True))
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() < 0.05 * scale
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8  # near ties
+        agree.extend((got.argmax(-1) == want.argmax(-1)).tolist())
 
     prompt = torch.randint(0, 1000, (600,)).tolist()
     both(prompt, list(range(600)), AttentionBatch.build([], [], [PrefillSpan(0, 0, 600, 0)],
@@ -384,3 +436,6 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
     for step in range(3):  # 601 and 21 keys: slot 0's split in two (longest 601 >= 512)
         batch = AttentionBatch.build([0, 1], [600 + step, 20 + step], [], "cuda")
         both([5 + step, 9 + step], [600 + step, 20 + step], batch)
+    # Random bf16 weights leave near ties, which rounding in another order can flip: over
+    # all 626 rows, not the 2 of a decode step (one of which flipped on an H100, 2026-11-27)
+    assert sum(agree) >= 0.8 * len(agree)
