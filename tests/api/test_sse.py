@@ -3,14 +3,17 @@ and greedy chat == greedy completion of the rendered chat template."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from sse_starlette.event import ensure_bytes
+from starlette.types import Message
 
-from server.routes import _frame
+from server.routes import _frame, _sse
 from tests.api.conftest import Server, sse_data
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
@@ -262,3 +265,39 @@ def test_events_are_framed_as_sse_starlette_frames_them(event: str) -> None:
     sse-starlette: the bytes on the wire are the same either way."""
     assert ensure_bytes(_frame(event), "\n") == ensure_bytes(event, "\n")
     assert isinstance(_frame(event), bytes) == ("\n" not in event and "\r" not in event)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["done", "in-band-error"])
+def test_the_body_ends_with_the_done_event(fails: bool) -> None:
+    """The ASGI message carrying [DONE] ends the body (more_body False) and nothing follows
+    it, so a client reading to the end (the OpenAI SDKs do) has it with [DONE] itself; on
+    the error path too. sse-starlette alone sends the end in a message of its own later."""
+    async def events() -> AsyncIterator[str]:
+        yield '{"a":1}'
+        if fails:
+            raise RuntimeError("boom")
+        yield "[DONE]"
+
+    async def run() -> list[Message]:
+        sent: list[Message] = []
+        never = asyncio.Event()
+
+        async def receive() -> Message:
+            await never.wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        await asyncio.wait_for(_sse(events())(scope, receive, send), 10)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start"
+    bodies = sent[1:]
+    assert all(m["type"] == "http.response.body" for m in bodies)
+    assert bodies[-1] == {"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                          "more_body": False}
+    assert all(m["more_body"] for m in bodies[:-1])
+    assert len(bodies) == 3 if fails else 2  # (an error event before [DONE])
