@@ -85,7 +85,7 @@ class ServerState:
         name, configured limits."""
         engine = self.serving_engine()
         self.check_model(body.model)
-        body.check_limits(self.limits, engine.vocab_size)
+        body.check_limits(self.limits, engine.vocab_size, engine.max_model_len)
         return engine
 
     def drain(self) -> None:
@@ -114,7 +114,8 @@ class ServerState:
 class AcceptedBody(Protocol):
     model: str | None
 
-    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None: ...
+    def check_limits(self, limits: RequestLimits, vocab_size: int,
+                     max_model_len: int | None = None) -> None: ...
 
 
 # exception type -> (status, OpenAI error type, code)

@@ -45,7 +45,8 @@ class TokenizeRequest(ChatTemplateControls):
             raise ValueError("exactly one of 'prompt' or 'messages' is required")
         return self
 
-    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+    def check_limits(self, limits: RequestLimits, vocab_size: int,
+                     max_model_len: int | None = None) -> None:
         """Raise `RequestError` where the request exceeds `limits`."""
         _check_count(len(self.messages or ()), limits.max_messages, "messages")
 
@@ -61,7 +62,8 @@ class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     tokens: TokenIdList
 
-    def check_limits(self, limits: RequestLimits, vocab_size: int) -> None:
+    def check_limits(self, limits: RequestLimits, vocab_size: int,
+                     max_model_len: int | None = None) -> None:
         """Raise `RequestError` for token ids outside the vocabulary."""
         _check_token_ids(self.tokens, vocab_size, "tokens")
 

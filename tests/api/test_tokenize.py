@@ -124,6 +124,17 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client: httpx.Client) -> N
     assert chat.json()["usage"]["prompt_tokens"] == 4
     bad = client.post("/v1/completions", json={"prompt": "x", "truncate_prompt_tokens": 0})
     assert assert_openai_error(bad, 400)["param"] == "truncate_prompt_tokens"
+    # More than the context holds: refused whatever the prompt's length, as vLLM does
+    most = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": MESSAGES})):
+        ok = client.post(path, json={"model": "tiny", **body, "max_tokens": 1,
+                                     "truncate_prompt_tokens": most})
+        assert ok.status_code == 200, ok.text
+        bad = client.post(path, json={"model": "tiny", **body,
+                                      "truncate_prompt_tokens": most + 1})
+        error = assert_openai_error(bad, 400)
+        assert error["param"] == "truncate_prompt_tokens" and str(most) in error["message"]
 
 
 def test_completions_honour_add_special_tokens(client: httpx.Client) -> None:
