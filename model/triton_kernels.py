@@ -276,14 +276,20 @@ class MatmulTier:
     timed_at: tuple[int, ...]
     tilings: tuple[MatmulTiling, ...]
 
+    def __post_init__(self) -> None:
+        if not (self.tilings and all(t.rows >= self.rows for t in self.tilings)
+                and all(0 < n <= self.rows for n in self.timed_at)):
+            raise ValueError(f"a tier of {self.rows} rows needs tilings of as many: {self}")
+
 
 # On an H100 in bf16, Llama-2-7B's shapes (README, Performance, GPU): up to 16 rows the best
 # of 24 tilings for o_proj and gate_up_proj at 1 and 4 rows; up to 64 the best three of 52
 # over the five shapes at 32 and 64 rows (gate_up_proj 66.4 us against cuBLAS's 71.7, the
-# lm_head 94.0 against 101.8; qkv_proj, o_proj and down_proj within 3%).
+# lm_head 94.0 against 101.8; qkv_proj, o_proj and down_proj within 3%), timed at load at
+# the tier's smallest graph bucket above 16 rows and its largest.
 MATMUL_TIERS = (
     MatmulTier(16, (1, 8), (MatmulTiling(16, 32, 512, 128),)),
-    MatmulTier(64, (32, 64), (MatmulTiling(64, 32, 128, 32),
+    MatmulTier(64, (24, 64), (MatmulTiling(64, 32, 128, 32),
                               MatmulTiling(64, 32, 128, 32, stages=6),
                               MatmulTiling(64, 128, 128, 32))),
 )
@@ -452,13 +458,11 @@ class TritonKernels:
             first = tuple((tier.rows, tier.tilings[0] if interpreted() else None)
                           for tier in MATMUL_TIERS)
             return dict.fromkeys(by_shape, first)
-        chosen = {shape: tuple((tier.rows, self._fastest_tiling(tier, group, repeats, margin))
-                               for tier in MATMUL_TIERS)
-                  for shape, group in by_shape.items()}
-        # The timing's graphs and outputs (0.4 GB for Llama-2-7B's shapes at 64 rows) back to
-        # the device: start-up sizes the KV pool from what the device reports free.
-        torch.cuda.empty_cache()
-        return chosen
+        # (The timing's graphs and outputs, 0.4 GB for Llama-2-7B's shapes at 64 rows, stay
+        # in PyTorch's cache: start-up empties it before sizing the KV pool.)
+        return {shape: tuple((tier.rows, self._fastest_tiling(tier, group, repeats, margin))
+                             for tier in MATMUL_TIERS)
+                for shape, group in by_shape.items()}
 
     def _fastest_tiling(self, tier: MatmulTier, group: list[Tensor], repeats: int,
                         margin: float) -> MatmulTiling | None:

@@ -129,6 +129,8 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
     model.pack(use_cpu_kernels=config.cpu_kernels, use_gpu_kernels=config.gpu_kernels)
     release_free_memory()  # the dense weights that packing replaced
+    if device.type == "cuda":  # ...and on the GPU, with what the matmuls' timing held
+        torch.cuda.empty_cache()  # (the pool is sized from what the device reports free)
     batched_tokens = config.batched_tokens(device.type, *device_size_and_name(device))
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,

@@ -65,7 +65,8 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5,
     """Decode steps through the graph layout give the per-request layout's logits, across a
     length bucket boundary (with the default `prompt_lens`, slot: length), while other slots
     hold sequences that are not decoding (their rows are padding); those sequences then
-    continue exactly as if nothing had happened. Also run on CUDA with capture=True by
+    continue exactly as if nothing had happened; every other step takes its token ids from
+    the device (`feed`, as async scheduling does). Also run on CUDA with capture=True by
     tests/model/test_gpu.py."""
     config, device = model.config, model.inv_freq.device
     dtype = model.model.embed_tokens.weight.dtype
@@ -84,23 +85,28 @@ def check_graph_steps(model: LlamaModel, capture: bool, atol: float = 1e-5,
         last[slot] = int(logits.argmax())
     lengths = dict(prompt_lens)
 
-    def step_both(slots: list[int]) -> None:
+    def step_both(slots: list[int], feed: bool = False) -> None:
         ids, pos = [last[s] for s in slots], [lengths[s] for s in slots]
         batch = AttentionBatch.build(slots, pos, [], device)
         want = model(torch.tensor(ids, device=device), batch.positions, eager, batch)
-        got = graphs.run(slots, ids, pos)
+        if feed:  # as async scheduling feeds them: on the device, each row's index into it
+            on_device = torch.tensor([*reversed(ids), 7], device=device)
+            got = graphs.run(slots, [len(ids) - 1 - i for i in range(len(ids))], pos,
+                             feed=on_device)
+        else:
+            got = graphs.run(slots, ids, pos)
         assert got is not None
         assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
         for s, row in zip(slots, want, strict=True):
             last[s], lengths[s] = int(row.argmax()), lengths[s] + 1
 
     decoding = [5, 0, 2, 3]  # slots 1 and 4 hold sequences but sit out: pad rows
-    for _ in range(10):  # by default slot 0 crosses from the 256 bucket into the 512 one
-        step_both(decoding)
+    for i in range(10):  # by default slot 0 crosses from the 256 bucket into the 512 one
+        step_both(decoding, feed=i % 2 == 1)
     assert lengths[0] == prompt_lens[0] + 10
     for slot in (1, 4):  # the pad rows wrote nowhere these sequences read
         n = lengths[slot]
         assert torch.equal(graphed.k[0][slot, :, :n], eager.k[0][slot, :, :n])
         assert torch.equal(graphed.v[-1][slot, :, :n], eager.v[-1][slot, :, :n])
-    for _ in range(3):
-        step_both([0, 1, 2, 3, 4, 5])
+    for i in range(3):
+        step_both([0, 1, 2, 3, 4, 5], feed=i == 1)

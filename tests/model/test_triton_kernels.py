@@ -168,8 +168,9 @@ def test_graph_matmuls_are_chosen_per_shape_and_tier(tiny_checkpoint: Path,
 
 
 def test_the_fastest_tiling_under_the_margin_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tier's choice from its timings: the fastest tiling if under `margin` of cuBLAS (the
-    last time), else cuBLAS (None); a tiling that fails to launch is not timed."""
+    """A tier's choice from its timings summed over its rows: the fastest tiling if under
+    `margin` of cuBLAS (the last time), else cuBLAS (None), also where the timing fails (but
+    a device fault is raised); a tiling that fails to launch is not timed."""
     tiers = triton_kernels.MATMUL_TIERS
     tier = dataclasses.replace(tiers[-1], timed_at=(2, 5))
     times: list[list[float]] = []
@@ -177,10 +178,25 @@ def test_the_fastest_tiling_under_the_margin_wins(monkeypatch: pytest.MonkeyPatc
                         lambda weights, repeats, *matmuls: times.pop(0)[:len(matmuls)])
     weights = [torch.randn(40, 64) for _ in range(3)]
     a, b, c = tier.tilings
-    times[:] = [[3.0, 2.0, 4.0, 3.0], [3.0, 2.0, 4.0, 3.0]]  # b: 4 against cuBLAS's 6
-    assert K._fastest_tiling(tier, weights, 1, 0.97) == b
+    # Summed over the rows timed: c (3.5 ms against cuBLAS's 18), where the first rows alone
+    # would pick a and the last b
+    times[:] = [[1.0, 3.0, 2.0, 9.0], [3.0, 1.0, 1.5, 9.0]]
+    assert K._fastest_tiling(tier, weights, 1, 0.97) == c
     times[:] = [[3.0, 2.95, 4.0, 3.0], [3.0, 2.95, 4.0, 3.0]]  # b: a near tie
     assert K._fastest_tiling(tier, weights, 1, 0.97) is None
+
+    def raises(message: str) -> None:
+        def fastest_over(*args: object) -> list[float]:
+            raise RuntimeError(message)
+        monkeypatch.setattr(triton_kernels, "_fastest_over", fastest_over)
+
+    raises("capture failed")  # timing fails: cuBLAS
+    assert K._fastest_tiling(tier, weights, 1, 0.97) is None
+    raises("CUDA error: an illegal memory access was encountered")  # the device: no more
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        K._fastest_tiling(tier, weights, 1, 0.97)
+    monkeypatch.setattr(triton_kernels, "_fastest_over",
+                        lambda weights, repeats, *matmuls: times.pop(0)[:len(matmuls)])
     real = K.tiled_linear
 
     def fails_for_b(x: torch.Tensor, w: torch.Tensor, tiling: object) -> torch.Tensor:
@@ -417,7 +433,6 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
                 (tier.rows, functools.partial(kernels.tiled_linear, tiling=tier.tilings[0]))
                 for tier in triton_kernels.MATMUL_TIERS)
     pools = [KVCachePool(fast.config, 2, 1024, torch.bfloat16, "cuda") for _ in range(2)]
-    agree: list[bool] = []
 
     def both(ids: list[int], positions: list[int], batch: AttentionBatch) -> None:
         args = (torch.tensor(ids, device="cuda"), torch.tensor(positions, device="cuda"))
@@ -426,7 +441,11 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
                                                                    strict=True))
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() < 0.05 * scale
-        agree.extend((got.argmax(-1) == want.argmax(-1)).tolist())
+        # Every row's choice is the reference's, or a near tie in the reference's logits
+        # (within 1% of their scale: random bf16 weights leave such ties, and rounding in
+        # another order flipped one on an H100, 2026-11-27)
+        picked = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+        assert (picked >= want.max(-1).values - 0.01 * scale).all()
 
     prompt = torch.randint(0, 1000, (600,)).tolist()
     both(prompt, list(range(600)), AttentionBatch.build([], [], [PrefillSpan(0, 0, 600, 0)],
@@ -436,6 +455,3 @@ def test_bf16_model_at_llama_head_size_matches_pytorchs_ops(make_checkpoint: Mak
     for step in range(3):  # 601 and 21 keys: slot 0's split in two (longest 601 >= 512)
         batch = AttentionBatch.build([0, 1], [600 + step, 20 + step], [], "cuda")
         both([5 + step, 9 + step], [600 + step, 20 + step], batch)
-    # Random bf16 weights leave near ties, which rounding in another order can flip: over
-    # all 626 rows, not the 2 of a decode step (one of which flipped on an H100, 2026-11-27)
-    assert sum(agree) >= 0.8 * len(agree)
