@@ -193,6 +193,9 @@ class PackedLinear:
         # (LlamaModel.pack: TritonKernels.graph_matmuls)
         self.graph_matmuls: tuple[tuple[int, Callable[[Tensor, Tensor], Tensor] | None],
                                   ...] = ()
+        # The lm_head on the C kernels: each row's argmax kept for the sampler's greedy rows
+        # (CpuKernels.linear)
+        self.keep_argmax = False
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.graph_matmuls and _graph_step.get():
@@ -200,7 +203,7 @@ class PackedLinear:
             if matmul is not None:
                 return matmul(x, self.weight)
         if self.kernels is not None:
-            return self.kernels.linear(x, self.weight, self.out_features)
+            return self.kernels.linear(x, self.weight, self.out_features, self.keep_argmax)
         if not self.use_onednn:
             return F.linear(x, self.weight)
         n = x.shape[0]
@@ -408,6 +411,7 @@ class LlamaModel(nn.Module):
         tied = weight is self.model.embed_tokens.weight
         self.lm_head_packed = PackedLinear(weight, use_onednn, reorder=not tied,
                                            kernels=kernels)
+        self.lm_head_packed.keep_argmax = True
         del self.lm_head
         self._use_graph_matmuls(kernels)
 
