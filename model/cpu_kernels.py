@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +155,10 @@ class CpuKernels:
         self._linear_argmax_scratch_bytes = library.linear_argmax_scratch_bytes
         self._linear_argmax_scratch_bytes.argtypes = [_I64, ctypes.c_int]
         self._linear_argmax_scratch_bytes.restype = _I64
-        # The last `linear(keep_argmax=True)` output and its rows' argmax: `argmax` of that
-        # very tensor answers from it, once.
-        self._kept_argmax: tuple[Tensor, Tensor] | None = None
+        # The last `linear(keep_argmax=True)` output (weakly: a prompt-logprobs chunk's
+        # logits are not kept alive) and its rows' argmax: `argmax` of that very tensor
+        # answers from it, once.
+        self._kept_argmax: tuple[weakref.ref[Tensor], Tensor] | None = None
         self._sample_rows = library.sample_rows
         self._sample_rows.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]
         self._sample_rows.restype = None
@@ -243,7 +245,7 @@ class CpuKernels:
         at = scratch.data_ptr() + (-scratch.data_ptr()) % 64
         self._linear_argmax(x.data_ptr(), x.stride(0), panels.data_ptr(), y.data_ptr(), n_rows,
                             n_in, n_out, n_threads, ids.data_ptr(), at)
-        self._kept_argmax = (y, ids)
+        self._kept_argmax = (weakref.ref(y), ids)
         return y
 
     def sample(self, logits: Tensor, inv_temperature: Tensor, uniforms: Tensor) -> Tensor:
@@ -270,7 +272,7 @@ class CpuKernels:
         caller must not have changed it in place (inference tensors keep no version count
         to tell): the sampler's processing is out of place (server/sampling.py)."""
         kept, self._kept_argmax = self._kept_argmax, None
-        if kept is not None and kept[0] is logits:
+        if kept is not None and kept[0]() is logits:
             return kept[1]
         if not (logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0):
             raise ValueError("argmax: expected (R, V) float32 with V > 0")

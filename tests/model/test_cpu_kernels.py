@@ -385,14 +385,14 @@ def test_argmax_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build: s
 
 @needs_compiler
 @pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
-@pytest.mark.parametrize("n_out", [1, 5, 31, 32, 33, 100, 1000])
+@pytest.mark.parametrize("n_out", [1, 5, 31, 32, 33, 80, 100, 1000])
 def test_linear_keeps_torchs_argmax(builds: dict[str, cpu_kernels.CpuKernels], build: str,
                                     n_out: int) -> None:
     """linear(keep_argmax=True) keeps each row's torch.argmax of its output from the
-    accumulators: ties within and across lanes, tiles and threads (the first), a NaN
-    wherever it sits, -inf and +inf, all-negative rows beside the last panel's zero padding;
-    every tile shape (1-3 rows are wide tiles, past 16 too). argmax() of that output
-    answers from it once; of anything else, it computes."""
+    accumulators: ties within and across lanes, tiles and threads (the first), the first of
+    NaNs wherever they sit, -inf and +inf, all-negative rows beside the last panel's zero
+    padding; every tile shape (1-3 rows are wide tiles, past 16 too; 80 outputs: an odd
+    last panel of a wide layout), on 1-3 threads. argmax() of another tensor computes."""
     if build not in builds:
         pytest.skip(f"no {build} build on this machine")
     kernels = builds[build]
@@ -402,23 +402,32 @@ def test_linear_keeps_torchs_argmax(builds: dict[str, cpu_kernels.CpuKernels], b
         y = kernels.linear(x, kernels.pack_linear(weight), n_out, keep_argmax=True)
         assert torch.equal(kernels.argmax(y), y.argmax(dim=-1)), (x.shape, weight)
 
-    for rows in (1, 2, 3, 13, 17, 40):
-        check(torch.randn(rows, 24, generator=gen), torch.randn(n_out, 24, generator=gen))
-        # Exact ties: each row picks integer logits out of the weight's columns
-        check(torch.eye(rows), torch.randint(-2, 2, (n_out, rows), generator=gen).float())
-        check(torch.rand(rows, 8, generator=gen), -torch.rand(n_out, 8, generator=gen))
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            for rows in (1, 2, 3, 13, 17, 40):
+                check(torch.randn(rows, 24, generator=gen),
+                      torch.randn(n_out, 24, generator=gen))
+                # Exact ties: each row picks integer logits out of the weight's columns
+                check(torch.eye(rows),
+                      torch.randint(-2, 2, (n_out, rows), generator=gen).float())
+                check(torch.rand(rows, 8, generator=gen), -torch.rand(n_out, 8, generator=gen))
+    finally:
+        torch.set_num_threads(threads)
     # One input: the output is the weight's column times each row's x, specials as they are
     column = torch.randn(n_out, generator=gen)
-    for special in ([float("nan")], [float("-inf")] * n_out, [float("inf"), float("nan")],
-                    [-0.0, 0.0] * n_out):
+    nan, inf = float("nan"), float("inf")
+    for at, special in ((n_out // 2, [nan, 1.0, nan]), (0, [-inf] * n_out),
+                        (n_out // 3, [inf, nan]), (n_out - 1, [inf]), (0, [-0.0, 0.0] * n_out)):
         weight = column.clone()
-        weight[n_out // 2:][:len(special)] = torch.tensor(special[:n_out - n_out // 2])
+        weight[at:at + len(special)] = torch.tensor(special[:n_out - at])
         check(torch.tensor([[1.0], [2.0], [0.5]]), weight[:, None])
     y = kernels.linear(torch.ones(2, 1), kernels.pack_linear(torch.ones(n_out, 1)), n_out,
                        keep_argmax=True)
-    y[:, -1] = 2.0  # the caller's to avoid (the sampler works out of place): answered as kept
-    assert kernels.argmax(y).tolist() == [0, 0]
-    assert kernels.argmax(y).tolist() == [n_out - 1] * 2  # once: then computed
+    other = y.clone()
+    other[:, -1] = 2.0
+    assert kernels.argmax(other).tolist() == [n_out - 1] * 2
 
 
 @needs_compiler
