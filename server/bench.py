@@ -84,6 +84,8 @@ class LevelResult:
     client_cpu_seconds: float | None = None
     # The server's prefix cache during the level, from its /metrics; None where it has none
     prefix_cache: bench_steps.PrefixCache | None = None
+    # The server's steps during the level by kind, from its /metrics; None where it has none
+    step_kinds: bench_steps.StepKinds | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -386,7 +388,8 @@ async def bench(args: argparse.Namespace, source: PromptSource,
             after = await bench_steps.snapshot(client, base_url)
             levels.append(replace(level, server_steps=bench_steps.decode_steps(before, after),
                                   client_cpu_seconds=cpu,
-                                  prefix_cache=bench_steps.prefix_cache(before, after)))
+                                  prefix_cache=bench_steps.prefix_cache(before, after),
+                                  step_kinds=bench_steps.step_kinds(before, after)))
             progress.close()
     return model, levels
 
@@ -423,6 +426,9 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
               f"{st.decode_steps}, forward {st.forward_ms:.2f} ms, outside it {st.outside_ms:.2f} "
               f"ms ({st.outside_share:.1%} of a step)"
               for lv in levels if (st := lv.server_steps) is not None]
+    lines += [f"concurrency {lv.concurrency}, the server's steps (its /metrics): {sk.decode} "
+              f"decode only, {sk.mixed} with prompts beside decode rows, {sk.prefill} prompts "
+              "only" for lv in levels if (sk := lv.step_kinds) is not None]
     lines += [f"concurrency {lv.concurrency}, the server's prefix cache (its /metrics): "
               f"{pc.hits} of the {pc.queries} prompt tokens looked up found ({pc.hit_rate:.1%})"
               for lv in levels if (pc := lv.prefix_cache) is not None]

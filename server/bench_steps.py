@@ -6,7 +6,9 @@ between one forward's end and the next one's start (`llama_serve_step_forward_se
 a level, give the share of a decode step spent outside the model: the scheduler, sampling,
 outputs and HTTP overhead that the performance issue bounds. Servers without these series
 (vLLM, ours on a GPU) give none. Its prefix cache's counters (ours, or vLLM's names) give how
-many of the level's prompt tokens came from the cache.
+many of the level's prompt tokens came from the cache, and its steps by kind (ours, on every
+device) how many steps carried prompts: a burst of arrivals prefilled in one step, or spread
+over many, each of which the streams already decoding wait through.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 FORWARD, GAP = "llama_serve_step_forward_seconds", "llama_serve_step_gap_seconds"
+STEPS = "llama_serve_engine_steps"  # (the parser drops `_total`), by kind
 # Counter families (the parser drops `_total`): ours, else vLLM's (older ones: `gpu_`)
 PREFIX_HITS = ("llama_serve_prefix_cache_hits", "vllm:prefix_cache_hits",
                "vllm:gpu_prefix_cache_hits")
@@ -34,6 +37,14 @@ class ServerSteps:
     forward_ms: float
     outside_ms: float  # from the last forward's end to this one's start
     outside_share: float  # outside / (outside + forward)
+
+
+@dataclass(frozen=True, slots=True)
+class StepKinds:
+    """The server's steps during a level, by what their rows were."""
+    decode: int  # decode rows only
+    mixed: int  # prompt chunks beside decode rows
+    prefill: int  # prompt chunks only
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,10 @@ def parse_snapshot(text: str) -> Snapshot | None:
         counters = {f.name: f for f in families if f.name in names}
         if family := next((counters[name] for name in names if name in counters), None):
             values[key] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    for family in families:
+        if family.name == STEPS:
+            values |= {f"steps:{s.labels.get('kind')}": s.value for s in family.samples
+                       if s.name.endswith("_total")}
     return values or None
 
 
@@ -87,6 +102,18 @@ def decode_steps(before: Snapshot | None, after: Snapshot | None) -> ServerSteps
     outside = delta(f"{GAP}_sum") / n_gap
     return ServerSteps(int(n_forward), forward * 1e3, outside * 1e3,
                        outside / (outside + forward) if outside + forward > 0 else 0.0)
+
+
+def step_kinds(before: Snapshot | None, after: Snapshot | None) -> StepKinds | None:
+    """The steps between two snapshots by kind; None without both or without any."""
+    if before is None or after is None:
+        return None
+    counts = [int(after.get(f"steps:{kind}", 0.0) - before.get(f"steps:{kind}", 0.0))
+              for kind in ("decode", "mixed", "prefill")]
+    if not any(f"steps:{kind}" in after for kind in ("decode", "mixed", "prefill")) \
+            or sum(counts) <= 0:
+        return None
+    return StepKinds(*counts)
 
 
 def prefix_cache(before: Snapshot | None, after: Snapshot | None) -> PrefixCache | None:

@@ -30,7 +30,7 @@ from server.engine_front import (
 from server.memory import release_free_memory
 from server.outputs import OutputBuilder
 from server.request import FinishReason, Request, RequestOutput, RequestStatus
-from server.runner import ModelRunner, PendingStep, StepResult
+from server.runner import ModelRunner, PendingStep, StepResult, step_kind
 from server.scheduler import Scheduler, StepPlan
 from server.warmup import failure_message, phases
 
@@ -143,7 +143,8 @@ class Engine(EngineFront):
         """A copy of the stats as they are now (engine thread): to send to another process."""
         self._refresh_stats()
         with self._lock:
-            return replace(self._stats, finished_total=Counter(self._stats.finished_total))
+            return replace(self._stats, finished_total=Counter(self._stats.finished_total),
+                           steps_total=Counter(self._stats.steps_total))
 
     def warm_up(self) -> list[tuple[int, int]]:
         """Run server/warmup.py's phases through the real step before serving (by `start` on
@@ -182,7 +183,8 @@ class Engine(EngineFront):
     def _reset_counters(self) -> None:
         """Zero what the warm-up counted (the metrics read these counters)."""
         stats = self._stats
-        stats.prompt_tokens_total = stats.generation_tokens_total = stats.steps_total = 0
+        stats.prompt_tokens_total = stats.generation_tokens_total = 0
+        stats.steps_total = Counter()
         stats.finished_total.clear()  # in place: the output builder holds this Counter
         stats.prefix_cache_queries_total = stats.prefix_cache_hits_total = 0
         self.runner.forget_last_step()
@@ -313,7 +315,7 @@ class Engine(EngineFront):
             plan, result = _still_running(plan, result)
         # Prompt tokens taken, computed or found in the prefix cache (as vLLM counts them)
         n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
-        self._stats.steps_total += 1
+        self._stats.steps_total[step_kind(plan)] += 1
         self._stats.prompt_tokens_total += n_prompt
         self._stats.prefix_cache_queries_total += plan.num_queried_tokens
         self._stats.prefix_cache_hits_total += plan.num_cached_tokens

@@ -24,6 +24,11 @@ from server.request import FinishReason, Request, RequestOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+# What a step's rows are (server/runner.py's step_kind): decode rows only, prompt chunks beside
+# decode rows, prompt chunks only
+STEP_KINDS = ("decode", "mixed", "prefill")
+
+
 class RequestRejected(ValueError):
     """The request can never be served as asked (HTTP 400); `param` names the field at fault,
     `code` is OpenAI's error code where it has one."""
@@ -67,7 +72,7 @@ class EngineStats:
     tokens_capacity: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    steps_total: int = 0
+    steps_total: Counter[str] = field(default_factory=Counter)  # by kind, STEP_KINDS
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # ... and copied from it
     finished_total: Counter[str] = field(default_factory=Counter)

@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine_front import EngineFront, EngineStats
+from server.engine_front import STEP_KINDS, EngineFront, EngineStats
 from server.outputs import IterationStats
 from server.request import FinishReason
 
@@ -177,7 +177,13 @@ class _StatsCollector(Collector):
                       "the prefix cache).", s.prompt_tokens_total)
         yield counter("generation_tokens_total", "Output tokens generated.",
                       s.generation_tokens_total)
-        yield counter("engine_steps_total", "Engine steps run.", s.steps_total)
+        steps = CounterMetricFamily(
+            "llama_serve_engine_steps_total", "Engine steps run, by kind: decode (decode rows "
+            "only), mixed (prompt chunks beside decode rows), prefill (prompt chunks only).",
+            labels=["kind"])
+        for kind in STEP_KINDS:
+            steps.add_metric([kind], s.steps_total.get(kind, 0))
+        yield steps
         yield counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix "
                       "cache.", s.prefix_cache_queries_total)
         yield counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache "

@@ -65,9 +65,15 @@ def test_bench_counts_every_token(server: Server, tiny_checkpoint: Path, tmp_pat
         steps = level["server_steps"]  # from the server's /metrics (a CPU server)
         assert steps["decode_steps"] > 0 and steps["forward_ms"] > 0
         assert 0 < steps["outside_share"] < 1
-    # One stream: every decode step is decode-only, 7 a request (after the first's token).
+    # One stream: every decode step is decode-only, 7 a request (after the first's token),
+    # and each prompt prefilled alone.
     assert report["levels"][0]["server_steps"]["decode_steps"] == 6 * 7
+    assert report["levels"][0]["step_kinds"] == {"decode": 6 * 7, "mixed": 0, "prefill": 6}
+    kinds = report["levels"][1]["step_kinds"]  # three at once: prompts beside decode rows
+    assert kinds["mixed"] + kinds["prefill"] >= 2 and kinds["decode"] > 0
     assert "concurrency 3, the server's decode steps (its /metrics): " in stdout
+    assert "concurrency 1, the server's steps (its /metrics): 42 decode only, 0 with " \
+        "prompts beside decode rows, 6 prompts only" in stdout
     # the client's own CPU, which a server on the same machine loses
     assert all(0 < level["client_cpu_seconds"] < 4 * level["duration_seconds"] + 1
                for level in report["levels"])  # the level's own, not the process's so far

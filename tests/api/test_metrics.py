@@ -59,6 +59,11 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
     assert m[f'{forward}_count{{kind="decode"}}'] == 2 + 3 + 4
     assert m[f'{gap}_count{{kind="decode"}}'] == 1 + 2 + 3
     assert m[f'{gap}_count{{kind="prefill"}}'] == m[f'{forward}_count{{kind="mixed"}}'] == 0
+    # The steps by kind, on every device (the forward's times are CPU only)
+    steps = "llama_serve_engine_steps_total"
+    assert m[f'{steps}{{kind="prefill"}}'] == 3
+    assert m[f'{steps}{{kind="decode"}}'] == 2 + 3 + 4
+    assert m[f'{steps}{{kind="mixed"}}'] == 0
     assert 0 < m[f'{forward}_sum{{kind="decode"}}'] and 0 < m[f'{gap}_sum{{kind="decode"}}']
     assert m["llama_serve_generation_throughput_tokens_per_second"] > 0
     for gauge in ("requests_running", "requests_waiting", "kv_cache_slots_used",

@@ -22,7 +22,8 @@ def assert_untouched(engine: Engine) -> None:
     assert not sched.has_work() and not sched.requests
     assert sorted(sched.free_slots) == list(range(sched.n_slots))
     assert not sched.cached and stats.prefix_cache_queries_total == 0  # nor the cache
-    assert stats.prompt_tokens_total == stats.generation_tokens_total == stats.steps_total == 0
+    assert stats.prompt_tokens_total == stats.generation_tokens_total == 0
+    assert sum(stats.steps_total.values()) == 0
     assert not stats.finished_total and stats.slots_used == stats.tokens_used == 0
     assert engine.num_unfinished() == 0
     assert engine.stats().num_queued == 0  # what generate() holds against --max-waiting
