@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.engine_front import STEP_KINDS
+
 FORWARD, GAP = "llama_serve_step_forward_seconds", "llama_serve_step_gap_seconds"
 STEPS = "llama_serve_engine_steps"  # (the parser drops `_total`), by kind
 # Counter families (the parser drops `_total`): ours, else vLLM's (older ones: `gpu_`)
@@ -108,12 +110,11 @@ def step_kinds(before: Snapshot | None, after: Snapshot | None) -> StepKinds | N
     """The steps between two snapshots by kind; None without both or without any."""
     if before is None or after is None:
         return None
-    counts = [int(after.get(f"steps:{kind}", 0.0) - before.get(f"steps:{kind}", 0.0))
-              for kind in ("decode", "mixed", "prefill")]
-    if not any(f"steps:{kind}" in after for kind in ("decode", "mixed", "prefill")) \
-            or sum(counts) <= 0:
+    counts = {kind: int(after.get(f"steps:{kind}", 0.0) - before.get(f"steps:{kind}", 0.0))
+              for kind in STEP_KINDS}
+    if not any(f"steps:{kind}" in after for kind in STEP_KINDS) or sum(counts.values()) <= 0:
         return None
-    return StepKinds(*counts)
+    return StepKinds(**counts)
 
 
 def prefix_cache(before: Snapshot | None, after: Snapshot | None) -> PrefixCache | None:
