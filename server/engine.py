@@ -30,7 +30,7 @@ from server.engine_front import (
 from server.memory import release_free_memory
 from server.outputs import OutputBuilder
 from server.request import FinishReason, Request, RequestOutput, RequestStatus
-from server.runner import ModelRunner, PendingStep, StepResult, step_kind
+from server.runner import ModelRunner, PendingStep, StepResult
 from server.scheduler import Scheduler, StepPlan
 from server.warmup import failure_message, phases
 
@@ -315,7 +315,7 @@ class Engine(EngineFront):
             plan, result = _still_running(plan, result)
         # Prompt tokens taken, computed or found in the prefix cache (as vLLM counts them)
         n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
-        self._stats.steps_total[step_kind(plan)] += 1
+        self._stats.steps_total[plan.kind] += 1
         self._stats.prompt_tokens_total += n_prompt
         self._stats.prefix_cache_queries_total += plan.num_queried_tokens
         self._stats.prefix_cache_hits_total += plan.num_cached_tokens

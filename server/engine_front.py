@@ -24,7 +24,7 @@ from server.request import FinishReason, Request, RequestOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 
-# What a step's rows are (server/runner.py's step_kind): decode rows only, prompt chunks beside
+# What a step's rows are (scheduler.StepPlan.kind): decode rows only, prompt chunks beside
 # decode rows, prompt chunks only
 STEP_KINDS = ("decode", "mixed", "prefill")
 

@@ -174,7 +174,7 @@ class ModelRunner:
         start = time.monotonic()
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
                             logits_indices=wanted)  # (len(logit_rows), vocab)
-        timing = self._timing(start, step_kind(plan))
+        timing = self._timing(start, plan.kind)
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
@@ -310,11 +310,6 @@ def _to_pinned_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
-
-
-def step_kind(plan: StepPlan) -> str:
-    """What a step's rows are: "decode" (decode rows only), "mixed" or "prefill"."""
-    return "prefill" if not plan.decodes else "mixed" if plan.prefills else "decode"
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,12 @@ class StepPlan:
         return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
 
     @property
+    def kind(self) -> str:
+        """What the step's rows are (engine_front.STEP_KINDS): "decode" (decode rows only),
+        "mixed" (prompt chunks beside decode rows) or "prefill" (prompt chunks only)."""
+        return "prefill" if not self.decodes else "mixed" if self.prefills else "decode"
+
+    @property
     def num_scored_tokens(self) -> int:
         """Prompt tokens whose logprobs the step computes (each with a row of logits)."""
         return sum(len(c.token_ids) for c in self.prefills
