@@ -115,7 +115,7 @@ class AcceptedBody(Protocol):
     model: str | None
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
-                     max_model_len: int | None = None) -> None: ...
+                     max_model_len: int) -> None: ...
 
 
 # exception type -> (status, OpenAI error type, code)

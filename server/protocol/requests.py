@@ -152,11 +152,11 @@ class _SamplingRequest(OpenAIBaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def _check_sampling_limits(self, limits: RequestLimits, vocab_size: int,
-                               max_model_len: int | None) -> None:
+                               max_model_len: int) -> None:
         stops, stop_ids, bias = self.stop_strings, self.stop_token_ids or [], self.logit_bias or {}
         _check_count(self.n, limits.max_n, "n")
         keep = self.truncate_prompt_tokens
-        if keep is not None and max_model_len is not None and keep > max_model_len:
+        if keep is not None and keep > max_model_len:
             raise RequestError(  # vLLM's answer too, whatever the prompt's length
                 f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
                 f"({max_model_len}): select a smaller truncation size", "truncate_prompt_tokens")
@@ -258,9 +258,9 @@ class CompletionRequest(_SamplingRequest):
         return list(prompt)
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
-                     max_model_len: int | None = None) -> None:
-        """Raise `RequestError` where the request exceeds `limits`, the vocabulary or (given)
-        the context."""
+                     max_model_len: int) -> None:
+        """Raise `RequestError` where the request exceeds `limits`, the vocabulary or the
+        context."""
         self._check_sampling_limits(limits, vocab_size, max_model_len)
         prompts = self.prompts
         _check_count(len(prompts), limits.max_prompts, "prompt")
@@ -460,9 +460,9 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         return self.max_tokens
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
-                     max_model_len: int | None = None) -> None:
-        """Raise `RequestError` where the request exceeds `limits`, the vocabulary or (given)
-        the context."""
+                     max_model_len: int) -> None:
+        """Raise `RequestError` where the request exceeds `limits`, the vocabulary or the
+        context."""
         self._check_sampling_limits(limits, vocab_size, max_model_len)
         _check_count(len(self.messages), limits.max_messages, "messages")
 

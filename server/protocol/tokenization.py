@@ -46,7 +46,7 @@ class TokenizeRequest(ChatTemplateControls):
         return self
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
-                     max_model_len: int | None = None) -> None:
+                     max_model_len: int) -> None:
         """Raise `RequestError` where the request exceeds `limits`."""
         _check_count(len(self.messages or ()), limits.max_messages, "messages")
 
@@ -63,7 +63,7 @@ class DetokenizeRequest(OpenAIBaseModel):
     tokens: TokenIdList
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
-                     max_model_len: int | None = None) -> None:
+                     max_model_len: int) -> None:
         """Raise `RequestError` for token ids outside the vocabulary."""
         _check_token_ids(self.tokens, vocab_size, "tokens")
 

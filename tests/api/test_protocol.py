@@ -50,6 +50,7 @@ from server.request import FinishReason, SamplingParams, TokenLogprob
 
 USER = [{"role": "user", "content": "Hello"}]
 VOCAB = 1000
+MAX_MODEL_LEN = 2048
 
 
 def completion(**fields: Any) -> CompletionRequest:
@@ -364,7 +365,7 @@ LIMITS = RequestLimits(
 )
 def test_check_limits_rejects(request_: Any, param: str) -> None:
     with pytest.raises(RequestError) as info:
-        request_.check_limits(LIMITS, VOCAB)
+        request_.check_limits(LIMITS, VOCAB, MAX_MODEL_LEN)
     assert info.value.param == param
     assert str(info.value).startswith(param)
 
@@ -380,7 +381,7 @@ def test_check_limits_rejects(request_: Any, param: str) -> None:
     ],
 )
 def test_check_limits_accepts(request_: Any) -> None:
-    request_.check_limits(LIMITS, VOCAB)
+    request_.check_limits(LIMITS, VOCAB, MAX_MODEL_LEN)
 
 
 def test_allowed_token_ids_reach_the_sampling_params() -> None:
@@ -436,7 +437,7 @@ def test_chat_template_controls() -> None:
 
 
 def test_request_limits_defaults_and_checks() -> None:
-    completion(n=16, best_of=16).check_limits(RequestLimits(), VOCAB)
+    completion(n=16, best_of=16).check_limits(RequestLimits(), VOCAB, MAX_MODEL_LEN)
     with pytest.raises(ValueError, match="max_n"):
         RequestLimits(max_n=0)
 
