@@ -387,16 +387,22 @@ def test_argmax_equals_torch(builds: dict[str, cpu_kernels.CpuKernels], build: s
 @pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("n_out", [1, 5, 31, 32, 33, 80, 100, 1000])
 def test_linear_keeps_torchs_argmax(builds: dict[str, cpu_kernels.CpuKernels], build: str,
-                                    n_out: int) -> None:
+                                    n_out: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """linear(keep_argmax=True) keeps each row's torch.argmax of its output from the
     accumulators: ties within and across lanes, tiles and threads (the first), the first of
     NaNs wherever they sit, -inf and +inf, all-negative rows beside the last panel's zero
     padding; every tile shape (1-3 rows are wide tiles, past 16 too; 80 outputs: an odd
-    last panel of a wide layout), on 1-3 threads. argmax() of another tensor computes."""
+    last panel of a wide layout), on 1-3 threads; argmax() of that output answers with them,
+    without reading the logits again. argmax() of another tensor computes."""
     if build not in builds:
         pytest.skip(f"no {build} build on this machine")
     kernels = builds[build]
     gen = torch.Generator().manual_seed(n_out)
+
+    def no_second_read(*args: object) -> None:
+        raise AssertionError("the kept argmax was not used: the logits were read again")
+
+    monkeypatch.setattr(kernels, "_argmax_rows", no_second_read)
 
     def check(x: torch.Tensor, weight: torch.Tensor) -> None:
         y = kernels.linear(x, kernels.pack_linear(weight), n_out, keep_argmax=True)
@@ -425,6 +431,7 @@ def test_linear_keeps_torchs_argmax(builds: dict[str, cpu_kernels.CpuKernels], b
         check(torch.tensor([[1.0], [2.0], [0.5]]), weight[:, None])
     y = kernels.linear(torch.ones(2, 1), kernels.pack_linear(torch.ones(n_out, 1)), n_out,
                        keep_argmax=True)
+    monkeypatch.undo()  # another tensor: read
     other = y.clone()
     other[:, -1] = 2.0
     assert kernels.argmax(other).tolist() == [n_out - 1] * 2
