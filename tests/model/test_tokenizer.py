@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import transformers
 
+from model import tokenizer as tokenizer_module
 from model.tokenizer import (
     LONG_TEXT_CHARS,
     ChatTemplateError,
@@ -469,6 +470,75 @@ def test_ids_past_the_vocabulary_stream_as_nothing(tok: Tokenizer) -> None:
     assert det.add([tok.vocab_size, tok.vocab_size + 7]) == ""
     out = tok.encode(" fine", add_special_tokens=False)
     assert det.add(out) + det.flush() == tok.decode(tok.encode("x") + out)[1:]
+
+
+def python_path(det: IncrementalDetokenizer) -> IncrementalDetokenizer:
+    det._stream = None  # what it runs where tokenizers has no DecodeStream
+    return det
+
+
+@pytest.mark.skipif(tokenizer_module._decode_stream([], True) is None,
+                    reason="this tokenizers has no DecodeStream with a context")
+def test_decode_stream_runs_each_step_and_equals_the_python_path(tok: Tokenizer) -> None:
+    """Random ids (byte tokens cut characters anywhere), both tokenizer styles, specials kept
+    or skipped: the Rust stream and the Python decodes give the same deltas; and the stream
+    path decodes nothing in Python between the constructor and flush while it runs (random
+    byte tokens make SentencePiece's byte fallback not prefix-stable: the stream then raises
+    and the request goes on in Python). A prompt ending inside a character streams in Python."""
+    rng = random.Random(1)
+    streamed = 0
+    for trial in range(80):
+        prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 12))]
+        out = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+        skip = trial % 3 != 0
+        fast = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        slow = python_path(IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip))
+        cut = tok.decode(prompt, skip_special_tokens=skip).endswith("\ufffd")
+        assert (fast._stream is None) == cut, prompt
+        streamed += not cut
+        decode = fast._decode
+
+        def in_python(start: int, end: int | None = None, fast=fast, decode=decode) -> str:
+            assert fast._stream is None, "a Python decode while the stream runs"
+            return decode(start, end)
+
+        fast._decode = in_python  # type: ignore[method-assign]
+        deltas = [fast.add([i]) for i in out]
+        fast._decode = decode  # type: ignore[method-assign]  # flush decodes in Python
+        assert deltas == [slow.add([i]) for i in out], (prompt, out)
+        assert fast.flush() == slow.flush()
+    assert streamed >= 40
+
+
+def test_decode_stream_error_goes_on_in_python(tok: Tokenizer) -> None:
+    """tokenizers' DecodeStream raises on a decoder that is not prefix-stable (vLLM's issue
+    17448): that request goes on in Python, with no text lost or repeated; other errors
+    propagate."""
+    class Failing:
+        def __init__(self, message: str, after: int) -> None:
+            self.message, self.after = message, after
+
+        def step(self, backend: Any, token_id: int) -> str | None:
+            if self.after == 0:
+                raise Exception(self.message)  # noqa: TRY002 - what tokenizers raises
+            self.after -= 1
+            return backend.decode([token_id])  # a stand-in: the text is the Python path's
+
+    prompt = tok.encode("Say:")
+    out = tok.encode(" héllo 你好 🦙 there", add_special_tokens=False)
+    for after in (0, 1, 3):
+        det = IncrementalDetokenizer(tok, prompt)
+        det._stream = Failing("Invalid prefix encountered", after)
+        deltas = [det.add([i]) for i in out[:after]]  # the stand-in's texts
+        deltas += [det.add([i]) for i in out[after:]] + [det.flush()]
+        assert det._stream is None
+        expected = python_path(IncrementalDetokenizer(tok, prompt))
+        tail = [expected.add([i]) for i in out][after:] + [expected.flush()]
+        assert deltas[after:] == tail
+    det = IncrementalDetokenizer(tok, prompt)
+    det._stream = Failing("something else", 0)
+    with pytest.raises(Exception, match="something else"):
+        det.add(out[:1])
 
 
 STOP_TEXT = "alpha beta gamma delta, 你好 🦙 epsilon"
