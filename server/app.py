@@ -176,7 +176,7 @@ def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
         code = getattr(exc, "code", None) or code  # Unavailable's, RequestRejected's
-        if status in (400, 503):
+        if status != 500:  # refused before queueing (a 500 is a request that failed)
             request.app.state.server.metrics.rejected(
                 "invalid_request" if status == 400 else code or "unavailable")
         return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
@@ -186,9 +186,11 @@ def _install_error_table(app: FastAPI) -> None:
         message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, "invalid_request_error", param)
 
-    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
+        if code:  # a chunked body past the limit (not unknown paths: scanners would count)
+            request.app.state.server.metrics.rejected(code)
         # Starlette's own headers kept: a 405's Allow lists the methods the path takes
         return error_response(exc.status_code, str(exc.detail), type_, code=code,
                               headers=exc.headers)
@@ -215,6 +217,7 @@ class BodyLimitMiddleware:
         message = f"request body is larger than {self.max_bytes} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            scope["app"].state.server.metrics.rejected("request_too_large")
             response = error_response(413, message, "invalid_request_error",
                                       code="request_too_large")
             return await response(scope, receive, send)
@@ -250,6 +253,7 @@ class ApiKeyMiddleware:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                scope["app"].state.server.metrics.rejected("invalid_api_key")
                 response = error_response(
                     401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     "invalid_request_error", code="invalid_api_key")

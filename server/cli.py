@@ -204,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import DrainingServer, create_app
     from server.engine_front import EngineFront
     from server.engine_process import EngineProcess
+    from server.http_protocol import http_protocol
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -238,7 +239,8 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(server_config, load_engine, on_fatal)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
-                            log_level=server_config.log_level, timeout_graceful_shutdown=10)
+                            log_level=server_config.log_level, timeout_graceful_shutdown=10,
+                            http=http_protocol())
     # Bind before anything loads: a taken port fails at once, with uvicorn's message, instead
     # of after the model is in (and with the engine thread alive at exit, which aborts).
     try:

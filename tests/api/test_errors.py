@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -152,11 +153,23 @@ def test_tokenize_needs_prompt_or_messages(client: httpx.Client) -> None:
     assert_openai_error(client.post("/tokenize", json={"prompt": "a", "messages": USER}), 400)
 
 
+def rejected(server: Server, reason: str) -> float:
+    return server.metrics().get(f'llama_serve_requests_rejected_total{{reason="{reason}"}}', 0)
+
+
 def test_rejections_are_counted(server: Server, client: httpx.Client) -> None:
-    series = 'llama_serve_requests_rejected_total{reason="invalid_request"}'
-    before = server.metric(series)
+    """Each refusal under its reason: a bad request, an unknown model, a missing key; an
+    unknown path is not counted (scanners would fill the series)."""
+    reasons = ("invalid_request", "model_not_found", "invalid_api_key")
+    before = {reason: rejected(server, reason) for reason in reasons}
     assert_openai_error(client.post(COMPLETIONS, json={"prompt": "Hi", "temperature": -1}), 400)
-    assert server.metric(series) == before + 1
+    assert_openai_error(client.post(COMPLETIONS, json={"model": "nope", "prompt": "Hi"}), 404)
+    assert_openai_error(httpx.post(server.base_url + COMPLETIONS, json={"prompt": "Hi"}), 401)
+    assert_openai_error(client.get("/v1/no/such/path"), 404)
+    assert {reason: rejected(server, reason) - before[reason] for reason in reasons} == {
+        reason: 1 for reason in reasons}
+    assert not any("no/such" in series or 'reason="not_found"' in series
+                   for series in server.metrics())
 
 
 # --- 401: the API key --------------------------------------------------------------------------
@@ -439,10 +452,12 @@ def test_body_over_limit_is_413(limited: Server, auth: dict[str, str]) -> None:
     small = httpx.post(url, headers=auth,
                        json={"prompt": "Hi", "max_tokens": 1, "user": "x" * 1500})
     assert small.status_code == 200, small.text
+    before = rejected(limited, "request_too_large")
     big = httpx.post(url, headers=auth, json={"prompt": "Hi", "max_tokens": 1, "user": "x" * 2500})
     assert "content-length" in big.request.headers
     error = assert_openai_error(big, 413)
     assert "2000" in error["message"]
+    assert rejected(limited, "request_too_large") == before + 1
 
 
 def test_chunked_body_over_limit_is_413(limited: Server, auth: dict[str, str]) -> None:
@@ -457,9 +472,11 @@ def test_chunked_body_over_limit_is_413(limited: Server, auth: dict[str, str]) -
             return await c.post(limited.v1 + "/completions", content=chunks(),
                                 headers={**auth, "Content-Type": "application/json"})
 
+    before = rejected(limited, "request_too_large")
     r = asyncio.run(post())
     assert r.request.headers["transfer-encoding"] == "chunked"
     assert_openai_error(r, 413)
+    assert rejected(limited, "request_too_large") == before + 1
 
 
 def test_small_chunked_body_is_accepted(limited: Server, auth: dict[str, str]) -> None:
@@ -575,6 +592,77 @@ def test_an_unexpected_error_is_one_500_and_the_connection_stays(
         errors = [rec for rec in caplog.records if rec.levelname == "ERROR"]
         assert [rec.getMessage() for rec in errors].count("unhandled error") == 3
         assert not any("Exception in ASGI application" in rec.getMessage() for rec in errors)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# --- HTTP that uvicorn cannot parse ------------------------------------------------------------
+
+MALFORMED_HTTP = {
+    "garbage": b"NOT HTTP AT ALL\r\n\r\n",
+    "header_without_colon": b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "bad_chunk_size": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                       b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"ZZ\r\n{}\r\n0\r\n\r\n"),
+}
+
+
+def raw_exchange(port: int, request: bytes) -> httpx.Response:
+    """Send raw bytes; read the response until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
+@pytest.mark.parametrize("request_bytes", list(MALFORMED_HTTP.values()), ids=list(MALFORMED_HTTP))
+def test_unparseable_http_is_an_openai_400(server: Server, request_bytes: bytes) -> None:
+    """uvicorn answers what it cannot parse before the app sees it: in OpenAI's format here
+    (it was plain text), the connection closed; the server goes on serving."""
+    port = int(server.base_url.rsplit(":", 1)[1])
+    r = raw_exchange(port, request_bytes)
+    error = assert_openai_error(r, 400)
+    assert error["type"] == "invalid_request_error" and "Invalid HTTP request" in error["message"]
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["connection"] == "close" and r.headers["content-length"] == str(len(r.content))
+    assert httpx.get(f"{server.base_url}/version").status_code == 200
+
+
+@pytest.mark.parametrize("base", ["httptools", "h11"])
+def test_both_uvicorn_protocols_answer_unparseable_http_in_openai_format(base: str) -> None:
+    """The mixin on either of uvicorn's protocols (h11 where httptools is not installed),
+    with the real app served in this process, without an engine."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.http_protocol import _OpenAIErrors
+
+    if base == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as protocol
+
+    def no_engine() -> Any:
+        raise ValueError("no engine in this test")
+
+    app = create_app(ServerConfig(), no_engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                            http=type("P", (_OpenAIErrors, protocol), {}))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=20)
+        for request_bytes in MALFORMED_HTTP.values():
+            assert_openai_error(raw_exchange(config.port, request_bytes), 400)
+        assert httpx.get(f"http://127.0.0.1:{config.port}/version").status_code == 200
     finally:
         server.should_exit = True
         thread.join(10)
