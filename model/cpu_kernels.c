@@ -349,11 +349,12 @@ int64_t rope_store(const float* qkv, const float* cos, const float* sin, float* 
  * at 1 / 2 / 3 rows: 5.88 / 4.26 / 3.99 ms -> 5.30 / 4.03 / 4.07 ms. Each output's sum runs in
  * the same order either way, so results do not depend on the tile. */
 #define LINEAR_PANEL (2 * VEC_FLOATS)
-/* Panel rows read ahead by software prefetch (non-temporal: the weights are read once a step),
- * beside the hardware prefetcher, which with a few rows' arithmetic a panel row kept too few
- * lines in flight. A bench-model step's linears (one process, the variants interleaved, AVX-512
- * Zen 5): 4 / 8 / 16 / 64 rows 10 / 15 / 15 / 3% faster, 1 and 2 rows unchanged (-6..+2%,
- * -3..0%); 32 and 64 rows ahead did about as well, 16 less, a T0 prefetch a little less. */
+/* Panel rows read ahead by software prefetch, beside the hardware prefetcher, in tiles of more
+ * than 2 rows. A bench-model step's linears (one process, the variants interleaved, AVX-512,
+ * Zen 5, runs over a day whose machine changed speed): 16 rows 10-16% faster, 4 and 8 rows
+ * 0-15%, 64 rows 1-4%; 1 and 2 rows gained nothing (-6..+3%) and are left to the hardware.
+ * 32 and 64 rows ahead did about as well, 16 less. Into all levels (T0): non-temporal did the
+ * same here, but Intel's fills L1 only, and a panel is read again from L2 by the next tile. */
 #define PREFETCH_PANEL_ROWS 48
 #if VEC_FLOATS == 16
 #define LINEAR_ROWS 12 /* 24 + 3 of 32 registers */
@@ -425,12 +426,12 @@ static inline __attribute__((always_inline)) void linear_tile(
     for (int r = 0; r < n_rows; ++r)
         for (int v = 0; v < n_vecs; ++v) acc[r][v] = (vec){0};
     for (int64_t i = 0; i < n_in; ++i) {
-        if (i + PREFETCH_PANEL_ROWS < n_in)
-            for (int v = 0; v < n_vecs; v += 2) {  /* a panel row is two cache lines */
+        if (n_rows > 2 && i + PREFETCH_PANEL_ROWS < n_in)  /* n_rows: a constant here */
+            for (int v = 0; v < n_vecs; v += 2) {  /* a panel row: 2 vectors */
                 const float* ahead = panel + (v / 2) * n_in * LINEAR_PANEL
                                      + (i + PREFETCH_PANEL_ROWS) * LINEAR_PANEL;
-                __builtin_prefetch(ahead, 0, 0);
-                __builtin_prefetch(ahead + VEC_FLOATS, 0, 0);
+                __builtin_prefetch(ahead, 0, 3);
+                __builtin_prefetch(ahead + VEC_FLOATS, 0, 3);
             }
         vec w[4];
         for (int v = 0; v < n_vecs; ++v)  /* panel v / 2, its half v % 2 */

@@ -176,7 +176,9 @@ def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
         code = getattr(exc, "code", None) or code  # Unavailable's, RequestRejected's
-        if status != 500:  # refused before queueing (a 500 is a request that failed)
+        # A refused request (a 500 failed after admission); the API's requests are POSTs,
+        # and GETs (a model card) are lookups that scanners would count.
+        if status != 500 and request.method == "POST":
             request.app.state.server.metrics.rejected(
                 "invalid_request" if status == 400 else code or "unavailable")
         return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
@@ -253,7 +255,8 @@ class ApiKeyMiddleware:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                scope["app"].state.server.metrics.rejected("invalid_api_key")
+                if scope["method"] == "POST":  # a refused request, not a scanner's GET
+                    scope["app"].state.server.metrics.rejected("invalid_api_key")
                 response = error_response(
                     401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     "invalid_request_error", code="invalid_api_key")

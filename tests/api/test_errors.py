@@ -158,14 +158,17 @@ def rejected(server: Server, reason: str) -> float:
 
 
 def test_rejections_are_counted(server: Server, client: httpx.Client) -> None:
-    """Each refusal under its reason: a bad request, an unknown model, a missing key; an
-    unknown path is not counted (scanners would fill the series)."""
+    """Each refused request under its reason: a bad request, an unknown model, a missing key.
+    Lookups are not counted (scanners would fill the series): an unknown path, an unknown
+    model's card, a GET without the key."""
     reasons = ("invalid_request", "model_not_found", "invalid_api_key")
     before = {reason: rejected(server, reason) for reason in reasons}
     assert_openai_error(client.post(COMPLETIONS, json={"prompt": "Hi", "temperature": -1}), 400)
     assert_openai_error(client.post(COMPLETIONS, json={"model": "nope", "prompt": "Hi"}), 404)
     assert_openai_error(httpx.post(server.base_url + COMPLETIONS, json={"prompt": "Hi"}), 401)
     assert_openai_error(client.get("/v1/no/such/path"), 404)
+    assert_openai_error(client.get("/v1/models/nope"), 404)
+    assert_openai_error(httpx.get(server.base_url + "/v1/models"), 401)
     assert {reason: rejected(server, reason) - before[reason] for reason in reasons} == {
         reason: 1 for reason in reasons}
     assert not any("no/such" in series or 'reason="not_found"' in series
@@ -645,6 +648,7 @@ def test_both_uvicorn_protocols_answer_unparseable_http_in_openai_format(base: s
     from server.http_protocol import _OpenAIErrors
 
     if base == "httptools":
+        pytest.importorskip("httptools")
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
     else:
         from uvicorn.protocols.http.h11_impl import H11Protocol as protocol

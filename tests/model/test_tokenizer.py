@@ -486,7 +486,7 @@ def test_decode_stream_runs_each_step_and_equals_the_python_path(tok: Tokenizer)
     byte tokens make SentencePiece's byte fallback not prefix-stable: the stream then raises
     and the request goes on in Python). A prompt ending inside a character streams in Python."""
     rng = random.Random(1)
-    streamed = 0
+    streamed = answered = 0  # detokenizers that started on the stream; its answered steps
     for trial in range(80):
         prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 12))]
         out = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
@@ -503,11 +503,14 @@ def test_decode_stream_runs_each_step_and_equals_the_python_path(tok: Tokenizer)
             return decode(start, end)
 
         fast._decode = in_python  # type: ignore[method-assign]
-        deltas = [fast.add([i]) for i in out]
+        deltas = []
+        for i in out:
+            deltas.append(fast.add([i]))
+            answered += bool(deltas[-1]) and fast._stream is not None
         fast._decode = decode  # type: ignore[method-assign]  # flush decodes in Python
         assert deltas == [slow.add([i]) for i in out], (prompt, out)
         assert fast.flush() == slow.flush()
-    assert streamed >= 40
+    assert streamed >= 40 and answered >= 400  # (a stream failing at once would pass above)
 
 
 def test_decode_stream_error_goes_on_in_python(tok: Tokenizer) -> None:
