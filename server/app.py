@@ -176,8 +176,8 @@ def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
         code = getattr(exc, "code", None) or code  # Unavailable's, RequestRejected's
-        # A refused request (a 500 failed after admission); the API's requests are POSTs,
-        # and GETs (a model card) are lookups that scanners would count.
+        # Counted: refused API requests, which are POSTs (a 500 failed after admission). A
+        # GET is a lookup (a model card): scanners would fill the series.
         if status != 500 and request.method == "POST":
             request.app.state.server.metrics.rejected(
                 "invalid_request" if status == 400 else code or "unavailable")
