@@ -87,8 +87,11 @@ class AttentionBatch:
                     lens = run_lens
         max_len = max(lens, default=0)
         decode_lens = tensor(row_lens)
-        return cls(slot_ids=tensor(slots), positions=tensor(positions),
-                   n_decode=len(decode_slots), decode_slots=tensor(decode_slots),
+        slot_ids = tensor(slots)
+        return cls(slot_ids=slot_ids, positions=tensor(positions),
+                   n_decode=len(decode_slots),
+                   # a decode-only step's tokens are its decode rows: one tensor for both
+                   decode_slots=slot_ids if not prefills else tensor(decode_slots),
                    decode_lens=decode_lens, decode_max_len=max_len, decode_run=run,
                    decode_rows=tensor(rows) if rows is not None else None,
                    # the rows' own lengths unless the run has holes
