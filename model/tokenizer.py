@@ -328,17 +328,6 @@ class IncrementalDetokenizer:
         """Append output ids; return the new text ("" while a character or stop is pending)."""
         if self.stopped_by is not None or self._finished:
             return ""
-        if not self._stop:  # nothing to search or hold back: _release would pass text on
-            self._n_added += len(token_ids)
-            pieces = []
-            for i in token_ids:
-                if self._visible(i):
-                    self._ids.append(i)
-                    pieces.append(self._next_text())
-            text = "".join(pieces)
-            if text:
-                self._pieces.append(text)
-            return text
         out = []
         for i in token_ids:
             self._n_added += 1
@@ -408,6 +397,10 @@ class IncrementalDetokenizer:
     def _release(self, new: str, final: bool) -> str:
         """Emit `new` after the held-back text, cut at a stop string (none within the first
         min_tokens ids), keeping the hold-back."""
+        if not self._stop:  # nothing to search or hold back
+            if new:
+                self._pieces.append(new)
+            return new
         text = self._held + new
         search = self._n_added > self._min_tokens
         # Only a stop string that ends in `new` counts: it starts at most len(stop) - 1
