@@ -172,27 +172,32 @@ class ErrorAnsweringRoute(APIRoute):
         return answer
 
 
+def _count_refusal(scope: Scope, reason: str) -> None:
+    """Count a refused API request in requests_rejected_total. The API's requests are POSTs;
+    a GET is a lookup (a model card, a path), with which scanners would fill the series."""
+    if scope["method"] == "POST":
+        scope["app"].state.server.metrics.rejected(reason)
+
+
 def _install_error_table(app: FastAPI) -> None:
     async def known(request: Request, exc: Exception) -> JSONResponse:
         status, type_, code = ERRORS[type(exc)]
         code = getattr(exc, "code", None) or code  # Unavailable's, RequestRejected's
-        # Counted: refused API requests, which are POSTs (a 500 failed after admission). A
-        # GET is a lookup (a model card): scanners would fill the series.
-        if status != 500 and request.method == "POST":
-            request.app.state.server.metrics.rejected(
-                "invalid_request" if status == 400 else code or "unavailable")
+        if status != 500:  # (a 500 is a request that failed after admission)
+            _count_refusal(request.scope,
+                          "invalid_request" if status == 400 else code or "unavailable")
         return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        request.app.state.server.metrics.rejected("invalid_request")
+        _count_refusal(request.scope, "invalid_request")
         message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, "invalid_request_error", param)
 
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
-        if code:  # a chunked body past the limit (not unknown paths: scanners would count)
-            request.app.state.server.metrics.rejected(code)
+        if code:  # a chunked body past the limit
+            _count_refusal(request.scope, code)
         # Starlette's own headers kept: a 405's Allow lists the methods the path takes
         return error_response(exc.status_code, str(exc.detail), type_, code=code,
                               headers=exc.headers)
@@ -219,7 +224,7 @@ class BodyLimitMiddleware:
         message = f"request body is larger than {self.max_bytes} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            scope["app"].state.server.metrics.rejected("request_too_large")
+            _count_refusal(scope, "request_too_large")
             response = error_response(413, message, "invalid_request_error",
                                       code="request_too_large")
             return await response(scope, receive, send)
@@ -255,8 +260,7 @@ class ApiKeyMiddleware:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                if scope["method"] == "POST":  # a refused request, not a scanner's GET
-                    scope["app"].state.server.metrics.rejected("invalid_api_key")
+                _count_refusal(scope, "invalid_api_key")
                 response = error_response(
                     401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     "invalid_request_error", code="invalid_api_key")
