@@ -146,10 +146,16 @@ class Stream:
 # tests/conftest.py's long_context_checkpoint (4096 tokens), since the tiny model decodes one
 # in well under a millisecond.
 LONG_STREAM = 4000
+# Choices of LONG_STREAM tokens each for a stream that must outlast slower looks from outside:
+# one choice takes about 1 s here, less than two `docker exec`s and a `docker stop` on a loaded
+# machine (CI saw one end before both replicas' metrics were read); sixteen take about 7 s.
+LONG_STREAM_CHOICES = 16
 
 
-def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream") -> Stream:
-    """POST a streaming completion of exactly `max_tokens` tokens and read it on a thread."""
+def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream", n: int = 1
+                 ) -> Stream:
+    """POST a streaming completion of `n` choices of exactly `max_tokens` tokens and read it
+    on a thread."""
     stream = Stream()
 
     def read() -> None:
@@ -158,7 +164,7 @@ def start_stream(v1_url: str, max_tokens: int, request_id: str = "stream") -> St
             with httpx.Client(timeout=120) as client, client.stream(
                     "POST", f"{v1_url}/completions", headers={"X-Request-Id": request_id},
                     json={"prompt": [10, 11, 12], "max_tokens": max_tokens, "ignore_eos": True,
-                          "stream": True}) as response:
+                          "n": n, "stream": True}) as response:
                 stream.status = response.status_code
                 for line in response.iter_lines():
                     if line == "data: [DONE]":

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pytest
 from tests.api.conftest import free_port
 from tests.deployment.balancer import (
     LONG_STREAM,
+    LONG_STREAM_CHOICES,
     REPO,
     complete,
     finished_requests,
@@ -211,15 +213,19 @@ def test_stream_arrives_while_generating(stack: Stack) -> None:
 
 def test_docker_stop_lets_the_stream_finish(stack: Stack) -> None:
     replicas = stack.replicas()
-    stream = start_stream(stack.v1, LONG_STREAM, "docker-draining-stream")
+    stream = start_stream(stack.v1, LONG_STREAM, "docker-draining-stream",
+                          n=LONG_STREAM_CHOICES)
     assert stream.first_chunk.wait(60)
+    assert stream.status == 200 and stream.error is None, (stream.status, stream.error)
     running = {c: stack.running(c) for c in replicas}
+    assert sorted(running.values()) == [0, 1], (running, len(stream.chunks), stream.done)
     (draining,) = [c for c, n in running.items() if n == 1]
     (other,) = [c for c in replicas if c != draining]
     before = stack.finished(other)
     stop = subprocess.Popen(["docker", "stop", draining], env=stack.docker.env,
                             stdout=subprocess.DEVNULL)
     assert wait_until(lambda: stack.replica_get(draining, "/health")[0] == 503, timeout=30)
+    draining_since = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
         statuses = [r.status_code for r in pool.map(
             lambda i: complete(stack.v1, f"docker-during-drain-{i}"), range(6))]
@@ -230,6 +236,8 @@ def test_docker_stop_lets_the_stream_finish(stack: Stack) -> None:
     assert statuses == [200] * 6, stack.nginx_log()
     assert served_by_other == 6, stack.nginx_log()
     assert stream.done and stream.finish_reason == "length", stream.chunks[-1:]
+    # Else the stream was over before the stop, and the test proved nothing.
+    assert stream.arrivals[-1] > draining_since, "the stream ended before the replica drained"
     assert exit_code.strip() == "0"
     stack.restore()
 
