@@ -204,7 +204,7 @@ def test_stream_arrives_while_generating(stack: Stack) -> None:
     last; buffered, they would all come at the end. (Timed at the client: asking a replica
     whether it still generates takes a `docker exec`, about as long as the tiny model takes for
     the whole stream on a fast machine.)"""
-    stream = start_stream(stack.v1, LONG_STREAM)
+    stream = start_stream(stack.v1, LONG_STREAM, n=LONG_STREAM_CHOICES)
     stream.join()
     assert stream.status == 200 and stream.done and stream.finish_reason == "length"
     first, last = (t - stream.started for t in (stream.arrivals[0], stream.arrivals[-1]))
