@@ -362,13 +362,15 @@ def test_huge_invalid_body_is_one_short_error(client: httpx.Client, path: str,
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_echo_logprobs_request_aborted_before_its_prefill_ends(tiny_checkpoint: Path,
+def test_echo_logprobs_request_aborted_before_its_prefill_ends(long_context_checkpoint: Path,
                                                                tmp_path: Path,
                                                                stream: bool) -> None:
     """A scoring request (echo + logprobs) still queued when the server shuts down gets its
-    abort like any other (it was a 500: no prompt logprobs to pair with its prompt ids)."""
-    with run_server(tiny_checkpoint, tmp_path, "--max-num-seqs", "1",
-                    "--shutdown-timeout", "0") as server:
+    abort like any other (it was a 500: no prompt logprobs to pair with its prompt ids). The
+    hog holding the only slot runs to the 4096-token context: about a second here, which the
+    queued request and the shutdown must fit in (the tiny model's 1024 took a quarter)."""
+    with run_server(long_context_checkpoint, tmp_path, "--max-num-seqs", "1",
+                    "--max-model-len", "4096", "--shutdown-timeout", "0") as server:
         with httpx.Client(base_url=server.base_url, timeout=60) as c, \
                 c.stream("POST", COMPLETIONS, json={"prompt": "Hi", "max_tokens": None,
                                                     "ignore_eos": True, "stream": True}) as hog:
@@ -390,7 +392,9 @@ def test_echo_logprobs_request_aborted_before_its_prefill_ends(tiny_checkpoint: 
             assert wait_until(lambda: server.metric("llama_serve_requests_waiting") >= 1)
             server.process.terminate()  # no drain time: everything in flight is aborted
             waiter.join(30)
-            list(lines)
+            hog_events = [line for line in lines if line.startswith("data: {")]
+    # Else the hog ended before the shutdown, and the queued request may have run.
+    assert json.loads(hog_events[-1][len("data: "):])["choices"][0]["finish_reason"] == "abort"
     assert result["status"] == 200, result
     if stream:
         events = [line[len("data:"):].strip() for line in result["text"].splitlines()

@@ -153,7 +153,8 @@ def stack(docker: Docker, long_context_checkpoint: Path,
     port = free_port()
     docker.env.update(LLAMA_SERVE_IMAGE=IMAGE, NGINX_IMAGE=BASE_IMAGE, MODEL_DIR=str(model),
                       LLAMA_SERVE_SERVED_MODEL_NAME="tiny", LLAMA_SERVE_PUBLISHED_PORT=str(port),
-                      LLAMA_SERVE_SHUTDOWN_TIMEOUT="60", LLAMA_SERVE_STOP_GRACE_PERIOD="75s")
+                      # room for a draining stream on a loaded machine (about 7 s idle)
+                      LLAMA_SERVE_SHUTDOWN_TIMEOUT="240", LLAMA_SERVE_STOP_GRACE_PERIOD="270s")
     logs = tmp_path_factory.mktemp("docker-logs") / "compose.log"
     stack = Stack(docker, f"http://127.0.0.1:{port}", logs)
     try:
@@ -205,7 +206,7 @@ def test_stream_arrives_while_generating(stack: Stack) -> None:
     whether it still generates takes a `docker exec`, about as long as the tiny model takes for
     the whole stream on a fast machine.)"""
     stream = start_stream(stack.v1, LONG_STREAM, n=LONG_STREAM_CHOICES)
-    stream.join()
+    stream.join(300)
     assert stream.status == 200 and stream.done and stream.finish_reason == "length"
     first, last = (t - stream.started for t in (stream.arrivals[0], stream.arrivals[-1]))
     assert first < 0.25 * last, f"first chunk after {first:.3f} s, last after {last:.3f} s"
@@ -230,8 +231,8 @@ def test_docker_stop_lets_the_stream_finish(stack: Stack) -> None:
         statuses = [r.status_code for r in pool.map(
             lambda i: complete(stack.v1, f"docker-during-drain-{i}"), range(6))]
     served_by_other = stack.finished(other) - before
-    stream.join(120)
-    assert stop.wait(120) == 0
+    stream.join(300)
+    assert stop.wait(300) == 0
     exit_code = stack.docker.docker("inspect", "-f", "{{.State.ExitCode}}", draining).stdout
     assert statuses == [200] * 6, stack.nginx_log()
     assert served_by_other == 6, stack.nginx_log()

@@ -8,6 +8,7 @@ nginx comes from the system packages (`apt-get install nginx`); without it these
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -20,6 +21,7 @@ import pytest
 from tests.api.conftest import Server, run_server, wait_healthy
 from tests.deployment.balancer import (
     LONG_STREAM,
+    LONG_STREAM_CHOICES,
     Balancer,
     complete,
     finished_requests,
@@ -123,13 +125,16 @@ def test_killed_replica_loses_no_new_request(stack: Stack) -> None:
 
 
 def test_sigterm_replica_finishes_its_stream(stack: Stack) -> None:
-    stream = start_stream(stack.balancer.v1, LONG_STREAM, "draining-stream")
+    stream = start_stream(stack.balancer.v1, LONG_STREAM, "draining-stream",
+                          n=LONG_STREAM_CHOICES)
     assert stream.first_chunk.wait(30)
+    assert stream.status == 200 and stream.error is None, (stream.status, stream.error)
     running = stack.running()
     assert sorted(running) == [0, 1], running
     draining, other = (stack.replicas if running[0] else stack.replicas[::-1])
     draining.process.send_signal(signal.SIGTERM)
     assert wait_until(lambda: _health(draining) == 503), "SIGTERM did not start draining"
+    draining_since = time.monotonic()
     before = finished_requests(httpx.get(f"{other.base_url}/metrics").text)
     # At once, so that least_conn sends some to the draining replica too: its 503 must send
     # them on to the other one rather than back to the client.
@@ -137,11 +142,13 @@ def test_sigterm_replica_finishes_its_stream(stack: Stack) -> None:
         statuses = [r.status_code for r in pool.map(
             lambda i: complete(stack.balancer.v1, f"during-drain-{i}"), range(6))]
     after = finished_requests(httpx.get(f"{other.base_url}/metrics").text)
-    stream.join()
+    stream.join(240)
     assert draining.process.wait(timeout=30) == 0
     assert statuses == [200] * 6, stack.access_log()
     assert after - before == 6, stack.access_log()
     assert stream.done and stream.finish_reason == "length", stream.chunks[-1:]
+    # Else the stream was over before the signal, and the test proved nothing.
+    assert stream.arrivals[-1] > draining_since, "the stream ended before the replica drained"
 
 
 def _health(server: Server) -> int | None:

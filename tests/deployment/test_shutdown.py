@@ -75,7 +75,7 @@ def test_sigterm_to_the_process_group_still_drains(long_context_checkpoint: Path
     with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
                     "--max-model-len", "4096", "--engine-process", new_session=True) as server:
         first = threading.Event()
-        result = stream_in_thread(server, LONG_STREAM // 4, first)
+        result = stream_in_thread(server, LONG_STREAM, first)  # in flight at the signal
         assert first.wait(20)
         os.killpg(server.process.pid, signal.SIGTERM)
         result["thread"].join(60)
