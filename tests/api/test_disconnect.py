@@ -6,14 +6,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api.conftest import Server, sse_data, wait_idle
+from tests.api.conftest import API_KEY, Server, run_server, sse_data, wait_idle
 
 ABORTED = 'llama_serve_requests_finished_total{finish_reason="abort"}'
-LONG = {"model": "tiny", "max_tokens": 500, "ignore_eos": True}
+# Requests that must still be generating when the client leaves, after a look at /metrics: on
+# the shared server's 512-token context they took 0.1-0.3 s, a thin margin on a loaded machine.
+LONG = {"model": "tiny", "max_tokens": 4000, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """The shared server's settings with a 4096-token context (this module's own)."""
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("disconnect"),
+                    "--api-key", API_KEY, "--served-model-name", "tiny", "--max-model-len",
+                    "4096", "--max-num-seqs", "8", "--max-n", "4") as s:
+        yield s
 
 
 def read_events(lines: Iterator[str], count: int) -> None:
@@ -32,7 +45,7 @@ def test_stream_disconnect_frees_slot(server: Server, auth: dict[str, str]) -> N
             lines = r.iter_lines()  # held: closing this iterator would close the connection
             read_events(lines, 3)
             assert server.metric("llama_serve_kv_cache_slots_used") == 1
-        # leaving both blocks closes the connection with ~497 tokens still to come
+        # leaving both blocks closes the connection with ~3997 tokens still to come
     wait_idle(server)
     assert server.metric(ABORTED) == aborted + 1
 
@@ -81,8 +94,8 @@ def test_client_timeout_frees_slot(server: Server, auth: dict[str, str]) -> None
     """httpx's own read timeout on a long request: the server notices and aborts it."""
     wait_idle(server)
     aborted = server.metric(ABORTED)
-    # 8 sequences x 500 tokens take several times the timeout (0.27 s on the development
-    # machine since the C decode step); the request is in the engine long before it fires.
+    # 8 sequences x 4000 tokens take many times the timeout (8 x 500 took 0.27 s on the
+    # development machine); the request is in the engine long before it fires.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.v1}/completions", headers=auth,
                    json={**LONG, "prompt": ["a", "b"], "n": 4}, timeout=0.05)
