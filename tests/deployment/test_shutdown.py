@@ -72,13 +72,13 @@ def test_sigterm_to_the_process_group_still_drains(long_context_checkpoint: Path
                                                    tmp_path: Path) -> None:
     """systemd (KillMode=control-group) and `kill -TERM -PGID` signal the engine process too:
     it leaves its lifetime to the server, which drains first."""
-    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "60",
+    with run_server(long_context_checkpoint, tmp_path, "--shutdown-timeout", "150",
                     "--max-model-len", "4096", "--engine-process", new_session=True) as server:
         first = threading.Event()
         result = stream_in_thread(server, LONG_STREAM, first)  # in flight at the signal
         assert first.wait(20)
         os.killpg(server.process.pid, signal.SIGTERM)
-        result["thread"].join(60)
+        result["thread"].join(150)
         assert server.process.wait(timeout=30) == 0
     assert result["done"]
     assert result["chunks"][-1]["choices"][0]["finish_reason"] == "length"
