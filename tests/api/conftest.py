@@ -119,12 +119,27 @@ def wait_healthy(server: Server, timeout: float = 90.0) -> None:
     raise TimeoutError(f"server not healthy after {timeout} s:\n{server.log()}")
 
 
+# The shared servers' settings, but for the context
+SHARED_SERVER_ARGS = ("--api-key", API_KEY, "--served-model-name", "tiny", "--max-num-seqs", "8",
+                      "--max-n", "4")
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The shared server: API key required, 8 slots, 512 tokens per sequence."""
-    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("server"), "--api-key", API_KEY,
-                    "--served-model-name", "tiny", "--max-model-len", "512",
-                    "--max-num-seqs", "8", "--max-n", "4") as s:
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("server"), *SHARED_SERVER_ARGS,
+                    "--max-model-len", "512") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def long_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Server]:
+    """The shared server's settings with a 4096-token context: for requests that must still be
+    generating after a look from outside (4000 tokens, about a second here; the 512-token
+    context's took 0.1-0.3 s, a thin margin on a loaded machine)."""
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("long-server"),
+                    *SHARED_SERVER_ARGS, "--max-model-len", "4096") as s:
         yield s
 
 

@@ -6,27 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api.conftest import API_KEY, Server, run_server, sse_data, wait_idle
+from tests.api.conftest import Server, sse_data, wait_idle
 
 ABORTED = 'llama_serve_requests_finished_total{finish_reason="abort"}'
-# Requests that must still be generating when the client leaves, after a look at /metrics: on
-# the shared server's 512-token context they took 0.1-0.3 s, a thin margin on a loaded machine.
+# Requests that must still be generating when the client leaves (conftest's long_server)
 LONG = {"model": "tiny", "max_tokens": 4000, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Server]:
-    """The shared server's settings with a 4096-token context (this module's own)."""
-    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("disconnect"),
-                    "--api-key", API_KEY, "--served-model-name", "tiny", "--max-model-len",
-                    "4096", "--max-num-seqs", "8", "--max-n", "4") as s:
-        yield s
 
 
 def read_events(lines: Iterator[str], count: int) -> None:
@@ -35,47 +23,49 @@ def read_events(lines: Iterator[str], count: int) -> None:
         count -= next(lines).startswith("data:")
 
 
-def test_stream_disconnect_frees_slot(server: Server, auth: dict[str, str]) -> None:
-    wait_idle(server)
-    aborted = server.metric(ABORTED)
+def test_stream_disconnect_frees_slot(long_server: Server, auth: dict[str, str]) -> None:
+    wait_idle(long_server)
+    aborted = long_server.metric(ABORTED)
     with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{server.v1}/completions",
+        with client.stream("POST", f"{long_server.v1}/completions",
                            json={**LONG, "prompt": "Once upon a time", "stream": True}) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # held: closing this iterator would close the connection
             read_events(lines, 3)
-            assert server.metric("llama_serve_kv_cache_slots_used") == 1
+            assert long_server.metric("llama_serve_kv_cache_slots_used") == 1
         # leaving both blocks closes the connection with ~3997 tokens still to come
-    wait_idle(server)
-    assert server.metric(ABORTED) == aborted + 1
+    wait_idle(long_server)
+    assert long_server.metric(ABORTED) == aborted + 1
 
 
-def test_chat_stream_disconnect_frees_all_samples(server: Server, auth: dict[str, str]) -> None:
-    wait_idle(server)
-    aborted = server.metric(ABORTED)
+def test_chat_stream_disconnect_frees_all_samples(long_server: Server,
+                                                   auth: dict[str, str]) -> None:
+    wait_idle(long_server)
+    aborted = long_server.metric(ABORTED)
     with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{server.v1}/chat/completions",
+        with client.stream("POST", f"{long_server.v1}/chat/completions",
                            json={**LONG, "n": 3, "stream": True,
                                  "messages": [{"role": "user", "content": "Go on."}]}) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             read_events(lines, 3 + 4)  # the role chunks, then some content
-            assert server.metric("llama_serve_kv_cache_slots_used") == 3
-    wait_idle(server)
-    assert server.metric(ABORTED) == aborted + 3
+            assert long_server.metric("llama_serve_kv_cache_slots_used") == 3
+    wait_idle(long_server)
+    assert long_server.metric(ABORTED) == aborted + 3
 
 
-def test_cancelled_request_frees_slots(server: Server, auth: dict[str, str]) -> None:
+def test_cancelled_request_frees_slots(long_server: Server, auth: dict[str, str]) -> None:
     """A non-streaming request whose client gives up (closes the connection) is aborted."""
-    wait_idle(server)
-    aborted = server.metric(ABORTED)
+    wait_idle(long_server)
+    aborted = long_server.metric(ABORTED)
 
     async def run() -> None:
         async with httpx.AsyncClient(headers=auth, timeout=60) as client:
             request = asyncio.create_task(client.post(
-                f"{server.v1}/completions", json={**LONG, "prompt": ["a", "b"], "n": 4}))
+                f"{long_server.v1}/completions", json={**LONG, "prompt": ["a", "b"], "n": 4}))
             deadline = time.monotonic() + 30
-            while await asyncio.to_thread(server.metric, "llama_serve_kv_cache_slots_used") < 8:
+            while await asyncio.to_thread(long_server.metric,
+                                          "llama_serve_kv_cache_slots_used") < 8:
                 assert not request.done(), "finished before it could be cancelled"
                 assert time.monotonic() < deadline, "never admitted"
                 await asyncio.sleep(0.01)
@@ -86,30 +76,30 @@ def test_cancelled_request_frees_slots(server: Server, auth: dict[str, str]) -> 
                 pass
 
     asyncio.run(run())
-    wait_idle(server)
-    assert server.metric(ABORTED) == aborted + 8
+    wait_idle(long_server)
+    assert long_server.metric(ABORTED) == aborted + 8
 
 
-def test_client_timeout_frees_slot(server: Server, auth: dict[str, str]) -> None:
+def test_client_timeout_frees_slot(long_server: Server, auth: dict[str, str]) -> None:
     """httpx's own read timeout on a long request: the server notices and aborts it."""
-    wait_idle(server)
-    aborted = server.metric(ABORTED)
+    wait_idle(long_server)
+    aborted = long_server.metric(ABORTED)
     # 8 sequences x 4000 tokens take many times the timeout (8 x 500 took 0.27 s on the
     # development machine); the request is in the engine long before it fires.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.v1}/completions", headers=auth,
+        httpx.post(f"{long_server.v1}/completions", headers=auth,
                    json={**LONG, "prompt": ["a", "b"], "n": 4}, timeout=0.05)
-    wait_idle(server)
-    assert server.metric(ABORTED) == aborted + 8
+    wait_idle(long_server)
+    assert long_server.metric(ABORTED) == aborted + 8
 
 
-def test_server_serves_after_disconnects(server: Server, auth: dict[str, str]) -> None:
-    wait_idle(server)
-    r = httpx.post(f"{server.v1}/completions", headers=auth,
+def test_server_serves_after_disconnects(long_server: Server, auth: dict[str, str]) -> None:
+    wait_idle(long_server)
+    r = httpx.post(f"{long_server.v1}/completions", headers=auth,
                    json={"model": "tiny", "prompt": "a", "max_tokens": 8, "n": 4})
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
     with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{server.v1}/completions",
+        with client.stream("POST", f"{long_server.v1}/completions",
                            json={"model": "tiny", "prompt": "a", "max_tokens": 3,
                                  "stream": True}) as s:
             assert sse_data(s)[-1] == "[DONE]"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +14,7 @@ from sse_starlette.event import ensure_bytes
 from starlette.types import Message
 
 from server.routes import _frame, _sse
-from tests.api.conftest import run_server, sse_data
+from tests.api.conftest import Server, sse_data, wait_idle
 
 USER = [{"role": "user", "content": "Tell me about rivers."}]
 GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
@@ -202,17 +201,16 @@ def test_request_id_echoed(client: httpx.Client) -> None:
     assert error.status_code == 400 and error.headers["x-request-id"] == "trace-4711-abc"
 
 
-def test_a_repeated_request_id_keeps_requests_apart(long_context_checkpoint: Path,
-                                                     tmp_path: Path) -> None:
+def test_a_repeated_request_id_keeps_requests_apart(long_server: Server,
+                                                     auth: dict[str, str]) -> None:
     """Two requests in flight under one X-Request-Id (a client retrying, a proxy reusing
-    ids) are still two engine requests: each gets its own whole output. On a 4096-token
-    context, so that the first is still generating (about a second) when the second is done."""
+    ids) are still two engine requests: each gets its own whole output. The first is still
+    generating (4000 tokens, about a second) when the second is done."""
+    wait_idle(long_server)  # shared: the running count below is these requests'
     mine = {"X-Request-Id": "same"}
     bodies = [{**GREEDY, "prompt": p, "max_tokens": m}  # the first runs long: both in flight
               for p, m in (("Rivers", 4000), ("Mountains are", 24))]
-    with run_server(long_context_checkpoint, tmp_path, "--served-model-name", "tiny",
-                    "--max-model-len", "4096") as server, \
-            httpx.Client(base_url=server.base_url, timeout=60) as client:
+    with httpx.Client(base_url=long_server.base_url, headers=auth, timeout=60) as client:
         alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"]
                  for b in bodies]
         with client.stream("POST", "/v1/completions", json={**bodies[0], "stream": True},
@@ -220,7 +218,7 @@ def test_a_repeated_request_id_keeps_requests_apart(long_context_checkpoint: Pat
             events = (line for line in first.iter_lines() if line)
             lines = [next(events)]  # the first request is in flight...
             second = client.post("/v1/completions", json=bodies[1], headers=mine)  # meanwhile
-            assert server.metric("llama_serve_requests_running") == 1  # and still is
+            assert long_server.metric("llama_serve_requests_running") == 1  # still is
             lines += events
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
