@@ -227,6 +227,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     """Stream one request; any failure comes back as `RequestResult.error`, never raised."""
     start = time.monotonic()
     ttft = last_content = last_choice = 0.0
+    first_choice: float | None = None
     itl: list[float] = []
     num_chunks, usage, done = 0, None, False
     try:
@@ -249,6 +250,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                 usage = chunk.get("usage") or usage
                 if not (choices := chunk.get("choices")):
                     continue
+                first_choice = now if first_choice is None else first_choice
                 last_choice = now
                 if not (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                     continue  # a role-only or finish-only chunk carries no token
@@ -263,8 +265,13 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
         return RequestResult(error=f"{type(e).__name__}: {e}")
     if not done:
         return RequestResult(error="the stream ended without [DONE]")
+    if first_choice is None:
+        return RequestResult(error="the stream carried no choices")
     if num_chunks == 0:
-        return RequestResult(error="the stream carried no content")
+        # Served, with no text to show yet: a token that ends inside a character (a byte of
+        # UTF-8 the detokenizer holds back) as the only output. `vllm bench serve` counts
+        # the first chunk with choices as the first token, and so does this
+        ttft = first_choice
     usage = usage or {}
     return RequestResult(input_tokens=int(usage.get("prompt_tokens", input_len)),
                          output_tokens=int(usage.get("completion_tokens", num_chunks)),

@@ -154,21 +154,20 @@ def test_the_client_keeps_its_connections(server: Server, capsys: pytest.Capture
     assert 1 <= proxy.accepted <= 2
 
 
-def test_a_stream_kept_open_after_done_still_completes() -> None:
-    """A server that keeps streaming keep-alive comments after [DONE]: the request counts as
-    done after at most DRAIN_SECONDS of reading on (the connection is then dropped)."""
+def _send_to_raw_stream(events: list[str], gap_seconds: float) -> RequestResult:
+    """`send` against a bare HTTP server that answers with these SSE events, `gap_seconds`
+    apart, and then closes the connection."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (await reader.readline()).strip():
             pass  # the request's headers (its body is never read)
-        chunk = json.dumps({"choices": [{"index": 0, "text": "x"}],
-                            "usage": {"prompt_tokens": 4, "completion_tokens": 1}})
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
-        for event in (f"data: {chunk}\n\n", "data: [DONE]\n\n", *[": ping\n\n"] * 100):
+        for event in events:
             data = event.encode()
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(gap_seconds)
+        writer.write(b"0\r\n\r\n")
         writer.close()
 
     async def main() -> RequestResult:
@@ -178,8 +177,35 @@ def test_a_stream_kept_open_after_done_still_completes() -> None:
             return await asyncio.wait_for(
                 send(client, f"http://127.0.0.1:{port}/v1/completions", {}, 4), timeout=10)
 
-    result = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def _chunk(text: str, finish_reason: str | None = None) -> str:
+    return "data: " + json.dumps({"choices": [{"index": 0, "text": text,
+                                               "finish_reason": finish_reason}],
+                                  "usage": {"prompt_tokens": 4, "completion_tokens": 1}}) + "\n\n"
+
+
+def test_a_stream_kept_open_after_done_still_completes() -> None:
+    """A server that keeps streaming keep-alive comments after [DONE]: the request counts as
+    done after at most DRAIN_SECONDS of reading on (the connection is then dropped)."""
+    result = _send_to_raw_stream([_chunk("x"), "data: [DONE]\n\n", *[": ping\n\n"] * 100],
+                                 gap_seconds=0.05)
     assert result.error is None and result.output_tokens == 1
+
+
+def test_a_token_with_no_text_yet_is_served_not_failed() -> None:
+    """One output token that ends inside a character: its only chunk has empty text. The
+    request succeeded (as `vllm bench serve` counts it), its first token at that chunk."""
+    result = _send_to_raw_stream([": ping\n\n", _chunk("", "length"), "data: [DONE]\n\n"],
+                                 gap_seconds=0.1)
+    assert result.error is None and result.output_tokens == 1
+    assert 0.1 <= result.ttft_seconds <= result.e2e_seconds and result.itl_seconds == ()
+
+
+def test_a_stream_with_no_choices_failed() -> None:
+    result = _send_to_raw_stream([": ping\n\n", "data: [DONE]\n\n"], gap_seconds=0)
+    assert result.error == "the stream carried no choices"
 
 
 def test_a_shared_prefix_comes_from_the_cache(server: Server, tmp_path: Path,
