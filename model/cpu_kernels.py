@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,11 +296,13 @@ class CpuKernels:
         return out
 
     def decode_layers(self, model: DecodeModel, token_ids: Tensor, slots: Tensor,
-                      positions: Tensor, lens: Tensor, longest: int) -> Tensor:
+                      positions: Tensor, lens: Tensor, longest: int,
+                      before_call: Callable[[], None] | None = None) -> Tensor:
         """A decode step's embedding, decoder layers and final norm in one call: row r is
         token token_ids[r] at positions[r] of slot slots[r], seeing its first lens[r] keys
         (longest their maximum, from the host). Returns the final norm's output (R, dim), what
-        the model gives kernel by kernel."""
+        the model gives kernel by kernel. `before_call` runs right before the call, after
+        the last PyTorch op here (one could let another thread take the GIL early)."""
         shape = model.shape
         n_rows = token_ids.shape[0]
         if not (token_ids.dtype == slots.dtype == positions.dtype == lens.dtype == torch.int64
@@ -313,6 +316,8 @@ class CpuKernels:
         scratch = torch.empty(self._decode_scratch_floats(shape_ref, n_rows, longest,
                                                           n_threads))
         out = torch.empty(n_rows, shape.dim)
+        if before_call is not None:
+            before_call()
         bad = self._decode_layers(ctypes.addressof(model.layers), shape_ref,
                                   ctypes.byref(model.tables), token_ids.data_ptr(),
                                   out.data_ptr(), slots.data_ptr(), positions.data_ptr(),

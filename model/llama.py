@@ -464,11 +464,14 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None = None,
                 batch: AttentionBatch | None = None,
-                logits_indices: Tensor | None = None) -> Tensor:
+                logits_indices: Tensor | None = None,
+                before_compute: Callable[[], None] | None = None) -> Tensor:
         """input_ids, positions (T,) -> logits (N, vocab) in float32.
 
         `logits_indices` picks the N token rows whose logits are wanted (usually each
-        sequence's last token); None means all T.
+        sequence's last token); None means all T. `before_compute` is called once, as the
+        computing starts: for the C decode step just before its call, which runs without the
+        GIL, so that Python work the caller starts there (another thread's) overlaps it.
         """
         decode_model = self._decode_in_c(kv, batch, logits_indices)
         if decode_model is not None:
@@ -476,8 +479,10 @@ class LlamaModel(nn.Module):
             assert batch.decode_lens is not None and self.lm_head_packed is not None
             x = self.cpu_kernels.decode_layers(decode_model, input_ids, batch.slot_ids,
                                                positions, batch.decode_lens,
-                                               batch.decode_max_len)
+                                               batch.decode_max_len, before_call=before_compute)
             return self.lm_head_packed(x).float()
+        if before_compute is not None:
+            before_compute()
         x = self.model.embed_tokens(input_ids)  # (T, dim)
         cos, sin = self.rope_angles(positions, x.dtype)
         delta: Tensor | None = None  # the residual stream is x + delta, see DecoderLayer

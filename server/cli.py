@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
          "config.json's shapes, for benchmarks", default=e.load_format, choices=["auto", "dummy"])
     _add(serve, "--enforce-eager", "CUDA: run decode steps eagerly, without CUDA graphs",
          action="store_true", default=e.enforce_eager)
-    _add(serve, "--async-output-proc", "CUDA: stream a step's outputs while the next graphed "
-         "step runs (vLLM V0's async output processing); on by default, --no-async-output-proc "
-         "posts each step's outputs before the next launch", action=argparse.BooleanOptionalAction,
+    _add(serve, "--async-output-proc", "stream a step's outputs while the next step computes "
+         "(vLLM V0's async output processing): on CUDA once a graphed step is launched, on CPU "
+         "as the next forward starts; on by default, --no-async-output-proc posts each step's "
+         "outputs before the next step", action=argparse.BooleanOptionalAction,
          default=e.async_output_proc)
     _add(serve, "--async-scheduling", "CUDA graphs: launch the next decode step before this "
          "one's tokens are read back, feeding on them on the GPU (vLLM's --async-scheduling); "

@@ -57,9 +57,11 @@ class Engine(EngineFront):
         self.runner = runner
         self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
         # turns it on; engines built directly, in tests, start without it)
-        # Outputs of a step wait for the next launch (see _step); only where the device runs
-        # after a launch returns.
+        # Async output processing (see _step): a step's outputs wait for the next step to be
+        # computing. CUDA: posted once its launch returns; CPU: from inside the launch, as
+        # its forward starts.
         self._defer_outputs = async_output_proc and runner.asynchronous
+        self._post_from_forward = async_output_proc and not runner.asynchronous
         # The next decode step is launched before this one's tokens are read (see _step).
         self._async_scheduling = async_scheduling
         self._ahead: tuple[StepPlan, PendingStep] | None = None
@@ -262,11 +264,14 @@ class Engine(EngineFront):
         """One step: schedule, launch, read the sampled tokens back, update, hand out outputs;
         returns its plan.
 
-        With async output processing (CUDA, on unless `--no-async-output-proc`) a step's
-        outputs are held until the next step is launched, so that the event loop streams them
-        (holding the GIL) while the device computes instead of holding up the next launch.
-        Only a graphed decode step's launch returns at once; before an eager one (prefill
-        chunks), which reads back from the device as it goes, they are posted first.
+        With async output processing (on unless `--no-async-output-proc`) a step's outputs
+        are held until the next step computes, so that the event loop streams them (holding
+        the GIL) beside it instead of between the two steps. On CUDA they are posted once the
+        next step is launched: only a graphed decode step's launch returns at once; before an
+        eager one (prefill chunks), which reads back from the device as it goes, they are
+        posted first. On CPU the launch posts them itself (`before_compute`), once the next
+        step's inputs are built: its forward then runs in C without the GIL (a decode step)
+        or between PyTorch ops that release it, on the cores the event loop shares.
 
         With async scheduling (vLLM's `--async-scheduling`; CUDA graphs, on unless
         `--no-async-scheduling`) the next decode step is launched too before this one's
@@ -277,7 +282,8 @@ class Engine(EngineFront):
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             plan, launched = ahead
-            overlap = self._defer_outputs
+            # Launched with the last step, so computing (or, on CPU, done): post after it
+            overlap = self._defer_outputs or self._post_from_forward
         else:
             plan, launched = self.scheduler.schedule(), None
             if plan.admitted:
@@ -288,10 +294,11 @@ class Engine(EngineFront):
                 self._post([])  # the last step's outputs, if held
                 return plan
             overlap = self._defer_outputs and self.runner.launches_async(plan)
-            if not overlap:
+            if not overlap and not self._post_from_forward:
                 self._post([])
         try:
-            pending = launched or self.runner.launch(plan)
+            pending = launched or self.runner.launch(
+                plan, before_compute=self._post_held if self._post_from_forward else None)
             if self._async_scheduling:
                 self._launch_ahead(plan, pending)
             if overlap:
@@ -327,8 +334,8 @@ class Engine(EngineFront):
         self.scheduler.update(plan, result.tokens, result.logprobs)
         outputs = self._step_outputs(plan, result)
         self._emit_iteration()  # first: a client that sees its last token sees it counted
-        if self._defer_outputs and self.scheduler.has_work():
-            self._deferred = outputs  # posted by the next step (see above)
+        if (self._defer_outputs or self._post_from_forward) and self.scheduler.has_work():
+            self._deferred += outputs  # posted by the next step (see above)
         else:
             self._post(outputs)
         return plan
@@ -366,6 +373,10 @@ class Engine(EngineFront):
         open_seqs = [s for s in request.seqs if not s.status.is_finished]
         self.scheduler.finish_request(request, status)
         return [self._outputs.final(seq, error) for seq in open_seqs]
+
+    def _post_held(self) -> None:
+        """The last step's outputs, held for the next step's forward (_step)."""
+        self._post([])
 
     def _post(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to the sink, after any the last step deferred (so a stream never sees

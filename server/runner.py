@@ -16,6 +16,7 @@ the GPU never waits for the host between two graphed steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,10 +130,14 @@ class ModelRunner:
         return self.launch(plan, feed=before.sampled.token_ids)
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, feed: torch.Tensor | None = None) -> PendingStep:
+    def launch(self, plan: StepPlan, feed: torch.Tensor | None = None,
+               before_compute: Callable[[], None] | None = None) -> PendingStep:
         """Queue the step's forward and sampling; nothing is read back from the device (on a
         graphed decode step), so on a GPU this returns while the step runs. `feed`: the
-        sampled ids of the step before, for a plan made ahead of them (`launch_ahead`)."""
+        sampled ids of the step before, for a plan made ahead of them (`launch_ahead`).
+        `before_compute` is called once, when the inputs are built and the computing starts
+        (LlamaModel.forward): on CPU the engine streams the last step's tokens from
+        there, beside the C decode step that runs without the GIL."""
         # The sampling controls go to the device first: a host-to-device copy queued after
         # the forward would wait for it.
         sampling = self._sampling_batch(plan.sampled) if plan.sampled else None
@@ -146,6 +151,8 @@ class ModelRunner:
         slots, positions = [s.slot for s in plan.decodes], plan.decode_positions()
         if self._replays_graph(plan):
             assert self.graphs is not None
+            if before_compute is not None:
+                before_compute()
             logits = self.graphs.run(slots, ids, positions, feed=feed)
             assert logits is not None  # the bucket exists (_replays_graph)
             return self._pending(plan, sampling, logits, [])
@@ -173,7 +180,8 @@ class ModelRunner:
         wanted = tensor(logit_rows) if plan.prefills else None
         start = time.monotonic()
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
-                            logits_indices=wanted)  # (len(logit_rows), vocab)
+                            logits_indices=wanted,
+                            before_compute=before_compute)  # (len(logit_rows), vocab)
         timing = self._timing(start, plan.kind)
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.

@@ -31,16 +31,21 @@ from server.request import FinishReason, SamplingParams
 from server.runner import ModelRunner
 from server.startup import build_engine
 
-ASYNC_OUTPUT_PROC = False  # set per test by deferred_outputs; running() builds with it
+ASYNC_OUTPUT_PROC = False  # set per test by output_mode; running() builds with it
+
+# How a step's outputs reach the streams: at once (`--no-async-output-proc`), held until
+# the next step is launched (async output processing as on a GPU: `asynchronous` forced,
+# since CPU has no such device), or held until the next step's forward starts (the same on
+# CPU, as served)
+AT_ONCE, AFTER_LAUNCH, IN_FORWARD = "posted-at-once", "deferred", "held-for-the-forward"
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["posted-at-once", "deferred"])
-def deferred_outputs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Every engine test runs twice: with each step's outputs posted at once, and with async
-    output processing as on a GPU (held until the next step is launched; `asynchronous`
-    forced, since CPU has no such device)."""
-    monkeypatch.setattr(ModelRunner, "asynchronous", property(lambda _: request.param))
-    monkeypatch.setattr(sys.modules[__name__], "ASYNC_OUTPUT_PROC", request.param)
+@pytest.fixture(autouse=True, params=[AT_ONCE, AFTER_LAUNCH, IN_FORWARD])
+def output_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every engine test runs in each way of posting outputs."""
+    monkeypatch.setattr(ModelRunner, "asynchronous",
+                        property(lambda _: request.param == AFTER_LAUNCH))
+    monkeypatch.setattr(sys.modules[__name__], "ASYNC_OUTPUT_PROC", request.param != AT_ONCE)
     return request.param
 
 
@@ -267,9 +272,9 @@ def test_async_scheduling_launches_the_next_step_before_reading(
                  async_scheduling=True) as engine:
         launch, finish = engine.runner.launch, engine.runner.finish
 
-        def recording_launch(plan, feed=None):  # noqa: ANN001, ANN202
+        def recording_launch(plan, feed=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
             events.append("launch" if feed is None else "ahead")
-            return launch(plan, feed)
+            return launch(plan, feed, **kwargs)
 
         def recording_finish(step):  # noqa: ANN001, ANN202
             events.append("read")
@@ -555,11 +560,11 @@ def test_admitted_requests_hold_their_slots_from_the_moment_they_are_scheduled(
         in_step, release = threading.Event(), threading.Event()
         real = engine.runner.launch
 
-        def held(plan):  # noqa: ANN001, ANN202
+        def held(plan, **kwargs):  # noqa: ANN001, ANN003, ANN202
             if plan.admitted:
                 in_step.set()
                 release.wait(10)
-            return real(plan)
+            return real(plan, **kwargs)
         monkeypatch.setattr(engine.runner, "launch", held)
 
         async def main() -> None:
@@ -580,7 +585,7 @@ def test_engine_that_keeps_failing_reports_dead(tiny_checkpoint: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A step failure fails that step's requests; repeated failures mark the engine dead."""
     with running(tiny_checkpoint, max_model_len=1024) as engine:
-        def broken(plan):  # noqa: ANN001, ANN202
+        def broken(plan, **kwargs):  # noqa: ANN001, ANN003, ANN202
             raise RuntimeError("device lost")
         monkeypatch.setattr(engine.runner, "launch", broken)
         first = run(engine, ([5, 6], GREEDY, "first"))[0]
@@ -689,18 +694,19 @@ def test_engine_config_switches_the_gpu_kernels(tiny_checkpoint: Path, enabled: 
 
 
 def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,
-                                                       deferred_outputs: bool) -> None:
+                                                       output_mode: str) -> None:
     """With async output processing a graphed step's launch comes before the last step's
     tokens are posted (the event loop streams them while the device computes); the prefill
-    (eager) step and the final tokens post at once; without it, every step posts at once."""
+    (eager) step and the final tokens post at once; without it, every step posts at once.
+    (On CPU the launch posts them itself: the next test.)"""
     events: list[str] = []
     with running(tiny_checkpoint, graph_layout=True, max_model_len=1024,
                  async_scheduling=False) as engine:
         launch, post = engine.runner.launch, engine._post
 
-        def recording_launch(plan):  # noqa: ANN001, ANN202
+        def recording_launch(plan, **kwargs):  # noqa: ANN001, ANN003, ANN202
             events.append("launch")
-            return launch(plan)
+            return launch(plan, **kwargs)
 
         def recording_post(outputs: list) -> None:
             n = sum(len(o.token_ids) for o in engine._deferred + outputs)
@@ -710,20 +716,58 @@ def test_deferred_outputs_go_out_after_the_next_launch(tiny_checkpoint: Path,
         engine.runner.launch, engine._post = recording_launch, recording_post  # type: ignore
         res = run(engine, ([5, 6], replace(GREEDY, max_tokens=4), "r"))[0]
     assert len(res.tokens[0]) == 4
-    if deferred_outputs:
+    if output_mode == AT_ONCE:
+        assert events == ["launch", "token"] * 4
+    else:  # the graphed steps' launches (their stand-in's, here) come first
         assert events == ["launch", "launch", "token", "launch", "token", "launch", "token",
                           "token"]
+
+
+def test_held_outputs_go_out_as_the_next_forward_starts(tiny_checkpoint: Path,
+                                                        output_mode: str) -> None:
+    """On CPU (where a launch computes the whole step) async output processing posts a
+    step's tokens from inside the next step's forward, once its inputs are built (the C
+    decode step then runs without the GIL, beside the event loop streaming them); the last
+    tokens, with nothing to follow, at once. Without it, or with a device that computes
+    after its launch returns, every token is out before the next forward."""
+    events: list[str] = []
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        model, post = engine.runner.model, engine._post
+        forward = model.forward
+
+        def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            events.append("forward")
+            logits = forward(*args, **kwargs)
+            events.append("end")
+            return logits
+
+        def recording_post(outputs: list) -> None:
+            n = sum(len(o.token_ids) for o in engine._deferred + outputs)
+            events.extend(["token"] * n)
+            post(outputs)
+
+        model.forward, engine._post = recording_forward, recording_post  # type: ignore
+        try:
+            res = run(engine, ([5, 6], replace(GREEDY, max_tokens=4), "r"))[0]
+        finally:
+            del model.forward
+    assert len(res.tokens[0]) == 4
+    if output_mode == IN_FORWARD:
+        assert engine._post_from_forward and not engine._defer_outputs
+        assert events == ["forward", "end"] + ["forward", "token", "end"] * 3 + ["token"]
     else:
-        assert events == ["launch", "token"] * 4
+        assert not engine._post_from_forward
+        assert events == ["forward", "end", "token"] * 4
 
 
-def test_async_output_proc_needs_a_device_that_runs_after_launch(tiny_checkpoint: Path,
-                                                                 deferred_outputs: bool) -> None:
-    """Asked for on a device whose launch computes the whole step (CPU), the flag changes
-    nothing: held outputs would only wait a step longer."""
+def test_async_output_proc_defers_by_the_device(tiny_checkpoint: Path,
+                                                output_mode: str) -> None:
+    """The flag holds outputs after the launch where the device computes after it returns,
+    and until the forward starts where the launch computes the whole step (CPU)."""
     with running(tiny_checkpoint, max_model_len=1024, async_output_proc=True) as engine:
         # ModelRunner.asynchronous is forced only in the "deferred" runs.
-        assert engine._defer_outputs == deferred_outputs
+        assert engine._defer_outputs == (output_mode == AFTER_LAUNCH)
+        assert engine._post_from_forward == (output_mode != AFTER_LAUNCH)
 
 
 def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
@@ -786,7 +830,7 @@ def test_a_failed_step_leaves_no_prefix_claimed(tiny_checkpoint: Path,
         hits = engine.stats().prefix_cache_hits_total
         real = engine.runner.launch
 
-        def failing(plan: object) -> object:
+        def failing(plan: object, **kwargs: object) -> object:
             monkeypatch.setattr(engine.runner, "launch", real)  # once
             raise MemoryError("no room for the step")
         monkeypatch.setattr(engine.runner, "launch", failing)

@@ -111,11 +111,11 @@ def core_whose_steps_fail(*args: object) -> None:
 
     launch, calls = ModelRunner.launch, [0]
 
-    def failing(self: ModelRunner, plan: object) -> object:
+    def failing(self: ModelRunner, plan: object, **kwargs: object) -> object:
         calls[0] += 1
         if calls[0] > 2:
             raise RuntimeError("device lost")
-        return launch(self, plan)  # type: ignore[arg-type]
+        return launch(self, plan, **kwargs)  # type: ignore[arg-type]
 
     ModelRunner.launch = failing  # type: ignore[method-assign]
     run_core(*args)

@@ -136,7 +136,7 @@ def test_a_warm_up_that_fails_refuses_to_start(cpu_engine: CpuEngine, error: Exc
                                                says: str, advice: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory gets what to lower; anything else only what it was."""
-    def failing(self: ModelRunner, plan: object) -> None:
+    def failing(self: ModelRunner, plan: object, **kwargs: object) -> None:
         raise error
 
     engine = cpu_engine(max_num_batched_tokens=64)

@@ -443,7 +443,8 @@ def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
     """A decode-only step of the packed model runs its embedding and layers in
     CpuKernels.decode_layers, and gives the layer-by-layer path's logits to the last bit (the
     same kernels in the same order, rotary angles from a table of the same bits), the
-    reference model's within rounding, and the same K/V in the cache."""
+    reference model's within rounding, and the same K/V in the cache. Either path calls
+    `before_compute` once before computing anything: the C one right before its call."""
     if not kernels.linear_is_tuned:
         pytest.skip("the C decode step needs the C linear (an AVX-512 build)")
     config = ModelConfig.from_dir(tiny_checkpoint)
@@ -461,23 +462,34 @@ def test_decode_step_runs_in_one_c_call(tiny_checkpoint: Path,
             model(seq[:-1], batch.positions, pool, batch)
     batch = AttentionBatch.build(slots, [len(s) - 1 for s in seqs], [], "cpu")
     ids = torch.stack([s[-1] for s in seqs])
-    calls = []
-    original = kernels.decode_layers
+    calls, events = [], []
+    original, c_call = kernels.decode_layers, kernels._decode_layers
 
-    def spy(*args):  # noqa: ANN002, ANN202 - the token ids it was given
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the token ids it was given
         calls.append(args[1])
-        return original(*args)
+        return original(*args, **kwargs)
+
+    def spy_c_call(*args):  # noqa: ANN002, ANN202
+        events.append("C call")
+        return c_call(*args)
 
     embedding = model.model.embed_tokens.weight.clone()
-    kernels.decode_layers = spy  # type: ignore[method-assign]
+    kernels.decode_layers, kernels._decode_layers = spy, spy_c_call  # type: ignore[method-assign]
     try:
-        in_c = model(ids, batch.positions, pools[0], batch)
+        in_c = model(ids, batch.positions, pools[0], batch,
+                     before_compute=lambda: events.append("before"))
     finally:
         del kernels.decode_layers
+        kernels._decode_layers = c_call
     assert len(calls) == 1 and torch.equal(calls[0], ids)
+    assert events == ["before", "C call"]
     assert torch.equal(model.model.embed_tokens.weight, embedding)  # read, never written
     model._decode_in_c = lambda *a: None  # type: ignore[method-assign]
-    by_layer = model(ids, batch.positions, pools[1], batch)
+    untouched = [k.clone() for k in pools[1].k]
+    before_layers = []  # whether the cache was as yet untouched, at each call
+    by_layer = model(ids, batch.positions, pools[1], batch, before_compute=lambda: (
+        before_layers.append(all(map(torch.equal, untouched, pools[1].k)))))
+    assert before_layers == [True]
     assert torch.equal(in_c, by_layer)
     assert all(torch.equal(a, b) for a, b in zip(pools[0].k + pools[0].v,
                                                   pools[1].k + pools[1].v, strict=True))
