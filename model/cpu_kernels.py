@@ -302,7 +302,8 @@ class CpuKernels:
         token token_ids[r] at positions[r] of slot slots[r], seeing its first lens[r] keys
         (longest their maximum, from the host). Returns the final norm's output (R, dim), what
         the model gives kernel by kernel. `before_call` runs right before the call, after
-        the last PyTorch op here (one could let another thread take the GIL early)."""
+        the last PyTorch op here (they too release the GIL), so that work it hands to another
+        thread runs while the call computes without the GIL."""
         shape = model.shape
         n_rows = token_ids.shape[0]
         if not (token_ids.dtype == slots.dtype == positions.dtype == lens.dtype == torch.int64

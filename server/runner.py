@@ -178,10 +178,18 @@ class ModelRunner:
 
         # A decode-only step wants every row's logits: no gather.
         wanted = tensor(logit_rows) if plan.prefills else None
-        start = time.monotonic()
+        start: float | None = None
+
+        def compute_starts() -> None:  # the forward's time: the caller's work is not in it
+            nonlocal start
+            if before_compute is not None:
+                before_compute()
+            start = time.monotonic()
+
         logits = self.model(tensor(ids), batch.positions, self.pool, batch,
                             logits_indices=wanted,
-                            before_compute=before_compute)  # (len(logit_rows), vocab)
+                            before_compute=compute_starts)  # (len(logit_rows), vocab)
+        assert start is not None, "the model calls before_compute once, as it computes"
         timing = self._timing(start, plan.kind)
 
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.

@@ -760,6 +760,33 @@ def test_held_outputs_go_out_as_the_next_forward_starts(tiny_checkpoint: Path,
         assert events == ["forward", "end", "token"] * 4
 
 
+@pytest.mark.parametrize("computing", [False, True], ids=["before-compute", "computing"])
+def test_tokens_held_for_a_step_that_fails_come_before_its_error(tiny_checkpoint: Path,
+                                                                 computing: bool) -> None:
+    """A step that fails before its forward computes, or once it has begun (the last step's
+    tokens, held for it, then gone out): the request gets every token sampled before it,
+    then the error."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        model, calls = engine.runner.model, [0]
+        forward = model.forward
+
+        def failing_third(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[0] += 1
+            if calls[0] < 3:
+                return forward(*args, **kwargs)
+            if computing:
+                kwargs["before_compute"]()
+            raise RuntimeError("device lost")
+
+        model.forward = failing_third  # type: ignore[method-assign]
+        try:
+            [res] = run(engine, ([5, 6], replace(GREEDY, max_tokens=8), "r"))
+        finally:
+            del model.forward
+    assert res.finish[0] == FinishReason.ERROR and "device lost" in (res.error or "")
+    assert len(res.tokens[0]) == 2  # the prefill's and the first decode step's
+
+
 def test_async_output_proc_defers_by_the_device(tiny_checkpoint: Path,
                                                 output_mode: str) -> None:
     """The flag holds outputs after the launch where the device computes after it returns,
