@@ -255,9 +255,9 @@ class Engine(EngineFront):
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-        if posts:
+        if posts:  # (and not otherwise: outputs held for the next forward stay held)
             self._emit_iteration()  # first, as in _step
-        self._post(posts)
+            self._post(posts)
         return True
 
     def _step(self) -> StepPlan:

@@ -26,8 +26,8 @@ from model.llama import LlamaModel
 from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine
-from server.engine_front import EngineOverloaded, RequestRejected
-from server.request import FinishReason, SamplingParams
+from server.engine_front import Add, EngineOverloaded, RequestRejected
+from server.request import FinishReason, Request, SamplingParams
 from server.runner import ModelRunner
 from server.startup import build_engine
 
@@ -785,6 +785,27 @@ def test_tokens_held_for_a_step_that_fails_come_before_its_error(tiny_checkpoint
             del model.forward
     assert res.finish[0] == FinishReason.ERROR and "device lost" in (res.error or "")
     assert len(res.tokens[0]) == 2  # the prefill's and the first decode step's
+
+
+def test_arrivals_leave_held_outputs_held(tiny_checkpoint: Path, output_mode: str) -> None:
+    """A request taken between two steps posts nothing: outputs held for the next step go out
+    as it computes (or, at once, before it), not with the arrival."""
+    engine = build_engine(tiny_checkpoint, EngineConfig(device="cpu", warmup=False,
+                                                        async_output_proc=ASYNC_OUTPUT_PROC))
+    posted: list[list[str]] = []  # the request ids of each post with outputs
+    engine.output_sink = lambda outputs: outputs and posted.append(  # type: ignore[assignment]
+        [o.request_id for o in outputs])
+    params = replace(GREEDY, max_tokens=8)
+    engine.scheduler.add(Request("a", [5, 6, 7, 8], params))
+    engine._step()  # the engine thread's steps, run here (the thread is not started)
+    held = [o.request_id for o in engine._deferred]
+    assert held == ([] if output_mode == AT_ONCE else ["a"])
+    before = list(posted)
+    engine.put(Add(Request("b", [9, 10, 11], params)))
+    assert engine._drain_inbox(block=False)
+    assert posted == before and [o.request_id for o in engine._deferred] == held
+    engine._step()  # a's first decode beside b's prompt
+    assert posted == ([["a"], ["a", "b"]] if output_mode == AT_ONCE else [["a"]])
 
 
 def test_async_output_proc_defers_by_the_device(tiny_checkpoint: Path,
