@@ -60,6 +60,7 @@ class Engine(EngineFront):
         # Async output processing (see _step): a step's outputs wait for the next step to be
         # computing. CUDA: posted once its launch returns; CPU: from inside the launch, as
         # its forward starts.
+        self._hold_outputs = async_output_proc
         self._defer_outputs = async_output_proc and runner.asynchronous
         self._post_from_forward = async_output_proc and not runner.asynchronous
         # The next decode step is launched before this one's tokens are read (see _step).
@@ -335,7 +336,7 @@ class Engine(EngineFront):
         self.scheduler.update(plan, result.tokens, result.logprobs)
         outputs = self._step_outputs(plan, result)
         self._emit_iteration()  # first: a client that sees its last token sees it counted
-        if (self._defer_outputs or self._post_from_forward) and self.scheduler.has_work():
+        if self._hold_outputs and self.scheduler.has_work():
             self._deferred += outputs  # posted by the next step (see above)
         else:
             self._post(outputs)

@@ -753,10 +753,8 @@ def test_held_outputs_go_out_as_the_next_forward_starts(tiny_checkpoint: Path,
             del model.forward
     assert len(res.tokens[0]) == 4
     if output_mode == IN_FORWARD:
-        assert engine._post_from_forward and not engine._defer_outputs
         assert events == ["forward", "end"] + ["forward", "token", "end"] * 3 + ["token"]
     else:
-        assert not engine._post_from_forward
         assert events == ["forward", "end", "token"] * 4
 
 
@@ -806,16 +804,6 @@ def test_arrivals_leave_held_outputs_held(tiny_checkpoint: Path, output_mode: st
     assert posted == before and [o.request_id for o in engine._deferred] == held
     engine._step()  # a's first decode beside b's prompt
     assert posted == ([["a"], ["a", "b"]] if output_mode == AT_ONCE else [["a"]])
-
-
-def test_async_output_proc_defers_by_the_device(tiny_checkpoint: Path,
-                                                output_mode: str) -> None:
-    """The flag holds outputs after the launch where the device computes after it returns,
-    and until the forward starts where the launch computes the whole step (CPU)."""
-    with running(tiny_checkpoint, max_model_len=1024, async_output_proc=True) as engine:
-        # ModelRunner.asynchronous is forced only in the "deferred" runs.
-        assert engine._defer_outputs == (output_mode == AFTER_LAUNCH)
-        assert engine._post_from_forward == (output_mode != AFTER_LAUNCH)
 
 
 def test_prefix_caching_changes_no_token(tiny_checkpoint: Path) -> None:
