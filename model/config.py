@@ -1,19 +1,29 @@
 """ModelConfig: the architecture of a Llama-family checkpoint, from either file layout.
 
-Hugging Face `config.json` (LlamaForCausalLM, MistralForCausalLM without a sliding window) and
-Meta's `params.json` both become one frozen dataclass with Meta's names. Anything we do not
-implement exactly (another activation, biases, another rope type) is refused by name at load,
-never silently dropped.
+Hugging Face `config.json` (LlamaForCausalLM, MistralForCausalLM) and Meta's `params.json` both
+become one frozen dataclass with Meta's names. Anything we do not implement exactly (another
+activation, biases, another rope type) is refused by name at load, never silently dropped. A
+sliding window is not implemented either, but up to the window's length attention over the
+window is attention over everything: such a model's context stops at its window (vLLM's
+--disable-sliding-window).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Names that older conversions wrote (vLLM's registry knows this one too)
+ARCHITECTURE_ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM"}
+# A config.json without `architectures` is read by its model_type, as transformers reads it
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# transformers' MistralConfig defaults, for a config.json that leaves the keys out
+MISTRAL_SLIDING_WINDOW = 4096
+MISTRAL_MAX_POSITIONS = 4096 * 32
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -65,6 +75,8 @@ class ModelConfig:
     head_dim: int = 0  # 0: dim // n_heads
     torch_dtype: str = "float32"  # what the checkpoint was saved in
     architecture: str = "LlamaForCausalLM"
+    # config.json's sliding window: max_seq_len is capped at it (the module's docstring)
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -87,19 +99,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
-        archs = raw.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r} in config.json "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        arch = _architecture(raw)
+        mistral = arch == "MistralForCausalLM"
         _refuse(raw, "hidden_act", lambda v: v in (None, "silu"), "only 'silu' is supported")
         _refuse(raw, "attention_bias", lambda v: not v, "biased attention is not supported")
         _refuse(raw, "mlp_bias", lambda v: not v, "biased MLP is not supported")
-        _refuse(raw, "sliding_window", lambda v: v is None, "sliding-window attention is not "
-                "supported")
-        _refuse(raw, "pretraining_tp", lambda v: v in (None, 1), "only pretraining_tp=1")
+        # (pretraining_tp, which Llama 2's first configs set to 2, only sliced the same
+        # matmuls in transformers 4; transformers 5 ignores it, and so do we.)
+        window = raw.get("sliding_window", MISTRAL_SLIDING_WINDOW if mistral else None)
+        _refuse(raw, "sliding_window", lambda v: v is None or (type(v) is int and v >= 2),
+                "expected null or a number of tokens of at least 2")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "vocab_size"):
             if key not in raw:
@@ -122,11 +131,14 @@ class ModelConfig:
             norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            max_seq_len=raw.get("max_position_embeddings", 2048),
+            max_seq_len=min(raw.get("max_position_embeddings",
+                                    MISTRAL_MAX_POSITIONS if mistral else 2048),
+                            window or sys.maxsize),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             head_dim=raw.get("head_dim") or 0,
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             architecture=arch,
+            sliding_window=window,
         )
 
     # ---------------------------------------------------------------- Meta
@@ -200,6 +212,8 @@ class ModelConfig:
             "mlp_bias": False,
             "torch_dtype": self.torch_dtype,
         }
+        if self.architecture == "MistralForCausalLM" or self.sliding_window is not None:
+            out["sliding_window"] = self.sliding_window
         if self.rope_scaling is not None:
             s = self.rope_scaling
             out["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor}
@@ -216,6 +230,22 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _architecture(raw: dict[str, Any]) -> str:
+    """config.json's architecture: the first of `architectures` (an old name read as today's),
+    or by `model_type` when the list is missing."""
+    archs = raw.get("architectures")
+    if not archs:
+        if raw.get("model_type") in MODEL_TYPES:
+            return MODEL_TYPES[raw["model_type"]]
+        raise ValueError(f"config.json names no architecture and its model_type "
+                         f"{raw.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
+    arch = ARCHITECTURE_ALIASES.get(archs[0], archs[0])
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {archs[0]!r} in config.json "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return arch
 
 
 def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str) -> None:

@@ -11,8 +11,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Only what serving needs: configs, tokenizer, safetensors (and Meta's layout).
-_ALLOW = ["*.json", "*.safetensors", "*.jinja", "consolidated.*.pth", "params.json"]
+# Only what serving needs: configs, tokenizer, safetensors (and Meta's layout). Mistral's
+# repos also hold their weights in Mistral's own layout (consolidated.safetensors, as large as
+# the Hugging Face shards beside it), which the loader never reads.
+HUB_ALLOW = ["*.json", "*.safetensors", "*.jinja", "consolidated.*.pth", "params.json"]
+HUB_IGNORE = ["consolidated*.safetensors"]
 
 
 class ModelSourceError(ValueError):
@@ -31,7 +34,8 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(model, revision=revision, allow_patterns=_ALLOW)
+        folder = snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW,
+                                   ignore_patterns=HUB_IGNORE)
     except LocalEntryNotFoundError as e:
         raise ModelSourceError(f"{model} is not in the local Hugging Face cache and the hub "
                                f"cannot be reached (offline?): {e}") from e

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,18 @@ def test_memory_freed_by_packing_goes_back_at_start_up(tiny_checkpoint: Path,
                         lambda: calls.append("release") or True)
     build_engine(tiny_checkpoint, EngineConfig(device="cpu"))
     assert calls == ["pack", "release"]
+
+
+def test_a_sliding_window_caps_the_context(make_checkpoint, caplog: pytest.LogCaptureFixture
+                                           ) -> None:
+    """Attention over a window is attention over everything up to the window's length: a model
+    with one serves up to there, says so, and refuses a longer --max-model-len naming it."""
+    folder = make_checkpoint(replace(TINY, architecture="MistralForCausalLM",
+                                     sliding_window=48, max_seq_len=1024))
+    with caplog.at_level("WARNING", logger="server.startup"):
+        engine = build_engine(folder, EngineConfig(device="cpu", max_num_seqs=2))
+    assert engine.max_model_len == 48
+    assert "context stops at its sliding window of 48 tokens" in caplog.text
+    with pytest.raises(StartupError, match=r"--max-model-len 64 is beyond the model's context "
+                                           r"length 48 \(its sliding window"):
+        build_engine(folder, EngineConfig(device="cpu", max_model_len=64))

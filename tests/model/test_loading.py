@@ -100,7 +100,8 @@ def test_corrupt_safetensors_header(tiny_checkpoint: Path, tmp_path: Path) -> No
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": "4096"}, "sliding_window"),
+    ({"architectures": None, "model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
 ])
 def test_unsupported_config_is_named(change: dict, message: str, tiny_checkpoint: Path) -> None:
@@ -112,7 +113,56 @@ def test_unsupported_config_is_named(change: dict, message: str, tiny_checkpoint
 def test_mistral_without_sliding_window_loads(tiny_checkpoint: Path) -> None:
     raw = json.loads((tiny_checkpoint / "config.json").read_text())
     raw |= {"architectures": ["MistralForCausalLM"], "sliding_window": None}
-    assert ModelConfig.from_hf(raw).architecture == "MistralForCausalLM"
+    config = ModelConfig.from_hf(raw)
+    assert config.architecture == "MistralForCausalLM"
+    assert (config.sliding_window, config.max_seq_len) == (None, TINY.max_seq_len)
+
+
+@pytest.mark.parametrize("change, read", [
+    # Mistral v0.1's window: the context stops there (attention over a window of 4096 tokens
+    # is attention over everything up to 4096)
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096,
+      "max_position_embeddings": 32768}, ("MistralForCausalLM", 4096, 4096)),
+    # keys left out read as transformers' MistralConfig defaults: a window of 4096 ...
+    ({"architectures": ["MistralForCausalLM"]}, ("MistralForCausalLM", 4096, 2048)),
+    # ... and 131072 positions
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": None,
+      "max_position_embeddings": None}, ("MistralForCausalLM", None, 131072)),
+    ({"architectures": ["LlamaForCausalLM"], "sliding_window": 64},
+     ("LlamaForCausalLM", 64, 64)),
+    # older conversions' name, and a config with only a model_type, as transformers reads them
+    ({"architectures": ["LLaMAForCausalLM"]}, ("LlamaForCausalLM", None, 2048)),
+    ({"architectures": None, "model_type": "mistral", "sliding_window": None},
+     ("MistralForCausalLM", None, 2048)),
+    # Llama 2's first configs: it only sliced the same matmuls (transformers 5 ignores it)
+    ({"pretraining_tp": 2}, ("LlamaForCausalLM", None, 2048)),
+])
+def test_configs_read_as_transformers_reads_them(change: dict, read: tuple,
+                                                 tiny_checkpoint: Path) -> None:
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    raw["max_position_embeddings"] = 2048
+    raw = {k: v for k, v in (raw | change).items() if v is not None or k == "sliding_window"}
+    config = ModelConfig.from_hf(raw)
+    assert (config.architecture, config.sliding_window, config.max_seq_len) == read
+
+
+def test_hub_downloads_skip_mistrals_own_layout() -> None:
+    """A Mistral repo holds its weights twice: Hugging Face shards and Mistral's own
+    consolidated.safetensors (as large), which the loader never reads."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from model.source import HUB_ALLOW, HUB_IGNORE
+
+    mistral = ["config.json", "consolidated.safetensors", "params.json",
+               "model-00001-of-00003.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer.model.v3", "tokenizer_config.json", "README.md"]
+    meta = ["params.json", "consolidated.00.pth", "consolidated.01.pth", "tokenizer.json"]
+    pick = lambda names: sorted(filter_repo_objects(  # noqa: E731
+        names, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE))
+    assert pick(mistral) == ["config.json", "model-00001-of-00003.safetensors",
+                             "model.safetensors.index.json", "params.json", "tokenizer.json",
+                             "tokenizer_config.json"]
+    assert pick(meta) == sorted(meta)
 
 
 def test_transformers5_rope_parameters(tiny_checkpoint: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,6 +174,35 @@ def test_sharded_checkpoint_matches_single_file(make_checkpoint) -> None:
     ours = load_ours(sharded)(ids, pos)
     assert torch.equal(ours, load_ours(single)(ids, pos))
     assert (ours - reference_logits(sharded, ids)).abs().max().item() < TOL
+
+
+def test_sliding_window_model_matches_transformers_up_to_its_window(make_checkpoint) -> None:
+    """A Mistral with a sliding window (v0.1's, scaled down): its context stops at the window,
+    and up to there the logits are transformers' MistralForCausalLM's, which applies it."""
+    folder = make_checkpoint(replace(TINY, architecture="MistralForCausalLM",
+                                     sliding_window=48, max_seq_len=1024))
+    config = ModelConfig.from_dir(folder)
+    assert (config.sliding_window, config.max_seq_len) == (48, 48)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(ref).__name__ == "MistralForCausalLM" and ref.config.sliding_window == 48
+    ids = prompt_ids(48)
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+        beyond = ref(prompt_ids(60)[None]).logits[0]
+    assert (load_ours(folder)(ids, torch.arange(48)) - expected).abs().max().item() < TOL
+    # (past the window transformers' logits do change: the cap is needed, not cautious)
+    ours_beyond = load_ours(folder)(prompt_ids(60), torch.arange(60))
+    assert (ours_beyond[48:] - beyond[48:]).abs().max().item() > 1e-3
+
+
+def test_pretraining_tp_is_the_same_model(make_checkpoint, tmp_path: Path) -> None:
+    """Llama 2's first configs set pretraining_tp 2: it only sliced the same matmuls."""
+    folder = shutil.copytree(make_checkpoint(TINY), tmp_path / "tp2")
+    raw = json.loads((folder / "config.json").read_text()) | {"pretraining_tp": 2}
+    (folder / "config.json").write_text(json.dumps(raw))
+    ids = prompt_ids(30)
+    assert (load_ours(folder)(ids, torch.arange(30)) - reference_logits(folder, ids)
+            ).abs().max().item() < TOL
 
 
 def test_tied_checkpoint_shares_one_tensor(make_checkpoint) -> None:
