@@ -57,10 +57,12 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype,
     else:
         tensors = _safetensors(folder)
     seen: set[str] = set()
+    stored_head = None
     for name, tensor in tensors:
         if name not in params:
             if config.tie_embeddings and name == "lm_head.weight":
-                continue  # some tied checkpoints store the copy anyway
+                stored_head = tensor  # some tied checkpoints store the copy anyway
+                continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # older HF exports saved the rope buffer
             raise CheckpointError(f"unexpected tensor {name!r} in checkpoint")
@@ -75,6 +77,11 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype,
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in checkpoint: {missing[:5]}{more}")
+    if stored_head is not None and not torch.equal(
+            stored_head.to(model.lm_head.weight), model.lm_head.weight):
+        logger.warning("config.json ties the output layer to the embedding, but the checkpoint's "
+                       "lm_head.weight differs from it: it is left unused, as vLLM and "
+                       "transformers 4 leave it (transformers 5 would use it)")
     return model.eval().requires_grad_(False)
 
 

@@ -231,3 +231,19 @@ def test_dummy_load_format_needs_only_the_config(tiny_checkpoint: Path, tmp_path
     ids = torch.arange(3, 40)
     logits = a(ids, torch.arange(len(ids)))
     assert torch.isfinite(logits).all() and not torch.allclose(logits, real(ids, torch.arange(37)))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_tied_checkpoint_that_stores_the_head_too(same: bool, make_checkpoint, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Some tied checkpoints store lm_head.weight anyway: the embedding serves as the head (as
+    in vLLM), and a stored head that differs from it is named in a warning."""
+    folder = copy_checkpoint(make_checkpoint(replace(TINY, tie_embeddings=True)), tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed.clone() if same else torch.randn_like(embed)
+    save_file(state, folder / "model.safetensors")
+    with caplog.at_level("WARNING", logger="model.weights"):
+        model = load_checkpoint(folder, torch.float32, "cpu")
+    assert torch.equal(model.lm_head.weight, embed)
+    assert ("lm_head.weight differs" in caplog.text) != same
