@@ -20,6 +20,7 @@ from server.config import (
     DEFAULT_MAX_MODEL_LEN,
     LARGE_GPU_BATCHED_TOKENS,
     EngineConfig,
+    GenerationDefaults,
     ServerConfig,
 )
 
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
     _add(serve, "--chat-template", "a Jinja chat template replacing the model's: a file, or "
          "the template itself")
+    _add(serve, "--generation-config", "sampling defaults for fields a request leaves out "
+         "(temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens for "
+         "max_tokens): auto, the model's generation_config.json (as vLLM); vllm, none; or a "
+         "folder holding a generation_config.json", default="auto")
     _add(serve, "--max-n", "largest n (samples per prompt) a request may ask for", type=int,
          default=s.max_n)
     _add(serve, "--max-request-bytes", "largest request body; more get 413", type=int,
@@ -166,12 +171,14 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
     names = args.served_model_name or []  # a list from the command line, text from the variable
     if isinstance(names, str):
         names = names.replace(",", " ").split()
+    defaults = GenerationDefaults.load(args.generation_config, model_dir)
     server = ServerConfig(
         host=args.host, port=args.port,
         served_model_name=names[0] if names else served_name(args.model, model_dir),
         model_aliases=tuple(names[1:]),
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
-        max_n=args.max_n, chat_template=template, log_level=args.log_level,
+        max_n=args.max_n, chat_template=template, generation_defaults=defaults,
+        log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details)
     return engine, server
@@ -222,6 +229,9 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 2
+    if defaults := server_config.generation_defaults.as_dict():
+        logger.info("sampling defaults from generation_config.json for fields a request leaves "
+                    "out: %s (--generation-config vllm: the neutral ones)", defaults)
     fatal: list[str] = []
     server: uvicorn.Server | None = None
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len is not given
 # Tokens per forward pass when --max-num-batched-tokens is not given, by device type. On CPU
@@ -102,6 +107,78 @@ class EngineConfig:
         return max(default, self.max_num_seqs)
 
 
+def _number(low: float, high: float = math.inf, low_open: bool = False
+            ) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        return (isinstance(v, int | float) and not isinstance(v, bool)
+                and (low < v if low_open else low <= v) and v <= high)
+    return check
+
+
+def _count(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+# generation_config.json's sampling fields that vLLM reads (ModelConfig.get_diff_sampling_param):
+# key, our name, the check, what it must be
+GENERATION_FIELDS: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    ("temperature", "temperature", _number(0.0), "a number >= 0"),
+    ("top_p", "top_p", _number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    ("top_k", "top_k", _count(-1), "an integer >= -1 (0 or -1: off)"),
+    ("min_p", "min_p", _number(0.0, 1.0), "a number in [0, 1]"),
+    ("repetition_penalty", "repetition_penalty", _number(0.0, low_open=True), "a number > 0"),
+    ("max_new_tokens", "max_tokens", _count(1), "an integer >= 1"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """What a request that leaves a sampling field out gets instead of the neutral default
+    (temperature 1, no top-p/top-k/min-p, no repetition penalty): the model's own, from its
+    generation_config.json, as vLLM reads them (--generation-config auto; Llama 3.1 Instruct
+    asks for temperature 0.6 and top_p 0.9). `max_tokens` is its max_new_tokens, for requests
+    that leave max_tokens to the context. None: not set."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def load(cls, source: str, model_dir: Path) -> GenerationDefaults:
+        """--generation-config: "auto" (the model's file, if it has one), "vllm" (none), or a
+        folder holding a generation_config.json."""
+        if source == "vllm":
+            return cls()
+        path = (model_dir if source == "auto" else Path(source).expanduser()
+                ) / "generation_config.json"
+        if not path.is_file():
+            if source == "auto":
+                return cls()
+            raise ValueError(f"--generation-config {source!r}: there is no {path} (expected "
+                             f"auto, vllm or a folder with a generation_config.json)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} cannot be read: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        values = {}
+        for key, name, ok, expected in GENERATION_FIELDS:
+            value = raw.get(key)
+            if value is not None:
+                if not ok(value):
+                    raise ValueError(f"{path}: {key}={value!r}, expected {expected}")
+                values[name] = value
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are set."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -114,6 +191,8 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20
     max_n: int = 16
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
+    # Sampling defaults for fields a request leaves out (read per --generation-config by the CLI)
+    generation_defaults: GenerationDefaults = GenerationDefaults()
     log_level: str = "info"
     metrics_compat: str | None = None  # "vllm": also export vLLM's metric names
     prompt_tokens_details: bool = False  # usage's prompt_tokens_details.cached_tokens

@@ -354,13 +354,16 @@ class Engine(EngineFront):
     def _step_outputs(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         for request, logprobs in result.prompt_logprobs:
             request.prompt_logprobs.extend(logprobs)
-        posts = []
+        posts, failed = [], set()
         for seq, token in zip(plan.sampled, result.tokens, strict=True):
+            if seq.request in failed:
+                continue  # its final output went out with its sample's failure
             try:
                 posts.append(self._outputs.sequence_output(seq, token))
             except Exception as e:  # a failure in one request's output fails that request
                 logger.exception("request %s failed", seq.request.request_id)
                 posts += self._finish_request(seq.request, RequestStatus.FINISHED_ERROR, repr(e))
+                failed.add(seq.request)
         for chunk in plan.prefills:  # scoring requests (max_tokens=0) end with their prefill
             if chunk.is_last and chunk.request.params.scores_only:
                 posts += [self._outputs.final(seq, "") for seq in chunk.request.seqs]

@@ -262,7 +262,7 @@ class EngineFront(ABC):
         """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
         so the caller can answer with a status before any streaming starts."""
         self.check_health()
-        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len)
+        self.validate(prompt_ids, params)
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - len(prompt_ids))
         stream = self.streams.open(request_id, params.n)
@@ -272,6 +272,10 @@ class EngineFront(ABC):
             self.streams.discard(request_id)
             raise
         return stream
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestRejected if `generate` would refuse the request for what it asks."""
+        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len)
 
     @property
     def max_queued(self) -> int:

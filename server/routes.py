@@ -120,9 +120,11 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     service = state.completions
     assert service is not None
     response_id = _response_id("cmpl")
-    params = body.to_sampling_params()
+    defaults = state.config.generation_defaults
+    params = body.to_sampling_params(defaults)
     prompts = await _tokenized(request, lambda: service.prompts(body))
-    submitted = submit(engine, prompts, params, _engine_request_id(response_id))
+    submitted = submit(engine, prompts, params, _engine_request_id(response_id),
+                       default_max_tokens=defaults.max_tokens)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -133,10 +135,11 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     service = state.chat
     assert service is not None
     response_id = _response_id("chatcmpl")
-    params = body.to_sampling_params()
+    defaults = state.config.generation_defaults
+    params = body.to_sampling_params(defaults)
     prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
     submitted = submit(engine, [(prompt_ids, None)], params, _engine_request_id(response_id),
-                       "messages")
+                       "messages", defaults.max_tokens)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 

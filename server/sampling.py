@@ -3,7 +3,9 @@
 A pure function of its inputs except for the random draws: each row's noise comes from its own
 `torch.Generator` when given (so a seeded request's tokens do not depend on the batch), else
 from the sampler's shared one. Processing order: float32 -> logit bias -> repetition, presence
-and frequency penalties -> greedy argmax | temperature -> top-k -> top-p -> min-p -> sample.
+and frequency penalties -> greedy argmax | temperature -> min-p -> top-k -> top-p -> sample
+(vLLM V1's: min-p is one of its argmax-invariant logits processors, run before top-k/top-p, so
+top-p measures its nucleus on what min-p kept).
 Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
 """
 
@@ -253,14 +255,14 @@ class Sampler:
             # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
             temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
             logits = logits / temperature.unsqueeze(1)
+        if not batch.no_min_p:
+            probs = logits.softmax(dim=-1)
+            max_prob = probs.amax(dim=-1, keepdim=True)
+            logits = logits.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob,
+                                        float("-inf"))
         if not (batch.no_top_k and batch.no_top_p):
             logits = _apply_top_k_top_p(logits, batch)
-        probs = logits.softmax(dim=-1)  # (B, V) float32
-        if not batch.no_min_p:
-            # The top token always survives top-k/top-p, so its prob is the row max either way.
-            max_prob = probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
-        return sample_inverse_cdf(probs, uniforms)
+        return sample_inverse_cdf(logits.softmax(dim=-1), uniforms)
 
     def _sample_in_c(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor,
                      rows: Tensor | None) -> Tensor:

@@ -113,13 +113,18 @@ def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
 
 
 def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-           request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
-    """Queue every prompt, or none: a rejection aborts the ones already queued. Prompt i's
+           request_id: str, prompt_param: str = "prompt",
+           default_max_tokens: int | None = None) -> list[Submitted]:
+    """Queue every prompt, or none: every prompt is checked before any is queued (so that a
+    bad one costs the others nothing, not even an abort in the metrics), and a later refusal
+    (the queue filling up) aborts the ones already queued. Prompt i's
     engine request is `<request_id>-<i>` (`-<i>-<first sample>` for each group of samples,
     when `n` is more than the slots: the groups queue one after another, each prefilling the
     prompt again (from the prefix cache, where it is on), its seed moved on by its first
     sample's index so that sample k is drawn with seed + k either way). `prompt_param` is
-    the field a too-long prompt is blamed on ("messages" for chat)."""
+    the field a prompt's refusal is blamed on ("messages" for chat). `default_max_tokens`
+    (the model's max_new_tokens) stands in for a max_tokens left to the context, where the
+    context has room for it (vLLM takes the smaller)."""
     groups = sample_groups(params.n, engine.num_slots)
     needed = len(prompts) * len(groups)
     if needed > engine.max_queued:  # a 503 would have the client retry in vain
@@ -131,25 +136,38 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
             f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
             "--max-num-seqs, --max-waiting)",
             "prompt" if len(prompts) > engine.max_queued else "n")
+    queued: list[tuple[list[int], str | None, list[tuple[str, SamplingParams, int]]]] = []
+    for i, (ids, text) in enumerate(prompts):
+        prompt_params = params
+        if (params.max_tokens is None and default_max_tokens is not None
+                and len(ids) + default_max_tokens <= engine.max_model_len):
+            prompt_params = replace(params, max_tokens=max(default_max_tokens,
+                                                           params.min_tokens))
+        runs = []
+        for first, count in groups:
+            if len(groups) == 1:
+                runs.append((f"{request_id}-{i}", prompt_params, first))
+            else:
+                seed = None if params.seed is None else params.seed + first
+                runs.append((f"{request_id}-{i}-{first}",
+                             replace(prompt_params, n=count, seed=seed), first))
+        try:
+            engine.validate(ids, runs[0][1])  # (the groups differ in n and seed only)
+        except RequestRejected as e:
+            e.param = e.param or prompt_param  # as OpenAI names it
+            raise
+        queued.append((ids, text, runs))
     submitted: list[Submitted] = []
     try:
-        for i, (ids, text) in enumerate(prompts):
+        for ids, text, runs in queued:
             s = Submitted(ids, text, [])
             submitted.append(s)
-            for first, count in groups:
-                if len(groups) == 1:
-                    rid, group_params = f"{request_id}-{i}", params
-                else:
-                    seed = None if params.seed is None else params.seed + first
-                    rid, group_params = f"{request_id}-{i}-{first}", replace(params, n=count,
-                                                                              seed=seed)
-                s.groups.append(SampleGroup(engine.generate(ids, group_params, rid), first))
-    except Exception as e:
+            for rid, run_params, first in runs:
+                s.groups.append(SampleGroup(engine.generate(ids, run_params, rid), first))
+    except Exception:
         for s in submitted:
             for group in s.groups:
                 engine.abort(group.stream.request_id)
-        if isinstance(e, RequestRejected) and e.code == "context_length_exceeded":
-            e.param = e.param or prompt_param  # as OpenAI names it
         raise
     return submitted
 
@@ -252,7 +270,8 @@ class CompletionService(_Service):
     def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
         """Each prompt's ids and its text as sent (None for ids, or once truncated: the echo
         then decodes the ids kept)."""
-        special, keep = request.add_special_tokens, request.truncate_prompt_tokens
+        special = request.add_special_tokens
+        keep = request.prompt_tokens_kept(self.engine.max_model_len)
         out: list[tuple[list[int], str | None]] = []
         for p in request.prompts:
             ids, text = ((self.tokenizer.encode(p, add_special_tokens=special), p)
@@ -386,7 +405,7 @@ class ChatService(_Service):
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         ids = encode_messages(self.tokenizer, request.messages, request,
                               request.add_special_tokens)
-        keep = request.truncate_prompt_tokens  # vLLM's: the last k tokens
+        keep = request.prompt_tokens_kept(self.engine.max_model_len)  # vLLM's: the last k
         return ids[-keep:] if keep is not None else ids
 
     def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs:

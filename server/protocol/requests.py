@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from server.config import GenerationDefaults
 from server.protocol.base import (
     MAP_CEILING,
     MAX_ITEMS,
@@ -42,6 +43,7 @@ TokenIds = Annotated[TokenIdList, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MAP_CEILING]
+NO_DEFAULTS = GenerationDefaults()  # --generation-config vllm: the neutral ones
 
 
 # Fields of vLLM's requests that this server does not implement. Unknown fields are ignored
@@ -80,19 +82,22 @@ class _SamplingRequest(OpenAIBaseModel):
     stop: StopString | Annotated[list[StopString], MAX_ITEMS_FIELD] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Sampling controls left out (None) take the model's defaults (GenerationDefaults), else
+    # the neutral ones: temperature 1, top_p 1, top_k off, min_p 0, repetition_penalty 1.
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
     # vLLM extras
-    top_k: int = Field(0, ge=-1)  # -1 or 0: off
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
+    # vLLM's: keep the prompt's last k tokens; -1: the last max_model_len (prompt_tokens_kept)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
@@ -115,6 +120,13 @@ class _SamplingRequest(OpenAIBaseModel):
                 raise ValueError(f"key {key!r} is not a token id (an integer >= 0)")
         return value
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be an integer >= 1, or -1 for the model's context length")
+        return value
+
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> Any:
@@ -133,6 +145,11 @@ class _SamplingRequest(OpenAIBaseModel):
     def requested_max_tokens(self) -> int | None:
         """The client's output budget; None: the rest of the context."""
         raise NotImplementedError
+
+    def prompt_tokens_kept(self, max_model_len: int) -> int | None:
+        """How many of the prompt's last tokens truncate_prompt_tokens keeps (None: all)."""
+        keep = self.truncate_prompt_tokens
+        return max_model_len if keep == -1 else keep
 
     @property
     def include_usage(self) -> bool:
@@ -178,16 +195,23 @@ class _SamplingRequest(OpenAIBaseModel):
         _check_token_ids((int(key) for key in bias), vocab_size, "logit_bias")
         _check_token_ids(self.allowed_token_ids or [], vocab_size, "allowed_token_ids")
 
-    def _sampling_kwargs(self, max_tokens: int | None) -> dict[str, Any]:
+    def _sampling_kwargs(self, max_tokens: int | None,
+                         defaults: GenerationDefaults) -> dict[str, Any]:
+        def pick(name: str, neutral: float) -> Any:
+            value = getattr(self, name)
+            if value is None:
+                value = getattr(defaults, name)
+            return neutral if value is None else value
+
         return dict(
             n=self.n,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=max(self.top_k, 0),
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=max(pick("top_k", 0), 0),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items()),
@@ -268,11 +292,12 @@ class CompletionRequest(_SamplingRequest):
             if not isinstance(prompt, str):
                 _check_token_ids(prompt, vocab_size, "prompt")
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The engine's parameters; max_tokens None (the rest of the context) is the engine's
-        to fill in, which knows the prompt's length."""
+    def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
+        """The engine's parameters, with `defaults` for the sampling controls left out;
+        max_tokens None (the rest of the context, or `defaults.max_tokens` where it fits:
+        serving.submit) is filled in once the prompt's length is known."""
         return SamplingParams(
-            **self._sampling_kwargs(self.requested_max_tokens),
+            **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=self.logprobs,
             prompt_logprobs=self.logprobs if self.echo else None,
         )
@@ -466,10 +491,11 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         self._check_sampling_limits(limits, vocab_size, max_model_len)
         _check_count(len(self.messages), limits.max_messages, "messages")
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The engine's parameters; max_tokens None (the rest of the context) is the engine's
-        to fill in, which knows the prompt's length."""
+    def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
+        """The engine's parameters, with `defaults` for the sampling controls left out;
+        max_tokens None (the rest of the context, or `defaults.max_tokens` where it fits:
+        serving.submit) is filled in once the prompt's length is known."""
         return SamplingParams(
-            **self._sampling_kwargs(self.requested_max_tokens),
+            **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )

@@ -88,7 +88,11 @@ def test_unknown_fields_are_ignored_and_logged(caplog: pytest.LogCaptureFixture)
 
 def test_null_means_default_for_non_nullable_fields() -> None:
     request = completion(temperature=None, n=None, stream=None, top_k=None, echo=None, stop=None)
-    assert (request.temperature, request.n, request.stream, request.top_k) == (1.0, 1, False, 0)
+    assert (request.n, request.stream, request.echo, request.stop) == (1, False, False, None)
+    # sampling controls left out (or null) are the model's defaults', else the neutral ones
+    assert (request.temperature, request.top_k) == (None, None)
+    params = request.to_sampling_params()
+    assert (params.temperature, params.top_k) == (1.0, 0)
     assert completion().max_tokens == 16
     assert completion(max_tokens=None).max_tokens is None  # explicit null: rest of the context
     assert chat(logprobs=None, top_logprobs=None).logprobs is False

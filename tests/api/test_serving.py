@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from model.tokenizer import Tokenizer
-from server.engine_front import EngineOverloaded, RequestRejected, RequestStream
+from server.engine_front import (
+    EngineOverloaded,
+    RequestRejected,
+    RequestStream,
+    validate_request,
+)
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from server.routes import _in_band_errors
@@ -46,9 +51,14 @@ class RecordingEngine:
         self.queued: dict[str, tuple[SamplingParams, RequestStream]] = {}
         self.aborted: list[str] = []
 
+    vocab_size, max_model_len = 1000, 64
+
     @property
     def max_queued(self) -> int:
         return self.num_slots + self.max_waiting
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  request_id: str) -> RequestStream:
@@ -136,6 +146,34 @@ async def test_more_than_the_server_holds_is_rejected(prompts: int, n: int, para
         submit(engine, [([1], None)] * prompts, SamplingParams(n=n), "r")
     assert rejected.value.param == param and "holds at most 10 requests" in str(rejected.value)
     assert engine.queued == {}
+
+
+@pytest.mark.parametrize("bad", [[], [5000], list(range(64))],
+                         ids=["empty", "outside-the-vocabulary", "too-long"])
+@on_a_loop
+async def test_a_bad_prompt_is_refused_before_any_prompt_is_queued(bad: list[int]) -> None:
+    """A refused prompt of several costs the others nothing: none was queued (and so none
+    aborted, which the metrics would count); the error names the prompt."""
+    engine = RecordingEngine(num_slots=2)
+    with pytest.raises(RequestRejected) as rejected:
+        submit(engine, [([1], None), ([2], None), (bad, None)], SamplingParams(n=3), "r")
+    assert rejected.value.param == "prompt"
+    assert engine.queued == {} and engine.aborted == []
+
+
+@on_a_loop
+async def test_the_models_max_new_tokens_stands_in_where_the_context_has_room() -> None:
+    """generation_config.json's max_new_tokens for a max_tokens left to the context (as vLLM
+    takes the smaller of the two), never below min_tokens; an explicit max_tokens wins."""
+    engine = RecordingEngine(num_slots=8, max_waiting=8)
+    submit(engine, [([1] * 10, None), ([1] * 60, None)], SamplingParams(max_tokens=None),
+           "a", default_max_tokens=20)
+    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=None, min_tokens=30), "b",
+           default_max_tokens=20)
+    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=5), "c", default_max_tokens=20)
+    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=None), "d")
+    assert {rid: params.max_tokens for rid, (params, _) in engine.queued.items()} == {
+        "a-0": 20, "a-1": None, "b-0": 30, "c-0": 5, "d-0": None}
 
 
 def group_cache(request_id: str) -> int:

@@ -135,6 +135,16 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client: httpx.Client) -> N
                                       "truncate_prompt_tokens": most + 1})
         error = assert_openai_error(bad, 400)
         assert error["param"] == "truncate_prompt_tokens" and str(most) in error["message"]
+    # -1: the context's length (vLLM's), which then leaves no room for a token out
+    long = client.post("/v1/completions", json={"prompt": [7] * (most + 50), "max_tokens": 1,
+                                                 "truncate_prompt_tokens": -1})
+    assert f"({most} in the prompt, 1 in the completion)" in assert_openai_error(
+        long, 400)["message"]
+    short = client.post("/v1/completions", json={"prompt": [7] * 5, "max_tokens": 1,
+                                                  "truncate_prompt_tokens": -1})
+    assert short.json()["usage"]["prompt_tokens"] == 5
+    bad = client.post("/v1/completions", json={"prompt": "x", "truncate_prompt_tokens": -2})
+    assert assert_openai_error(bad, 400)["param"] == "truncate_prompt_tokens"
 
 
 def test_completions_honour_add_special_tokens(client: httpx.Client) -> None:

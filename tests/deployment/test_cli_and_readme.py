@@ -43,7 +43,7 @@ def test_help_documents_every_flag() -> None:
                  "--no-enable-prefix-caching", "--no-cpu-kernels", "--no-gpu-kernels",
                  "--no-warmup",
                  "--load-format",
-                 "--seed", "--log-level"):
+                 "--seed", "--log-level", "--generation-config"):
         assert flag in out
         assert flag in README.read_text(), f"{flag} is not in the README"
     top = subprocess.run([sys.executable, "-m", "server", "--help"], check=True,

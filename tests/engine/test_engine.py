@@ -526,6 +526,34 @@ def test_one_request_failure_leaves_others_running(tiny_checkpoint: Path,
     assert good.finish[0] == FinishReason.LENGTH and len(good.tokens[0]) == 12
 
 
+def test_a_sample_failing_fails_its_siblings_once(tiny_checkpoint: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """n=2, the first sample's output fails: both samples end with the error, one final output
+    each (its sibling's turn in the same step builds nothing more), counted once each."""
+    real = outputs_module.IncrementalDetokenizer
+    made: list[bool] = []
+
+    class FirstExplodes(real):  # type: ignore[misc, valid-type]
+        def __init__(self, tokenizer, prompt_ids, **kw) -> None:  # noqa: ANN001
+            super().__init__(tokenizer, prompt_ids, **kw)
+            mine = prompt_ids == [998, 997]
+            self._explode = mine and not made
+            if mine:
+                made.append(True)
+
+        def add(self, ids: list[int]) -> str:
+            if self._explode:
+                raise RuntimeError("boom")
+            return super().add(ids)
+
+    monkeypatch.setattr(outputs_module, "IncrementalDetokenizer", FirstExplodes)
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        (bad,) = run(engine, ([998, 997], replace(GREEDY, n=2), "bad"))
+        assert engine.stats().finished_total == {"error": 2}
+    assert bad.finish == {0: FinishReason.ERROR, 1: FinishReason.ERROR}
+    assert len(made) == 1  # the sibling's output was never begun
+
+
 def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
         async def main() -> None:

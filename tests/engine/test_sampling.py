@@ -303,6 +303,14 @@ def test_min_p_drops_tokens_below_fraction_of_max(min_p: float, kept: set[int]) 
     assert support(draws(scattered_row(), SamplingParams(min_p=min_p))) == kept
 
 
+def test_min_p_applies_before_top_p() -> None:
+    """As in vLLM V1: top-p's nucleus is measured on what min-p kept. min_p=0.6 keeps 0.4 and
+    0.3 (4:3 renormalised, 0.57 and 0.43), and top_p=0.5 then keeps 0.57 alone; applied the
+    other way round, top_p=0.5 would keep {5, 1} first and min-p both of them."""
+    assert support(draws(scattered_row(), SamplingParams(min_p=0.6, top_p=0.5))) == {5}
+    assert support(draws(scattered_row(), SamplingParams(top_p=0.5))) == {5, 1}
+
+
 def test_temperature_applies_before_top_p() -> None:
     # At T=0.5 the probabilities become 16:9:4:1 / 30, so top_p=0.65 keeps only {5, 1} still
     # but top_p=0.5 keeps {5} alone (16/30 > 0.5), whereas at T=1 it would keep {5, 1}.
