@@ -136,30 +136,23 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
             f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
             "--max-num-seqs, --max-waiting)",
             "prompt" if len(prompts) > engine.max_queued else "n")
-    queued: list[tuple[list[int], str | None, list[tuple[str, SamplingParams, int]]]] = []
+    planned = []
     for i, (ids, text) in enumerate(prompts):
         prompt_params = params
         if (params.max_tokens is None and default_max_tokens is not None
                 and len(ids) + default_max_tokens <= engine.max_model_len):
             prompt_params = replace(params, max_tokens=max(default_max_tokens,
                                                            params.min_tokens))
-        runs = []
-        for first, count in groups:
-            if len(groups) == 1:
-                runs.append((f"{request_id}-{i}", prompt_params, first))
-            else:
-                seed = None if params.seed is None else params.seed + first
-                runs.append((f"{request_id}-{i}-{first}",
-                             replace(prompt_params, n=count, seed=seed), first))
+        runs = _engine_requests(f"{request_id}-{i}", prompt_params, groups)
         try:
             engine.validate(ids, runs[0][1])  # (the groups differ in n and seed only)
         except RequestRejected as e:
             e.param = e.param or prompt_param  # as OpenAI names it
             raise
-        queued.append((ids, text, runs))
+        planned.append((ids, text, runs))
     submitted: list[Submitted] = []
     try:
-        for ids, text, runs in queued:
+        for ids, text, runs in planned:
             s = Submitted(ids, text, [])
             submitted.append(s)
             for rid, run_params, first in runs:
@@ -170,6 +163,17 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
                 engine.abort(group.stream.request_id)
         raise
     return submitted
+
+
+def _engine_requests(request_id: str, params: SamplingParams, groups: list[tuple[int, int]]
+                     ) -> list[tuple[str, SamplingParams, int]]:
+    """(engine request id, its params, its first sample) for each group of a prompt's samples;
+    one group is the request as it came."""
+    if len(groups) == 1:
+        return [(request_id, params, groups[0][0])]
+    return [(f"{request_id}-{first}",
+             replace(params, n=count, seed=None if params.seed is None else params.seed + first),
+             first) for first, count in groups]
 
 
 async def merged(engine: EngineFront, submitted: list[Submitted]
