@@ -81,11 +81,13 @@ class Tokenizer:
                              "(tokenizer.json)")
         backend = _Backend.from_file(str(path))
         config = _read_json(folder / "tokenizer_config.json")
+        _rebuild_as_transformers_does(backend, config)
         named = {k: c for k in NAMED_TOKENS if (c := _content(config.get(k))) is not None}
         if "added_tokens_decoder" not in config:  # legacy folders, as transformers reads them
             legacy = _read_json(folder / "special_tokens_map.json")
             named |= {k: c for k in NAMED_TOKENS if (c := _content(legacy.get(k))) is not None}
-        _add_config_tokens(backend, config.get("added_tokens_decoder", {}), named)
+        _add_config_tokens(backend, config.get("added_tokens_decoder", {}), named,
+                           _extra_special_tokens(config))
 
         eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
@@ -209,6 +211,39 @@ _BYTE_OF_CHAR.update({chr(256 + n): b for n, b in enumerate(
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
 
 
+# Tokenizer classes whose transformers 5 __init__ rebuilds a SentencePiece-converted
+# tokenizer.json's pre- and post-text handling instead of taking it as written (the Llama 2
+# family's files hold a Prepend + Replace normalizer, which differs after special tokens)
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+CODE_LLAMA_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+
+
+def _rebuild_as_transformers_does(backend: _Backend, config: Mapping[str, Any]) -> None:
+    """What transformers 5's LlamaTokenizer / CodeLlamaTokenizer do to a SentencePiece-style
+    (byte-fallback BPE) tokenizer.json: no normalizer, a Metaspace pre-tokenizer that puts "▁"
+    before the first piece of text only (`legacy: false`, their default; every piece with
+    `legacy: true`; none without `add_prefix_space`), and a decoder that strips that space.
+    So "<s>[INST]" gives "[" after "<s>" where the file's normalizer gave "▁[", and ids equal
+    transformers 5's (and vLLM's on it)."""
+    from tokenizers import decoders, pre_tokenizers
+
+    cls = config.get("tokenizer_class")
+    if cls not in LLAMA_CLASSES + CODE_LLAMA_CLASSES or not getattr(backend.model,
+                                                                   "byte_fallback", False):
+        return
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    legacy = cls in LLAMA_CLASSES and bool(config.get("legacy", False))
+    scheme = ("always" if legacy else "first") if prefix else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
+                                                     split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix or cls in CODE_LLAMA_CLASSES:
+        steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(steps)
+
+
 def _decoder_types(decoder: dict | None) -> frozenset[str]:
     """The decoder's types, a Sequence's members included."""
     if not decoder:
@@ -226,9 +261,23 @@ def _content(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str]) -> None:
-    """Add what transformers adds on load: config tokens missing from tokenizer.json, and every
-    named special token as a special added token (new id if it is not in the vocabulary)."""
+def _extra_special_tokens(config: Mapping[str, Any]) -> list[str]:
+    """tokenizer_config.json's additional_special_tokens (extra_special_tokens in transformers
+    5): a list of tokens, or of their AddedToken dicts, or names -> tokens."""
+    out = []
+    for key in ("extra_special_tokens", "additional_special_tokens"):  # transformers 5 order
+        listed = config.get(key) or []
+        for value in listed.values() if isinstance(listed, dict) else listed:
+            if (content := _content(value)) is not None:
+                out.append(content)
+    return out
+
+
+def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str],
+                       extra: Sequence[str] = ()) -> None:
+    """Add what transformers adds on load: config tokens missing from tokenizer.json, every
+    named special token as a special added token (new id if it is not in the vocabulary), and
+    the extra special tokens that are nowhere in either."""
     present = {t.content: t for t in backend.get_added_tokens_decoder().values()}
     fields = ("single_word", "lstrip", "rstrip", "normalized", "special")
     specs = {d["content"]: d for _, d in sorted(decoder.items(), key=lambda kv: int(kv[0]))}
@@ -240,6 +289,8 @@ def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str]) 
             spec = {k: specs[content][k] for k in fields[:3] if k in specs.get(content, {})}
             backend.add_special_tokens([AddedToken(content, **spec, normalized=False,
                                                    special=True)])
+    unknown = [c for c in dict.fromkeys(extra) if backend.token_to_id(c) is None]
+    backend.add_special_tokens([AddedToken(c, normalized=False, special=True) for c in unknown])
 
 
 # --- streaming ---------------------------------------------------------------------------

@@ -189,13 +189,51 @@ def unmark_eos_special(data: dict) -> None:
     ("no-post-processor", {}, set_post_processor_none),  # then nothing is added
     ("pad-not-in-vocab", {"pad_token": "<pad>"}, None),  # added as a new special token
     ("eos-not-special-in-json", {}, unmark_eos_special),  # named tokens become special
+    # extra special tokens missing from the vocabulary are added (transformers 4's and 5's names)
+    ("extra-special-tokens", {"additional_special_tokens": ["<|im_start|>", "<|user|>"],
+                              "extra_special_tokens": {"image_token": "<img>"}}, None),
 ])
 def test_config_variants_match_transformers(folder: Path, tmp_path: Path, name: str,
                                             config: dict, edit_json) -> None:
     variant = copy_folder(folder, tmp_path / name, config, edit_json=edit_json)
-    texts = [*TEXTS, "a <pad> b </s> c <|user|>"]
+    texts = [*TEXTS, "a <pad> b </s> c <|user|>", "<|im_start|>x <img>y"]
     assert_same_as_transformers(Tokenizer.from_dir(variant),
                                 transformers.AutoTokenizer.from_pretrained(variant), texts)
+
+
+def as_hf_converted_llama_2(data: dict) -> None:
+    """tokenizer.json as transformers' converter wrote Llama 2's (Llama-2-chat-hf, TinyLlama,
+    Mistral v0.1): "▁" prepended and spaces replaced by a normalizer, no pre-tokenizer."""
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    data["pre_tokenizer"] = None
+
+
+@pytest.mark.parametrize("config", [
+    {"tokenizer_class": "LlamaTokenizer", "legacy": False},  # Llama-2-chat-hf's
+    {"tokenizer_class": "LlamaTokenizerFast"},  # legacy left out: false
+    {"tokenizer_class": "LlamaTokenizer", "legacy": True},
+    {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False},
+    # (its infill tokens are in Code Llama's vocabulary, not in this one's)
+    {"tokenizer_class": "CodeLlamaTokenizer", **dict.fromkeys(
+        ("prefix_token", "middle_token", "suffix_token", "eot_token", "fill_token"))},
+    {"tokenizer_class": "PreTrainedTokenizerFast"},  # taken as written
+], ids=["legacy-false", "legacy-absent", "legacy-true", "no-prefix-space", "code-llama",
+        "as-written"])
+def test_llama_2_tokenizers_are_rebuilt_as_transformers_5_does(
+        sp_tokenizer_dir: Path, tmp_path: Path, config: dict) -> None:
+    """transformers 5's LlamaTokenizer takes a SentencePiece-converted tokenizer.json's
+    vocabulary and merges but not its normalizer: after a special token there is no "▁" (with
+    legacy false), so Llama 2's chat prompts ("<s>[INST] ...") encode to other ids than the
+    file's normalizer gives."""
+    variant = copy_folder(sp_tokenizer_dir, tmp_path / "v", config,
+                          edit_json=as_hf_converted_llama_2)
+    tok, hf = Tokenizer.from_dir(variant), transformers.AutoTokenizer.from_pretrained(variant)
+    texts = [*TEXTS, "<s>[INST] hi [/INST]", "a</s>b", " leading", "<|user|>\n hi"]
+    assert_same_as_transformers(tok, hf, texts)
+    for messages in MESSAGES:
+        assert tok.encode_chat(messages) == hf_chat_ids(hf, messages, add_generation_prompt=True)
 
 
 def test_ids_outside_vocabulary(tok: Tokenizer) -> None:
