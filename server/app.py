@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
@@ -67,6 +67,7 @@ class ServerState:
     completions: CompletionService | None = None
     chat: ChatService | None = None
     status: str = "loading"  # loading | ready | draining | failed
+    admitting: int = 0  # generation requests between their checks and their queueing
     reason: str = "the model is loading"
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -88,6 +89,18 @@ class ServerState:
         body.check_limits(self.limits, engine.vocab_size, engine.max_model_len)
         return engine
 
+    @contextlib.contextmanager
+    def admission(self, body: AcceptedBody) -> Iterator[EngineFront]:
+        """The engine for a generation request, from its checks (`accept`) until it is queued
+        (tokenizing a long prompt takes a while, off the event loop). A drain waits for such
+        requests as for those in flight: counted before the check, so that either the request
+        sees the drain begun (503) or the drain sees the request."""
+        self.admitting += 1
+        try:
+            yield self.accept(body)
+        finally:
+            self.admitting -= 1
+
     def drain(self) -> None:
         """Stop taking requests, give those in flight `shutdown_timeout` seconds to finish,
         then abort the rest (each stream still gets a final chunk and [DONE]). Blocking."""
@@ -97,7 +110,7 @@ class ServerState:
         if engine is None:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout
-        while engine.num_unfinished() and time.monotonic() < deadline:
+        while (self.admitting or engine.num_unfinished()) and time.monotonic() < deadline:
             time.sleep(0.02)
         if engine.num_unfinished():
             logger.warning("aborting %d requests still in flight", engine.num_unfinished())

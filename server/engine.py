@@ -132,11 +132,12 @@ class Engine(EngineFront):
         check if `admit` (an engine process's requests were admitted by its proxy)."""
         if isinstance(item, Add):
             with self._lock:  # checked and counted at once: two loops may call generate()
+                n = item.request.params.n
                 if admit:
                     check_admission(self._stats.num_queued,
-                                    self.num_slots - self._stats.slots_used, self.max_waiting)
-                self._stats.num_queued += 1
-                self._stats.num_received += 1
+                                    self.num_slots - self._stats.slots_used, self.max_waiting, n)
+                self._stats.num_queued += n
+                self._stats.num_received += n
         self._inbox.put(item)
 
     def stats(self) -> EngineStats:
@@ -168,7 +169,7 @@ class Engine(EngineFront):
         self.runner.bind_thread()
         for phase in phases(sched, self.vocab_size):
             with self._lock:  # counted as queued, as generate() does: admission counts it off
-                self._stats.num_queued += len(phase)
+                self._stats.num_queued += sum(len(request.seqs) for request in phase)
             for request in phase:
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
@@ -291,7 +292,7 @@ class Engine(EngineFront):
             if plan.admitted:
                 with self._lock:  # counted off the queue and onto the slots at once
                     self._stats.num_queued -= plan.admitted
-                    self._stats.slots_used = self.scheduler.num_used_slots
+                    self._refresh_stats()  # (the gauges agree: running, slots, tokens)
             if plan.num_tokens == 0:
                 self._post([])  # the last step's outputs, if held
                 return plan
@@ -374,7 +375,7 @@ class Engine(EngineFront):
         """Finish every unfinished sample of a request, with a final output for each."""
         if any(s.status == RequestStatus.WAITING for s in request.seqs):
             with self._lock:
-                self._stats.num_queued -= 1
+                self._stats.num_queued -= len(request.seqs)
         open_seqs = [s for s in request.seqs if not s.status.is_finished]
         self.scheduler.finish_request(request, status)
         return [self._outputs.final(seq, error) for seq in open_seqs]

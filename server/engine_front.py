@@ -76,9 +76,9 @@ class EngineStats:
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # ... and copied from it
     finished_total: Counter[str] = field(default_factory=Counter)
-    # Admission (under the engine's lock): requests taken and not yet given a slot, and all
-    # requests ever taken, so that a proxy in another process can tell which of its own
-    # sends a snapshot has seen
+    # Admission (under the engine's lock), counted in samples (a request of n takes n slots):
+    # those taken and not yet given a slot, and all ever taken, so that a proxy in another
+    # process can tell which of its own sends a snapshot has seen
     num_queued: int = 0
     num_received: int = 0
 
@@ -214,12 +214,14 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
             None, "context_length_exceeded")
 
 
-def check_admission(num_queued: int, free_slots: int, max_waiting: int) -> None:
-    """Free slots take requests at the next step; beyond them, max_waiting may queue."""
-    if num_queued >= max_waiting + free_slots:
+def check_admission(num_queued: int, free_slots: int, max_waiting: int, n: int = 1) -> None:
+    """Free slots take samples at the next step; beyond them, max_waiting may queue. All in
+    samples: a request of `n` needs n places, as it needs n slots."""
+    if num_queued + n > max_waiting + free_slots:
         raise EngineOverloaded(
-            f"the server is at capacity: {num_queued} requests are queued for {free_slots} free "
-            f"slots and {max_waiting} waiting places (--max-waiting); retry later")
+            f"the server is at capacity: {num_queued} samples are queued for {free_slots} free "
+            f"slots and {max_waiting} waiting places (--max-waiting), and this request has "
+            f"{n}; retry later")
 
 
 class EngineFront(ABC):

@@ -193,7 +193,7 @@ class EngineProcess(EngineFront):
         super().__init__()
         self.tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
         self._stats = EngineStats()
-        self._sent = 0  # Adds sent; the core counts those it took in stats.num_received
+        self._sent = 0  # samples of the Adds sent; the core counts those it took in num_received
         self._send_lock = threading.Lock()  # event loops, the drain thread and stop() send
         self._dead: str | None = None
         context = multiprocessing.get_context("spawn")
@@ -265,13 +265,14 @@ class EngineProcess(EngineFront):
                 return
             # Queued: those the last report counted, and those sent since it
             stats = self._stats
+            n = item.request.params.n
             check_admission(stats.num_queued + self._sent - stats.num_received,
-                            self.num_slots - stats.slots_used, self.max_waiting)
+                            self.num_slots - stats.slots_used, self.max_waiting, n)
             try:
                 self._conn.send(item)
             except OSError as e:
                 raise EngineDeadError(f"the engine process is gone: {e}") from None
-            self._sent += 1
+            self._sent += n
 
     def _read(self) -> None:
         """The reader thread: reports -> metrics listeners and streams, until the pipe ends;

@@ -116,30 +116,30 @@ def _model_card(state: ServerState, name: str) -> ModelCard:
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, state: State, request: Request):  # noqa: ANN201
-    engine = state.accept(body)
     service = state.completions
-    assert service is not None
     response_id = _response_id("cmpl")
     defaults = state.config.generation_defaults
-    params = body.to_sampling_params(defaults)
-    prompts = await _tokenized(request, lambda: service.prompts(body))
-    submitted = submit(engine, prompts, params, _engine_request_id(response_id),
-                       default_max_tokens=defaults.max_tokens)
+    with state.admission(body) as engine:
+        assert service is not None
+        params = body.to_sampling_params(defaults)
+        prompts = await _tokenized(request, lambda: service.prompts(body))
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id),
+                           default_max_tokens=defaults.max_tokens)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: ANN201
                            request: Request):
-    engine = state.accept(body)
     service = state.chat
-    assert service is not None
     response_id = _response_id("chatcmpl")
     defaults = state.config.generation_defaults
-    params = body.to_sampling_params(defaults)
-    prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
-    submitted = submit(engine, [(prompt_ids, None)], params, _engine_request_id(response_id),
-                       "messages", defaults.max_tokens)
+    with state.admission(body) as engine:
+        assert service is not None
+        params = body.to_sampling_params(defaults)
+        prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
+        submitted = submit(engine, [(prompt_ids, None)], params,
+                           _engine_request_id(response_id), "messages", defaults.max_tokens)
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -284,6 +284,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Resp
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server stopping: the work (and its requests) too
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():

@@ -56,7 +56,7 @@ class StepPlan:
     decodes: list[Sequence] = field(default_factory=list)  # one token each, at num_computed
     prefills: list[PrefillChunk] = field(default_factory=list)
     copies: list[PrefixCopy] = field(default_factory=list)  # in order, before the forward
-    admitted: int = 0  # requests given their slots by this step
+    admitted: int = 0  # samples (sequences) given their slots by this step
     num_queried_tokens: int = 0  # their prompt tokens looked up in the prefix cache
     num_cached_tokens: int = 0  # ... and copied from it
     # A step planned ahead (async scheduling, Scheduler.plan_ahead): each decode's row among
@@ -177,7 +177,7 @@ class Scheduler:
             request.admitted_time = time.monotonic()
             self._admit(plan, request)
             self.prefilling.append(request)
-            plan.admitted += 1
+            plan.admitted += len(request.seqs)
             budget -= self._add_chunk(plan, request, self._room(plan, request, budget))
         return plan
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.app import ServerState, Unavailable
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.protocol import CompletionRequest, RequestLimits
 from tests.api.conftest import Server, process_gone, run_server, wait_until
 from tests.deployment.balancer import LONG_STREAM
 
@@ -99,3 +103,78 @@ def test_sigterm_aborts_what_outlives_the_timeout(long_context_checkpoint: Path,
     assert result["chunks"][-1]["choices"][0]["finish_reason"] == "abort"
     assert len(result["chunks"]) < LONG_STREAM
     assert "aborting 1 requests" in server.log()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_sigterm_while_a_long_prompt_is_tokenized(tiny_checkpoint: Path, tmp_path: Path,
+                                                  stream: bool) -> None:
+    """A 2 MB prompt is tokenized off the event loop for a second or more; SIGTERM lands in
+    that time (or, on a slow machine, before the request is read): the request is served in
+    full, or refused with 503 `draining`, never cut (a 200 with an empty stream, or a 500)."""
+    body = {"prompt": "lorem ipsum dolor " * 120_000, "truncate_prompt_tokens": 8,
+            "max_tokens": 4, "ignore_eos": True, "stream": stream}
+    with run_server(tiny_checkpoint, tmp_path, "--shutdown-timeout", "60") as server:
+        answer: dict = {}
+
+        def send() -> None:
+            with httpx.Client(timeout=120) as client:
+                response = client.post(f"{server.v1}/completions", json=body)
+                answer.update(status=response.status_code, text=response.text)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        threading.Event().wait(0.6)  # the body sent, the prompt being tokenized
+        server.process.send_signal(signal.SIGTERM)
+        sender.join(120)
+        assert server.process.wait(timeout=60) == 0
+    if answer["status"] == 503:
+        assert json.loads(answer["text"])["error"]["code"] == "draining"
+        return
+    assert answer["status"] == 200, answer
+    if stream:
+        events = [line[6:] for line in answer["text"].splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    else:
+        assert json.loads(answer["text"])["usage"]["completion_tokens"] == 4
+
+
+class IdleEngine:
+    """What a drain and a request's checks read of the engine."""
+
+    vocab_size, max_model_len = 1000, 64
+
+    def __init__(self) -> None:
+        self.unfinished = 0
+
+    def check_health(self) -> None:
+        pass
+
+    def num_unfinished(self) -> int:
+        return self.unfinished
+
+
+def test_a_drain_waits_for_requests_between_their_checks_and_the_queue() -> None:
+    """A request checked before SIGTERM and still tokenizing a long prompt (off the event loop)
+    is in flight: the drain waits for it to be queued and then to finish, where it once saw
+    nothing in flight and stopped the server under it. One checked after the drain began is
+    refused (503 draining)."""
+    state = ServerState(config=ServerConfig(shutdown_timeout=30), limits=RequestLimits(),
+                        metrics=Metrics("m"))
+    engine = IdleEngine()
+    state.engine, state.status = engine, "ready"  # type: ignore[assignment]
+    body = CompletionRequest(prompt="x")
+    drain = threading.Thread(target=state.drain)
+    with state.admission(body):
+        drain.start()
+        drain.join(0.3)
+        assert drain.is_alive() and state.status == "draining"
+        engine.unfinished = 1  # queued
+    drain.join(0.3)
+    assert drain.is_alive() and state.admitting == 0
+    with pytest.raises(Unavailable, match="shutting down"), state.admission(body):
+        pass
+    assert state.admitting == 0
+    engine.unfinished = 0  # finished
+    drain.join(5)
+    assert not drain.is_alive()

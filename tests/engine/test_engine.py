@@ -554,6 +554,29 @@ def test_a_sample_failing_fails_its_siblings_once(tiny_checkpoint: Path,
     assert len(made) == 1  # the sibling's output was never begun
 
 
+def test_admission_counts_a_requests_samples(tiny_checkpoint: Path) -> None:
+    """A request of n takes n slots, so it takes n places: with 2 slots and --max-waiting 0
+    one request of n=2 runs and nothing waits (the next is refused, whatever its n), where
+    counting requests let a second wait."""
+    with running(tiny_checkpoint, max_num_seqs=2, max_waiting=0, max_model_len=1024) as engine:
+        async def main() -> None:
+            busy = engine.generate([5], SamplingParams(n=2, max_tokens=300, ignore_eos=True),
+                                   "busy")
+            for n in (2, 1):
+                with pytest.raises(EngineOverloaded, match=f"this request has {n}"):
+                    engine.generate([6], SamplingParams(n=n, max_tokens=1), f"n{n}")
+            engine.abort("busy")
+            async for _ in busy:
+                pass
+            while engine.stats().slots_used:
+                await asyncio.sleep(0.01)
+            outputs = [out async for out in engine.generate([6], SamplingParams(
+                n=2, max_tokens=1), "after")]
+            assert {out.index for out in outputs if out.finished} == {0, 1}
+        asyncio.run(main())
+    assert engine.stats().num_queued == 0
+
+
 def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
         async def main() -> None:

@@ -56,7 +56,7 @@ def test_listeners_and_stats_hear_every_step(tiny_checkpoint: Path) -> None:
     assert stats.prompt_tokens_total == sum(len(p) for p, _ in JOBS)
     assert sum(len(it.finished) for it in heard) == 5
     assert stats.slots_used == stats.num_queued == 0
-    assert stats.num_received == len(JOBS)
+    assert stats.num_received == sum(params.n for _, params in JOBS)  # samples
 
 
 def test_admission_counts_requests_the_engine_has_not_seen(tiny_checkpoint: Path) -> None:
@@ -66,7 +66,7 @@ def test_admission_counts_requests_the_engine_has_not_seen(tiny_checkpoint: Path
         async def main() -> None:
             busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
             queued = engine.generate([5], SamplingParams(max_tokens=1), "queued")
-            with pytest.raises(EngineOverloaded, match="requests are queued"):
+            with pytest.raises(EngineOverloaded, match="samples are queued"):
                 engine.generate([5], SamplingParams(max_tokens=1), "rejected")
             engine.abort("busy")
             outs = [out async for out in busy] + [out async for out in queued]
@@ -74,6 +74,22 @@ def test_admission_counts_requests_the_engine_has_not_seen(tiny_checkpoint: Path
                                                                       FinishReason.LENGTH]
             again = engine.generate([5], SamplingParams(max_tokens=1), "again")
             assert [o.finish_reason async for o in again] == [FinishReason.LENGTH]
+
+        asyncio.run(main())
+        assert engine.num_unfinished() == 0
+
+
+def test_admission_counts_samples_the_engine_has_not_seen(tiny_checkpoint: Path) -> None:
+    """A request of n=2 sent to 2 slots with no waiting places leaves room for nothing more,
+    before any report says it took them."""
+    with started(proxy(tiny_checkpoint, max_num_seqs=2, max_waiting=0)) as engine:
+        async def main() -> None:
+            busy = engine.generate([5], SamplingParams(n=2, max_tokens=300, ignore_eos=True),
+                                   "busy")
+            with pytest.raises(EngineOverloaded, match="this request has 1"):
+                engine.generate([5], SamplingParams(max_tokens=1), "rejected")
+            engine.abort("busy")
+            assert len([o async for o in busy if o.finished]) == 2
 
         asyncio.run(main())
         assert engine.num_unfinished() == 0
