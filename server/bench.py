@@ -191,15 +191,21 @@ def prompt_source(args: argparse.Namespace) -> PromptSource:
                         args.min_token_id, tokenizer, **shape)
 
 
-def arrival_times(n: int, request_rate: float, rng: random.Random) -> list[float]:
-    """Seconds from the level's start: all 0 at an infinite rate, else a Poisson process."""
+def arrival_times(n: int, request_rate: float, rng: random.Random,
+                  burstiness: float = 1.0) -> list[float]:
+    """Seconds from the level's start, as `vllm bench serve` schedules them: all 0 at an
+    infinite rate, else gaps drawn from a gamma distribution of shape `burstiness` (1: a
+    Poisson process; below 1 burstier, above more even) and mean 1 / rate, then scaled so
+    that the last request leaves at n / rate (whatever the seed, the offered rate is the
+    one asked for)."""
     if math.isinf(request_rate):
         return [0.0] * n
     times, t = [], 0.0
     for _ in range(n):
-        t += rng.expovariate(request_rate)
+        t += rng.gammavariate(burstiness, 1.0 / (request_rate * burstiness))
         times.append(t)
-    return times
+    scale = n / request_rate / times[-1] if times and times[-1] > 0 else 1.0
+    return [time * scale for time in times]
 
 
 def request_body(endpoint: str, model: str, prompt: Prompt, output_len: int,
@@ -226,8 +232,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                input_len: int) -> RequestResult:
     """Stream one request; any failure comes back as `RequestResult.error`, never raised."""
     start = time.monotonic()
-    ttft = last_content = last_choice = 0.0
-    first_choice: float | None = None
+    ttft = last_choice = 0.0
     itl: list[float] = []
     num_chunks, usage, done = 0, None, False
     try:
@@ -248,30 +253,23 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                 if "error" in chunk or chunk.get("object") == "error":
                     return RequestResult(error=f"error event: {_error_message(data)}")
                 usage = chunk.get("usage") or usage
-                if not (choices := chunk.get("choices")):
-                    continue
-                first_choice = now if first_choice is None else first_choice
-                last_choice = now
-                if not (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
-                    continue  # a role-only or finish-only chunk carries no token
+                if not chunk.get("choices"):
+                    continue  # the usage chunk
+                # Every chunk with choices, as `vllm bench serve` counts them: the first is
+                # the first token, even a chat role's or one whose token has no text yet
                 if num_chunks == 0:
                     ttft = now
                 else:
-                    itl.append(now - last_content)
-                last_content, num_chunks = now, num_chunks + 1
+                    itl.append(now - last_choice)
+                last_choice, num_chunks = now, num_chunks + 1
             if done:
                 await _drain(lines)
     except (httpx.HTTPError, ValueError) as e:  # transport failures, bad JSON in the stream
         return RequestResult(error=f"{type(e).__name__}: {e}")
     if not done:
         return RequestResult(error="the stream ended without [DONE]")
-    if first_choice is None:
-        return RequestResult(error="the stream carried no choices")
     if num_chunks == 0:
-        # Served, with no text to show yet: a token that ends inside a character (a byte of
-        # UTF-8 the detokenizer holds back) as the only output. `vllm bench serve` counts
-        # the first chunk with choices as the first token, and so does this
-        ttft = first_choice
+        return RequestResult(error="the stream carried no choices")
     usage = usage or {}
     return RequestResult(input_tokens=int(usage.get("prompt_tokens", input_len)),
                          output_tokens=int(usage.get("completion_tokens", num_chunks)),
@@ -385,7 +383,7 @@ async def bench(args: argparse.Namespace, source: PromptSource,
             rng = random.Random(f"{args.seed}:{i}")  # each level its own prompts and arrivals
             bodies = [request_body(args.endpoint, model, source.make(rng), args.output_len,
                                    args.temperature) for _ in range(args.num_prompts)]
-            arrivals = arrival_times(len(bodies), args.request_rate, rng)
+            arrivals = arrival_times(len(bodies), args.request_rate, rng, args.burstiness)
             progress.start(f"concurrency {concurrency}", len(bodies))
             before = await bench_steps.snapshot(client, base_url)
             cpu = time.process_time()
@@ -424,8 +422,9 @@ def format_report(args: argparse.Namespace, model: str, levels: list[LevelResult
     lines = [f"{model} at {endpoint_url(args)[1]}: {args.num_prompts} requests per level, "
              f"{prompt} ({mean_in:.0f} counted by the server), "
              f"{args.output_len} output tokens, temperature {args.temperature:g}, "
-             f"request rate {args.request_rate:g}/s; "
-             "times in ms"]
+             f"request rate {args.request_rate:g}/s"
+             + (f" (burstiness {args.burstiness:g})" if args.burstiness != 1 else "")
+             + "; times in ms"]
     lines += ["  ".join(cell.rjust(9) for cell in row) for row in [HEADER, *map(_row, levels)]]
     lines += [f"concurrency {lv.concurrency}: {lv.failed} failed, first error: {lv.first_error}"
               for lv in levels if lv.failed]
@@ -451,7 +450,8 @@ def write_json(path: Path, args: argparse.Namespace, model: str, source: PromptS
     """Every figure and the run's parameters (never the API key)."""
     params = {key: getattr(args, key) for key in (
         "base_url", "endpoint", "input_len", "prefix_len", "output_len", "num_prompts",
-        "concurrency", "temperature", "seed", "tokenizer", "min_token_id", "no_warmup")}
+        "concurrency", "temperature", "seed", "tokenizer", "min_token_id", "no_warmup",
+        "burstiness")}
     params.update(model=model, vocab_size=source.vocab_size,
                   request_rate=None if math.isinf(args.request_rate) else args.request_rate)
     path.write_text(json.dumps({"parameters": params, "levels": [asdict(lv) for lv in levels]},
@@ -465,6 +465,13 @@ def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
+
+
+def _burstiness(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -509,7 +516,10 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=_levels, default=(1,),
                    help="most requests in flight, one level after another, e.g. 1,4,16")
     p.add_argument("--request-rate", type=_positive(float), default=math.inf,
-                   help="Poisson arrivals per second (default inf: all at once)")
+                   help="arrivals per second, a Poisson process (default inf: all at once)")
+    p.add_argument("--burstiness", type=_burstiness, default=1.0,
+                   help="with --request-rate: the shape of the gamma distribution of the gaps "
+                   "(1: Poisson; below 1 burstier, above more even; vLLM's)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (or the file): sets the "
                    "vocabulary; chat prompts are its decoded text")
     p.add_argument("--vocab-size", type=_positive(int), default=32000,

@@ -33,6 +33,16 @@ THROUGHPUT_WINDOW_SECONDS = 10.0
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+# A request's whole life, or its wait: long generations on a CPU run for many minutes
+REQUEST_BUCKETS = LATENCY_BUCKETS + (320.0, 640.0, 1280.0, 2560.0, 7680.0)
+# vLLM's own buckets for its names (v1/metrics/loggers.py), so that queries on its `le`
+# values find their series
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
@@ -58,9 +68,10 @@ class Metrics:
         self.ttft = hist("time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
         self.itl = hist("inter_token_latency_seconds", "Time between output tokens.",
                         LATENCY_BUCKETS)
-        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
-        self.queue = hist("request_queue_time_seconds", "Arrival to admission into a slot.",
-                          LATENCY_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Arrival to admission into a slot "
+                          "(requests never admitted, aborted while waiting, are left out).",
+                          REQUEST_BUCKETS)
         self.prompt_len = hist("request_prompt_tokens", "Prompt length per request.",
                                LENGTH_BUCKETS)
         self.gen_len = hist("request_generation_tokens", "Output tokens per request.",
@@ -78,15 +89,16 @@ class Metrics:
         # Every kind's series from the start (at 0), so that a reader's first snapshot has them.
         self.step_times = {kind: (forward.labels(kind), gap.labels(kind))
                            for kind in ("decode", "mixed", "prefill")}
-        self.compat_hists: list[tuple[Histogram, Histogram]] = []
+        self.compat_hists: list[Histogram] = []  # TTFT, ITL, E2E: our model name's series
         if compat == "vllm":
-            def vllm_hist(name: str, doc: str) -> Histogram:
-                return Histogram(f"vllm:{name}", doc, ["model_name"], buckets=LATENCY_BUCKETS,
-                                 registry=r)
+            def vllm_hist(name: str, doc: str, buckets: tuple) -> Histogram:
+                family = Histogram(f"vllm:{name}", doc, ["model_name"], buckets=buckets,
+                                   registry=r)
+                return family.labels(model_name=model_name)  # at 0 from the start, as vLLM's
             self.compat_hists = [
-                (self.ttft, vllm_hist("time_to_first_token_seconds", "TTFT (vLLM name).")),
-                (self.itl, vllm_hist("inter_token_latency_seconds", "ITL (vLLM name).")),
-                (self.e2e, vllm_hist("e2e_request_latency_seconds", "E2E (vLLM name).")),
+                vllm_hist("time_to_first_token_seconds", "TTFT (vLLM name).", VLLM_TTFT_BUCKETS),
+                vllm_hist("inter_token_latency_seconds", "ITL (vLLM name).", VLLM_ITL_BUCKETS),
+                vllm_hist("e2e_request_latency_seconds", "E2E (vLLM name).", VLLM_E2E_BUCKETS),
             ]
         r.register(_StatsCollector(self))
         # The standard process_* and python_* series of every Python exporter (vLLM's too):
@@ -119,13 +131,13 @@ class Metrics:
                 ours.observe(value)
         for f in it.finished:
             self.e2e.observe(f.e2e_seconds)
-            self.queue.observe(f.queue_seconds)
+            if f.queue_seconds is not None:
+                self.queue.observe(f.queue_seconds)
             self.prompt_len.observe(f.num_prompt_tokens)
             self.gen_len.observe(f.num_generation_tokens)
         if self.compat_hists:
             values = [it.ttfts, it.itls, [f.e2e_seconds for f in it.finished]]
-            for (_, theirs), series in zip(self.compat_hists, values, strict=True):
-                child = theirs.labels(model_name=self.model_name)
+            for child, series in zip(self.compat_hists, values, strict=True):
                 for value in series:
                     child.observe(value)
 
@@ -208,8 +220,11 @@ def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:
         fam.add_metric([model_name], value)
         return fam
 
-    yield family(GaugeMetricFamily, "num_requests_running", "Running requests.", s.num_running)
-    yield family(GaugeMetricFamily, "num_requests_waiting", "Waiting requests.", s.num_waiting)
+    # vLLM runs each of a request's n samples as a request of its own: counted in samples
+    yield family(GaugeMetricFamily, "num_requests_running", "Running requests (samples).",
+                 s.slots_used)
+    yield family(GaugeMetricFamily, "num_requests_waiting", "Waiting requests (samples).",
+                 s.num_queued)
     yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage, 1 = full.",
                  s.kv_cache_usage)
     yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens.", s.prompt_tokens_total)

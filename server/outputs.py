@@ -20,7 +20,7 @@ from server.scheduler import FINISH_REASONS, Scheduler
 @dataclass(frozen=True, slots=True)
 class FinishedStats:
     e2e_seconds: float
-    queue_seconds: float
+    queue_seconds: float | None  # None: never given a slot (aborted while waiting), as vLLM
     num_prompt_tokens: int
     num_generation_tokens: int
 
@@ -133,9 +133,10 @@ class OutputBuilder:
             if seq.status == RequestStatus.FINISHED_STOPPED:
                 out.stop_reason = seq.stop_reason
             self._finished_total[out.finish_reason.value] += 1
-            admitted = request.admitted_time or now
+            admitted = request.admitted_time
             self.iteration.finished.append(FinishedStats(
-                now - request.arrival_time, admitted - request.arrival_time,
+                now - request.arrival_time,
+                None if admitted is None else admitted - request.arrival_time,
                 len(request.prompt_ids), len(seq.output_ids)))
         return out
 

@@ -453,19 +453,26 @@ class ChatService(_Service):
                 finish_reason=to_openai_finish_reason(finish and finish.finish_reason),
                 stop_reason=finish and finish.stop_reason), usage)
 
-        for index in range(request.n):  # the role comes first, before any content
-            yield chunk(index, DeltaMessage(role="assistant", content=""))
+        started = False
         async for _, out in merged(self.engine, submitted):
             _check(out)  # reported in the stream by the route, which ends it
+            if not started:
+                # Each choice's role, with the first token as vLLM sends it: not before (a
+                # client timing the stream takes the first chunk for the first token)
+                for index in range(request.n):
+                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                started = True
             _absorb(choices.setdefault(out.index, Choice()), out)
-            if out.text and not request.logprobs and not continuous_usage:
+            if out.text and not request.logprobs and not continuous_usage and not out.finished:
                 yield envelope.text_chunk(out.index, out.text)  # most tokens' chunk
-            elif out.text or out.logprobs:
-                logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
-                yield chunk(out.index, DeltaMessage(content=out.text), logprobs,
-                            num_output=out.num_output_tokens)
-            if out.finished:
-                yield chunk(out.index, DeltaMessage(), finish=out,
+            elif out.text or out.logprobs or out.finished:
+                # The last token's chunk carries the finish reason (a finish alone: an empty
+                # delta), as vLLM's does
+                logprobs = (self._logprobs(out.logprobs or [])
+                            if request.logprobs and (out.text or out.logprobs) else None)
+                delta = DeltaMessage(content=out.text) if out.text or out.logprobs else (
+                    DeltaMessage())
+                yield chunk(out.index, delta, logprobs, finish=out if out.finished else None,
                             num_output=out.num_output_tokens)
         if request.include_usage:
             yield envelope.usage_chunk(self._usage(submitted, choices, request.n))

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import random
+import statistics
 import sys
 import threading
 from pathlib import Path
@@ -380,12 +381,33 @@ def test_prompts_never_repeat_within_a_run() -> None:
     assert len(chat.make(random.Random(0)).split()) == 5
 
 
-def test_poisson_arrivals_are_seeded_and_increasing() -> None:
-    times = arrival_times(200, 50.0, random.Random(1))
-    assert times == arrival_times(200, 50.0, random.Random(1))
+@pytest.mark.parametrize("burstiness", [1.0, 0.3, 4.0])
+def test_arrivals_are_seeded_increasing_and_at_the_rate_asked(burstiness: float) -> None:
+    """As `vllm bench serve` schedules them: the last request leaves at n / rate whatever the
+    seed; the gaps spread less the higher the burstiness (1: a Poisson process)."""
+    times = arrival_times(200, 50.0, random.Random(1), burstiness)
+    assert times == arrival_times(200, 50.0, random.Random(1), burstiness)
     assert all(a < b for a, b in zip(times, times[1:], strict=False))
-    assert times[-1] / 200 == pytest.approx(1 / 50, rel=0.3)  # mean gap 1/rate
+    for seed in range(5):
+        assert arrival_times(200, 50.0, random.Random(seed), burstiness)[-1] == pytest.approx(4.0)
+    gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    spread = statistics.pstdev(gaps) / statistics.mean(gaps)  # 1 / sqrt(burstiness)
+    assert spread == pytest.approx(burstiness ** -0.5, rel=0.35)
     assert arrival_times(3, math.inf, random.Random(1)) == [0.0, 0.0, 0.0]
+
+
+def test_every_chunk_with_choices_is_a_token_as_vllm_counts_them() -> None:
+    """A chat role's chunk, a token with no text yet, a finish alone: each chunk with choices
+    counts (the first as the first token), as `vllm bench serve` counts them; the usage chunk
+    does not."""
+    role = "data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                     "content": ""}}]}) + "\n\n"
+    usage = "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 4,
+                                                            "completion_tokens": 3}}) + "\n\n"
+    result = _send_to_raw_stream([role, _chunk("a"), _chunk(""), _chunk("", "stop"), usage,
+                                  "data: [DONE]\n\n"], gap_seconds=0.05)
+    assert result.error is None and result.output_tokens == 3
+    assert len(result.itl_seconds) == 3 and result.ttft_seconds < 0.05
 
 
 def test_server_steps_from_two_snapshots() -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import Server, run_server
+from server.metrics import Metrics
+from server.outputs import FinishedStats, IterationStats
+from tests.api.conftest import Server, parse_metrics, run_server
 
 
 def wait_for(server: Server, key: str, value: float) -> dict[str, float]:
@@ -37,6 +39,15 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
     before = metrics_server.metrics()
     assert before["llama_serve_kv_cache_slots_total"] == 4
     assert before["llama_serve_prompt_tokens_total"] == 0
+    # vLLM's histograms, at 0 from the start (an idle replica's panels read 0, not "no
+    # data"), on vLLM's buckets (queries on its `le` values find their series)
+    for name, top in [("time_to_first_token_seconds", "2560.0"),
+                      ("inter_token_latency_seconds", "80.0"),
+                      ("e2e_request_latency_seconds", "7680.0")]:
+        assert before[f'vllm:{name}_count{{model_name="m"}}'] == 0
+        assert before[f'vllm:{name}_bucket{{le="{top}",model_name="m"}}'] == 0
+    assert 'vllm:inter_token_latency_seconds_bucket{le="0.025",model_name="m"}' in before
+    assert 'llama_serve_e2e_request_latency_seconds_bucket{le="7680.0"}' in before
     for n_prompt, n_out in [(5, 3), (7, 4), (9, 5)]:
         r = httpx.post(f"{metrics_server.v1}/completions", json={
             "prompt": list(range(10, 10 + n_prompt)), "max_tokens": n_out, "ignore_eos": True})
@@ -80,19 +91,23 @@ def test_counters_and_histograms_follow_a_known_workload(metrics_server: Server)
 
 
 def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
+    """One request of n=2 in flight: one request running, two slots; vLLM's names count it as
+    vLLM runs it, as two requests (one a sample)."""
     with httpx.Client(timeout=30) as client, client.stream(
             "POST", f"{metrics_server.v1}/completions",
-            json={"prompt": [10, 11, 12], "max_tokens": 4000, "ignore_eos": True,
+            json={"prompt": [10, 11, 12], "max_tokens": 4000, "ignore_eos": True, "n": 2,
                   "stream": True}) as stream:
         lines = stream.iter_lines()
         next(line for line in lines if line.startswith("data:"))
         m = metrics_server.metrics()
         assert m["llama_serve_requests_running"] == 1
-        assert m["llama_serve_kv_cache_slots_used"] == 1
-        assert m["llama_serve_kv_cache_tokens_used"] >= 3
+        assert m["llama_serve_kv_cache_slots_used"] == 2
+        assert m["llama_serve_kv_cache_tokens_used"] >= 6
+        assert m['vllm:num_requests_running{model_name="m"}'] == 2
+        assert m['vllm:num_requests_waiting{model_name="m"}'] == 0
     m = wait_for(metrics_server, "llama_serve_kv_cache_slots_used", 0)
     assert m["llama_serve_kv_cache_slots_used"] == 0
-    assert m['llama_serve_requests_finished_total{finish_reason="abort"}'] == 1
+    assert m['llama_serve_requests_finished_total{finish_reason="abort"}'] == 2  # a sample each
     before = m.get('llama_serve_requests_rejected_total{reason="invalid_request"}', 0)
     assert httpx.post(f"{metrics_server.v1}/completions",
                       json={"prompt": "x", "temperature": -1}).status_code == 400
@@ -158,3 +173,15 @@ def test_process_and_garbage_collector_series(metrics_server: Server) -> None:
     frozen = re.search(r"(\d+) start-up objects left out of garbage collection",
                        metrics_server.log())
     assert frozen is not None and int(frozen.group(1)) > 10_000
+
+
+def test_a_request_never_admitted_has_no_queue_time() -> None:
+    """Aborted while waiting, a request never had a slot: its end-to-end time counts, a queue
+    time does not (vLLM leaves it out too), so that the queue's histogram reads admissions."""
+    metrics = Metrics("m")
+    metrics.observe(IterationStats(finished=[FinishedStats(2.0, None, 30, 0),
+                                             FinishedStats(3.0, 0.5, 30, 4)]))
+    m = parse_metrics(metrics.render().decode())
+    assert m["llama_serve_e2e_request_latency_seconds_count"] == 2
+    assert m["llama_serve_request_queue_time_seconds_count"] == 1
+    assert m["llama_serve_request_queue_time_seconds_sum"] == 0.5

@@ -230,6 +230,34 @@ async def test_a_failed_request_ends_its_stream_with_the_engines_error(endpoint:
     assert b"fine" in frames[-3]  # what came before it was streamed
 
 
+@on_a_loop
+async def test_a_chat_stream_begins_with_its_first_token_and_ends_on_its_last() -> None:
+    """As vLLM streams chat: the choices' roles go out with the first token, not before it (a
+    client timing the stream, vLLM's benchmark among them, takes the first chunk with choices
+    for the first token), and the last token's chunk carries the finish reason."""
+    engine = RecordingEngine(num_slots=2)
+    submitted = submit(engine, [([1, 2], None)], SamplingParams(n=2), "r")
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    n=2, stream=True)
+    events = ChatService(engine, None, "m").stream(request, submitted, "r")  # type: ignore[arg-type]
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0.05)
+    assert not first.done()  # nothing to send before the first token
+    stream = engine.queued["r-0"][1]
+    stream.put(RequestOutput("r-0", 1, text="Hi", num_output_tokens=1))
+    stream.put(RequestOutput("r-0", 1, text="!", finish_reason=FinishReason.STOP,
+                             num_output_tokens=2))
+    stream.put(RequestOutput("r-0", 0, text="", finish_reason=FinishReason.LENGTH,
+                             num_output_tokens=1))
+    chunks = [json.loads(e) for e in [await first] + [e async for e in events] if e != "[DONE]"]
+    choices = [(c["choices"][0]["index"], c["choices"][0]["delta"],
+                c["choices"][0]["finish_reason"]) for c in chunks]
+    assert choices == [(0, {"role": "assistant", "content": ""}, None),
+                       (1, {"role": "assistant", "content": ""}, None),
+                       (1, {"content": "Hi"}, None), (1, {"content": "!"}, "stop"),
+                       (0, {}, "length")]
+
+
 def test_text_offsets_count_characters_where_they_start() -> None:
     """`aé😀b` in byte pieces (é two, 😀 four) and whole tokens; a lead byte that no piece
     completes is one U+FFFD, before the token that ends it."""
