@@ -195,9 +195,24 @@ def attend_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionB
         else:  # query i sits at position start + i and sees keys 0..start + i
             q_pos = torch.arange(span.start, end, device=q.device)
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]  # (n, end)
-            span_out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            span_out = masked_attention(qs, ks, vs, mask, repeat_kv=gqa and q.is_cuda)
         out[rows] = span_out[0].transpose(0, 1)
     return out
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, repeat_kv: bool) -> Tensor:
+    """SDPA of q (1, H, n, D) over k/v (1, KVH, end, D) under a boolean mask (n, end). With
+    `repeat_kv` each query head gets its K/V head repeated instead of SDPA's `enable_gqa`: on
+    CUDA, a mask with grouped heads has no fused kernel (flash takes no mask, the
+    memory-efficient one no GQA) and SDPA falls back to its math path, whose fp32 scores
+    (H x n x end) run to gigabytes for a long prompt's later chunks; transformers repeats
+    K/V there for the same reason. (CPU keeps `enable_gqa`: its fused kernel takes both.)"""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and repeat_kv:
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import transformers
 
 from model import cpu_kernels
-from model.attention import AttentionBatch, PrefillSpan
+from model.attention import AttentionBatch, PrefillSpan, masked_attention
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel, PackedLinear, RMSNorm
@@ -253,6 +253,19 @@ def test_prefill_attention_runs_the_fused_kernel(tiny_checkpoint: Path) -> None:
     ops = {event.key for event in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_masked_attention_with_repeated_kv_heads_is_the_same() -> None:
+    """A later chunk's masked attention over grouped K/V heads: repeating each K/V head for its
+    query heads (CUDA's path, which keeps a fused kernel) is the same as SDPA's enable_gqa."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 5, 16, generator=gen)
+    k, v = torch.randn(2, 1, 2, 12, 16, generator=gen)
+    mask = torch.arange(12)[None, :] <= torch.arange(7, 12)[:, None]  # start 7, 5 queries
+    grouped = masked_attention(q, k, v, mask, repeat_kv=False)
+    assert torch.allclose(masked_attention(q, k, v, mask, repeat_kv=True), grouped, atol=1e-6)
+    assert torch.allclose(grouped, F.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask), atol=1e-6)
 
 
 @pytest.mark.parametrize("slots", [(0, 1, 2), (0, 2), (1, 7)], ids=["packed", "hole", "sparse"])
