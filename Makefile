@@ -14,10 +14,16 @@ BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency 1,4
 install: $(VENV)/.installed
 
 # constraints.txt pins the CPU wheel of torch for dev/CI; GPU users install without it.
+# Beside a CPU torch, the tests run the GPU kernels under Triton's interpreter: the version
+# the GPU hosts we measure on have (3.9 fails them). A CUDA torch pins its own Triton.
+CPU_TRITON ?= triton==3.6.0
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt torch
+	if $(VENV)/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; \
+	then echo '$(CPU_TRITON)'; fi > $(VENV)/triton-constraint.txt
+	$(VENV)/bin/pip install -q -c constraints.txt -c $(VENV)/triton-constraint.txt -e '.[test]'
 	touch $@
 
 test: install

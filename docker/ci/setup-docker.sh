@@ -105,7 +105,7 @@ wheelhouse() {
     local dir=$1
     mkdir -p "$dir"
     # setuptools: the project's build backend, for `pip install --no-index .` in the image.
-    pip_ download -q -c "$ROOT/constraints.txt" -d "$dir" "$ROOT" "setuptools>=68"
+    pip_ download -q -c "$ROOT/constraints.txt" -d "$dir" "$ROOT" "setuptools>=77"
     log "wheelhouse $dir: $(find "$dir" -name '*.whl' | wc -l) wheels"
 }
 
