@@ -7,6 +7,7 @@ OpenAI's `{"error": {...}}` with the status from `ERRORS`; no traceback reaches 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -42,6 +43,12 @@ logger = logging.getLogger(__name__)
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 RETRY_AFTER_SECONDS = "1"
+
+
+# How often the app looks for a dead engine, and how long a server whose engine died keeps
+# answering `failed` before it exits (balancers and probes see it go; then it is restarted).
+ENGINE_CHECK_SECONDS = 0.5
+FAILED_EXIT_SECONDS = 10.0
 
 
 class Unavailable(Exception):
@@ -310,7 +317,8 @@ class RequestIdMiddleware:
 
 def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """The app; `load_engine` runs on a thread at start-up, `on_fatal` hears if it fails."""
+    """The app; `load_engine` runs on a thread at start-up, `on_fatal` hears if it fails, or
+    if the engine dies later (FAILED_EXIT_SECONDS after)."""
     from server.routes import router
 
     state = ServerState(config=config, limits=RequestLimits(max_n=config.max_n),
@@ -336,9 +344,28 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                          exc_info=not isinstance(e, ValueError | EngineStartFailed))
             state.status, state.reason = "failed", f"loading failed: {e}"
             if on_fatal is not None:
-                on_fatal(str(e))
+                on_fatal(f"cannot start: {e}")
         finally:
             state.ready.set()
+
+    async def exit_when_the_engine_dies() -> None:
+        """An engine that died does not come back (vLLM's server exits then too): streams end
+        with the error at once, /health and requests say `failed` (503) for a while so that a
+        balancer takes the replica out, then `on_fatal` stops the server (exit 1) for its
+        supervisor to restart it: a restart policy, or a liveness probe that no longer finds
+        the process."""
+        while state.status in ("loading", "ready"):
+            await asyncio.sleep(ENGINE_CHECK_SECONDS)
+            if state.status == "ready" and state.engine is not None:
+                with contextlib.suppress(EngineDeadError, Unavailable):
+                    state.serving_engine()  # (marks the state failed when the engine died)
+        if state.status != "failed" or state.engine is None:
+            return  # draining, or loading failed (the loader has said so)
+        logger.error("the engine died (%s): exiting in %.0f s, to be restarted", state.reason,
+                     FAILED_EXIT_SECONDS)
+        await asyncio.sleep(FAILED_EXIT_SECONDS)
+        if on_fatal is not None:
+            on_fatal(f"the engine died: {state.reason}")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -346,9 +373,11 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
         # does) and stayed alive would double libgomp's thread count past the CPUs', and
         # libgomp then stops spinning between regions: the CPU forward measured 35% slower.
         threading.Thread(target=load, name="loader", daemon=True).start()
+        watcher = asyncio.ensure_future(exit_when_the_engine_dies())
         try:
             yield
         finally:
+            watcher.cancel()
             if state.engine is not None:
                 state.engine.stop()
 

@@ -273,7 +273,7 @@ def serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     if fatal:
-        logger.error("cannot start: %s", fatal[0])
+        logger.error("%s", fatal[0])
         return 1
     return 0
 

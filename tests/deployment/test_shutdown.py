@@ -11,9 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from server.app import ServerState, Unavailable
+import server.app as app_module
+from server.app import ServerState, Unavailable, create_app
 from server.config import ServerConfig
+from server.engine_front import EngineDeadError
 from server.metrics import Metrics
 from server.protocol import CompletionRequest, RequestLimits
 from tests.api.conftest import Server, process_gone, run_server, wait_until
@@ -178,3 +181,38 @@ def test_a_drain_waits_for_requests_between_their_checks_and_the_queue() -> None
     engine.unfinished = 0  # finished
     drain.join(5)
     assert not drain.is_alive()
+
+
+class DyingEngine(IdleEngine):
+    """An engine that serves, then dies (its loop failed)."""
+
+    tokenizer = None
+    dead = False
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pass
+
+    def add_listener(self, listener: object) -> None:
+        pass
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError("engine loop failed: boom")
+
+
+def test_a_dead_engine_stops_the_server_after_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the engine has died the app answers `failed`, then asks to stop (the CLI exits 1)
+    FAILED_EXIT_SECONDS later, for a restart policy or a liveness probe to restart it."""
+    monkeypatch.setattr(app_module, "FAILED_EXIT_SECONDS", 0.5)
+    engine, fatal = DyingEngine(), []
+    app = create_app(ServerConfig(), lambda: engine, fatal.append)
+    with TestClient(app) as client:
+        assert wait_until(lambda: client.get("/health").status_code == 200)
+        engine.dead = True
+        assert wait_until(lambda: app.state.server.status == "failed", timeout=5)
+        assert client.get("/health").json()["status"] == "failed" and not fatal
+        assert wait_until(lambda: bool(fatal), timeout=5)
+    assert fatal == ["the engine died: engine loop failed: boom"]
