@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -288,8 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        # Until uvicorn installs its own (which drain): SIGTERM stops at once. As a container's
+        # PID 1 the process would otherwise ignore it (the kernel drops a signal PID 1 has no
+        # handler for) while it fetches a model from the hub, and `docker stop` waited for
+        # its SIGKILL.
+        signal.signal(signal.SIGTERM, _stop_before_serving)
         return serve(args)
     return run_bench(args)
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    logger.info("stopped before serving (signal %d)", signum)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -216,3 +220,27 @@ def test_a_dead_engine_stops_the_server_after_saying_so(monkeypatch: pytest.Monk
         assert client.get("/health").json()["status"] == "failed" and not fatal
         assert wait_until(lambda: bool(fatal), timeout=5)
     assert fatal == ["the engine died: engine loop failed: boom"]
+
+
+def test_sigterm_before_serving_stops_at_once(tmp_path: Path) -> None:
+    """Fetching a model from a hub that never answers: a SIGTERM ends the process then, by
+    the handler that also works for a container's PID 1 (which ignores a signal it has no
+    handler for), not after the fetch's timeouts."""
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen()  # accepts connections, never answers
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "120",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "120", "HF_HUB_OFFLINE": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "server", "serve", "acme/never-there"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with hub:
+            conn, _ = hub.accept()  # the fetch has begun
+            time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 128 + signal.SIGTERM
+            conn.close()
+    finally:
+        process.kill()
+    assert b"stopped before serving" in process.stdout.read()
