@@ -6,10 +6,14 @@
 #   docker run --gpus all -p 127.0.0.1:8000:8000 llama-serve:cuda
 #
 # The torch that PyPI serves for Linux is the CUDA build (its CUDA libraries come as wheels),
-# so build this without TORCH_INDEX_URL. The host needs the NVIDIA driver and the NVIDIA
-# Container Toolkit for `--gpus`.
+# so build this without TORCH_INDEX_URL. The host needs the NVIDIA driver that build asks for
+# (CUDA 13's, 580 or newer, for torch 2.11 and later from PyPI; an older driver takes a
+# TORCH_INDEX_URL of an older CUDA, e.g. https://download.pytorch.org/whl/cu128) and the
+# NVIDIA Container Toolkit for `--gpus`. The image serves on the GPU or not at all: a torch
+# that finds no usable GPU stops the server at start-up instead of running it on the CPU.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
+ENV LLAMA_SERVE_DEVICE=cuda
 # Ubuntu's python3 of this release, whatever its patch version: no pin. Triton (the GPU path's
 # kernels) builds its launcher with a C compiler and Python's headers on first use; without
 # them the server falls back to PyTorch's ops, slower (README, Performance, GPU).
