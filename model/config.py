@@ -162,8 +162,10 @@ class ModelConfig:
             vocab = vocab_size
         rope_theta = float(raw.get("rope_theta", 10000.0))
         scaled = bool(raw.get("use_scaled_rope", False))
-        # params.json carries no context length; these are the published ones.
-        default_len = 131072 if scaled else (8192 if rope_theta >= 500000 else 4096)
+        # params.json carries no context length; these are the published ones (Code Llama's
+        # theta of 1e6 with 16384, as transformers' converter sets it; Llama 3's 500000, 8192).
+        default_len = 131072 if scaled else (16384 if rope_theta >= 1_000_000 else
+                                             8192 if rope_theta >= 500000 else 4096)
         return cls(
             dim=raw["dim"],
             n_layers=raw["n_layers"],

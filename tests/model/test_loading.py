@@ -48,6 +48,17 @@ def test_meta_vocab_minus_one_is_inferred(tmp_path: Path, make_checkpoint) -> No
     assert model.config.vocab_size == 1024
 
 
+@pytest.mark.parametrize("params, context", [
+    ({}, 4096),  # Llama 2
+    ({"rope_theta": 1_000_000.0}, 16384),  # Code Llama, as transformers' converter sets it
+    ({"rope_theta": 500000.0}, 8192),  # Llama 3
+    ({"rope_theta": 500000.0, "use_scaled_rope": True}, 131072),  # Llama 3.1
+    ({"max_seq_len": 2048}, 2048),
+])
+def test_meta_layouts_published_context(params: dict, context: int) -> None:
+    assert ModelConfig.from_meta(META_PARAMS | params).max_seq_len == context
+
+
 def test_meta_hidden_dim_rule() -> None:
     # Llama 2 7B / 70B and Llama 3 8B published widths.
     assert meta_hidden_dim(4096, 256, None) == 11008
