@@ -77,8 +77,9 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype,
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in checkpoint: {missing[:5]}{more}")
-    if stored_head is not None and not torch.equal(
-            stored_head.to(model.lm_head.weight), model.lm_head.weight):
+    embedding = model.lm_head.weight
+    if stored_head is not None and not torch.equal(  # on the stored copy's device (the CPU)
+            stored_head, embedding.to(stored_head.device, stored_head.dtype)):
         logger.warning("config.json ties the output layer to the embedding, but the checkpoint's "
                        "lm_head.weight differs from it: it is left unused, as vLLM and "
                        "transformers 4 leave it (transformers 5 would use it)")

@@ -74,7 +74,9 @@ class ServerState:
     completions: CompletionService | None = None
     chat: ChatService | None = None
     status: str = "loading"  # loading | ready | draining | failed
-    admitting: int = 0  # generation requests between their checks and their queueing
+    # Generation requests between their checks and their queueing: changed on the event loop
+    # only (admission), read by the drain's thread
+    admitting: int = 0
     reason: str = "the model is loading"
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -378,6 +380,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             yield
         finally:
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             if state.engine is not None:
                 state.engine.stop()
 

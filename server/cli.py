@@ -266,6 +266,7 @@ def serve(args: argparse.Namespace) -> int:
                 model_dir, engine_config.dtype, engine_config.device)
     server = DrainingServer(config, app.state.server)
     server.run(sockets=[sock])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (uvicorn put back the one before serving)
     if app.state.server.status == "loading":
         # Stopped while the model loads: the loader (or the engine thread, warming up) is
         # inside torch, and the interpreter's exit beside it aborts (status 134); there is
@@ -299,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_before_serving(signum: int, frame: object) -> None:
+    # At once: there is nothing to save yet, and an exception would wait for the downloads
+    # that huggingface_hub's threads have begun (multi-GB shards)
     logger.info("stopped before serving (signal %d)", signum)
-    raise SystemExit(128 + signum)
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

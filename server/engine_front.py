@@ -281,7 +281,8 @@ class EngineFront(ABC):
 
     @property
     def max_queued(self) -> int:
-        """The most requests `generate` takes at once: every slot's, then max_waiting more."""
+        """The most samples `generate` takes at once (a request of n counts n): every slot's,
+        then max_waiting more."""
         return self.num_slots + self.max_waiting
 
     def abort(self, request_id: str) -> None:

@@ -126,23 +126,22 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     (the model's max_new_tokens) stands in for a max_tokens left to the context, where the
     context has room for it (vLLM takes the smaller)."""
     groups = sample_groups(params.n, engine.num_slots)
-    needed = len(prompts) * len(groups)
+    needed = len(prompts) * params.n  # samples: admission counts them (a slot each)
     if needed > engine.max_queued:  # a 503 would have the client retry in vain
-        what = (f"has {needed} prompts" if len(groups) == 1 else
-                f"needs {needed} requests ({len(prompts)} prompt(s) x {len(groups)} groups "
-                f"of its n={params.n} samples, at most {engine.num_slots} a group)")
+        what = (f"has {needed} prompts" if params.n == 1 else
+                f"asks for {needed} samples ({len(prompts)} prompt(s) x n={params.n})")
         raise RequestRejected(
-            f"the request {what}, and this server holds at most {engine.max_queued} requests "
+            f"the request {what}, and this server holds at most {engine.max_queued} samples "
             f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
             "--max-num-seqs, --max-waiting)",
             "prompt" if len(prompts) > engine.max_queued else "n")
     planned = []
     for i, (ids, text) in enumerate(prompts):
         prompt_params = params
-        if (params.max_tokens is None and default_max_tokens is not None
-                and len(ids) + default_max_tokens <= engine.max_model_len):
-            prompt_params = replace(params, max_tokens=max(default_max_tokens,
-                                                           params.min_tokens))
+        if params.max_tokens is None and default_max_tokens is not None:
+            max_tokens = max(default_max_tokens, params.min_tokens)
+            if len(ids) + max_tokens <= engine.max_model_len:  # else the rest of the context
+                prompt_params = replace(params, max_tokens=max_tokens)
         runs = _engine_requests(f"{request_id}-{i}", prompt_params, groups)
         try:
             engine.validate(ids, runs[0][1])  # (the groups differ in n and seed only)

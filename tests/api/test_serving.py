@@ -136,16 +136,19 @@ async def test_leaving_early_aborts_every_group() -> None:
     assert sorted(engine.aborted) == ["r-0-0", "r-0-2"]
 
 
-@pytest.mark.parametrize("prompts,n,param", [(11, 1, "prompt"), (4, 5, "n"), (11, 5, "prompt")])
+@pytest.mark.parametrize("prompts,n,param", [(11, 1, "prompt"), (3, 4, "n"), (1, 11, "n"),
+                                             (11, 5, "prompt")])
 @on_a_loop
 async def test_more_than_the_server_holds_is_rejected(prompts: int, n: int, param: str) -> None:
-    """2 slots + 8 waiting hold 10 engine requests: 11 prompts never fit (blame the prompts),
-    4 prompts of n=5 (3 groups each) neither (blame n)."""
+    """2 slots + 8 waiting hold 10 samples (admission counts each, as each takes a slot): 11
+    prompts never fit (blame the prompts), 3 prompts of n=4 or one of n=11 neither (blame n),
+    a 400 rather than a 503 that the client would retry in vain."""
     engine = RecordingEngine(num_slots=2, max_waiting=8)
     with pytest.raises(RequestRejected) as rejected:
         submit(engine, [([1], None)] * prompts, SamplingParams(n=n), "r")
-    assert rejected.value.param == param and "holds at most 10 requests" in str(rejected.value)
+    assert rejected.value.param == param and "holds at most 10 samples" in str(rejected.value)
     assert engine.queued == {}
+    submit(engine, [([1], None)] * 2, SamplingParams(n=5), "fits")  # 10 samples
 
 
 @pytest.mark.parametrize("bad", [[], [5000], list(range(64))],

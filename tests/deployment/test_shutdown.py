@@ -210,7 +210,7 @@ class DyingEngine(IdleEngine):
 def test_a_dead_engine_stops_the_server_after_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the engine has died the app answers `failed`, then asks to stop (the CLI exits 1)
     FAILED_EXIT_SECONDS later, for a restart policy or a liveness probe to restart it."""
-    monkeypatch.setattr(app_module, "FAILED_EXIT_SECONDS", 0.5)
+    monkeypatch.setattr(app_module, "FAILED_EXIT_SECONDS", 3.0)
     engine, fatal = DyingEngine(), []
     app = create_app(ServerConfig(), lambda: engine, fatal.append)
     with TestClient(app) as client:
@@ -218,7 +218,7 @@ def test_a_dead_engine_stops_the_server_after_saying_so(monkeypatch: pytest.Monk
         engine.dead = True
         assert wait_until(lambda: app.state.server.status == "failed", timeout=5)
         assert client.get("/health").json()["status"] == "failed" and not fatal
-        assert wait_until(lambda: bool(fatal), timeout=5)
+        assert wait_until(lambda: bool(fatal), timeout=10)
     assert fatal == ["the engine died: engine loop failed: boom"]
 
 
@@ -229,6 +229,7 @@ def test_sigterm_before_serving_stops_at_once(tmp_path: Path) -> None:
     hub = socket.socket()
     hub.bind(("127.0.0.1", 0))
     hub.listen()  # accepts connections, never answers
+    hub.settimeout(60)
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "120",
            "HF_HUB_DOWNLOAD_TIMEOUT": "120", "HF_HUB_OFFLINE": "0"}
