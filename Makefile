@@ -78,8 +78,10 @@ GPU_BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 64 --concurrency
 GPU_TESTS ?= tests/model/test_gpu.py tests/model/test_triton_kernels.py
 GPU_SHAPE_CONFIG ?= dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, \
 	hidden_dim=11008, torch_dtype='bfloat16'
+# The shape's tokenizer: the bench model's, else model.demo's of the same vocabulary, made with
+# $(PY) (a CUDA host without network and without the venv has no other way to one)
 $(GPU_SHAPE)/config.json:
-	@test -f $(GPU_TOKENIZER)/tokenizer.json || $(MAKE) $(BENCH_MODEL)/config.json
+	@test -f $(GPU_TOKENIZER)/tokenizer.json || $(PY) -m model.demo $(GPU_TOKENIZER)
 	mkdir -p $(GPU_SHAPE) && cp $(GPU_TOKENIZER)/tokenizer*.json $(GPU_SHAPE)/
 	$(PY) -c "import json; from model.config import ModelConfig; \
 		print(json.dumps(ModelConfig($(GPU_SHAPE_CONFIG)).to_hf()))" > $@

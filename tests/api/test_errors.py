@@ -540,7 +540,7 @@ def test_more_prompts_than_the_server_holds_is_400_not_503(limited: Server,
     r = httpx.post(limited.v1 + "/completions", headers=auth, timeout=60,
                    json={"prompt": ["Hi", "there"], "max_tokens": 2})
     error = assert_openai_error(r, 400)
-    assert error["param"] == "prompt" and "at most 1 requests at once" in error["message"]
+    assert error["param"] == "prompt" and "at most 1 samples at once" in error["message"]
     one = httpx.post(limited.v1 + "/completions", headers=auth, timeout=60,
                      json={"prompt": ["Hi"], "max_tokens": 2})
     assert one.status_code == 200, one.text

@@ -98,8 +98,8 @@ def test_n_beyond_the_slots_runs_in_groups(tiny_checkpoint: Path, tmp_path: Path
             "".join(c["delta"].get("content") or "" for c in choices if c["index"] == k)
             for k in range(3)] == alone
 
-        # More groups than the server holds at once (2 running + 8 waiting) is a 400, not a
+        # More samples than the server holds at once (2 running + 8 waiting) is a 400, not a
         # 503 to retry in vain
         many = httpx.post(url, json={**body, "prompt": ["a"] * 3, "n": 8})
         error = assert_openai_error(many, 400)
-        assert error["param"] == "n" and "needs 12 requests" in error["message"]
+        assert error["param"] == "n" and "asks for 24 samples" in error["message"]
