@@ -265,8 +265,10 @@ class EngineFront(ABC):
         so the caller can answer with a status before any streaming starts."""
         self.check_health()
         self.validate(prompt_ids, params)
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=self.max_model_len - len(prompt_ids))
+        if params.max_tokens is None:  # left to the context (SamplingParams)
+            rest, wanted = self.max_model_len - len(prompt_ids), params.default_max_tokens
+            params = replace(params, max_tokens=rest if wanted is None else min(
+                rest, max(wanted, params.min_tokens)))
         stream = self.streams.open(request_id, params.n)
         try:
             self._enqueue(Add(Request(request_id, list(prompt_ids), params)))

@@ -43,13 +43,16 @@ class RequestStatus(enum.IntEnum):
 class SamplingParams:
     """Per-request decoding controls, with vLLM's meanings.
 
-    `max_tokens=None` means "up to the slot's length limit". `logprobs` is the number of top
+    `max_tokens=None` means "up to the slot's length limit", or `default_max_tokens` (the
+    model's max_new_tokens) where the slot has room for it: vLLM takes the smaller of the two
+    (never below min_tokens; `EngineFront.generate` fills it in). `logprobs` is the number of top
     alternatives returned beside the chosen token (0: the chosen token's logprob only; None: no
     logprobs). `prompt_logprobs` likewise for the prompt tokens (echo / scoring).
     """
 
     n: int = 1
     max_tokens: int | None = 16
+    default_max_tokens: int | None = None
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0

@@ -118,13 +118,11 @@ def _model_card(state: ServerState, name: str) -> ModelCard:
 async def completions(body: CompletionRequest, state: State, request: Request):  # noqa: ANN201
     service = state.completions
     response_id = _response_id("cmpl")
-    defaults = state.config.generation_defaults
     with state.admission(body) as engine:
         assert service is not None
-        params = body.to_sampling_params(defaults)
+        params = body.to_sampling_params(state.config.generation_defaults)
         prompts = await _tokenized(request, lambda: service.prompts(body))
-        submitted = submit(engine, prompts, params, _engine_request_id(response_id),
-                           default_max_tokens=defaults.max_tokens)
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id))
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -133,13 +131,12 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
                            request: Request):
     service = state.chat
     response_id = _response_id("chatcmpl")
-    defaults = state.config.generation_defaults
     with state.admission(body) as engine:
         assert service is not None
-        params = body.to_sampling_params(defaults)
+        params = body.to_sampling_params(state.config.generation_defaults)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,
-                           _engine_request_id(response_id), "messages", defaults.max_tokens)
+                           _engine_request_id(response_id), "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 

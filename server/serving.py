@@ -113,8 +113,7 @@ def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
 
 
 def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-           request_id: str, prompt_param: str = "prompt",
-           default_max_tokens: int | None = None) -> list[Submitted]:
+           request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
     """Queue every prompt, or none: every prompt is checked before any is queued (so that a
     bad one costs the others nothing, not even an abort in the metrics), and a later refusal
     (the queue filling up) aborts the ones already queued. Prompt i's
@@ -122,9 +121,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     when `n` is more than the slots: the groups queue one after another, each prefilling the
     prompt again (from the prefix cache, where it is on), its seed moved on by its first
     sample's index so that sample k is drawn with seed + k either way). `prompt_param` is
-    the field a prompt's refusal is blamed on ("messages" for chat). `default_max_tokens`
-    (the model's max_new_tokens) stands in for a max_tokens left to the context, where the
-    context has room for it (vLLM takes the smaller)."""
+    the field a prompt's refusal is blamed on ("messages" for chat)."""
     groups = sample_groups(params.n, engine.num_slots)
     needed = len(prompts) * params.n  # samples: admission counts them (a slot each)
     if needed > engine.max_queued:  # a 503 would have the client retry in vain
@@ -137,12 +134,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
             "prompt" if len(prompts) > engine.max_queued else "n")
     planned = []
     for i, (ids, text) in enumerate(prompts):
-        prompt_params = params
-        if params.max_tokens is None and default_max_tokens is not None:
-            max_tokens = max(default_max_tokens, params.min_tokens)
-            if len(ids) + max_tokens <= engine.max_model_len:  # else the rest of the context
-                prompt_params = replace(params, max_tokens=max_tokens)
-        runs = _engine_requests(f"{request_id}-{i}", prompt_params, groups)
+        runs = _engine_requests(f"{request_id}-{i}", params, groups)
         try:
             engine.validate(ids, runs[0][1])  # (the groups differ in n and seed only)
         except RequestRejected as e:

@@ -197,6 +197,7 @@ class _SamplingRequest(OpenAIBaseModel):
 
     def _sampling_kwargs(self, max_tokens: int | None,
                          defaults: GenerationDefaults) -> dict[str, Any]:
+        """SamplingParams' fields, with `defaults` for the sampling controls left out."""
         def pick(name: str, neutral: float) -> Any:
             value = getattr(self, name)
             if value is None:
@@ -206,6 +207,7 @@ class _SamplingRequest(OpenAIBaseModel):
         return dict(
             n=self.n,
             max_tokens=max_tokens,
+            default_max_tokens=defaults.max_tokens,
             min_tokens=self.min_tokens,
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
@@ -293,9 +295,8 @@ class CompletionRequest(_SamplingRequest):
                 _check_token_ids(prompt, vocab_size, "prompt")
 
     def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
-        """The engine's parameters, with `defaults` for the sampling controls left out;
-        max_tokens None (the rest of the context, or `defaults.max_tokens` where it fits:
-        serving.submit) is filled in once the prompt's length is known."""
+        """The engine's parameters, with `defaults` for what the request leaves out;
+        max_tokens None is filled in once the prompt's length is known (SamplingParams)."""
         return SamplingParams(
             **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=self.logprobs,
@@ -492,9 +493,8 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         _check_count(len(self.messages), limits.max_messages, "messages")
 
     def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
-        """The engine's parameters, with `defaults` for the sampling controls left out;
-        max_tokens None (the rest of the context, or `defaults.max_tokens` where it fits:
-        serving.submit) is filled in once the prompt's length is known."""
+        """The engine's parameters, with `defaults` for what the request leaves out;
+        max_tokens None is filled in once the prompt's length is known (SamplingParams)."""
         return SamplingParams(
             **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,

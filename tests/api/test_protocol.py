@@ -15,6 +15,7 @@ import openai.types.chat
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from server.config import GenerationDefaults
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -472,7 +473,7 @@ EVERY_SAMPLING_FIELD = dict(
 
 def test_completion_to_sampling_params_maps_every_field() -> None:
     request = completion(**EVERY_SAMPLING_FIELD, echo=True, logprobs=3, max_tokens=50)
-    params = request.to_sampling_params()
+    params = request.to_sampling_params(GenerationDefaults(max_tokens=99))  # the model's
     default = SamplingParams()
     unchanged = [
         f.name
@@ -489,7 +490,7 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
 
 def test_chat_to_sampling_params_maps_every_field() -> None:
     request = chat(**{**EVERY_SAMPLING_FIELD, "best_of": None}, logprobs=True, top_logprobs=4)
-    params = request.to_sampling_params()
+    params = request.to_sampling_params(GenerationDefaults(max_tokens=99))
     default = SamplingParams()
     unchanged = {
         f.name
@@ -498,6 +499,7 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
     }
     assert unchanged == {"prompt_logprobs"}  # chat has no echo
     assert params.max_tokens is None and params.logprobs == 4
+    assert params.default_max_tokens == 99
 
 
 @pytest.mark.parametrize(

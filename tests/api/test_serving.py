@@ -164,21 +164,6 @@ async def test_a_bad_prompt_is_refused_before_any_prompt_is_queued(bad: list[int
     assert engine.queued == {} and engine.aborted == []
 
 
-@on_a_loop
-async def test_the_models_max_new_tokens_stands_in_where_the_context_has_room() -> None:
-    """generation_config.json's max_new_tokens for a max_tokens left to the context (as vLLM
-    takes the smaller of the two), never below min_tokens; an explicit max_tokens wins."""
-    engine = RecordingEngine(num_slots=8, max_waiting=8)
-    submit(engine, [([1] * 10, None), ([1] * 60, None)], SamplingParams(max_tokens=None),
-           "a", default_max_tokens=20)
-    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=None, min_tokens=30), "b",
-           default_max_tokens=20)
-    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=5), "c", default_max_tokens=20)
-    submit(engine, [([1] * 10, None)], SamplingParams(max_tokens=None), "d")
-    assert {rid: params.max_tokens for rid, (params, _) in engine.queued.items()} == {
-        "a-0": 20, "a-1": None, "b-0": 30, "c-0": 5, "d-0": None}
-
-
 def group_cache(request_id: str) -> int:
     """A prompt's first group found 3 tokens of it in the cache, the later groups 30."""
     return 3 if request_id.endswith("-0") else 30

@@ -577,6 +577,17 @@ def test_admission_counts_a_requests_samples(tiny_checkpoint: Path) -> None:
     assert engine.stats().num_queued == 0
 
 
+def test_the_models_max_new_tokens_stands_in_where_the_context_has_room(
+        tiny_checkpoint: Path) -> None:
+    """A max_tokens left to the context takes the model's max_new_tokens (default_max_tokens),
+    but never past the context (vLLM takes the smaller) nor below min_tokens."""
+    left = SamplingParams(max_tokens=None, default_max_tokens=20, ignore_eos=True)
+    with running(tiny_checkpoint, max_model_len=64) as engine:
+        fits, long, at_least = run(engine, ([5] * 10, left, "fits"), ([5] * 50, left, "long"),
+                                   ([5] * 10, replace(left, min_tokens=30), "at-least"))
+    assert [len(r.tokens[0]) for r in (fits, long, at_least)] == [20, 64 - 50, 30]
+
+
 def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
         async def main() -> None:
