@@ -11,7 +11,6 @@ window is attention over everything: such a model's context stops at its window 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,11 @@ class ModelConfig:
     # config.json's sliding window: max_seq_len is capped at it (the module's docstring)
     sliding_window: int | None = None
 
+    @property
+    def context_is_window(self) -> bool:
+        """The context stops at the sliding window (is capped by it)."""
+        return self.sliding_window == self.max_seq_len
+
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             if self.dim % self.n_heads:
@@ -107,6 +111,7 @@ class ModelConfig:
         # (pretraining_tp, which Llama 2's first configs set to 2, only sliced the same
         # matmuls in transformers 4; transformers 5 ignores it, and so do we.)
         window = raw.get("sliding_window", MISTRAL_SLIDING_WINDOW if mistral else None)
+        positions = raw.get("max_position_embeddings", MISTRAL_MAX_POSITIONS if mistral else 2048)
         _refuse(raw, "sliding_window", lambda v: v is None or (type(v) is int and v >= 2),
                 "expected null or a number of tokens of at least 2")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -131,9 +136,7 @@ class ModelConfig:
             norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            max_seq_len=min(raw.get("max_position_embeddings",
-                                    MISTRAL_MAX_POSITIONS if mistral else 2048),
-                            window or sys.maxsize),
+            max_seq_len=positions if window is None else min(positions, window),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             head_dim=raw.get("head_dim") or 0,
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),

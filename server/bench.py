@@ -458,20 +458,14 @@ def write_json(path: Path, args: argparse.Namespace, model: str, source: PromptS
                                indent=2) + "\n")
 
 
-def _positive(cast: Callable[[str], float]) -> Callable[[str], Any]:
+def _positive(cast: Callable[[str], float], finite: bool = False) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = cast(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not value > 0 or (finite and math.isinf(value)):
+            raise argparse.ArgumentTypeError(f"must be > 0{' and finite' if finite else ''}, "
+                                             f"got {text}")
         return value
     return parse
-
-
-def _burstiness(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
 
 
 def _non_negative(text: str) -> int:
@@ -517,7 +511,7 @@ def add_bench_parser(subparsers: Any) -> None:
                    help="most requests in flight, one level after another, e.g. 1,4,16")
     p.add_argument("--request-rate", type=_positive(float), default=math.inf,
                    help="arrivals per second, a Poisson process (default inf: all at once)")
-    p.add_argument("--burstiness", type=_burstiness, default=1.0,
+    p.add_argument("--burstiness", type=_positive(float, finite=True), default=1.0,
                    help="with --request-rate: the shape of the gamma distribution of the gaps "
                    "(1: Poisson; below 1 burstier, above more even; vLLM's)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (or the file): sets the "

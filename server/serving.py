@@ -454,15 +454,15 @@ class ChatService(_Service):
                     yield chunk(index, DeltaMessage(role="assistant", content=""))
                 started = True
             _absorb(choices.setdefault(out.index, Choice()), out)
+            token = bool(out.text or out.logprobs)
             if out.text and not request.logprobs and not continuous_usage and not out.finished:
                 yield envelope.text_chunk(out.index, out.text)  # most tokens' chunk
-            elif out.text or out.logprobs or out.finished:
+            elif token or out.finished:
                 # The last token's chunk carries the finish reason (a finish alone: an empty
                 # delta), as vLLM's does
                 logprobs = (self._logprobs(out.logprobs or [])
-                            if request.logprobs and (out.text or out.logprobs) else None)
-                delta = DeltaMessage(content=out.text) if out.text or out.logprobs else (
-                    DeltaMessage())
+                            if request.logprobs and token else None)
+                delta = DeltaMessage(content=out.text) if token else DeltaMessage()
                 yield chunk(out.index, delta, logprobs, finish=out if out.finished else None,
                             num_output=out.num_output_tokens)
         if request.include_usage:

@@ -124,13 +124,12 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     if config.load_format == "dummy":
         logger.warning("--load-format dummy: random weights, for benchmarks only")
     if config.max_model_len is not None and config.max_model_len > model.config.max_seq_len:
-        window = model.config.sliding_window
         raise StartupError(
             f"--max-model-len {config.max_model_len} is beyond the model's context length "
             f"{model.config.max_seq_len}" + (
-                f" (its sliding window: attention over a window is not implemented, and up to "
-                f"the window's {window} tokens it is attention over everything)"
-                if window == model.config.max_seq_len else ""))
+                " (its sliding window: attention over a window is not implemented, and up to "
+                "the window's length it is attention over everything)"
+                if model.config.context_is_window else ""))
     # Fused, pre-transposed weights: the fast path (tests pin it to the reference).
     model.pack(use_cpu_kernels=config.cpu_kernels, use_gpu_kernels=config.gpu_kernels)
     release_free_memory()  # the dense weights that packing replaced
@@ -141,7 +140,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
                 model.config.n_layers, model.config.dim, model.config.vocab_size,
                 str(dtype).removeprefix("torch."), device)
-    if model.config.sliding_window == model.config.max_seq_len:
+    if model.config.context_is_window:
         logger.warning("the model's context stops at its sliding window of %d tokens "
                        "(sliding-window attention is not implemented)", model.config.max_seq_len)
     logger.info("KV-cache pool: %s", plan.formula)

@@ -283,12 +283,16 @@ def test_request_body_streams_exactly_output_len_tokens_at_the_temperature() -> 
     assert request_body("chat", "m", "hi", 9)["temperature"] == 0.0  # greedy by default
 
 
-@pytest.mark.parametrize("value", ["-0.5", "nan", "inf", "hot"])
-def test_bad_temperature_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("flag", "value"), [
+    *[("--temperature", v) for v in ("-0.5", "nan", "inf", "hot")],
+    *[("--burstiness", v) for v in ("0", "-1", "nan", "inf")],
+])
+def test_bad_temperature_or_burstiness_is_a_usage_error(
+        flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        bench("--base-url", "http://127.0.0.1:1", "--temperature", value)
+        bench("--base-url", "http://127.0.0.1:1", flag, value)
     assert exit_info.value.code == 2
-    assert "--temperature" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
 
 
 def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
