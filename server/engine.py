@@ -188,6 +188,7 @@ class Engine(EngineFront):
         """Zero what the warm-up counted (the metrics read these counters)."""
         stats = self._stats
         stats.prompt_tokens_total = stats.generation_tokens_total = 0
+        stats.sample_prompt_tokens_total = 0
         stats.steps_total = Counter()
         stats.finished_total.clear()  # in place: the output builder holds this Counter
         stats.prefix_cache_queries_total = stats.prefix_cache_hits_total = 0
@@ -327,6 +328,9 @@ class Engine(EngineFront):
         n_prompt = sum(len(c.token_ids) for c in plan.prefills) + plan.num_cached_tokens
         self._stats.steps_total[plan.kind] += 1
         self._stats.prompt_tokens_total += n_prompt
+        self._stats.sample_prompt_tokens_total += n_prompt + sum(
+            len(c.request.prompt_ids) * (c.request.params.n - 1)
+            for c in plan.prefills if c.is_last)
         self._stats.prefix_cache_queries_total += plan.num_queried_tokens
         self._stats.prefix_cache_hits_total += plan.num_cached_tokens
         self._stats.generation_tokens_total += len(result.tokens)

@@ -71,6 +71,9 @@ class EngineStats:
     tokens_used: int = 0
     tokens_capacity: int = 0
     prompt_tokens_total: int = 0
+    # ... counted again for each further sample of a request (vLLM runs each of n as a request
+    # of its own and counts its prompt for each: vllm:prompt_tokens_total)
+    sample_prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     steps_total: Counter[str] = field(default_factory=Counter)  # by kind, STEP_KINDS
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache

@@ -227,7 +227,8 @@ def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:
                  s.num_queued)
     yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage, 1 = full.",
                  s.kv_cache_usage)
-    yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens.", s.prompt_tokens_total)
+    yield family(CounterMetricFamily, "prompt_tokens", "Prompt tokens (each sample's).",
+                 s.sample_prompt_tokens_total)
     yield family(CounterMetricFamily, "generation_tokens", "Generation tokens.",
                  s.generation_tokens_total)
     yield family(CounterMetricFamily, "prefix_cache_queries",

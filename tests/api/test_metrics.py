@@ -117,6 +117,19 @@ def test_occupancy_while_running_and_rejections(metrics_server: Server) -> None:
     assert not [k for k in metrics_server.metrics() if re.search(r"request_id|prompt=", k)]
 
 
+def test_vllm_prompt_tokens_count_each_sample(metrics_server: Server) -> None:
+    """vLLM runs each of n samples as a request and counts its prompt for each; ours counts
+    the prompt once (it is computed once)."""
+    ours, theirs = "llama_serve_prompt_tokens_total", 'vllm:prompt_tokens_total{model_name="m"}'
+    before = metrics_server.metrics()
+    r = httpx.post(f"{metrics_server.v1}/completions",
+                   json={"prompt": list(range(600, 605)), "max_tokens": 2, "n": 3})
+    assert r.status_code == 200, r.text
+    after = metrics_server.metrics()
+    assert after[ours] - before[ours] == 5
+    assert after[theirs] - before[theirs] == 3 * 5
+
+
 def prefix_counters(server: Server) -> tuple[float, float]:
     m = server.metrics()
     return m["llama_serve_prefix_cache_queries_total"], m["llama_serve_prefix_cache_hits_total"]
