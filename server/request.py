@@ -12,6 +12,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from server.guided.spec import Guide
+
 MAX_LOGPROBS = 20
 # Temperatures below this are greedy: dividing logits by a float32 subnormal overflows to inf.
 GREEDY_TEMPERATURE = 1e-5
@@ -71,6 +73,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    guide: Guide | None = None  # guided decoding: what the output must follow
 
     def __post_init__(self) -> None:
         # The API validates client input with clear messages; these guard internal callers.

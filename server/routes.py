@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -25,6 +26,8 @@ from server.app import (
     package_version,
     request_id_var,
 )
+from server.guided.regex import GuideError
+from server.guided.spec import cached_guide, compile_guide
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -35,10 +38,12 @@ from server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    RequestError,
     TokenizeRequest,
     TokenizeResponse,
     random_id,
 )
+from server.request import SamplingParams
 from server.serving import (
     DONE,
     GenerationFailed,
@@ -120,7 +125,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     response_id = _response_id("cmpl")
     with state.admission(body) as engine:
         assert service is not None
-        params = body.to_sampling_params(state.config.generation_defaults)
+        params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id))
     return await _respond(request, body.stream, service, body, submitted, response_id)
@@ -133,7 +138,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     response_id = _response_id("chatcmpl")
     with state.admission(body) as engine:
         assert service is not None
-        params = body.to_sampling_params(state.config.generation_defaults)
+        params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,
                            _engine_request_id(response_id), "messages")
@@ -161,6 +166,20 @@ async def _tokenized(request: Request, work: Callable[[], T]) -> T:
     if int(request.headers.get("content-length") or 0) > TOKENIZE_OFF_LOOP_BYTES:
         return await asyncio.to_thread(work)
     return work()
+
+
+async def _guided(body: CompletionRequest | ChatCompletionRequest, params: SamplingParams
+                  ) -> SamplingParams:
+    """`params` with the request's guide (guided decoding), compiled on a worker thread
+    unless compiled before: a large schema takes up to about a second."""
+    spec = body.guide_spec()
+    if spec is None:
+        return params
+    try:
+        guide = cached_guide(spec) or await asyncio.to_thread(compile_guide, spec)
+    except GuideError as e:
+        raise RequestError(str(e), spec.field) from None
+    return replace(params, guide=guide)
 
 
 async def _respond(request: Request, stream: bool, service: Any, body: Any,

@@ -25,6 +25,7 @@ from model.attention import AttentionBatch, PrefillSpan
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
+from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
 from server.request import Request, SamplingParams, Sequence, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
@@ -63,7 +64,8 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: KVCachePool, eos_ids: frozenset[int],
-                 seed: int = 0, graphs: DecodeGraphs | None = None) -> None:
+                 seed: int = 0, graphs: DecodeGraphs | None = None,
+                 guides: GuideMasks | None = None) -> None:
         self.model = model
         self.pool = pool
         self.graphs = graphs  # decode-only steps replayed from CUDA graphs where they fit
@@ -74,6 +76,10 @@ class ModelRunner:
         # One generator per seeded sequence, kept across steps: its noise must continue, not
         # restart, and must not depend on which other rows share the step.
         self.generators: dict[Sequence, torch.Generator] = {}
+        # Guided decoding: the allowed tokens of each guide's states, and where each guided
+        # sequence stands: (its output tokens walked, its state)
+        self.guides = guides
+        self.guide_states: dict[Sequence, tuple[int, int]] = {}
         # The last step's sampled rows and their controls (see _sampling_batch).
         self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
         # When the last timed forward returned, and its step's kind (ForwardTiming).
@@ -87,6 +93,7 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
+        self.guide_states.pop(seq, None)
 
     def idle(self) -> None:
         """The engine is about to wait for work (or a step failed): the next forward's gap
@@ -125,8 +132,9 @@ class ModelRunner:
         after the last of them)."""
         if before.sampled is None or not self._replays_graph(plan):
             return None
-        if any(s.request.params.has_penalties or self._min_tokens_ban(s) for s in plan.decodes):
-            return None
+        if any(s.request.params.has_penalties or s.request.params.guide is not None
+               or self._min_tokens_ban(s) for s in plan.decodes):
+            return None  # (a guide's mask depends on the last token too)
         return self.launch(plan, feed=before.sampled.token_ids)
 
     @torch.inference_mode()
@@ -257,13 +265,15 @@ class ModelRunner:
             return last
         bans = [self._min_tokens_ban(s) for s in seqs]
         params = [s.request.params for s in seqs]
+        masks = [self._guide_mask(s) for s in seqs]
         batch = SamplingBatch.from_params(
             params, self.vocab_size, self.device,
             output_token_ids=[s.output_ids for s in seqs],
             prompt_token_ids=[s.request.prompt_ids for s in seqs],
             generators=[self._generator(s) for s in seqs],
-            extra_bias=bans)
-        keep = not any(bans) and not any(p.has_penalties for p in params)
+            extra_bias=bans, token_masks=masks)
+        keep = (not any(bans) and not any(p.has_penalties for p in params)
+                and all(m is None for m in masks))
         self._last_sampling = (tuple(seqs), batch if keep else None)
         return batch
 
@@ -294,10 +304,30 @@ class ModelRunner:
             self.generators[seq] = gen
         return self.generators[seq]
 
+    def _guide_state(self, seq: Sequence) -> int:
+        """Where `seq`'s guide stands after its output so far (walked on from the last step)."""
+        guide, guides = seq.request.params.guide, self.guides
+        assert guide is not None and guides is not None
+        walked, state = self.guide_states.get(seq, (0, 0))
+        for token_id in seq.output_ids[walked:]:
+            state = guides.advance(guide, state, token_id)
+        self.guide_states[seq] = (len(seq.output_ids), state)
+        return state
+
+    def _guide_mask(self, seq: Sequence) -> torch.Tensor | None:
+        guide = seq.request.params.guide
+        if guide is None:
+            return None
+        if self.guides is None:
+            raise RuntimeError("a guided request reached a runner without guide masks")
+        return self.guides.mask(guide, self._guide_state(seq))
+
     def _min_tokens_ban(self, seq: Sequence) -> list[tuple[int, float]]:
         params = seq.request.params
         if len(seq.output_ids) >= params.min_tokens:
             return []
+        if params.guide is not None and params.guide.dfa.is_final(self._guide_state(seq)):
+            return []  # the guided output is complete: min_tokens gives way to its end
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         if params.allowed_token_ids and banned.issuperset(params.allowed_token_ids):
             return []  # only tokens that end it are allowed: min_tokens gives way

@@ -64,14 +64,17 @@ class SamplingBatch:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
         extra_bias: Sequence[Iterable[tuple[int, float]]] | None = None,
+        token_masks: Sequence[Tensor | None] | None = None,
     ) -> SamplingBatch:
         """Build the batch from each row's params.
 
         `output_token_ids` / `prompt_token_ids` (None: empty) feed the penalties. `extra_bias`
         holds per-row (token_id, bias) pairs added on top of `params.logit_bias`, e.g. -inf on
-        eos before `min_tokens`. Without `generators`, seeded rows get a fresh generator: right
-        for one step, but a runner must keep one generator per request across steps, or every
-        step would replay the same noise.
+        eos before `min_tokens`. `token_masks` holds per-row (V,) bool masks of the tokens
+        allowed (guided decoding; None: any), ANDed with `allowed_token_ids`. Without
+        `generators`, seeded rows get a fresh generator: right for one step, but a runner must
+        keep one generator per request across steps, or every step would replay the same
+        noise.
         """
         n_rows = len(params)
         device = torch.device(device)
@@ -91,7 +94,9 @@ class SamplingBatch:
             for row, extra in zip(pairs, extra_bias, strict=True):
                 row.extend(extra)
         logit_bias = None
-        if any(pairs) or any(p.allowed_token_ids for p in params):
+        masks = list(token_masks) if token_masks is not None else [None] * n_rows
+        if any(pairs) or any(p.allowed_token_ids for p in params) or any(
+                m is not None for m in masks):
             rows = [i for i, row in enumerate(pairs) for _ in row]
             ids = [token_id for row in pairs for token_id, _ in row]
             allowed = [t for p in params for t in p.allowed_token_ids]
@@ -103,6 +108,9 @@ class SamplingBatch:
                 if p.allowed_token_ids:
                     logit_bias[i] = float("-inf")
                     logit_bias[i, list(p.allowed_token_ids)] = 0.0
+            for i, mask in enumerate(masks):
+                if mask is not None:
+                    logit_bias[i, :mask.shape[0]].masked_fill_(~mask, float("-inf"))
             values = torch.tensor([bias for row in pairs for _, bias in row], dtype=torch.float32)
             # accumulate: a user bias and an extra ban on the same token add up (-inf wins)
             logit_bias.index_put_((torch.tensor(rows, dtype=torch.long),

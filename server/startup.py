@@ -25,6 +25,7 @@ from server.config import (
     kv_cache_budget,
 )
 from server.engine import Engine
+from server.guided.masks import GuideMasks, TokenTable
 from server.memory import keep_freed_memory, release_free_memory
 from server.runner import ModelRunner
 from server.scheduler import Scheduler
@@ -155,7 +156,11 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                                f"of device memory ({e}); leave more room beside the KV cache "
                                f"(--kv-cache-memory, --max-num-seqs) or pass --enforce-eager"
                                ) from None
-    runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs)
+    vocab_size = model.config.vocab_size
+    guides = GuideMasks(lambda: TokenTable(tokenizer.token_bytes(range(tokenizer.vocab_size)),
+                                           vocab_size, tokenizer.special_ids, tokenizer.eos_ids))
+    runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs,
+                         guides=guides)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
     # A CUDA graph's rows are the slots below its bucket, and PyTorch's decode attention
     # reads a run of slots: keep the slots in use packed at the low end for both

@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from server.config import GenerationDefaults
+from server.guided.spec import GuideSpec
 from server.protocol.base import (
     MAP_CEILING,
     MAX_ITEMS,
@@ -66,8 +67,67 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk too
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """response_format's `json_schema`: OpenAI's structured outputs (`strict` changes nothing
+    here: the output always follows the schema as far as it is supported)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None
+                                           or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema")
+        return self
+
+
+class StructuredOutputs(OpenAIBaseModel):
+    """vLLM's `structured_outputs`: one of a JSON schema, a regex, choices or any JSON object."""
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
+    json_object: bool | None = None
+    grammar: Refused = None
+    structural_tag: Refused = None
+
+    def specs(self) -> list[GuideSpec]:
+        field = "structured_outputs"
+        specs = _guide_specs(self.json_, self.regex, self.choice, field)
+        if self.json_object:
+            specs.append(GuideSpec("json_object", None, f"{field}.json_object"))
+        return specs
+
+
+def _guide_specs(schema: dict[str, Any] | bool | str | None, regex: str | None,
+                 choice: list[str] | None, field: str) -> list[GuideSpec]:
+    """The constraints given in one place (vLLM's fields: json, regex, choice)."""
+    dot = "." if field == "structured_outputs" else "_"
+    specs = []
+    if schema is not None:
+        if isinstance(schema, str):  # vLLM takes the schema as JSON text too
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise RequestError(f"{field}{dot}json is not valid JSON",
+                                   f"{field}{dot}json") from None
+        specs.append(GuideSpec("json", schema, f"{field}{dot}json"))
+    if regex is not None:
+        specs.append(GuideSpec("regex", regex, f"{field}{dot}regex"))
+    if choice is not None:
+        if not choice or not all(choice):
+            raise RequestError(f"{field}{dot}choice must be a list of non-empty strings",
+                               f"{field}{dot}choice")
+        specs.append(GuideSpec("choice", choice, f"{field}{dot}choice"))
+    return specs
 
 
 class _SamplingRequest(OpenAIBaseModel):
@@ -103,11 +163,12 @@ class _SamplingRequest(OpenAIBaseModel):
     # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
     bad_words: Refused = None
     prompt_logprobs: Refused = None
-    guided_json: Refused = None
-    guided_regex: Refused = None
-    guided_choice: Refused = None
+    # Guided decoding (vLLM's): structured_outputs, and the older guided_* fields
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
     guided_grammar: Refused = None
-    structured_outputs: Refused = None
     logits_processors: Refused = None
     use_beam_search: Refused = None
     return_tokens_as_token_ids: Refused = None
@@ -134,12 +195,22 @@ class _SamplingRequest(OpenAIBaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise ValueError(f"response_format type {value.type!r} is not supported, only 'text'")
-        return value
+    def guide_spec(self) -> GuideSpec | None:
+        """What the output must follow (response_format json_object / json_schema, vLLM's
+        structured_outputs or guided_*), or None; at most one may be given."""
+        specs = _guide_specs(self.guided_json, self.guided_regex, self.guided_choice, "guided")
+        if self.structured_outputs is not None:
+            specs += self.structured_outputs.specs()
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            specs.append(GuideSpec("json_object", None, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            assert rf.json_schema is not None  # (the validator)
+            specs.append(GuideSpec("json", rf.json_schema.schema_, "response_format"))
+        if len(specs) > 1:
+            raise RequestError(f"only one constraint may be given, got {specs[0].field} and "
+                               f"{specs[1].field}", specs[1].field)
+        return specs[0] if specs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -442,7 +513,7 @@ class ChatTemplateControls(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
-    """POST /v1/chat/completions. Tools, functions and JSON response formats are refused;
+    """POST /v1/chat/completions. Tools and functions are refused;
     `add_special_tokens` adds the tokenizer's BOS on top of the template's own (off, as in
     vLLM)."""
 

@@ -277,11 +277,11 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
         ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format", "'json_schema'"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             "response_format",
-            "'json_schema' is not supported",
+            "needs json_schema.schema",
         ),
         ({"tools": [TOOL]}, "tools", "tools are not supported"),
         ({"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported"),
@@ -400,8 +400,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
                        "greater than or equal to 0")
 
 
-REFUSED = ["bad_words", "prompt_logprobs", "guided_json", "guided_regex",
-           "guided_choice", "guided_grammar", "structured_outputs", "logits_processors",
+REFUSED = ["bad_words", "prompt_logprobs", "guided_grammar", "logits_processors",
            "use_beam_search", "return_tokens_as_token_ids"]
 
 
@@ -418,8 +417,8 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
             build(**{field: neutral})
     assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
     assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
-    assert_invalid(completion, {"response_format": {"type": "json_object"}}, "response_format",
-                   "not supported")
+    assert_invalid(completion, {"structured_outputs": {"grammar": "root ::= x"}},
+                   "structured_outputs", "grammar: not supported")
 
 
 def test_chat_template_controls() -> None:
@@ -480,7 +479,7 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     ]
-    assert unchanged == []
+    assert unchanged == ["guide"]  # compiled by the route, from guide_spec() (below)
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
     assert params.stop == ("###", "\n\n")
     assert params.stop_token_ids == (2, 3)
@@ -497,9 +496,50 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     }
-    assert unchanged == {"prompt_logprobs"}  # chat has no echo
+    assert unchanged == {"prompt_logprobs", "guide"}  # chat has no echo; guide: the route's
     assert params.max_tokens is None and params.logprobs == 4
     assert params.default_max_tokens == 99
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(("fields", "kind", "value", "field"), [
+    ({"response_format": {"type": "json_object"}}, "json_object", None, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+     "json", SCHEMA, "response_format"),
+    ({"structured_outputs": {"json": SCHEMA}}, "json", SCHEMA, "structured_outputs.json"),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, "json", SCHEMA,
+     "structured_outputs.json"),
+    ({"structured_outputs": {"regex": "a+"}}, "regex", "a+", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["x", "y"]}}, "choice", ["x", "y"],
+     "structured_outputs.choice"),
+    ({"structured_outputs": {"json_object": True}}, "json_object", None,
+     "structured_outputs.json_object"),
+    ({"guided_json": SCHEMA}, "json", SCHEMA, "guided_json"),
+    ({"guided_regex": "a+"}, "regex", "a+", "guided_regex"),
+    ({"guided_choice": ["x"]}, "choice", ["x"], "guided_choice"),
+    ({"response_format": {"type": "text"}}, None, None, None),
+])
+def test_guide_spec_from_each_field(fields: dict[str, Any], kind: str | None, value: Any,
+                                    field: str | None) -> None:
+    """vLLM's fields and OpenAI's response_format, on both endpoints."""
+    for build in (completion, chat):
+        spec = build(**fields).guide_spec()
+        got = None if spec is None else (spec.kind, spec.value, spec.field)
+        assert got == (None if kind is None else (kind, value, field))
+
+
+def test_guide_spec_refusals() -> None:
+    with pytest.raises(RequestError, match="only one constraint") as info:
+        chat(guided_regex="a", response_format={"type": "json_object"}).guide_spec()
+    assert info.value.param == "response_format"
+    with pytest.raises(RequestError, match="not valid JSON"):
+        chat(guided_json="{nope").guide_spec()
+    with pytest.raises(RequestError, match="non-empty strings"):
+        chat(guided_choice=["a", ""]).guide_spec()
+    assert_invalid(chat, {"structured_outputs": {"structural_tag": {"x": 1}}},
+                   "structured_outputs", "structural_tag: not supported")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,122 @@
+"""Which tokens a guide allows next: per DFA state, a mask over the vocabulary, computed by
+walking every token's bytes through the DFA at once (torch, on the host) and kept.
+
+The runner asks for the mask of each guided row's state before sampling; a guide's states
+are few (tens to thousands) and a generation visits few of them, so after the first steps
+every mask is a lookup. Tokens that are never text (special tokens, the model's padded ids
+past the tokenizer's vocabulary) are never allowed; the end-of-sequence ids are allowed
+exactly where the DFA accepts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from server.guided.regex import ByteDFA
+from server.guided.spec import Guide
+
+PAD = 256  # the padding byte of the token table: a walk stays where it is
+CACHED_DFAS = 32
+
+
+class TokenTable:
+    """The vocabulary's bytes, sorted longest first and padded, for walking all of it at once."""
+
+    def __init__(self, token_bytes: Sequence[bytes], vocab_size: int,
+                 never: frozenset[int], eos_ids: frozenset[int]) -> None:
+        self.vocab_size = vocab_size
+        # Special tokens have no bytes here: never allowed, and their text never walks a DFA
+        self.token_bytes = [b"" if i in never else raw
+                            for i, raw in enumerate(token_bytes[:vocab_size])]
+        self.token_bytes += [b""] * (vocab_size - len(self.token_bytes))
+        self.eos_ids = sorted(t for t in eos_ids if 0 <= t < vocab_size)
+        text_ids = [i for i, raw in enumerate(self.token_bytes) if raw and i not in eos_ids]
+        text_ids.sort(key=lambda i: -len(self.token_bytes[i]))
+        self.ids = torch.tensor(text_ids, dtype=torch.long)
+        longest = len(self.token_bytes[text_ids[0]]) if text_ids else 0
+        table = torch.full((len(text_ids), longest), PAD, dtype=torch.long)
+        for row, i in enumerate(text_ids):
+            raw = self.token_bytes[i]
+            table[row, :len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        self.bytes = table
+        lengths = torch.tensor([len(self.token_bytes[i]) for i in text_ids], dtype=torch.long)
+        # How many tokens are longer than l, for each l: step l walks only those rows
+        self.longer_than = [int((lengths > n).sum()) for n in range(longest)]
+
+    def walk(self, dense: torch.Tensor, state: int) -> torch.Tensor:
+        """Each text token's state after its bytes from `state` (the dead state where it
+        leaves the language), in the table's order."""
+        states = torch.full((len(self.ids),), state, dtype=torch.long)
+        for n, rows in enumerate(self.longer_than):
+            states[:rows] = dense[states[:rows], self.bytes[:rows, n]]
+        return states
+
+
+def dense_table(dfa: ByteDFA) -> torch.Tensor:
+    """(states + 1, 257): the next state for each byte and the padding byte; the last row is
+    the dead state, where -1 leads."""
+    dead = dfa.num_states
+    by_class = torch.tensor(dfa.table, dtype=torch.long).reshape(dfa.num_states, -1)
+    by_class[by_class < 0] = dead
+    classes = torch.tensor(list(dfa.byte_class), dtype=torch.long)
+    dense = torch.full((dead + 1, PAD + 1), dead, dtype=torch.long)
+    dense[:dead, :PAD] = by_class[:, classes]
+    dense[:dead, PAD] = torch.arange(dead)
+    return dense
+
+
+class GuideMasks:
+    """Allowed-token masks by guide and state, made on first use; the token table is built on
+    the first guided request (tokenizing the whole vocabulary takes a moment)."""
+
+    def __init__(self, make_table: Callable[[], TokenTable]) -> None:
+        self._make_table = make_table
+        self._table: TokenTable | None = None
+        self._lock = threading.Lock()
+        # guide key -> (dense table, {state: mask}), least recently used first
+        self._guides: OrderedDict[str, tuple[torch.Tensor, dict[int, torch.Tensor]]] = \
+            OrderedDict()
+
+    @property
+    def table(self) -> TokenTable:
+        with self._lock:
+            if self._table is None:
+                self._table = self._make_table()
+            return self._table
+
+    def mask(self, guide: Guide, state: int) -> torch.Tensor:
+        """(vocab,) bool: the tokens allowed at `state` of `guide`."""
+        entry = self._guides.get(guide.key)
+        if entry is None:
+            entry = self._guides[guide.key] = (dense_table(guide.dfa), {})
+            while len(self._guides) > CACHED_DFAS:
+                self._guides.popitem(last=False)
+        else:
+            self._guides.move_to_end(guide.key)
+        dense, masks = entry
+        if (mask := masks.get(state)) is None:
+            mask = masks[state] = self._compute(guide.dfa, dense, state)
+        return mask
+
+    def _compute(self, dfa: ByteDFA, dense: torch.Tensor, state: int) -> torch.Tensor:
+        table = self.table
+        mask = torch.zeros(table.vocab_size, dtype=torch.bool)
+        ends = table.walk(dense, state)
+        mask[table.ids[ends != dfa.num_states]] = True
+        # The end is allowed where the output is complete, and where nothing else is left
+        # (a vocabulary that cannot write what the pattern needs): never a dead end
+        if state in dfa.accepting or not mask.any():
+            mask[table.eos_ids] = True
+        return mask
+
+    def advance(self, guide: Guide, state: int, token_id: int) -> int:
+        """The state after `token_id`; an end-of-sequence or special token leaves it."""
+        raw = self.table.token_bytes[token_id] if 0 <= token_id < self.table.vocab_size else b""
+        if not raw or token_id in self.table.eos_ids:
+            return state
+        after = guide.dfa.walk(state, raw)
+        return state if after < 0 else after  # only an unguided token could leave it

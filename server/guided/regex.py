@@ -1,0 +1,420 @@
+"""A regular expression -> a DFA over UTF-8 bytes, for guided decoding. No torch.
+
+The pattern must match the whole output (as `re.fullmatch`). Supported: literals and escapes
+(\\d \\w \\s and their negations, \\n \\t \\r \\f \\v, \\xHH, \\uHHHH, escaped punctuation),
+`.`, classes `[...]` / `[^...]` with ranges, groups `(...)`, `(?:...)`, `(?P<name>...)`,
+alternation, and the quantifiers * + ? {n} {n,} {n,m} (a lazy `?` after one changes nothing
+here: every match is allowed). Anchors ^ and $ are accepted at the ends. Backreferences and
+lookarounds are not regular and are refused.
+
+Characters become their UTF-8 bytes. A class holding characters past ASCII lists them (up to
+MAX_CLASS_CHARS); a negated class or `.` allows every character past ASCII, unless it names
+some, which is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_NFA_STATES = 200_000
+MAX_DFA_STATES = 20_000
+MAX_CLASS_CHARS = 4096
+ALL_BYTES = (1 << 256) - 1
+
+
+class GuideError(ValueError):
+    """The pattern or schema cannot be compiled; the message says why (a 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ByteDFA:
+    """A deterministic automaton over bytes: `table[state][byte_class[b]]` is the next state or
+    -1 (no way on). State 0 starts; every state can still reach an accepting one."""
+
+    byte_class: bytes  # 256 entries, each byte's class
+    table: tuple[tuple[int, ...], ...]
+    accepting: frozenset[int]
+
+    @property
+    def num_states(self) -> int:
+        return len(self.table)
+
+    def walk(self, state: int, data: bytes) -> int:
+        """The state after `data` from `state`; -1 where it leaves the language."""
+        for b in data:
+            if state < 0:
+                break
+            state = self.table[state][self.byte_class[b]]
+        return state
+
+    def is_final(self, state: int) -> bool:
+        """Accepting with no way on: the output is complete."""
+        return state in self.accepting and all(t < 0 for t in self.table[state])
+
+    def matches(self, data: bytes) -> bool:
+        return self.walk(0, data) in self.accepting
+
+
+# ------------------------------------------------------------------------------ parsing
+# AST nodes: ("chars", ascii_mask, multibyte) where multibyte is a frozenset of characters
+# past ASCII or ANY_MULTIBYTE; ("seq", [nodes]); ("alt", [nodes]); ("repeat", node, lo, hi)
+ANY_MULTIBYTE = "any"
+_DIGITS = {ord(c) for c in "0123456789"}
+_WORD = _DIGITS | {ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"}
+_SPACE = {ord(c) for c in " \t\n\r\f\v"}
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+
+
+def _mask(codes: set[int]) -> int:
+    m = 0
+    for c in codes:
+        m |= 1 << c
+    return m
+
+
+_ASCII = (1 << 128) - 1
+_CLASS_ESCAPES = {"d": _mask(_DIGITS), "w": _mask(_WORD), "s": _mask(_SPACE)}
+
+
+class _Parser:
+    def __init__(self, pattern: str) -> None:
+        self.p, self.i = pattern, 0
+
+    def error(self, what: str) -> GuideError:
+        return GuideError(f"regex {self.p!r} at position {self.i}: {what}")
+
+    def peek(self) -> str | None:
+        return self.p[self.i] if self.i < len(self.p) else None
+
+    def take(self) -> str:
+        if self.i >= len(self.p):
+            raise self.error("unexpected end")
+        c = self.p[self.i]
+        self.i += 1
+        return c
+
+    def parse(self) -> tuple:
+        node = self.alternation()
+        if self.i < len(self.p):
+            raise self.error(f"unexpected {self.p[self.i]!r}")
+        return node
+
+    def alternation(self) -> tuple:
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self) -> tuple:
+        items = []
+        while (c := self.peek()) is not None and c not in "|)":
+            if c in "^$":  # anchors: only meaningful at the ends, where the match is whole
+                self.i += 1
+                continue
+            items.append(self.quantified(self.atom()))
+        return ("seq", items)
+
+    def quantified(self, node: tuple) -> tuple:
+        while (c := self.peek()) is not None and c in "*+?{":
+            if c == "{":
+                bounds = self.braces()
+                if bounds is None:  # a literal "{", as Python reads "a{x"
+                    break
+                lo, hi = bounds
+            else:
+                self.i += 1
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+            if self.peek() == "?":  # lazy: the language is the same
+                self.i += 1
+            elif self.peek() == "+":
+                raise self.error("possessive quantifiers are not supported")
+            node = ("repeat", node, lo, hi)
+        return node
+
+    def braces(self) -> tuple[int, int | None] | None:
+        close = self.p.find("}", self.i)
+        body = self.p[self.i + 1:close] if close > 0 else ""
+        lo_text, comma, hi_text = body.partition(",")
+        if not lo_text.isdigit() or (hi_text and not hi_text.isdigit()):
+            return None
+        lo, hi = int(lo_text), (int(hi_text) if hi_text else None if comma else int(lo_text))
+        if hi is not None and hi < lo:
+            raise self.error(f"bad repeat {{{body}}}")
+        if max(lo, hi or 0) > 1000:
+            raise self.error("repeat counts above 1000 are not supported")
+        self.i = close + 1
+        return lo, hi
+
+    def atom(self) -> tuple:
+        c = self.take()
+        if c == "(":
+            if self.peek() == "?":
+                self.i += 1
+                kind = self.take()
+                if kind == "P" and self.peek() == "<":
+                    end = self.p.find(">", self.i)
+                    if end < 0:
+                        raise self.error("unterminated group name")
+                    self.i = end + 1
+                elif kind != ":":
+                    raise self.error(f"(?{kind}...) groups (lookarounds, flags) are not supported")
+            node = self.alternation()
+            if self.take() != ")":
+                raise self.error("missing )")
+            return node
+        if c == "[":
+            return self.char_class()
+        if c == ".":
+            return ("chars", _ASCII & ~(1 << 10), ANY_MULTIBYTE)
+        if c == "\\":
+            return self.escape(in_class=False)
+        if c in "*+?":
+            raise self.error(f"nothing to repeat before {c!r}")
+        if c == ")":
+            raise self.error("unbalanced )")
+        return _literal(c)
+
+    def escape(self, in_class: bool) -> tuple:
+        c = self.take()
+        if c in "dws":
+            return ("chars", _CLASS_ESCAPES[c], frozenset())
+        if c in "DWS":
+            return ("chars", _ASCII & ~_CLASS_ESCAPES[c.lower()], ANY_MULTIBYTE)
+        if c in _SIMPLE_ESCAPES:
+            return _literal(_SIMPLE_ESCAPES[c])
+        if c in "xu":
+            n = 2 if c == "x" else 4
+            digits = self.p[self.i:self.i + n]
+            if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                raise self.error(f"bad \\{c} escape")
+            self.i += n
+            return _literal(chr(int(digits, 16)))
+        if c == "b" and in_class:
+            return _literal("\b")
+        if c.isalnum():
+            raise self.error(f"\\{c} is not supported (backreferences, anchors, classes)")
+        return _literal(c)
+
+    def char_class(self) -> tuple:
+        negate = self.peek() == "^"
+        if negate:
+            self.i += 1
+        ascii_mask, chars, any_multibyte, first = 0, set(), False, True
+        while True:
+            c = self.take()
+            if c == "]" and not first:
+                break
+            first = False
+            if c == "\\":
+                node = self.escape(in_class=True)
+                _, m, multi = node
+                ascii_mask |= m
+                if multi == ANY_MULTIBYTE:
+                    any_multibyte = True
+                else:
+                    chars |= set(multi)
+                lo = _single(node)
+            else:
+                lo = ord(c)
+                self._add(lo, lo, chars)
+                ascii_mask |= (1 << lo) if lo < 128 else 0
+            if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
+                self.i += 1
+                h = self.take()
+                hi = _single(self.escape(in_class=True)) if h == "\\" else ord(h)
+                if lo is None or hi is None or hi < lo:
+                    raise self.error("bad range in class")
+                for code in range(lo, min(hi, 127) + 1):
+                    ascii_mask |= 1 << code
+                self._add(max(lo, 128), hi, chars)
+        if negate:
+            if chars:
+                raise self.error("a negated class naming characters past ASCII is not "
+                                 "supported")
+            return ("chars", _ASCII & ~ascii_mask, ANY_MULTIBYTE)
+        return ("chars", ascii_mask, ANY_MULTIBYTE if any_multibyte else frozenset(chars))
+
+    def _add(self, lo: int, hi: int, chars: set[str]) -> None:
+        if hi < 128 or hi < lo:
+            return
+        if hi - lo + len(chars) > MAX_CLASS_CHARS:
+            raise self.error(f"classes of more than {MAX_CLASS_CHARS} characters past ASCII "
+                             "are not supported")
+        chars.update(chr(code) for code in range(lo, hi + 1))
+
+
+def _literal(c: str) -> tuple:
+    code = ord(c)
+    return ("chars", 1 << code, frozenset()) if code < 128 else ("chars", 0, frozenset(c))
+
+
+def _single(node: tuple) -> int | None:
+    """The one character a class escape names, or None (\\d and the like)."""
+    _, m, multi = node
+    if multi == ANY_MULTIBYTE:
+        return None
+    if not multi and m and m & (m - 1) == 0:
+        return m.bit_length() - 1
+    if not m and len(multi) == 1:
+        return ord(next(iter(multi)))
+    return None
+
+
+def literal_pattern(text: str) -> str:
+    """`text` as a pattern that matches exactly it."""
+    return "".join(f"\\x{ord(c):02x}" if c.isascii() and not c.isalnum() else
+                   c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else c
+                   for c in text)
+
+
+# ------------------------------------------------------------------------------ NFA
+class _NFA:
+    """Thompson's construction: byte edges labelled with 256-bit masks, and epsilon edges."""
+
+    def __init__(self) -> None:
+        self.edges: list[list[tuple[int, int]]] = []
+        self.eps: list[list[int]] = []
+
+    def state(self) -> int:
+        if len(self.edges) >= MAX_NFA_STATES:
+            raise GuideError("the pattern is too large to compile (its automaton passes "
+                             f"{MAX_NFA_STATES} states)")
+        self.edges.append([])
+        self.eps.append([])
+        return len(self.edges) - 1
+
+    def build(self, node: tuple) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "chars":
+            return self.chars(node[1], node[2])
+        if kind == "seq":
+            start = end = self.state()
+            for item in node[1]:
+                s, e = self.build(item)
+                self.eps[end].append(s)
+                end = e
+            return start, end
+        if kind == "alt":
+            start, end = self.state(), self.state()
+            for branch in node[1]:
+                s, e = self.build(branch)
+                self.eps[start].append(s)
+                self.eps[e].append(end)
+            return start, end
+        _, inner, lo, hi = node
+        start = end = self.state()
+        for _ in range(lo):
+            s, e = self.build(inner)
+            self.eps[end].append(s)
+            end = e
+        if hi is None:  # a loop back
+            s, e = self.build(inner)
+            self.eps[end].append(s)
+            self.eps[e].append(end)
+        else:
+            last = self.state()
+            self.eps[end].append(last)
+            for _ in range(hi - lo):
+                s, e = self.build(inner)
+                self.eps[end].append(s)
+                self.eps[e].append(last)
+                end = e
+            end = last
+        return start, end
+
+    def chars(self, ascii_mask: int, multibyte: frozenset[str] | str) -> tuple[int, int]:
+        start, end = self.state(), self.state()
+        if ascii_mask:
+            self.edges[start].append((ascii_mask, end))
+        if multibyte == ANY_MULTIBYTE:
+            for lead, n in ((range(0xC2, 0xE0), 1), (range(0xE0, 0xF0), 2),
+                            (range(0xF0, 0xF5), 3)):
+                state, label = start, _mask(set(lead))
+                for _ in range(n):
+                    nxt = self.state()
+                    self.edges[state].append((label, nxt))
+                    state, label = nxt, _mask(set(range(0x80, 0xC0)))
+                self.edges[state].append((label, end))
+        else:
+            for c in sorted(multibyte):  # a trie would be smaller; the DFA merges it anyway
+                state, data = start, c.encode("utf-8")
+                for b in data[:-1]:
+                    nxt = self.state()
+                    self.edges[state].append((1 << b, nxt))
+                    state = nxt
+                self.edges[state].append((1 << data[-1], end))
+        return start, end
+
+
+# ------------------------------------------------------------------------------ DFA
+def compile_regex(pattern: str) -> ByteDFA:
+    """The DFA of `pattern` (matched whole); GuideError where it cannot be built."""
+    nfa = _NFA()
+    start, end = nfa.build(_Parser(pattern).parse())
+    classes = _byte_classes({label for edges in nfa.edges for label, _ in edges})
+    class_of = bytearray(256)
+    for index, mask in enumerate(classes):
+        for b in range(256):
+            if mask >> b & 1:
+                class_of[b] = index
+
+    def closure(states: set[int]) -> frozenset[int]:
+        todo, seen = list(states), set(states)
+        while todo:
+            for nxt in nfa.eps[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return frozenset(s for s in seen if nfa.edges[s] or s == end)  # epsilon-only: moot
+
+    first = closure({start})
+    index = {first: 0}
+    order, table = [first], []
+    while len(table) < len(order):
+        current = order[len(table)]
+        row = []
+        for mask in classes:
+            targets = {t for s in current for label, t in nfa.edges[s] if label & mask}
+            if not targets:
+                row.append(-1)
+                continue
+            key = closure(targets)
+            if key not in index:
+                if len(order) >= MAX_DFA_STATES:
+                    raise GuideError(f"the pattern is too large to compile (its automaton "
+                                     f"passes {MAX_DFA_STATES} states)")
+                index[key] = len(order)
+                order.append(key)
+            row.append(index[key])
+        table.append(row)
+    accepting = {i for i, states in enumerate(order) if end in states}
+    return _prune(bytes(class_of), table, accepting)
+
+
+def _byte_classes(labels: set[int]) -> list[int]:
+    """The coarsest partition of the 256 bytes that every label is a union of."""
+    classes = [ALL_BYTES]
+    for label in labels:
+        split = []
+        for c in classes:
+            inside, outside = c & label, c & ~label
+            split += [part for part in (inside, outside) if part]
+        classes = split
+    return classes
+
+
+def _prune(byte_class: bytes, table: list[list[int]], accepting: set[int]) -> ByteDFA:
+    """Drop the states that cannot reach an accepting one (their edges become -1)."""
+    live = set(accepting)
+    changed = True
+    while changed:
+        changed = False
+        for s, row in enumerate(table):
+            if s not in live and any(t in live for t in row):
+                live.add(s)
+                changed = True
+    if 0 not in live:
+        raise GuideError("the pattern matches nothing")
+    rows = tuple(tuple(t if t in live else -1 for t in row) for row in table)
+    return ByteDFA(byte_class, rows, frozenset(accepting))

@@ -1,0 +1,91 @@
+"""What a guided request asks for (a JSON schema, any JSON object, a regex, one of some
+choices) -> a `Guide`: the DFA its output must follow. No torch.
+
+Compiled guides are kept by what they ask (a client sending one schema again and again,
+as agents do, compiles it once).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from server.guided.json_schema import object_of, schema_to_regex
+from server.guided.regex import ByteDFA, GuideError, compile_regex, literal_pattern
+
+GuideKind = Literal["json", "json_object", "regex", "choice"]
+CACHED_GUIDES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GuideSpec:
+    """One request's constraint, as sent: a schema (dict), a pattern, choices, or None for
+    json_object; `field` names the request field it came from (errors name it)."""
+
+    kind: GuideKind
+    value: Any
+    field: str
+
+    @property
+    def key(self) -> str:
+        """What identifies the compiled guide: the kind and the value as JSON (in its own
+        order: a schema's property order is the output's)."""
+        return f"{self.kind}:{json.dumps(self.value, ensure_ascii=False)}"
+
+    def pattern(self) -> str:
+        if self.kind == "regex":
+            return self.value
+        if self.kind == "choice":
+            return "(?:" + "|".join(literal_pattern(c) for c in self.value) + ")"
+        if self.kind == "json_object":
+            return object_of()
+        return schema_to_regex(self.value)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Guide:
+    """A compiled constraint: every output must follow `dfa` (and end only where it accepts).
+    Equal by `key`, so that copies (a request sent to the engine process) share caches."""
+
+    key: str
+    dfa: ByteDFA
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Guide) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+_cache: OrderedDict[str, Guide] = OrderedDict()
+_lock = threading.Lock()
+
+
+def cached_guide(spec: GuideSpec) -> Guide | None:
+    """The guide compiled for `spec` before, if it is still kept."""
+    with _lock:
+        guide = _cache.get(spec.key)
+        if guide is not None:
+            _cache.move_to_end(spec.key)
+        return guide
+
+
+def compile_guide(spec: GuideSpec) -> Guide:
+    """`spec` compiled (or found compiled); GuideError where it cannot be, naming the field.
+    Up to about a second for a large schema: callers on an event loop run it on a thread."""
+    if (guide := cached_guide(spec)) is not None:
+        return guide
+    try:
+        guide = Guide(spec.key, compile_regex(spec.pattern()))
+    except GuideError as e:
+        raise GuideError(f"{spec.field}: {e}") from None
+    except RecursionError:
+        raise GuideError(f"{spec.field}: nested too deeply to compile") from None
+    with _lock:
+        _cache[spec.key] = guide
+        while len(_cache) > CACHED_GUIDES:
+            _cache.popitem(last=False)
+    return guide
