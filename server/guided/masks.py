@@ -19,12 +19,13 @@ import torch
 from server.guided.regex import ByteDFA
 from server.guided.spec import Guide
 
-PAD = 256  # the padding byte of the token table: a walk stays where it is
 CACHED_DFAS = 32
 
 
 class TokenTable:
-    """The vocabulary's bytes, sorted longest first and padded, for walking all of it at once."""
+    """The vocabulary's bytes, for walking all of it at once: text tokens sorted longest
+    first, and for each byte position n the n-th bytes of the tokens longer than n (ragged:
+    all of it holds the vocabulary's bytes once, a few MB for 128k tokens)."""
 
     def __init__(self, token_bytes: Sequence[bytes], vocab_size: int,
                  never: frozenset[int], eos_ids: frozenset[int]) -> None:
@@ -37,36 +38,31 @@ class TokenTable:
         text_ids = [i for i, raw in enumerate(self.token_bytes) if raw and i not in eos_ids]
         text_ids.sort(key=lambda i: -len(self.token_bytes[i]))
         self.ids = torch.tensor(text_ids, dtype=torch.long)
-        longest = len(self.token_bytes[text_ids[0]]) if text_ids else 0
-        table = torch.full((len(text_ids), longest), PAD, dtype=torch.long)
-        for row, i in enumerate(text_ids):
-            raw = self.token_bytes[i]
-            table[row, :len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        self.bytes = table
         lengths = torch.tensor([len(self.token_bytes[i]) for i in text_ids], dtype=torch.long)
-        # How many tokens are longer than l, for each l: step l walks only those rows
-        self.longer_than = [int((lengths > n).sum()) for n in range(longest)]
+        blob = torch.frombuffer(bytearray(b"".join(self.token_bytes[i] for i in text_ids)),
+                                dtype=torch.uint8).long()
+        starts = torch.cumsum(lengths, 0) - lengths
+        longest = int(lengths[0]) if text_ids else 0
+        self.columns = [blob[starts[:int((lengths > n).sum())] + n] for n in range(longest)]
 
-    def walk(self, dense: torch.Tensor, state: int) -> torch.Tensor:
+    def walk(self, by_class: torch.Tensor, class_of: torch.Tensor, state: int) -> torch.Tensor:
         """Each text token's state after its bytes from `state` (the dead state where it
         leaves the language), in the table's order."""
         states = torch.full((len(self.ids),), state, dtype=torch.long)
-        for n, rows in enumerate(self.longer_than):
-            states[:rows] = dense[states[:rows], self.bytes[:rows, n]]
+        for column in self.columns:
+            rows = len(column)
+            states[:rows] = by_class[states[:rows], class_of[column]]
         return states
 
 
-def dense_table(dfa: ByteDFA) -> torch.Tensor:
-    """(states + 1, 257): the next state for each byte and the padding byte; the last row is
-    the dead state, where -1 leads."""
+def class_tables(dfa: ByteDFA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states + 1, classes): the next state by byte class, the last row the dead state,
+    where -1 leads; and each byte's class."""
     dead = dfa.num_states
-    by_class = torch.tensor(dfa.table, dtype=torch.long).reshape(dfa.num_states, -1)
+    by_class = torch.tensor(dfa.table, dtype=torch.long).reshape(dead, -1)
     by_class[by_class < 0] = dead
-    classes = torch.tensor(list(dfa.byte_class), dtype=torch.long)
-    dense = torch.full((dead + 1, PAD + 1), dead, dtype=torch.long)
-    dense[:dead, :PAD] = by_class[:, classes]
-    dense[:dead, PAD] = torch.arange(dead)
-    return dense
+    by_class = torch.cat([by_class, torch.full((1, by_class.shape[1]), dead)])
+    return by_class, torch.tensor(list(dfa.byte_class), dtype=torch.long)
 
 
 class GuideMasks:
@@ -77,9 +73,9 @@ class GuideMasks:
         self._make_table = make_table
         self._table: TokenTable | None = None
         self._lock = threading.Lock()
-        # guide key -> (dense table, {state: mask}), least recently used first
-        self._guides: OrderedDict[str, tuple[torch.Tensor, dict[int, torch.Tensor]]] = \
-            OrderedDict()
+        # guide key -> (its class tables, {state: mask}), least recently used first
+        self._guides: OrderedDict[
+            str, tuple[tuple[torch.Tensor, torch.Tensor], dict[int, torch.Tensor]]] = OrderedDict()
 
     @property
     def table(self) -> TokenTable:
@@ -92,20 +88,21 @@ class GuideMasks:
         """(vocab,) bool: the tokens allowed at `state` of `guide`."""
         entry = self._guides.get(guide.key)
         if entry is None:
-            entry = self._guides[guide.key] = (dense_table(guide.dfa), {})
+            entry = self._guides[guide.key] = (class_tables(guide.dfa), {})
             while len(self._guides) > CACHED_DFAS:
                 self._guides.popitem(last=False)
         else:
             self._guides.move_to_end(guide.key)
-        dense, masks = entry
+        tables, masks = entry
         if (mask := masks.get(state)) is None:
-            mask = masks[state] = self._compute(guide.dfa, dense, state)
+            mask = masks[state] = self._compute(guide.dfa, tables, state)
         return mask
 
-    def _compute(self, dfa: ByteDFA, dense: torch.Tensor, state: int) -> torch.Tensor:
+    def _compute(self, dfa: ByteDFA, tables: tuple[torch.Tensor, torch.Tensor], state: int
+                 ) -> torch.Tensor:
         table = self.table
         mask = torch.zeros(table.vocab_size, dtype=torch.bool)
-        ends = table.walk(dense, state)
+        ends = table.walk(*tables, state)
         mask[table.ids[ends != dfa.num_states]] = True
         # The end is allowed where the output is complete, and where nothing else is left
         # (a vocabulary that cannot write what the pattern needs): never a dead end

@@ -53,6 +53,8 @@ REQUESTS = [
     ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
                           "max_tokens": 10, "temperature": 0, "logprobs": True,
                           "top_logprobs": 2}),
+    ("completions", {"model": "tiny", "prompt": "The dog", "max_tokens": 30, "n": 2,  # guided
+                     "temperature": 1.0, "seed": 3, "guided_regex": "[a-z]{3,8}( [0-9]+)?"}),
 ]
 
 
