@@ -14,11 +14,13 @@ some, which is refused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 MAX_NFA_STATES = 200_000
 MAX_DFA_STATES = 20_000
 MAX_CLASS_CHARS = 4096
+MAX_COMPILE_SECONDS = 3.0  # a pattern may be small and its DFA slow to build: bounded
 ALL_BYTES = (1 << 256) - 1
 
 
@@ -368,6 +370,7 @@ def compile_regex(pattern: str) -> ByteDFA:
                     todo.append(nxt)
         return frozenset(s for s in seen if nfa.edges[s] or s == end)  # epsilon-only: moot
 
+    deadline = time.monotonic() + MAX_COMPILE_SECONDS
     first = closure({start})
     index = {first: 0}
     order, table = [first], []
@@ -384,6 +387,9 @@ def compile_regex(pattern: str) -> ByteDFA:
                 if len(order) >= MAX_DFA_STATES:
                     raise GuideError(f"the pattern is too large to compile (its automaton "
                                      f"passes {MAX_DFA_STATES} states)")
+                if time.monotonic() > deadline:
+                    raise GuideError(f"the pattern takes too long to compile (over "
+                                     f"{MAX_COMPILE_SECONDS:g} s)")
                 index[key] = len(order)
                 order.append(key)
             row.append(index[key])

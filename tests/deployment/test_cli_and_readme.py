@@ -131,14 +131,17 @@ def test_readme_curl_examples(index: int, open_server: Server) -> None:
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) > 2
         json.loads(lines[0].removeprefix("data: "))
+    elif "guided_choice" in script:
+        [choice] = json.loads(out.stdout)["choices"]
+        assert choice["text"] in ("blue", "grey") and choice["finish_reason"] == "stop"
     else:
         body = json.loads(out.stdout)
         assert body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 16
 
 
-def test_readme_python_example(open_server: Server) -> None:
-    (code,) = blocks("python")
-    code = code.replace("http://127.0.0.1:8000", open_server.base_url)
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_readme_python_examples(index: int, open_server: Server) -> None:
+    code = blocks("python")[index].replace("http://127.0.0.1:8000", open_server.base_url)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import server.guided.regex as regex_module
 from model.tokenizer import Tokenizer
 from server.guided.json_schema import object_of, schema_to_regex
 from server.guided.masks import GuideMasks, TokenTable
@@ -52,6 +53,13 @@ def test_a_pattern_too_large_is_refused() -> None:
     """A DFA can be exponential in its pattern: compiling stops at MAX_DFA_STATES."""
     with pytest.raises(GuideError, match=f"passes {MAX_DFA_STATES} states"):
         compile_regex("[ab]*a[ab]{15}")
+
+
+def test_a_pattern_slow_to_compile_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling has a deadline (a small pattern can have a DFA slow to build)."""
+    monkeypatch.setattr(regex_module, "MAX_COMPILE_SECONDS", 0.0)
+    with pytest.raises(GuideError, match="takes too long to compile"):
+        compile_regex("a{3}")
 
 
 PERSON = {"type": "object", "properties": {
