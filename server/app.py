@@ -334,7 +334,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             services = (engine, engine.tokenizer, config.served_model_name,
                         config.prompt_tokens_details)
             state.completions = CompletionService(*services)
-            state.chat = ChatService(*services)
+            state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

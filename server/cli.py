@@ -20,6 +20,7 @@ from server.config import (
     DEFAULT_BATCHED_TOKENS,
     DEFAULT_MAX_MODEL_LEN,
     LARGE_GPU_BATCHED_TOKENS,
+    TOOL_CALL_PARSERS,
     EngineConfig,
     GenerationDefaults,
     ServerConfig,
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--enable-prompt-tokens-details", "report the prompt tokens taken from the "
          "prefix cache in usage, as prompt_tokens_details.cached_tokens (vLLM's flag)",
          action="store_true", dest="prompt_tokens_details", default=s.prompt_tokens_details)
+    _add(serve, "--enable-auto-tool-choice", "let tool_choice \"auto\" (the default when a "
+         "request has tools) answer with tool calls, parsed from the model's text by "
+         "--tool-call-parser (vLLM's flags); without it such requests are refused",
+         action="store_true", default=False)
+    _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
+         "llama3_json (Llama 3.1 / 3.2's JSON calls)", choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
     _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "
@@ -181,8 +188,17 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         max_n=args.max_n, chat_template=template, generation_defaults=defaults,
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
-        engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details)
+        engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,
+        tool_call_parser=_tool_call_parser(args))
     return engine, server
+
+
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    """vLLM's pair of flags: both or neither."""
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: "
+                         "pass both, or neither")
+    return args.tool_call_parser
 
 
 def chat_template_text(arg: str) -> str:

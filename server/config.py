@@ -179,6 +179,9 @@ class GenerationDefaults:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+TOOL_CALL_PARSERS = ("llama3_json",)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -196,6 +199,9 @@ class ServerConfig:
     log_level: str = "info"
     metrics_compat: str | None = None  # "vllm": also export vLLM's metric names
     prompt_tokens_details: bool = False  # usage's prompt_tokens_details.cached_tokens
+    # tool_choice "auto": the model's answer parsed for tool calls by this parser (vLLM's
+    # --enable-auto-tool-choice --tool-call-parser); None: "auto" is refused
+    tool_call_parser: str | None = None
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
@@ -203,6 +209,9 @@ class ServerConfig:
     engine_process: bool = False
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}, got "
+                             f"{self.tool_call_parser!r}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
 

@@ -138,6 +138,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     response_id = _response_id("chatcmpl")
     with state.admission(body) as engine:
         assert service is not None
+        service.check_tools(body)
         params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,

@@ -25,6 +25,7 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionStreamChoice,
+    ChatFinishReason,
     ChatMessage,
     ChatTemplateControls,
     CompletionLogprobs,
@@ -33,15 +34,29 @@ from server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
     CompletionUsage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     ErrorResponse,
+    FunctionCall,
+    NamedToolChoice,
+    RequestError,
     StreamEnvelope,
+    ToolCallOut,
     chat_logprobs,
     completion_logprobs,
     logprob_token_ids,
     to_openai_finish_reason,
 )
 from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.tool_calls import (
+    PARSERS,
+    ParsedCall,
+    may_be_calls,
+    named_call,
+    required_calls,
+    tool_call_id,
+)
 
 DONE = "[DONE]"
 
@@ -231,6 +246,11 @@ def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
                                  **controls.template_args())
 
 
+def _delta_call(index: int, call: ParsedCall) -> DeltaToolCall:
+    return DeltaToolCall(index=index, id=tool_call_id(), type="function",
+                         function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+
+
 def error_event(message: str) -> str:
     return ErrorResponse.of(message, "server_error").model_dump_json()
 
@@ -397,6 +417,18 @@ class CompletionService(_Service):
 
 class ChatService(_Service):
 
+    def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str,
+                 prompt_tokens_details: bool = False, tool_call_parser: str | None = None
+                 ) -> None:
+        super().__init__(engine, tokenizer, model_name, prompt_tokens_details)
+        self.parse_calls = PARSERS[tool_call_parser] if tool_call_parser else None
+
+    def check_tools(self, request: ChatCompletionRequest) -> None:
+        """tool_choice "auto" needs a parser (vLLM's answer, word for word)."""
+        if request.tool_mode == "auto" and self.parse_calls is None:
+            raise RequestError('"auto" tool choice requires --enable-auto-tool-choice and '
+                               '--tool-call-parser to be set', "tool_choice")
+
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         ids = encode_messages(self.tokenizer, request.messages, request,
                               request.add_special_tokens)
@@ -408,17 +440,54 @@ class ChatService(_Service):
         raw = dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True))
         return chat_logprobs(lps, texts, raw)
 
+    def _answer(self, request: ChatCompletionRequest, choice: Choice
+                ) -> tuple[str | None, list[ParsedCall] | None, ChatFinishReason | None]:
+        """A finished choice's content, tool calls and finish_reason, as vLLM gives them:
+        a named tool's call (content "", finish as it came), the calls "required" asked for
+        or the parser found ("tool_calls" for a finished answer), or the text."""
+        finish, mode = to_openai_finish_reason(choice.finish_reason), request.tool_mode
+        calls = None
+        if mode == "named":
+            assert isinstance(request.tool_choice, NamedToolChoice)
+            calls = named_call(request.tool_choice.function.name, choice.text)
+        elif mode == "required":
+            calls = required_calls(choice.text)
+        elif mode == "auto" and self.parse_calls is not None:
+            calls = self.parse_calls(choice.text)
+            if calls and request.parallel_tool_calls is False:
+                calls = calls[:1]
+        if calls is None:
+            return choice.text, None, finish
+        if mode != "named" and finish == "stop":
+            finish = "tool_calls"
+        return ("" if mode in ("named", "required") else None), calls, finish
+
+    def _holds_back(self, request: ChatCompletionRequest) -> bool | None:
+        """Whether a streamed choice's text is held back until it ends (it may be calls):
+        always for a named or required call, until its first word shows under "auto" (None),
+        never otherwise."""
+        mode = request.tool_mode
+        if mode in ("named", "required"):
+            return True
+        return None if mode == "auto" and self.parse_calls is not None else False
+
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
         choices: dict[int, Choice] = {}
         async for _, out in merged(self.engine, submitted):
             _check(out)
             _absorb(choices.setdefault(out.index, Choice()), out)
-        result = [ChatCompletionResponseChoice(
-            index=i, message=ChatCompletionMessage(content=c.text),
-            logprobs=self._logprobs(c.logprobs) if request.logprobs else None,
-            finish_reason=to_openai_finish_reason(c.finish_reason), stop_reason=c.stop_reason)
-            for i, c in sorted(choices.items())]
+        result = []
+        for i, c in sorted(choices.items()):
+            content, calls, finish = self._answer(request, c)
+            tool_calls = None if calls is None else [
+                ToolCallOut(id=tool_call_id(), function=FunctionCall(name=call.name,
+                                                                     arguments=call.arguments))
+                for call in calls]
+            result.append(ChatCompletionResponseChoice(
+                index=i, message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
+                logprobs=self._logprobs(c.logprobs) if request.logprobs else None,
+                finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
                                       usage=self._usage(submitted, choices, request.n))
 
@@ -426,6 +495,7 @@ class ChatService(_Service):
                      response_id: str) -> AsyncIterator[str]:
         created = int(time.time())
         choices: dict[int, Choice] = {}
+        held = {index: self._holds_back(request) for index in range(len(submitted) * request.n)}
 
         envelope = StreamEnvelope(
             ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
@@ -436,12 +506,13 @@ class ChatService(_Service):
         num_prompt = len(submitted[0].prompt_ids)
 
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogprobs | None = None,
-                  finish: RequestOutput | None = None, num_output: int = 0) -> str:
+                  finish: RequestOutput | None = None, num_output: int = 0,
+                  reason: ChatFinishReason | None = None) -> str:
             usage = (CompletionUsage.of(num_prompt, num_output)
                      if continuous_usage else None)  # this choice's, as vLLM's
             return envelope.render(ChatCompletionStreamChoice(
                 index=index, delta=delta, logprobs=logprobs,
-                finish_reason=to_openai_finish_reason(finish and finish.finish_reason),
+                finish_reason=reason or to_openai_finish_reason(finish and finish.finish_reason),
                 stop_reason=finish and finish.stop_reason), usage)
 
         started = False
@@ -453,7 +524,24 @@ class ChatService(_Service):
                 for index in range(request.n):
                     yield chunk(index, DeltaMessage(role="assistant", content=""))
                 started = True
-            _absorb(choices.setdefault(out.index, Choice()), out)
+            choice = choices.setdefault(out.index, Choice())
+            _absorb(choice, out)
+            if held[out.index] is None:  # "auto": calls, or text?
+                held[out.index] = may_be_calls(choice.text)
+                if held[out.index] is False and choice.text != out.text:
+                    # text after all: what was held back goes out now, this token with it
+                    out = replace(out, text=choice.text, logprobs=choice.logprobs)
+            if held[out.index] is not False:
+                if out.finished:  # the answer, whole: its calls, or its text
+                    content, calls, finish = self._answer(request, choice)
+                    tool_calls = (None if calls is None else
+                                  [_delta_call(k, call) for k, call in enumerate(calls)])
+                    delta = DeltaMessage(content=content or None, tool_calls=tool_calls)
+                    logprobs = (self._logprobs(choice.logprobs)
+                                if request.logprobs and choice.logprobs else None)
+                    yield chunk(out.index, delta, logprobs, finish=out,
+                                num_output=out.num_output_tokens, reason=finish)
+                continue
             token = bool(out.text or out.logprobs)
             if out.text and not request.logprobs and not continuous_usage and not out.finished:
                 yield envelope.text_chunk(out.index, out.text)  # most tokens' chunk

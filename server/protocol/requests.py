@@ -476,6 +476,10 @@ class ChatMessage(OpenAIBaseModel):
         return message
 
 
+def _choice_name(choice: Any) -> str:
+    return repr(choice) if isinstance(choice, str) else repr(choice.function.name)
+
+
 class ChatTemplateControls(OpenAIBaseModel):
     """vLLM's controls of the chat template, for chat completions and /tokenize:
     `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue
@@ -512,18 +516,46 @@ class ChatTemplateControls(OpenAIBaseModel):
                 "variables": self.chat_template_kwargs or {}}
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+NO_ARGUMENTS = {"type": "object", "properties": {}}
+
+
 class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
-    """POST /v1/chat/completions. Tools and functions are refused;
-    `add_special_tokens` adds the tokenizer's BOS on top of the template's own (off, as in
-    vLLM)."""
+    """POST /v1/chat/completions. `tools` reach the chat template; `tool_choice` names one
+    (its arguments are guided by its parameters' schema), asks for some ("required": a list
+    of calls, guided) or leaves it to the model ("auto", the default with tools: the answer is
+    parsed for calls by the server's --tool-call-parser). The deprecated `functions` are
+    refused. `add_special_tokens` adds the tokenizer's BOS on top of the template's own (off,
+    as in vLLM)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: one call at most
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
     add_special_tokens: bool = False
@@ -536,19 +568,77 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+    def _no_functions(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
-            raise ValueError(f"{info.field_name} are not supported")
+            raise ValueError("functions are not supported (send tools)")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+    def _no_function_call(cls, value: Any) -> Any:
         if value is not None and value != "none":
-            raise ValueError(f"{info.field_name} is not supported")
+            raise ValueError("function_call is not supported (send tool_choice)")
         return value
+
+    @model_validator(mode="after")
+    def _tool_choice_among_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return self
+        names = [tool.function.name for tool in self.tools or ()]
+        if not names:
+            raise ValueError(f"tool_choice {_choice_name(choice)} needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among "
+                             f"the tools ({', '.join(names)})")
+        return self
+
+    @property
+    def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
+        """What the answer is: text ("none"), text or calls the model chose ("auto", the
+        default with tools, as OpenAI's), calls ("required"), one call of the named tool."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice
+
+    def tool_spec(self) -> GuideSpec | None:
+        """The guide of a required or named tool call: the tool's parameters (named), or a
+        list of calls of any tool, each {"name", "parameters"} (required), as vLLM's; of one
+        call with parallel_tool_calls false (which vLLM ignores)."""
+        mode, tools = self.tool_mode, self.tools or []
+        if mode == "named":
+            assert isinstance(self.tool_choice, NamedToolChoice)
+            name = self.tool_choice.function.name
+            tool = next(t for t in tools if t.function.name == name)
+            return GuideSpec("json", tool.function.parameters or NO_ARGUMENTS, "tool_choice")
+        if mode == "required":
+            calls = [{"type": "object", "properties": {
+                "name": {"type": "string", "enum": [t.function.name]},
+                "parameters": t.function.parameters or NO_ARGUMENTS},
+                "required": ["name", "parameters"]} for t in tools]
+            most = {"maxItems": 1} if self.parallel_tool_calls is False else {}
+            return GuideSpec("json", {"type": "array", "minItems": 1, **most,
+                                      "items": {"anyOf": calls}}, "tool_choice")
+        return None
+
+    def guide_spec(self) -> GuideSpec | None:
+        spec, tool = super().guide_spec(), self.tool_spec()
+        if spec is not None and tool is not None:
+            raise RequestError(f"only one constraint may be given, got tool_choice and "
+                               f"{spec.field}", spec.field)
+        return spec or tool
+
+    def template_args(self) -> dict[str, Any]:
+        """As the controls', and the tools (as vLLM passes them: also with tool_choice none)."""
+        args = super().template_args()
+        if self.tools:
+            args["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return args
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -21,6 +21,7 @@ from server.request import FinishReason
 
 # OpenAI's reasons, plus vLLM's "abort" for requests cut off by a server shutdown.
 OpenAIFinishReason = Literal["stop", "length", "abort"]
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]  # chat's: calls too
 # vLLM's extra field: the stop string or stop token id that ended a choice; null otherwise
 # (eos, length, abort, and every chunk before the last)
 StopReason = str | int | None
@@ -173,18 +174,60 @@ class CompletionStreamResponse(_OmitNullUsage):
     usage: CompletionUsage | None = None
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(ResponseModel):
-    """The response message."""
+    """The response message; `tool_calls` only where the answer is calls (as OpenAI's)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
+
+
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaToolCall(ResponseModel):
+    """One call in a stream: its first delta has the id, type and name (here, every delta:
+    a call is sent whole, once its arguments are complete)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatCompletionResponseChoice(ResponseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogprobs | None = None
-    finish_reason: OpenAIFinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: StopReason = None
 
 
@@ -202,6 +245,7 @@ class DeltaMessage(ResponseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -212,7 +256,7 @@ class ChatCompletionStreamChoice(ResponseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogprobs | None = None
-    finish_reason: OpenAIFinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: StopReason = None
 
 

@@ -1,0 +1,218 @@
+"""Tool calling over HTTP, as vLLM serves it: tools reach the chat template; a named
+tool_choice and "required" are guided into calls; "auto" (with --enable-auto-tool-choice
+--tool-call-parser llama3_json) parses the answer. The tiny model's weights are random: to
+see the parser at work, a structured-outputs regex makes it write a call (or plain text)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from model.tokenizer import Tokenizer
+from server.protocol import ChatCompletionRequest
+from server.tool_calls import llama3_json_calls, required_calls
+from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
+
+TEMPLATES = Path(__file__).parents[1] / "model" / "templates"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome"]},
+        "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL_REGEX = r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "unit": "c"\}\}'
+
+
+@pytest.fixture(scope="module")
+def tools_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Server]:
+    """Llama 3.1's template (its tool prompt is long: the 4096-token model)."""
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("tools"),
+                    "--served-model-name", "tiny", "--enable-auto-tool-choice",
+                    "--tool-call-parser", "llama3_json", "--chat-template",
+                    str(TEMPLATES / "llama-3.1-instruct.jinja")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sdk(tools_server: Server) -> Iterator[OpenAI]:
+    with OpenAI(base_url=tools_server.v1, api_key="none", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_tools_reach_the_chat_template(tiny_checkpoint: Path) -> None:
+    """Llama 3.1's template writes the tools' JSON into the prompt, as transformers renders it
+    with tools=; without tools it writes none."""
+    template = (TEMPLATES / "llama-3.1-instruct.jinja").read_text()
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint, chat_template=template)
+    request = ChatCompletionRequest(messages=USER, tools=[WEATHER])
+    with_tools = tokenizer.apply_chat_template(USER, **request.template_args())
+    assert '"name": "get_weather"' in with_tools and "The weather in a city" in with_tools
+    plain = ChatCompletionRequest(messages=USER)
+    assert "get_weather" not in tokenizer.apply_chat_template(USER, **plain.template_args())
+
+
+def test_named_tool_choice_is_a_call_of_that_tool(sdk: OpenAI) -> None:
+    r = sdk.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=0.9, seed=4,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [choice] = r.choices
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert call.id.startswith("chatcmpl-tool-")
+    arguments = json.loads(call.function.arguments)
+    assert arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("c", "f")
+    assert choice.finish_reason == "stop" and choice.message.content == ""  # vLLM's
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_required_tool_choice_is_calls(sdk: OpenAI, seed: int) -> None:
+    """A list of calls of the tools; parallel_tool_calls false makes it one (a random model
+    would go on listing calls to max_tokens)."""
+    r = sdk.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME],
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    temperature=1.0, seed=seed, max_tokens=300)
+    [choice] = r.choices
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and choice.message.content == ""
+    for call in calls:
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "get_time")
+        assert set(arguments) == ({"city", "unit"} if call.function.name == "get_weather"
+                                  else {"zone"})
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "named"])
+def test_streamed_calls_come_whole_with_their_finish(sdk: OpenAI, tool_choice: str) -> None:
+    """A stream holds a call back until its arguments are complete, then sends it in one
+    delta (id, type, name, arguments) on the chunk that finishes the choice."""
+    choice = ("required" if tool_choice == "required" else
+              {"type": "function", "function": {"name": "get_time"}})
+    stream = sdk.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME],
+                                         tool_choice=choice, temperature=0, max_tokens=300,
+                                         parallel_tool_calls=False, stream=True)
+    chunks = [c for c in stream if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta for c in chunks[1:]]
+    assert not any(d.content for d in deltas)  # no text: the calls only
+    [last] = [c for c in chunks if c.choices[0].delta.tool_calls]
+    assert last is chunks[-1]
+    assert last.choices[0].finish_reason == ("tool_calls" if tool_choice == "required"
+                                             else "stop")
+    for k, call in enumerate(last.choices[0].delta.tool_calls or []):
+        assert call.index == k and call.id and call.type == "function"
+        assert call.function and call.function.name and json.loads(call.function.arguments or "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_parses_a_call_from_the_answer(tools_server: Server, stream: bool) -> None:
+    """The model writes a Llama 3.1 JSON call (made to, here, by a regex): the answer is a
+    tool call, finish_reason "tool_calls", and no content."""
+    body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
+            "max_tokens": 60, "structured_outputs": {"regex": CALL_REGEX}, "stream": stream}
+    r = httpx.post(f"{tools_server.v1}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert not any(d.get("content") for d in deltas)
+        calls = [call for d in deltas for call in d.get("tool_calls", [])]
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] is None
+        calls, finish = message["tool_calls"], r.json()["choices"][0]["finish_reason"]
+    [call] = calls
+    assert call["function"]["name"] == "get_weather" and finish == "tool_calls"
+    assert json.loads(call["function"]["arguments"])["unit"] == "c"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_answers_text_as_text(tools_server: Server, stream: bool) -> None:
+    """An answer that is not a call streams as content, token by token."""
+    body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
+            "max_tokens": 40, "structured_outputs": {"regex": "It is sunny[a-z ]{0,12}\\."},
+            "stream": stream}
+    r = httpx.post(f"{tools_server.v1}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+        contents = [c["choices"][0]["delta"].get("content") for c in chunks]
+        assert len([c for c in contents if c]) > 1  # streamed, not held back
+        text, finish = "".join(c or "" for c in contents), chunks[-1]["choices"][0][
+            "finish_reason"]
+        assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    else:
+        message = r.json()["choices"][0]["message"]
+        assert "tool_calls" not in message
+        text, finish = message["content"], r.json()["choices"][0]["finish_reason"]
+    assert text.startswith("It is sunny") and text.endswith(".") and finish == "stop"
+
+
+def test_tool_requests_that_cannot_be_served(tools_server: Server, server: Server,
+                                             auth: dict[str, str]) -> None:
+    chat = f"{tools_server.v1}/chat/completions"
+    both = {"model": "tiny", "messages": USER, "tools": [WEATHER], "tool_choice": "required",
+            "response_format": {"type": "json_object"}}
+    error = assert_openai_error(httpx.post(chat, json=both, timeout=60), 400)
+    assert "only one constraint" in error["message"] and error["param"] == "response_format"
+    # Without --enable-auto-tool-choice, tools without a tool_choice are "auto": refused, as
+    # vLLM refuses them; "none" answers text
+    plain = {"model": "tiny", "messages": USER, "tools": [WEATHER], "max_tokens": 4}
+    error = assert_openai_error(httpx.post(f"{server.v1}/chat/completions", json=plain,
+                                           headers=auth, timeout=60), 400)
+    assert "--enable-auto-tool-choice" in error["message"] and error["param"] == "tool_choice"
+    r = httpx.post(f"{server.v1}/chat/completions", json={**plain, "tool_choice": "none"},
+                   headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(("text", "calls"), [
+    ('{"name": "f", "parameters": {"a": 1}}', [("f", '{"a": 1}')]),
+    ('<|python_tag|>{"name": "f", "arguments": {}}; {"name": "g", "parameters": {"b": "é"}}',
+     [("f", "{}"), ("g", '{"b": "é"}')]),
+    ("  {\"name\": \"f\", \"parameters\": {}}\n", [("f", "{}")]),
+    ("Hello", None), ('{"name": "f"', None), ('{"parameters": {}}', None),
+    ('{"name": "f", "parameters": [1]}', None), ('{"name": "f", "parameters": {}} trailing', None),
+])
+def test_llama3_json_parser(text: str, calls: list[tuple[str, str]] | None) -> None:
+    parsed = llama3_json_calls(text)
+    assert (None if parsed is None else [(c.name, c.arguments) for c in parsed]) == calls
+
+
+def test_the_guides_of_tool_choices() -> None:
+    """named: the tool's parameters (or an empty object); required: a list of calls, one at
+    most with parallel_tool_calls false; none and auto: no guide."""
+    bare = {"type": "function", "function": {"name": "ping"}}
+    named = ChatCompletionRequest(messages=USER, tools=[WEATHER, bare], tool_choice={
+        "type": "function", "function": {"name": "ping"}}).guide_spec()
+    assert named is not None and named.value == {"type": "object", "properties": {}}
+    required = ChatCompletionRequest(messages=USER, tools=[WEATHER, TIME],
+                                     tool_choice="required").guide_spec()
+    assert required is not None and "maxItems" not in required.value
+    names = [item["properties"]["name"]["enum"] for item in required.value["items"]["anyOf"]]
+    assert names == [["get_weather"], ["get_time"]]
+    one = ChatCompletionRequest(messages=USER, tools=[TIME], tool_choice="required",
+                                parallel_tool_calls=False).guide_spec()
+    assert one is not None and one.value["maxItems"] == 1
+    for choice in ("none", "auto", None):
+        request = ChatCompletionRequest(messages=USER, tools=[TIME], tool_choice=choice)
+        assert request.guide_spec() is None
+        assert request.tool_mode == (choice or "auto")
+
+
+def test_required_calls_parser() -> None:
+    parsed = required_calls('[{"name": "f", "parameters": {"x": [1, 2]}}, '
+                            '{"name": "g", "parameters": {}}]')
+    assert parsed is not None and [(c.name, c.arguments) for c in parsed] == [
+        ("f", '{"x": [1, 2]}'), ("g", "{}")]
+    assert required_calls('[{"name": "f", "parameters": {"x"') is None  # cut by max_tokens
+    assert required_calls("[]") is None
