@@ -80,9 +80,9 @@ def assert_invalid(build: Any, fields: dict[str, Any], param: str | None, fragme
 
 def test_unknown_fields_are_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="server.protocol"):
-        request = chat(parallel_tool_calls=True, metadata={"a": "b"})
-    assert "parallel_tool_calls" not in request.model_dump()
-    assert "parallel_tool_calls" in caplog.text and "metadata" in caplog.text
+        request = chat(service_tier="auto", metadata={"a": "b"})
+    assert "service_tier" not in request.model_dump()
+    assert "service_tier" in caplog.text and "metadata" in caplog.text
     message = ChatMessage.model_validate({"role": "user", "content": "x", "refusal": None})
     assert message.content == "x"
 
