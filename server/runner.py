@@ -80,6 +80,7 @@ class ModelRunner:
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
         self.guide_states: dict[Sequence, tuple[int, int]] = {}
+        self._end_only_logits: torch.Tensor | None = None
         # The last step's sampled rows and their controls (see _sampling_batch).
         self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
         # When the last timed forward returned, and its step's kind (ForwardTiming).
@@ -259,23 +260,33 @@ class ModelRunner:
         # Decode steps mostly sample the same rows as the step before, and their controls are
         # then the same tensors: kept unless penalties (which count the outputs) or a
         # min_tokens ban (lifted after min_tokens outputs) depend on what a step added.
-        last_seqs, last = self._last_sampling
-        if (last is not None and len(seqs) == len(last_seqs)
+        last_seqs, batch = self._last_sampling
+        if not (batch is not None and len(seqs) == len(last_seqs)
                 and all(a is b for a, b in zip(seqs, last_seqs, strict=True))):
-            return last
-        bans = [self._min_tokens_ban(s) for s in seqs]
-        params = [s.request.params for s in seqs]
-        masks = [self._guide_mask(s) for s in seqs]
-        batch = SamplingBatch.from_params(
-            params, self.vocab_size, self.device,
-            output_token_ids=[s.output_ids for s in seqs],
-            prompt_token_ids=[s.request.prompt_ids for s in seqs],
-            generators=[self._generator(s) for s in seqs],
-            extra_bias=bans, token_masks=masks)
-        keep = (not any(bans) and not any(p.has_penalties for p in params)
-                and all(m is None for m in masks))
-        self._last_sampling = (tuple(seqs), batch if keep else None)
+            bans = [self._min_tokens_ban(s) for s in seqs]
+            params = [s.request.params for s in seqs]
+            batch = SamplingBatch.from_params(
+                params, self.vocab_size, self.device,
+                output_token_ids=[s.output_ids for s in seqs],
+                prompt_token_ids=[s.request.prompt_ids for s in seqs],
+                generators=[self._generator(s) for s in seqs],
+                extra_bias=bans)
+            keep = not any(bans) and not any(p.has_penalties for p in params)
+            self._last_sampling = (tuple(seqs), batch if keep else None)
+        # A guided row's mask moves with its tokens: set every step, on the batch kept or not
+        guided = [i for i, s in enumerate(seqs) if s.request.params.guide is not None]
+        if guided:
+            batch = batch.with_guides(guided, [self._guide_mask(seqs[i]) for i in guided],
+                                      self._end_only())
         return batch
+
+    def _end_only(self) -> torch.Tensor:
+        """(V,): 0 at the end-of-sequence ids, -inf elsewhere (a guided row with nothing left)."""
+        if self._end_only_logits is None:
+            end = torch.full((self.vocab_size,), float("-inf"))
+            end[[t for t in self.eos_ids if 0 <= t < self.vocab_size]] = 0.0
+            self._end_only_logits = end.to(self.device)
+        return self._end_only_logits
 
     @staticmethod
     def _logprobs(params: list[SamplingParams], tokens: list[int], out: SamplerOutput
@@ -314,20 +325,18 @@ class ModelRunner:
         self.guide_states[seq] = (len(seq.output_ids), state)
         return state
 
-    def _guide_mask(self, seq: Sequence) -> torch.Tensor | None:
+    def _guide_mask(self, seq: Sequence) -> torch.Tensor:
         guide = seq.request.params.guide
-        if guide is None:
-            return None
-        if self.guides is None:
+        if guide is None or self.guides is None:
             raise RuntimeError("a guided request reached a runner without guide masks")
         return self.guides.mask(guide, self._guide_state(seq))
 
     def _min_tokens_ban(self, seq: Sequence) -> list[tuple[int, float]]:
+        # (A guided row whose guide allows only banned tokens, such as the end once its
+        # output is complete, takes the end anyway: sampling.py's _apply_guides)
         params = seq.request.params
         if len(seq.output_ids) >= params.min_tokens:
             return []
-        if params.guide is not None and params.guide.dfa.is_final(self._guide_state(seq)):
-            return []  # the guided output is complete: min_tokens gives way to its end
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         if params.allowed_token_ids and banned.issuperset(params.allowed_token_ids):
             return []  # only tokens that end it are allowed: min_tokens gives way

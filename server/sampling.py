@@ -12,7 +12,7 @@ Logprobs are "raw": log_softmax of the logits as given, before any of that proce
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +53,18 @@ class SamplingBatch:
     unit_temperature: bool = False  # every sampled row has temperature 1: skip the division
     # Sampled rows without top-k, top-p or min-p: the ones a C draw can take (Sampler.kernels).
     plain_rows: tuple[int, ...] = ()
+    # Guided decoding: the guided rows (k,), the tokens each may take (k, V) bool, and (V,)
+    # 0 at the end-of-sequence ids, -inf elsewhere: what a row left with nothing takes
+    guide_rows: Tensor | None = None
+    guide_masks: Tensor | None = None
+    end_only: Tensor | None = None
+
+    def with_guides(self, rows: list[int], masks: list[Tensor], end_only: Tensor
+                    ) -> SamplingBatch:
+        """This batch with guided rows (their masks change every step; the rest is kept)."""
+        device = self.temperature.device
+        return replace(self, guide_rows=_to_device(torch.tensor(rows, dtype=torch.long), device),
+                       guide_masks=_to_device(torch.stack(masks), device), end_only=end_only)
 
     @classmethod
     def from_params(
@@ -64,17 +76,14 @@ class SamplingBatch:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
         extra_bias: Sequence[Iterable[tuple[int, float]]] | None = None,
-        token_masks: Sequence[Tensor | None] | None = None,
     ) -> SamplingBatch:
         """Build the batch from each row's params.
 
         `output_token_ids` / `prompt_token_ids` (None: empty) feed the penalties. `extra_bias`
         holds per-row (token_id, bias) pairs added on top of `params.logit_bias`, e.g. -inf on
-        eos before `min_tokens`. `token_masks` holds per-row (V,) bool masks of the tokens
-        allowed (guided decoding; None: any), ANDed with `allowed_token_ids`. Without
-        `generators`, seeded rows get a fresh generator: right for one step, but a runner must
-        keep one generator per request across steps, or every step would replay the same
-        noise.
+        eos before `min_tokens`. Without `generators`, seeded rows get a fresh generator: right
+        for one step, but a runner must keep one generator per request across steps, or every
+        step would replay the same noise. Guided rows' masks are set apart (`with_guides`).
         """
         n_rows = len(params)
         device = torch.device(device)
@@ -94,9 +103,7 @@ class SamplingBatch:
             for row, extra in zip(pairs, extra_bias, strict=True):
                 row.extend(extra)
         logit_bias = None
-        masks = list(token_masks) if token_masks is not None else [None] * n_rows
-        if any(pairs) or any(p.allowed_token_ids for p in params) or any(
-                m is not None for m in masks):
+        if any(pairs) or any(p.allowed_token_ids for p in params):
             rows = [i for i, row in enumerate(pairs) for _ in row]
             ids = [token_id for row in pairs for token_id, _ in row]
             allowed = [t for p in params for t in p.allowed_token_ids]
@@ -108,9 +115,6 @@ class SamplingBatch:
                 if p.allowed_token_ids:
                     logit_bias[i] = float("-inf")
                     logit_bias[i, list(p.allowed_token_ids)] = 0.0
-            for i, mask in enumerate(masks):
-                if mask is not None:
-                    logit_bias[i, :mask.shape[0]].masked_fill_(~mask, float("-inf"))
             values = torch.tensor([bias for row in pairs for _, bias in row], dtype=torch.float32)
             # accumulate: a user bias and an extra ban on the same token add up (-inf wins)
             logit_bias.index_put_((torch.tensor(rows, dtype=torch.long),
@@ -349,13 +353,28 @@ def _below(values: Tensor, bound: Tensor) -> Tensor:
 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """float32 logits after bias and penalties: what greedy rows take the argmax of."""
+    """float32 logits after bias, penalties and guides: what greedy rows take the argmax of."""
     # Every step is out of place: the caller's logits stay raw for the logprobs.
+    raw = logits
     logits = logits.float()  # (B, V)
     if batch.logit_bias is not None:
         logits = logits + batch.logit_bias
     if batch.output_counts is not None:
         logits = _apply_penalties(logits, batch)
+    if batch.guide_rows is not None:
+        logits = _apply_guides(logits.clone() if logits is raw else logits, batch)
+    return logits
+
+
+def _apply_guides(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """In place: each guided row keeps only the tokens its guide allows; a row left with
+    nothing (its guide's tokens all banned: allowed_token_ids, a min_tokens ban) takes the
+    end of the sequence instead of a draw from nothing."""
+    assert batch.guide_masks is not None and batch.end_only is not None
+    rows = batch.guide_rows
+    picked = logits[rows].masked_fill(~batch.guide_masks, float("-inf"))
+    stuck = (picked == float("-inf")).all(dim=1, keepdim=True)  # (k, 1), no host sync
+    logits[rows] = torch.where(stuck, batch.end_only, picked)
     return logits
 
 

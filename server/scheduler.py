@@ -346,7 +346,9 @@ class Scheduler:
     def _token_stop(self, seq: Sequence, token: int) -> RequestStatus | None:
         params = seq.request.params
         n_out = len(seq.output_ids)
-        if n_out >= params.min_tokens:  # the sampler bans stop ids before min_tokens anyway
+        # The sampler bans stop ids before min_tokens; a guided row's only when something
+        # else is allowed (ModelRunner._guide_mask): one sampled then ends it
+        if n_out >= params.min_tokens or params.guide is not None:
             eos = not params.ignore_eos and token in self.eos_ids
             if eos or token in params.stop_token_ids:
                 seq.stop_reason = None if eos and token == self.eos_id else token

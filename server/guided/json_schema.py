@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.guided.regex import GuideError, literal_pattern
+from server.guided.regex import JSON_STRING_GROUP, GuideError, literal_pattern
 
 WS = r"[ ]?"
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -39,6 +39,7 @@ FORMATS = {
 }
 FREE_DEPTH = 3  # containers a free-form value may nest (an object of objects of scalars)
 MAX_REF_DEPTH = 4
+MAX_COUNT = 1000  # the most repeats a bound (maxLength, maxItems) may ask for
 REFUSED = ("not", "if", "then", "else", "patternProperties", "dependentSchemas",
            "unevaluatedProperties")
 
@@ -53,7 +54,11 @@ def any_json(depth: int = FREE_DEPTH) -> str:
 
 def object_of(depth: int = FREE_DEPTH) -> str:
     """Any JSON object, its values nested up to `depth` - 1 deep: response_format json_object."""
-    member = f"{STRING}{WS}:{WS}{any_json(depth - 1)}"
+    return _members(f"{STRING}{WS}:{WS}{any_json(depth - 1)}")
+
+
+def _members(member: str) -> str:
+    """An object of any number of `member`s."""
     return rf"\{{{WS}(?:{member}(?:{WS},{WS}{member})*)?{WS}\}}"
 
 
@@ -132,11 +137,20 @@ class _Converter:
 
     def object(self, schema: dict, refs: int) -> str:
         properties = schema.get("properties")
+        extra = schema.get("additionalProperties", True)
         if not properties:
+            if extra is False:
+                return rf"\{{{WS}\}}"  # no property may be written
+            if isinstance(extra, dict) and extra:  # a map: dict[str, X]
+                return _members(f"{STRING}{WS}:{WS}{self.value(extra, refs)}")
             return object_of()
         if not isinstance(properties, dict):
             raise GuideError("`properties` must be an object")
-        required = set(schema.get("required") or ())
+        required_list = schema.get("required") or []
+        if not isinstance(required_list, list) or not all(
+                isinstance(name, str) for name in required_list):
+            raise GuideError("`required` must be a list of property names")
+        required = set(required_list)
         if unknown := required - properties.keys():
             raise GuideError(f"required properties {sorted(unknown)} are not in `properties`")
         items = [(f'{literal_pattern(json.dumps(name, ensure_ascii=False))}{WS}:{WS}'
@@ -155,10 +169,10 @@ class _Converter:
         return rf"\{{{WS}{first[0]}{WS}\}}"
 
     def array(self, schema: dict, refs: int) -> str:
-        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
-        if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)):
-            raise GuideError("`minItems` / `maxItems` must be integers")
+        lo, hi = _bounds(schema, "minItems", "maxItems")
         if "prefixItems" in schema:
+            if not isinstance(schema["prefixItems"], list):
+                raise GuideError("`prefixItems` must be a list")
             parts = [self.value(s, refs) for s in schema["prefixItems"]]
             if not parts:
                 return rf"\[{WS}\]"
@@ -184,13 +198,29 @@ def _string(schema: dict) -> str:
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
             raise GuideError("`pattern` must be a string")
-        return f'"(?:{pattern.removeprefix("^").removesuffix("$")})"'
-    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-    if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)):
-        raise GuideError("`minLength` / `maxLength` must be integers")
+        # A JSON Schema pattern matches anywhere unless anchored; here it is the whole string
+        # (outlines' reading). Its characters are kept to what a JSON string holds unescaped.
+        pattern = pattern.removeprefix("^")
+        body = pattern[:-1]
+        if pattern.endswith("$") and (len(body) - len(body.rstrip("\\"))) % 2 == 0:
+            pattern = body  # an anchor, not an escaped "$"
+        return f'"{JSON_STRING_GROUP}{pattern})"'
+    lo, hi = _bounds(schema, "minLength", "maxLength")
     if lo == 0 and hi is None:
         return STRING
     return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+
+
+def _bounds(schema: dict, low: str, high: str) -> tuple[int, int | None]:
+    """A (min, max) pair of counts; a max past MAX_COUNT is left unbounded (a regular
+    language repeats at most that many times), a min past it refused."""
+    lo, hi = schema.get(low, 0), schema.get(high)
+    if (not isinstance(lo, int) or isinstance(lo, bool) or lo < 0 or hi is not None and (
+            not isinstance(hi, int) or isinstance(hi, bool) or hi < 0)):
+        raise GuideError(f"`{low}` / `{high}` must be integers >= 0")
+    if lo > MAX_COUNT:
+        raise GuideError(f"`{low}` above {MAX_COUNT} is not supported")
+    return lo, (hi if hi is None or hi <= MAX_COUNT else None)
 
 
 def _array(item: str, lo: int, hi: int | None) -> str:

@@ -19,7 +19,9 @@ import torch
 from server.guided.regex import ByteDFA
 from server.guided.spec import Guide
 
-CACHED_DFAS = 32
+CACHED_DFAS = 64  # guides' class tables kept (small: states x byte classes)
+MASK_CACHE_BYTES = 256 * 2**20  # masks kept: 2048 at 128k tokens, 8192 at 32k
+MIN_CACHED_MASKS = 256
 
 
 class TokenTable:
@@ -66,16 +68,16 @@ def class_tables(dfa: ByteDFA) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GuideMasks:
-    """Allowed-token masks by guide and state, made on first use; the token table is built on
-    the first guided request (tokenizing the whole vocabulary takes a moment)."""
+    """Allowed-token masks by guide and state, made on first use and kept, least recently used
+    dropped past MASK_CACHE_BYTES; the token table is built on the first guided request."""
 
     def __init__(self, make_table: Callable[[], TokenTable]) -> None:
         self._make_table = make_table
         self._table: TokenTable | None = None
         self._lock = threading.Lock()
-        # guide key -> (its class tables, {state: mask}), least recently used first
-        self._guides: OrderedDict[
-            str, tuple[tuple[torch.Tensor, torch.Tensor], dict[int, torch.Tensor]]] = OrderedDict()
+        # Least recently used first: each guide's class tables, and each (guide, state)'s mask
+        self._tables: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._masks: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
 
     @property
     def table(self) -> TokenTable:
@@ -86,17 +88,25 @@ class GuideMasks:
 
     def mask(self, guide: Guide, state: int) -> torch.Tensor:
         """(vocab,) bool: the tokens allowed at `state` of `guide`."""
-        entry = self._guides.get(guide.key)
-        if entry is None:
-            entry = self._guides[guide.key] = (class_tables(guide.dfa), {})
-            while len(self._guides) > CACHED_DFAS:
-                self._guides.popitem(last=False)
-        else:
-            self._guides.move_to_end(guide.key)
-        tables, masks = entry
-        if (mask := masks.get(state)) is None:
-            mask = masks[state] = self._compute(guide.dfa, tables, state)
+        key = (guide.key, state)
+        mask = self._masks.get(key)
+        if mask is not None:
+            self._masks.move_to_end(key)
+            return mask
+        mask = self._masks[key] = self._compute(guide.dfa, self._class_tables(guide), state)
+        while len(self._masks) > max(MIN_CACHED_MASKS, MASK_CACHE_BYTES // mask.numel()):
+            self._masks.popitem(last=False)
         return mask
+
+    def _class_tables(self, guide: Guide) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._tables.get(guide.key)
+        if tables is None:
+            tables = self._tables[guide.key] = class_tables(guide.dfa)
+            while len(self._tables) > CACHED_DFAS:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(guide.key)
+        return tables
 
     def _compute(self, dfa: ByteDFA, tables: tuple[torch.Tensor, torch.Tensor], state: int
                  ) -> torch.Tensor:

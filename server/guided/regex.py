@@ -64,7 +64,7 @@ ANY_MULTIBYTE = "any"
 _DIGITS = {ord(c) for c in "0123456789"}
 _WORD = _DIGITS | {ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"}
 _SPACE = {ord(c) for c in " \t\n\r\f\v"}
-_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 
 
 def _mask(codes: set[int]) -> int:
@@ -75,12 +75,17 @@ def _mask(codes: set[int]) -> int:
 
 
 _ASCII = (1 << 128) - 1
+JSON_ESCAPED = _mask({ord('"'), ord("\\")} | set(range(0x20)))  # never raw in a JSON string
+# "(?J:...)": a group whose characters must be valid inside a JSON string (not Python's
+# syntax: json_schema.py wraps a schema's `pattern` in it)
+JSON_STRING_GROUP = "(?J:"
 _CLASS_ESCAPES = {"d": _mask(_DIGITS), "w": _mask(_WORD), "s": _mask(_SPACE)}
 
 
 class _Parser:
     def __init__(self, pattern: str) -> None:
         self.p, self.i = pattern, 0
+        self.json_string = False  # inside a (?J:...) group (JSON_STRING_GROUP)
 
     def error(self, what: str) -> GuideError:
         return GuideError(f"regex {self.p!r} at position {self.i}: {what}")
@@ -111,11 +116,20 @@ class _Parser:
     def sequence(self) -> tuple:
         items = []
         while (c := self.peek()) is not None and c not in "|)":
-            if c in "^$":  # anchors: only meaningful at the ends, where the match is whole
+            if c in "^$":  # the match is whole: an anchor means something only at an end
+                if (c == "^" and self.i > 0) or (c == "$" and self.i < len(self.p) - 1):
+                    raise self.error("anchors (^ $) are supported at the pattern's ends only")
                 self.i += 1
                 continue
-            items.append(self.quantified(self.atom()))
+            items.append(self.quantified(self.safe(self.atom())))
         return ("seq", items)
+
+    def safe(self, node: tuple) -> tuple:
+        """Inside a JSON-string group, a character class loses the characters JSON must
+        escape (a quote, a backslash, controls): what matches there is valid in a string."""
+        if self.json_string and node[0] == "chars":
+            return ("chars", node[1] & ~JSON_ESCAPED, node[2])
+        return node
 
     def quantified(self, node: tuple) -> tuple:
         while (c := self.peek()) is not None and c in "*+?{":
@@ -131,16 +145,25 @@ class _Parser:
                 self.i += 1
             elif self.peek() == "+":
                 raise self.error("possessive quantifiers are not supported")
+            if self.peek() is not None and self.peek() in "*+?" or (
+                    self.peek() == "{" and self.braces(peek=True) is not None):
+                raise self.error("multiple repeat")
             node = ("repeat", node, lo, hi)
         return node
 
-    def braces(self) -> tuple[int, int | None] | None:
+    def braces(self, peek: bool = False) -> tuple[int, int | None] | None:
+        """{n}, {n,}, {,n} or {n,m} at the cursor (taken unless `peek`); None where the brace
+        is a literal, as Python reads "a{x"."""
         close = self.p.find("}", self.i)
         body = self.p[self.i + 1:close] if close > 0 else ""
         lo_text, comma, hi_text = body.partition(",")
-        if not lo_text.isdigit() or (hi_text and not hi_text.isdigit()):
+        if (lo_text and not lo_text.isdigit()) or (hi_text and not hi_text.isdigit()) or (
+                not lo_text and not (comma and hi_text)):
             return None
-        lo, hi = int(lo_text), (int(hi_text) if hi_text else None if comma else int(lo_text))
+        lo = int(lo_text) if lo_text else 0
+        hi = int(hi_text) if hi_text else None if comma else lo
+        if peek:
+            return lo, hi
         if hi is not None and hi < lo:
             raise self.error(f"bad repeat {{{body}}}")
         if max(lo, hi or 0) > 1000:
@@ -159,6 +182,14 @@ class _Parser:
                     if end < 0:
                         raise self.error("unterminated group name")
                     self.i = end + 1
+                elif kind == "J" and self.peek() == ":":  # JSON_STRING_GROUP
+                    self.i += 1
+                    outer, self.json_string = self.json_string, True
+                    node = self.alternation()
+                    self.json_string = outer
+                    if self.take() != ")":
+                        raise self.error("missing )")
+                    return node
                 elif kind != ":":
                     raise self.error(f"(?{kind}...) groups (lookarounds, flags) are not supported")
             node = self.alternation()
@@ -183,6 +214,11 @@ class _Parser:
             return ("chars", _CLASS_ESCAPES[c], frozenset())
         if c in "DWS":
             return ("chars", _ASCII & ~_CLASS_ESCAPES[c.lower()], ANY_MULTIBYTE)
+        if c == "0":  # octal, as Python reads \0, \01, \012
+            digits = ""
+            while len(digits) < 2 and (d := self.peek()) is not None and d in "01234567":
+                digits += self.take()
+            return _literal(chr(int(digits or "0", 8)))
         if c in _SIMPLE_ESCAPES:
             return _literal(_SIMPLE_ESCAPES[c])
         if c in "xu":
@@ -234,7 +270,9 @@ class _Parser:
             if chars:
                 raise self.error("a negated class naming characters past ASCII is not "
                                  "supported")
-            return ("chars", _ASCII & ~ascii_mask, ANY_MULTIBYTE)
+            # \W, \D or \S inside already hold every character past ASCII: none is left
+            return ("chars", _ASCII & ~ascii_mask, frozenset() if any_multibyte
+                    else ANY_MULTIBYTE)
         return ("chars", ascii_mask, ANY_MULTIBYTE if any_multibyte else frozenset(chars))
 
     def _add(self, lo: int, hi: int, chars: set[str]) -> None:
@@ -271,6 +309,15 @@ def literal_pattern(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------ NFA
+# Well-formed UTF-8 past ASCII (Unicode's table 3-7: no overlong forms, no surrogates)
+_TAIL = (0x80, 0xBF)
+UTF8_SEQUENCES = (
+    ((0xC2, 0xDF), _TAIL),
+    ((0xE0, 0xE0), (0xA0, 0xBF), _TAIL), ((0xE1, 0xEC), _TAIL, _TAIL),
+    ((0xED, 0xED), (0x80, 0x9F), _TAIL), ((0xEE, 0xEF), _TAIL, _TAIL),
+    ((0xF0, 0xF0), (0x90, 0xBF), _TAIL, _TAIL), ((0xF1, 0xF3), _TAIL, _TAIL, _TAIL),
+    ((0xF4, 0xF4), (0x80, 0x8F), _TAIL, _TAIL),
+)
 class _NFA:
     """Thompson's construction: byte edges labelled with 256-bit masks, and epsilon edges."""
 
@@ -330,14 +377,12 @@ class _NFA:
         if ascii_mask:
             self.edges[start].append((ascii_mask, end))
         if multibyte == ANY_MULTIBYTE:
-            for lead, n in ((range(0xC2, 0xE0), 1), (range(0xE0, 0xF0), 2),
-                            (range(0xF0, 0xF5), 3)):
-                state, label = start, _mask(set(lead))
-                for _ in range(n):
-                    nxt = self.state()
-                    self.edges[state].append((label, nxt))
-                    state, label = nxt, _mask(set(range(0x80, 0xC0)))
-                self.edges[state].append((label, end))
+            for ranges in UTF8_SEQUENCES:  # each a run of byte ranges, the last into `end`
+                state = start
+                for k, (lo, hi) in enumerate(ranges):
+                    nxt = end if k == len(ranges) - 1 else self.state()
+                    self.edges[state].append((_mask(set(range(lo, hi + 1))), nxt))
+                    state = nxt
         else:
             for c in sorted(multibyte):  # a trie would be smaller; the DFA merges it anyway
                 state, data = start, c.encode("utf-8")

@@ -84,6 +84,9 @@ def compile_guide(spec: GuideSpec) -> Guide:
         raise GuideError(f"{spec.field}: {e}") from None
     except RecursionError:
         raise GuideError(f"{spec.field}: nested too deeply to compile") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # a schema of the wrong shape somewhere the converter did not check it
+        raise GuideError(f"{spec.field}: not a schema this server can read ({e!r})") from None
     with _lock:
         _cache[spec.key] = guide
         while len(_cache) > CACHED_GUIDES:

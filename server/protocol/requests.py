@@ -104,6 +104,9 @@ class StructuredOutputs(OpenAIBaseModel):
         specs = _guide_specs(self.json_, self.regex, self.choice, field)
         if self.json_object:
             specs.append(GuideSpec("json_object", None, f"{field}.json_object"))
+        if not specs:
+            raise RequestError(f"{field} must give one of json, regex, choice or json_object",
+                               field)
         return specs
 
 
@@ -169,6 +172,7 @@ class _SamplingRequest(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
     guided_grammar: Refused = None
+    guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
     logits_processors: Refused = None
     use_beam_search: Refused = None
     return_tokens_as_token_ids: Refused = None
