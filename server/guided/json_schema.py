@@ -3,8 +3,9 @@
 The approach of outlines (and vLLM's outlines backend): JSON is written compactly, with at
 most one space where JSON allows whitespace; an object's properties come in the schema's
 order, the required ones always and the others where the model writes them; nesting is
-bounded (a free-form value nests up to FREE_DEPTH levels, a `$ref` up to MAX_REF_DEPTH), as a
-regular language must be.
+bounded, as a regular language must be (json_object up to OBJECT_DEPTH levels, a free-form
+value in a schema FREE_DEPTH, a `$ref` MAX_REF_DEPTH). Objects and lists are members groups
+(regex.py), built with each item once.
 
 Supported: `type` (one or a list), `properties` / `required`, `items` / `prefixItems` /
 `minItems` / `maxItems`, `enum`, `const`, `anyOf` / `oneOf`, `allOf` of one schema, `$ref`
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.guided.regex import JSON_STRING_GROUP, GuideError, literal_pattern
+from server.guided.regex import JSON_STRING_GROUP, GuideError, Members, literal_pattern
 
 WS = r"[ ]?"
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -37,45 +38,58 @@ FORMATS = {
     "date-time": f'"{_DATE}T{_TIME}"',
     "uuid": r'"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"',
 }
-FREE_DEPTH = 3  # containers a free-form value may nest (an object of objects of scalars)
+# Containers nested in a free-form value: its automaton doubles with each level
+OBJECT_DEPTH = 5  # response_format json_object (about 2000 states)
+FREE_DEPTH = 3  # a free-form value in a schema ({}, an object without properties: 500-900)
 MAX_REF_DEPTH = 4
 MAX_COUNT = 1000  # the most repeats a bound (maxLength, maxItems) may ask for
 REFUSED = ("not", "if", "then", "else", "patternProperties", "dependentSchemas",
            "unevaluatedProperties")
 
 
-def any_json(depth: int = FREE_DEPTH) -> str:
+def json_object_pattern() -> tuple[str, list[Members]]:
+    """Any JSON object (response_format json_object), nested up to OBJECT_DEPTH deep."""
+    members: list[Members] = []
+    return object_of(members, OBJECT_DEPTH), members
+
+
+def any_json(members: list[Members], depth: int = FREE_DEPTH) -> str:
     """Any JSON value with containers nested up to `depth` deep."""
     scalar = f"{STRING}|{NUMBER}|{BOOLEAN}|{NULL}"
     if depth <= 0:
         return f"(?:{scalar})"
-    return f"(?:{scalar}|{object_of(depth)}|{_array(any_json(depth - 1), 0, None)})"
+    items = _array(members, any_json(members, depth - 1), 0, None)
+    return f"(?:{scalar}|{object_of(members, depth)}|{items})"
 
 
-def object_of(depth: int = FREE_DEPTH) -> str:
-    """Any JSON object, its values nested up to `depth` - 1 deep: response_format json_object."""
-    return _members(f"{STRING}{WS}:{WS}{any_json(depth - 1)}")
+def object_of(members: list[Members], depth: int = FREE_DEPTH) -> str:
+    """Any JSON object, its values nested up to `depth` - 1 deep."""
+    return _any_number(members, r"\{", f"{STRING}{WS}:{WS}{any_json(members, depth - 1)}", r"\}")
 
 
-def _members(member: str) -> str:
-    """An object of any number of `member`s."""
-    return rf"\{{{WS}(?:{member}(?:{WS},{WS}{member})*)?{WS}\}}"
+def _any_number(members: list[Members], start: str, item: str, end: str) -> str:
+    """`start`, any number of `item`s separated by commas, `end` (a members group)."""
+    members.append(([(item, "any")], f"{WS},{WS}"))
+    return f"{start}{WS}(?M{len(members) - 1}){WS}{end}"
 
 
-def schema_to_regex(schema: Any) -> str:
-    """The pattern for `schema` (a dict, or a boolean schema); GuideError where unsupported."""
+def schema_to_regex(schema: Any) -> tuple[str, list[Members]]:
+    """The pattern for `schema` (a dict, or a boolean schema) and its objects' members
+    (compile_regex's); GuideError where unsupported."""
     if not isinstance(schema, dict | bool):
         raise GuideError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return _Converter(schema).value(schema, 0)
+    converter = _Converter(schema)
+    return converter.value(schema, 0), converter.members
 
 
 class _Converter:
     def __init__(self, root: dict | bool) -> None:
         self.root = root
+        self.members: list[Members] = []
 
     def value(self, schema: Any, refs: int) -> str:
         if schema is True or schema == {}:
-            return any_json()
+            return any_json(self.members)
         if schema is False:
             raise GuideError("the schema `false` allows no value")
         if not isinstance(schema, dict):
@@ -111,7 +125,7 @@ class _Converter:
             kind = ("object" if "properties" in schema else
                     "array" if "items" in schema or "prefixItems" in schema else None)
         if kind is None:
-            return any_json()
+            return any_json(self.members)
         if isinstance(kind, list):
             if not kind:
                 raise GuideError("`type` must not be an empty list")
@@ -142,8 +156,9 @@ class _Converter:
             if extra is False:
                 return rf"\{{{WS}\}}"  # no property may be written
             if isinstance(extra, dict) and extra:  # a map: dict[str, X]
-                return _members(f"{STRING}{WS}:{WS}{self.value(extra, refs)}")
-            return object_of()
+                return _any_number(self.members, r"\{",
+                                   f"{STRING}{WS}:{WS}{self.value(extra, refs)}", r"\}")
+            return object_of(self.members)
         if not isinstance(properties, dict):
             raise GuideError("`properties` must be an object")
         required_list = schema.get("required") or []
@@ -154,19 +169,10 @@ class _Converter:
         if unknown := required - properties.keys():
             raise GuideError(f"required properties {sorted(unknown)} are not in `properties`")
         items = [(f'{literal_pattern(json.dumps(name, ensure_ascii=False))}{WS}:{WS}'
-                  f'{self.value(sub, refs)}', name in required)
+                  f'{self.value(sub, refs)}', "one" if name in required else "optional")
                  for name, sub in properties.items()]
-        # after[i]: properties i.. once one has been written (each needs its comma);
-        # first[i]: properties i.. when none has been written yet
-        after, first = [""] * (len(items) + 1), [""] * (len(items) + 1)
-        for i in range(len(items) - 1, -1, -1):
-            item, needed = items[i]
-            with_comma = f"{WS},{WS}{item}"
-            after[i] = (with_comma if needed else f"(?:{with_comma})?") + after[i + 1]
-            first[i] = f"{item}{after[i + 1]}" if needed else (
-                f"(?:{item}{after[i + 1]}|{first[i + 1]})" if first[i + 1] else
-                f"(?:{item}{after[i + 1]})?")
-        return rf"\{{{WS}{first[0]}{WS}\}}"
+        self.members.append((items, f"{WS},{WS}"))
+        return rf"\{{{WS}(?M{len(self.members) - 1}){WS}\}}"
 
     def array(self, schema: dict, refs: int) -> str:
         lo, hi = _bounds(schema, "minItems", "maxItems")
@@ -177,7 +183,7 @@ class _Converter:
             if not parts:
                 return rf"\[{WS}\]"
             return rf"\[{WS}" + f"{WS},{WS}".join(parts) + rf"{WS}\]"
-        return _array(self.value(schema.get("items", True), refs), lo, hi)
+        return _array(self.members, self.value(schema.get("items", True), refs), lo, hi)
 
     def resolve(self, ref: Any) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
@@ -198,6 +204,8 @@ def _string(schema: dict) -> str:
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
             raise GuideError("`pattern` must be a string")
+        if "(?M" in pattern or "(?J" in pattern:  # this module's own groups (regex.py)
+            raise GuideError("(?M...) and (?J...) groups are not supported in `pattern`")
         # A JSON Schema pattern matches anywhere unless anchored; here it is the whole string
         # (outlines' reading). Its characters are kept to what a JSON string holds unescaped.
         pattern = pattern.removeprefix("^")
@@ -223,9 +231,11 @@ def _bounds(schema: dict, low: str, high: str) -> tuple[int, int | None]:
     return lo, (hi if hi is None or hi <= MAX_COUNT else None)
 
 
-def _array(item: str, lo: int, hi: int | None) -> str:
+def _array(members: list[Members], item: str, lo: int, hi: int | None) -> str:
     if hi is not None and hi < lo or lo < 0:
         raise GuideError(f"bad item counts: minItems {lo}, maxItems {hi}")
+    if lo == 0 and hi is None:
+        return _any_number(members, r"\[", item, r"\]")
     if hi == 0:
         return rf"\[{WS}\]"
     rest = f"(?:{WS},{WS}{item}){{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"

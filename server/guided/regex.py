@@ -15,6 +15,7 @@ some, which is refused.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_NFA_STATES = 200_000
@@ -82,9 +83,19 @@ JSON_STRING_GROUP = "(?J:"
 _CLASS_ESCAPES = {"d": _mask(_DIGITS), "w": _mask(_WORD), "s": _mask(_SPACE)}
 
 
+# "(?M<k>)": the k-th of the `members` given to compile_regex, ([(pattern, how many)],
+# separator pattern): items in order, each "one", "optional" or "any" (any number of
+# times), one separator between two written: an object's properties, a list's items. As
+# one regex that takes a copy of the rest after each optional item (quadratic, and a list
+# writes its item twice: exponential in the nesting); built as its own automaton
+# (members_of), each item once.
+Members = tuple[list[tuple[str, str]], str]
+
+
 class _Parser:
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, members: Sequence[Members] = ()) -> None:
         self.p, self.i = pattern, 0
+        self.members = members
         self.json_string = False  # inside a (?J:...) group (JSON_STRING_GROUP)
 
     def error(self, what: str) -> GuideError:
@@ -182,6 +193,16 @@ class _Parser:
                     if end < 0:
                         raise self.error("unterminated group name")
                     self.i = end + 1
+                elif kind == "M":  # (?M<k>): a members node
+                    end = self.p.find(")", self.i)
+                    k = self.p[self.i:end]
+                    if end < 0 or not k.isdigit() or int(k) >= len(self.members):
+                        raise self.error("(?M...) groups are not supported")
+                    self.i = end + 1
+                    items, sep = self.members[int(k)]
+                    return ("members", [(_Parser(item, self.members).parse(), count)
+                                        for item, count in items],
+                            _Parser(sep, self.members).parse())
                 elif kind == "J" and self.peek() == ":":  # JSON_STRING_GROUP
                     self.i += 1
                     outer, self.json_string = self.json_string, True
@@ -337,6 +358,8 @@ class _NFA:
         kind = node[0]
         if kind == "chars":
             return self.chars(node[1], node[2])
+        if kind == "members":
+            return self.members_of(node[1], node[2])
         if kind == "seq":
             start = end = self.state()
             for item in node[1]:
@@ -372,6 +395,27 @@ class _NFA:
             end = last
         return start, end
 
+    def members_of(self, items: list[tuple[tuple, str]], sep: tuple) -> tuple[int, int]:
+        """Items in order, each built once: `none[i]` before item i when nothing was written
+        yet, `some[i]` when something was (a separator first); an optional item may be passed
+        by, an "any" item passed by or written again."""
+        none = [self.state() for _ in range(len(items) + 1)]
+        some = [self.state() for _ in range(len(items) + 1)]
+        for i, (item, count) in enumerate(items):
+            item_start, item_end = self.build(item)
+            sep_start, sep_end = self.build(sep)
+            self.eps[none[i]].append(item_start)
+            self.eps[some[i]].append(sep_start)
+            self.eps[sep_end].append(item_start)
+            self.eps[item_end].append(some[i if count == "any" else i + 1])
+            if count != "one":
+                self.eps[none[i]].append(none[i + 1])
+                self.eps[some[i]].append(some[i + 1])
+        end = self.state()
+        self.eps[none[-1]].append(end)
+        self.eps[some[-1]].append(end)
+        return none[0], end
+
     def chars(self, ascii_mask: int, multibyte: frozenset[str] | str) -> tuple[int, int]:
         start, end = self.state(), self.state()
         if ascii_mask:
@@ -395,10 +439,11 @@ class _NFA:
 
 
 # ------------------------------------------------------------------------------ DFA
-def compile_regex(pattern: str) -> ByteDFA:
-    """The DFA of `pattern` (matched whole); GuideError where it cannot be built."""
+def compile_regex(pattern: str, members: Sequence[Members] = ()) -> ByteDFA:
+    """The DFA of `pattern` (matched whole; `members`: its (?M<k>) groups' contents);
+    GuideError where it cannot be built."""
     nfa = _NFA()
-    start, end = nfa.build(_Parser(pattern).parse())
+    start, end = nfa.build(_Parser(pattern, members).parse())
     classes = _byte_classes({label for edges in nfa.edges for label, _ in edges})
     class_of = bytearray(256)
     for index, mask in enumerate(classes):

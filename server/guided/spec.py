@@ -13,8 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.guided.json_schema import object_of, schema_to_regex
-from server.guided.regex import ByteDFA, GuideError, compile_regex, literal_pattern
+from server.guided.json_schema import json_object_pattern, schema_to_regex
+from server.guided.regex import ByteDFA, GuideError, Members, compile_regex, literal_pattern
 
 GuideKind = Literal["json", "json_object", "regex", "choice"]
 CACHED_GUIDES = 64
@@ -35,13 +35,14 @@ class GuideSpec:
         order: a schema's property order is the output's)."""
         return f"{self.kind}:{json.dumps(self.value, ensure_ascii=False)}"
 
-    def pattern(self) -> str:
+    def pattern(self) -> tuple[str, list[Members]]:
+        """The regular expression, and its objects' members (compile_regex's)."""
         if self.kind == "regex":
-            return self.value
+            return self.value, []
         if self.kind == "choice":
-            return "(?:" + "|".join(literal_pattern(c) for c in self.value) + ")"
+            return "(?:" + "|".join(literal_pattern(c) for c in self.value) + ")", []
         if self.kind == "json_object":
-            return object_of()
+            return json_object_pattern()
         return schema_to_regex(self.value)
 
 
@@ -79,7 +80,7 @@ def compile_guide(spec: GuideSpec) -> Guide:
     if (guide := cached_guide(spec)) is not None:
         return guide
     try:
-        guide = Guide(spec.key, compile_regex(spec.pattern()))
+        guide = Guide(spec.key, compile_regex(*spec.pattern()))
     except GuideError as e:
         raise GuideError(f"{spec.field}: {e}") from None
     except RecursionError:

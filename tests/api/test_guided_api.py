@@ -113,6 +113,12 @@ def test_a_schema_sent_again_is_compiled_once(client: httpx.Client) -> None:
     ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "response_format",
      "only one constraint"),
     ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "not supported"),
+    ({"guided_json": {"allOf": [True]}}, "guided_json", "not a schema this server can read"),
+    ({"guided_json": {"type": "object", "properties": {"a": {}}, "required": 5}},
+     "guided_json", "list of property names"),
+    ({"structured_outputs": {}}, "structured_outputs", "must give one of"),
+    ({"guided_choice": ["a"], "guided_whitespace_pattern": "[ ]*"}, "guided_whitespace_pattern",
+     "not supported"),
 ])
 def test_what_cannot_be_compiled_is_a_400(client: httpx.Client, fields: dict, param: str,
                                           fragment: str) -> None:

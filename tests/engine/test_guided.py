@@ -12,7 +12,7 @@ import pytest
 
 import server.guided.regex as regex_module
 from model.tokenizer import Tokenizer
-from server.guided.json_schema import object_of, schema_to_regex
+from server.guided.json_schema import json_object_pattern, schema_to_regex
 from server.guided.masks import GuideMasks, TokenTable
 from server.guided.regex import MAX_DFA_STATES, GuideError, compile_regex
 from server.guided.spec import Guide, GuideSpec, compile_guide
@@ -43,6 +43,8 @@ def test_regex_dfa_agrees_with_re(pattern: str) -> None:
     ("a\\1", "not supported"), ("(?=a)", "lookarounds"), ("[b-a]", "bad range"),
     ("(a", "unexpected end"), ("a)", "unexpected ')'"), ("a{2000}", "above 1000"),
     ("[^é]", "past ASCII"), ("[\u0100-\uffff]", "more than"), ("a++", "possessive"),
+    ("a$b", "at the pattern's ends only"), ("a^", "at the pattern's ends only"),
+    ("a**", "multiple repeat"), ("a{2}{3}", "multiple repeat"), ("(?M0)", "(?M...)"),
 ])
 def test_unsupported_regexes_are_refused(pattern: str, why: str) -> None:
     with pytest.raises(GuideError, match=re.escape(why)):
@@ -60,6 +62,18 @@ def test_a_pattern_slow_to_compile_is_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(regex_module, "MAX_COMPILE_SECONDS", 0.0)
     with pytest.raises(GuideError, match="takes too long to compile"):
         compile_regex("a{3}")
+
+
+@pytest.mark.parametrize(("pattern", "text", "matches"), [
+    ("[^\\W\\d_]+", "é", False), ("[^\\S]", "é", False), ("[^\\W\\d_]+", "abc", True),
+    ("a{,2}", "aa", True), ("a{,2}", "aaa", False), ("\\01", "\x01", True),
+    ("^ab$", "ab", True), (".", "\ud800", False),
+])
+def test_regex_corners_read_as_python_reads_them(pattern: str, text: str, matches: bool) -> None:
+    data = text.encode("utf-8", "surrogatepass")  # "\ud800": a surrogate, not UTF-8
+    assert compile_regex(pattern).matches(data) == matches
+    if text != "\ud800":
+        assert (re.fullmatch(pattern, text, re.ASCII) is not None) == matches
 
 
 PERSON = {"type": "object", "properties": {
@@ -88,13 +102,38 @@ PERSON = {"type": "object", "properties": {
     ({"age": 3, "name": "bo"}, False),  # the schema's order
 ])
 def test_schema_regex_accepts_exactly_its_documents(doc: dict, valid: bool) -> None:
-    dfa = compile_regex(schema_to_regex(PERSON))
+    dfa = compile_regex(*schema_to_regex(PERSON))
     for text in (json.dumps(doc), json.dumps(doc, separators=(",", ":"))):
         assert dfa.matches(text.encode()) == valid, text
 
 
+@pytest.mark.parametrize(("schema", "good", "bad"), [
+    ({"type": "string", "pattern": "^.+$"}, ['"a b"'], ['"a"b"', '"a\\"']),  # JSON stays JSON
+    ({"type": "string", "pattern": "^\\d+\\$$"}, ['"12$"'], ['"12"']),  # an escaped $ stays
+    ({"type": "object", "additionalProperties": {"type": "integer"}},
+     ['{"a": 1, "b": -2}', "{}"], ['{"a": "x"}']),
+    ({"type": "object", "properties": {}, "additionalProperties": False}, ["{}"], ['{"a": 1}']),
+    ({"type": "string", "maxLength": 5000}, ['"' + "x" * 1200 + '"'], ['"x']),  # unbounded
+])
+def test_schema_corners(schema: dict, good: list[str], bad: list[str]) -> None:
+    dfa = compile_regex(*schema_to_regex(schema))
+    assert all(dfa.matches(text.encode()) for text in good)
+    assert not any(dfa.matches(text.encode()) for text in bad)
+
+
+def test_objects_and_lists_grow_linearly() -> None:
+    """Each property and each list item is one automaton however many are optional: schemas
+    with many optional or free-form properties compile (they passed 20000 states before)."""
+    for properties, required in (({k: {} for k in "abcdefgh"}, list("abcdefgh")),
+                                 ({k: {} for k in "abc"}, []),
+                                 ({f"p{i}": {"type": "string"} for i in range(60)}, [])):
+        dfa = compile_regex(*schema_to_regex(
+            {"type": "object", "properties": properties, "required": required}))
+        assert dfa.num_states < 10_000
+
+
 def test_any_json_object() -> None:
-    dfa = compile_regex(object_of())
+    dfa = compile_regex(*json_object_pattern())
     for doc in ({}, {"a": 1}, {"a": {"b": [1, 2.5, "x", None, True]}, "c": "é"}):
         assert dfa.matches(json.dumps(doc, ensure_ascii=False).encode())
     for text in ('{"a":}', "[1]", '{"a":1,}', '{"a" 1}', "{'a': 1}", '"x"'):
@@ -108,6 +147,9 @@ def test_any_json_object() -> None:
     ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "not in `properties`"),
     ({"enum": []}, "non-empty"), (False, "allows no value"), ([1], "must be an object"),
+    ({"type": "string", "minLength": -1}, "integers >= 0"),
+    ({"type": "object", "properties": {"a": {}}, "required": 5}, "list of property names"),
+    ({"type": "array", "prefixItems": 5}, "must be a list"),
 ])
 def test_unsupported_schemas_are_refused(schema: object, why: str) -> None:
     with pytest.raises(GuideError, match=re.escape(why)):
@@ -226,13 +268,27 @@ def test_an_unfinished_guided_output_is_a_prefix_of_a_match(cpu_engine: CpuEngin
 
 def test_min_tokens_gives_way_to_a_complete_guided_output(cpu_engine: CpuEngine) -> None:
     """min_tokens bans the end until then; a guided output complete before that ends anyway
-    (its only allowed token is the end), rather than sampling from nothing."""
+    (its only allowed token is the end), rather than sampling from nothing, and at once (not
+    writing ends up to min_tokens)."""
     engine = cpu_engine(warmup=False)
     with started(engine):
         (outs,) = generate_all(engine, [(engine.tokenizer.encode("x"), guided(
             "choice", ["ok"], max_tokens=20, min_tokens=10, temperature=0))])
     assert "".join(out.text for out in outs) == "ok"
     assert outs[-1].finish_reason == FinishReason.STOP
+    assert outs[-1].num_output_tokens <= len("ok") + 1  # its tokens and one end, not 10
+
+
+def test_a_guided_row_left_with_nothing_ends(cpu_engine: CpuEngine) -> None:
+    """allowed_token_ids that the guide never takes: the row ends (was a draw from all
+    -inf: token 0 again and again)."""
+    engine = cpu_engine(warmup=False)
+    letter = engine.tokenizer.encode("q", add_special_tokens=False)[-1]
+    with started(engine):
+        (outs,) = generate_all(engine, [(engine.tokenizer.encode("x"), guided(
+            "regex", "[0-9]+", max_tokens=10, temperature=0, allowed_token_ids=(letter,)))])
+    assert outs[-1].finish_reason == FinishReason.STOP and outs[-1].num_output_tokens == 1
+    assert "".join(out.text for out in outs) == ""
 
 
 def test_guided_rows_keep_their_masks_across_steps(cpu_engine: CpuEngine) -> None:
