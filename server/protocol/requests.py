@@ -480,46 +480,6 @@ class ChatMessage(OpenAIBaseModel):
         return message
 
 
-def _choice_name(choice: Any) -> str:
-    return repr(choice) if isinstance(choice, str) else repr(choice.function.name)
-
-
-class ChatTemplateControls(OpenAIBaseModel):
-    """vLLM's controls of the chat template, for chat completions and /tokenize:
-    `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue
-    the last message instead, e.g. a prefilled answer), `chat_template_kwargs` (more template
-    variables). A template per request is refused: the server's --chat-template serves all."""
-
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: Annotated[dict[str, Any], MAP_CEILING] | None = None
-    chat_template: Refused = None
-
-    @field_validator("continue_final_message")
-    @classmethod
-    def _one_turn_choice(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("add_generation_prompt"):
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
-                             "true (send add_generation_prompt: false to continue the last "
-                             "message)")
-        return value
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        reserved = {"messages", "add_generation_prompt", "continue_final_message"}
-        for key in value or {}:
-            if key in reserved or not key.isidentifier():
-                raise ValueError(f"{key!r} cannot be a chat template variable")
-        return value
-
-    def template_args(self) -> dict[str, Any]:
-        """Keyword arguments of Tokenizer.apply_chat_template / encode_chat."""
-        return {"add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message,
-                "variables": self.chat_template_kwargs or {}}
-
-
 class FunctionDefinition(OpenAIBaseModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$")
     description: str | None = None
@@ -541,6 +501,52 @@ class NamedToolChoice(OpenAIBaseModel):
     function: NamedFunction
 
 
+def _choice_name(choice: Any) -> str:
+    return repr(choice) if isinstance(choice, str) else repr(choice.function.name)
+
+
+class ChatTemplateControls(OpenAIBaseModel):
+    """vLLM's controls of the chat template, for chat completions and /tokenize:
+    `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue
+    the last message instead, e.g. a prefilled answer), `chat_template_kwargs` (more template
+    variables), `tools` (the tools the template describes). A template per request is
+    refused: the server's --chat-template serves all."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[dict[str, Any], MAP_CEILING] | None = None
+    chat_template: Refused = None
+    tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None  # for the template too
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_turn_choice(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "true (send add_generation_prompt: false to continue the last "
+                             "message)")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = {"messages", "add_generation_prompt", "continue_final_message"}
+        for key in value or {}:
+            if key in reserved or not key.isidentifier():
+                raise ValueError(f"{key!r} cannot be a chat template variable")
+        return value
+
+    def template_args(self) -> dict[str, Any]:
+        """Keyword arguments of Tokenizer.apply_chat_template / encode_chat: the tools too,
+        as vLLM passes them (also with tool_choice none)."""
+        args = {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "variables": self.chat_template_kwargs or {}}
+        if self.tools:
+            args["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return args
+
+
 NO_ARGUMENTS = {"type": "object", "properties": {}}
 
 
@@ -557,7 +563,6 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the next field
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: one call at most
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
@@ -636,13 +641,6 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
             raise RequestError(f"only one constraint may be given, got tool_choice and "
                                f"{spec.field}", spec.field)
         return spec or tool
-
-    def template_args(self) -> dict[str, Any]:
-        """As the controls', and the tools (as vLLM passes them: also with tool_choice none)."""
-        args = super().template_args()
-        if self.tools:
-            args["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
-        return args
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -59,6 +59,22 @@ def test_tools_reach_the_chat_template(tiny_checkpoint: Path) -> None:
     assert "get_weather" not in tokenizer.apply_chat_template(USER, **plain.template_args())
 
 
+def test_tokenize_counts_the_tools_too(tools_server: Server) -> None:
+    """/tokenize renders messages with tools as chat completions do (vLLM's takes tools)."""
+    def count(**extra: object) -> int:
+        r = httpx.post(f"{tools_server.base_url}/tokenize",
+                       json={"model": "tiny", "messages": USER, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["count"]
+
+    with_tools = count(tools=[WEATHER])
+    assert with_tools > count()
+    r = httpx.post(f"{tools_server.v1}/chat/completions", json={
+        "model": "tiny", "messages": USER, "tools": [WEATHER], "tool_choice": "none",
+        "max_tokens": 1}, timeout=60)
+    assert r.json()["usage"]["prompt_tokens"] == with_tools
+
+
 def test_named_tool_choice_is_a_call_of_that_tool(sdk: OpenAI) -> None:
     r = sdk.chat.completions.create(
         model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=0.9, seed=4,
