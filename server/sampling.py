@@ -3,7 +3,8 @@
 A pure function of its inputs except for the random draws: each row's noise comes from its own
 `torch.Generator` when given (so a seeded request's tokens do not depend on the batch), else
 from the sampler's shared one. Processing order: float32 -> logit bias -> repetition, presence
-and frequency penalties -> greedy argmax | temperature -> min-p -> top-k -> top-p -> sample
+and frequency penalties -> guided rows' masks -> greedy argmax | temperature -> min-p -> top-k
+-> top-p -> sample
 (vLLM V1's: min-p is one of its argmax-invariant logits processors, run before top-k/top-p, so
 top-p measures its nucleus on what min-p kept).
 Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
