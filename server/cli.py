@@ -194,11 +194,11 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
 
 
 def _tool_call_parser(args: argparse.Namespace) -> str | None:
-    """vLLM's pair of flags: both or neither."""
-    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
-        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: "
-                         "pass both, or neither")
-    return args.tool_call_parser
+    """vLLM's pair of flags: --enable-auto-tool-choice needs a parser; a parser alone does
+    nothing."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
 
 
 def chat_template_text(arg: str) -> str:

@@ -454,6 +454,9 @@ class ChatService(_Service):
             calls = required_calls(choice.text)
         elif mode == "auto" and self.parse_calls is not None:
             calls = self.parse_calls(choice.text)
+            names = {tool.function.name for tool in request.tools or ()}
+            if calls is not None and any(call.name not in names for call in calls):
+                calls = None  # JSON that names no tool of the request's: an answer in text
             if calls and request.parallel_tool_calls is False:
                 calls = calls[:1]
         if calls is None:
@@ -532,14 +535,18 @@ class ChatService(_Service):
                     # text after all: what was held back goes out now, this token with it
                     out = replace(out, text=choice.text, logprobs=choice.logprobs)
             if held[out.index] is not False:
-                if out.finished:  # the answer, whole: its calls, or its text
+                if out.finished:  # the answer, whole: its calls, or its text; then the
+                    # finish on a chunk of its own, as OpenAI's (the SDK's stream helper
+                    # closes a call when a later chunk starts, not on its own finish)
                     content, calls, finish = self._answer(request, choice)
                     tool_calls = (None if calls is None else
                                   [_delta_call(k, call) for k, call in enumerate(calls)])
-                    delta = DeltaMessage(content=content or None, tool_calls=tool_calls)
                     logprobs = (self._logprobs(choice.logprobs)
                                 if request.logprobs and choice.logprobs else None)
-                    yield chunk(out.index, delta, logprobs, finish=out,
+                    yield chunk(out.index, DeltaMessage(content=content or None,
+                                                        tool_calls=tool_calls), logprobs,
+                                num_output=out.num_output_tokens)
+                    yield chunk(out.index, DeltaMessage(), finish=out,
                                 num_output=out.num_output_tokens, reason=finish)
                 continue
             token = bool(out.text or out.logprobs)

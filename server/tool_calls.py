@@ -70,17 +70,19 @@ PARSERS = {"llama3_json": llama3_json_calls}
 
 def may_be_calls(text: str) -> bool | None:
     """For streaming under "auto": whether an answer that starts with `text` may be calls
-    (hold it back) or is text (stream it); None until its first non-space character."""
+    (hold it back) or is text (stream it); None while it cannot tell yet (only spaces, or a
+    start of <|python_tag|>)."""
     head = text.lstrip()
-    if not head:
+    if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
         return None
-    return head.startswith("{") or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)])
+    return head.startswith(("{", PYTHON_TAG))
 
 
 def _call(item: Any) -> ParsedCall | None:
+    """{"name": ..., "arguments" or "parameters": {...}} (vLLM's keys); None otherwise."""
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
-    arguments = item.get("parameters", item.get("arguments", {}))
+    arguments = item.get("arguments", item.get("parameters"))
     if not isinstance(arguments, dict):
         return None
     return ParsedCall(item["name"], json.dumps(arguments, ensure_ascii=False))

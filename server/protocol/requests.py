@@ -481,7 +481,7 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class FunctionDefinition(OpenAIBaseModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$")
+    name: str = Field(min_length=1, max_length=64)  # OpenAI's pattern is not vLLM's rule
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
     strict: bool | None = None
@@ -499,6 +499,22 @@ class NamedFunction(OpenAIBaseModel):
 class NamedToolChoice(OpenAIBaseModel):
     type: Literal["function"] = "function"
     function: NamedFunction
+
+
+def _check_refs(node: Any, tool: str) -> None:
+    """Only "#/$defs/..." and "#/definitions/..." refs survive a tool's parameters moving
+    into the list of calls (tool_choice "required"); others would point elsewhere."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith(("#/$defs/", "#/definitions/")):
+            raise RequestError(f"tool_choice required: tool {tool!r} has $ref {ref!r}, which "
+                               "only its own schema can resolve (name the tool instead)",
+                               "tools")
+        for value in node.values():
+            _check_refs(value, tool)
+    elif isinstance(node, list):
+        for value in node:
+            _check_refs(value, tool)
 
 
 def _choice_name(choice: Any) -> str:
@@ -594,7 +610,7 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     @model_validator(mode="after")
     def _tool_choice_among_tools(self) -> ChatCompletionRequest:
         choice = self.tool_choice
-        if choice is None or choice in ("none", "auto"):
+        if choice is None or choice == "none":
             return self
         names = [tool.function.name for tool in self.tools or ()]
         if not names:
@@ -626,13 +642,25 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
             tool = next(t for t in tools if t.function.name == name)
             return GuideSpec("json", tool.function.parameters or NO_ARGUMENTS, "tool_choice")
         if mode == "required":
-            calls = [{"type": "object", "properties": {
-                "name": {"type": "string", "enum": [t.function.name]},
-                "parameters": t.function.parameters or NO_ARGUMENTS},
-                "required": ["name", "parameters"]} for t in tools]
+            # Each tool's $defs move to the list's root, where its "#/$defs/..." now point
+            # (as vLLM does); two tools defining one name differently cannot share it
+            defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}
+            calls = []
+            for t in tools:
+                parameters = dict(t.function.parameters or NO_ARGUMENTS)
+                for key, merged in defs.items():
+                    for name, definition in (parameters.pop(key, None) or {}).items():
+                        if merged.setdefault(name, definition) != definition:
+                            raise RequestError(f"tool_choice required: tools define {name!r} "
+                                               f"differently in their {key}", "tools")
+                _check_refs(parameters, t.function.name)
+                calls.append({"type": "object", "properties": {
+                    "name": {"type": "string", "enum": [t.function.name]},
+                    "parameters": parameters}, "required": ["name", "parameters"]})
             most = {"maxItems": 1} if self.parallel_tool_calls is False else {}
-            return GuideSpec("json", {"type": "array", "minItems": 1, **most,
-                                      "items": {"anyOf": calls}}, "tool_choice")
+            schema = {"type": "array", "minItems": 1, **most, "items": {"anyOf": calls},
+                      **{key: merged for key, merged in defs.items() if merged}}
+            return GuideSpec("json", schema, "tool_choice")
         return None
 
     def guide_spec(self) -> GuideSpec | None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel
 
 from model.tokenizer import Tokenizer
 from server.protocol import ChatCompletionRequest
-from server.tool_calls import llama3_json_calls, required_calls
+from server.tool_calls import llama3_json_calls, may_be_calls, required_calls
 from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
 
 TEMPLATES = Path(__file__).parents[1] / "model" / "templates"
@@ -107,9 +110,9 @@ def test_required_tool_choice_is_calls(sdk: OpenAI, seed: int) -> None:
 
 
 @pytest.mark.parametrize("tool_choice", ["required", "named"])
-def test_streamed_calls_come_whole_with_their_finish(sdk: OpenAI, tool_choice: str) -> None:
-    """A stream holds a call back until its arguments are complete, then sends it in one
-    delta (id, type, name, arguments) on the chunk that finishes the choice."""
+def test_streamed_calls_come_whole_then_the_finish(sdk: OpenAI, tool_choice: str) -> None:
+    """A stream holds a call back until its arguments are complete, sends it in one delta
+    (id, type, name, arguments), then the finish on a chunk of its own, as OpenAI's."""
     choice = ("required" if tool_choice == "required" else
               {"type": "function", "function": {"name": "get_time"}})
     stream = sdk.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME],
@@ -119,13 +122,28 @@ def test_streamed_calls_come_whole_with_their_finish(sdk: OpenAI, tool_choice: s
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [c.choices[0].delta for c in chunks[1:]]
     assert not any(d.content for d in deltas)  # no text: the calls only
-    [last] = [c for c in chunks if c.choices[0].delta.tool_calls]
-    assert last is chunks[-1]
-    assert last.choices[0].finish_reason == ("tool_calls" if tool_choice == "required"
-                                             else "stop")
-    for k, call in enumerate(last.choices[0].delta.tool_calls or []):
+    *_, calls, last = chunks
+    assert calls.choices[0].finish_reason is None
+    assert not last.choices[0].delta.tool_calls and last.choices[0].finish_reason == (
+        "tool_calls" if tool_choice == "required" else "stop")
+    for k, call in enumerate(calls.choices[0].delta.tool_calls or []):
         assert call.index == k and call.id and call.type == "function"
         assert call.function and call.function.name and json.loads(call.function.arguments or "")
+
+
+def test_the_sdks_stream_helper_closes_each_call(sdk: OpenAI) -> None:
+    """`chat.completions.stream` with a strict pydantic tool: the call's arguments.done
+    event comes, parsed (it fires when a chunk after the call's starts)."""
+    class GetTime(BaseModel):
+        zone: Literal["UTC", "CET"]
+
+    with sdk.chat.completions.stream(
+            model="tiny", messages=USER, tools=[openai.pydantic_function_tool(GetTime)],
+            tool_choice={"type": "function", "function": {"name": "GetTime"}},
+            temperature=0) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+    [event] = done
+    assert event.name == "GetTime" and isinstance(event.parsed_arguments, GetTime)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -191,12 +209,72 @@ def test_tool_requests_that_cannot_be_served(tools_server: Server, server: Serve
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
+def test_auto_answers_json_naming_no_tool_as_text(tools_server: Server) -> None:
+    """JSON with a "name" is a call only where it names one of the request's tools and
+    has arguments: anything else is the answer's text."""
+    for regex in (r'\{"name": "Bob", "parameters": \{\}\}', r'\{"name": "get_weather"\}'):
+        r = httpx.post(f"{tools_server.v1}/chat/completions", json={
+            "model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
+            "max_tokens": 40, "structured_outputs": {"regex": regex}}, timeout=60)
+        choice = r.json()["choices"][0]
+        assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "stop"
+        assert choice["message"]["content"].startswith('{"name": ')
+
+
+def test_required_calls_of_tools_with_defs(sdk: OpenAI) -> None:
+    """pydantic's nested models put $defs in a tool's parameters: "required" moves them to
+    the list's root (as vLLM), where the tools' "#/$defs/..." refs find them."""
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    class Visit(BaseModel):
+        where: Place
+        days: Literal[1, 2]
+
+    tool = openai.pydantic_function_tool(Visit)
+    assert "$defs" in tool["function"]["parameters"]
+    r = sdk.chat.completions.create(model="tiny", messages=USER, tools=[tool],
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    temperature=0, max_tokens=200)
+    [call] = r.choices[0].message.tool_calls or []
+    assert call.function.name == "Visit"
+    assert Visit.model_validate(json.loads(call.function.arguments))
+
+
+@pytest.mark.parametrize(("tools", "fragment"), [
+    ([{"type": "function", "function": {"name": "a", "parameters": {
+        "$defs": {"X": {"type": "integer"}}, "properties": {"x": {"$ref": "#/$defs/X"}}}}},
+      {"type": "function", "function": {"name": "b", "parameters": {
+          "$defs": {"X": {"type": "string"}}, "properties": {"x": {"$ref": "#/$defs/X"}}}}}],
+     "define 'X' differently"),
+    ([{"type": "function", "function": {"name": "a", "parameters": {
+        "type": "object", "properties": {"next": {"$ref": "#"}}}}}], "only its own schema"),
+])
+def test_required_refuses_refs_it_cannot_move(tools_server: Server, tools: list,
+                                              fragment: str) -> None:
+    r = httpx.post(f"{tools_server.v1}/chat/completions", json={
+        "model": "tiny", "messages": USER, "tools": tools, "tool_choice": "required"},
+        timeout=60)
+    error = assert_openai_error(r, 400)
+    assert fragment in error["message"] and error["param"] == "tools"
+
+
+@pytest.mark.parametrize(("text", "decision"), [
+    ("", None), ("  ", None), ("<", None), ("<|python", None), ("<|python_tag|>", True),
+    (" {", True), ("<b>", False), ("Hello", False), ("[1]", False),
+])
+def test_auto_streaming_holds_back_only_what_may_be_a_call(text: str,
+                                                           decision: bool | None) -> None:
+    assert may_be_calls(text) is decision
+
+
 @pytest.mark.parametrize(("text", "calls"), [
     ('{"name": "f", "parameters": {"a": 1}}', [("f", '{"a": 1}')]),
     ('<|python_tag|>{"name": "f", "arguments": {}}; {"name": "g", "parameters": {"b": "é"}}',
      [("f", "{}"), ("g", '{"b": "é"}')]),
     ("  {\"name\": \"f\", \"parameters\": {}}\n", [("f", "{}")]),
     ("Hello", None), ('{"name": "f"', None), ('{"parameters": {}}', None),
+    ('{"name": "f"}', None),  # no arguments: not a call (vLLM's parser needs them)
     ('{"name": "f", "parameters": [1]}', None), ('{"name": "f", "parameters": {}} trailing', None),
 ])
 def test_llama3_json_parser(text: str, calls: list[tuple[str, str]] | None) -> None:

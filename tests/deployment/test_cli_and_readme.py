@@ -285,14 +285,16 @@ def test_a_negative_shutdown_timeout_is_refused() -> None:
     assert ServerConfig(shutdown_timeout=0).shutdown_timeout == 0
 
 
-def test_auto_tool_choice_flags_go_together(tmp_path: Path) -> None:
-    """vLLM's pair: --enable-auto-tool-choice with --tool-call-parser, or neither."""
+def test_auto_tool_choice_flags(tmp_path: Path) -> None:
+    """vLLM's pair: --enable-auto-tool-choice needs --tool-call-parser; a parser alone does
+    nothing."""
     from server.cli import build_parser, configs
 
     parse = build_parser().parse_args
-    for args in (["--enable-auto-tool-choice"], ["--tool-call-parser", "llama3_json"]):
-        with pytest.raises(ValueError, match="go together"):
-            configs(parse(["serve", str(tmp_path), *args]), tmp_path)
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        configs(parse(["serve", str(tmp_path), "--enable-auto-tool-choice"]), tmp_path)
+    alone = parse(["serve", str(tmp_path), "--tool-call-parser", "llama3_json"])
+    assert configs(alone, tmp_path)[1].tool_call_parser is None
     both = parse(["serve", str(tmp_path), "--enable-auto-tool-choice", "--tool-call-parser",
                   "llama3_json"])
     assert configs(both, tmp_path)[1].tool_call_parser == "llama3_json"
