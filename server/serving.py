@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
@@ -467,12 +467,30 @@ class ChatService(_Service):
 
     def _holds_back(self, request: ChatCompletionRequest) -> bool | None:
         """Whether a streamed choice's text is held back until it ends (it may be calls):
-        always for a named or required call, until its first word shows under "auto" (None),
-        never otherwise."""
+        always for a required list of calls, until its first word shows under "auto" (None),
+        never otherwise (a named call streams its arguments)."""
         mode = request.tool_mode
-        if mode in ("named", "required"):
+        if mode == "required":
             return True
         return None if mode == "auto" and self.parse_calls is not None else False
+
+    def _named_chunks(self, request: ChatCompletionRequest, out: RequestOutput, name: str,
+                      opened: set[int], chunk: Callable[..., str]) -> Iterator[str]:
+        """A named call's stream, as vLLM's: its first delta opens the call (id, type, name)
+        with the first piece of its arguments, later ones add pieces; the finish follows on a
+        chunk of its own."""
+        if out.text or out.logprobs:
+            first = out.index not in opened
+            opened.add(out.index)
+            call = DeltaToolCall(
+                index=0, id=tool_call_id() if first else None,
+                type="function" if first else None,
+                function=DeltaFunctionCall(name=name if first else None, arguments=out.text))
+            logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
+            yield chunk(out.index, DeltaMessage(tool_calls=[call]), logprobs,
+                        num_output=out.num_output_tokens)
+        if out.finished:
+            yield chunk(out.index, DeltaMessage(), finish=out, num_output=out.num_output_tokens)
 
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
@@ -519,6 +537,9 @@ class ChatService(_Service):
                 stop_reason=finish and finish.stop_reason), usage)
 
         started = False
+        named = (request.tool_choice.function.name  # streamed as vLLM streams it
+                 if isinstance(request.tool_choice, NamedToolChoice) else None)
+        opened: set[int] = set()  # choices whose named call has been opened
         async for _, out in merged(self.engine, submitted):
             _check(out)  # reported in the stream by the route, which ends it
             if not started:
@@ -529,6 +550,10 @@ class ChatService(_Service):
                 started = True
             choice = choices.setdefault(out.index, Choice())
             _absorb(choice, out)
+            if named is not None:  # the answer is the named tool's arguments: as they come
+                for part in self._named_chunks(request, out, named, opened, chunk):
+                    yield part
+                continue
             if held[out.index] is None:  # "auto": calls, or text?
                 held[out.index] = may_be_calls(choice.text)
                 if held[out.index] is False and choice.text != out.text:

@@ -109,26 +109,38 @@ def test_required_tool_choice_is_calls(sdk: OpenAI, seed: int) -> None:
                                   else {"zone"})
 
 
-@pytest.mark.parametrize("tool_choice", ["required", "named"])
-def test_streamed_calls_come_whole_then_the_finish(sdk: OpenAI, tool_choice: str) -> None:
-    """A stream holds a call back until its arguments are complete, sends it in one delta
+def test_streamed_required_calls_come_whole_then_the_finish(sdk: OpenAI) -> None:
+    """A "required" list is held back until it is complete, each call then sent in one delta
     (id, type, name, arguments), then the finish on a chunk of its own, as OpenAI's."""
-    choice = ("required" if tool_choice == "required" else
-              {"type": "function", "function": {"name": "get_time"}})
     stream = sdk.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER, TIME],
-                                         tool_choice=choice, temperature=0, max_tokens=300,
+                                         tool_choice="required", temperature=0, max_tokens=300,
                                          parallel_tool_calls=False, stream=True)
     chunks = [c for c in stream if c.choices]
     assert chunks[0].choices[0].delta.role == "assistant"
-    deltas = [c.choices[0].delta for c in chunks[1:]]
-    assert not any(d.content for d in deltas)  # no text: the calls only
+    assert not any(c.choices[0].delta.content for c in chunks[1:])  # the calls only
     *_, calls, last = chunks
     assert calls.choices[0].finish_reason is None
-    assert not last.choices[0].delta.tool_calls and last.choices[0].finish_reason == (
-        "tool_calls" if tool_choice == "required" else "stop")
+    assert not last.choices[0].delta.tool_calls
+    assert last.choices[0].finish_reason == "tool_calls"
     for k, call in enumerate(calls.choices[0].delta.tool_calls or []):
         assert call.index == k and call.id and call.type == "function"
         assert call.function and call.function.name and json.loads(call.function.arguments or "")
+
+
+def test_a_streamed_named_call_sends_its_arguments_as_they_come(sdk: OpenAI) -> None:
+    """As vLLM streams a named call: the first delta opens it (id, type, name), every token
+    adds a piece of the arguments, the finish comes on a chunk of its own."""
+    stream = sdk.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER, TIME], temperature=0, max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True)
+    chunks = [c for c in stream if c.choices][1:]  # after the role's
+    *pieces, last = chunks
+    calls = [c.choices[0].delta.tool_calls[0] for c in pieces]  # type: ignore[index]
+    assert len(calls) > 1 and calls[0].id and calls[0].function.name == "get_weather"
+    assert all(c.index == 0 and c.id is None and c.function.name is None for c in calls[1:])
+    arguments = json.loads("".join(c.function.arguments or "" for c in calls))
+    assert arguments["city"] in ("Paris", "Rome")
+    assert not last.choices[0].delta.tool_calls and last.choices[0].finish_reason == "stop"
 
 
 def test_the_sdks_stream_helper_closes_each_call(sdk: OpenAI) -> None:
