@@ -272,8 +272,12 @@ class _Service:
         return CompletionUsage.of(sum(len(s.prompt_ids) for s in submitted),
                                   sum(c.num_output_tokens for c in choices.values()), cached)
 
-    def _token_texts(self, ids: Iterable[int]) -> dict[int, str]:
+    def _token_texts(self, ids: Iterable[int], as_ids: bool = False) -> dict[int, str]:
+        """Each id's text as logprobs show it; `as_ids`: "token_id:<id>" instead (vLLM's
+        return_tokens_as_token_ids, for clients that must know the exact ids)."""
         wanted = sorted(set(ids))
+        if as_ids:
+            return {i: f"token_id:{i}" for i in wanted}
         return dict(zip(wanted, self.tokenizer.token_texts(wanted), strict=True))
 
 
@@ -301,14 +305,15 @@ class CompletionService(_Service):
 
     def _logprobs(self, s: Submitted, new_ids: list[int],
                   new_lps: list[TokenLogprob], echo: list[TokenLogprob | None] | None,
-                  offset: TextOffset, skip_special_tokens: bool) -> CompletionLogprobs:
+                  offset: TextOffset, skip_special_tokens: bool, as_ids: bool = False
+                  ) -> CompletionLogprobs:
         """The logprobs of `new_ids` (after the prompt's, when echoing); `offset` moves on
         past them."""
         ids: list[int] = list(new_ids)
         lps: list[TokenLogprob | None] = list(new_lps)
         if echo is not None:
             ids, lps = s.prompt_ids + ids, list(echo) + lps
-        texts = self._texts(ids, lps)
+        texts = self._token_texts(set(ids) | logprob_token_ids(lps), as_ids)
         # text_offset passes over the special tokens the text leaves out (an echoed prompt
         # never shows them), so that each offset points into the text returned.
         special = self.tokenizer.special_ids
@@ -337,9 +342,6 @@ class CompletionService(_Service):
                     return [start <= i < start + len(plain) for i in range(len(ids))]
         return [t not in self.tokenizer.special_ids for t in ids]
 
-    def _texts(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[int, str]:
-        return self._token_texts(set(ids) | logprob_token_ids(lps))
-
     async def create(self, request: CompletionRequest, submitted: list[Submitted],
                      response_id: str) -> CompletionResponse:
         n = request.n
@@ -359,7 +361,7 @@ class CompletionService(_Service):
                 logprobs = self._logprobs(
                     s, choice.token_ids[:len(choice.logprobs)], choice.logprobs,
                     prompt_lps.get(index // n) if request.echo else None, TextOffset(),
-                    request.skip_special_tokens)
+                    request.skip_special_tokens, request.return_tokens_as_token_ids)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
@@ -404,7 +406,8 @@ class CompletionService(_Service):
             if request.logprobs is not None:
                 logprobs = self._logprobs(
                     s, out.token_ids, out.logprobs or [], echo_lps,
-                    offsets.setdefault(index, TextOffset()), request.skip_special_tokens)
+                    offsets.setdefault(index, TextOffset()), request.skip_special_tokens,
+                    request.return_tokens_as_token_ids)
             if text or out.token_ids or out.finished:
                 yield chunk(index, text, logprobs, out)
         if request.include_usage:
@@ -435,9 +438,12 @@ class ChatService(_Service):
         keep = request.prompt_tokens_kept(self.engine.max_model_len)  # vLLM's: the last k
         return ids[-keep:] if keep is not None else ids
 
-    def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs:
-        texts = self._token_texts(logprob_token_ids(lps))
-        raw = dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True))
+    def _logprobs(self, request: ChatCompletionRequest, lps: list[TokenLogprob]
+                  ) -> ChatCompletionLogprobs:
+        as_ids = request.return_tokens_as_token_ids
+        texts = self._token_texts(logprob_token_ids(lps), as_ids)
+        raw = ({i: text.encode() for i, text in texts.items()} if as_ids else
+               dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True)))
         return chat_logprobs(lps, texts, raw)
 
     def _answer(self, request: ChatCompletionRequest, choice: Choice
@@ -486,7 +492,7 @@ class ChatService(_Service):
                 index=0, id=tool_call_id() if first else None,
                 type="function" if first else None,
                 function=DeltaFunctionCall(name=name if first else None, arguments=out.text))
-            logprobs = self._logprobs(out.logprobs or []) if request.logprobs else None
+            logprobs = self._logprobs(request, out.logprobs or []) if request.logprobs else None
             yield chunk(out.index, DeltaMessage(tool_calls=[call]), logprobs,
                         num_output=out.num_output_tokens)
         if out.finished:
@@ -507,7 +513,7 @@ class ChatService(_Service):
                 for call in calls]
             result.append(ChatCompletionResponseChoice(
                 index=i, message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
-                logprobs=self._logprobs(c.logprobs) if request.logprobs else None,
+                logprobs=self._logprobs(request, c.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
                                       usage=self._usage(submitted, choices, request.n))
@@ -566,7 +572,7 @@ class ChatService(_Service):
                     content, calls, finish = self._answer(request, choice)
                     tool_calls = (None if calls is None else
                                   [_delta_call(k, call) for k, call in enumerate(calls)])
-                    logprobs = (self._logprobs(choice.logprobs)
+                    logprobs = (self._logprobs(request, choice.logprobs)
                                 if request.logprobs and choice.logprobs else None)
                     yield chunk(out.index, DeltaMessage(content=content or None,
                                                         tool_calls=tool_calls), logprobs,
@@ -580,7 +586,7 @@ class ChatService(_Service):
             elif token or out.finished:
                 # The last token's chunk carries the finish reason (a finish alone: an empty
                 # delta), as vLLM's does
-                logprobs = (self._logprobs(out.logprobs or [])
+                logprobs = (self._logprobs(request, out.logprobs or [])
                             if request.logprobs and token else None)
                 delta = DeltaMessage(content=out.text) if token else DeltaMessage()
                 yield chunk(out.index, delta, logprobs, finish=out if out.finished else None,

@@ -175,7 +175,7 @@ class _SamplingRequest(OpenAIBaseModel):
     guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
     logits_processors: Refused = None
     use_beam_search: Refused = None
-    return_tokens_as_token_ids: Refused = None
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:<id>" (vLLM's)
 
     @field_validator("logit_bias")
     @classmethod

@@ -171,6 +171,32 @@ def test_chat_logprobs(sdk: OpenAI) -> None:
     assert plain.choices[0].logprobs is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_as_token_ids(sdk: OpenAI, stream: bool) -> None:
+    """vLLM's return_tokens_as_token_ids: every token in logprobs (chosen and top, prompt
+    echoed too) as "token_id:<id>", the ids the model sampled; the text is unchanged."""
+    ids_extra = {**GREEDY["extra_body"], "return_tokens_as_token_ids": True}
+    kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": 5, "logprobs": 2,
+              "temperature": 0}
+    plain = sdk.completions.create(**kwargs, extra_body=GREEDY["extra_body"])
+    as_ids = sdk.completions.create(**kwargs, echo=not stream, stream=stream,
+                                    extra_body=ids_extra)
+    chunks = list(as_ids) if stream else [as_ids]
+    tokens = [t for c in chunks for t in (c.choices[0].logprobs.tokens or [])]
+    tops = [k for c in chunks for top in (c.choices[0].logprobs.top_logprobs or []) if top
+            for k in top]
+    assert tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens + tops)
+    generated = [int(t[9:]) for t in tokens[-5:]]
+    assert "".join(c.choices[0].text for c in chunks).endswith(plain.choices[0].text)
+    assert sdk.completions.create(model="tiny", prompt=generated, max_tokens=0, echo=True,
+                                  ).choices[0].text == plain.choices[0].text
+    chat = sdk.chat.completions.create(model="tiny", messages=USER, max_tokens=3,
+                                       logprobs=True, top_logprobs=1, extra_body=ids_extra,
+                                       temperature=0)
+    for entry in chat.choices[0].logprobs.content:
+        assert entry.token.startswith("token_id:") and entry.bytes == list(entry.token.encode())
+
+
 def test_echo(sdk: OpenAI) -> None:
     r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, echo=True, **GREEDY)
     assert r.choices[0].text == PROMPT + greedy_text(sdk, PROMPT, 4)

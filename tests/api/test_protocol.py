@@ -405,7 +405,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
 
 
 REFUSED = ["bad_words", "prompt_logprobs", "guided_grammar", "logits_processors",
-           "use_beam_search", "return_tokens_as_token_ids"]
+           "use_beam_search"]
 
 
 @pytest.mark.parametrize("field", REFUSED)
