@@ -74,6 +74,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     guide: Guide | None = None  # guided decoding: what the output must follow
+    # vLLM's bad_words, as token sequences: a sequence's last token is banned where the
+    # output ends with the others (a one-token word always)
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         # The API validates client input with clear messages; these guard internal callers.
@@ -102,6 +105,12 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def bans_by_output(self) -> bool:
+        """Whether what the sampler bans depends on the output's last tokens (a bad word of
+        more than one token)."""
+        return any(len(word) > 1 for word in self.bad_words)
 
     @property
     def has_penalties(self) -> bool:

@@ -126,6 +126,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     with state.admission(body) as engine:
         assert service is not None
         params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
+        params = service.with_bad_words(body, params)
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id))
     return await _respond(request, body.stream, service, body, submitted, response_id)
@@ -140,6 +141,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
         assert service is not None
         service.check_tools(body)
         params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
+        params = service.with_bad_words(body, params)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,
                            _engine_request_id(response_id), "messages")

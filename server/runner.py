@@ -134,7 +134,8 @@ class ModelRunner:
         if before.sampled is None or not self._replays_graph(plan):
             return None
         if any(s.request.params.has_penalties or s.request.params.guide is not None
-               or self._min_tokens_ban(s) for s in plan.decodes):
+               or s.request.params.bans_by_output or self._min_tokens_ban(s)
+               for s in plan.decodes):
             return None  # (a guide's mask depends on the last token too)
         return self.launch(plan, feed=before.sampled.token_ids)
 
@@ -258,12 +259,14 @@ class ModelRunner:
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         # Decode steps mostly sample the same rows as the step before, and their controls are
-        # then the same tensors: kept unless penalties (which count the outputs) or a
-        # min_tokens ban (lifted after min_tokens outputs) depend on what a step added.
+        # then the same tensors: kept unless penalties (which count the outputs), a
+        # min_tokens ban (lifted after min_tokens outputs) or a bad word of several tokens
+        # (banned after the others) depend on what a step added.
         last_seqs, batch = self._last_sampling
         if not (batch is not None and len(seqs) == len(last_seqs)
                 and all(a is b for a, b in zip(seqs, last_seqs, strict=True))):
-            bans = [self._min_tokens_ban(s) for s in seqs]
+            min_bans = [self._min_tokens_ban(s) for s in seqs]
+            bans = [ban + _bad_words_ban(s) for ban, s in zip(min_bans, seqs, strict=True)]
             params = [s.request.params for s in seqs]
             batch = SamplingBatch.from_params(
                 params, self.vocab_size, self.device,
@@ -271,7 +274,8 @@ class ModelRunner:
                 prompt_token_ids=[s.request.prompt_ids for s in seqs],
                 generators=[self._generator(s) for s in seqs],
                 extra_bias=bans)
-            keep = not any(bans) and not any(p.has_penalties for p in params)
+            keep = not any(min_bans) and not any(
+                p.has_penalties or p.bans_by_output for p in params)
             self._last_sampling = (tuple(seqs), batch if keep else None)
         # A guided row's mask moves with its tokens: set every step, on the batch kept or not
         guided = [i for i, s in enumerate(seqs) if s.request.params.guide is not None]
@@ -357,6 +361,15 @@ class ModelRunner:
                                       top_lps.tolist(), strict=True):
                 out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True))))
         return rows.request, out
+
+
+def _bad_words_ban(seq: Sequence) -> list[tuple[int, float]]:
+    """vLLM's bad_words: a word's last token is banned where the output ends with the rest
+    of it (a one-token word: always)."""
+    out = seq.output_ids
+    return [(word[-1], float("-inf")) for word in seq.request.params.bad_words
+            if len(word) == 1 or (len(out) >= len(word) - 1
+                                  and tuple(out[len(out) - len(word) + 1:]) == word[:-1])]
 
 
 def _to_pinned_host(t: torch.Tensor) -> torch.Tensor:

@@ -255,6 +255,19 @@ def error_event(message: str) -> str:
     return ErrorResponse.of(message, "server_error").model_dump_json()
 
 
+def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's reading of bad_words: each word's tokens as it starts a text, and with a space
+    before it where that makes other tokens of the same count (a word mid-text)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        out += [bare] if bare else []
+        if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return tuple(out)
+
+
 class _Service:
     """What both endpoints' services hold, and the token texts their logprobs show."""
 
@@ -271,6 +284,12 @@ class _Service:
                   if self.prompt_tokens_details else None)
         return CompletionUsage.of(sum(len(s.prompt_ids) for s in submitted),
                                   sum(c.num_output_tokens for c in choices.values()), cached)
+
+    def with_bad_words(self, request: CompletionRequest | ChatCompletionRequest,
+                       params: SamplingParams) -> SamplingParams:
+        if not request.bad_words:
+            return params
+        return replace(params, bad_words=bad_words_token_ids(self.tokenizer, request.bad_words))
 
     def _token_texts(self, ids: Iterable[int], as_ids: bool = False) -> dict[int, str]:
         """Each id's text as logprobs show it; `as_ids`: "token_id:<id>" instead (vLLM's

@@ -42,6 +42,7 @@ _TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")  # fits an int64; int() refuses > 430
 
 TokenIds = Annotated[TokenIdList, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
+MAX_BAD_WORDS = 256
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], MAP_CEILING]
 NO_DEFAULTS = GenerationDefaults()  # --generation-config vllm: the neutral ones
@@ -164,7 +165,8 @@ class _SamplingRequest(OpenAIBaseModel):
     response_format: ResponseFormat | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
-    bad_words: Refused = None
+    # vLLM's; checked every step for every word: at most MAX_BAD_WORDS
+    bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS)] | None = None
     prompt_logprobs: Refused = None
     # Guided decoding (vLLM's): structured_outputs, and the older guided_* fields
     structured_outputs: StructuredOutputs | None = None

@@ -197,6 +197,22 @@ def test_tokens_as_token_ids(sdk: OpenAI, stream: bool) -> None:
         assert entry.token.startswith("token_id:") and entry.bytes == list(entry.token.encode())
 
 
+def test_bad_words(sdk: OpenAI, client: httpx.Client) -> None:
+    """vLLM's bad_words over HTTP: with only "x" and "y" allowed, banning "x" leaves "y"."""
+    def token(text: str) -> int:
+        [t] = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}
+                          ).json()["tokens"]
+        return t
+
+    allowed = [token("x"), token("y")]
+    for words, expected in (([], None), (["x"], "yyyyyy")):
+        r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1,
+                                   seed=1, extra_body={"ignore_eos": True, "bad_words": words,
+                                                       "allowed_token_ids": allowed})
+        text = r.choices[0].text
+        assert set(text) <= {"x", "y"} and (expected is None or text == expected), text
+
+
 def test_echo(sdk: OpenAI) -> None:
     r = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, echo=True, **GREEDY)
     assert r.choices[0].text == PROMPT + greedy_text(sdk, PROMPT, 4)

@@ -404,8 +404,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
                        "greater than or equal to 0")
 
 
-REFUSED = ["bad_words", "prompt_logprobs", "guided_grammar", "logits_processors",
-           "use_beam_search"]
+REFUSED = ["prompt_logprobs", "guided_grammar", "logits_processors", "use_beam_search"]
 
 
 @pytest.mark.parametrize("field", REFUSED)

@@ -942,3 +942,31 @@ def test_a_failed_step_leaves_no_prefix_claimed(tiny_checkpoint: Path,
     with running(tiny_checkpoint, max_model_len=1024, prefix_caching=False) as engine:
         [whole] = run(engine, (prompt + [31], GREEDY, "after"))
     assert after.tokens == whole.tokens
+
+
+def test_bad_words_are_never_written(tiny_checkpoint: Path) -> None:
+    """vLLM's bad_words: a one-token word is never sampled; a word of several tokens loses
+    its last token where the output ends with the others. Greedy, so the first output is
+    what the model writes unbanned, and the bans change exactly that."""
+    from server.serving import bad_words_token_ids
+
+    prompt = prompts(1, seed=3)[0]
+
+    def greedy(engine: Engine, words: tuple[tuple[int, ...], ...] = ()) -> list[int]:
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, bad_words=words)
+        return run(engine, (prompt, params, f"r{len(words)}{words[:1]}"))[0].tokens[0]
+
+    with running(tiny_checkpoint) as engine:
+        free = greedy(engine)
+        banned_first = greedy(engine, ((free[0],),))
+        pair = (free[1], free[2])
+        banned_pair = greedy(engine, (pair,))
+        tok = engine.tokenizer
+    assert free[0] not in banned_first
+    assert banned_pair[:2] == free[:2] and banned_pair[2] != free[2]  # the last token only
+    assert all(tuple(banned_pair[i:i + 2]) != pair for i in range(len(banned_pair) - 1))
+    # Words as text, as vLLM reads them: each as a text's start, and mid-text where a space
+    # makes other tokens of the same count
+    word = tok.decode(list(pair)).strip()
+    ids = bad_words_token_ids(tok, [word])
+    assert ids and ids[0] == tuple(tok.encode(word, add_special_tokens=False))
