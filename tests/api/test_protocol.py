@@ -482,7 +482,8 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     ]
-    assert unchanged == ["guide"]  # compiled by the route, from guide_spec() (below)
+    # set by the route: the guide compiled from guide_spec() (below), bad words tokenized
+    assert unchanged == ["guide", "bad_words"]
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
     assert params.stop == ("###", "\n\n")
     assert params.stop_token_ids == (2, 3)
@@ -499,7 +500,8 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     }
-    assert unchanged == {"prompt_logprobs", "guide"}  # chat has no echo; guide: the route's
+    # chat has no echo; the guide and bad words: the route's
+    assert unchanged == {"prompt_logprobs", "guide", "bad_words"}
     assert params.max_tokens is None and params.logprobs == 4
     assert params.default_max_tokens == 99
 
