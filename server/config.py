@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from server.tool_calls import PARSERS
+
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len is not given
 # Tokens per forward pass when --max-num-batched-tokens is not given, by device type. On CPU
 # prefill runs at the matmul peak from ~128 rows on, so a bigger chunk buys nothing and stalls
@@ -179,7 +181,7 @@ class GenerationDefaults:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-TOOL_CALL_PARSERS = ("llama3_json",)
+TOOL_CALL_PARSERS = tuple(PARSERS)  # --tool-call-parser's choices
 
 
 @dataclass(frozen=True, slots=True)

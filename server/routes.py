@@ -174,7 +174,7 @@ async def _tokenized(request: Request, work: Callable[[], T]) -> T:
 async def _guided(body: CompletionRequest | ChatCompletionRequest, params: SamplingParams
                   ) -> SamplingParams:
     """`params` with the request's guide (guided decoding), compiled on a worker thread
-    unless compiled before: a large schema takes up to about a second."""
+    unless compiled before: a large schema takes up to the compile deadline (3 s)."""
     spec = body.guide_spec()
     if spec is None:
         return params

@@ -347,7 +347,7 @@ class Scheduler:
         params = seq.request.params
         n_out = len(seq.output_ids)
         # The sampler bans stop ids before min_tokens; a guided row's only when something
-        # else is allowed (ModelRunner._guide_mask): one sampled then ends it
+        # else is allowed (sampling._apply_guides): one sampled then ends it
         if n_out >= params.min_tokens or params.guide is not None:
             eos = not params.ignore_eos and token in self.eos_ids
             if eos or token in params.stop_token_ids:

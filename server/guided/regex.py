@@ -8,8 +8,8 @@ here: every match is allowed). Anchors ^ and $ are accepted at the ends. Backref
 lookarounds are not regular and are refused.
 
 Characters become their UTF-8 bytes. A class holding characters past ASCII lists them (up to
-MAX_CLASS_CHARS); a negated class or `.` allows every character past ASCII, unless it names
-some, which is refused.
+MAX_CLASS_CHARS); a negated class or `.` allows every character past ASCII (well-formed
+UTF-8), unless it names some, which is refused, or holds \\W, \\D or \\S (then none).
 """
 
 from __future__ import annotations

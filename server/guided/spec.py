@@ -11,6 +11,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from server.guided.json_schema import json_object_pattern, schema_to_regex
@@ -20,7 +21,7 @@ GuideKind = Literal["json", "json_object", "regex", "choice"]
 CACHED_GUIDES = 64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # (no slots: the key is cached on the instance)
 class GuideSpec:
     """One request's constraint, as sent: a schema (dict), a pattern, choices, or None for
     json_object; `field` names the request field it came from (errors name it)."""
@@ -29,7 +30,7 @@ class GuideSpec:
     value: Any
     field: str
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What identifies the compiled guide: the kind and the value as JSON (in its own
         order: a schema's property order is the output's)."""
@@ -76,7 +77,8 @@ def cached_guide(spec: GuideSpec) -> Guide | None:
 
 def compile_guide(spec: GuideSpec) -> Guide:
     """`spec` compiled (or found compiled); GuideError where it cannot be, naming the field.
-    Up to about a second for a large schema: callers on an event loop run it on a thread."""
+    Up to the compile deadline (3 s) for a large schema: callers on an event loop run it on a
+    thread."""
     if (guide := cached_guide(spec)) is not None:
         return guide
     try:

@@ -164,9 +164,9 @@ class _SamplingRequest(OpenAIBaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
-    # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
     # vLLM's; checked every step for every word: at most MAX_BAD_WORDS
     bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS)] | None = None
+    # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
     prompt_logprobs: Refused = None
     # Guided decoding (vLLM's): structured_outputs, and the older guided_* fields
     structured_outputs: StructuredOutputs | None = None
@@ -565,7 +565,7 @@ class ChatTemplateControls(OpenAIBaseModel):
         return args
 
 
-NO_ARGUMENTS = {"type": "object", "properties": {}}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # {} only
 
 
 class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):

@@ -210,8 +210,8 @@ class DeltaFunctionCall(ResponseModel):
 
 
 class DeltaToolCall(ResponseModel):
-    """One call in a stream: its first delta has the id, type and name (here, every delta:
-    a call is sent whole, once its arguments are complete)."""
+    """One call in a stream: its first delta has the id, type and name; a named call's later
+    deltas add pieces of its arguments, other calls come whole in one delta."""
 
     index: int
     id: str | None = None

@@ -185,7 +185,8 @@ def test_tokens_as_token_ids(sdk: OpenAI, stream: bool) -> None:
     tokens = [t for c in chunks for t in (c.choices[0].logprobs.tokens or [])]
     tops = [k for c in chunks for top in (c.choices[0].logprobs.top_logprobs or []) if top
             for k in top]
-    assert tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens + tops)
+    assert tokens and tops
+    assert all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens + tops)
     generated = [int(t[9:]) for t in tokens[-5:]]
     assert "".join(c.choices[0].text for c in chunks).endswith(plain.choices[0].text)
     assert sdk.completions.create(model="tiny", prompt=generated, max_tokens=0, echo=True,
@@ -195,6 +196,8 @@ def test_tokens_as_token_ids(sdk: OpenAI, stream: bool) -> None:
                                        temperature=0)
     for entry in chat.choices[0].logprobs.content:
         assert entry.token.startswith("token_id:") and entry.bytes == list(entry.token.encode())
+        [top] = entry.top_logprobs
+        assert top.token.startswith("token_id:")
 
 
 def test_bad_words(sdk: OpenAI, client: httpx.Client) -> None:

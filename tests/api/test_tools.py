@@ -91,6 +91,19 @@ def test_named_tool_choice_is_a_call_of_that_tool(sdk: OpenAI) -> None:
     assert choice.finish_reason == "stop" and choice.message.content == ""  # vLLM's
 
 
+@pytest.mark.parametrize("tool_choice", ["named", "required"])
+def test_a_tool_without_parameters_takes_no_arguments(sdk: OpenAI, tool_choice: str) -> None:
+    ping = {"type": "function", "function": {"name": "ping"}}
+    choice = ("required" if tool_choice == "required" else
+              {"type": "function", "function": {"name": "ping"}})
+    for seed in (1, 2, 3):
+        r = sdk.chat.completions.create(model="tiny", messages=USER, tools=[ping],
+                                        tool_choice=choice, parallel_tool_calls=False,
+                                        temperature=1.0, seed=seed, max_tokens=60)
+        [call] = r.choices[0].message.tool_calls or []
+        assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_required_tool_choice_is_calls(sdk: OpenAI, seed: int) -> None:
     """A list of calls of the tools; parallel_tool_calls false makes it one (a random model
@@ -120,6 +133,7 @@ def test_streamed_required_calls_come_whole_then_the_finish(sdk: OpenAI) -> None
     assert not any(c.choices[0].delta.content for c in chunks[1:])  # the calls only
     *_, calls, last = chunks
     assert calls.choices[0].finish_reason is None
+    assert len(calls.choices[0].delta.tool_calls or []) == 1  # parallel_tool_calls false
     assert not last.choices[0].delta.tool_calls
     assert last.choices[0].finish_reason == "tool_calls"
     for k, call in enumerate(calls.choices[0].delta.tool_calls or []):
@@ -300,7 +314,8 @@ def test_the_guides_of_tool_choices() -> None:
     bare = {"type": "function", "function": {"name": "ping"}}
     named = ChatCompletionRequest(messages=USER, tools=[WEATHER, bare], tool_choice={
         "type": "function", "function": {"name": "ping"}}).guide_spec()
-    assert named is not None and named.value == {"type": "object", "properties": {}}
+    assert named is not None and named.value == {"type": "object", "properties": {},
+                                                 "additionalProperties": False}
     required = ChatCompletionRequest(messages=USER, tools=[WEATHER, TIME],
                                      tool_choice="required").guide_spec()
     assert required is not None and "maxItems" not in required.value
