@@ -479,7 +479,7 @@ class ChatService(_Service):
             calls = required_calls(choice.text)
         elif mode == "auto" and self.parse_calls is not None:
             calls = self.parse_calls(choice.text)
-            names = {tool.function.name for tool in request.tools or ()}
+            names = request.tool_names
             if calls is not None and any(call.name not in names for call in calls):
                 calls = None  # JSON that names no tool of the request's: an answer in text
             if calls and request.parallel_tool_calls is False:

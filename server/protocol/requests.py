@@ -102,7 +102,7 @@ class StructuredOutputs(OpenAIBaseModel):
 
     def specs(self) -> list[GuideSpec]:
         field = "structured_outputs"
-        specs = _guide_specs(self.json_, self.regex, self.choice, field)
+        specs = _guide_specs(self.json_, self.regex, self.choice, f"{field}.")
         if self.json_object:
             specs.append(GuideSpec("json_object", None, f"{field}.json_object"))
         if not specs:
@@ -112,25 +112,24 @@ class StructuredOutputs(OpenAIBaseModel):
 
 
 def _guide_specs(schema: dict[str, Any] | bool | str | None, regex: str | None,
-                 choice: list[str] | None, field: str) -> list[GuideSpec]:
-    """The constraints given in one place (vLLM's fields: json, regex, choice)."""
-    dot = "." if field == "structured_outputs" else "_"
+                 choice: list[str] | None, prefix: str) -> list[GuideSpec]:
+    """The constraints given in one place (vLLM's fields json, regex, choice, named
+    `prefix` + the field: "guided_json", "structured_outputs.json")."""
     specs = []
     if schema is not None:
         if isinstance(schema, str):  # vLLM takes the schema as JSON text too
             try:
                 schema = json.loads(schema)
             except ValueError:
-                raise RequestError(f"{field}{dot}json is not valid JSON",
-                                   f"{field}{dot}json") from None
-        specs.append(GuideSpec("json", schema, f"{field}{dot}json"))
+                raise RequestError(f"{prefix}json is not valid JSON", f"{prefix}json") from None
+        specs.append(GuideSpec("json", schema, f"{prefix}json"))
     if regex is not None:
-        specs.append(GuideSpec("regex", regex, f"{field}{dot}regex"))
+        specs.append(GuideSpec("regex", regex, f"{prefix}regex"))
     if choice is not None:
         if not choice or not all(choice):
-            raise RequestError(f"{field}{dot}choice must be a list of non-empty strings",
-                               f"{field}{dot}choice")
-        specs.append(GuideSpec("choice", choice, f"{field}{dot}choice"))
+            raise RequestError(f"{prefix}choice must be a list of non-empty strings",
+                               f"{prefix}choice")
+        specs.append(GuideSpec("choice", choice, f"{prefix}choice"))
     return specs
 
 
@@ -204,7 +203,7 @@ class _SamplingRequest(OpenAIBaseModel):
     def guide_spec(self) -> GuideSpec | None:
         """What the output must follow (response_format json_object / json_schema, vLLM's
         structured_outputs or guided_*), or None; at most one may be given."""
-        specs = _guide_specs(self.guided_json, self.guided_regex, self.guided_choice, "guided")
+        specs = _guide_specs(self.guided_json, self.guided_regex, self.guided_choice, "guided_")
         if self.structured_outputs is not None:
             specs += self.structured_outputs.specs()
         rf = self.response_format
@@ -614,13 +613,17 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         choice = self.tool_choice
         if choice is None or choice == "none":
             return self
-        names = [tool.function.name for tool in self.tools or ()]
+        names = self.tool_names
         if not names:
             raise ValueError(f"tool_choice {_choice_name(choice)} needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among "
                              f"the tools ({', '.join(names)})")
         return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or ()]
 
     @property
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:

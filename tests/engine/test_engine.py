@@ -967,6 +967,12 @@ def test_bad_words_are_never_written(tiny_checkpoint: Path) -> None:
     assert all(tuple(banned_pair[i:i + 2]) != pair for i in range(len(banned_pair) - 1))
     # Words as text, as vLLM reads them: each as a text's start, and mid-text where a space
     # makes other tokens of the same count
-    word = tok.decode(list(pair)).strip()
-    ids = bad_words_token_ids(tok, [word])
-    assert ids and ids[0] == tuple(tok.encode(word, add_special_tokens=False))
+    def enc(text: str) -> tuple[int, ...]:
+        return tuple(tok.encode(text, add_special_tokens=False))
+
+    # "and" / " and": one token each (a word and its mid-text form): both banned. "the"
+    # is two tokens but " the" one: only the text's start form, as vLLM keeps it
+    assert len(enc("and")) == len(enc(" and")) == 1 and enc("and") != enc(" and")
+    assert bad_words_token_ids(tok, ["and"]) == (enc("and"), enc(" and"))
+    assert len(enc("the")) != len(enc(" the"))
+    assert bad_words_token_ids(tok, [" the"]) == (enc("the"),)
