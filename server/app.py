@@ -37,6 +37,7 @@ from server.memory import freeze_startup_objects
 from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
 from server.serving import ChatService, CompletionService, GenerationFailed
+from server.serving_responses import ResponsesService
 
 logger = logging.getLogger(__name__)
 # The request being served (RequestIdMiddleware): names the response (routes)
@@ -73,6 +74,7 @@ class ServerState:
     engine: EngineFront | None = None
     completions: CompletionService | None = None
     chat: ChatService | None = None
+    responses: ResponsesService | None = None
     status: str = "loading"  # loading | ready | draining | failed
     # Generation requests between their checks and their queueing: changed on the event loop
     # only (admission), read by the drain's thread
@@ -335,6 +337,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                         config.prompt_tokens_details)
             state.completions = CompletionService(*services)
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser)
+            state.responses = ResponsesService(state.chat)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

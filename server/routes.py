@@ -43,15 +43,17 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
+from server.protocol.responses_api import ResponseObject, ResponsesRequest, as_responses_error
 from server.request import SamplingParams
 from server.serving import (
     DONE,
-    GenerationFailed,
     Submitted,
     encode_messages,
     error_event,
+    failure_message,
     submit,
 )
+from server.serving_responses import ResponseJob
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -148,12 +150,37 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
-def _response_id(prefix: str) -> str:
+@router.post("/v1/responses", response_model=ResponseObject)
+async def responses(body: ResponsesRequest, state: State, request: Request):  # noqa: ANN201
+    """OpenAI's Responses API, read as a chat completion (server/protocol/responses_api.py);
+    errors name the Responses request's fields."""
+    service = state.responses
+    response_id = _response_id("resp", "_")
+    try:
+        chat = body.chat_request()
+        with state.admission(chat) as engine:
+            assert service is not None
+            service.chat.check_tools(chat)
+            params = await _guided(chat, chat.to_sampling_params(
+                state.config.generation_defaults))
+            params = service.chat.with_bad_words(chat, params)
+            prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat))
+            submitted = submit(engine, [(prompt_ids, None)], params,
+                               _engine_request_id(response_id), "input")
+    except RequestError as e:
+        raise as_responses_error(e) from None
+    job = ResponseJob(body, chat, params)
+    return await _respond(request, body.stream, service, job, submitted, response_id)
+
+
+def _response_id(prefix: str, separator: str = "-") -> str:
     """`<prefix>-<X-Request-Id>`, as vLLM names a response after the request's header (the
     middleware makes an id up when none came), so that a client's or a proxy's id finds the
-    response."""
+    response; the Responses API's ids are `resp_...`."""
     request_id = request_id_var.get()
-    return f"{prefix}-{request_id}" if request_id is not None else random_id(prefix)
+    if request_id is None:
+        return random_id(prefix).replace("-", separator, 1)
+    return f"{prefix}{separator}{request_id}"
 
 
 def _engine_request_id(response_id: str) -> str:
@@ -258,32 +285,30 @@ class _EventStream(EventSourceResponse):
             await super()._send_with_timeout(send, message)
 
 
-def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
+def _sse(events: AsyncIterator[str | bytes]) -> EventSourceResponse:
     """`data: <json>` events, keep-alive comments while waiting; a client that goes away
     cancels `events`, whose cleanup aborts the engine requests."""
     return _EventStream(_in_band_errors(events), ping=SSE_PING_SECONDS, sep="\n",
                         headers=SSE_HEADERS)
 
 
-async def _in_band_errors(events: AsyncIterator[str]) -> AsyncIterator[bytes | str]:
+async def _in_band_errors(events: AsyncIterator[str | bytes]) -> AsyncIterator[bytes | str]:
     """After the 200 has gone out, a failure can only be reported inside the stream."""
     try:
         async for event in events:
             yield _frame(event)
     except Exception as e:
-        if isinstance(e, GenerationFailed):  # the engine failed the request, and said why
-            message = str(e)
-        else:
-            logger.exception("stream failed")
-            message = "internal server error"
-        yield _frame(error_event(message))
+        yield _frame(error_event(failure_message(e)))
         yield _frame(DONE)
 
 
-def _frame(event: str) -> bytes | str:
+def _frame(event: str | bytes) -> bytes | str:
     """`data: <event>` as sse-starlette frames it (sep "\n"), built here once: its encoder
     (a ServerSentEvent a chunk) is a per-token cost. Only one-line events (JSON, [DONE]);
-    others go to the encoder, which writes one `data:` line per line."""
+    others go to the encoder, which writes one `data:` line per line. Bytes are a frame
+    already (the Responses API's named events)."""
+    if isinstance(event, bytes):
+        return event
     if "\n" in event or "\r" in event:
         return event
     return b"data: " + event.encode() + b"\n\n"

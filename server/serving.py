@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,7 @@ from server.tool_calls import (
 )
 
 DONE = "[DONE]"
+logger = logging.getLogger(__name__)
 
 
 class GenerationFailed(RuntimeError):
@@ -94,6 +96,17 @@ class Choice:
     stop_reason: str | int | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # its engine request's prompt tokens from the prefix cache
+
+    def absorb(self, out: RequestOutput) -> None:
+        """Add an output of the choice's engine request."""
+        self.text += out.text
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        self.finish_reason = out.finish_reason
+        self.stop_reason = out.stop_reason
 
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
@@ -222,20 +235,18 @@ async def merged(engine: EngineFront, submitted: list[Submitted]
                 engine.abort(group.stream.request_id)
 
 
-def _check(out: RequestOutput) -> None:
+def raise_if_failed(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         raise GenerationFailed(out.error or "generation failed")
 
 
-def _absorb(choice: Choice, out: RequestOutput) -> None:
-    choice.text += out.text
-    choice.token_ids.extend(out.token_ids)
-    if out.logprobs:
-        choice.logprobs.extend(out.logprobs)
-    choice.num_output_tokens = out.num_output_tokens
-    choice.num_cached_tokens = out.num_cached_tokens
-    choice.finish_reason = out.finish_reason
-    choice.stop_reason = out.stop_reason
+def failure_message(error: Exception) -> str:
+    """What a stream tells its client of a failure after the 200 went out: the engine's
+    reason, or (a bug, logged here) no details."""
+    if isinstance(error, GenerationFailed):
+        return str(error)
+    logger.error("stream failed", exc_info=error)
+    return "internal server error"
 
 
 def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
@@ -367,10 +378,10 @@ class CompletionService(_Service):
         choices: dict[int, Choice] = {}
         prompt_lps: dict[int, list[TokenLogprob | None]] = {}
         async for i, out in merged(self.engine, submitted):
-            _check(out)
+            raise_if_failed(out)
             if out.prompt_logprobs is not None:
                 prompt_lps[i] = out.prompt_logprobs
-            _absorb(choices.setdefault(i * n + out.index, Choice()), out)
+            choices.setdefault(i * n + out.index, Choice()).absorb(out)
         result = []
         for index in sorted(choices):
             choice, s = choices[index], submitted[index // n]
@@ -412,11 +423,11 @@ class CompletionService(_Service):
                 stop_reason=out.stop_reason), usage)
 
         async for i, out in merged(self.engine, submitted):
-            _check(out)  # reported in the stream by the route, which ends it
+            raise_if_failed(out)  # reported in the stream by the route, which ends it
             index = i * n + out.index
             s, first = submitted[i], index not in choices
             choice = choices.setdefault(index, Choice())
-            _absorb(choice, out)
+            choice.absorb(out)
             text, echo_lps = out.text, None
             if first and request.echo:
                 text = self._echo_text(s) + text
@@ -457,7 +468,7 @@ class ChatService(_Service):
         keep = request.prompt_tokens_kept(self.engine.max_model_len)  # vLLM's: the last k
         return ids[-keep:] if keep is not None else ids
 
-    def _logprobs(self, request: ChatCompletionRequest, lps: list[TokenLogprob]
+    def logprobs(self, request: ChatCompletionRequest, lps: list[TokenLogprob]
                   ) -> ChatCompletionLogprobs:
         as_ids = request.return_tokens_as_token_ids
         texts = self._token_texts(logprob_token_ids(lps), as_ids)
@@ -465,7 +476,7 @@ class ChatService(_Service):
                dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True)))
         return chat_logprobs(lps, texts, raw)
 
-    def _answer(self, request: ChatCompletionRequest, choice: Choice
+    def answer(self, request: ChatCompletionRequest, choice: Choice
                 ) -> tuple[str | None, list[ParsedCall] | None, ChatFinishReason | None]:
         """A finished choice's content, tool calls and finish_reason, as vLLM gives them:
         a named tool's call (content "", finish as it came), the calls "required" asked for
@@ -490,7 +501,7 @@ class ChatService(_Service):
             finish = "tool_calls"
         return ("" if mode in ("named", "required") else None), calls, finish
 
-    def _holds_back(self, request: ChatCompletionRequest) -> bool | None:
+    def holds_back(self, request: ChatCompletionRequest) -> bool | None:
         """Whether a streamed choice's text is held back until it ends (it may be calls):
         always for a required list of calls, until its first word shows under "auto" (None),
         never otherwise (a named call streams its arguments)."""
@@ -511,7 +522,7 @@ class ChatService(_Service):
                 index=0, id=tool_call_id() if first else None,
                 type="function" if first else None,
                 function=DeltaFunctionCall(name=name if first else None, arguments=out.text))
-            logprobs = self._logprobs(request, out.logprobs or []) if request.logprobs else None
+            logprobs = self.logprobs(request, out.logprobs or []) if request.logprobs else None
             yield chunk(out.index, DeltaMessage(tool_calls=[call]), logprobs,
                         num_output=out.num_output_tokens)
         if out.finished:
@@ -521,18 +532,18 @@ class ChatService(_Service):
                      response_id: str) -> ChatCompletionResponse:
         choices: dict[int, Choice] = {}
         async for _, out in merged(self.engine, submitted):
-            _check(out)
-            _absorb(choices.setdefault(out.index, Choice()), out)
+            raise_if_failed(out)
+            choices.setdefault(out.index, Choice()).absorb(out)
         result = []
         for i, c in sorted(choices.items()):
-            content, calls, finish = self._answer(request, c)
+            content, calls, finish = self.answer(request, c)
             tool_calls = None if calls is None else [
                 ToolCallOut(id=tool_call_id(), function=FunctionCall(name=call.name,
                                                                      arguments=call.arguments))
                 for call in calls]
             result.append(ChatCompletionResponseChoice(
                 index=i, message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
-                logprobs=self._logprobs(request, c.logprobs) if request.logprobs else None,
+                logprobs=self.logprobs(request, c.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
                                       usage=self._usage(submitted, choices, request.n))
@@ -541,7 +552,7 @@ class ChatService(_Service):
                      response_id: str) -> AsyncIterator[str]:
         created = int(time.time())
         choices: dict[int, Choice] = {}
-        held = {index: self._holds_back(request) for index in range(len(submitted) * request.n)}
+        held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
 
         envelope = StreamEnvelope(
             ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
@@ -566,7 +577,7 @@ class ChatService(_Service):
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         opened: set[int] = set()  # choices whose named call has been opened
         async for _, out in merged(self.engine, submitted):
-            _check(out)  # reported in the stream by the route, which ends it
+            raise_if_failed(out)  # reported in the stream by the route, which ends it
             if not started:
                 # Each choice's role, with the first token as vLLM sends it: not before (a
                 # client timing the stream takes the first chunk for the first token)
@@ -574,7 +585,7 @@ class ChatService(_Service):
                     yield chunk(index, DeltaMessage(role="assistant", content=""))
                 started = True
             choice = choices.setdefault(out.index, Choice())
-            _absorb(choice, out)
+            choice.absorb(out)
             if named is not None:  # the answer is the named tool's arguments: as they come
                 for part in self._named_chunks(request, out, named, opened, chunk):
                     yield part
@@ -588,10 +599,10 @@ class ChatService(_Service):
                 if out.finished:  # the answer, whole: its calls, or its text; then the
                     # finish on a chunk of its own, as OpenAI's (the SDK's stream helper
                     # closes a call when a later chunk starts, not on its own finish)
-                    content, calls, finish = self._answer(request, choice)
+                    content, calls, finish = self.answer(request, choice)
                     tool_calls = (None if calls is None else
                                   [_delta_call(k, call) for k, call in enumerate(calls)])
-                    logprobs = (self._logprobs(request, choice.logprobs)
+                    logprobs = (self.logprobs(request, choice.logprobs)
                                 if request.logprobs and choice.logprobs else None)
                     yield chunk(out.index, DeltaMessage(content=content or None,
                                                         tool_calls=tool_calls), logprobs,
@@ -605,7 +616,7 @@ class ChatService(_Service):
             elif token or out.finished:
                 # The last token's chunk carries the finish reason (a finish alone: an empty
                 # delta), as vLLM's does
-                logprobs = (self._logprobs(request, out.logprobs or [])
+                logprobs = (self.logprobs(request, out.logprobs or [])
                             if request.logprobs and token else None)
                 delta = DeltaMessage(content=out.text) if token else DeltaMessage()
                 yield chunk(out.index, delta, logprobs, finish=out if out.finished else None,

@@ -402,6 +402,19 @@ class ContentPart(OpenAIBaseModel):
 ContentParts = Annotated[list[ContentPart], MAX_ITEMS_FIELD]
 
 
+def parse_arguments(text: str) -> dict[str, Any]:
+    """A call's arguments, sent as JSON text: an object ("" for none)."""
+    try:
+        parsed = json.loads(text) if text.strip() else {}
+    except ValueError:
+        raise ValueError("arguments must be JSON text") from None
+    except RecursionError:  # nesting inside a string escapes the body parser's limit
+        raise ValueError("arguments are nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be a JSON object")
+    return parsed
+
+
 class ToolCallFunction(OpenAIBaseModel):
     name: str
     arguments: str | dict[str, Any] = Field("", validate_default=True)  # OpenAI's: JSON text
@@ -410,17 +423,7 @@ class ToolCallFunction(OpenAIBaseModel):
     @classmethod
     def _json_arguments(cls, value: str | dict[str, Any]) -> dict[str, Any]:
         """Parsed, as vLLM hands them to templates (Llama 3.1's writes them out again)."""
-        if isinstance(value, dict):
-            return value
-        try:
-            parsed = json.loads(value) if value.strip() else {}
-        except ValueError:
-            raise ValueError("arguments must be JSON text") from None
-        except RecursionError:  # nesting inside a string escapes the body parser's limit
-            raise ValueError("arguments are nested too deeply") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("arguments must be a JSON object")
-        return parsed
+        return value if isinstance(value, dict) else parse_arguments(value)
 
 
 class ToolCall(OpenAIBaseModel):

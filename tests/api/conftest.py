@@ -143,6 +143,18 @@ def long_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPath
         yield s
 
 
+@pytest.fixture(scope="session")
+def tools_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Server]:
+    """Llama 3.1's template and auto tool choice (--tool-call-parser llama3_json); its tool
+    prompt is long: the 4096-token model. No API key."""
+    template = Path(__file__).parents[1] / "model" / "templates" / "llama-3.1-instruct.jinja"
+    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("tools"),
+                    "--served-model-name", "tiny", "--enable-auto-tool-choice",
+                    "--tool-call-parser", "llama3_json", "--chat-template", str(template)) as s:
+        yield s
+
+
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}

@@ -54,6 +54,22 @@ def test_chat_stream_disconnect_frees_all_samples(long_server: Server,
     assert long_server.metric(ABORTED) == aborted + 3
 
 
+def test_responses_stream_disconnect_frees_slot(long_server: Server,
+                                               auth: dict[str, str]) -> None:
+    wait_idle(long_server)
+    aborted = long_server.metric(ABORTED)
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", f"{long_server.v1}/responses",
+                           json={"model": "tiny", "input": "Go on.", "ignore_eos": True,
+                                 "max_output_tokens": 4000, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            read_events(lines, 4 + 3)  # created, in_progress, the item, its part, deltas
+            assert long_server.metric("llama_serve_kv_cache_slots_used") == 1
+    wait_idle(long_server)
+    assert long_server.metric(ABORTED) == aborted + 1
+
+
 def test_cancelled_request_frees_slots(long_server: Server, auth: dict[str, str]) -> None:
     """A non-streaming request whose client gives up (closes the connection) is aborted."""
     wait_idle(long_server)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from model.tokenizer import Tokenizer
 from server.protocol import ChatCompletionRequest
 from server.tool_calls import llama3_json_calls, may_be_calls, required_calls
-from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
+from tests.api.conftest import Server, assert_openai_error, sse_data
 
 TEMPLATES = Path(__file__).parents[1] / "model" / "templates"
 WEATHER = {"type": "function", "function": {
@@ -31,17 +31,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL_REGEX = r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "unit": "c"\}\}'
-
-
-@pytest.fixture(scope="module")
-def tools_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[Server]:
-    """Llama 3.1's template (its tool prompt is long: the 4096-token model)."""
-    with run_server(long_context_checkpoint, tmp_path_factory.mktemp("tools"),
-                    "--served-model-name", "tiny", "--enable-auto-tool-choice",
-                    "--tool-call-parser", "llama3_json", "--chat-template",
-                    str(TEMPLATES / "llama-3.1-instruct.jinja")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

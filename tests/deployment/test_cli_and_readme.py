@@ -131,6 +131,10 @@ def test_readme_curl_examples(index: int, open_server: Server) -> None:
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) > 2
         json.loads(lines[0].removeprefix("data: "))
+    elif "/v1/responses" in script:
+        body = json.loads(out.stdout)
+        assert body["object"] == "response" and body["usage"]["output_tokens"] == 8
+        assert body["output"][0]["content"][0]["text"]
     elif "guided_choice" in script:
         [choice] = json.loads(out.stdout)["choices"]
         assert choice["text"] in ("blue", "grey") and choice["finish_reason"] == "stop"

@@ -1,0 +1,273 @@
+"""The Responses API on top of the chat service: a request's one answer as output items (a
+message, or function calls), gathered into a response object or streamed as named events.
+
+The answer is read as chat reads it (ChatService: a named tool's arguments, the calls
+"required" asked for or the parser found, or text); what differs is the shape. A stream
+opens an item when its first piece comes and closes it at the end: text and a named call's
+arguments stream as they come, calls found in a finished answer go out whole (as chat's).
+Item ids are the same in the stream and in the final response (the SDK's stream helper
+checks them). No FastAPI and no tensors here.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from server.protocol import ChatCompletionRequest, ChatCompletionTokenLogprob, NamedToolChoice
+from server.protocol.responses_api import (
+    FunctionToolChoice,
+    IncompleteDetails,
+    ItemStatus,
+    OutputFunctionCall,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+from server.request import FinishReason, SamplingParams, TokenLogprob
+from server.serving import (
+    ChatService,
+    Choice,
+    Submitted,
+    failure_message,
+    merged,
+    raise_if_failed,
+)
+from server.tool_calls import may_be_calls
+
+
+@dataclass(slots=True)
+class ResponseJob:
+    """A Responses request, the chat request it reads as, and the parameters its engine
+    request samples with (echoed: temperature and top_p after the model's defaults)."""
+
+    request: ResponsesRequest
+    chat: ChatCompletionRequest
+    params: SamplingParams
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+def _message(text: str = "", logprobs: list[ChatCompletionTokenLogprob] | None = None
+             ) -> OutputMessage:
+    return OutputMessage(id=_item_id("msg"), content=[OutputText(text=text, logprobs=logprobs)])
+
+
+def _call(name: str, arguments: str = "") -> OutputFunctionCall:
+    return OutputFunctionCall(id=_item_id("fc"), call_id=_item_id("call"), name=name,
+                              arguments=arguments)
+
+
+class ResponsesService:
+
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
+
+    def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest) -> list[int]:
+        """The chat prompt; with truncation "auto", its last tokens that leave room for
+        max_output_tokens (else one token)."""
+        ids = self.chat.prompt_ids(chat)
+        room = self.chat.engine.max_model_len - (request.max_output_tokens or 1)
+        if request.truncation == "auto" and 0 < room < len(ids):
+            return ids[-room:]
+        return ids
+
+    def _skeleton(self, job: ResponseJob, response_id: str) -> ResponseObject:
+        """The response before any output: the request's settings echoed."""
+        r = job.request
+        return ResponseObject(
+            id=response_id, model=self.chat.model_name, instructions=r.instructions,
+            max_output_tokens=r.max_output_tokens, max_tool_calls=r.max_tool_calls,
+            metadata=r.metadata or {}, parallel_tool_calls=r.parallel_tool_calls,
+            reasoning=r.reasoning, temperature=job.params.temperature, top_p=job.params.top_p,
+            text=(r.text.model_dump(exclude_none=True, by_alias=True) if r.text and r.text.format
+                  else {"format": {"type": "text"}}),
+            tool_choice=(r.tool_choice.model_dump() if isinstance(r.tool_choice,
+                                                                   FunctionToolChoice)
+                         else r.tool_choice or "auto"),
+            tools=[tool.model_dump(exclude_none=True) for tool in r.tools or ()],
+            top_logprobs=r.top_logprobs or 0, truncation=r.truncation, user=r.user)
+
+    def _logprobs(self, job: ResponseJob, lps: list[TokenLogprob]
+                  ) -> list[ChatCompletionTokenLogprob] | None:
+        """Chat's logprobs entries (token, logprob, bytes, top_logprobs: the Responses
+        API's too), where `include` asked for them."""
+        if not job.request.wants_logprobs:
+            return None
+        return self.chat.logprobs(job.chat, lps).content or []
+
+    def _answer_items(self, job: ResponseJob, choice: Choice) -> list[OutputItem]:
+        """A finished answer's items: its text (if any, or if there are no calls), then its
+        calls."""
+        content, calls, _ = self.chat.answer(job.chat, choice)
+        items: list[OutputItem] = []
+        if content or not calls:
+            items.append(_message(content or "", self._logprobs(job, choice.logprobs)))
+        items += [_call(call.name, call.arguments) for call in calls or ()]
+        return items
+
+    def _finish(self, response: ResponseObject, choice: Choice,
+                submitted: list[Submitted]) -> ResponseObject:
+        """The response's final status and usage; its items' status follows."""
+        if choice.finish_reason is FinishReason.LENGTH:
+            response.status, response.incomplete_details = "incomplete", IncompleteDetails()
+        elif choice.finish_reason is FinishReason.ABORT:  # the server shutting down
+            response.status = "cancelled"
+        else:
+            response.status = "completed"
+        response.usage = ResponseUsage.of(len(submitted[0].prompt_ids),
+                                          choice.num_output_tokens, choice.num_cached_tokens)
+        for item in response.output:
+            item.status = response.item_status
+        return response
+
+    async def create(self, job: ResponseJob, submitted: list[Submitted],
+                     response_id: str) -> ResponseObject:
+        choice = Choice()
+        async for _, out in merged(self.chat.engine, submitted):
+            raise_if_failed(out)
+            choice.absorb(out)
+        response = self._skeleton(job, response_id)
+        response.output = self._answer_items(job, choice)
+        return self._finish(response, choice, submitted)
+
+    async def stream(self, job: ResponseJob, submitted: list[Submitted],
+                     response_id: str) -> AsyncIterator[bytes]:
+        """The response's events, ending with response.completed (whatever the status, as
+        vLLM's; the SDK's stream helper waits for that one), or with an error event."""
+        events = _Events(self._skeleton(job, response_id))
+        yield events.lifecycle("response.created")
+        yield events.lifecycle("response.in_progress")
+        try:
+            async for frame in self._output_events(job, submitted, events):
+                yield frame
+        except Exception as e:  # noqa: BLE001 - after the 200, told in the stream
+            yield events.error(failure_message(e))
+
+    async def _output_events(self, job: ResponseJob, submitted: list[Submitted],
+                             events: _Events) -> AsyncIterator[bytes]:
+        request, choice = job.chat, Choice()
+        named = (request.tool_choice.function.name
+                 if isinstance(request.tool_choice, NamedToolChoice) else None)
+        held = self.chat.holds_back(request)  # True: calls; None: "auto", not yet known
+        item: OutputItem | None = None  # the item being streamed
+        async for _, out in merged(self.chat.engine, submitted):
+            raise_if_failed(out)
+            choice.absorb(out)
+            if named is not None:  # the named tool's arguments, as they come
+                if item is None and out.text:
+                    item = _call(named)
+                    yield events.open(item)
+                if out.text:
+                    yield events.arguments(item, out.text)
+                continue
+            text, lps = out.text, out.logprobs or []
+            if held is None:
+                held = may_be_calls(choice.text)
+                if held is False:  # text after all: what was held back goes out now
+                    text, lps = choice.text, choice.logprobs
+            if held is False and text:
+                if item is None:
+                    item = _message()
+                    yield events.open(item)
+                yield events.text(item, text, self._logprobs(job, lps))
+        response = self._finish(events.response, choice, submitted)
+        if named is not None and item is None:  # (no arguments at all)
+            item = _call(named)
+            yield events.open(item)
+        if item is not None:
+            yield events.close(item, response.item_status)
+        else:  # nothing streamed: the whole answer now
+            for whole in self._answer_items(job, choice):
+                yield events.whole(whole, response.item_status)
+        yield events.lifecycle("response.completed")
+
+
+class _Events:
+    """A response's stream: events numbered in order (sequence_number), each framed as
+    `event: <type>` and `data: <json>`; the items streamed become the response's output."""
+
+    def __init__(self, response: ResponseObject) -> None:
+        self.response, self.sequence = response, 0
+        self._index: dict[str, int] = {}  # item id -> output_index
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = json.dumps({"type": kind, "sequence_number": self.sequence, **fields},
+                          ensure_ascii=False, separators=(",", ":"))
+        self.sequence += 1
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+    def lifecycle(self, kind: str) -> bytes:
+        return self._event(kind, response=self.response.model_dump(mode="json"))
+
+    def error(self, message: str) -> bytes:
+        return self._event("error", code="server_error", message=message, param=None)
+
+    def _where(self, item: OutputItem) -> dict[str, Any]:
+        return {"item_id": item.id, "output_index": self._index[item.id]}
+
+    def open(self, item: OutputItem) -> bytes:
+        """The item added, in progress (a message with its one text part, empty)."""
+        self._index[item.id] = len(self.response.output)
+        self.response.output.append(item)
+        shown = {**item.model_dump(mode="json"), "status": "in_progress"}
+        if isinstance(item, OutputMessage):
+            shown["content"] = []
+        added = self._event("response.output_item.added", output_index=self._index[item.id],
+                            item=shown)
+        if not isinstance(item, OutputMessage):
+            return added
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return added + self._event("response.content_part.added", **self._where(item),
+                                   content_index=0, part=part)
+
+    def text(self, item: OutputMessage, delta: str,
+             logprobs: list[ChatCompletionTokenLogprob] | None) -> bytes:
+        part = item.content[0]
+        part.text += delta
+        if logprobs is not None:
+            part.logprobs = (part.logprobs or []) + logprobs
+        return self._event("response.output_text.delta", **self._where(item), content_index=0,
+                           delta=delta, logprobs=[lp.model_dump() for lp in logprobs or ()])
+
+    def arguments(self, item: OutputFunctionCall, delta: str) -> bytes:
+        item.arguments += delta
+        return self._event("response.function_call_arguments.delta", **self._where(item),
+                           delta=delta)
+
+    def close(self, item: OutputItem, status: ItemStatus) -> bytes:
+        """The item's text or arguments done, then the item, in its final status."""
+        item.status, where = status, self._where(item)
+        if isinstance(item, OutputMessage):
+            part = item.content[0]
+            logprobs = [lp.model_dump() for lp in part.logprobs or ()]
+            done = (self._event("response.output_text.done", **where, content_index=0,
+                                text=part.text, logprobs=logprobs)
+                    + self._event("response.content_part.done", **where, content_index=0,
+                                  part=part.model_dump(mode="json")))
+        else:
+            done = self._event("response.function_call_arguments.done", **where,
+                               name=item.name, arguments=item.arguments)
+        return done + self._event("response.output_item.done",
+                                  output_index=where["output_index"],
+                                  item=item.model_dump(mode="json"))
+
+    def whole(self, item: OutputItem, status: ItemStatus) -> bytes:
+        """A finished item's events at once: added, its text or arguments, done."""
+        if isinstance(item, OutputMessage):
+            part = item.content[0]
+            text, logprobs = part.text, part.logprobs
+            part.text, part.logprobs = "", None
+            frames = self.open(item) + (self.text(item, text, logprobs) if text else b"")
+        else:
+            arguments, item.arguments = item.arguments, ""
+            frames = self.open(item) + self.arguments(item, arguments)
+        return frames + self.close(item, status)

@@ -1,0 +1,327 @@
+"""OpenAI's Responses API (POST /v1/responses) over HTTP, through the OpenAI SDK where it can:
+the request read as a chat completion (same prompt, same answer), the answer as output items
+(a message, or function calls), streamed as named events the SDK's stream helper assembles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import httpx
+import pytest
+from openai import OpenAI
+from pydantic import BaseModel
+
+from server.guided.spec import GuideSpec, compile_guide
+from server.protocol.responses_api import ResponsesRequest
+from tests.api.conftest import Server, assert_openai_error
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {
+               "city": {"type": "string", "enum": ["Paris", "Rome"]},
+               "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]}}
+TIME = {"type": "function", "name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}
+CALL_REGEX = r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "unit": "c"\}\}'
+ASK = "What is the weather in Paris?"
+
+
+@pytest.fixture(scope="module")
+def sdk(tools_server: Server) -> Iterator[OpenAI]:
+    with OpenAI(base_url=tools_server.v1, api_key="none", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def _post(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.v1}/responses", json={"model": "tiny", **body}, timeout=60)
+
+
+def _events(r: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each SSE event, checking that the name is the data's type."""
+    events, name = [], None
+    for line in r.iter_lines():
+        if line.startswith("event:"):
+            name = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            data = json.loads(line[len("data:"):])
+            assert data["type"] == name, (name, data)
+            events.append((name, data))
+    return events
+
+
+def _prompt_tokens(server: Server, messages: list[dict[str, Any]], **extra: Any) -> int:
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", "messages": messages,
+                                                         **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["count"]
+
+
+def test_a_text_answer_is_chats_answer(sdk: OpenAI, tools_server: Server) -> None:
+    """instructions + input are chat's system + user messages: the same prompt (its token
+    count) and, greedy, the same answer; usage counts it; the budget's end is "incomplete"."""
+    r = sdk.responses.create(model="tiny", instructions="Be brief.", input=ASK, temperature=0,
+                             max_output_tokens=12)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ASK}]
+    chat = sdk.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                       temperature=0, max_completion_tokens=12)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny"
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    assert r.usage is not None and r.usage.input_tokens == _prompt_tokens(tools_server, messages)
+    assert r.usage.output_tokens == 12 and r.usage.total_tokens == r.usage.input_tokens + 12
+    assert r.status == "incomplete" and item.status == "incomplete"
+    assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
+    assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.temperature == 0
+    assert r.store is False and r.previous_response_id is None
+
+
+def test_a_finished_answer_is_completed(sdk: OpenAI) -> None:
+    r = sdk.responses.create(model="tiny", input=ASK, temperature=0, max_output_tokens=40,
+                             extra_body={"structured_outputs": {"regex": "It is sunny\\."}},
+                             metadata={"run": "7"})
+    assert r.status == "completed" and r.incomplete_details is None
+    assert r.output_text == "It is sunny." and r.output[0].status == "completed"
+    assert r.metadata == {"run": "7"}
+
+
+def test_the_stream_is_the_sdks(sdk: OpenAI) -> None:
+    """The SDK's stream helper assembles the events into the same response as its final
+    one: created, in_progress, the message item and its part, one delta per token, done
+    events, completed; numbered in order."""
+    with sdk.responses.stream(model="tiny", input=ASK, temperature=0,
+                              max_output_tokens=10) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) == len(kinds) - 8 and len(deltas) > 1  # each token as it comes
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in deltas) == final.output_text
+    [item] = final.output
+    assert all(e.item_id == item.id for e in deltas)
+    plain = sdk.responses.create(model="tiny", input=ASK, temperature=0, max_output_tokens=10)
+    assert final.output_text == plain.output_text and final.status == "incomplete"
+    assert final.usage is not None and final.usage.output_tokens == 10
+
+
+def test_raw_stream_names_each_event_and_sends_no_done(tools_server: Server) -> None:
+    r = _post(tools_server, {"input": ASK, "max_output_tokens": 3, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r)
+    assert "[DONE]" not in r.text and events[-1][0] == "response.completed"
+    created, completed = events[0][1]["response"], events[-1][1]["response"]
+    assert created["status"] == "in_progress" and created["output"] == []
+    assert completed["id"] == created["id"] and completed["usage"]["output_tokens"] == 3
+
+
+def test_logprobs_come_when_included(sdk: OpenAI) -> None:
+    r = sdk.responses.create(model="tiny", input=ASK, temperature=0, max_output_tokens=4,
+                             include=["message.output_text.logprobs"], top_logprobs=2)
+    [part] = r.output[0].content  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.logprobs is not None
+    assert len(part.logprobs) == 4 and "".join(lp.token for lp in part.logprobs) == part.text
+    for lp in part.logprobs:
+        assert len(lp.top_logprobs) == 2 and lp.logprob <= 0
+        assert lp.logprob == max(lp.logprob, *(t.logprob for t in lp.top_logprobs))  # greedy
+    plain = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs is None  # type: ignore[union-attr]
+    with sdk.responses.stream(model="tiny", input=ASK, temperature=0, max_output_tokens=4,
+                              include=["message.output_text.logprobs"], top_logprobs=2) as s:
+        streamed = [lp for e in s if e.type == "response.output_text.delta"
+                    for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]
+
+
+def test_a_conversation_with_calls_is_chats(sdk: OpenAI, tools_server: Server) -> None:
+    """Earlier turns as items: a developer message is the system's, a function_call an
+    assistant turn's tool call, its output a tool message; the prompt is chat's."""
+    call_args = '{"city": "Paris", "unit": "c"}'
+    items = [{"role": "developer", "content": "Use tools."},
+             {"role": "user", "content": [{"type": "input_text", "text": ASK}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+              "arguments": call_args},
+             {"type": "function_call_output", "call_id": "call_1", "output": "21 C, sunny"}]
+    r = sdk.responses.create(model="tiny", input=items, tools=[WEATHER],  # type: ignore
+                             tool_choice="none", max_output_tokens=1)
+    messages = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": ASK},
+                {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": call_args}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}]
+    tools = [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
+    assert r.usage is not None
+    assert r.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
+
+
+def test_an_unfinished_answer_is_continued(sdk: OpenAI, tools_server: Server) -> None:
+    """An assistant message in progress at the end of the input is continued (chat's
+    continue_final_message), not answered in a new turn."""
+    items = [{"role": "user", "content": ASK},
+             {"role": "assistant", "status": "incomplete",
+              "content": [{"type": "output_text", "text": "It is"}]}]
+    r = sdk.responses.create(model="tiny", input=items, max_output_tokens=1)  # type: ignore
+    messages = [{"role": "user", "content": ASK}, {"role": "assistant", "content": "It is"}]
+    assert r.usage is not None and r.usage.input_tokens == _prompt_tokens(
+        tools_server, messages, add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_tool_is_a_function_call(sdk: OpenAI, stream: bool) -> None:
+    """Its arguments follow the tool's schema; streamed, they come as they are made."""
+    kwargs: dict[str, Any] = dict(model="tiny", input=ASK, tools=[WEATHER, TIME],
+                                  tool_choice={"type": "function", "name": "get_weather"},
+                                  temperature=0.9, max_output_tokens=60)
+    if stream:
+        with sdk.responses.stream(**kwargs) as s:
+            events = list(s)
+            r = s.get_final_response()
+        deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+        assert len(deltas) > 1 and "".join(deltas) == r.output[0].arguments  # type: ignore
+        [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert done.arguments == "".join(deltas)
+    else:
+        r = sdk.responses.create(**kwargs)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")  # type: ignore
+    arguments = json.loads(call.arguments)
+    assert arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("c", "f")
+    assert r.status == "completed" and call.status == "completed" and r.output_text == ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_is_calls_whole(sdk: OpenAI, stream: bool) -> None:
+    kwargs: dict[str, Any] = dict(model="tiny", input=ASK, tools=[WEATHER, TIME],
+                                  tool_choice="required", parallel_tool_calls=False,
+                                  temperature=0, max_output_tokens=300)
+    if stream:
+        with sdk.responses.stream(**kwargs) as s:
+            events = list(s)
+            r = s.get_final_response()
+        deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+        assert len(deltas) == 1  # found in the finished answer: one piece
+    else:
+        r = sdk.responses.create(**kwargs)
+    [call] = r.output
+    assert call.type == "function_call" and call.name in ("get_weather", "get_time")
+    assert set(json.loads(call.arguments)) == (
+        {"city", "unit"} if call.name == "get_weather" else {"zone"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_finds_a_call_in_the_answer(tools_server: Server, stream: bool) -> None:
+    """With --tool-call-parser llama3_json, an answer that is a call (made one, here, by a
+    regex) is a function_call item; other text a message."""
+    for regex, kind in ((CALL_REGEX, "function_call"), ("It is sunny\\.", "message")):
+        body = {"input": ASK, "tools": [WEATHER], "temperature": 0, "max_output_tokens": 60,
+                "structured_outputs": {"regex": regex}, "stream": stream}
+        r = _post(tools_server, body)
+        assert r.status_code == 200, r.text
+        response = _events(r)[-1][1]["response"] if stream else r.json()
+        [item] = response["output"]
+        assert item["type"] == kind and response["status"] == "completed"
+        if kind == "function_call":
+            assert item["name"] == "get_weather"
+            assert json.loads(item["arguments"]) in ({"city": "Paris", "unit": "c"},
+                                                     {"city": "Rome", "unit": "c"})
+        else:
+            assert item["content"][0]["text"] == "It is sunny."
+
+
+class Weather(BaseModel):
+    city: Literal["Paris", "Rome"]
+    celsius: int
+
+
+def test_text_format_json_schema(sdk: OpenAI) -> None:
+    """The SDK's parse(): the output follows the schema and parses into the model."""
+    r = sdk.responses.parse(model="tiny", input=ASK, text_format=Weather, temperature=0.8,
+                            max_output_tokens=200)
+    assert isinstance(r.output_parsed, Weather)
+    assert r.text is not None and r.text.format.type == "json_schema"  # echoed
+    # Any object: a random model rarely closes one soon; what came must start one
+    obj = sdk.responses.create(model="tiny", input=ASK, temperature=0, max_output_tokens=10,
+                               text={"format": {"type": "json_object"}})
+    any_object = compile_guide(GuideSpec("json_object", None, "test")).dfa
+    assert obj.output_text.startswith("{") and any_object.walk(0, obj.output_text.encode()) >= 0
+
+
+def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
+    """A prompt longer than the context keeps its last tokens, room left for the output."""
+    long = "weather " * 5000
+    assert_openai_error(_post(tools_server, {"input": long, "max_output_tokens": 8}), 400)
+    r = _post(tools_server, {"input": long, "max_output_tokens": 8, "truncation": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens"] == 4096 - 8
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+    ({"background": True}, "background", "response store"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input", "'reasoning'"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input", "'input_image'"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]},
+     "input", "JSON object"),
+    ({"tools": [{"type": "web_search"}]}, "tools", "'web_search'"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "file_search"}}, "tool_choice", "file_search"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice",
+     "nope"),
+    ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {
+        "type": "json_object"}}}, "text.format", "only one constraint"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {
+        "$ref": "#/nowhere"}}}}, "text.format", "text.format"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
+    ({"max_output_tokens": 5000}, "input", "maximum context length"),
+    ({"input": []}, "input", "at least 1"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input", "role"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+])
+def test_requests_that_cannot_be_served(tools_server: Server, body: dict[str, Any],
+                                        param: str, words: str) -> None:
+    error = assert_openai_error(_post(tools_server, {"input": ASK, **body}), 400)
+    assert error["param"] == param and words in error["message"], error
+    assert "response_format" not in error["message"]
+    assert "max_completion_tokens" not in error["message"]
+
+
+def test_auto_needs_the_parser(server: Server, auth: dict[str, str]) -> None:
+    """As chat: tools with tool_choice "auto" (the default) need --enable-auto-tool-choice;
+    "none" answers text."""
+    url, body = f"{server.v1}/responses", {"model": "tiny", "input": ASK, "tools": [WEATHER],
+                                           "max_output_tokens": 3}
+    error = assert_openai_error(httpx.post(url, json=body, headers=auth, timeout=60), 400)
+    assert error["param"] == "tool_choice" and "--enable-auto-tool-choice" in error["message"]
+    r = httpx.post(url, json={**body, "tool_choice": "none"}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["output"][0]["type"] == "message"
+
+
+def test_the_input_as_chat_messages() -> None:
+    """The request's reading as chat: instructions first; calls in a row share one assistant
+    turn; parts joined by newlines; chat's sampling extras pass through."""
+    request = ResponsesRequest.model_validate({
+        "instructions": "sys", "top_k": 5, "seed": 3, "stop": ["x"],
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                               {"type": "input_text", "text": "b"}]},
+                  {"type": "function_call", "call_id": "1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call", "call_id": "2", "name": "g", "arguments": ""},
+                  {"type": "function_call_output", "call_id": "1", "output": "r1"},
+                  {"type": "function_call_output", "call_id": "2",
+                   "output": [{"type": "input_text", "text": "r2"}]}]})
+    messages = request.messages()
+    assert messages[0] == {"role": "system", "content": "sys"}
+    assert messages[1] == {"role": "user", "content": "a\nb"}
+    assert [c["id"] for c in messages[2]["tool_calls"]] == ["1", "2"]
+    assert messages[3:] == [{"role": "tool", "content": "r1", "tool_call_id": "1"},
+                            {"role": "tool", "content": "r2", "tool_call_id": "2"}]
+    chat = request.chat_request()
+    assert (chat.top_k, chat.seed, chat.stop, chat.tool_mode) == (5, 3, ["x"], "none")
+    assert chat.add_generation_prompt and not chat.continue_final_message
+    # "auto" is OpenAI's default, sent without tools too: it asks for nothing
+    plain = ResponsesRequest.model_validate({"input": "x", "tool_choice": "auto"})
+    assert plain.chat_request().tool_mode == "none"
