@@ -53,7 +53,7 @@ from server.serving import (
     failure_message,
     submit,
 )
-from server.serving_responses import ResponseJob
+from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -164,7 +164,8 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
             params = await _guided(chat, chat.to_sampling_params(
                 state.config.generation_defaults))
             params = service.chat.with_bad_words(chat, params)
-            prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat))
+            prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat,
+                                                                              params))
             submitted = submit(engine, [(prompt_ids, None)], params,
                                _engine_request_id(response_id), "input")
     except RequestError as e:
@@ -179,7 +180,7 @@ def _response_id(prefix: str, separator: str = "-") -> str:
     response; the Responses API's ids are `resp_...`."""
     request_id = request_id_var.get()
     if request_id is None:
-        return random_id(prefix).replace("-", separator, 1)
+        return random_id(prefix, separator)
     return f"{prefix}{separator}{request_id}"
 
 
@@ -251,7 +252,8 @@ class _EventStream(EventSourceResponse):
     connection is the HTTP server's business (uvicorn adds `close` when the client asked
     for it, and the two contradicted each other), and HTTP/2 forbids the header.
 
-    The body ends with the [DONE] event, in the same message. sse-starlette ends it in a
+    The body ends with its last event (chat's and completions' [DONE], the Responses API's
+    response.completed), in the same message. sse-starlette ends it in a
     message of its own once the generator has returned, after a lock's checkpoint: a second
     write (0.12 ms later on an idle server), a loop iteration or more later on a busy one
     (an httpx client of 16 streams on the dev machine saw the end 3.5 ms after [DONE],
@@ -266,17 +268,18 @@ class _EventStream(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ended = False
 
-        async def send_ending_at_done(message: Message) -> None:
+        async def send_ending_at_last(message: Message) -> None:
             nonlocal ended
             if message["type"] == "http.response.body":
                 if ended:
-                    return  # sse-starlette's own end of the body, or a ping, after [DONE]
-                if message.get("body") == DONE_FRAME:
+                    return  # sse-starlette's own end of the body, or a ping, after it
+                body = message.get("body", b"")
+                if body == DONE_FRAME or body.startswith(LAST_RESPONSE_EVENT):
                     ended = True
                     message = {**message, "more_body": False}
             await send(message)
 
-        await super().__call__(scope, receive, send_ending_at_done)
+        await super().__call__(scope, receive, send_ending_at_last)
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is None:
@@ -286,8 +289,9 @@ class _EventStream(EventSourceResponse):
 
 
 def _sse(events: AsyncIterator[str | bytes]) -> EventSourceResponse:
-    """`data: <json>` events, keep-alive comments while waiting; a client that goes away
-    cancels `events`, whose cleanup aborts the engine requests."""
+    """`data: <json>` events (or frames made already: the Responses API's named events),
+    keep-alive comments while waiting; a client that goes away cancels `events`, whose
+    cleanup aborts the engine requests."""
     return _EventStream(_in_band_errors(events), ping=SSE_PING_SECONDS, sep="\n",
                         headers=SSE_HEADERS)
 

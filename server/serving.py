@@ -240,6 +240,20 @@ def raise_if_failed(out: RequestOutput) -> None:
         raise GenerationFailed(out.error or "generation failed")
 
 
+def decide_held(held: bool | None, choice: Choice, out: RequestOutput
+                ) -> tuple[bool | None, RequestOutput]:
+    """Under tool_choice "auto", an answer is held back while it may be calls (None: not
+    known yet; True: calls, sent once whole): whether it still is, once `choice` has
+    absorbed `out`, and what to send of it now. Text after all: what was held back goes out
+    with this token."""
+    if held is not None:
+        return held, out
+    held = may_be_calls(choice.text)
+    if held is False and choice.text != out.text:
+        out = replace(out, text=choice.text, logprobs=choice.logprobs)
+    return held, out
+
+
 def failure_message(error: Exception) -> str:
     """What a stream tells its client of a failure after the 200 went out: the engine's
     reason, or (a bug, logged here) no details."""
@@ -590,11 +604,7 @@ class ChatService(_Service):
                 for part in self._named_chunks(request, out, named, opened, chunk):
                     yield part
                 continue
-            if held[out.index] is None:  # "auto": calls, or text?
-                held[out.index] = may_be_calls(choice.text)
-                if held[out.index] is False and choice.text != out.text:
-                    # text after all: what was held back goes out now, this token with it
-                    out = replace(out, text=choice.text, logprobs=choice.logprobs)
+            held[out.index], out = decide_held(held[out.index], choice, out)
             if held[out.index] is not False:
                 if out.finished:  # the answer, whole: its calls, or its text; then the
                     # finish on a chunk of its own, as OpenAI's (the SDK's stream helper

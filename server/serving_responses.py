@@ -35,11 +35,14 @@ from server.serving import (
     ChatService,
     Choice,
     Submitted,
+    decide_held,
     failure_message,
     merged,
     raise_if_failed,
 )
-from server.tool_calls import may_be_calls
+
+# How the stream's last event starts (the HTTP layer ends the body with it)
+LAST_RESPONSE_EVENT = b"event: response.completed\n"
 
 
 @dataclass(slots=True)
@@ -67,15 +70,19 @@ def _call(name: str, arguments: str = "") -> OutputFunctionCall:
 
 
 class ResponsesService:
+    """/v1/responses: the chat service's prompt, generation and reading of the answer,
+    shaped as the Responses API's output items and events."""
 
     def __init__(self, chat: ChatService) -> None:
         self.chat = chat
 
-    def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest) -> list[int]:
-        """The chat prompt; with truncation "auto", its last tokens that leave room for
-        max_output_tokens (else one token)."""
+    def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
+                   params: SamplingParams) -> list[int]:
+        """The chat prompt; with truncation "auto", its last tokens that leave room for the
+        output the request must have (max_output_tokens, else min_tokens or one token)."""
         ids = self.chat.prompt_ids(chat)
-        room = self.chat.engine.max_model_len - (request.max_output_tokens or 1)
+        needed = params.max_tokens if params.max_tokens is not None else max(params.min_tokens, 1)
+        room = self.chat.engine.max_model_len - needed
         if request.truncation == "auto" and 0 < room < len(ids):
             return ids[-room:]
         return ids
@@ -105,8 +112,8 @@ class ResponsesService:
         return self.chat.logprobs(job.chat, lps).content or []
 
     def _answer_items(self, job: ResponseJob, choice: Choice) -> list[OutputItem]:
-        """A finished answer's items: its text (if any, or if there are no calls), then its
-        calls."""
+        """A finished answer's items (in progress: the caller finishes them): its text (if
+        any, or if there are no calls), then its calls."""
         content, calls, _ = self.chat.answer(job.chat, choice)
         items: list[OutputItem] = []
         if content or not calls:
@@ -116,7 +123,7 @@ class ResponsesService:
 
     def _finish(self, response: ResponseObject, choice: Choice,
                 submitted: list[Submitted]) -> ResponseObject:
-        """The response's final status and usage; its items' status follows."""
+        """The response's final status and usage (its items' status follows it)."""
         if choice.finish_reason is FinishReason.LENGTH:
             response.status, response.incomplete_details = "incomplete", IncompleteDetails()
         elif choice.finish_reason is FinishReason.ABORT:  # the server shutting down
@@ -125,8 +132,6 @@ class ResponsesService:
             response.status = "completed"
         response.usage = ResponseUsage.of(len(submitted[0].prompt_ids),
                                           choice.num_output_tokens, choice.num_cached_tokens)
-        for item in response.output:
-            item.status = response.item_status
         return response
 
     async def create(self, job: ResponseJob, submitted: list[Submitted],
@@ -135,9 +140,11 @@ class ResponsesService:
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
             choice.absorb(out)
-        response = self._skeleton(job, response_id)
+        response = self._finish(self._skeleton(job, response_id), choice, submitted)
         response.output = self._answer_items(job, choice)
-        return self._finish(response, choice, submitted)
+        for item in response.output:
+            item.status = response.item_status
+        return response
 
     async def stream(self, job: ResponseJob, submitted: list[Submitted],
                      response_id: str) -> AsyncIterator[bytes]:
@@ -169,12 +176,10 @@ class ResponsesService:
                 if out.text:
                     yield events.arguments(item, out.text)
                 continue
+            held, out = decide_held(held, choice, out)
             text, lps = out.text, out.logprobs or []
-            if held is None:
-                held = may_be_calls(choice.text)
-                if held is False:  # text after all: what was held back goes out now
-                    text, lps = choice.text, choice.logprobs
-            if held is False and text:
+            if held is False and (text or lps):  # (a token of no text: eos, a piece of a
+                # character, one a stop string may end with, still has its logprob)
                 if item is None:
                     item = _message()
                     yield events.open(item)
@@ -261,7 +266,9 @@ class _Events:
                                   item=item.model_dump(mode="json"))
 
     def whole(self, item: OutputItem, status: ItemStatus) -> bytes:
-        """A finished item's events at once: added, its text or arguments, done."""
+        """A finished item's events at once: added, its text or arguments, done. The item
+        is emptied and refilled through the events, so that what they carry and the item in
+        the final response are one."""
         if isinstance(item, OutputMessage):
             part = item.content[0]
             text, logprobs = part.text, part.logprobs

@@ -27,10 +27,10 @@ ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]  # chat's: c
 StopReason = str | int | None
 
 
-def random_id(prefix: str) -> str:
-    """A unique id, `cmpl-<hex>` or `chatcmpl-<hex>`: engine requests' (and a response's outside
-    an HTTP request)."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def random_id(prefix: str, separator: str = "-") -> str:
+    """A unique id, `cmpl-<hex>` or `chatcmpl-<hex>` (`resp_<hex>`): engine requests' (and a
+    response's outside an HTTP request)."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def _now() -> int:

@@ -6,7 +6,8 @@ system message, `input` items messages (a `function_call` an assistant turn's to
 `function_call_output` a tool message), `tools` and `tool_choice` their chat forms,
 `text.format` the response_format, `max_output_tokens` max_completion_tokens. Everything chat
 checks is then checked once, in one place; its errors name the Responses field.
-Nothing is stored (vLLM's default): `previous_response_id` and `background` are refused.
+Nothing is stored (vLLM's default): `previous_response_id`, `conversation`, `prompt` and
+`background` are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     Discriminator,
     Field,
+    GetJsonSchemaHandler,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -39,6 +41,7 @@ from server.protocol.requests import (
     ChatCompletionRequest,
     LogitBias,
     Penalty,
+    Refused,
     StopString,
     StructuredOutputs,
     parse_arguments,
@@ -211,13 +214,24 @@ class ReasoningConfig(OpenAIBaseModel):
     generate_summary: str | None = None
 
 
+class _OrText:
+    """A list field's JSON schema, widened to take text too (a before-validator makes the
+    text a list)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string"}, handler(core_schema)]}
+
+
 class ResponsesRequest(OpenAIBaseModel):
     """POST /v1/responses. OpenAI's fields, and vLLM's sampling extras (top_k, min_p, seed,
     stop, repetition_penalty, ...). `include` asks for logprobs with LOGPROBS_INCLUDE; its
     other values name outputs this server never makes, and change nothing."""
 
     model: str | None = None
-    input: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ITEMS)]  # text: a user's
+    # Text (a user's message) or items; read as items (the text one before validation,
+    # so that a bad item's error is not a union's of two), published as either
+    input: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ITEMS), _OrText()]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
@@ -238,6 +252,8 @@ class ResponsesRequest(OpenAIBaseModel):
     previous_response_id: str | None = None
     background: bool = False
     service_tier: str | None = None
+    prompt: Refused = None  # a stored prompt template
+    conversation: Refused = None  # a stored conversation, as previous_response_id
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -307,8 +323,9 @@ class ResponsesRequest(OpenAIBaseModel):
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as chat messages: the instructions as a system message first, a
-        developer's message as the system's (Llama templates know no other); consecutive
-        calls in one assistant turn; a call's output as a tool message."""
+        developer's message as the system's (Llama templates know no other); calls in the
+        assistant turn before them (its text's, or their own), as vLLM joins them; a call's
+        output as a tool message."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
@@ -320,8 +337,8 @@ class ResponsesRequest(OpenAIBaseModel):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
                 last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
-                    last["tool_calls"].append(call)
+                if last is not None and last["role"] == "assistant":  # its text's turn
+                    last.setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None,
                                      "tool_calls": [call]})
@@ -373,10 +390,15 @@ class ResponsesRequest(OpenAIBaseModel):
 
 
 def as_responses_error(error: RequestError) -> RequestError:
-    """A chat request's error, naming the Responses request's fields instead."""
+    """A chat request's error, naming the Responses request's fields instead (chat's
+    messages name max_tokens for the budget, and start with the field at fault)."""
     message = str(error)
-    for chat_name in ("response_format", "max_completion_tokens"):
-        message = message.replace(chat_name, _FIELD_NAMES[chat_name])
+    for chat_name, name in (("response_format", "text.format"),
+                            ("max_completion_tokens", "max_output_tokens"),
+                            ("max_tokens", "max_output_tokens")):
+        message = message.replace(chat_name, name)
+    if message.startswith("messages"):
+        message = "input" + message.removeprefix("messages")
     return RequestError(message, _FIELD_NAMES.get(error.param or "", error.param))
 
 

@@ -111,13 +111,16 @@ def test_the_stream_is_the_sdks(sdk: OpenAI) -> None:
 
 
 def test_raw_stream_names_each_event_and_sends_no_done(tools_server: Server) -> None:
-    r = _post(tools_server, {"input": ASK, "max_output_tokens": 3, "stream": True})
+    """Also: the response is named after the request's X-Request-Id, as vLLM names it."""
+    r = httpx.post(f"{tools_server.v1}/responses", headers={"X-Request-Id": "abc-1"},
+                   json={"input": ASK, "max_output_tokens": 3, "stream": True}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = _events(r)
     assert "[DONE]" not in r.text and events[-1][0] == "response.completed"
     created, completed = events[0][1]["response"], events[-1][1]["response"]
     assert created["status"] == "in_progress" and created["output"] == []
-    assert completed["id"] == created["id"] and completed["usage"]["output_tokens"] == 3
+    assert completed["id"] == created["id"] == "resp_abc-1"
+    assert completed["usage"]["output_tokens"] == 3
 
 
 def test_logprobs_come_when_included(sdk: OpenAI) -> None:
@@ -131,11 +134,27 @@ def test_logprobs_come_when_included(sdk: OpenAI) -> None:
         assert lp.logprob == max(lp.logprob, *(t.logprob for t in lp.top_logprobs))  # greedy
     plain = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=2)
     assert plain.output[0].content[0].logprobs is None  # type: ignore[union-attr]
-    with sdk.responses.stream(model="tiny", input=ASK, temperature=0, max_output_tokens=4,
-                              include=["message.output_text.logprobs"], top_logprobs=2) as s:
+
+
+
+def test_streamed_logprobs_are_every_tokens(sdk: OpenAI) -> None:
+    """Streamed, each token's logprob comes with its delta, also a token of no text (the eos
+    a guide ends with): the same entries as the whole response's."""
+    kwargs: dict[str, Any] = dict(
+        model="tiny", input=ASK, temperature=0, max_output_tokens=40, top_logprobs=1,
+        include=["message.output_text.logprobs"],
+        extra_body={"structured_outputs": {"regex": "It is sunny\\."}})
+    whole = sdk.responses.create(**kwargs)
+    with sdk.responses.stream(**kwargs) as s:
         streamed = [lp for e in s if e.type == "response.output_text.delta"
                     for lp in e.logprobs]
-    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]
+        final = s.get_final_response()
+    expected = whole.output[0].content[0].logprobs  # type: ignore[union-attr]
+    assert whole.status == "completed" and expected is not None and whole.usage is not None
+    assert len(expected) == whole.usage.output_tokens  # the eos's included
+    assert [(lp.token, lp.logprob) for lp in streamed] == [
+        (lp.token, lp.logprob) for lp in expected]
+    assert final.output[0].content[0].logprobs == expected  # type: ignore[union-attr]
 
 
 def test_a_conversation_with_calls_is_chats(sdk: OpenAI, tools_server: Server) -> None:
@@ -156,6 +175,34 @@ def test_a_conversation_with_calls_is_chats(sdk: OpenAI, tools_server: Server) -
     tools = [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
     assert r.usage is not None
     assert r.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
+
+
+def test_an_answers_items_go_back_as_input(sdk: OpenAI, tools_server: Server) -> None:
+    """The SDK's way through a tool call: the output items sent back as they came (ids,
+    statuses, annotations and all), the call's output after them; a text answer too."""
+    r = sdk.responses.create(model="tiny", input=ASK, tools=[WEATHER], max_output_tokens=60,
+                             tool_choice={"type": "function", "name": "get_weather"})
+    [call] = r.output
+    assert call.type == "function_call"
+    items: list[Any] = [{"role": "user", "content": ASK}, *[i.model_dump() for i in r.output],
+                        {"type": "function_call_output", "call_id": call.call_id,
+                         "output": "sunny"}]
+    then = sdk.responses.create(model="tiny", input=items, tools=[WEATHER],
+                                tool_choice="none", max_output_tokens=4)
+    assert then.status == "incomplete" and then.usage is not None
+    messages = [{"role": "user", "content": ASK},
+                {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    tools = [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
+    assert then.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
+    items = [*items, *[i.model_dump() for i in then.output], {"role": "user", "content": "ok"}]
+    last = sdk.responses.create(model="tiny", input=items, tools=[WEATHER], tool_choice="none",
+                                max_output_tokens=1)
+    messages += [{"role": "assistant", "content": then.output_text},
+                 {"role": "user", "content": "ok"}]
+    assert last.usage is not None
+    assert last.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
 
 
 def test_an_unfinished_answer_is_continued(sdk: OpenAI, tools_server: Server) -> None:
@@ -214,15 +261,20 @@ def test_required_is_calls_whole(sdk: OpenAI, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_auto_finds_a_call_in_the_answer(tools_server: Server, stream: bool) -> None:
+def test_auto_finds_a_call_in_the_answer(sdk: OpenAI, stream: bool) -> None:
     """With --tool-call-parser llama3_json, an answer that is a call (made one, here, by a
     regex) is a function_call item; other text a message."""
     for regex, kind in ((CALL_REGEX, "function_call"), ("It is sunny\\.", "message")):
-        body = {"input": ASK, "tools": [WEATHER], "temperature": 0, "max_output_tokens": 60,
-                "structured_outputs": {"regex": regex}, "stream": stream}
-        r = _post(tools_server, body)
-        assert r.status_code == 200, r.text
-        response = _events(r)[-1][1]["response"] if stream else r.json()
+        kwargs: dict[str, Any] = dict(model="tiny", input=ASK, tools=[WEATHER], temperature=0,
+                                      max_output_tokens=60,
+                                      extra_body={"structured_outputs": {"regex": regex}})
+        if stream:
+            with sdk.responses.stream(**kwargs) as s:
+                kinds = [e.type for e in s]
+                response = s.get_final_response().model_dump()
+            assert kinds.count("response.output_item.added") == 1, kinds
+        else:
+            response = sdk.responses.create(**kwargs).model_dump()
         [item] = response["output"]
         assert item["type"] == kind and response["status"] == "completed"
         if kind == "function_call":
@@ -258,6 +310,10 @@ def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
     r = _post(tools_server, {"input": long, "max_output_tokens": 8, "truncation": "auto"})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["input_tokens"] == 4096 - 8
+    # Without a budget, the room is what min_tokens asks for (the output then has the rest)
+    r = _post(tools_server, {"input": long, "min_tokens": 5, "truncation": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens"] == 4096 - 5
 
 
 @pytest.mark.parametrize(("body", "param", "words"), [
@@ -281,13 +337,16 @@ def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
     ({"input": []}, "input", "at least 1"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input", "role"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"conversation": "conv_1"}, "conversation", "not supported"),
+    ({"min_tokens": 5, "max_output_tokens": 2}, "min_tokens", "<= max_output_tokens (2)"),
 ])
 def test_requests_that_cannot_be_served(tools_server: Server, body: dict[str, Any],
                                         param: str, words: str) -> None:
     error = assert_openai_error(_post(tools_server, {"input": ASK, **body}), 400)
     assert error["param"] == param and words in error["message"], error
     assert "response_format" not in error["message"]
-    assert "max_completion_tokens" not in error["message"]
+    assert "max_completion_tokens" not in error["message"] and "max_tokens" not in error["message"]
 
 
 def test_auto_needs_the_parser(server: Server, auth: dict[str, str]) -> None:

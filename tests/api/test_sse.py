@@ -270,16 +270,22 @@ def test_events_are_framed_as_sse_starlette_frames_them(event: str) -> None:
     assert isinstance(_frame(event), bytes) == ("\n" not in event and "\r" not in event)
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["done", "in-band-error"])
-def test_the_body_ends_with_the_done_event(fails: bool) -> None:
-    """The ASGI message carrying [DONE] ends the body (more_body False) and nothing follows
-    it, so a client reading to the end (the OpenAI SDKs do) has it with [DONE] itself; on
-    the error path too. sse-starlette alone sends the end in a message of its own later."""
-    async def events() -> AsyncIterator[str]:
+RESPONSE_COMPLETED = b'event: response.completed\ndata: {"type":"response.completed"}\n\n'
+
+
+@pytest.mark.parametrize(("fails", "last"), [(False, "[DONE]"), (True, "[DONE]"),
+                                             (False, RESPONSE_COMPLETED)],
+                         ids=["done", "in-band-error", "responses-completed"])
+def test_the_body_ends_with_the_done_event(fails: bool, last: str | bytes) -> None:
+    """The ASGI message carrying [DONE] (the Responses API's response.completed) ends the
+    body (more_body False) and nothing follows it, so a client reading to the end (the
+    OpenAI SDKs do) has it with that event itself; on the error path too. sse-starlette
+    alone sends the end in a message of its own later."""
+    async def events() -> AsyncIterator[str | bytes]:
         yield '{"a":1}'
         if fails:
             raise RuntimeError("boom")
-        yield "[DONE]"
+        yield last
 
     async def run() -> list[Message]:
         sent: list[Message] = []
@@ -300,7 +306,7 @@ def test_the_body_ends_with_the_done_event(fails: bool) -> None:
     assert sent[0]["type"] == "http.response.start"
     bodies = sent[1:]
     assert all(m["type"] == "http.response.body" for m in bodies)
-    assert bodies[-1] == {"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                          "more_body": False}
+    last_frame = last if isinstance(last, bytes) else b"data: [DONE]\n\n"
+    assert bodies[-1] == {"type": "http.response.body", "body": last_frame, "more_body": False}
     assert all(m["more_body"] for m in bodies[:-1])
     assert len(bodies) == 3 if fails else 2  # (an error event before [DONE])
