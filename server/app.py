@@ -36,6 +36,7 @@ from server.engine_process import EngineStartFailed
 from server.memory import freeze_startup_objects
 from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
+from server.response_store import ResponseNotFound, ResponseStore
 from server.serving import ChatService, CompletionService, GenerationFailed
 from server.serving_responses import ResponsesService
 
@@ -148,6 +149,7 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     RequestRejected: (400, "invalid_request_error", None),
     ChatTemplateError: (400, "invalid_request_error", None),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    ResponseNotFound: (404, "invalid_request_error", None),
     EngineOverloaded: (503, "server_error", "overloaded"),
     EngineDeadError: (503, "server_error", "failed"),  # as /health says from then on
     Unavailable: (503, "server_error", None),
@@ -337,7 +339,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                         config.prompt_tokens_details)
             state.completions = CompletionService(*services)
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser)
-            state.responses = ResponsesService(state.chat)
+            state.responses = ResponsesService(state.chat, ResponseStore(
+                config.responses_store) if config.responses_store else None)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
          "request has tools) answer with tool calls, parsed from the model's text by "
          "--tool-call-parser (vLLM's flags); without it such requests are refused",
          action="store_true", default=False)
+    _add(serve, "--responses-store", "keep the last N responses of the Responses API that "
+         "ask to be stored (store: true, its default) in memory, for previous_response_id "
+         "and GET / DELETE /v1/responses/{id}; 0 (the default, as vLLM's): none",
+         type=int, default=s.responses_store)
     _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
          "llama3_json (Llama 3.1 / 3.2's JSON calls)", choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
@@ -189,7 +193,7 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,
-        tool_call_parser=_tool_call_parser(args))
+        tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store)
     return engine, server
 
 

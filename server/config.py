@@ -204,6 +204,8 @@ class ServerConfig:
     # tool_choice "auto": the model's answer parsed for tool calls by this parser (vLLM's
     # --enable-auto-tool-choice --tool-call-parser); None: "auto" is refused
     tool_call_parser: str | None = None
+    # The Responses API's stored responses (server/response_store.py): the last N; 0: none
+    responses_store: int = 0
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
@@ -214,6 +216,8 @@ class ServerConfig:
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}, got "
                              f"{self.tool_call_parser!r}")
+        if self.responses_store < 0:
+            raise ValueError(f"--responses-store must be >= 0, got {self.responses_store}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
 

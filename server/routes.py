@@ -43,7 +43,12 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
-from server.protocol.responses_api import ResponseObject, ResponsesRequest, as_responses_error
+from server.protocol.responses_api import (
+    DeletedResponse,
+    ResponseObject,
+    ResponsesRequest,
+    as_responses_error,
+)
 from server.request import SamplingParams
 from server.serving import (
     DONE,
@@ -53,7 +58,7 @@ from server.serving import (
     failure_message,
     submit,
 )
-from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob
+from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob, ResponsesService
 
 logger = logging.getLogger(__name__)
 SSE_PING_SECONDS = 15
@@ -154,12 +159,11 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
 async def responses(body: ResponsesRequest, state: State, request: Request):  # noqa: ANN201
     """OpenAI's Responses API, read as a chat completion (server/protocol/responses_api.py);
     errors name the Responses request's fields."""
-    service = state.responses
     response_id = _response_id("resp", "_")
     try:
-        chat = body.chat_request()
+        service = _responses(state)
+        chat = body.chat_request(service.history(body))
         with state.admission(chat) as engine:
-            assert service is not None
             service.chat.check_tools(chat)
             params = await _guided(chat, chat.to_sampling_params(
                 state.config.generation_defaults))
@@ -172,6 +176,24 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
         raise as_responses_error(e) from None
     job = ResponseJob(body, chat, params)
     return await _respond(request, body.stream, service, job, submitted, response_id)
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+async def get_response(response_id: str, state: State) -> ResponseObject:
+    """A stored response (--responses-store)."""
+    return _responses(state).stored(response_id).response
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(response_id: str, state: State) -> DeletedResponse:
+    _responses(state).delete(response_id)
+    return DeletedResponse(id=response_id)
+
+
+def _responses(state: ServerState) -> ResponsesService:
+    state.serving_engine()  # (503 while loading, as generation)
+    assert state.responses is not None
+    return state.responses
 
 
 def _response_id(prefix: str, separator: str = "-") -> str:

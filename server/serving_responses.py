@@ -17,10 +17,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.protocol import ChatCompletionRequest, ChatCompletionTokenLogprob, NamedToolChoice
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
+    NamedToolChoice,
+    RequestError,
+)
 from server.protocol.responses_api import (
     FunctionToolChoice,
     IncompleteDetails,
+    InputItem,
     ItemStatus,
     OutputFunctionCall,
     OutputItem,
@@ -31,6 +37,7 @@ from server.protocol.responses_api import (
     ResponseUsage,
 )
 from server.request import FinishReason, SamplingParams, TokenLogprob
+from server.response_store import ResponseNotFound, ResponseStore, StoredResponse
 from server.serving import (
     ChatService,
     Choice,
@@ -71,10 +78,40 @@ def _call(name: str, arguments: str = "") -> OutputFunctionCall:
 
 class ResponsesService:
     """/v1/responses: the chat service's prompt, generation and reading of the answer,
-    shaped as the Responses API's output items and events."""
+    shaped as the Responses API's output items and events; finished responses asking to be
+    stored (`store`, true by default) kept in `store`, where the server has one."""
 
-    def __init__(self, chat: ChatService) -> None:
-        self.chat = chat
+    def __init__(self, chat: ChatService, store: ResponseStore | None = None) -> None:
+        self.chat, self.store = chat, store
+
+    def history(self, request: ResponsesRequest) -> list[InputItem]:
+        """The items of the conversation `previous_response_id` continues (none without
+        one)."""
+        if request.previous_response_id is None:
+            return []
+        if self.store is None:
+            raise RequestError("previous_response_id needs stored responses, and this server "
+                               "keeps none (--responses-store N): send the conversation as "
+                               "input instead", "previous_response_id")
+        return self.store.conversation(request.previous_response_id, "previous_response_id")
+
+    def stored(self, response_id: str) -> StoredResponse:
+        """GET and DELETE /v1/responses/{id}'s response."""
+        if self.store is None:
+            raise ResponseNotFound(f"Response with id {response_id!r} not found: this server "
+                                   "keeps no responses (--responses-store N)")
+        return self.store.get(response_id)
+
+    def delete(self, response_id: str) -> None:
+        self.stored(response_id)  # (a 404 that says why, where nothing is stored)
+        assert self.store is not None
+        self.store.delete(response_id)
+
+    def _keep(self, job: ResponseJob, response: ResponseObject) -> None:
+        """Store a finished response that asked to be (its turn's items only)."""
+        if response.store and self.store is not None:
+            items = [*job.request.input, *(item.as_input() for item in response.output)]
+            self.store.put(StoredResponse(response, items))
 
     def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
                    params: SamplingParams) -> list[int]:
@@ -101,7 +138,9 @@ class ResponsesService:
                                                                    FunctionToolChoice)
                          else r.tool_choice or "auto"),
             tools=[tool.model_dump(exclude_none=True) for tool in r.tools or ()],
-            top_logprobs=r.top_logprobs or 0, truncation=r.truncation, user=r.user)
+            top_logprobs=r.top_logprobs or 0, truncation=r.truncation, user=r.user,
+            previous_response_id=r.previous_response_id,
+            store=r.store and self.store is not None)  # (not stored: false, as vLLM's)
 
     def _logprobs(self, job: ResponseJob, lps: list[TokenLogprob]
                   ) -> list[ChatCompletionTokenLogprob] | None:
@@ -144,6 +183,7 @@ class ResponsesService:
         response.output = self._answer_items(job, choice)
         for item in response.output:
             item.status = response.item_status
+        self._keep(job, response)
         return response
 
     async def stream(self, job: ResponseJob, submitted: list[Submitted],
@@ -193,6 +233,7 @@ class ResponsesService:
         else:  # nothing streamed: the whole answer now
             for whole in self._answer_items(job, choice):
                 yield events.whole(whole, response.item_status)
+        self._keep(job, response)  # (before the last event: a client may send the next turn)
         yield events.lifecycle("response.completed")
 
 

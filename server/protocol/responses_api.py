@@ -6,13 +6,14 @@ system message, `input` items messages (a `function_call` an assistant turn's to
 `function_call_output` a tool message), `tools` and `tool_choice` their chat forms,
 `text.format` the response_format, `max_output_tokens` max_completion_tokens. Everything chat
 checks is then checked once, in one place; its errors name the Responses field.
-Nothing is stored (vLLM's default): `previous_response_id`, `conversation`, `prompt` and
-`background` are refused.
+Responses are stored for `previous_response_id` only where the server keeps a store
+(server/response_store.py); `conversation`, `prompt` and `background` are refused.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -301,35 +302,28 @@ class ResponsesRequest(OpenAIBaseModel):
             raise ValueError("tool_choice 'required' needs tools")
         return value
 
-    @field_validator("previous_response_id")
-    @classmethod
-    def _nothing_stored(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("this server stores no responses: send the whole conversation "
-                             "as `input` instead")
-        return value
-
     @field_validator("background")
     @classmethod
     def _no_background(cls, value: bool) -> bool:
         if value:
-            raise ValueError("background mode needs the response store, which this server "
-                             "does not keep")
+            raise ValueError("background mode is not supported: the answer comes in the "
+                             "response, or streamed")
         return value
 
     @property
     def wants_logprobs(self) -> bool:
         return LOGPROBS_INCLUDE in (self.include or ())
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat messages: the instructions as a system message first, a
-        developer's message as the system's (Llama templates know no other); calls in the
-        assistant turn before them (its text's, or their own), as vLLM joins them; a call's
-        output as a tool message."""
+    def messages(self, history: Sequence[InputItem] = ()) -> list[dict[str, Any]]:
+        """The conversation (the earlier turns' items, `history`, then the input) as chat
+        messages: the instructions as a system message first (this request's only: they are
+        not carried over, as OpenAI's), a developer's message as the system's (Llama
+        templates know no other); calls in the assistant turn before them (its text's, or
+        their own), as vLLM joins them; a call's output as a tool message."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
-        for item in self.input:
+        for item in (*history, *self.input):
             if isinstance(item, MessageItem):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": _joined(item.content)})
@@ -354,9 +348,9 @@ class ResponsesRequest(OpenAIBaseModel):
         return (isinstance(last, MessageItem) and last.role == "assistant"
                 and last.status in ("in_progress", "incomplete"))
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The same ask as a chat completion request; a RequestError names this request's
-        field where chat's checks fail."""
+    def chat_request(self, history: Sequence[InputItem] = ()) -> ChatCompletionRequest:
+        """The same ask as a chat completion request, after the earlier turns' items
+        (`history`); a RequestError names this request's field where chat's checks fail."""
         tool_choice: Any = self.tool_choice
         if isinstance(tool_choice, FunctionToolChoice):
             tool_choice = {"type": "function", "function": {"name": tool_choice.name}}
@@ -364,7 +358,7 @@ class ResponsesRequest(OpenAIBaseModel):
             tool_choice = None
         fmt = self.text.format if self.text is not None else None
         body: dict[str, Any] = {
-            "model": self.model, "messages": self.messages(),
+            "model": self.model, "messages": self.messages(history),
             "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p,
             "logprobs": self.wants_logprobs,
@@ -422,6 +416,11 @@ class OutputMessage(ResponseModel):
     status: ItemStatus = "in_progress"
     content: list[OutputText] = Field(default_factory=list)
 
+    def as_input(self) -> MessageItem:
+        """The message as a later turn's input holds it."""
+        return MessageItem(role="assistant", content="".join(p.text for p in self.content),
+                           status=self.status)
+
 
 class OutputFunctionCall(ResponseModel):
     id: str
@@ -430,6 +429,10 @@ class OutputFunctionCall(ResponseModel):
     name: str
     arguments: str = ""
     status: ItemStatus = "in_progress"
+
+    def as_input(self) -> FunctionCallItem:
+        return FunctionCallItem(type="function_call", call_id=self.call_id, name=self.name,
+                                arguments=self.arguments)
 
 
 OutputItem = OutputMessage | OutputFunctionCall
@@ -482,7 +485,7 @@ class ResponseObject(ResponseModel):
     model: str
     output: list[OutputItem] = Field(default_factory=list)
     parallel_tool_calls: bool = True
-    previous_response_id: None = None
+    previous_response_id: str | None = None
     reasoning: ReasoningConfig | None = None
     service_tier: str = "default"
     store: bool = False
@@ -501,3 +504,11 @@ class ResponseObject(ResponseModel):
     def item_status(self) -> ItemStatus:
         """Its items' status, once it has finished."""
         return "completed" if self.status == "completed" else "incomplete"
+
+
+class DeletedResponse(ResponseModel):
+    """DELETE /v1/responses/{id}'s answer."""
+
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True

@@ -147,11 +147,13 @@ def long_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPath
 def tools_server(long_context_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Server]:
     """Llama 3.1's template and auto tool choice (--tool-call-parser llama3_json); its tool
-    prompt is long: the 4096-token model. No API key."""
+    prompt is long: the 4096-token model. The last 4 Responses API responses stored. No API
+    key."""
     template = Path(__file__).parents[1] / "model" / "templates" / "llama-3.1-instruct.jinja"
     with run_server(long_context_checkpoint, tmp_path_factory.mktemp("tools"),
                     "--served-model-name", "tiny", "--enable-auto-tool-choice",
-                    "--tool-call-parser", "llama3_json", "--chat-template", str(template)) as s:
+                    "--tool-call-parser", "llama3_json", "--chat-template", str(template),
+                    "--responses-store", "4") as s:
         yield s
 
 

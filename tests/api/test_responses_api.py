@@ -14,7 +14,8 @@ from openai import OpenAI
 from pydantic import BaseModel
 
 from server.guided.spec import GuideSpec, compile_guide
-from server.protocol.responses_api import ResponsesRequest
+from server.protocol.responses_api import MessageItem, ResponseObject, ResponsesRequest
+from server.response_store import ResponseNotFound, ResponseStore, StoredResponse
 from tests.api.conftest import Server, assert_openai_error
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -74,7 +75,7 @@ def test_a_text_answer_is_chats_answer(sdk: OpenAI, tools_server: Server) -> Non
     assert r.status == "incomplete" and item.status == "incomplete"
     assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
     assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.temperature == 0
-    assert r.store is False and r.previous_response_id is None
+    assert r.store is True and r.previous_response_id is None  # (--responses-store)
 
 
 def test_a_finished_answer_is_completed(sdk: OpenAI) -> None:
@@ -317,8 +318,7 @@ def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
 
 
 @pytest.mark.parametrize(("body", "param", "words"), [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
-    ({"background": True}, "background", "response store"),
+    ({"background": True}, "background", "not supported"),
     ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input", "'reasoning'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input", "'input_image'"),
@@ -384,3 +384,122 @@ def test_the_input_as_chat_messages() -> None:
     # "auto" is OpenAI's default, sent without tools too: it asks for nothing
     plain = ResponsesRequest.model_validate({"input": "x", "tool_choice": "auto"})
     assert plain.chat_request().tool_mode == "none"
+
+
+# --- stored responses (--responses-store 4 on tools_server) ----------------------------------
+
+
+def test_previous_response_id_continues_the_conversation(sdk: OpenAI,
+                                                         tools_server: Server) -> None:
+    """A turn after a stored response is read as the whole conversation: its turns' input
+    and output, then the new input; each turn's instructions its own (not carried over)."""
+    first = sdk.responses.create(model="tiny", instructions="Be brief.", input=ASK,
+                                 max_output_tokens=3)
+    second = sdk.responses.create(model="tiny", instructions="Answer in French.",
+                                  input="And Rome?", previous_response_id=first.id,
+                                  max_output_tokens=3)
+    assert second.previous_response_id == first.id and second.store is True
+    history = [{"role": "user", "content": ASK},
+               {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And Rome?"}]
+    assert second.usage is not None and second.usage.input_tokens == _prompt_tokens(
+        tools_server, [{"role": "system", "content": "Answer in French."}, *history])
+    with sdk.responses.stream(model="tiny", input="Thanks.", previous_response_id=second.id,
+                              max_output_tokens=2) as stream:
+        third = stream.get_final_response()
+    history += [{"role": "assistant", "content": second.output_text},
+                {"role": "user", "content": "Thanks."}]
+    assert third.usage is not None
+    assert third.usage.input_tokens == _prompt_tokens(tools_server, history)
+    kept = sdk.responses.retrieve(third.id)  # a streamed response is stored too
+    assert kept.output_text == third.output_text and kept.usage == third.usage
+    assert kept.previous_response_id == second.id and kept.status == third.status
+
+
+def test_a_call_and_its_output_across_turns(sdk: OpenAI, tools_server: Server) -> None:
+    """The SDK's tool loop with stored responses: the call's output is the next input."""
+    r = sdk.responses.create(model="tiny", input=ASK, tools=[WEATHER], max_output_tokens=60,
+                             tool_choice={"type": "function", "name": "get_weather"})
+    [call] = r.output
+    assert call.type == "function_call"
+    then = sdk.responses.create(
+        model="tiny", previous_response_id=r.id, tools=[WEATHER], tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        max_output_tokens=1)
+    messages = [{"role": "user", "content": ASK},
+                {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    tools = [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
+    assert then.usage is not None
+    assert then.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
+
+
+def test_store_false_and_delete(sdk: OpenAI, tools_server: Server) -> None:
+    unstored = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1, store=False)
+    assert unstored.store is False
+    r = httpx.get(f"{tools_server.v1}/responses/{unstored.id}", timeout=60)
+    assert "not found" in assert_openai_error(r, 404)["message"]
+    kept = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1)
+    assert sdk.responses.retrieve(kept.id).id == kept.id
+    r = httpx.delete(f"{tools_server.v1}/responses/{kept.id}", timeout=60)
+    assert r.status_code == 200 and r.json() == {
+        "id": kept.id, "object": "response.deleted", "deleted": True}
+    assert_openai_error(httpx.get(f"{tools_server.v1}/responses/{kept.id}", timeout=60), 404)
+    assert_openai_error(httpx.delete(f"{tools_server.v1}/responses/{kept.id}", timeout=60), 404)
+    error = assert_openai_error(_post(tools_server, {
+        "input": "more", "previous_response_id": kept.id}), 404)
+    assert error["param"] == "previous_response_id" and kept.id in error["message"]
+
+
+def test_the_store_keeps_the_last_n(sdk: OpenAI, tools_server: Server) -> None:
+    """Four kept: older responses go; a turn continuing one whose earlier turn has gone
+    says so."""
+    first = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1)
+    second = sdk.responses.create(model="tiny", input="more", max_output_tokens=1,
+                                  previous_response_id=first.id)
+    for _ in range(3):
+        sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1)
+    assert_openai_error(httpx.get(f"{tools_server.v1}/responses/{first.id}", timeout=60), 404)
+    assert sdk.responses.retrieve(second.id).id == second.id
+    error = assert_openai_error(_post(tools_server, {
+        "input": "again", "previous_response_id": second.id}), 404)
+    assert "no longer stored" in error["message"] and first.id in error["message"]
+
+
+def test_without_a_store(server: Server, auth: dict[str, str]) -> None:
+    """The default (vLLM's): nothing kept, store answered false; previous_response_id is a
+    400 that names the flag; a lookup a 404 that says why."""
+    url = f"{server.v1}/responses"
+    r = httpx.post(url, json={"model": "tiny", "input": ASK, "max_output_tokens": 1},
+                   headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["store"] is False
+    error = assert_openai_error(httpx.post(url, json={
+        "model": "tiny", "input": ASK, "previous_response_id": r.json()["id"]},
+        headers=auth, timeout=60), 400)
+    assert error["param"] == "previous_response_id" and "--responses-store" in error["message"]
+    for method in ("GET", "DELETE"):
+        error = assert_openai_error(httpx.request(method, f"{url}/{r.json()['id']}",
+                                                  headers=auth, timeout=60), 404)
+        assert "--responses-store" in error["message"]
+
+
+def test_the_store_alone() -> None:
+    """Least recently used goes first; a chain is rebuilt oldest turn first; a chain that
+    loops (ids repeated through X-Request-Id) is refused, not followed forever."""
+    def response(id_: str, previous: str | None = None) -> StoredResponse:
+        return StoredResponse(ResponseObject(id=id_, model="m", previous_response_id=previous),
+                              [MessageItem(role="user", content=id_)])
+
+    store = ResponseStore(2)
+    store.put(response("a"))
+    store.put(response("b", "a"))
+    assert [item.content for item in store.conversation("b", "p")] == ["a", "b"]  # type: ignore
+    store.get("a")  # used: b is now the oldest
+    store.put(response("c"))
+    assert len(store) == 2
+    with pytest.raises(ResponseNotFound):
+        store.get("b")
+    store.put(response("a", "a"))
+    with pytest.raises(ResponseNotFound, match="loops"):
+        store.conversation("a", "p")
