@@ -159,9 +159,9 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
 async def responses(body: ResponsesRequest, state: State, request: Request):  # noqa: ANN201
     """OpenAI's Responses API, read as a chat completion (server/protocol/responses_api.py);
     errors name the Responses request's fields."""
-    response_id = _response_id("resp", "_")
     try:
         service = _responses(state)
+        response_id = service.response_id(request_id_var.get())
         chat = body.chat_request(service.history(body))
         with state.admission(chat) as engine:
             service.chat.check_tools(chat)
@@ -178,13 +178,14 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
     return await _respond(request, body.stream, service, job, submitted, response_id)
 
 
-@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+# (:path: an X-Request-Id, and so a response's id, may hold a "/")
+@router.get("/v1/responses/{response_id:path}", response_model=ResponseObject)
 async def get_response(response_id: str, state: State) -> ResponseObject:
     """A stored response (--responses-store)."""
     return _responses(state).stored(response_id).response
 
 
-@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+@router.delete("/v1/responses/{response_id:path}", response_model=DeletedResponse)
 async def delete_response(response_id: str, state: State) -> DeletedResponse:
     _responses(state).delete(response_id)
     return DeletedResponse(id=response_id)
@@ -196,14 +197,12 @@ def _responses(state: ServerState) -> ResponsesService:
     return state.responses
 
 
-def _response_id(prefix: str, separator: str = "-") -> str:
+def _response_id(prefix: str) -> str:
     """`<prefix>-<X-Request-Id>`, as vLLM names a response after the request's header (the
     middleware makes an id up when none came), so that a client's or a proxy's id finds the
-    response; the Responses API's ids are `resp_...`."""
+    response."""
     request_id = request_id_var.get()
-    if request_id is None:
-        return random_id(prefix, separator)
-    return f"{prefix}{separator}{request_id}"
+    return f"{prefix}-{request_id}" if request_id is not None else random_id(prefix)
 
 
 def _engine_request_id(response_id: str) -> str:

@@ -22,12 +22,15 @@ from server.protocol import (
     ChatCompletionTokenLogprob,
     NamedToolChoice,
     RequestError,
+    random_id,
 )
+from server.protocol.base import MAX_ITEMS
 from server.protocol.responses_api import (
     FunctionToolChoice,
     IncompleteDetails,
     InputItem,
     ItemStatus,
+    MessageItem,
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
@@ -84,34 +87,58 @@ class ResponsesService:
     def __init__(self, chat: ChatService, store: ResponseStore | None = None) -> None:
         self.chat, self.store = chat, store
 
+    def response_id(self, request_id: str | None) -> str:
+        """`resp_<X-Request-Id>`, as vLLM names it, or a random one; where responses are
+        stored, with a random tag too: an X-Request-Id may repeat, a stored id may not."""
+        if request_id is None:
+            return random_id("resp", "_")
+        return f"resp_{request_id}" + (f"_{secrets.token_hex(8)}" if self.store else "")
+
     def history(self, request: ResponsesRequest) -> list[InputItem]:
         """The items of the conversation `previous_response_id` continues (none without
         one)."""
         if request.previous_response_id is None:
             return []
-        if self.store is None:
+        items = self._store().conversation(request.previous_response_id,
+                                           "previous_response_id")
+        if len(items) + len(request.input) > MAX_ITEMS:
+            raise RequestError(f"previous_response_id: the conversation would have "
+                               f"{len(items) + len(request.input)} items, more than "
+                               f"{MAX_ITEMS}: send a shorter one as input",
+                               "previous_response_id")
+        return items
+
+    def stored(self, response_id: str) -> StoredResponse:
+        """GET /v1/responses/{id}'s response."""
+        return self._store(response_id).get(response_id)
+
+    def delete(self, response_id: str) -> None:
+        self._store(response_id).delete(response_id)
+
+    def _store(self, response_id: str | None = None) -> ResponseStore:
+        """The store; where there is none, a previous_response_id is a 400 and a lookup a
+        404, each saying why."""
+        if self.store is not None:
+            return self.store
+        if response_id is None:
             raise RequestError("previous_response_id needs stored responses, and this server "
                                "keeps none (--responses-store N): send the conversation as "
                                "input instead", "previous_response_id")
-        return self.store.conversation(request.previous_response_id, "previous_response_id")
-
-    def stored(self, response_id: str) -> StoredResponse:
-        """GET and DELETE /v1/responses/{id}'s response."""
-        if self.store is None:
-            raise ResponseNotFound(f"Response with id {response_id!r} not found: this server "
-                                   "keeps no responses (--responses-store N)")
-        return self.store.get(response_id)
-
-    def delete(self, response_id: str) -> None:
-        self.stored(response_id)  # (a 404 that says why, where nothing is stored)
-        assert self.store is not None
-        self.store.delete(response_id)
+        raise ResponseNotFound(f"Response with id {response_id!r} not found: this server "
+                               "keeps no responses (--responses-store N)")
 
     def _keep(self, job: ResponseJob, response: ResponseObject) -> None:
-        """Store a finished response that asked to be (its turn's items only)."""
-        if response.store and self.store is not None:
-            items = [*job.request.input, *(item.as_input() for item in response.output)]
-            self.store.put(StoredResponse(response, items))
+        """Store a finished response that asked to be: its turn's items, as the next turn
+        reads them (an unfinished answer it continued, and the continuation, one message)."""
+        if not response.store or self.store is None:
+            return
+        inputs = list(job.request.input)
+        outputs: list[InputItem] = [item.as_input() for item in response.output]
+        if job.request.continues_answer and isinstance(first := outputs[0], MessageItem):
+            begun = inputs.pop()
+            assert isinstance(begun, MessageItem)
+            outputs[0] = first.model_copy(update={"content": begun.text + first.text})
+        self.store.put(StoredResponse(response, [*inputs, *outputs]))
 
     def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
                    params: SamplingParams) -> list[int]:

@@ -114,6 +114,10 @@ class MessageItem(OpenAIBaseModel):
     def _text_only(cls, value: Any) -> Any:
         return _text_parts(value)
 
+    @property
+    def text(self) -> str:
+        return _joined(self.content)
+
 
 class FunctionCallItem(OpenAIBaseModel):
     """A call an earlier answer made (as sent back with its output)."""
@@ -246,7 +250,7 @@ class ResponsesRequest(OpenAIBaseModel):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: bool = False
-    store: bool = True  # nothing is stored: answered with false, as vLLM's default
+    store: bool = True  # kept where the server keeps responses (--responses-store)
     metadata: Annotated[dict[str, str], MAP_CEILING] | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] = "disabled"
@@ -326,7 +330,7 @@ class ResponsesRequest(OpenAIBaseModel):
         for item in (*history, *self.input):
             if isinstance(item, MessageItem):
                 role = "system" if item.role == "developer" else item.role
-                messages.append({"role": role, "content": _joined(item.content)})
+                messages.append({"role": role, "content": item.text})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
@@ -431,6 +435,7 @@ class OutputFunctionCall(ResponseModel):
     status: ItemStatus = "in_progress"
 
     def as_input(self) -> FunctionCallItem:
+        """The call as a later turn's input holds it."""
         return FunctionCallItem(type="function_call", call_id=self.call_id, name=self.name,
                                 arguments=self.arguments)
 

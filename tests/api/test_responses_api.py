@@ -120,7 +120,8 @@ def test_raw_stream_names_each_event_and_sends_no_done(tools_server: Server) -> 
     assert "[DONE]" not in r.text and events[-1][0] == "response.completed"
     created, completed = events[0][1]["response"], events[-1][1]["response"]
     assert created["status"] == "in_progress" and created["output"] == []
-    assert completed["id"] == created["id"] == "resp_abc-1"
+    # (with a random tag where responses are stored: a stored id must be unique)
+    assert completed["id"] == created["id"] and created["id"].startswith("resp_abc-1_")
     assert completed["usage"]["output_tokens"] == 3
 
 
@@ -450,6 +451,7 @@ def test_store_false_and_delete(sdk: OpenAI, tools_server: Server) -> None:
     error = assert_openai_error(_post(tools_server, {
         "input": "more", "previous_response_id": kept.id}), 404)
     assert error["param"] == "previous_response_id" and kept.id in error["message"]
+    assert error["code"] == "previous_response_not_found"
 
 
 def test_the_store_keeps_the_last_n(sdk: OpenAI, tools_server: Server) -> None:
@@ -468,12 +470,14 @@ def test_the_store_keeps_the_last_n(sdk: OpenAI, tools_server: Server) -> None:
 
 
 def test_without_a_store(server: Server, auth: dict[str, str]) -> None:
-    """The default (vLLM's): nothing kept, store answered false; previous_response_id is a
-    400 that names the flag; a lookup a 404 that says why."""
+    """The default (vLLM's): nothing kept, store answered false, the response named after
+    the X-Request-Id as vLLM names it; previous_response_id is a 400 that names the flag; a
+    lookup a 404 that says why."""
     url = f"{server.v1}/responses"
     r = httpx.post(url, json={"model": "tiny", "input": ASK, "max_output_tokens": 1},
-                   headers=auth, timeout=60)
+                   headers={**auth, "X-Request-Id": "abc-2"}, timeout=60)
     assert r.status_code == 200 and r.json()["store"] is False
+    assert r.json()["id"] == "resp_abc-2"
     error = assert_openai_error(httpx.post(url, json={
         "model": "tiny", "input": ASK, "previous_response_id": r.json()["id"]},
         headers=auth, timeout=60), 400)
@@ -485,21 +489,66 @@ def test_without_a_store(server: Server, auth: dict[str, str]) -> None:
 
 
 def test_the_store_alone() -> None:
-    """Least recently used goes first; a chain is rebuilt oldest turn first; a chain that
-    loops (ids repeated through X-Request-Id) is refused, not followed forever."""
-    def response(id_: str, previous: str | None = None) -> StoredResponse:
+    """Least recently used goes first; a chain is rebuilt oldest turn first, and then is the
+    most recently used, oldest first (dropped, it loses its first turn, not a middle one);
+    the text held is capped too; an id is stored once."""
+    def response(id_: str, previous: str | None = None, text: str = "") -> StoredResponse:
         return StoredResponse(ResponseObject(id=id_, model="m", previous_response_id=previous),
-                              [MessageItem(role="user", content=id_)])
+                              [MessageItem(role="user", content=id_ + text)])
 
-    store = ResponseStore(2)
+    store = ResponseStore(3)
     store.put(response("a"))
     store.put(response("b", "a"))
-    assert [item.content for item in store.conversation("b", "p")] == ["a", "b"]  # type: ignore
-    store.get("a")  # used: b is now the oldest
-    store.put(response("c"))
-    assert len(store) == 2
-    with pytest.raises(ResponseNotFound):
-        store.get("b")
-    store.put(response("a", "a"))
-    with pytest.raises(ResponseNotFound, match="loops"):
-        store.conversation("a", "p")
+    store.put(response("c", "b"))
+    assert [item.text for item in store.conversation("c", "p")] == ["a", "b", "c"]  # type: ignore
+    store.put(response("d", "c"))  # the chain's first turn goes
+    assert "a" not in store and all(x in store for x in "bcd")
+    with pytest.raises(ResponseNotFound, match="continues 'a', which is no longer stored"):
+        store.conversation("d", "p")
+    store.get("b")
+    store.put(response("e"))  # c is now the least recently used
+    assert "c" not in store and "b" in store and len(store) == 3
+    with pytest.raises(ValueError, match="stored already"):
+        store.put(response("e"))
+    store.delete("e")
+    with pytest.raises(ResponseNotFound, match="deleted, or dropped"):
+        store.get("e")
+    small = ResponseStore(10, text_budget=2 * response("x", text="y" * 1000).size)
+    for id_ in "xyz":
+        small.put(response(id_, text="y" * 1000))
+    assert len(small) == 2 and "x" not in small
+
+
+def test_stored_ids_are_unique(sdk: OpenAI, tools_server: Server) -> None:
+    """Two responses of one X-Request-Id are two stored responses."""
+    ids = [sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1,
+                                extra_headers={"X-Request-Id": "same/id"}).id
+           for _ in range(2)]
+    assert ids[0] != ids[1] and all(i.startswith("resp_same/id_") for i in ids)
+    for response_id in ids:  # (an id with a "/" is found too)
+        r = httpx.get(f"{tools_server.v1}/responses/{response_id}", timeout=60)
+        assert r.status_code == 200 and r.json()["id"] == response_id
+
+
+def test_a_continued_answer_is_one_message_in_the_next_turn(sdk: OpenAI,
+                                                            tools_server: Server) -> None:
+    items = [{"role": "user", "content": ASK},
+             {"role": "assistant", "status": "incomplete", "content": "It is"}]
+    r = sdk.responses.create(model="tiny", input=items, max_output_tokens=2)  # type: ignore
+    then = sdk.responses.create(model="tiny", input="Thanks.", previous_response_id=r.id,
+                                max_output_tokens=1)
+    messages = [{"role": "user", "content": ASK},
+                {"role": "assistant", "content": "It is" + r.output_text},
+                {"role": "user", "content": "Thanks."}]
+    assert then.usage is not None
+    assert then.usage.input_tokens == _prompt_tokens(tools_server, messages)
+
+
+def test_history_comes_before_the_input() -> None:
+    """The earlier turns' items, then the input; only this request's instructions."""
+    request = ResponsesRequest.model_validate({"instructions": "now", "input": "third"})
+    history = [MessageItem(role="user", content="first"),
+               MessageItem(role="assistant", content="second")]
+    assert request.messages(history) == [
+        {"role": "system", "content": "now"}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "second"}, {"role": "user", "content": "third"}]
