@@ -52,6 +52,8 @@ from server.protocol.responses_api import (
 from server.request import SamplingParams
 from server.serving import (
     DONE,
+    ChatService,
+    CompletionService,
     Submitted,
     encode_messages,
     error_event,
@@ -132,8 +134,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     response_id = _response_id("cmpl")
     with state.admission(body) as engine:
         assert service is not None
-        params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
-        params = service.with_bad_words(body, params)
+        params = await _sampling_params(body, service, state)
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id))
     return await _respond(request, body.stream, service, body, submitted, response_id)
@@ -147,8 +148,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     with state.admission(body) as engine:
         assert service is not None
         service.check_tools(body)
-        params = await _guided(body, body.to_sampling_params(state.config.generation_defaults))
-        params = service.with_bad_words(body, params)
+        params = await _sampling_params(body, service, state)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,
                            _engine_request_id(response_id), "messages")
@@ -165,9 +165,7 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
         chat = body.chat_request(service.history(body))
         with state.admission(chat) as engine:
             service.chat.check_tools(chat)
-            params = await _guided(chat, chat.to_sampling_params(
-                state.config.generation_defaults))
-            params = service.chat.with_bad_words(chat, params)
+            params = await _sampling_params(chat, service.chat, state)
             prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat,
                                                                               params))
             submitted = submit(engine, [(prompt_ids, None)], params,
@@ -218,6 +216,15 @@ async def _tokenized(request: Request, work: Callable[[], T]) -> T:
     if int(request.headers.get("content-length") or 0) > TOKENIZE_OFF_LOOP_BYTES:
         return await asyncio.to_thread(work)
     return work()
+
+
+async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,
+                           service: CompletionService | ChatService, state: ServerState
+                           ) -> SamplingParams:
+    """The engine's parameters for a request: its fields (the model's defaults for those it
+    leaves out), its guide and its bad words' tokens."""
+    params = body.to_sampling_params(state.config.generation_defaults)
+    return service.with_bad_words(body, await _guided(body, params))
 
 
 async def _guided(body: CompletionRequest | ChatCompletionRequest, params: SamplingParams

@@ -13,7 +13,7 @@ import asyncio
 import codecs
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
@@ -524,24 +524,6 @@ class ChatService(_Service):
             return True
         return None if mode == "auto" and self.parse_calls is not None else False
 
-    def _named_chunks(self, request: ChatCompletionRequest, out: RequestOutput, name: str,
-                      opened: set[int], chunk: Callable[..., str]) -> Iterator[str]:
-        """A named call's stream, as vLLM's: its first delta opens the call (id, type, name)
-        with the first piece of its arguments, later ones add pieces; the finish follows on a
-        chunk of its own."""
-        if out.text or out.logprobs:
-            first = out.index not in opened
-            opened.add(out.index)
-            call = DeltaToolCall(
-                index=0, id=tool_call_id() if first else None,
-                type="function" if first else None,
-                function=DeltaFunctionCall(name=name if first else None, arguments=out.text))
-            logprobs = self.logprobs(request, out.logprobs or []) if request.logprobs else None
-            yield chunk(out.index, DeltaMessage(tool_calls=[call]), logprobs,
-                        num_output=out.num_output_tokens)
-        if out.finished:
-            yield chunk(out.index, DeltaMessage(), finish=out, num_output=out.num_output_tokens)
-
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
         choices: dict[int, Choice] = {}
@@ -564,74 +546,113 @@ class ChatService(_Service):
 
     async def stream(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> AsyncIterator[str]:
-        created = int(time.time())
+        """Each choice's role with the first token, as vLLM sends it (not before: a client
+        timing the stream takes the first chunk for the first token); then, as the answer
+        is read: a named tool's arguments as they come, text token by token, or an answer
+        held back while it may be calls (tool_choice "required", "auto"), whole at its end."""
+        chunks = _ChatChunks(self, request, response_id, len(submitted[0].prompt_ids))
         choices: dict[int, Choice] = {}
         held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
-
-        envelope = StreamEnvelope(
-            ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                choices=[]),
-            text_choice=lambda index, text: ChatCompletionStreamChoice(
-                index=index, delta=DeltaMessage(content=text)))
-        continuous_usage = request.continuous_usage
-        num_prompt = len(submitted[0].prompt_ids)
-
-        def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogprobs | None = None,
-                  finish: RequestOutput | None = None, num_output: int = 0,
-                  reason: ChatFinishReason | None = None) -> str:
-            usage = (CompletionUsage.of(num_prompt, num_output)
-                     if continuous_usage else None)  # this choice's, as vLLM's
-            return envelope.render(ChatCompletionStreamChoice(
-                index=index, delta=delta, logprobs=logprobs,
-                finish_reason=reason or to_openai_finish_reason(finish and finish.finish_reason),
-                stop_reason=finish and finish.stop_reason), usage)
-
-        started = False
-        named = (request.tool_choice.function.name  # streamed as vLLM streams it
+        named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
-        opened: set[int] = set()  # choices whose named call has been opened
+        started = False
         async for _, out in merged(self.engine, submitted):
             raise_if_failed(out)  # reported in the stream by the route, which ends it
             if not started:
-                # Each choice's role, with the first token as vLLM sends it: not before (a
-                # client timing the stream takes the first chunk for the first token)
                 for index in range(request.n):
-                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                    yield chunks.role(index)
                 started = True
             choice = choices.setdefault(out.index, Choice())
             choice.absorb(out)
-            if named is not None:  # the answer is the named tool's arguments: as they come
-                for part in self._named_chunks(request, out, named, opened, chunk):
-                    yield part
-                continue
-            held[out.index], out = decide_held(held[out.index], choice, out)
-            if held[out.index] is not False:
-                if out.finished:  # the answer, whole: its calls, or its text; then the
-                    # finish on a chunk of its own, as OpenAI's (the SDK's stream helper
-                    # closes a call when a later chunk starts, not on its own finish)
-                    content, calls, finish = self.answer(request, choice)
-                    tool_calls = (None if calls is None else
-                                  [_delta_call(k, call) for k, call in enumerate(calls)])
-                    logprobs = (self.logprobs(request, choice.logprobs)
-                                if request.logprobs and choice.logprobs else None)
-                    yield chunk(out.index, DeltaMessage(content=content or None,
-                                                        tool_calls=tool_calls), logprobs,
-                                num_output=out.num_output_tokens)
-                    yield chunk(out.index, DeltaMessage(), finish=out,
-                                num_output=out.num_output_tokens, reason=finish)
-                continue
-            token = bool(out.text or out.logprobs)
-            if out.text and not request.logprobs and not continuous_usage and not out.finished:
-                yield envelope.text_chunk(out.index, out.text)  # most tokens' chunk
-            elif token or out.finished:
-                # The last token's chunk carries the finish reason (a finish alone: an empty
-                # delta), as vLLM's does
-                logprobs = (self.logprobs(request, out.logprobs or [])
-                            if request.logprobs and token else None)
-                delta = DeltaMessage(content=out.text) if token else DeltaMessage()
-                yield chunk(out.index, delta, logprobs, finish=out if out.finished else None,
-                            num_output=out.num_output_tokens)
+            if named is not None:
+                parts = chunks.named_call(out, named)
+            else:
+                held[out.index], out = decide_held(held[out.index], choice, out)
+                parts = chunks.text(out) if held[out.index] is False else chunks.whole(choice, out)
+            for part in parts:
+                yield part
         if request.include_usage:
-            yield envelope.usage_chunk(self._usage(submitted, choices, request.n))
+            yield chunks.envelope.usage_chunk(self._usage(submitted, choices, request.n))
         yield DONE
 
+
+class _ChatChunks:
+    """A chat stream's chunks: what every chunk shares (serialized once, StreamEnvelope),
+    and the shapes of an answer's chunks."""
+
+    def __init__(self, service: ChatService, request: ChatCompletionRequest, response_id: str,
+                 num_prompt: int) -> None:
+        self.service, self.request, self.num_prompt = service, request, num_prompt
+        self.envelope = StreamEnvelope(
+            ChatCompletionChunk(id=response_id, created=int(time.time()),
+                                model=service.model_name, choices=[]),
+            text_choice=lambda index, text: ChatCompletionStreamChoice(
+                index=index, delta=DeltaMessage(content=text)))
+        self.continuous_usage = request.continuous_usage
+        self._opened: set[int] = set()  # choices whose named call has been opened
+
+    def chunk(self, index: int, delta: DeltaMessage,
+              logprobs: ChatCompletionLogprobs | None = None, finish: RequestOutput | None = None,
+              num_output: int = 0, reason: ChatFinishReason | None = None) -> str:
+        usage = (CompletionUsage.of(self.num_prompt, num_output)
+                 if self.continuous_usage else None)  # this choice's, as vLLM's
+        return self.envelope.render(ChatCompletionStreamChoice(
+            index=index, delta=delta, logprobs=logprobs,
+            finish_reason=reason or to_openai_finish_reason(finish and finish.finish_reason),
+            stop_reason=finish and finish.stop_reason), usage)
+
+    def role(self, index: int) -> str:
+        return self.chunk(index, DeltaMessage(role="assistant", content=""))
+
+    def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs | None:
+        return self.service.logprobs(self.request, lps) if self.request.logprobs else None
+
+    def text(self, out: RequestOutput) -> list[str]:
+        """A token's text; the last token's chunk carries the finish reason (a finish
+        alone: an empty delta), as vLLM's does."""
+        if (out.text and not self.request.logprobs and not self.continuous_usage
+                and not out.finished):
+            return [self.envelope.text_chunk(out.index, out.text)]  # most tokens' chunk
+        token = bool(out.text or out.logprobs)
+        if not (token or out.finished):
+            return []
+        delta = DeltaMessage(content=out.text) if token else DeltaMessage()
+        return [self.chunk(out.index, delta, self._logprobs(out.logprobs or []) if token else
+                           None, finish=out if out.finished else None,
+                           num_output=out.num_output_tokens)]
+
+    def whole(self, choice: Choice, out: RequestOutput) -> list[str]:
+        """A held-back answer, once finished: its calls, or its text; then the finish on a
+        chunk of its own, as OpenAI's (the SDK's stream helper closes a call when a later
+        chunk starts, not on its own finish)."""
+        if not out.finished:
+            return []
+        content, calls, finish = self.service.answer(self.request, choice)
+        tool_calls = (None if calls is None else
+                      [_delta_call(k, call) for k, call in enumerate(calls)])
+        logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
+        return [self.chunk(out.index, DeltaMessage(content=content or None,
+                                                   tool_calls=tool_calls), logprobs,
+                           num_output=out.num_output_tokens),
+                self.chunk(out.index, DeltaMessage(), finish=out,
+                           num_output=out.num_output_tokens, reason=finish)]
+
+    def named_call(self, out: RequestOutput, name: str) -> list[str]:
+        """A named call's stream, as vLLM's: its first delta opens the call (id, type, name)
+        with the first piece of its arguments, later ones add pieces; the finish follows on a
+        chunk of its own."""
+        parts = []
+        if out.text or out.logprobs:
+            first = out.index not in self._opened
+            self._opened.add(out.index)
+            call = DeltaToolCall(
+                index=0, id=tool_call_id() if first else None,
+                type="function" if first else None,
+                function=DeltaFunctionCall(name=name if first else None, arguments=out.text))
+            parts.append(self.chunk(out.index, DeltaMessage(tool_calls=[call]),
+                                    self._logprobs(out.logprobs or []),
+                                    num_output=out.num_output_tokens))
+        if out.finished:
+            parts.append(self.chunk(out.index, DeltaMessage(), finish=out,
+                                    num_output=out.num_output_tokens))
+        return parts
