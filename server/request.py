@@ -123,11 +123,14 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One position's logprob: the chosen token and its top alternatives (id, logprob)."""
+    """One position's logprob: the chosen token and its top alternatives (id, logprob); a
+    prompt token's also its rank in the vocabulary (1: the likeliest), vLLM's
+    prompt_logprobs show it."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass(slots=True)

@@ -356,10 +356,12 @@ class ModelRunner:
             k = rows.request.params.prompt_logprobs or 0
             targets = torch.tensor(prompt[rows.start + 1:rows.start + 1 + n_targets],
                                    device=logits.device)
-            chosen, top_ids, top_lps = compute_logprobs(logits[:n_targets], targets, k)
-            for t, c, ids, lps in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(),
-                                      top_lps.tolist(), strict=True):
-                out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True))))
+            chosen, top_ids, top_lps, ranks = compute_logprobs(logits[:n_targets], targets, k,
+                                                               ranks=True)
+            assert ranks is not None
+            for t, c, ids, lps, rank in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(),
+                                            top_lps.tolist(), ranks.tolist(), strict=True):
+                out.append(TokenLogprob(t, c, tuple(zip(ids, lps, strict=True)), rank))
         return rows.request, out
 
 

@@ -199,13 +199,16 @@ class SamplerOutput:
 
 
 def compute_logprobs(
-    logits: Tensor, token_ids: Tensor, num_top: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """log_softmax in float32 -> (chosen logprob (N,), top ids (N, k), top logprobs (N, k))."""
+    logits: Tensor, token_ids: Tensor, num_top: int, ranks: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """log_softmax in float32 -> (chosen logprob (N,), top ids (N, k), top logprobs (N, k),
+    and with `ranks` each chosen token's rank (N,): how many tokens are at least as likely,
+    itself included, as vLLM counts it (1: the likeliest; a tie ranks after))."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     chosen = logprobs.gather(1, token_ids.long().unsqueeze(1)).squeeze(1)  # (N,)
     top_logprobs, top_ids = logprobs.topk(min(max(num_top, 0), logprobs.shape[-1]), dim=-1)
-    return chosen, top_ids, top_logprobs
+    rank = (logprobs >= chosen.unsqueeze(1)).sum(dim=-1) if ranks else None
+    return chosen, top_ids, top_logprobs, rank
 
 
 class Sampler:
@@ -229,7 +232,8 @@ class Sampler:
         token_ids = self._sample(logits, batch)
         if batch.num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)
-        chosen, top_ids, top_logprobs = compute_logprobs(logits, token_ids, batch.num_logprobs)
+        chosen, top_ids, top_logprobs, _ = compute_logprobs(logits, token_ids,
+                                                            batch.num_logprobs)
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
 
     def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:

@@ -41,12 +41,14 @@ from server.protocol import (
     ErrorResponse,
     FunctionCall,
     NamedToolChoice,
+    PromptLogprobs,
     RequestError,
     StreamEnvelope,
     ToolCallOut,
     chat_logprobs,
     completion_logprobs,
     logprob_token_ids,
+    prompt_logprobs,
     to_openai_finish_reason,
 )
 from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
@@ -280,6 +282,16 @@ def error_event(message: str) -> str:
     return ErrorResponse.of(message, "server_error").model_dump_json()
 
 
+def _at_most(logprobs: list[TokenLogprob | None] | None, num_top: int
+             ) -> list[TokenLogprob | None] | None:
+    """Prompt logprobs with at most `num_top` alternatives each: the engine found as many as
+    the widest ask of the request (an echo's logprobs, prompt_logprobs)."""
+    if logprobs is None:
+        return None
+    return [lp if lp is None or len(lp.top) <= num_top else replace(lp, top=lp.top[:num_top])
+            for lp in logprobs]
+
+
 def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
     """vLLM's reading of bad_words: each word's tokens as it starts a text, and with a space
     before it where that makes other tokens of the same count (a word mid-text)."""
@@ -315,6 +327,14 @@ class _Service:
         if not request.bad_words:
             return params
         return replace(params, bad_words=bad_words_token_ids(self.tokenizer, request.bad_words))
+
+    def _prompt_logprobs(self, logprobs: list[TokenLogprob | None] | None,
+                         num_top: int | None) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs, where asked for (`num_top` not None); token texts as the
+        tokenizer has them (vLLM's, return_tokens_as_token_ids or not)."""
+        if num_top is None or logprobs is None:
+            return None
+        return prompt_logprobs(logprobs, num_top, self._token_texts(logprob_token_ids(logprobs)))
 
     def _token_texts(self, ids: Iterable[int], as_ids: bool = False) -> dict[int, str]:
         """Each id's text as logprobs show it; `as_ids`: "token_id:<id>" instead (vLLM's
@@ -397,19 +417,23 @@ class CompletionService(_Service):
                 prompt_lps[i] = out.prompt_logprobs
             choices.setdefault(i * n + out.index, Choice()).absorb(out)
         result = []
+        shown = {i: self._prompt_logprobs(lps, request.prompt_logprobs)  # a prompt's choices'
+                 for i, lps in prompt_lps.items()}
         for index in sorted(choices):
             choice, s = choices[index], submitted[index // n]
             echo = self._echo_text(s) if request.echo else ""
             logprobs = None
             if request.logprobs is not None:
+                echoed = (_at_most(prompt_lps.get(index // n), request.logprobs)
+                          if request.echo else None)
                 logprobs = self._logprobs(
-                    s, choice.token_ids[:len(choice.logprobs)], choice.logprobs,
-                    prompt_lps.get(index // n) if request.echo else None, TextOffset(),
-                    request.skip_special_tokens, request.return_tokens_as_token_ids)
+                    s, choice.token_ids[:len(choice.logprobs)], choice.logprobs, echoed,
+                    TextOffset(), request.skip_special_tokens,
+                    request.return_tokens_as_token_ids)
             result.append(CompletionResponseChoice(
                 index=index, text=echo + choice.text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
-                stop_reason=choice.stop_reason))
+                stop_reason=choice.stop_reason, prompt_logprobs=shown.get(index // n)))
         return CompletionResponse(id=response_id, model=self.model_name, choices=result,
                                   usage=self._usage(submitted, choices, request.n))
 
@@ -527,8 +551,10 @@ class ChatService(_Service):
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
         choices: dict[int, Choice] = {}
+        prompt_lps = None
         async for _, out in merged(self.engine, submitted):
             raise_if_failed(out)
+            prompt_lps = out.prompt_logprobs or prompt_lps
             choices.setdefault(out.index, Choice()).absorb(out)
         result = []
         for i, c in sorted(choices.items()):
@@ -541,8 +567,10 @@ class ChatService(_Service):
                 index=i, message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
                 logprobs=self.logprobs(request, c.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
-        return ChatCompletionResponse(id=response_id, model=self.model_name, choices=result,
-                                      usage=self._usage(submitted, choices, request.n))
+        return ChatCompletionResponse(
+            id=response_id, model=self.model_name, choices=result,
+            usage=self._usage(submitted, choices, request.n),
+            prompt_logprobs=self._prompt_logprobs(prompt_lps, request.prompt_logprobs))
 
     async def stream(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> AsyncIterator[str]:

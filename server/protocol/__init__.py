@@ -20,10 +20,13 @@ from server.protocol.logprobs import (
     ChatCompletionLogprobs,
     ChatCompletionTokenLogprob,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     chat_logprobs,
     completion_logprobs,
     logprob_token_ids,
+    prompt_logprobs,
 )
 from server.protocol.requests import (
     ChatCompletionRequest,
@@ -73,6 +76,8 @@ __all__ = [
     "LOGPROB_FLOOR",
     "ChatCompletionChunk",
     "ChatCompletionLogprobs",
+    "PromptLogprob",
+    "PromptLogprobs",
     "ChatCompletionMessage",
     "ChatFinishReason",
     "ChatCompletionRequest",
@@ -121,6 +126,7 @@ __all__ = [
     "completion_logprobs",
     "describe_validation_errors",
     "logprob_token_ids",
+    "prompt_logprobs",
     "random_id",
     "to_openai_finish_reason",
 ]

@@ -81,6 +81,38 @@ def completion_logprobs(
     return result
 
 
+class PromptLogprob(ResponseModel):
+    """vLLM's prompt_logprobs entry for a token: its logprob, its rank in the vocabulary
+    (1: the likeliest), its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+def prompt_logprobs(logprobs: Sequence[TokenLogprob | None], num_top: int,
+                    token_texts: Mapping[int, str]) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token (the first: null, nothing comes before it)
+    {token id: entry} for the token itself, with its rank, and the `num_top` likeliest
+    (ranks 1, 2, ...; the token's own entry is theirs where it is among them), as vLLM's."""
+    result: PromptLogprobs = []
+    for entry in logprobs:
+        if entry is None:
+            result.append(None)
+            continue
+        position = {str(entry.token_id): PromptLogprob(
+            logprob=_clamp(entry.logprob), rank=entry.rank,
+            decoded_token=token_texts[entry.token_id])}
+        for rank, (token_id, logprob) in enumerate(entry.top[:num_top], start=1):
+            position[str(token_id)] = PromptLogprob(logprob=_clamp(logprob), rank=rank,
+                                                    decoded_token=token_texts[token_id])
+        result.append(position)
+    return result
+
+
 def chat_logprobs(
     logprobs: Sequence[TokenLogprob], token_texts: Mapping[int, str],
     token_bytes: Mapping[int, bytes],

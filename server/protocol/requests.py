@@ -165,8 +165,9 @@ class _SamplingRequest(OpenAIBaseModel):
     allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's; checked every step for every word: at most MAX_BAD_WORDS
     bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS)] | None = None
-    # vLLM's, refused (see `Refused`); prompt logprobs come with echo and logprobs here
-    prompt_logprobs: Refused = None
+    # vLLM's: each prompt token's logprob and rank, and its k likeliest alternatives (not
+    # streamed, as in vLLM)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Guided decoding (vLLM's): structured_outputs, and the older guided_* fields
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | bool | str | None = None
@@ -191,6 +192,13 @@ class _SamplingRequest(OpenAIBaseModel):
     def _keeps_some(cls, value: int | None) -> int | None:
         if value == 0:
             raise ValueError("must be an integer >= 1, or -1 for the model's context length")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("stream"):  # (0 is let through, as vLLM lets it)
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
         return value
 
     @field_validator("stream_options")
@@ -370,13 +378,21 @@ class CompletionRequest(_SamplingRequest):
             if not isinstance(prompt, str):
                 _check_token_ids(prompt, vocab_size, "prompt")
 
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The alternatives per prompt token the engine must find: the echo's (logprobs)
+        and prompt_logprobs' (not streamed), the larger; None: no prompt logprobs."""
+        wanted = [k for k in (self.logprobs if self.echo else None,
+                              None if self.stream else self.prompt_logprobs) if k is not None]
+        return max(wanted, default=None)
+
     def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
         """The engine's parameters, with `defaults` for what the request leaves out;
         max_tokens None is filled in once the prompt's length is known (SamplingParams)."""
         return SamplingParams(
             **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=self.logprobs,
-            prompt_logprobs=self.logprobs if self.echo else None,
+            prompt_logprobs=self.engine_prompt_logprobs,
         )
 
 
@@ -697,4 +713,5 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
         return SamplingParams(
             **self._sampling_kwargs(self.requested_max_tokens, defaults),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            prompt_logprobs=None if self.stream else self.prompt_logprobs,
         )

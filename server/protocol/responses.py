@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from server.protocol.base import ResponseModel
-from server.protocol.logprobs import ChatCompletionLogprobs, CompletionLogprobs
+from server.protocol.logprobs import ChatCompletionLogprobs, CompletionLogprobs, PromptLogprobs
 from server.request import FinishReason
 
 # OpenAI's reasons, plus vLLM's "abort" for requests cut off by a server shutdown.
@@ -152,6 +152,8 @@ class CompletionResponseChoice(ResponseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
     stop_reason: StopReason = None
+    # vLLM's, where asked for (its prompt's, on each of its choices)
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(ResponseModel):
@@ -238,6 +240,8 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: CompletionUsage
+    # vLLM's, where asked for
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DeltaMessage(ResponseModel):

@@ -232,6 +232,76 @@ def test_echo_with_logprobs_covers_prompt(sdk: OpenAI) -> None:
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
 
 
+def _tokens(server: Server, **body: object) -> list[int]:
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", **body},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def _check_prompt_logprobs(entries: list, prompt_ids: list[int], num_top: int) -> None:
+    """vLLM's shape: per prompt token (the first null) the token's own entry, with its rank,
+    and the num_top likeliest, ranked 1..num_top in order; the token's own rank is its place
+    among them where it is one of them, else past them."""
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    for token_id, position in zip(prompt_ids[1:], entries[1:], strict=True):
+        own = position[str(token_id)]
+        ranked = sorted(position.values(), key=lambda v: v["rank"])
+        assert [v["rank"] for v in ranked if v["rank"] <= num_top] == list(range(1, num_top + 1))
+        logprobs = [v["logprob"] for v in ranked if v["rank"] <= num_top]
+        assert logprobs == sorted(logprobs, reverse=True) and all(lp <= 0 for lp in logprobs)
+        assert len(position) in (num_top, num_top + 1)  # the token's own among them or not
+        if own["rank"] > num_top:  # not among the likeliest: all of them more likely
+            assert all(own["logprob"] <= lp for lp in logprobs)
+        assert isinstance(own["decoded_token"], str)
+
+
+def test_prompt_logprobs_on_completions(server: Server, auth: dict[str, str]) -> None:
+    """vLLM's prompt_logprobs: on each choice of a prompt (n of them the same list); each
+    token's logprob is the echo's; the echo keeps its own (fewer) alternatives."""
+    prompts = [PROMPT, "A different and longer prompt here"]
+    r = httpx.post(f"{server.v1}/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "prompt": prompts, "max_tokens": 1, "n": 2, "echo": True,
+        "logprobs": 1, "prompt_logprobs": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    for prompt, pair in zip(prompts, (choices[:2], choices[2:]), strict=True):
+        ids = _tokens(server, prompt=prompt, add_special_tokens=True)
+        entries = pair[0]["prompt_logprobs"]
+        assert pair[1]["prompt_logprobs"] == entries
+        _check_prompt_logprobs(entries, ids, 3)
+        echo = pair[0]["logprobs"]
+        for i, token_id in enumerate(ids[1:], start=1):
+            assert entries[i][str(token_id)]["logprob"] == echo["token_logprobs"][i]
+            assert entries[i][str(token_id)]["decoded_token"] == echo["tokens"][i]
+            assert len(echo["top_logprobs"][i]) <= 2  # the chosen and logprobs=1 more
+    plain = httpx.post(f"{server.v1}/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 1})
+    assert "prompt_logprobs" not in plain.json()["choices"][0]  # only where asked for
+
+
+def test_prompt_logprobs_on_chat(server: Server, auth: dict[str, str]) -> None:
+    """Chat's at the top, of its one prompt; token texts are the tokenizer's, also with
+    return_tokens_as_token_ids (as vLLM's)."""
+    r = httpx.post(f"{server.v1}/chat/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 1, "prompt_logprobs": 2,
+        "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = _tokens(server, messages=USER)
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    _check_prompt_logprobs(body["prompt_logprobs"], ids, 2)
+    assert not any(v["decoded_token"].startswith("token_id:")
+                   for position in body["prompt_logprobs"][1:] for v in position.values())
+    zero = httpx.post(f"{server.v1}/chat/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 1, "prompt_logprobs": 0})
+    assert all(len(position) == 1 for position in zero.json()["prompt_logprobs"][1:])
+    streamed = httpx.post(f"{server.v1}/chat/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 1, "prompt_logprobs": 1,
+        "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("prompt", [PROMPT, "<|user|>" + PROMPT, "aé😀b " + PROMPT])
 def test_text_offsets_point_into_the_text(sdk: OpenAI, stream: bool, prompt: str) -> None:

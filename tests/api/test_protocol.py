@@ -404,7 +404,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
                        "greater than or equal to 0")
 
 
-REFUSED = ["prompt_logprobs", "guided_grammar", "logits_processors", "use_beam_search"]
+REFUSED = ["guided_grammar", "logits_processors", "use_beam_search"]
 
 
 @pytest.mark.parametrize("field", REFUSED)
@@ -414,8 +414,6 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
     for build in (completion, chat):
         assert_invalid(build, {field: [1] if field != "use_beam_search" else True}, field,
                        f"{field}: not supported by this server")
-        if field == "prompt_logprobs":  # 0 asks for the prompt's own logprobs
-            assert_invalid(build, {field: 0}, field, "not supported")
         for neutral in (None, False, []):
             build(**{field: neutral})
     assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
@@ -500,8 +498,9 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     }
-    # chat has no echo; the guide and bad words: the route's
+    # chat has no echo (prompt_logprobs below); the guide and bad words: the route's
     assert unchanged == {"prompt_logprobs", "guide", "bad_words"}
+    assert chat(prompt_logprobs=3).to_sampling_params().prompt_logprobs == 3
     assert params.max_tokens is None and params.logprobs == 4
     assert params.default_max_tokens == 99
 
@@ -554,6 +553,11 @@ def test_guide_spec_refusals() -> None:
         ({"logprobs": 0}, 0, None),
         ({"echo": True}, None, None),
         ({"echo": True, "logprobs": 2}, 2, 2),
+        ({"prompt_logprobs": 0}, None, 0),
+        # the engine finds the widest ask; the echo's are cut to its own
+        ({"echo": True, "logprobs": 2, "prompt_logprobs": 5}, 2, 5),
+        ({"echo": True, "logprobs": 4, "prompt_logprobs": 1}, 4, 4),
+        ({"prompt_logprobs": 0, "stream": True}, None, None),  # (as vLLM: let through, unused)
     ],
 )
 def test_completion_logprobs_mapping(
@@ -569,6 +573,15 @@ def test_completion_logprobs_mapping(
 )
 def test_chat_logprobs_mapping(fields: dict[str, Any], logprobs: int | None) -> None:
     assert chat(**fields).to_sampling_params().logprobs == logprobs
+
+
+def test_prompt_logprobs_checks() -> None:
+    """vLLM's rules: at most the logprobs ceiling, none below 0, and none streamed."""
+    for build in (completion, chat):
+        assert_invalid(build, {"prompt_logprobs": 21}, "prompt_logprobs", "less than or equal")
+        assert_invalid(build, {"prompt_logprobs": -1}, "prompt_logprobs", "greater than")
+        assert_invalid(build, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs",
+                       "not available when `stream=True`")
 
 
 def test_sampling_params_small_cases() -> None:

@@ -303,7 +303,8 @@ def test_chunked_prefill_gives_same_logits(tiny_checkpoint: Path) -> None:
 
 
 def test_prompt_logprobs_score_the_prompt(tiny_checkpoint: Path) -> None:
-    """max_tokens=0 scoring: logprob of token i given tokens < i, from one full forward."""
+    """max_tokens=0 scoring: logprob (and vocabulary rank) of token i given tokens < i, from
+    one full forward."""
     prompt = prompts(4, seed=3)[3]
     with running(tiny_checkpoint, max_num_batched_tokens=64, max_model_len=1024) as engine:
         res = run(engine, (prompt, SamplingParams(max_tokens=0, prompt_logprobs=2), "s"))[0]
@@ -315,6 +316,9 @@ def test_prompt_logprobs_score_the_prompt(tiny_checkpoint: Path) -> None:
         assert lp.token_id == prompt[i]
         assert math.isclose(lp.logprob, expected[i - 1, prompt[i]].item(), abs_tol=1e-4)
         assert len(lp.top) == 2 and lp.top[0][0] == expected[i - 1].argmax().item()
+        # its rank: the tokens at least as likely (the reference's, but for rounding)
+        at_least = (expected[i - 1] >= expected[i - 1, prompt[i]] - 1e-5).sum().item()
+        assert lp.rank is not None and abs(lp.rank - at_least) <= 1, (lp.rank, at_least)
 
 
 def test_n_samples_share_one_prefill(tiny_checkpoint: Path) -> None:

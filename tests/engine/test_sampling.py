@@ -517,7 +517,8 @@ def test_compute_logprobs_matches_log_softmax_and_sorts_top() -> None:
     torch.manual_seed(5)
     logits = torch.randn(4, 50, dtype=torch.bfloat16)
     token_ids = torch.tensor([0, 7, 49, 3])
-    chosen, top_ids, top_logprobs = compute_logprobs(logits, token_ids, 5)
+    chosen, top_ids, top_logprobs, ranks = compute_logprobs(logits, token_ids, 5)
+    assert ranks is None  # (asked for by prompt logprobs only)
     reference = torch.log_softmax(logits.float(), dim=-1)
     assert chosen.dtype == top_logprobs.dtype == torch.float32 and top_ids.dtype == torch.int64
     torch.testing.assert_close(chosen, reference[torch.arange(4), token_ids])
@@ -525,8 +526,28 @@ def test_compute_logprobs_matches_log_softmax_and_sorts_top() -> None:
     torch.testing.assert_close(top_logprobs, reference.gather(1, top_ids))
     assert (top_logprobs[:, :-1] >= top_logprobs[:, 1:]).all()
     torch.testing.assert_close(top_logprobs, reference.sort(-1, descending=True).values[:, :5])
-    _, no_ids, no_logprobs = compute_logprobs(logits, token_ids, 0)
+    _, no_ids, no_logprobs, _ = compute_logprobs(logits, token_ids, 0)
     assert no_ids.shape == no_logprobs.shape == (4, 0)
+
+
+def test_compute_logprobs_ranks_as_vllm() -> None:
+    """A token's rank: how many tokens are at least as likely, itself included (1: the
+    likeliest); tied tokens all rank last among themselves, as vLLM counts."""
+    torch.manual_seed(7)
+    logits = torch.randn(6, 300)
+    logits[5, :3] = 50.0  # three tied for first
+    token_ids = torch.tensor([0, 17, 299, 42, 5, 1])
+    *_, ranks = compute_logprobs(logits, token_ids, 2, ranks=True)
+    assert ranks is not None
+    for row, token in enumerate(token_ids.tolist()):
+        order = sorted(range(300), key=lambda t: -logits[row, t].item())
+        better = sum(logits[row, t] > logits[row, token] for t in order)
+        ties = sum(logits[row, t] == logits[row, token] for t in order)
+        assert ranks[row].item() == better + ties
+    assert ranks[5].item() == 3
+    argmax = logits.argmax(-1)
+    *_, top_ranks = compute_logprobs(logits[:5], argmax[:5], 0, ranks=True)
+    assert top_ranks is not None and top_ranks.tolist() == [1] * 5
 
 
 def test_sampler_logprobs_are_raw_and_sized_by_the_widest_request() -> None:
