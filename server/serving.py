@@ -417,7 +417,7 @@ class CompletionService(_Service):
                 prompt_lps[i] = out.prompt_logprobs
             choices.setdefault(i * n + out.index, Choice()).absorb(out)
         result = []
-        shown = {i: self._prompt_logprobs(lps, request.prompt_logprobs)  # a prompt's choices'
+        shown = {i: self._prompt_logprobs(lps, request.shown_prompt_logprobs)  # its choices'
                  for i, lps in prompt_lps.items()}
         for index in sorted(choices):
             choice, s = choices[index], submitted[index // n]

@@ -55,7 +55,7 @@ NO_DEFAULTS = GenerationDefaults()  # --generation-config vllm: the neutral ones
 def _refuse(value: Any) -> Any:
     neutral = value is None or value is False or (isinstance(value, list | dict | str)
                                                   and not value)
-    if not neutral:  # 0 asks for something: prompt_logprobs 0 is the prompt's own logprobs
+    if not neutral:  # 0 asks for something (a width of none, a seed of 0)
         raise ValueError("not supported by this server")  # the message names the field
     return value
 
@@ -379,12 +379,21 @@ class CompletionRequest(_SamplingRequest):
                 _check_token_ids(prompt, vocab_size, "prompt")
 
     @property
+    def shown_prompt_logprobs(self) -> int | None:
+        """prompt_logprobs' width, as vLLM's: as asked, or, with echo, logprobs' (vLLM's
+        default); None: none shown (nor streamed)."""
+        if self.stream:
+            return None
+        return self.prompt_logprobs if self.prompt_logprobs is not None else (
+            self.logprobs if self.echo else None)
+
+    @property
     def engine_prompt_logprobs(self) -> int | None:
         """The alternatives per prompt token the engine must find: the echo's (logprobs)
-        and prompt_logprobs' (not streamed), the larger; None: no prompt logprobs."""
-        wanted = [k for k in (self.logprobs if self.echo else None,
-                              None if self.stream else self.prompt_logprobs) if k is not None]
-        return max(wanted, default=None)
+        and prompt_logprobs', the larger; None: no prompt logprobs."""
+        echoed = self.logprobs if self.echo else None
+        shown = self.shown_prompt_logprobs
+        return echoed if shown is None else max(shown, echoed or 0)
 
     def to_sampling_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
         """The engine's parameters, with `defaults` for what the request leaves out;

@@ -280,6 +280,26 @@ def test_prompt_logprobs_on_completions(server: Server, auth: dict[str, str]) ->
     assert "prompt_logprobs" not in plain.json()["choices"][0]  # only where asked for
 
 
+@pytest.mark.parametrize(("fields", "width", "echo_width"), [
+    ({"echo": True, "logprobs": 4, "prompt_logprobs": 1}, 1, 4),  # each its own width
+    ({"echo": True, "logprobs": 2}, 2, 2),  # vLLM's default: the echo's width
+    ({"max_tokens": 0, "prompt_logprobs": 2}, 2, None),  # scoring the prompt alone
+])
+def test_prompt_logprobs_widths(server: Server, auth: dict[str, str], fields: dict,
+                                width: int, echo_width: int | None) -> None:
+    r = httpx.post(f"{server.v1}/completions", headers=auth, timeout=60, json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    _check_prompt_logprobs(choice["prompt_logprobs"],
+                           _tokens(server, prompt=PROMPT, add_special_tokens=True), width)
+    if echo_width is None:
+        assert choice["text"] == "" and choice["logprobs"] is None
+    else:
+        tops = choice["logprobs"]["top_logprobs"][1:]
+        assert max(map(len, tops)) == echo_width + 1  # the chosen and its alternatives
+
+
 def test_prompt_logprobs_on_chat(server: Server, auth: dict[str, str]) -> None:
     """Chat's at the top, of its one prompt; token texts are the tokenizer's, also with
     return_tokens_as_token_ids (as vLLM's)."""

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from server.config import GenerationDefaults
 from server.protocol import (
+    LOGPROB_FLOOR,
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -44,6 +45,7 @@ from server.protocol import (
     completion_logprobs,
     describe_validation_errors,
     logprob_token_ids,
+    prompt_logprobs,
     random_id,
     to_openai_finish_reason,
 )
@@ -573,6 +575,22 @@ def test_completion_logprobs_mapping(
 )
 def test_chat_logprobs_mapping(fields: dict[str, Any], logprobs: int | None) -> None:
     assert chat(**fields).to_sampling_params().logprobs == logprobs
+
+
+def test_prompt_logprobs_shape() -> None:
+    """vLLM's: the first null; the token's own entry with its rank, then the k likeliest
+    ranked 1..k (the token's own entry theirs where it is among them), each cut to k;
+    -inf clamped."""
+    entries = [None, TokenLogprob(5, -2.0, ((7, -0.5), (5, -2.0), (9, -3.0)), rank=2),
+               TokenLogprob(3, float("-inf"), ((7, -0.1), (8, -0.2)), rank=900)]
+    texts = {3: "c", 5: "e", 7: "g", 8: "h", 9: "i"}
+    shown = prompt_logprobs(entries, 2, texts)
+    assert shown[0] is None
+    assert {k: (v.logprob, v.rank, v.decoded_token) for k, v in shown[1].items()} == {
+        "5": (-2.0, 2, "e"), "7": (-0.5, 1, "g")}
+    assert {k: (v.logprob, v.rank) for k, v in shown[2].items()} == {
+        "3": (LOGPROB_FLOOR, 900), "7": (-0.1, 1), "8": (-0.2, 2)}
+    assert all(len(position) == 1 for position in prompt_logprobs(entries, 0, texts)[1:])
 
 
 def test_prompt_logprobs_checks() -> None:
