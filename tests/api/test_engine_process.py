@@ -68,6 +68,20 @@ def test_answers_as_the_engine_on_a_thread(server: Server, auth: dict[str, str],
     assert without_ids(here.json()) == without_ids(there.json())
 
 
+def test_a_guide_sent_again_goes_by_key_and_answers_alike(server: Server,
+                                                           auth: dict[str, str],
+                                                           proc_server: Server) -> None:
+    """The same guide again (by key, HeldGuides), and another, still answer as the engine
+    on a thread does."""
+    for regex in ("[a-z]{3,8}( [0-9]+)?", "[a-z]{3,8}( [0-9]+)?", "(yes|no)"):
+        body = {"model": "tiny", "prompt": "The dog", "max_tokens": 30, "n": 2,
+                "temperature": 1.0, "seed": 4, "guided_regex": regex}
+        here = httpx.post(f"{proc_server.v1}/completions", json=body, timeout=60)
+        there = httpx.post(f"{server.v1}/completions", json=body, headers=auth, timeout=60)
+        assert here.status_code == there.status_code == 200, here.text
+        assert without_ids(here.json()) == without_ids(there.json())
+
+
 def test_streams_and_counts_as_the_engine_on_a_thread(proc_server: Server) -> None:
     wait_idle(proc_server)
     before = proc_server.metric("llama_serve_generation_tokens_total")

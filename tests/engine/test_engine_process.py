@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from server.config import EngineConfig
-from server.engine_front import EngineDeadError, EngineOverloaded
-from server.engine_process import EngineProcess, EngineStartFailed
+from server.engine_front import Add, EngineDeadError, EngineOverloaded
+from server.engine_process import AddGuided, EngineProcess, EngineStartFailed, HeldGuides
+from server.guided.spec import GuideSpec, compile_guide
 from server.outputs import IterationStats
-from server.request import FinishReason, RequestOutput, SamplingParams
+from server.request import FinishReason, Request, RequestOutput, SamplingParams
 from tests.engine.conftest import CpuEngine, generate_all, started
 
 CONFIG = {"max_model_len": 1024, "warmup": False}
@@ -186,3 +187,29 @@ def test_stop_ends_open_streams_and_the_process(long_context_checkpoint: Path) -
     rest = asyncio.run(main())
     assert rest[-1].finish_reason is FinishReason.ERROR
     assert not engine._process.is_alive() and engine._process.exitcode == 0
+
+
+def test_guides_go_by_key_once_the_core_holds_them() -> None:
+    """Proxy and core record the same guided Adds in the pipe's order, so a guide the core
+    still holds goes by key, and one it has dropped goes whole: through pickling, over a
+    random run that keeps dropping some (capacity 3 of 5 guides)."""
+    import pickle
+    import random
+
+    guides = [compile_guide(GuideSpec("regex", f"[a-z]{{{k}}}", "x")) for k in range(1, 6)]
+    proxy_side, core_side = HeldGuides(capacity=3), HeldGuides(capacity=3)
+    rng, by_key = random.Random(0), 0
+    for i in range(200):
+        guide = rng.choice([*guides, None])
+        add = Add(Request(f"r{i}", [1, 2], SamplingParams(max_tokens=3, guide=guide)))
+        sent = proxy_side.outgoing(add)
+        if guide is not None:
+            proxy_side.hold(guide.key)
+        by_key += isinstance(sent, AddGuided)
+        received = core_side.incoming(pickle.loads(pickle.dumps(sent)))
+        assert received.request.request_id == f"r{i}"
+        assert received.request.params.guide == guide  # (equal by key)
+        if guide is not None:
+            assert received.request.params.guide.dfa.num_states == guide.dfa.num_states
+        assert received.request.arrival_time == add.request.arrival_time
+    assert 50 < by_key < 150  # both ways taken
