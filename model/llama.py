@@ -483,15 +483,42 @@ class LlamaModel(nn.Module):
             return self.lm_head_packed(x).float()
         if before_compute is not None:
             before_compute()
+        x, delta = self._layers(input_ids, positions, kv, batch)
+        return self._logits(self._final_norm(x, delta, logits_indices))
+
+    def forward_pooled(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None,
+                       batch: AttentionBatch | None, logits_indices: Tensor,
+                       hidden_indices: Tensor,
+                       before_compute: Callable[[], None] | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """forward's logits, and the final normalized hidden states (N', dim) of the
+        `hidden_indices` rows in float32: what embeddings pool (a step with prompts in it:
+        never the C decode step)."""
+        if before_compute is not None:
+            before_compute()
+        x, delta = self._layers(input_ids, positions, kv, batch)
+        return (self._logits(self._final_norm(x, delta, logits_indices)),
+                self._final_norm(x, delta, hidden_indices).float())
+
+    def _layers(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None,
+                batch: AttentionBatch | None) -> tuple[Tensor, Tensor | None]:
+        """The residual stream after the last layer, as x + delta (see DecoderLayer)."""
         x = self.model.embed_tokens(input_ids)  # (T, dim)
         cos, sin = self.rope_angles(positions, x.dtype)
-        delta: Tensor | None = None  # the residual stream is x + delta, see DecoderLayer
+        delta: Tensor | None = None
         for layer in self.model.layers:
             x, delta = layer(x, delta, cos, sin, kv, batch)
-        if logits_indices is not None:
-            x = x[logits_indices]
-            delta = None if delta is None else delta[logits_indices]
-        x = self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[1]
+        return x, delta
+
+    def _final_norm(self, x: Tensor, delta: Tensor | None, rows: Tensor | None) -> Tensor:
+        """The final norm of `rows` of the stream (None: all); indexing copies, so the
+        stream is read, never changed."""
+        if rows is not None:
+            x = x[rows]
+            delta = None if delta is None else delta[rows]
+        return self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[1]
+
+    def _logits(self, x: Tensor) -> Tensor:
         packed = self.lm_head_packed
         logits = packed(x) if packed is not None else self.lm_head(x)
         return logits.float()

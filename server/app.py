@@ -38,6 +38,7 @@ from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
 from server.response_store import ResponseNotFound, ResponseStore
 from server.serving import ChatService, CompletionService, GenerationFailed
+from server.serving_embeddings import EmbeddingService
 from server.serving_responses import ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class ModelNotFound(Exception):
     pass
 
 
+class NotServed(Exception):
+    """An endpoint this server was not started to serve (HTTP 404, as vLLM answers one its
+    model does not support)."""
+
+
 @dataclass
 class ServerState:
     """What the routes need, reached through one dependency (routes.get_state)."""
@@ -76,6 +82,7 @@ class ServerState:
     completions: CompletionService | None = None
     chat: ChatService | None = None
     responses: ResponsesService | None = None
+    embeddings: EmbeddingService | None = None
     status: str = "loading"  # loading | ready | draining | failed
     # Generation requests between their checks and their queueing: changed on the event loop
     # only (admission), read by the drain's thread
@@ -150,6 +157,7 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     ChatTemplateError: (400, "invalid_request_error", None),
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     ResponseNotFound: (404, "invalid_request_error", None),
+    NotServed: (404, "invalid_request_error", None),
     EngineOverloaded: (503, "server_error", "overloaded"),
     EngineDeadError: (503, "server_error", "failed"),  # as /health says from then on
     Unavailable: (503, "server_error", None),
@@ -341,6 +349,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser)
             state.responses = ResponsesService(state.chat, ResponseStore(
                 config.responses_store) if config.responses_store else None)
+            if config.enable_embeddings:
+                state.embeddings = EmbeddingService(engine, config.served_model_name,
+                                                    config.pooling)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
          "ask to be stored (store: true, its default) in memory, for previous_response_id "
          "and GET / DELETE /v1/responses/{id}; 0 (the default, as vLLM's): none",
          type=int, default=s.responses_store)
+    _add(serve, "--enable-embeddings", "serve POST /v1/embeddings beside generation: a "
+         "prompt's final normalized hidden states pooled to one unit-length vector (as vLLM's "
+         "pooling runner makes them of a decoder model)", action="store_true", default=False)
+    _add(serve, "--pooling", "how an embedding pools the prompt's hidden states: last (its "
+         "last token's, vLLM's default for decoder models) or mean (every token's)",
+         choices=["last", "mean"], default=s.pooling)
     _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
          "llama3_json (Llama 3.1 / 3.2's JSON calls)", choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
@@ -193,7 +199,8 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,
-        tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store)
+        tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store,
+        enable_embeddings=args.enable_embeddings, pooling=args.pooling)
     return engine, server
 
 

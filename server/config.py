@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from server.request import Pooling
 from server.tool_calls import PARSERS
 
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's context when --max-model-len is not given
@@ -206,6 +207,9 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # The Responses API's stored responses (server/response_store.py): the last N; 0: none
     responses_store: int = 0
+    # POST /v1/embeddings, and how it pools a prompt's hidden states (last token, or mean)
+    enable_embeddings: bool = False
+    pooling: Pooling = "last"
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
@@ -216,6 +220,8 @@ class ServerConfig:
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}, got "
                              f"{self.tool_call_parser!r}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"--pooling must be last or mean, got {self.pooling!r}")
         if self.responses_store < 0:
             raise ValueError(f"--responses-store must be >= 0, got {self.responses_store}")
         if not self.shutdown_timeout >= 0:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from server.guided.spec import Guide
 
+Pooling = Literal["last", "mean"]  # how an embedding pools the prompt's hidden states
 MAX_LOGPROBS = 20
 # Temperatures below this are greedy: dividing logits by a float32 subnormal overflows to inf.
 GREEDY_TEMPERATURE = 1e-5
@@ -74,6 +76,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     guide: Guide | None = None  # guided decoding: what the output must follow
+    # An embedding request's (max_tokens 0): the prompt's final hidden states pooled, its
+    # last token's or every token's mean, at unit length
+    pooling: Pooling | None = None
     # vLLM's bad_words, as token sequences: a sequence's last token is banned where the
     # output ends with the others (a one-token word always)
     bad_words: tuple[tuple[int, ...], ...] = ()
@@ -92,10 +97,18 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.pooling is not None and self.max_tokens != 0:
+            raise ValueError("pooling is for prompt-only requests (max_tokens 0)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+
+    @property
+    def every_prompt_position(self) -> bool:
+        """Whether every prompt token must be computed, none taken from the prefix cache:
+        each has its logprobs, or its place in a mean."""
+        return self.prompt_logprobs is not None or self.pooling == "mean"
 
     @property
     def scores_only(self) -> bool:
@@ -155,6 +168,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
+    embedding: list[float] | None = None  # a pooling request's, on its final output
 
     @property
     def finished(self) -> bool:

@@ -22,6 +22,7 @@ from server.app import (
     RETRY_AFTER_SECONDS,
     ErrorAnsweringRoute,
     ModelNotFound,
+    NotServed,
     ServerState,
     package_version,
     request_id_var,
@@ -43,6 +44,7 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
+from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from server.protocol.responses_api import (
     DeletedResponse,
     ResponseObject,
@@ -246,6 +248,20 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
     """SSE events, or one response object once every choice has finished."""
     if stream:
         return _sse(service.stream(body, submitted, response_id))
+    return await _unless_disconnected(request, service.create(body, submitted, response_id))
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, state: State, request: Request):  # noqa: ANN201
+    response_id = _response_id("embd")
+    with state.admission(body) as engine:
+        service = state.embeddings
+        if service is None:
+            raise NotServed("This server does not serve embeddings: start it with "
+                            "--enable-embeddings")
+        prompts = await _tokenized(request, lambda: service.prompts(body))
+        submitted = submit(engine, prompts, service.params, _engine_request_id(response_id),
+                           "input")
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 

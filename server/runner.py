@@ -29,7 +29,7 @@ from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
 from server.request import Request, SamplingParams, Sequence, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
-from server.scheduler import StepPlan
+from server.scheduler import PrefillChunk, StepPlan
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -46,6 +46,7 @@ class StepResult:
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
         default_factory=list)
     timing: ForwardTiming | None = None
+    embeddings: list[tuple[Request, list[float]]] = field(default_factory=list)  # pooled
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class PendingStep:
     params: list[SamplingParams]
     scored: list[tuple[PrefillChunkRows, torch.Tensor]]  # prompt-logprob chunks, their logits
     timing: ForwardTiming | None = None
+    pooled: list[tuple[Request, torch.Tensor]] = field(default_factory=list)  # embeddings
     # On a GPU, `sampled` copied to pinned host memory as the step ends, and the event of
     # that copy: `finish` waits for this step alone, not for one launched after it.
     host: SamplerOutput | None = None
@@ -80,6 +82,8 @@ class ModelRunner:
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
         self.guide_states: dict[Sequence, tuple[int, int]] = {}
+        # Mean pooling: each embedding request's sum of hidden states over its chunks so far
+        self.pool_sums: dict[Request, torch.Tensor] = {}
         self._end_only_logits: torch.Tensor | None = None
         # The last step's sampled rows and their controls (see _sampling_batch).
         self._last_sampling: tuple[tuple[Sequence, ...], SamplingBatch | None] = ((), None)
@@ -95,6 +99,7 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
         self.guide_states.pop(seq, None)
+        self.pool_sums.pop(seq.request, None)
 
     def idle(self) -> None:
         """The engine is about to wait for work (or a step failed): the next forward's gap
@@ -170,6 +175,8 @@ class ModelRunner:
         spans, logit_rows = [], list(range(n_decode))
         scored: list[tuple[PrefillChunkRows, int]] = []  # (chunk, its first logits row)
         last_rows: dict[int, int] = {}  # chunk index -> logits row of the prompt's last token
+        hidden_rows: list[int] = []  # rows whose hidden states embeddings pool
+        pooled: list[tuple[PrefillChunk, int, int]] = []  # (chunk, its first hidden row, rows)
         for i, chunk in enumerate(plan.prefills):
             offset, n = len(ids), len(chunk.token_ids)
             ids.extend(chunk.token_ids)
@@ -181,6 +188,11 @@ class ModelRunner:
                 logit_rows.append(offset + n - 1)
             if chunk.is_last:
                 last_rows[i] = len(logit_rows) - 1
+            pooling = chunk.request.params.pooling
+            if pooling == "mean" or (pooling == "last" and chunk.is_last):
+                rows = range(offset, offset + n) if pooling == "mean" else [offset + n - 1]
+                pooled.append((chunk, len(hidden_rows), len(rows)))
+                hidden_rows.extend(rows)
         batch = AttentionBatch.build(slots, positions, spans, self.device)
 
         def tensor(values: list[int]) -> torch.Tensor:
@@ -196,9 +208,15 @@ class ModelRunner:
                 before_compute()
             start = time.monotonic()
 
-        logits = self.model(tensor(ids), batch.positions, self.pool, batch,
-                            logits_indices=wanted,
-                            before_compute=compute_starts)  # (len(logit_rows), vocab)
+        if pooled:
+            assert wanted is not None
+            logits, hidden = self.model.forward_pooled(
+                tensor(ids), batch.positions, self.pool, batch, wanted, tensor(hidden_rows),
+                before_compute=compute_starts)
+        else:
+            logits = self.model(tensor(ids), batch.positions, self.pool, batch,
+                                logits_indices=wanted,
+                                before_compute=compute_starts)  # (len(logit_rows), vocab)
         assert start is not None, "the model calls before_compute once, as it computes"
         timing = self._timing(start, plan.kind)
 
@@ -214,8 +232,31 @@ class ModelRunner:
                 sample_rows.append(last_rows[i])
         # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
         picked = logits[sample_rows] if plan.prefills and sample_rows else logits
-        return self._pending(plan, sampling, picked,
+        step = self._pending(plan, sampling, picked,
                              [(rows, logits[row:row + rows.n]) for rows, row in scored], timing)
+        if pooled:
+            step.pooled = self._pool(pooled, hidden)
+        return step
+
+    def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor
+              ) -> list[tuple[Request, torch.Tensor]]:
+        """The embedding of each request whose prompt ends in this step, at unit length: its
+        last token's hidden state, or the mean of all its tokens' (summed over its chunks)."""
+        done = []
+        for chunk, first, count in pooled:
+            request, rows = chunk.request, hidden[first:first + count]
+            if request.params.pooling == "last":
+                vector = rows[0]
+            else:
+                total = rows.sum(0)
+                if (before := self.pool_sums.pop(request, None)) is not None:
+                    total += before
+                if not chunk.is_last:
+                    self.pool_sums[request] = total
+                    continue
+                vector = total / len(request.prompt_ids)
+            done.append((request, torch.nn.functional.normalize(vector, dim=0)))
+        return done
 
     def _timing(self, start: float, kind: str) -> ForwardTiming | None:
         """The forward that began at `start` and just returned; None where it only queues work
@@ -255,6 +296,7 @@ class ModelRunner:
                 result.logprobs = self._logprobs(step.params, result.tokens, out)
         result.prompt_logprobs = [self._prompt_logprobs(rows, logits)
                                   for rows, logits in step.scored]
+        result.embeddings = [(request, vector.tolist()) for request, vector in step.pooled]
         return result
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:

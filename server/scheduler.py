@@ -264,9 +264,9 @@ class Scheduler:
         """(slot, length): the longest prefix of `request`'s prompt that a slot holds (free
         slots, running sequences', prompts in prefill), from MIN_PREFIX_TOKENS tokens; `own`
         wins a tie. The prompt's last token is always computed (its logits are sampled), and
-        every token is where prompt logprobs are asked for."""
+        every token is where prompt logprobs or a mean of them all are asked for."""
         prompt = request.prompt_ids
-        if request.params.prompt_logprobs is not None or len(prompt) <= MIN_PREFIX_TOKENS:
+        if request.params.every_prompt_position or len(prompt) <= MIN_PREFIX_TOKENS:
             return None
         plan.num_queried_tokens += len(prompt)
         limit = len(prompt) - 1

@@ -320,10 +320,10 @@ def _prompt_kind(value: Any) -> str | None:
     return {str: "prompt-texts", list: "prompt-batch"}.get(type(value[0]), "prompt-ids")
 
 
-class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. `suffix` and `best_of != n` are refused."""
-
-    prompt: Annotated[
+def prompt_input(field: str) -> Any:
+    """The type of a prompt field (completions' `prompt`, embeddings' `input`): a text, a
+    list of texts, token ids or a list of token id lists."""
+    return Annotated[
         Annotated[str, Tag("prompt-text")]
         | Annotated[list[str], MAX_ITEMS_FIELD, Tag("prompt-texts")]
         | Annotated[TokenIds, Tag("prompt-ids")]
@@ -331,10 +331,26 @@ class CompletionRequest(_SamplingRequest):
         Discriminator(
             _prompt_kind,
             custom_error_type="invalid_prompt",
-            custom_error_message="prompt must be a string, or a non-empty list of strings, "
+            custom_error_message=f"{field} must be a string, or a non-empty list of strings, "
             "of token ids or of token id lists",
         ),
     ]
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt field's prompts, one entry each: a text or its token ids."""
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)
+
+
+CompletionPrompt = prompt_input("prompt")
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `suffix` and `best_of != n` are refused."""
+
+    prompt: CompletionPrompt
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -362,10 +378,7 @@ class CompletionRequest(_SamplingRequest):
     @property
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a text or its token ids; choice index = prompt * n + sample."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or isinstance(prompt[0], int):
-            return [prompt]
-        return list(prompt)
+        return prompt_list(self.prompt)
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
                      max_model_len: int) -> None:

@@ -26,10 +26,11 @@ from tests.api.conftest import (
 @pytest.fixture(scope="module")
 def proc_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[Server]:
-    """The shared server's model and limits, without the key, the engine in a child process."""
+    """The shared server's model and limits, without the key, the engine in a child process;
+    embeddings on."""
     with run_server(tiny_checkpoint, tmp_path_factory.mktemp("proc"), "--engine-process",
                     "--served-model-name", "tiny", "--max-model-len", "512",
-                    "--max-num-seqs", "8", "--max-n", "4") as s:
+                    "--max-num-seqs", "8", "--max-n", "4", "--enable-embeddings") as s:
         yield s
 
 
@@ -80,6 +81,16 @@ def test_a_guide_sent_again_goes_by_key_and_answers_alike(server: Server,
         there = httpx.post(f"{server.v1}/completions", json=body, headers=auth, timeout=60)
         assert here.status_code == there.status_code == 200, here.text
         assert without_ids(here.json()) == without_ids(there.json())
+
+
+def test_embeddings_come_from_the_engine_process(proc_server: Server) -> None:
+    """The engine process's pooled vectors reach the answer (the values: test_embeddings)."""
+    r = httpx.post(f"{proc_server.v1}/embeddings", json={"input": ["a cat", "a dog"]},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    vectors = [d["embedding"] for d in r.json()["data"]]
+    assert len(vectors) == 2 and vectors[0] != vectors[1]
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
 
 
 def test_streams_and_counts_as_the_engine_on_a_thread(proc_server: Server) -> None:

@@ -27,7 +27,9 @@ def blocks(language: str) -> list[str]:
 @pytest.fixture(scope="module")
 def open_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[Server]:
-    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("readme")) as server:
+    """The README's server: the defaults, and the endpoints its examples use."""
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("readme"),
+                    "--enable-embeddings") as server:
         yield server
 
 
@@ -128,6 +130,9 @@ def test_readme_curl_examples(index: int, open_server: Server) -> None:
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) > 2
         json.loads(lines[0].removeprefix("data: "))
+    elif "/v1/embeddings" in script:
+        data = json.loads(out.stdout)["data"]
+        assert len(data) == 2 and len(data[0]["embedding"]) > 8
     elif "/v1/responses" in script:
         body = json.loads(out.stdout)
         assert body["object"] == "response" and body["usage"]["output_tokens"] == 8

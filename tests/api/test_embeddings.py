@@ -1,0 +1,140 @@
+"""POST /v1/embeddings (--enable-embeddings): a prompt's final normalized hidden state, its
+last token's (or every token's mean, --pooling mean), at unit length; the oracle is
+transformers' LlamaModel on the same checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from openai import OpenAI
+
+from tests.api.conftest import Server, assert_openai_error, run_server
+
+TEXTS = ["The quick brown fox", "jumps over the lazy dog and keeps running far away"]
+
+
+@pytest.fixture(scope="module")
+def embed_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Server]:
+    """Embeddings on, small prefill chunks (a prompt spans several steps)."""
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("embed"), "--served-model-name",
+                    "tiny", "--enable-embeddings", "--max-num-batched-tokens", "16",
+                    "--max-model-len", "512") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> transformers.LlamaModel:
+    return transformers.LlamaModel.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+def expected(reference: transformers.LlamaModel, ids: list[int], pooling: str) -> torch.Tensor:
+    with torch.no_grad():
+        hidden = reference(torch.tensor([ids])).last_hidden_state[0]  # after the final norm
+    vector = hidden[-1] if pooling == "last" else hidden.mean(0)
+    return torch.nn.functional.normalize(vector, dim=0)
+
+
+def tokens(server: Server, text: str) -> list[int]:
+    r = httpx.post(f"{server.base_url}/tokenize", json={"prompt": text}, timeout=60)
+    return r.json()["tokens"]
+
+
+def test_embeddings_are_the_models_last_hidden_state(embed_server: Server,
+                                                     reference: transformers.LlamaModel
+                                                     ) -> None:
+    """Texts and token ids, in order, each as transformers computes it (its prompt in
+    several chunks here: 16 tokens a step); usage counts the prompts' tokens."""
+    ids = [tokens(embed_server, text) for text in TEXTS]
+    assert len(ids[1]) > 16
+    for body in ({"input": TEXTS}, {"input": ids}):
+        r = httpx.post(f"{embed_server.v1}/embeddings", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["object"] == "list" and answer["model"] == "tiny"
+        assert [d["index"] for d in answer["data"]] == [0, 1]
+        for d, prompt in zip(answer["data"], ids, strict=True):
+            vector = torch.tensor(d["embedding"])
+            assert d["object"] == "embedding" and abs(vector.norm().item() - 1) < 1e-5
+            assert (vector - expected(reference, prompt, "last")).abs().max().item() < 1e-4
+        total = sum(map(len, ids))
+        assert answer["usage"] == {"prompt_tokens": total, "total_tokens": total}
+
+
+def test_the_sdk_reads_them(embed_server: Server) -> None:
+    """The OpenAI SDK asks for base64 (little-endian float32) and decodes it: the floats'."""
+    with OpenAI(base_url=embed_server.v1, api_key="none", max_retries=0) as client:
+        r = client.embeddings.create(model="tiny", input=TEXTS)
+    floats = httpx.post(f"{embed_server.v1}/embeddings", json={"input": TEXTS},
+                        timeout=60).json()["data"]
+    for got, want in zip(r.data, floats, strict=True):
+        assert got.embedding == pytest.approx(want["embedding"], abs=1e-6)
+    raw = httpx.post(f"{embed_server.v1}/embeddings", timeout=60,
+                     json={"input": TEXTS[0], "encoding_format": "base64"}).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(
+        floats[0]["embedding"], abs=1e-6)
+
+
+def test_mean_pooling(tiny_checkpoint: Path, tmp_path: Path,
+                      reference: transformers.LlamaModel) -> None:
+    """--pooling mean: every token's, over chunks; a prompt seen before (whose prefix a slot
+    holds) is computed whole again: the prefix cache would leave tokens out of the mean."""
+    with run_server(tiny_checkpoint, tmp_path, "--enable-embeddings", "--pooling", "mean",
+                    "--max-num-batched-tokens", "16", "--max-model-len", "512") as server:
+        text = TEXTS[1] * 3
+        ids = tokens(server, text)
+        want = expected(reference, ids, "mean")
+        for _ in range(2):
+            r = httpx.post(f"{server.v1}/embeddings", json={"input": text}, timeout=60)
+            vector = torch.tensor(r.json()["data"][0]["embedding"])
+            assert (vector - want).abs().max().item() < 1e-4
+
+
+def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None:
+    """A greedy stream with embedding requests coming and going in its steps writes what it
+    writes alone."""
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True}
+    alone = httpx.post(f"{embed_server.v1}/completions", json=body, timeout=60).json()
+    stop = threading.Event()
+
+    def embed() -> None:
+        while not stop.is_set():
+            httpx.post(f"{embed_server.v1}/embeddings", json={"input": TEXTS}, timeout=60)
+
+    worker = threading.Thread(target=embed)
+    worker.start()
+    try:
+        beside = httpx.post(f"{embed_server.v1}/completions", json=body, timeout=60).json()
+    finally:
+        stop.set()
+        worker.join()
+    assert beside["choices"][0]["text"] == alone["choices"][0]["text"]
+
+
+def test_truncation_and_refusals(embed_server: Server, server: Server,
+                                 auth: dict[str, str]) -> None:
+    url = f"{embed_server.v1}/embeddings"
+    long_text = "word " * 600
+    error = assert_openai_error(httpx.post(url, json={"input": long_text}, timeout=60), 400)
+    assert "maximum context length" in error["message"]
+    kept = httpx.post(url, json={"input": long_text, "truncate_prompt_tokens": 32}, timeout=60)
+    assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == 32
+    for body, param in (({"input": "x", "dimensions": 8}, "dimensions"),
+                        ({"input": []}, "input"), ({"input": [10**6]}, "input"),
+                        ({"input": "x", "encoding_format": "int8"}, "encoding_format")):
+        error = assert_openai_error(httpx.post(url, json=body, timeout=60), 400)
+        assert error["param"] == param, error
+    # Off by default: a 404 that names the flag
+    error = assert_openai_error(httpx.post(f"{server.v1}/embeddings", json={"input": "x"},
+                                           headers=auth, timeout=60), 404)
+    assert "--enable-embeddings" in error["message"]
