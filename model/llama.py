@@ -511,8 +511,8 @@ class LlamaModel(nn.Module):
         return x, delta
 
     def _final_norm(self, x: Tensor, delta: Tensor | None, rows: Tensor | None) -> Tensor:
-        """The final norm of `rows` of the stream (None: all); indexing copies, so the
-        stream is read, never changed."""
+        """The final norm of `rows` of the stream (None: all); the stream is read, never
+        changed (add_forward writes a new tensor), so rows may be normed twice."""
         if rows is not None:
             x = x[rows]
             delta = None if delta is None else delta[rows]

@@ -38,7 +38,7 @@ from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
 from server.response_store import ResponseNotFound, ResponseStore
 from server.serving import ChatService, CompletionService, GenerationFailed
-from server.serving_embeddings import EmbeddingService
+from server.serving_embeddings import EmbeddingsAborted, EmbeddingService
 from server.serving_responses import ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     ResponseNotFound: (404, "invalid_request_error", None),
     NotServed: (404, "invalid_request_error", None),
+    EmbeddingsAborted: (503, "server_error", "draining"),
     EngineOverloaded: (503, "server_error", "overloaded"),
     EngineDeadError: (503, "server_error", "failed"),  # as /health says from then on
     Unavailable: (503, "server_error", None),

@@ -369,12 +369,12 @@ class Engine(EngineFront):
                 logger.exception("request %s failed", seq.request.request_id)
                 posts += self._finish_request(seq.request, RequestStatus.FINISHED_ERROR, repr(e))
                 failed.add(seq.request)
-        embeddings = dict(result.embeddings)
         for chunk in plan.prefills:  # scoring requests (max_tokens=0) end with their prefill
             if chunk.is_last and chunk.request.params.scores_only:
                 for seq in chunk.request.seqs:
-                    posts.append(out := self._outputs.final(seq, ""))
-                    out.embedding = embeddings.get(chunk.request)
+                    out = self._outputs.final(seq, "")
+                    out.embedding = result.embeddings.get(chunk.request)
+                    posts.append(out)
         return posts
 
     def _finish_request(self, request: Request, status: RequestStatus,

@@ -97,8 +97,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.pooling is not None and self.max_tokens != 0:
-            raise ValueError("pooling is for prompt-only requests (max_tokens 0)")
+        if self.pooling is not None and (self.max_tokens != 0 or self.n != 1):
+            raise ValueError("pooling is for prompt-only requests of one sample (max_tokens "
+                             "0, n 1)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:

@@ -253,12 +253,13 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, state: State, request: Request):  # noqa: ANN201
+    if not state.config.enable_embeddings:
+        raise NotServed("This server does not serve embeddings: start it with "
+                        "--enable-embeddings")
     response_id = _response_id("embd")
     with state.admission(body) as engine:
         service = state.embeddings
-        if service is None:
-            raise NotServed("This server does not serve embeddings: start it with "
-                            "--enable-embeddings")
+        assert service is not None
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = submit(engine, prompts, service.params, _engine_request_id(response_id),
                            "input")

@@ -46,7 +46,7 @@ class StepResult:
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(
         default_factory=list)
     timing: ForwardTiming | None = None
-    embeddings: list[tuple[Request, list[float]]] = field(default_factory=list)  # pooled
+    embeddings: dict[Request, list[float]] = field(default_factory=dict)  # pooled
 
 
 @dataclass(slots=True)
@@ -184,9 +184,9 @@ class ModelRunner:
             if chunk.request.params.prompt_logprobs is not None:
                 scored.append((PrefillChunkRows(chunk.request, chunk.start, n), len(logit_rows)))
                 logit_rows.extend(range(offset, offset + n))
-            elif chunk.is_last:
-                logit_rows.append(offset + n - 1)
-            if chunk.is_last:
+            elif chunk.is_last and not chunk.request.params.scores_only:
+                logit_rows.append(offset + n - 1)  # (a prompt-only request's: never read)
+            if chunk.is_last and not chunk.request.params.scores_only:
                 last_rows[i] = len(logit_rows) - 1
             pooling = chunk.request.params.pooling
             if pooling == "mean" or (pooling == "last" and chunk.is_last):
@@ -233,9 +233,8 @@ class ModelRunner:
         # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
         picked = logits[sample_rows] if plan.prefills and sample_rows else logits
         step = self._pending(plan, sampling, picked,
-                             [(rows, logits[row:row + rows.n]) for rows, row in scored], timing)
-        if pooled:
-            step.pooled = self._pool(pooled, hidden)
+                             [(rows, logits[row:row + rows.n]) for rows, row in scored], timing,
+                             self._pool(pooled, hidden) if pooled else [])
         return step
 
     def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor
@@ -270,10 +269,12 @@ class ModelRunner:
 
     def _pending(self, plan: StepPlan, sampling: SamplingBatch | None, logits: torch.Tensor,
                  scored: list[tuple[PrefillChunkRows, torch.Tensor]],
-                 timing: ForwardTiming | None = None) -> PendingStep:
+                 timing: ForwardTiming | None = None,
+                 pooled: list[tuple[Request, torch.Tensor]] | None = None) -> PendingStep:
         """The sampler queued on the step's logits (rows aligned with plan.sampled)."""
         sampled = self.sampler(logits, sampling) if sampling is not None else None
-        step = PendingStep(sampled, [s.request.params for s in plan.sampled], scored, timing)
+        step = PendingStep(sampled, [s.request.params for s in plan.sampled], scored, timing,
+                           pooled or [])
         if sampled is not None and self.device.type == "cuda":
             step.host = SamplerOutput(*(None if t is None else _to_pinned_host(t)
                                         for t in (sampled.token_ids, sampled.logprobs,
@@ -296,7 +297,9 @@ class ModelRunner:
                 result.logprobs = self._logprobs(step.params, result.tokens, out)
         result.prompt_logprobs = [self._prompt_logprobs(rows, logits)
                                   for rows, logits in step.scored]
-        result.embeddings = [(request, vector.tolist()) for request, vector in step.pooled]
+        if step.pooled:  # (one read back from the device for them all)
+            vectors = torch.stack([vector for _, vector in step.pooled]).tolist()
+            result.embeddings = dict(zip((r for r, _ in step.pooled), vectors, strict=True))
         return result
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:

@@ -161,7 +161,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
             f"the request {what}, and this server holds at most {engine.max_queued} samples "
             f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
             "--max-num-seqs, --max-waiting)",
-            "prompt" if len(prompts) > engine.max_queued else "n")
+            prompt_param if len(prompts) > engine.max_queued else "n")
     planned = []
     for i, (ids, text) in enumerate(prompts):
         runs = _engine_requests(f"{request_id}-{i}", params, groups)

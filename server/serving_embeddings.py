@@ -12,7 +12,11 @@ from server.protocol.embeddings import (
     encode_embedding,
 )
 from server.request import Pooling, SamplingParams
-from server.serving import GenerationFailed, Submitted, merged, raise_if_failed
+from server.serving import Submitted, merged, raise_if_failed
+
+
+class EmbeddingsAborted(RuntimeError):
+    """The request ended before its vectors were made (HTTP 503, code "draining")."""
 
 
 class EmbeddingService:
@@ -37,8 +41,8 @@ class EmbeddingService:
             raise_if_failed(out)
             if out.embedding is not None:
                 vectors[i] = out.embedding
-        if len(vectors) < len(submitted):  # (aborted: the server is shutting down)
-            raise GenerationFailed("the request ended before its embeddings were computed")
+        if len(vectors) < len(submitted):  # aborted: the server is shutting down
+            raise EmbeddingsAborted("the server is shutting down: retry on another replica")
         data = [Embedding(index=i, embedding=encode_embedding(vectors[i],
                                                               request.encoding_format))
                 for i in range(len(submitted))]

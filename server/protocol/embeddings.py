@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import base64
 import struct
+import time
 from typing import Literal
 
 from pydantic import Field
 
 from server.protocol.base import (
-    OpenAIBaseModel,
     RequestError,
     RequestLimits,
     ResponseModel,
     _check_count,
     _check_token_ids,
 )
-from server.protocol.requests import prompt_input, prompt_list
+from server.protocol.requests import PromptTruncation, prompt_input, prompt_list
 from server.protocol.responses import random_id
 
 EmbeddingInput = prompt_input("input")  # as completions' prompt: text(s) or token ids
 
 
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(PromptTruncation):
     """POST /v1/embeddings: one embedding per input (a text, or token ids), in order."""
 
     model: str | None = None
@@ -36,9 +36,7 @@ class EmbeddingRequest(OpenAIBaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    # vLLM's: keep the input's last k tokens (-1: the last max_model_len); BOS before a text
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)
-    add_special_tokens: bool = True
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a text
 
     @property
     def inputs(self) -> list[str | list[int]]:
@@ -51,16 +49,10 @@ class EmbeddingRequest(OpenAIBaseModel):
         for prompt in inputs:
             if not isinstance(prompt, str):
                 _check_token_ids(prompt, vocab_size, "input")
-        if self.truncate_prompt_tokens == 0 or (self.truncate_prompt_tokens or 0) > max_model_len:
-            raise RequestError(f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}]",
-                               "truncate_prompt_tokens")
+        self._check_truncation(max_model_len)
         if self.dimensions is not None:  # (vLLM: its matryoshka models only)
             raise RequestError("dimensions: this model's embeddings have one size (it is no "
                                "matryoshka model); leave dimensions out", "dimensions")
-
-    def prompt_tokens_kept(self, max_model_len: int) -> int | None:
-        keep = self.truncate_prompt_tokens
-        return max_model_len if keep == -1 else keep
 
 
 def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
@@ -84,6 +76,7 @@ class EmbeddingUsage(ResponseModel):
 class EmbeddingResponse(ResponseModel):
     id: str = Field(default_factory=lambda: random_id("embd"))
     object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     data: list[Embedding]
     usage: EmbeddingUsage

@@ -133,7 +133,26 @@ def _guide_specs(schema: dict[str, Any] | bool | str | None, regex: str | None,
     return specs
 
 
-class _SamplingRequest(OpenAIBaseModel):
+class PromptTruncation(OpenAIBaseModel):
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens; -1: the last
+    max_model_len (prompt_tokens_kept)."""
+
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+    def prompt_tokens_kept(self, max_model_len: int) -> int | None:
+        """How many of the prompt's last tokens truncate_prompt_tokens keeps (None: all)."""
+        keep = self.truncate_prompt_tokens
+        return max_model_len if keep == -1 else keep
+
+    def _check_truncation(self, max_model_len: int) -> None:
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep > max_model_len:
+            raise RequestError(  # vLLM's answer too, whatever the prompt's length
+                f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
+                f"({max_model_len}): select a smaller truncation size", "truncate_prompt_tokens")
+
+
+class _SamplingRequest(PromptTruncation):
     """Fields shared by both generation requests: OpenAI's, then vLLM's extras."""
 
     model: str | None = None
@@ -159,8 +178,6 @@ class _SamplingRequest(OpenAIBaseModel):
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # vLLM's: keep the prompt's last k tokens; -1: the last max_model_len (prompt_tokens_kept)
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
     allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's; checked every step for every word: at most MAX_BAD_WORDS
@@ -185,13 +202,6 @@ class _SamplingRequest(OpenAIBaseModel):
         for key in value or {}:
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise ValueError(f"key {key!r} is not a token id (an integer >= 0)")
-        return value
-
-    @field_validator("truncate_prompt_tokens")
-    @classmethod
-    def _keeps_some(cls, value: int | None) -> int | None:
-        if value == 0:
-            raise ValueError("must be an integer >= 1, or -1 for the model's context length")
         return value
 
     @field_validator("prompt_logprobs")
@@ -230,11 +240,6 @@ class _SamplingRequest(OpenAIBaseModel):
         """The client's output budget; None: the rest of the context."""
         raise NotImplementedError
 
-    def prompt_tokens_kept(self, max_model_len: int) -> int | None:
-        """How many of the prompt's last tokens truncate_prompt_tokens keeps (None: all)."""
-        keep = self.truncate_prompt_tokens
-        return max_model_len if keep == -1 else keep
-
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -256,11 +261,7 @@ class _SamplingRequest(OpenAIBaseModel):
                                max_model_len: int) -> None:
         stops, stop_ids, bias = self.stop_strings, self.stop_token_ids or [], self.logit_bias or {}
         _check_count(self.n, limits.max_n, "n")
-        keep = self.truncate_prompt_tokens
-        if keep is not None and keep > max_model_len:
-            raise RequestError(  # vLLM's answer too, whatever the prompt's length
-                f"truncate_prompt_tokens ({keep}) is greater than max_model_len "
-                f"({max_model_len}): select a smaller truncation size", "truncate_prompt_tokens")
+        self._check_truncation(max_model_len)
         max_tokens = self.requested_max_tokens
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise RequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "

@@ -100,16 +100,21 @@ def test_mean_pooling(tiny_checkpoint: Path, tmp_path: Path,
 
 
 def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None:
-    """A greedy stream with embedding requests coming and going in its steps writes what it
-    writes alone."""
-    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+    """A greedy stream with embedding requests coming and going in its steps (prompt chunks
+    beside its decode rows: "mixed" steps) writes what it writes alone, and the embeddings
+    are what they are alone."""
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
             "ignore_eos": True}
+    url = f"{embed_server.v1}/embeddings"
     alone = httpx.post(f"{embed_server.v1}/completions", json=body, timeout=60).json()
-    stop = threading.Event()
+    vectors = httpx.post(url, json={"input": TEXTS}, timeout=60).json()["data"]
+    mixed = 'llama_serve_engine_steps_total{kind="mixed"}'
+    before = embed_server.metric(mixed)
+    stop, answers = threading.Event(), []
 
     def embed() -> None:
         while not stop.is_set():
-            httpx.post(f"{embed_server.v1}/embeddings", json={"input": TEXTS}, timeout=60)
+            answers.append(httpx.post(url, json={"input": TEXTS}, timeout=60))
 
     worker = threading.Thread(target=embed)
     worker.start()
@@ -119,6 +124,11 @@ def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None
         stop.set()
         worker.join()
     assert beside["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert embed_server.metric(mixed) > before  # they did share steps
+    assert answers and all(r.status_code == 200 for r in answers)
+    for r in answers:  # (a batch's company changes no vector)
+        for got, want in zip(r.json()["data"], vectors, strict=True):
+            assert got["embedding"] == pytest.approx(want["embedding"], abs=1e-5)
 
 
 def test_truncation_and_refusals(embed_server: Server, server: Server,
