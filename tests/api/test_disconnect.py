@@ -23,51 +23,33 @@ def read_events(lines: Iterator[str], count: int) -> None:
         count -= next(lines).startswith("data:")
 
 
-def test_stream_disconnect_frees_slot(long_server: Server, auth: dict[str, str]) -> None:
+# A stream left early: (endpoint, body, events read first, slots it holds)
+STREAMS = {
+    "completions": ("completions", {**LONG, "prompt": "Once upon a time", "stream": True},
+                    3, 1),
+    "chat-n3": ("chat/completions", {**LONG, "n": 3, "stream": True, "messages": [
+        {"role": "user", "content": "Go on."}]}, 3 + 4, 3),  # the role chunks, then content
+    "responses": ("responses", {"model": "tiny", "input": "Go on.", "ignore_eos": True,
+                                "max_output_tokens": 4000, "stream": True},
+                  4 + 3, 1),  # created, in_progress, the item, its part, then deltas
+}
+
+
+@pytest.mark.parametrize("case", STREAMS)
+def test_a_stream_left_early_frees_its_slots(long_server: Server, auth: dict[str, str],
+                                             case: str) -> None:
+    endpoint, body, events, slots = STREAMS[case]
     wait_idle(long_server)
     aborted = long_server.metric(ABORTED)
     with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{long_server.v1}/completions",
-                           json={**LONG, "prompt": "Once upon a time", "stream": True}) as r:
+        with client.stream("POST", f"{long_server.v1}/{endpoint}", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # held: closing this iterator would close the connection
-            read_events(lines, 3)
-            assert long_server.metric("llama_serve_kv_cache_slots_used") == 1
-        # leaving both blocks closes the connection with ~3997 tokens still to come
+            read_events(lines, events)
+            assert long_server.metric("llama_serve_kv_cache_slots_used") == slots
+        # leaving both blocks closes the connection with thousands of tokens still to come
     wait_idle(long_server)
-    assert long_server.metric(ABORTED) == aborted + 1
-
-
-def test_chat_stream_disconnect_frees_all_samples(long_server: Server,
-                                                   auth: dict[str, str]) -> None:
-    wait_idle(long_server)
-    aborted = long_server.metric(ABORTED)
-    with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{long_server.v1}/chat/completions",
-                           json={**LONG, "n": 3, "stream": True,
-                                 "messages": [{"role": "user", "content": "Go on."}]}) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            read_events(lines, 3 + 4)  # the role chunks, then some content
-            assert long_server.metric("llama_serve_kv_cache_slots_used") == 3
-    wait_idle(long_server)
-    assert long_server.metric(ABORTED) == aborted + 3
-
-
-def test_responses_stream_disconnect_frees_slot(long_server: Server,
-                                               auth: dict[str, str]) -> None:
-    wait_idle(long_server)
-    aborted = long_server.metric(ABORTED)
-    with httpx.Client(headers=auth, timeout=60) as client:
-        with client.stream("POST", f"{long_server.v1}/responses",
-                           json={"model": "tiny", "input": "Go on.", "ignore_eos": True,
-                                 "max_output_tokens": 4000, "stream": True}) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            read_events(lines, 4 + 3)  # created, in_progress, the item, its part, deltas
-            assert long_server.metric("llama_serve_kv_cache_slots_used") == 1
-    wait_idle(long_server)
-    assert long_server.metric(ABORTED) == aborted + 1
+    assert long_server.metric(ABORTED) == aborted + slots
 
 
 def test_cancelled_request_frees_slots(long_server: Server, auth: dict[str, str]) -> None:
