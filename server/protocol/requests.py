@@ -139,6 +139,13 @@ class PromptTruncation(OpenAIBaseModel):
 
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be an integer >= 1, or -1 for the model's context length")
+        return value
+
     def prompt_tokens_kept(self, max_model_len: int) -> int | None:
         """How many of the prompt's last tokens truncate_prompt_tokens keeps (None: all)."""
         keep = self.truncate_prompt_tokens

@@ -140,6 +140,9 @@ def test_truncation_and_refusals(embed_server: Server, server: Server,
     kept = httpx.post(url, json={"input": long_text, "truncate_prompt_tokens": 32}, timeout=60)
     assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == 32
     for body, param in (({"input": "x", "dimensions": 8}, "dimensions"),
+                        ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                        ({"input": "x", "truncate_prompt_tokens": 513},
+                         "truncate_prompt_tokens"),
                         ({"input": []}, "input"), ({"input": [10**6]}, "input"),
                         ({"input": "x", "encoding_format": "int8"}, "encoding_format")):
         error = assert_openai_error(httpx.post(url, json=body, timeout=60), 400)
