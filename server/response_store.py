@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from server.protocol.responses_api import InputItem, ResponseObject
 
-TEXT_BUDGET = 256 * 2**20  # characters of text held in all, whatever N
+TEXT_BUDGET = 256 * 2**20  # characters of the stored items' JSON, in all, whatever N
 
 
 class ResponseNotFound(LookupError):
