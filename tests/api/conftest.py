@@ -126,9 +126,11 @@ SHARED_SERVER_ARGS = ("--api-key", API_KEY, "--served-model-name", "tiny", "--ma
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shared server: API key required, 8 slots, 512 tokens per sequence."""
+    """The shared server: API key required, 8 slots, 512 tokens per sequence; embeddings and
+    a response store on (so that the fuzzer reaches them; long_server has neither)."""
     with run_server(tiny_checkpoint, tmp_path_factory.mktemp("server"), *SHARED_SERVER_ARGS,
-                    "--max-model-len", "512") as s:
+                    "--max-model-len", "512", "--enable-embeddings",
+                    "--responses-store", "8") as s:
         yield s
 
 

@@ -131,7 +131,7 @@ def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None
             assert got["embedding"] == pytest.approx(want["embedding"], abs=1e-5)
 
 
-def test_truncation_and_refusals(embed_server: Server, server: Server,
+def test_truncation_and_refusals(embed_server: Server, long_server: Server,
                                  auth: dict[str, str]) -> None:
     url = f"{embed_server.v1}/embeddings"
     long_text = "word " * 600
@@ -148,6 +148,6 @@ def test_truncation_and_refusals(embed_server: Server, server: Server,
         error = assert_openai_error(httpx.post(url, json=body, timeout=60), 400)
         assert error["param"] == param, error
     # Off by default: a 404 that names the flag
-    error = assert_openai_error(httpx.post(f"{server.v1}/embeddings", json={"input": "x"},
+    error = assert_openai_error(httpx.post(f"{long_server.v1}/embeddings", json={"input": "x"},
                                            headers=auth, timeout=60), 404)
     assert "--enable-embeddings" in error["message"]

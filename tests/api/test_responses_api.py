@@ -469,11 +469,12 @@ def test_the_store_keeps_the_last_n(sdk: OpenAI, tools_server: Server) -> None:
     assert "no longer stored" in error["message"] and first.id in error["message"]
 
 
-def test_without_a_store(server: Server, auth: dict[str, str]) -> None:
+def test_without_a_store(long_server: Server, auth: dict[str, str]) -> None:
     """The default (vLLM's): nothing kept, store answered false, the response named after
     the X-Request-Id as vLLM names it; previous_response_id is a 400 that names the flag; a
-    lookup a 404 that says why."""
-    url = f"{server.v1}/responses"
+    lookup a 404 that says why. (long_server has neither store nor embeddings: the shared
+    server has both, for the fuzzer.)"""
+    url = f"{long_server.v1}/responses"
     r = httpx.post(url, json={"model": "tiny", "input": ASK, "max_output_tokens": 1},
                    headers={**auth, "X-Request-Id": "abc-2"}, timeout=60)
     assert r.status_code == 200 and r.json()["store"] is False
