@@ -20,6 +20,9 @@ class EmbeddingsAborted(RuntimeError):
 
 
 class EmbeddingService:
+    """/v1/embeddings: inputs tokenized (and truncated), queued as pooling requests, their
+    vectors gathered in order."""
+
     def __init__(self, engine: EngineFront, model_name: str, pooling: Pooling) -> None:
         self.engine, self.model_name = engine, model_name
         self.params = SamplingParams(max_tokens=0, pooling=pooling)
