@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import get_args
 
 from server.bench import add_bench_parser, run_bench
 from server.config import (
@@ -25,6 +26,7 @@ from server.config import (
     GenerationDefaults,
     ServerConfig,
 )
+from server.request import Pooling
 
 logger = logging.getLogger("llama_serve")
 
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
          "pooling runner makes them of a decoder model)", action="store_true", default=False)
     _add(serve, "--pooling", "how an embedding pools the prompt's hidden states: last (its "
          "last token's, vLLM's default for decoder models) or mean (every token's)",
-         choices=["last", "mean"], default=s.pooling)
+         choices=list(get_args(Pooling)), default=s.pooling)
     _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
          "llama3_json (Llama 3.1 / 3.2's JSON calls)", choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",

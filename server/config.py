@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from server.request import Pooling
 from server.tool_calls import PARSERS
@@ -220,8 +220,9 @@ class ServerConfig:
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}, got "
                              f"{self.tool_call_parser!r}")
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"--pooling must be last or mean, got {self.pooling!r}")
+        if self.pooling not in get_args(Pooling):
+            raise ValueError(f"--pooling must be one of {get_args(Pooling)}, got "
+                             f"{self.pooling!r}")
         if self.responses_store < 0:
             raise ValueError(f"--responses-store must be >= 0, got {self.responses_store}")
         if not self.shutdown_timeout >= 0:

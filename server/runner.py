@@ -181,12 +181,13 @@ class ModelRunner:
             offset, n = len(ids), len(chunk.token_ids)
             ids.extend(chunk.token_ids)
             spans.append(PrefillSpan(chunk.slot, chunk.start, n, offset))
+            samples = chunk.is_last and not chunk.request.params.scores_only  # a first token
             if chunk.request.params.prompt_logprobs is not None:
                 scored.append((PrefillChunkRows(chunk.request, chunk.start, n), len(logit_rows)))
                 logit_rows.extend(range(offset, offset + n))
-            elif chunk.is_last and not chunk.request.params.scores_only:
-                logit_rows.append(offset + n - 1)  # (a prompt-only request's: never read)
-            if chunk.is_last and not chunk.request.params.scores_only:
+            elif samples:  # (a prompt-only request's last row: no logits, never read)
+                logit_rows.append(offset + n - 1)
+            if samples:
                 last_rows[i] = len(logit_rows) - 1
             pooling = chunk.request.params.pooling
             if pooling == "mean" or (pooling == "last" and chunk.is_last):
@@ -223,7 +224,7 @@ class ModelRunner:
         # Which logits row each sampled sequence reads: its decode row, or its prompt's last.
         sample_rows = list(range(n_decode))
         for i, chunk in enumerate(plan.prefills):
-            if i not in last_rows or chunk.request.params.scores_only:
+            if i not in last_rows:  # (only prompts that end here and sample a first token)
                 continue
             first = chunk.request.seqs[0]
             for seq in chunk.request.seqs:
@@ -232,10 +233,9 @@ class ModelRunner:
                 sample_rows.append(last_rows[i])
         # Decode-only, every row is sampled in order: no gather (a copy of rows x vocab).
         picked = logits[sample_rows] if plan.prefills and sample_rows else logits
-        step = self._pending(plan, sampling, picked,
+        return self._pending(plan, sampling, picked,
                              [(rows, logits[row:row + rows.n]) for rows, row in scored], timing,
                              self._pool(pooled, hidden) if pooled else [])
-        return step
 
     def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor
               ) -> list[tuple[Request, torch.Tensor]]:

@@ -99,8 +99,11 @@ class ResponsesService:
         one)."""
         if request.previous_response_id is None:
             return []
-        items = self._store().conversation(request.previous_response_id,
-                                           "previous_response_id")
+        if self.store is None:
+            raise RequestError("previous_response_id needs stored responses, and this server "
+                               "keeps none (--responses-store N): send the conversation as "
+                               "input instead", "previous_response_id")
+        items = self.store.conversation(request.previous_response_id, "previous_response_id")
         if len(items) + len(request.input) > MAX_ITEMS:
             raise RequestError(f"previous_response_id: the conversation would have "
                                f"{len(items) + len(request.input)} items, more than "
@@ -115,15 +118,10 @@ class ResponsesService:
     def delete(self, response_id: str) -> None:
         self._store(response_id).delete(response_id)
 
-    def _store(self, response_id: str | None = None) -> ResponseStore:
-        """The store; where there is none, a previous_response_id is a 400 and a lookup a
-        404, each saying why."""
+    def _store(self, response_id: str) -> ResponseStore:
+        """The store, for a lookup; where there is none, a 404 that says why."""
         if self.store is not None:
             return self.store
-        if response_id is None:
-            raise RequestError("previous_response_id needs stored responses, and this server "
-                               "keeps none (--responses-store N): send the conversation as "
-                               "input instead", "previous_response_id")
         raise ResponseNotFound(f"Response with id {response_id!r} not found: this server "
                                "keeps no responses (--responses-store N)")
 
@@ -306,8 +304,10 @@ class _Events:
              logprobs: list[ChatCompletionTokenLogprob] | None) -> bytes:
         part = item.content[0]
         part.text += delta
-        if logprobs is not None:
-            part.logprobs = (part.logprobs or []) + logprobs
+        if logprobs is not None:  # (extended, not copied: a token at a time)
+            if part.logprobs is None:
+                part.logprobs = []
+            part.logprobs.extend(logprobs)
         return self._event("response.output_text.delta", **self._where(item), content_index=0,
                            delta=delta, logprobs=[lp.model_dump() for lp in logprobs or ()])
 

@@ -159,49 +159,31 @@ class PromptTruncation(OpenAIBaseModel):
                 f"({max_model_len}): select a smaller truncation size", "truncate_prompt_tokens")
 
 
-class _SamplingRequest(PromptTruncation):
-    """Fields shared by both generation requests: OpenAI's, then vLLM's extras."""
+class SamplingControls(OpenAIBaseModel):
+    """The sampling fields every generation request takes (the Responses API's too):
+    OpenAI's, then vLLM's extras. Those left out (None) take the model's defaults
+    (GenerationDefaults), else the neutral ones: temperature 1, top_p 1, top_k off, min_p 0,
+    repetition_penalty 1."""
 
-    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
     logit_bias: LogitBias | None = None
-    n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     stop: StopString | Annotated[list[StopString], MAX_ITEMS_FIELD] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # Sampling controls left out (None) take the model's defaults (GenerationDefaults), else
-    # the neutral ones: temperature 1, top_p 1, top_k off, min_p 0, repetition_penalty 1.
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    user: str | None = None
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    response_format: ResponseFormat | None = None
-    allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
     # vLLM's; checked every step for every word: at most MAX_BAD_WORDS
     bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS)] | None = None
-    # vLLM's: each prompt token's logprob and rank, and its k likeliest alternatives (not
-    # streamed, as in vLLM)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Guided decoding (vLLM's): structured_outputs, and the older guided_* fields
+    # Guided decoding (vLLM's): structured_outputs (and, on completions and chat, the older
+    # guided_* fields)
     structured_outputs: StructuredOutputs | None = None
-    guided_json: dict[str, Any] | bool | str | None = None
-    guided_regex: str | None = None
-    guided_choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
-    guided_grammar: Refused = None
-    guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
-    logits_processors: Refused = None
-    use_beam_search: Refused = None
-    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:<id>" (vLLM's)
 
     @field_validator("logit_bias")
     @classmethod
@@ -210,6 +192,31 @@ class _SamplingRequest(PromptTruncation):
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise ValueError(f"key {key!r} is not a token id (an integer >= 0)")
         return value
+
+
+class _SamplingRequest(PromptTruncation, SamplingControls):
+    """Fields shared by both generation requests besides the sampling controls."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    stop_token_ids: TokenIdList | None = None
+    include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    allowed_token_ids: TokenIds | None = None  # vLLM's: sample only these
+    # vLLM's: each prompt token's logprob and rank, and its k likeliest alternatives (not
+    # streamed, as in vLLM)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
+    guided_grammar: Refused = None
+    guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
+    logits_processors: Refused = None
+    use_beam_search: Refused = None
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:<id>" (vLLM's)
 
     @field_validator("prompt_logprobs")
     @classmethod

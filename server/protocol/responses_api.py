@@ -38,13 +38,9 @@ from server.protocol.base import (
 )
 from server.protocol.logprobs import ChatCompletionTokenLogprob
 from server.protocol.requests import (
-    MAX_BAD_WORDS,
     ChatCompletionRequest,
-    LogitBias,
-    Penalty,
     Refused,
-    StopString,
-    StructuredOutputs,
+    SamplingControls,
     parse_arguments,
 )
 from server.request import MAX_LOGPROBS
@@ -228,10 +224,11 @@ class _OrText:
         return {"anyOf": [{"type": "string"}, handler(core_schema)]}
 
 
-class ResponsesRequest(OpenAIBaseModel):
-    """POST /v1/responses. OpenAI's fields, and vLLM's sampling extras (top_k, min_p, seed,
-    stop, repetition_penalty, ...). `include` asks for logprobs with LOGPROBS_INCLUDE; its
-    other values name outputs this server never makes, and change nothing."""
+class ResponsesRequest(SamplingControls):
+    """POST /v1/responses. OpenAI's fields, and the sampling controls chat takes (vLLM's
+    extras among them: top_k, min_p, seed, stop, repetition_penalty, ...). `include` asks
+    for logprobs with LOGPROBS_INCLUDE; its other values name outputs this server never
+    makes, and change nothing."""
 
     model: str | None = None
     # Text (a user's message) or items; read as items (the text one before validation,
@@ -239,8 +236,6 @@ class ResponsesRequest(OpenAIBaseModel):
     input: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ITEMS), _OrText()]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     include: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
     tools: Annotated[list[FunctionTool], MAX_ITEMS_FIELD] | None = None
@@ -259,20 +254,6 @@ class ResponsesRequest(OpenAIBaseModel):
     service_tier: str | None = None
     prompt: Refused = None  # a stored prompt template
     conversation: Refused = None  # a stored conversation, as previous_response_id
-    # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    logit_bias: LogitBias | None = None
-    seed: int | None = None
-    stop: StopString | Annotated[list[StopString], MAX_ITEMS_FIELD] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    skip_special_tokens: bool = True
-    bad_words: Annotated[list[StopString], Field(max_length=MAX_BAD_WORDS)] | None = None
-    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -364,7 +345,6 @@ class ResponsesRequest(OpenAIBaseModel):
         body: dict[str, Any] = {
             "model": self.model, "messages": self.messages(history),
             "max_completion_tokens": self.max_output_tokens,
-            "temperature": self.temperature, "top_p": self.top_p,
             "logprobs": self.wants_logprobs,
             "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
             "tools": [{"type": "function", "function": tool.model_dump(
@@ -374,10 +354,7 @@ class ResponsesRequest(OpenAIBaseModel):
             "user": self.user,
             "add_generation_prompt": not self.continues_answer,
             "continue_final_message": self.continues_answer,
-            **self.model_dump(include={
-                "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                "frequency_penalty", "logit_bias", "seed", "stop", "ignore_eos", "min_tokens",
-                "skip_special_tokens", "bad_words", "structured_outputs"}, by_alias=True)}
+            **self.model_dump(include=set(SamplingControls.model_fields), by_alias=True)}
         if self.reasoning is not None and self.reasoning.effort is not None:
             body["chat_template_kwargs"] = {"reasoning_effort": self.reasoning.effort}
         try:

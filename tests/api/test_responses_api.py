@@ -363,9 +363,11 @@ def test_auto_needs_the_parser(server: Server, auth: dict[str, str]) -> None:
 
 def test_the_input_as_chat_messages() -> None:
     """The request's reading as chat: instructions first; calls in a row share one assistant
-    turn; parts joined by newlines; chat's sampling extras pass through."""
+    turn; parts joined by newlines; the sampling controls (chat's own fields) pass through;
+    reasoning.effort reaches the template."""
     request = ResponsesRequest.model_validate({
-        "instructions": "sys", "top_k": 5, "seed": 3, "stop": ["x"],
+        "instructions": "sys", "top_k": 5, "seed": 3, "stop": ["x"], "temperature": 0.3,
+        "reasoning": {"effort": "low"},
         "input": [{"role": "user", "content": [{"type": "input_text", "text": "a"},
                                                {"type": "input_text", "text": "b"}]},
                   {"type": "function_call", "call_id": "1", "name": "f", "arguments": "{}"},
@@ -380,7 +382,9 @@ def test_the_input_as_chat_messages() -> None:
     assert messages[3:] == [{"role": "tool", "content": "r1", "tool_call_id": "1"},
                             {"role": "tool", "content": "r2", "tool_call_id": "2"}]
     chat = request.chat_request()
-    assert (chat.top_k, chat.seed, chat.stop, chat.tool_mode) == (5, 3, ["x"], "none")
+    assert (chat.top_k, chat.seed, chat.stop, chat.temperature, chat.tool_mode) == (
+        5, 3, ["x"], 0.3, "none")
+    assert chat.chat_template_kwargs == {"reasoning_effort": "low"}  # (as vLLM passes it)
     assert chat.add_generation_prompt and not chat.continue_final_message
     # "auto" is OpenAI's default, sent without tools too: it asks for nothing
     plain = ResponsesRequest.model_validate({"input": "x", "tool_choice": "auto"})
