@@ -110,15 +110,20 @@ def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None
     vectors = httpx.post(url, json={"input": TEXTS}, timeout=60).json()["data"]
     mixed = 'llama_serve_engine_steps_total{kind="mixed"}'
     before = embed_server.metric(mixed)
-    stop, answers = threading.Event(), []
+    stop, answering, answers = threading.Event(), threading.Event(), []
 
     def embed() -> None:
-        while not stop.is_set():
-            answers.append(httpx.post(url, json={"input": TEXTS}, timeout=60))
+        # One client for the loop: a fresh one per request costs tens of milliseconds on a
+        # loaded machine (its TLS context), a gap long enough to miss a short generation.
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                answers.append(client.post(url, json={"input": TEXTS}))
+                answering.set()
 
     worker = threading.Thread(target=embed)
     worker.start()
-    try:
+    try:  # the generation starts once the embeddings are flowing, so they overlap it
+        assert answering.wait(60)
         beside = httpx.post(f"{embed_server.v1}/completions", json=body, timeout=60).json()
     finally:
         stop.set()
