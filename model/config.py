@@ -151,7 +151,8 @@ class ModelConfig:
         """Meta's `params.json`. `vocab_size` fills in Llama 2's `-1` from the embedding."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope",
-                 "max_seq_len", "max_batch_size"}
+                 "rope_scaling_factor", "rope_high_freq_factor", "max_seq_len",
+                 "max_batch_size"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unsupported field(s) in params.json: {unknown}")
@@ -179,8 +180,7 @@ class ModelConfig:
                                        raw.get("ffn_dim_multiplier")),
             norm_eps=raw.get("norm_eps", 1e-5),
             rope_theta=rope_theta,
-            # Meta's apply_scaling() in llama3.1 model.py uses exactly these constants.
-            rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192) if scaled else None,
+            rope_scaling=meta_rope_scaling(raw) if scaled else None,
             max_seq_len=raw.get("max_seq_len", default_len),
             tie_embeddings=False,
             torch_dtype="bfloat16",
@@ -227,6 +227,20 @@ class ModelConfig:
                     low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                     original_max_position_embeddings=s.original_max_position_embeddings)
         return out
+
+
+# The widths of Llama 3.2's text models (1B, 3B); no Llama 3.1 model has either.
+LLAMA_3_2_TEXT_DIMS = (2048, 3072)
+
+
+def meta_rope_scaling(raw: dict[str, Any]) -> RopeScaling:
+    """The `llama3` scaling of a params.json with `use_scaled_rope`. Llama 3.1's and 3.2's
+    params.json do not say the factor: Meta's 3.1 code has 8 built in, and the configs Meta
+    published on the Hub (as transformers' converter writes them) say 32 for Llama 3.2 1B and
+    3B, 8 for the rest. Later params.json (llama-models' newer ModelArgs) name it."""
+    default = 32.0 if raw["dim"] in LLAMA_3_2_TEXT_DIMS else 8.0
+    return RopeScaling("llama3", float(raw.get("rope_scaling_factor") or default), 1.0,
+                       float(raw.get("rope_high_freq_factor") or 4.0), 8192)
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -42,6 +42,39 @@ def test_meta_layout_equals_hf_layout(n_shards: int, scaled: bool, make_checkpoi
     assert (logits(tmp_path) - logits(hf)).abs().max().item() < 1e-5
 
 
+def test_meta_rope_factor_named_in_params_reaches_the_model(make_checkpoint,
+                                                           tmp_path: Path) -> None:
+    """A params.json that names the llama3 factor (llama-models' newer layout) is read as the
+    same model as a config.json saying it: the logits match a HF checkpoint's at factor 32
+    (over a long prompt: the factor slows the slowest rotations, which short distances
+    barely turn)."""
+    params = dict(META_PARAMS, use_scaled_rope=True, rope_scaling_factor=32.0)
+    config = replace(META_CONFIG, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192))
+    write_meta_checkpoint(tmp_path, config, params, seed=0)
+    assert ModelConfig.from_dir(tmp_path).rope_scaling == config.rope_scaling
+    hf = make_checkpoint(config)
+    assert (logits(tmp_path, 1000) - logits(hf, 1000)).abs().max().item() < 1e-5
+
+
+# params.json as Meta ships them (the factor unsaid): Llama 3.2 1B and 3B, Llama 3.1 8B.
+LLAMA_3_PARAMS = {"n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
+                  "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+@pytest.mark.parametrize("shape, factor", [
+    ({"dim": 2048, "n_layers": 16, "ffn_dim_multiplier": 1.5}, 32.0),  # 3.2 1B
+    ({"dim": 3072, "n_layers": 28, "n_heads": 24, "ffn_dim_multiplier": 1.0}, 32.0),  # 3.2 3B
+    ({"dim": 4096, "n_layers": 32, "ffn_dim_multiplier": 1.3, "multiple_of": 1024}, 8.0),
+])
+def test_meta_llama3_rope_factor_is_the_published_one(shape: dict, factor: float) -> None:
+    """As the config.json Meta published on the Hub for each says."""
+    config = ModelConfig.from_meta(LLAMA_3_PARAMS | shape)
+    assert config.rope_scaling == RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+    assert config.max_seq_len == 131072
+    hidden = {2048: 8192, 3072: 8192, 4096: 14336}[shape["dim"]]  # their intermediate_size
+    assert config.hidden_dim == hidden
+
+
 def test_meta_vocab_minus_one_is_inferred(tmp_path: Path, make_checkpoint) -> None:
     write_meta_checkpoint(tmp_path, META_CONFIG, dict(META_PARAMS, vocab_size=-1), n_shards=2)
     model = load_checkpoint(tmp_path, torch.float32, "cpu")
