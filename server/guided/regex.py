@@ -29,6 +29,10 @@ class GuideError(ValueError):
     """The pattern or schema cannot be compiled; the message says why (a 400)."""
 
 
+class GuideTooLarge(GuideError):
+    """The automaton passes its size limits (a smaller pattern may compile)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ByteDFA:
     """A deterministic automaton over bytes: `table[state][byte_class[b]]` is the next state or
@@ -305,6 +309,36 @@ class _Parser:
         chars.update(chr(code) for code in range(lo, hi + 1))
 
 
+def text_node(text: str) -> tuple:
+    """The node matching exactly `text`."""
+    return ("seq", [_literal(c) for c in text])
+
+
+def ranges_node(ranges: Sequence[tuple[int, int]], negate: bool) -> tuple:
+    """A class of characters from code point ranges (inclusive), or everything else; as
+    `[...]` here, a negated class may not name characters past ASCII."""
+    ascii_mask, chars = 0, set()
+    for lo, hi in ranges:
+        for code in range(lo, min(hi, 127) + 1):
+            ascii_mask |= 1 << code
+        if hi >= 128:
+            if negate:
+                raise GuideError("a negated class naming characters past ASCII is not "
+                                 "supported")
+            lo = max(lo, 128)
+            if hi - lo + 1 + len(chars) > MAX_CLASS_CHARS:
+                raise GuideError(f"classes of more than {MAX_CLASS_CHARS} characters past "
+                                 "ASCII are not supported")
+            chars.update(chr(code) for code in range(lo, hi + 1)
+                         if not 0xD800 <= code <= 0xDFFF)  # (surrogates are no characters)
+    if negate:
+        return ("chars", _ASCII & ~ascii_mask, ANY_MULTIBYTE)
+    return ("chars", ascii_mask, frozenset(chars))
+
+
+ANY_CHAR = ("chars", _ASCII, ANY_MULTIBYTE)  # every character, a newline too
+
+
 def _literal(c: str) -> tuple:
     code = ord(c)
     return ("chars", 1 << code, frozenset()) if code < 128 else ("chars", 0, frozenset(c))
@@ -348,7 +382,7 @@ class _NFA:
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
-            raise GuideError("the pattern is too large to compile (its automaton passes "
+            raise GuideTooLarge("the pattern is too large to compile (its automaton passes "
                              f"{MAX_NFA_STATES} states)")
         self.edges.append([])
         self.eps.append([])
@@ -442,8 +476,18 @@ class _NFA:
 def compile_regex(pattern: str, members: Sequence[Members] = ()) -> ByteDFA:
     """The DFA of `pattern` (matched whole; `members`: its (?M<k>) groups' contents);
     GuideError where it cannot be built."""
+    return compile_node(parse_regex(pattern, members))
+
+
+def parse_regex(pattern: str, members: Sequence[Members] = ()) -> tuple:
+    """`pattern`'s AST (above); GuideError where it is not one this module reads."""
+    return _Parser(pattern, members).parse()
+
+
+def compile_node(node: tuple) -> ByteDFA:
+    """The DFA of a parsed pattern (the AST above; grammar.py builds one too)."""
     nfa = _NFA()
-    start, end = nfa.build(_Parser(pattern, members).parse())
+    start, end = nfa.build(node)
     classes = _byte_classes({label for edges in nfa.edges for label, _ in edges})
     class_of = bytearray(256)
     for index, mask in enumerate(classes):
@@ -475,7 +519,7 @@ def compile_regex(pattern: str, members: Sequence[Members] = ()) -> ByteDFA:
             key = closure(targets)
             if key not in index:
                 if len(order) >= MAX_DFA_STATES:
-                    raise GuideError(f"the pattern is too large to compile (its automaton "
+                    raise GuideTooLarge(f"the pattern is too large to compile (its automaton "
                                      f"passes {MAX_DFA_STATES} states)")
                 if time.monotonic() > deadline:
                     raise GuideError(f"the pattern takes too long to compile (over "

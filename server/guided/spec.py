@@ -1,5 +1,5 @@
 """What a guided request asks for (a JSON schema, any JSON object, a regex, one of some
-choices) -> a `Guide`: the DFA its output must follow. No torch.
+choices, a grammar) -> a `Guide`: the DFA its output must follow. No torch.
 
 Compiled guides are kept by what they ask (a client sending one schema again and again,
 as agents do, compiles it once).
@@ -14,17 +14,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
+from server.guided.grammar import compile_grammar
 from server.guided.json_schema import json_object_pattern, schema_to_regex
-from server.guided.regex import ByteDFA, GuideError, Members, compile_regex, literal_pattern
+from server.guided.regex import ByteDFA, GuideError, compile_node, literal_pattern, parse_regex
 
-GuideKind = Literal["json", "json_object", "regex", "choice"]
+GuideKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 CACHED_GUIDES = 64
 
 
 @dataclass(frozen=True)  # (no slots: the key is cached on the instance)
 class GuideSpec:
-    """One request's constraint, as sent: a schema (dict), a pattern, choices, or None for
-    json_object; `field` names the request field it came from (errors name it)."""
+    """One request's constraint, as sent: a schema (dict), a pattern, choices, a grammar's
+    text, or None for json_object; `field` names the request field it came from (errors
+    name it)."""
 
     kind: GuideKind
     value: Any
@@ -36,15 +38,19 @@ class GuideSpec:
         order: a schema's property order is the output's)."""
         return f"{self.kind}:{json.dumps(self.value, ensure_ascii=False)}"
 
-    def pattern(self) -> tuple[str, list[Members]]:
-        """The regular expression, and its objects' members (compile_regex's)."""
+    def compile(self) -> ByteDFA:
+        """The automaton of what the output must match."""
+        if self.kind == "grammar":
+            return compile_grammar(self.value)
+        return compile_node(self._parsed())
+
+    def _parsed(self) -> tuple:
         if self.kind == "regex":
-            return self.value, []
+            return parse_regex(self.value)
         if self.kind == "choice":
-            return "(?:" + "|".join(literal_pattern(c) for c in self.value) + ")", []
-        if self.kind == "json_object":
-            return json_object_pattern()
-        return schema_to_regex(self.value)
+            return parse_regex("(?:" + "|".join(literal_pattern(c) for c in self.value) + ")")
+        return parse_regex(*(json_object_pattern() if self.kind == "json_object"
+                             else schema_to_regex(self.value)))
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -82,7 +88,7 @@ def compile_guide(spec: GuideSpec) -> Guide:
     if (guide := cached_guide(spec)) is not None:
         return guide
     try:
-        guide = Guide(spec.key, compile_regex(*spec.pattern()))
+        guide = Guide(spec.key, spec.compile())
     except GuideError as e:
         raise GuideError(f"{spec.field}: {e}") from None
     except RecursionError:

@@ -91,31 +91,35 @@ class ResponseFormat(OpenAIBaseModel):
 
 
 class StructuredOutputs(OpenAIBaseModel):
-    """vLLM's `structured_outputs`: one of a JSON schema, a regex, choices or any JSON object."""
+    """vLLM's `structured_outputs`: one of a JSON schema, a regex, choices, a grammar (GBNF)
+    or any JSON object."""
 
     json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
+    grammar: str | None = None
     json_object: bool | None = None
-    grammar: Refused = None
     structural_tag: Refused = None
 
     def specs(self) -> list[GuideSpec]:
         field = "structured_outputs"
-        specs = _guide_specs(self.json_, self.regex, self.choice, f"{field}.")
+        specs = _guide_specs(self.json_, self.regex, self.choice, f"{field}.", self.grammar)
         if self.json_object:
             specs.append(GuideSpec("json_object", None, f"{field}.json_object"))
         if not specs:
-            raise RequestError(f"{field} must give one of json, regex, choice or json_object",
-                               field)
+            raise RequestError(f"{field} must give one of json, regex, choice, grammar or "
+                               "json_object", field)
         return specs
 
 
 def _guide_specs(schema: dict[str, Any] | bool | str | None, regex: str | None,
-                 choice: list[str] | None, prefix: str) -> list[GuideSpec]:
-    """The constraints given in one place (vLLM's fields json, regex, choice, named
-    `prefix` + the field: "guided_json", "structured_outputs.json")."""
+                 choice: list[str] | None, prefix: str, grammar: str | None = None
+                 ) -> list[GuideSpec]:
+    """The constraints given in one place (vLLM's fields json, regex, choice, grammar,
+    named `prefix` + the field: "guided_json", "structured_outputs.json")."""
     specs = []
+    if grammar:  # (llama.cpp's clients send "" for none)
+        specs.append(GuideSpec("grammar", grammar, f"{prefix}grammar"))
     if schema is not None:
         if isinstance(schema, str):  # vLLM takes the schema as JSON text too
             try:
@@ -212,7 +216,10 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
     guided_json: dict[str, Any] | bool | str | None = None
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
-    guided_grammar: Refused = None
+    guided_grammar: str | None = None
+    # llama.cpp's server's: a GBNF grammar, a JSON schema
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
     guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
     logits_processors: Refused = None
     use_beam_search: Refused = None
@@ -234,8 +241,14 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
 
     def guide_spec(self) -> GuideSpec | None:
         """What the output must follow (response_format json_object / json_schema, vLLM's
-        structured_outputs or guided_*), or None; at most one may be given."""
-        specs = _guide_specs(self.guided_json, self.guided_regex, self.guided_choice, "guided_")
+        structured_outputs or guided_*, llama.cpp's grammar or json_schema), or None; at most
+        one may be given."""
+        specs = _guide_specs(self.guided_json, self.guided_regex, self.guided_choice, "guided_",
+                             self.guided_grammar)
+        if self.grammar:  # llama.cpp's two
+            specs.append(GuideSpec("grammar", self.grammar, "grammar"))
+        if self.json_schema is not None:
+            specs.append(GuideSpec("json", self.json_schema, "json_schema"))
         if self.structured_outputs is not None:
             specs += self.structured_outputs.specs()
         rf = self.response_format

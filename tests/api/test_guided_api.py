@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from server.guided.spec import GuideSpec, compile_guide
 from tests.api.conftest import API_KEY, Server, assert_openai_error, sse_data
+from tests.conftest import JSON_GBNF
 
 USER = [{"role": "user", "content": "Describe a pet."}]
 
@@ -88,6 +89,39 @@ def test_regex_streamed_and_not(client: httpx.Client, stream: bool) -> None:
     assert usage["completion_tokens"] >= 2
 
 
+ANSWER = 'root ::= "The answer is " word "."\nword ::= "yes" | "no" | "maybe so"'
+
+
+@pytest.mark.parametrize("fields", [
+    {"grammar": ANSWER},  # llama.cpp's field
+    {"guided_grammar": ANSWER},
+    {"structured_outputs": {"grammar": ANSWER}},
+])
+def test_grammar_on_both_endpoints(client: httpx.Client, fields: dict) -> None:
+    for path, body in (("/v1/completions", {"prompt": "Q:"}),
+                       ("/v1/chat/completions", {"messages": USER})):
+        r = client.post(path, json={"model": "tiny", "max_tokens": 30, "temperature": 1.0,
+                                    "seed": 3, "n": 2, **body, **fields})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            assert re.fullmatch(r"The answer is (yes|no|maybe so)\.", text), text
+            assert choice["finish_reason"] == "stop"
+
+
+def test_a_recursive_grammar_streamed(client: httpx.Client) -> None:
+    """llama.cpp's json.gbnf on a chat stream, cut by max_tokens: the deltas join to the
+    start of what the grammar writes."""
+    r = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": USER, "max_tokens": 12, "temperature": 1.0, "seed": 4,
+        "stream": True, "grammar": JSON_GBNF})
+    assert r.status_code == 200, r.text
+    events = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events)
+    dfa = compile_guide(GuideSpec("grammar", JSON_GBNF, "test")).dfa
+    assert text.startswith("{") and dfa.walk(0, text.encode()) >= 0, text
+
+
 def test_a_schema_sent_again_is_compiled_once(client: httpx.Client) -> None:
     """Agents send one schema over and over: the second request finds it compiled, and
     guided and unguided requests share the batch."""
@@ -112,7 +146,10 @@ def test_a_schema_sent_again_is_compiled_once(client: httpx.Client) -> None:
      "only one constraint"),
     ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "response_format",
      "only one constraint"),
-    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "not supported"),
+    ({"guided_grammar": "root ::= 'a' b"}, "guided_grammar", "'b', which is not defined"),
+    ({"grammar": "start: 'a'"}, "grammar", "not a GBNF grammar"),
+    ({"structured_outputs": {"grammar": 'root ::= "a"\nx ::= [b-a]'}},
+     "structured_outputs.grammar", "line 2: bad range"),
     ({"guided_json": {"allOf": [True]}}, "guided_json", "not a schema this server can read"),
     ({"guided_json": {"type": "object", "properties": {"a": {}}, "required": 5}},
      "guided_json", "list of property names"),

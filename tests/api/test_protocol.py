@@ -406,7 +406,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
                        "greater than or equal to 0")
 
 
-REFUSED = ["guided_grammar", "logits_processors", "use_beam_search"]
+REFUSED = ["logits_processors", "use_beam_search"]
 
 
 @pytest.mark.parametrize("field", REFUSED)
@@ -420,8 +420,8 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
             build(**{field: neutral})
     assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
     assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
-    assert_invalid(completion, {"structured_outputs": {"grammar": "root ::= x"}},
-                   "structured_outputs", "grammar: not supported")
+    assert_invalid(completion, {"structured_outputs": {"structural_tag": "x"}},
+                   "structured_outputs", "structural_tag: not supported")
 
 
 def test_chat_template_controls() -> None:
@@ -512,6 +512,9 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 
 
+GBNF = 'root ::= "yes" | "no"'
+
+
 @pytest.mark.parametrize(("fields", "kind", "value", "field"), [
     ({"response_format": {"type": "json_object"}}, "json_object", None, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
@@ -527,6 +530,11 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
     ({"guided_json": SCHEMA}, "json", SCHEMA, "guided_json"),
     ({"guided_regex": "a+"}, "regex", "a+", "guided_regex"),
     ({"guided_choice": ["x"]}, "choice", ["x"], "guided_choice"),
+    ({"structured_outputs": {"grammar": GBNF}}, "grammar", GBNF, "structured_outputs.grammar"),
+    ({"guided_grammar": GBNF}, "grammar", GBNF, "guided_grammar"),
+    ({"grammar": GBNF}, "grammar", GBNF, "grammar"),  # llama.cpp's two
+    ({"json_schema": SCHEMA}, "json", SCHEMA, "json_schema"),
+    ({"grammar": ""}, None, None, None),  # (llama.cpp's clients send "" for none)
     ({"response_format": {"type": "text"}}, None, None, None),
 ])
 def test_guide_spec_from_each_field(fields: dict[str, Any], kind: str | None, value: Any,

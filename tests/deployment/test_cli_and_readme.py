@@ -137,6 +137,10 @@ def test_readme_curl_examples(index: int, open_server: Server) -> None:
         body = json.loads(out.stdout)
         assert body["object"] == "response" and body["usage"]["output_tokens"] == 8
         assert body["output"][0]["content"][0]["text"]
+    elif '"grammar"' in script:
+        [choice] = json.loads(out.stdout)["choices"]
+        text = choice["message"]["content"]
+        assert re.fullmatch(r"[1-9][0-9]{0,2} \+ [1-9][0-9]{0,2} = [1-9][0-9]{0,2}", text), text
     elif "guided_choice" in script:
         [choice] = json.loads(out.stdout)["choices"]
         assert choice["text"] in ("blue", "grey") and choice["finish_reason"] == "stop"

@@ -1,0 +1,298 @@
+"""A GBNF grammar (llama.cpp's, and the EBNF of vLLM's xgrammar backend) -> the regex AST
+(regex.py) of the language it writes, from its rule `root`. No torch.
+
+Syntax: rules `name ::= expression`; in an expression, "strings" (or 'strings'), classes
+`[a-z]` / `[^...]`, `.` (any character), rule names, groups `( )`, alternation `|` and the
+quantifiers * + ? {m} {m,} {m,n} {,n}; `#` comments. Escapes: \\n \\t \\r \\\\ \\" \\' \\[
+\\] \\- \\^ \\xHH \\uHHHH \\UHHHHHHHH. A rule may run over several lines: the next starts at the
+next `name ::=`. llama.cpp's token references (`<...>`) are refused.
+
+A guide is a finite automaton, so recursion is bounded, as json_object's nesting is: a rule
+may be open inside itself up to a depth, and an alternative that would nest deeper is not
+written. The depth is the largest up to MAX_RECURSION whose automaton fits regex.py's limits
+(llama.cpp's json.gbnf, with its indentation counts, fits 3). A rule whose only recursion is
+on itself at an end of its alternatives (`list ::= item list | item`, `sum ::= sum "+"
+term | term`) is a repetition, and is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from server.guided.regex import (
+    ANY_CHAR,
+    MAX_NFA_STATES,
+    ByteDFA,
+    GuideError,
+    GuideTooLarge,
+    compile_node,
+    ranges_node,
+    text_node,
+)
+
+MAX_RECURSION = 5  # a recursive rule open inside itself at most this many times
+MAX_NODES = MAX_NFA_STATES // 2  # the expanded grammar's size (each node takes 2+ states)
+MAX_GRAMMAR_CHARS = 100_000
+ROOT = "root"
+
+# Grammar AST: ("text", str), ("class", node), ("ref", name), ("seq", [e]), ("alt", [e]),
+# ("repeat", e, lo, hi)
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_RULE_START = re.compile(r"([A-Za-z0-9_-]+)[ \t]*::=")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "[": "[",
+            "]": "]", "-": "-", "^": "^", "/": "/"}
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text, self.i = text, 0
+
+    def error(self, what: str) -> GuideError:
+        line = self.text.count("\n", 0, self.i) + 1
+        return GuideError(f"grammar, line {line}: {what}")
+
+    def space(self) -> None:
+        while self.i < len(self.text):
+            c = self.text[self.i]
+            if c == "#":
+                end = self.text.find("\n", self.i)
+                self.i = len(self.text) if end < 0 else end
+            elif c.isspace():
+                self.i += 1
+            else:
+                break
+
+    def rules(self) -> dict[str, tuple]:
+        rules: dict[str, tuple] = {}
+        self.space()
+        while self.i < len(self.text):
+            start = _RULE_START.match(self.text, self.i)
+            if start is None:
+                raise self.error("expected a rule: name ::= ...")
+            name = start.group(1)
+            if name in rules:
+                raise self.error(f"rule {name!r} is defined twice")
+            self.i = start.end()
+            rules[name] = self.alternation()
+            if self.i < len(self.text) and not _RULE_START.match(self.text, self.i):
+                raise self.error(f"unexpected {self.text[self.i]!r}")
+        return rules
+
+    def alternation(self) -> tuple:
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def peek(self) -> str | None:
+        self.space()
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def sequence(self) -> tuple:
+        items = []
+        while (c := self.peek()) is not None and c not in "|)":
+            if _RULE_START.match(self.text, self.i):  # the next rule
+                break
+            items.append(self.quantified(self.atom()))
+        return items[0] if len(items) == 1 else ("seq", items)
+
+    def atom(self) -> tuple:
+        c = self.text[self.i]
+        self.i += 1
+        if c in "\"'":
+            return ("text", self.string(c))
+        if c == "[":
+            return ("class", self.char_class())
+        if c == ".":
+            return ("class", ANY_CHAR)
+        if c == "(":
+            node = self.alternation()
+            if self.peek() != ")":
+                raise self.error("missing )")
+            self.i += 1
+            return node
+        if c == "<":
+            raise self.error("token references (<...>) are not supported")
+        name = _NAME.match(self.text, self.i - 1)
+        if name is None:
+            raise self.error(f"unexpected {c!r}")
+        self.i = name.end()
+        return ("ref", name.group())
+
+    def quantified(self, node: tuple) -> tuple:
+        while (c := self.peek()) is not None and c in "*+?{":
+            self.i += 1
+            if c == "{":
+                end = self.text.find("}", self.i)
+                body = self.text[self.i:end].replace(" ", "") if end > 0 else ""
+                bounds = re.fullmatch(r"(\d*)(,?)(\d*)", body)
+                if end < 0 or bounds is None or bounds.group() in ("", ","):
+                    raise self.error("bad repetition {...}")
+                lo_text, comma, hi_text = bounds.groups()
+                lo = int(lo_text or 0)
+                hi = int(hi_text) if hi_text else None if comma else lo
+                if (hi is not None and hi < lo) or max(lo, hi or 0) > 1000:
+                    raise self.error(f"bad repetition {{{body}}} (counts up to 1000)")
+                self.i = end + 1
+            else:
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+            node = ("repeat", node, lo, hi)
+        return node
+
+    def char(self, quote: str) -> int:
+        """One character of a string or class, its escape read."""
+        if self.i >= len(self.text):
+            raise self.error(f"missing closing {quote}")
+        c = self.text[self.i]
+        self.i += 1
+        if c != "\\":
+            return ord(c)
+        e = self.text[self.i:self.i + 1]
+        self.i += 1
+        if e in _ESCAPES:
+            return ord(_ESCAPES[e])
+        if e in _HEX_DIGITS:
+            digits = self.text[self.i:self.i + _HEX_DIGITS[e]]
+            if len(digits) != _HEX_DIGITS[e] or not re.fullmatch(r"[0-9a-fA-F]+", digits):
+                raise self.error(f"bad \\{e} escape")
+            self.i += len(digits)
+            code = int(digits, 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise self.error(f"\\{e}{digits} is not a character")
+            return code
+        raise self.error(f"unknown escape \\{e}")
+
+    def string(self, quote: str) -> str:
+        out = []
+        while self.text[self.i:self.i + 1] != quote:
+            out.append(chr(self.char(quote)))
+        self.i += 1
+        return "".join(out)
+
+    def char_class(self) -> tuple:
+        negate = self.text[self.i:self.i + 1] == "^"
+        self.i += negate
+        ranges = []
+        while self.text[self.i:self.i + 1] != "]":
+            lo = self.char("]")
+            hi = lo
+            if self.text[self.i:self.i + 1] == "-" and self.text[self.i + 1:self.i + 2] != "]":
+                self.i += 1
+                hi = self.char("]")
+                if hi < lo:
+                    raise self.error("bad range in class")
+            ranges.append((lo, hi))
+        self.i += 1
+        try:
+            return ranges_node(ranges, negate)
+        except GuideError as e:
+            raise self.error(str(e)) from None
+
+
+def parse_grammar(text: str) -> dict[str, tuple]:
+    """The rules of a GBNF grammar, by name; GuideError naming the line where it is not."""
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise GuideError(f"grammar longer than {MAX_GRAMMAR_CHARS} characters")
+    if "::=" not in text:
+        raise GuideError("not a GBNF grammar: its rules are written `name ::= ...` and the "
+                         "output starts at `root` (Lark and other syntaxes are not read)")
+    rules = _Parser(text).rules()
+    if ROOT not in rules:
+        raise GuideError("grammar has no rule 'root' (where the output starts)")
+    for name, body in rules.items():
+        for ref in _refs(body):
+            if ref not in rules:
+                raise GuideError(f"grammar: rule {name!r} uses {ref!r}, which is not defined")
+    return {name: _as_repetition(name, body) for name, body in rules.items()}
+
+
+def _refs(node: tuple) -> list[str]:
+    kind = node[0]
+    if kind == "ref":
+        return [node[1]]
+    if kind in ("seq", "alt"):
+        return [r for item in node[1] for r in _refs(item)]
+    if kind == "repeat":
+        return _refs(node[1])
+    return []
+
+
+def _as_repetition(name: str, body: tuple) -> tuple:
+    """`name ::= P name | name S | B` as `P* B S*` (the language is the same): a rule's
+    recursion on itself at an alternative's start or end is a loop, not a nesting."""
+    ref = ("ref", name)
+    prefixes, suffixes, bases = [], [], []
+    for alt in body[1] if body[0] == "alt" else [body]:
+        items = alt[1] if alt[0] == "seq" else [alt]
+        rest = items[:-1] if items[-1:] == [ref] else items[1:] if items[:1] == [ref] else None
+        if rest is not None and name not in _refs(("seq", rest)):
+            (prefixes if items[-1:] == [ref] else suffixes).append(("seq", rest))
+        else:
+            bases.append(alt)
+    if not prefixes and not suffixes:
+        return body
+    if not bases:  # every alternative recurses: it never ends
+        return ("alt", [])
+    loops = [("repeat", ("alt", p), 0, None) for p in (prefixes, suffixes)]
+    return ("seq", [loops[0], ("alt", bases), loops[1]])
+
+
+class _Expander:
+    """Rules inlined from `root`, each open inside itself at most `depth` times; None is a
+    part that cannot be written within that bound."""
+
+    def __init__(self, rules: dict[str, tuple], depth: int) -> None:
+        self.rules, self.depth, self.open, self.nodes = rules, depth, Counter[str](), 0
+        self.cut = False  # whether the bound left something out
+
+    def expand(self, node: tuple) -> tuple | None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise GuideTooLarge("the grammar is too large to compile (expanded, it passes "
+                                f"{MAX_NODES} parts)")
+        kind = node[0]
+        if kind == "text":
+            return text_node(node[1])
+        if kind == "class":
+            return node[1]
+        if kind == "ref":
+            name = node[1]
+            if self.open[name] >= self.depth:
+                self.cut = True
+                return None
+            self.open[name] += 1
+            try:
+                return self.expand(self.rules[name])
+            finally:
+                self.open[name] -= 1
+        if kind == "seq":
+            items = [self.expand(item) for item in node[1]]
+            return None if any(item is None for item in items) else ("seq", items)
+        if kind == "alt":
+            branches = [b for b in map(self.expand, node[1]) if b is not None]
+            return ("alt", branches) if branches else None
+        _, inner, lo, hi = node
+        expanded = self.expand(inner)
+        if expanded is None:
+            return None if lo > 0 else ("seq", [])
+        return ("repeat", expanded, lo, hi)
+
+
+def compile_grammar(text: str) -> ByteDFA:
+    """The DFA of what the grammar's `root` writes, its recursion as deep as fits."""
+    rules = parse_grammar(text)
+    for depth in range(MAX_RECURSION, 0, -1):
+        expander = _Expander(rules, depth)
+        try:
+            node = expander.expand(("ref", ROOT))
+            if node is None:
+                raise GuideError(f"the grammar writes nothing within {depth} levels of "
+                                 "recursion")
+            return compile_node(node)
+        except GuideTooLarge:
+            if depth == 1 or not expander.cut:  # (shallower, it would be the same)
+                raise
+    raise AssertionError("unreachable")
