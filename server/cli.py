@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
          "last token's, vLLM's default for decoder models) or mean (every token's)",
          choices=list(get_args(Pooling)), default=s.pooling)
     _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
-         "llama3_json (Llama 3.1 / 3.2's JSON calls)", choices=list(TOOL_CALL_PARSERS))
+         "llama3_json (Llama 3.1 / 3.2's JSON calls), pythonic (a Python list of calls: Llama "
+         "3.2's other format, Llama 4's), hermes (<tool_call> blocks: Hermes 3)",
+         choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
     _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "

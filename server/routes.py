@@ -149,7 +149,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     response_id = _response_id("chatcmpl")
     with state.admission(body) as engine:
         assert service is not None
-        service.check_tools(body)
+        service.prepare_tools(body)
         params = await _sampling_params(body, service, state)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         submitted = submit(engine, [(prompt_ids, None)], params,
@@ -166,7 +166,7 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
         response_id = service.response_id(request_id_var.get())
         chat = body.chat_request(service.history(body))
         with state.admission(chat) as engine:
-            service.chat.check_tools(chat)
+            service.chat.prepare_tools(chat)
             params = await _sampling_params(chat, service.chat, state)
             prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat,
                                                                               params))

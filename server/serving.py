@@ -55,7 +55,7 @@ from server.request import FinishReason, RequestOutput, SamplingParams, TokenLog
 from server.tool_calls import (
     PARSERS,
     ParsedCall,
-    may_be_calls,
+    ToolParser,
     named_call,
     required_calls,
     tool_call_id,
@@ -242,15 +242,16 @@ def raise_if_failed(out: RequestOutput) -> None:
         raise GenerationFailed(out.error or "generation failed")
 
 
-def decide_held(held: bool | None, choice: Choice, out: RequestOutput
-                ) -> tuple[bool | None, RequestOutput]:
+def decide_held(held: bool | None, choice: Choice, out: RequestOutput,
+                parser: ToolParser | None) -> tuple[bool | None, RequestOutput]:
     """Under tool_choice "auto", an answer is held back while it may be calls (None: not
     known yet; True: calls, sent once whole): whether it still is, once `choice` has
     absorbed `out`, and what to send of it now. Text after all: what was held back goes out
     with this token."""
     if held is not None:
         return held, out
-    held = may_be_calls(choice.text)
+    assert parser is not None  # (held is None only under "auto", with a parser)
+    held = parser.may_be_calls(choice.text)
     if held is False and choice.text != out.text:
         out = replace(out, text=choice.text, logprobs=choice.logprobs)
     return held, out
@@ -492,13 +493,18 @@ class ChatService(_Service):
                  prompt_tokens_details: bool = False, tool_call_parser: str | None = None
                  ) -> None:
         super().__init__(engine, tokenizer, model_name, prompt_tokens_details)
-        self.parse_calls = PARSERS[tool_call_parser] if tool_call_parser else None
+        self.tool_parser = PARSERS[tool_call_parser] if tool_call_parser else None
 
-    def check_tools(self, request: ChatCompletionRequest) -> None:
-        """tool_choice "auto" needs a parser (vLLM's answer, word for word)."""
-        if request.tool_mode == "auto" and self.parse_calls is None:
+    def prepare_tools(self, request: ChatCompletionRequest) -> None:
+        """tool_choice "auto" needs a parser (vLLM's answer, word for word); a parser whose
+        tags are special tokens has them kept in the text (as vLLM's adjust_request)."""
+        if request.tool_mode != "auto":
+            return
+        if self.tool_parser is None:
             raise RequestError('"auto" tool choice requires --enable-auto-tool-choice and '
                                '--tool-call-parser to be set', "tool_choice")
+        if self.tool_parser.special_tokens:
+            request.skip_special_tokens = False
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         ids = encode_messages(self.tokenizer, request.messages, request,
@@ -526,8 +532,8 @@ class ChatService(_Service):
             calls = named_call(request.tool_choice.function.name, choice.text)
         elif mode == "required":
             calls = required_calls(choice.text)
-        elif mode == "auto" and self.parse_calls is not None:
-            calls = self.parse_calls(choice.text)
+        elif mode == "auto" and self.tool_parser is not None:
+            calls = self.tool_parser.parse(choice.text)
             names = request.tool_names
             if calls is not None and any(call.name not in names for call in calls):
                 calls = None  # JSON that names no tool of the request's: an answer in text
@@ -546,7 +552,7 @@ class ChatService(_Service):
         mode = request.tool_mode
         if mode == "required":
             return True
-        return None if mode == "auto" and self.parse_calls is not None else False
+        return None if mode == "auto" and self.tool_parser is not None else False
 
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
@@ -595,7 +601,8 @@ class ChatService(_Service):
             if named is not None:
                 parts = chunks.named_call(out, named)
             else:
-                held[out.index], out = decide_held(held[out.index], choice, out)
+                held[out.index], out = decide_held(held[out.index], choice, out,
+                                                   self.tool_parser)
                 parts = chunks.text(out) if held[out.index] is False else chunks.whole(choice, out)
             for part in parts:
                 yield part

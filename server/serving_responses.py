@@ -241,7 +241,7 @@ class ResponsesService:
                 if out.text:
                     yield events.arguments(item, out.text)
                 continue
-            held, out = decide_held(held, choice, out)
+            held, out = decide_held(held, choice, out, self.chat.tool_parser)
             text, lps = out.text, out.logprobs or []
             if held is False and (text or lps):  # (a token of no text: eos, a piece of a
                 # character, one a stop string may end with, still has its logprob)

@@ -1,17 +1,22 @@
 """Tool calls read from a chat answer's text (no torch, no HTTP): a named tool's arguments,
 the list that tool_choice "required" guides, or what `--tool-call-parser` finds in an answer
-the model chose to give as calls (tool_choice "auto").
+the model chose to give as calls (tool_choice "auto"): vLLM's parsers for the Llama family,
+each reading an answer that is calls and nothing else.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 # Llama 3.1's tag before a built-in tool's call; custom tools' JSON may follow it too
 PYTHON_TAG = "<|python_tag|>"
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"  # Llama 4's, around calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +70,80 @@ def llama3_json_calls(text: str) -> list[ParsedCall] | None:
     return calls
 
 
-PARSERS = {"llama3_json": llama3_json_calls}
-
-
-def may_be_calls(text: str) -> bool | None:
-    """For streaming under "auto": whether an answer that starts with `text` may be calls
-    (hold it back) or is text (stream it); None while it cannot tell yet (only spaces, or a
-    start of <|python_tag|>)."""
-    head = text.lstrip()
-    if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
+def pythonic_calls(text: str) -> list[ParsedCall] | None:
+    """vLLM's pythonic parser (Llama 3.2's and Llama 4's format): a Python list of calls with
+    literal keyword arguments, `[get_weather(city="Paris", days=3), now()]`, maybe between
+    <|python_start|> and <|python_end|>. Read with `ast`, never run."""
+    rest = text.strip().removeprefix(PYTHON_START).removesuffix(PYTHON_END).strip()
+    if not rest.startswith("["):
         return None
-    return head.startswith(("{", PYTHON_TAG))
+    try:
+        tree = ast.parse(rest, mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
+            return None
+        try:
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            if None in arguments:  # a **mapping
+                return None
+            calls.append(ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False,
+                                                             allow_nan=False)))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None  # not a literal, or not JSON's (a set, bytes, a complex, inf)
+    return calls
+
+
+_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def hermes_calls(text: str) -> list[ParsedCall] | None:
+    """vLLM's hermes parser (Hermes 3, a Llama 3.1): `<tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>`, one block a call, nothing but space between them."""
+    rest, calls, at = text.strip(), [], 0
+    for match in _HERMES_CALL.finditer(rest):
+        if rest[at:match.start()].strip():
+            return None
+        try:
+            call = _call(json.loads(match.group(1)))
+        except ValueError:
+            return None
+        if call is None:
+            return None
+        calls.append(call)
+        at = match.end()
+    return calls if calls and not rest[at:].strip() else None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolParser:
+    """How a model writes calls: `parse` reads a whole answer (None: it is text); an answer
+    that starts with one of `opens` may be calls. `special_tokens`: the calls' tags are
+    special tokens, kept in the text for the parser (vLLM's adjust_request)."""
+
+    parse: Callable[[str], list[ParsedCall] | None]
+    opens: tuple[str, ...]
+    special_tokens: bool = False
+
+    def may_be_calls(self, text: str) -> bool | None:
+        """For streaming: whether an answer that starts with `text` may be calls (hold it
+        back) or is text (stream it); None while it cannot tell yet (only spaces, or the
+        start of an opening tag)."""
+        head = text.lstrip()
+        if not head or any(len(head) < len(o) and o.startswith(head) for o in self.opens):
+            return None
+        return head.startswith(self.opens)
+
+
+PARSERS = {
+    "llama3_json": ToolParser(llama3_json_calls, ("{", PYTHON_TAG)),
+    "pythonic": ToolParser(pythonic_calls, ("[", PYTHON_START)),
+    "hermes": ToolParser(hermes_calls, ("<tool_call>",), special_tokens=True),
+}
 
 
 def _call(item: Any) -> ParsedCall | None:

@@ -1,7 +1,8 @@
 """Tool calling over HTTP, as vLLM serves it: tools reach the chat template; a named
 tool_choice and "required" are guided into calls; "auto" (with --enable-auto-tool-choice
---tool-call-parser llama3_json) parses the answer. The tiny model's weights are random: to
-see the parser at work, a structured-outputs regex makes it write a call (or plain text)."""
+--tool-call-parser llama3_json, pythonic or hermes) parses the answer. The tiny model's
+weights are random: to see the parser at work, a structured-outputs regex makes it write a
+call (or plain text)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ from pydantic import BaseModel
 
 from model.tokenizer import Tokenizer
 from server.protocol import ChatCompletionRequest
-from server.tool_calls import llama3_json_calls, may_be_calls, required_calls
-from tests.api.conftest import Server, assert_openai_error, sse_data
+from server.tool_calls import (
+    PARSERS,
+    hermes_calls,
+    llama3_json_calls,
+    pythonic_calls,
+    required_calls,
+)
+from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
 
 TEMPLATES = Path(__file__).parents[1] / "model" / "templates"
 WEATHER = {"type": "function", "function": {
@@ -274,13 +281,114 @@ def test_required_refuses_refs_it_cannot_move(tools_server: Server, tools: list,
     assert fragment in error["message"] and error["param"] == "tools"
 
 
-@pytest.mark.parametrize(("text", "decision"), [
-    ("", None), ("  ", None), ("<", None), ("<|python", None), ("<|python_tag|>", True),
-    (" {", True), ("<b>", False), ("Hello", False), ("[1]", False),
+@pytest.mark.parametrize(("parser", "text", "decision"), [
+    ("llama3_json", "", None), ("llama3_json", "  ", None), ("llama3_json", "<", None),
+    ("llama3_json", "<|python", None), ("llama3_json", "<|python_tag|>", True),
+    ("llama3_json", " {", True), ("llama3_json", "<b>", False), ("llama3_json", "Hello", False),
+    ("llama3_json", "[1]", False),
+    ("pythonic", "[", True), ("pythonic", " <|python_st", None), ("pythonic", "{", False),
+    ("hermes", "<tool_", None), ("hermes", "<tool_call>", True), ("hermes", "<tool_x", False),
+    ("hermes", "{", False),
 ])
-def test_auto_streaming_holds_back_only_what_may_be_a_call(text: str,
+def test_auto_streaming_holds_back_only_what_may_be_a_call(parser: str, text: str,
                                                            decision: bool | None) -> None:
-    assert may_be_calls(text) is decision
+    assert PARSERS[parser].may_be_calls(text) is decision
+
+
+@pytest.mark.parametrize(("text", "calls"), [
+    ('[get_weather(city="Paris", unit=\'c\')]',
+     [("get_weather", '{"city": "Paris", "unit": "c"}')]),
+    ("<|python_start|>[f(a=[1, {'b': None}], c=True), g()]<|python_end|>",
+     [("f", '{"a": [1, {"b": null}], "c": true}'), ("g", "{}")]),
+    ('[f(x="é")]\n', [("f", '{"x": "é"}')]),
+    ("[]", None), ("[f(1)]", None), ("[f(**k)]", None), ("[f(a=b)]", None),  # not literals
+    ("[f(a={1, 2})]", None), ("[f(a=1e999)]", None), ("[f(a=1j)]", None),  # not JSON's
+    ("[os.system(a='x')]", None), ("[f(a=1)] and more", None), ("[f(a=", None),
+    ("Hello", None), ("[1]", None), ("(" * 500 + "[f()]", None),
+])
+def test_pythonic_parser(text: str, calls: list[tuple[str, str]] | None) -> None:
+    parsed = pythonic_calls(text)
+    assert (None if parsed is None else [(c.name, c.arguments) for c in parsed]) == calls
+
+
+@pytest.mark.parametrize(("text", "calls"), [
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', [("f", '{"a": 1}')]),
+    ('<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", '
+     '"arguments": {"b": "é"}}</tool_call>', [("f", "{}"), ("g", '{"b": "é"}')]),
+    ('Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call>', None),  # text first
+    ('<tool_call>{"name": "f", "arguments": {}}', None),  # not closed (cut by max_tokens)
+    ('<tool_call>{"name": "f"}</tool_call>', None), ("<tool_call>{</tool_call>", None),
+    ('<tool_call>{"name": "f", "arguments": {}}</tool_call> then', None), ("Hello", None),
+])
+def test_hermes_parser(text: str, calls: list[tuple[str, str]] | None) -> None:
+    parsed = hermes_calls(text)
+    assert (None if parsed is None else [(c.name, c.arguments) for c in parsed]) == calls
+
+
+CALLS_OF = {  # what each parser reads, as a regex the tiny model is made to write
+    "pythonic": r'\[get_weather\(city="(Paris|Rome)", unit="c"\)\]',
+    "hermes": r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+              r'"unit": "c"\}\}</tool_call>',
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CALLS_OF))
+def parser_server(request: pytest.FixtureRequest, tiny_checkpoint: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Server]]:
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp(request.param),
+                    "--served-model-name", "tiny", "--enable-auto-tool-choice",
+                    "--tool-call-parser", request.param) as s:
+        yield request.param, s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_with_the_other_parsers(parser_server: tuple[str, Server], stream: bool) -> None:
+    """pythonic and hermes: a call written in the parser's format is a tool call (held back
+    while streaming, sent whole); text is text."""
+    parser, server = parser_server
+    for regex, is_call in ((CALLS_OF[parser], True), ("It is sunny[a-z ]{0,12}\\.", False)):
+        body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
+                "max_tokens": 150, "structured_outputs": {"regex": regex}, "stream": stream}
+        r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+            deltas = [c["choices"][0]["delta"] for c in chunks]
+            text = "".join(d.get("content") or "" for d in deltas)
+            calls = [call for d in deltas for call in d.get("tool_calls", [])]
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            choice = r.json()["choices"][0]
+            text, calls = choice["message"]["content"] or "", choice["message"].get("tool_calls")
+            finish = choice["finish_reason"]
+        if is_call:
+            assert calls, text
+            [call] = calls
+            assert text == "" and finish == "tool_calls"
+            assert call["function"]["name"] == "get_weather"
+            assert json.loads(call["function"]["arguments"])["unit"] == "c"
+        else:
+            assert not calls and text.startswith("It is sunny") and finish == "stop"
+
+
+def test_hermes_keeps_special_tokens_under_auto() -> None:
+    """Its tags are special tokens in Hermes 3's vocabulary: kept in the text for the parser
+    (vLLM's adjust_request), under "auto" only."""
+    from server.serving import ChatService
+
+    service = ChatService.__new__(ChatService)
+    service.tool_parser = PARSERS["hermes"]
+    auto = ChatCompletionRequest(messages=USER, tools=[WEATHER])
+    service.prepare_tools(auto)
+    assert auto.skip_special_tokens is False
+    assert auto.to_sampling_params().skip_special_tokens is False
+    named = ChatCompletionRequest(messages=USER, tools=[WEATHER], tool_choice="none")
+    service.prepare_tools(named)
+    assert named.skip_special_tokens is True
+    service.tool_parser = PARSERS["pythonic"]
+    plain = ChatCompletionRequest(messages=USER, tools=[WEATHER])
+    service.prepare_tools(plain)
+    assert plain.skip_special_tokens is True
 
 
 @pytest.mark.parametrize(("text", "calls"), [
