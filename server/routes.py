@@ -27,6 +27,8 @@ from server.app import (
     package_version,
     request_id_var,
 )
+from server.beam_search import submit_beam_searches
+from server.engine_front import EngineFront
 from server.guided.regex import GuideError
 from server.guided.spec import cached_guide, compile_guide
 from server.metrics import CONTENT_TYPE
@@ -138,7 +140,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
         assert service is not None
         params = await _sampling_params(body, service, state)
         prompts = await _tokenized(request, lambda: service.prompts(body))
-        submitted = submit(engine, prompts, params, _engine_request_id(response_id))
+        submitted = _submit(engine, service, body, prompts, params, response_id, "prompt")
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -152,8 +154,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
         service.prepare_tools(body)
         params = await _sampling_params(body, service, state)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
-        submitted = submit(engine, [(prompt_ids, None)], params,
-                           _engine_request_id(response_id), "messages")
+        submitted = _submit(engine, service, body, [(prompt_ids, None)], params, response_id,
+                            "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
 
 
@@ -218,6 +220,18 @@ async def _tokenized(request: Request, work: Callable[[], T]) -> T:
     if int(request.headers.get("content-length") or 0) > TOKENIZE_OFF_LOOP_BYTES:
         return await asyncio.to_thread(work)
     return work()
+
+
+def _submit(engine: EngineFront, service: CompletionService | ChatService,
+            body: CompletionRequest | ChatCompletionRequest,
+            prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+            response_id: str, prompt_param: str) -> list[Submitted]:
+    """The prompts queued, or their beam searches made (use_beam_search)."""
+    request_id = _engine_request_id(response_id)
+    if body.use_beam_search:
+        return submit_beam_searches(engine, prompts, params, request_id, body.length_penalty,
+                                    service.tokenizer, prompt_param)
+    return submit(engine, prompts, params, request_id, prompt_param)
 
 
 async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,

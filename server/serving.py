@@ -142,6 +142,20 @@ def sample_groups(n: int, num_slots: int) -> list[tuple[int, int]]:
     return [(first, min(num_slots, n - first)) for first in range(0, n, num_slots)]
 
 
+def check_capacity(engine: EngineFront, num_prompts: int, n: int, prompt_param: str) -> None:
+    """A request of more samples than the server holds at once is a 400 (a 503 would have
+    the client retry in vain)."""
+    needed = num_prompts * n  # samples: admission counts them (a slot each)
+    if needed > engine.max_queued:
+        what = (f"has {needed} prompts" if n == 1 else
+                f"asks for {needed} samples ({num_prompts} prompt(s) x n={n})")
+        raise RequestRejected(
+            f"the request {what}, and this server holds at most {engine.max_queued} samples "
+            f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
+            "--max-num-seqs, --max-waiting)",
+            prompt_param if num_prompts > engine.max_queued else "n")
+
+
 def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
            request_id: str, prompt_param: str = "prompt") -> list[Submitted]:
     """Queue every prompt, or none: every prompt is checked before any is queued (so that a
@@ -153,15 +167,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     sample's index so that sample k is drawn with seed + k either way). `prompt_param` is
     the field a prompt's refusal is blamed on ("messages" for chat)."""
     groups = sample_groups(params.n, engine.num_slots)
-    needed = len(prompts) * params.n  # samples: admission counts them (a slot each)
-    if needed > engine.max_queued:  # a 503 would have the client retry in vain
-        what = (f"has {needed} prompts" if params.n == 1 else
-                f"asks for {needed} samples ({len(prompts)} prompt(s) x n={params.n})")
-        raise RequestRejected(
-            f"the request {what}, and this server holds at most {engine.max_queued} samples "
-            f"at once ({engine.num_slots} running, {engine.max_waiting} waiting: "
-            "--max-num-seqs, --max-waiting)",
-            prompt_param if len(prompts) > engine.max_queued else "n")
+    check_capacity(engine, len(prompts), params.n, prompt_param)
     planned = []
     for i, (ids, text) in enumerate(prompts):
         runs = _engine_requests(f"{request_id}-{i}", params, groups)

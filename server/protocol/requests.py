@@ -222,8 +222,34 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
     json_schema: dict[str, Any] | None = None
     guided_whitespace_pattern: Refused = None  # JSON's whitespace here is fixed: [ ]?
     logits_processors: Refused = None
-    use_beam_search: Refused = None
+    # vLLM's beam search: n beams (server/beam_search.py), ranked by logprob / length **
+    # length_penalty
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:<id>" (vLLM's)
+
+    def _check_beam_search(self) -> None:
+        """What beam search cannot honour is refused, not ignored (vLLM ignores it): it ranks
+        whole sequences by their raw logprobs, under no constraint; the sampling controls
+        (temperature, top_p, penalties, seed) have nothing to act on and are left be."""
+        if self.n > MAX_LOGPROBS // 2:  # each beam asks for its 2n likeliest next tokens
+            raise RequestError(f"use_beam_search takes at most {MAX_LOGPROBS // 2} beams (n), "
+                               f"got {self.n}", "n")
+        for name in ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids",
+                     "min_tokens"):
+            if getattr(self, name):
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        if (spec := self.guide_spec()) is not None:
+            raise RequestError(f"{spec.field}: a constraint is not supported with "
+                               "use_beam_search", spec.field)
+        if self.n > MAX_LOGPROBS // 2:  # each beam asks for its 2n likeliest next tokens
+            raise RequestError(f"use_beam_search takes at most {MAX_LOGPROBS // 2} beams (n), "
+                               f"got {self.n}", "n")
+        for name in ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids",
+                     "min_tokens"):
+            if getattr(self, name):
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        return self
 
     @field_validator("prompt_logprobs")
     @classmethod
@@ -287,6 +313,8 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
     def _check_sampling_limits(self, limits: RequestLimits, vocab_size: int,
                                max_model_len: int) -> None:
         stops, stop_ids, bias = self.stop_strings, self.stop_token_ids or [], self.logit_bias or {}
+        if self.use_beam_search:
+            self._check_beam_search()
         _check_count(self.n, limits.max_n, "n")
         self._check_truncation(max_model_len)
         max_tokens = self.requested_max_tokens

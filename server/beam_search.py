@@ -1,0 +1,138 @@
+"""vLLM's beam search (`use_beam_search`), as vLLM runs it: above the engine, in steps of
+one-token requests, one per beam, each asking for its 2 x width likeliest next tokens (raw
+logprobs); the width best of all those continuations go on. A continuation that ends (an
+end-of-sequence token, unless ignore_eos) is kept aside; at the end the width best of the
+ended and the running beams are the answer, ranked by vLLM's score: the cumulative logprob
+over the sequence's length (prompt included, the final end not) to the `length_penalty`.
+
+Each step's requests share the batch with everything else, and the prefix cache gives each
+its beam's tokens but the last: a step computes about one token a beam. No torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from model.tokenizer import Tokenizer
+from server.engine_front import EngineFront, RequestStream
+from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.serving import SampleGroup, Submitted, check_capacity
+
+
+@dataclass(slots=True)
+class Beam:
+    token_ids: list[int] = field(default_factory=list)  # generated, a final end included
+    cum_logprob: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    ended: bool = False  # by an end-of-sequence token
+
+
+def beam_score(beam: Beam, prompt_len: int, length_penalty: float) -> float:
+    """vLLM's get_beam_search_score."""
+    length = prompt_len + len(beam.token_ids) - beam.ended
+    return beam.cum_logprob / length ** length_penalty
+
+
+class BeamSearch:
+    """One prompt's beam search, read as an engine request's stream (RequestStream's
+    interface): it yields, once the search is over, each of the `params.n` best beams as
+    a finished output of index 0, 1, ... (the best first)."""
+
+    def __init__(self, engine: EngineFront, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str, length_penalty: float, eos_ids: frozenset[int],
+                 decode: Callable[[list[int]], str]) -> None:
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.request_id, self.length_penalty = request_id, length_penalty
+        self.eos_ids, self.decode = eos_ids, decode
+        self.width = params.n
+        # The steps' requests: the 2w likeliest next tokens, raw (the drawn token is moot)
+        self.step_params = SamplingParams(
+            max_tokens=1, temperature=0.0, ignore_eos=True,
+            logprobs=max(2 * self.width, params.logprobs or 0),
+            skip_special_tokens=params.skip_special_tokens)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._run()
+
+    def _score(self, beam: Beam) -> float:
+        return beam_score(beam, len(self.prompt_ids), self.length_penalty)
+
+    async def _run(self) -> AsyncIterator[RequestOutput]:
+        room = self.engine.max_model_len - len(self.prompt_ids)
+        steps = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        beams, ended = [Beam()], []
+        ending: FinishReason | None = None  # set when a step's request did not finish well
+        error = None
+        for step in range(steps):
+            outs = await self._step(step, beams)
+            failed = [o for o in outs if o.finish_reason in (FinishReason.ABORT,
+                                                                FinishReason.ERROR)]
+            if failed:
+                ending, error = failed[0].finish_reason, failed[0].error
+                break
+            candidates = []
+            for beam, out in zip(beams, outs, strict=True):
+                [chosen] = out.logprobs or [TokenLogprob(-1, 0.0)]
+                shown = chosen.top[:self.params.logprobs or 0]
+                for token, logprob in chosen.top:
+                    new = Beam([*beam.token_ids, token], beam.cum_logprob + logprob,
+                               [*beam.logprobs, TokenLogprob(token, logprob, shown)],
+                               token in self.eos_ids and not self.params.ignore_eos)
+                    (ended if new.ended else candidates).append(new)
+            beams = sorted(candidates, key=self._score, reverse=True)[:self.width]
+            if not beams:
+                break
+        best = sorted([*ended, *beams], key=self._score, reverse=True)[:self.width]
+        for index, beam in enumerate(best):
+            yield self._output(index, beam, ending, error)
+
+    async def _step(self, step: int, beams: list[Beam]) -> list[RequestOutput]:
+        """Each beam's next-token request, run together; their final outputs."""
+        streams: list[RequestStream] = []
+        try:
+            for j, beam in enumerate(beams):
+                streams.append(self.engine.generate(
+                    [*self.prompt_ids, *beam.token_ids], self.step_params,
+                    f"{self.request_id}-{step}-{j}"))
+            return await asyncio.gather(*(_last(s) for s in streams))
+        except BaseException:  # the client went away, the server is full or stopping
+            for stream in streams:
+                self.engine.abort(stream.request_id)
+            raise
+
+    def _output(self, index: int, beam: Beam, ending: FinishReason | None,
+                error: str | None) -> RequestOutput:
+        ids = beam.token_ids[:-1] if beam.ended else beam.token_ids  # the end has no text
+        finish = ending or (FinishReason.STOP if beam.ended else FinishReason.LENGTH)
+        return RequestOutput(
+            self.request_id, index, text=self.decode(ids), token_ids=list(beam.token_ids),
+            logprobs=beam.logprobs if self.params.logprobs is not None else None,
+            finish_reason=finish, error=error, num_prompt_tokens=len(self.prompt_ids),
+            num_output_tokens=len(beam.token_ids))
+
+
+async def _last(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    assert last is not None  # (a stream ends with its finished output)
+    return last
+
+
+def submit_beam_searches(engine: EngineFront, prompts: list[tuple[list[int], str | None]],
+                         params: SamplingParams, request_id: str, length_penalty: float,
+                         tokenizer: Tokenizer, prompt_param: str = "prompt") -> list[Submitted]:
+    """Each prompt's beam search, as `submit` queues prompts (checked first, all of them);
+    the searches start when their outputs are read."""
+    check_capacity(engine, len(prompts), params.n, prompt_param)
+    for ids, _ in prompts:
+        engine.validate(ids, params)  # (its n beams run as n samples would)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    return [Submitted(ids, text, [SampleGroup(BeamSearch(
+        engine, ids, params, f"{request_id}-{i}", length_penalty, tokenizer.eos_ids, decode),
+        0)]) for i, (ids, text) in enumerate(prompts)]
