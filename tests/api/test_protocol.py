@@ -406,7 +406,7 @@ def test_allowed_token_ids_reach_the_sampling_params() -> None:
                        "greater than or equal to 0")
 
 
-REFUSED = ["logits_processors", "use_beam_search"]
+REFUSED = ["logits_processors"]
 
 
 @pytest.mark.parametrize("field", REFUSED)
@@ -414,8 +414,7 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
     """Unknown fields are ignored, but a vLLM field this server does not implement is a 400
     naming it whenever it asks for something; its neutral values pass."""
     for build in (completion, chat):
-        assert_invalid(build, {field: [1] if field != "use_beam_search" else True}, field,
-                       f"{field}: not supported by this server")
+        assert_invalid(build, {field: [1]}, field, f"{field}: not supported by this server")
         for neutral in (None, False, []):
             build(**{field: neutral})
     assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
