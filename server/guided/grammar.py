@@ -18,8 +18,10 @@ term | term`) is a repetition, and is exact.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 
+from server.guided import regex
 from server.guided.regex import (
     ANY_CHAR,
     MAX_NFA_STATES,
@@ -32,6 +34,7 @@ from server.guided.regex import (
 )
 
 MAX_RECURSION = 5  # a recursive rule open inside itself at most this many times
+GRAMMAR_SECONDS = 6.0  # to compile a grammar, every depth tried (each within the regex's)
 MAX_NODES = MAX_NFA_STATES // 2  # the expanded grammar's size (each node takes 2+ states)
 MAX_GRAMMAR_CHARS = 100_000
 ROOT = "root"
@@ -127,8 +130,8 @@ class _Parser:
             self.i += 1
             if c == "{":
                 end = self.text.find("}", self.i)
-                body = self.text[self.i:end].replace(" ", "") if end > 0 else ""
-                bounds = re.fullmatch(r"(\d*)(,?)(\d*)", body)
+                body = re.sub(r"\s", "", self.text[self.i:end]) if end > 0 else ""
+                bounds = re.fullmatch(r"([0-9]{0,4})(,?)([0-9]{0,4})", body)
                 if end < 0 or bounds is None or bounds.group() in ("", ","):
                     raise self.error("bad repetition {...}")
                 lo_text, comma, hi_text = bounds.groups()
@@ -186,6 +189,8 @@ class _Parser:
                     raise self.error("bad range in class")
             ranges.append((lo, hi))
         self.i += 1
+        if not ranges:  # (llama.cpp reads [] and [^] as nothing at all)
+            raise self.error("an empty class [] or [^]")
         try:
             return ranges_node(ranges, negate)
         except GuideError as e:
@@ -246,7 +251,7 @@ class _Expander:
 
     def __init__(self, rules: dict[str, tuple], depth: int) -> None:
         self.rules, self.depth, self.open, self.nodes = rules, depth, Counter[str](), 0
-        self.cut = False  # whether the bound left something out
+        self.recursed = False  # whether a rule was opened inside itself
 
     def expand(self, node: tuple) -> tuple | None:
         self.nodes += 1
@@ -261,8 +266,8 @@ class _Expander:
         if kind == "ref":
             name = node[1]
             if self.open[name] >= self.depth:
-                self.cut = True
                 return None
+            self.recursed |= self.open[name] > 0
             self.open[name] += 1
             try:
                 return self.expand(self.rules[name])
@@ -282,8 +287,10 @@ class _Expander:
 
 
 def compile_grammar(text: str) -> ByteDFA:
-    """The DFA of what the grammar's `root` writes, its recursion as deep as fits."""
+    """The DFA of what the grammar's `root` writes, its recursion as deep as fits (the
+    depths tried within GRAMMAR_SECONDS in all, each within MAX_COMPILE_SECONDS)."""
     rules = parse_grammar(text)
+    deadline = time.monotonic() + GRAMMAR_SECONDS
     for depth in range(MAX_RECURSION, 0, -1):
         expander = _Expander(rules, depth)
         try:
@@ -291,8 +298,9 @@ def compile_grammar(text: str) -> ByteDFA:
             if node is None:
                 raise GuideError(f"the grammar writes nothing within {depth} levels of "
                                  "recursion")
-            return compile_node(node)
+            left = max(0.0, deadline - time.monotonic())
+            return compile_node(node, min(regex.MAX_COMPILE_SECONDS, left))
         except GuideTooLarge:
-            if depth == 1 or not expander.cut:  # (shallower, it would be the same)
+            if depth == 1 or not expander.recursed:  # (shallower, it would be the same)
                 raise
     raise AssertionError("unreachable")

@@ -30,7 +30,7 @@ class GuideError(ValueError):
 
 
 class GuideTooLarge(GuideError):
-    """The automaton passes its size limits (a smaller pattern may compile)."""
+    """The automaton passes its size or time limits (a smaller pattern may compile)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,8 +484,10 @@ def parse_regex(pattern: str, members: Sequence[Members] = ()) -> tuple:
     return _Parser(pattern, members).parse()
 
 
-def compile_node(node: tuple) -> ByteDFA:
-    """The DFA of a parsed pattern (the AST above; grammar.py builds one too)."""
+def compile_node(node: tuple, seconds: float | None = None) -> ByteDFA:
+    """The DFA of a parsed pattern (the AST above; grammar.py builds one too), built within
+    `seconds` (MAX_COMPILE_SECONDS)."""
+    seconds = MAX_COMPILE_SECONDS if seconds is None else seconds
     nfa = _NFA()
     start, end = nfa.build(node)
     classes = _byte_classes({label for edges in nfa.edges for label, _ in edges})
@@ -504,7 +506,7 @@ def compile_node(node: tuple) -> ByteDFA:
                     todo.append(nxt)
         return frozenset(s for s in seen if nfa.edges[s] or s == end)  # epsilon-only: moot
 
-    deadline = time.monotonic() + MAX_COMPILE_SECONDS
+    deadline = time.monotonic() + seconds
     first = closure({start})
     index = {first: 0}
     order, table = [first], []
@@ -512,6 +514,9 @@ def compile_node(node: tuple) -> ByteDFA:
         current = order[len(table)]
         row = []
         for mask in classes:
+            if time.monotonic() > deadline:  # (checked per edge: a few rows may be slow)
+                raise GuideTooLarge(f"the pattern takes too long to compile (over "
+                                    f"{seconds:g} s)")
             targets = {t for s in current for label, t in nfa.edges[s] if label & mask}
             if not targets:
                 row.append(-1)
@@ -520,10 +525,7 @@ def compile_node(node: tuple) -> ByteDFA:
             if key not in index:
                 if len(order) >= MAX_DFA_STATES:
                     raise GuideTooLarge(f"the pattern is too large to compile (its automaton "
-                                     f"passes {MAX_DFA_STATES} states)")
-                if time.monotonic() > deadline:
-                    raise GuideError(f"the pattern takes too long to compile (over "
-                                     f"{MAX_COMPILE_SECONDS:g} s)")
+                                        f"passes {MAX_DFA_STATES} states)")
                 index[key] = len(order)
                 order.append(key)
             row.append(index[key])

@@ -81,6 +81,8 @@ class JsonSchemaFormat(OpenAIBaseModel):
 class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    # llama.cpp's server's: `{"type": "json_object", "schema": {...}}` asks for the schema's
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
@@ -278,7 +280,9 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
         if self.structured_outputs is not None:
             specs += self.structured_outputs.specs()
         rf = self.response_format
-        if rf is not None and rf.type == "json_object":
+        if rf is not None and rf.type == "json_object" and rf.schema_ is not None:
+            specs.append(GuideSpec("json", rf.schema_, "response_format"))
+        elif rf is not None and rf.type == "json_object":
             specs.append(GuideSpec("json_object", None, "response_format"))
         elif rf is not None and rf.type == "json_schema":
             assert rf.json_schema is not None  # (the validator)

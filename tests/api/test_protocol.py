@@ -533,6 +533,8 @@ GBNF = 'root ::= "yes" | "no"'
     ({"guided_grammar": GBNF}, "grammar", GBNF, "guided_grammar"),
     ({"grammar": GBNF}, "grammar", GBNF, "grammar"),  # llama.cpp's two
     ({"json_schema": SCHEMA}, "json", SCHEMA, "json_schema"),
+    ({"response_format": {"type": "json_object", "schema": SCHEMA}}, "json", SCHEMA,
+     "response_format"),  # llama.cpp's
     ({"grammar": ""}, None, None, None),  # (llama.cpp's clients send "" for none)
     ({"response_format": {"type": "text"}}, None, None, None),
 ])

@@ -9,11 +9,37 @@ import re
 
 import pytest
 
-from server.guided import grammar
+from server.guided import grammar, regex
 from server.guided.grammar import MAX_RECURSION, compile_grammar
 from server.guided.regex import GuideError
-from tests.conftest import JSON_GBNF
 
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7] [0-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+'''  # llama.cpp's grammars/json.gbnf
 
 def same_language(gbnf: str, pattern: str, alphabet: str, longest: int) -> None:
     dfa = compile_grammar(gbnf)
@@ -26,7 +52,7 @@ def same_language(gbnf: str, pattern: str, alphabet: str, longest: int) -> None:
 @pytest.mark.parametrize(("gbnf", "pattern", "alphabet"), [
     # strings, classes, groups, quantifiers, comments, a rule over several lines
     ('root ::= ("ab" | [c-e]+)* "x"?  # a comment\n', r"(?:ab|[c-e]+)*x?", "abcex"),
-    ('root ::= item{2,3} | "-"{,2}\nitem ::=\n  [ab]\n  "c"', r"(?:[ab]c){2,3}|-{0,2}", "abc-"),
+    ('root ::= item{2,3} | "-"{ ,2 }\nitem ::=\n  [ab]\n  "c"', r"(?:[ab]c){2,3}|-{0,2}", "abc-"),
     ("root ::= 'a' . [^a]{1} ws\nws ::= | \" \"", r"a.[^a] ?", "ab "),
     (r'root ::= "\x41\u0042" [\n\t-] "\\"+', r"AB[\n\t-]\\+", "AB\n-\\"),
     ('root ::= x | x "y" x\nx ::= [ab]?', r"[ab]?|[ab]?y[ab]?", "aby"),
@@ -59,7 +85,10 @@ def test_recursion_inside_is_bounded() -> None:
 
 def test_recursion_is_as_deep_as_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp's json.gbnf: its indentation counts make a large automaton at depth 4, so
-    it compiles at 3 (values inside values inside values)."""
+    it compiles at 3 (values inside values inside values). (Time enough for a loaded
+    machine: what is tested is the language.)"""
+    monkeypatch.setattr(regex, "MAX_COMPILE_SECONDS", 60.0)
+    monkeypatch.setattr(grammar, "GRAMMAR_SECONDS", 120.0)
     dfa = compile_grammar(JSON_GBNF)
     assert dfa.matches(b'{"a": [1, {"b": null}], "c": "x\\n"}')
     assert dfa.matches(b'{\n  "a": {\n    "b": true\n  }\n}')
@@ -68,6 +97,30 @@ def test_recursion_is_as_deep_as_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(grammar, "MAX_RECURSION", 2)
     shallower = compile_grammar(JSON_GBNF)
     assert shallower.matches(b'{"a": [1]}') and not shallower.matches(b'{"a": [[1]]}')
+
+
+def test_too_slow_is_too_large_and_tried_shallower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A depth whose automaton takes too long to build is tried shallower, as one too large
+    is (here the first three depths, 5 to 3, time out: parentheses nest once at depth 2)."""
+    timeouts = iter(range(3))
+    real = grammar.compile_node
+
+    def slow_at_first(node: tuple, seconds: float) -> object:
+        if next(timeouts, None) is not None:
+            raise regex.GuideTooLarge("the pattern takes too long to compile")
+        return real(node, seconds)
+
+    monkeypatch.setattr(grammar, "compile_node", slow_at_first)
+    dfa = compile_grammar('root ::= expr\nexpr ::= [0-9] | "(" expr ")"')
+    assert dfa.matches(b"(1)") and not dfa.matches(b"((1))")
+
+
+def test_a_recursive_grammar_too_large_before_any_cut_is_tried_shallower() -> None:
+    """Its expansion passes the parts limit while nesting, before the depth bound cuts
+    anything: shallower, it fits."""
+    b = " | ".join(['"z"'] * 3000)
+    dfa = compile_grammar(f'root ::= a\na ::= "(" {"b " * 10}a ")" | "x"\nb ::= {b}')
+    assert dfa.matches(b"(" + b"z" * 10 + b"x)") and not dfa.matches(b"(x)")
 
 
 @pytest.mark.parametrize(("gbnf", "fragment"), [
@@ -82,6 +135,8 @@ def test_recursion_is_as_deep_as_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     ("root ::= [z-a]", "bad range"),
     ('root ::= "a"{3,1}', "bad repetition"),
     ('root ::= "a"{5000}', "bad repetition"),
+    ('root ::= "a"{' + "9" * 5000 + "}", "bad repetition"),
+    ("root ::= []", "an empty class"), ("root ::= [^]", "an empty class"),
     (r'root ::= "\uD800"', "is not a character"),
     ("root ::= <think> x", "token references"),
     (r"root ::= [^\u00e9]", "negated class naming characters past ASCII"),
