@@ -1,15 +1,16 @@
 """A regular expression -> a DFA over UTF-8 bytes, for guided decoding. No torch.
 
 The pattern must match the whole output (as `re.fullmatch`). Supported: literals and escapes
-(\\d \\w \\s and their negations, \\n \\t \\r \\f \\v, \\xHH, \\uHHHH, escaped punctuation),
-`.`, classes `[...]` / `[^...]` with ranges, groups `(...)`, `(?:...)`, `(?P<name>...)`,
-alternation, and the quantifiers * + ? {n} {n,} {n,m} (a lazy `?` after one changes nothing
-here: every match is allowed). Anchors ^ and $ are accepted at the ends. Backreferences and
-lookarounds are not regular and are refused.
+(\\d \\w \\s and their negations, \\n \\t \\r \\f \\v, \\xHH, \\uHHHH, \\UHHHHHHHH, escaped
+punctuation), `.`, classes `[...]` / `[^...]` with ranges, groups `(...)`, `(?:...)`,
+`(?P<name>...)`, alternation, and the quantifiers * + ? {n} {n,} {n,m} (a lazy `?` after one
+changes nothing here: every match is allowed). Anchors ^ and $ are accepted at the ends.
+Backreferences and lookarounds are not regular and are refused.
 
-Characters become their UTF-8 bytes. A class holding characters past ASCII lists them (up to
-MAX_CLASS_CHARS); a negated class or `.` allows every character past ASCII (well-formed
-UTF-8), unless it names some, which is refused, or holds \\W, \\D or \\S (then none).
+Characters become their UTF-8 bytes; a class's characters past ASCII are code point ranges,
+compiled to the byte ranges of their encodings (a negated class or `.` allows every character
+past ASCII it does not name: well-formed UTF-8, no surrogates; \\W, \\D and \\S hold them
+all, \\w \\d \\s being ASCII's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 MAX_NFA_STATES = 200_000
 MAX_DFA_STATES = 20_000
-MAX_CLASS_CHARS = 4096
 MAX_COMPILE_SECONDS = 3.0  # a pattern may be small and its DFA slow to build: bounded
 ALL_BYTES = (1 << 256) - 1
 
@@ -63,9 +63,11 @@ class ByteDFA:
 
 
 # ------------------------------------------------------------------------------ parsing
-# AST nodes: ("chars", ascii_mask, multibyte) where multibyte is a frozenset of characters
-# past ASCII or ANY_MULTIBYTE; ("seq", [nodes]); ("alt", [nodes]); ("repeat", node, lo, hi)
-ANY_MULTIBYTE = "any"
+# AST nodes: ("chars", ascii_mask, multibyte) where multibyte is the characters past ASCII,
+# as sorted, disjoint code point ranges (Ranges); ("seq", [nodes]); ("alt", [nodes]);
+# ("repeat", node, lo, hi)
+Ranges = tuple[tuple[int, int], ...]
+ANY_MULTIBYTE: Ranges = ((0x80, 0xD7FF), (0xE000, 0x10FFFF))  # (no surrogates)
 _DIGITS = {ord(c) for c in "0123456789"}
 _WORD = _DIGITS | {ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"}
 _SPACE = {ord(c) for c in " \t\n\r\f\v"}
@@ -236,7 +238,7 @@ class _Parser:
     def escape(self, in_class: bool) -> tuple:
         c = self.take()
         if c in "dws":
-            return ("chars", _CLASS_ESCAPES[c], frozenset())
+            return ("chars", _CLASS_ESCAPES[c], ())
         if c in "DWS":
             return ("chars", _ASCII & ~_CLASS_ESCAPES[c.lower()], ANY_MULTIBYTE)
         if c == "0":  # octal, as Python reads \0, \01, \012
@@ -246,12 +248,14 @@ class _Parser:
             return _literal(chr(int(digits or "0", 8)))
         if c in _SIMPLE_ESCAPES:
             return _literal(_SIMPLE_ESCAPES[c])
-        if c in "xu":
-            n = 2 if c == "x" else 4
+        if c in "xuU":
+            n = {"x": 2, "u": 4, "U": 8}[c]
             digits = self.p[self.i:self.i + n]
             if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
                 raise self.error(f"bad \\{c} escape")
             self.i += n
+            if int(digits, 16) > 0x10FFFF:
+                raise self.error(f"\\{c}{digits} is not a character")
             return _literal(chr(int(digits, 16)))
         if c == "b" and in_class:
             return _literal("\b")
@@ -263,7 +267,7 @@ class _Parser:
         negate = self.peek() == "^"
         if negate:
             self.i += 1
-        ascii_mask, chars, any_multibyte, first = 0, set(), False, True
+        ascii_mask, multi, first = 0, [], True
         while True:
             c = self.take()
             if c == "]" and not first:
@@ -271,17 +275,13 @@ class _Parser:
             first = False
             if c == "\\":
                 node = self.escape(in_class=True)
-                _, m, multi = node
-                ascii_mask |= m
-                if multi == ANY_MULTIBYTE:
-                    any_multibyte = True
-                else:
-                    chars |= set(multi)
+                ascii_mask |= node[1]
+                multi += node[2]
                 lo = _single(node)
             else:
                 lo = ord(c)
-                self._add(lo, lo, chars)
                 ascii_mask |= (1 << lo) if lo < 128 else 0
+                multi.append((lo, lo))
             if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
                 self.i += 1
                 h = self.take()
@@ -290,23 +290,40 @@ class _Parser:
                     raise self.error("bad range in class")
                 for code in range(lo, min(hi, 127) + 1):
                     ascii_mask |= 1 << code
-                self._add(max(lo, 128), hi, chars)
-        if negate:
-            if chars:
-                raise self.error("a negated class naming characters past ASCII is not "
-                                 "supported")
-            # \W, \D or \S inside already hold every character past ASCII: none is left
-            return ("chars", _ASCII & ~ascii_mask, frozenset() if any_multibyte
-                    else ANY_MULTIBYTE)
-        return ("chars", ascii_mask, ANY_MULTIBYTE if any_multibyte else frozenset(chars))
+                multi.append((lo, hi))
+        return _class(ascii_mask, multi, negate)
 
-    def _add(self, lo: int, hi: int, chars: set[str]) -> None:
-        if hi < 128 or hi < lo:
-            return
-        if hi - lo + len(chars) > MAX_CLASS_CHARS:
-            raise self.error(f"classes of more than {MAX_CLASS_CHARS} characters past ASCII "
-                             "are not supported")
-        chars.update(chr(code) for code in range(lo, hi + 1))
+
+def _ranges(pairs: Sequence[tuple[int, int]]) -> Ranges:
+    """Code point ranges past ASCII, sorted and merged, surrogates left out."""
+    cut = []
+    for lo, hi in pairs:
+        lo = max(lo, 0x80)
+        for a, b in ((lo, min(hi, 0xD7FF)), (max(lo, 0xE000), min(hi, 0x10FFFF))):
+            if a <= b:
+                cut.append((a, b))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(cut):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return tuple(merged)
+
+
+def _class(ascii_mask: int, multi: Sequence[tuple[int, int]], negate: bool) -> tuple:
+    """A class node: the ASCII characters of `ascii_mask` and the code point ranges `multi`
+    (ASCII parts of them are in the mask already), or every other character."""
+    ranges = _ranges(multi)
+    if not negate:
+        return ("chars", ascii_mask, ranges)
+    rest, at = [], 0x80
+    for lo, hi in ranges:
+        if at < lo:
+            rest.append((at, lo - 1))
+        at = hi + 1
+    rest.append((at, 0x10FFFF))
+    return ("chars", _ASCII & ~ascii_mask, _ranges(rest))
 
 
 def text_node(text: str) -> tuple:
@@ -315,25 +332,12 @@ def text_node(text: str) -> tuple:
 
 
 def ranges_node(ranges: Sequence[tuple[int, int]], negate: bool) -> tuple:
-    """A class of characters from code point ranges (inclusive), or everything else; as
-    `[...]` here, a negated class may not name characters past ASCII."""
-    ascii_mask, chars = 0, set()
+    """A class of characters from code point ranges (inclusive), or every other character."""
+    ascii_mask = 0
     for lo, hi in ranges:
         for code in range(lo, min(hi, 127) + 1):
             ascii_mask |= 1 << code
-        if hi >= 128:
-            if negate:
-                raise GuideError("a negated class naming characters past ASCII is not "
-                                 "supported")
-            lo = max(lo, 128)
-            if hi - lo + 1 + len(chars) > MAX_CLASS_CHARS:
-                raise GuideError(f"classes of more than {MAX_CLASS_CHARS} characters past "
-                                 "ASCII are not supported")
-            chars.update(chr(code) for code in range(lo, hi + 1)
-                         if not 0xD800 <= code <= 0xDFFF)  # (surrogates are no characters)
-    if negate:
-        return ("chars", _ASCII & ~ascii_mask, ANY_MULTIBYTE)
-    return ("chars", ascii_mask, frozenset(chars))
+    return _class(ascii_mask, ranges, negate)
 
 
 ANY_CHAR = ("chars", _ASCII, ANY_MULTIBYTE)  # every character, a newline too
@@ -341,18 +345,16 @@ ANY_CHAR = ("chars", _ASCII, ANY_MULTIBYTE)  # every character, a newline too
 
 def _literal(c: str) -> tuple:
     code = ord(c)
-    return ("chars", 1 << code, frozenset()) if code < 128 else ("chars", 0, frozenset(c))
+    return ("chars", 1 << code, ()) if code < 128 else ("chars", 0, _ranges([(code, code)]))
 
 
 def _single(node: tuple) -> int | None:
     """The one character a class escape names, or None (\\d and the like)."""
     _, m, multi = node
-    if multi == ANY_MULTIBYTE:
-        return None
     if not multi and m and m & (m - 1) == 0:
         return m.bit_length() - 1
-    if not m and len(multi) == 1:
-        return ord(next(iter(multi)))
+    if not m and len(multi) == 1 and multi[0][0] == multi[0][1]:
+        return multi[0][0]
     return None
 
 
@@ -364,15 +366,6 @@ def literal_pattern(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------ NFA
-# Well-formed UTF-8 past ASCII (Unicode's table 3-7: no overlong forms, no surrogates)
-_TAIL = (0x80, 0xBF)
-UTF8_SEQUENCES = (
-    ((0xC2, 0xDF), _TAIL),
-    ((0xE0, 0xE0), (0xA0, 0xBF), _TAIL), ((0xE1, 0xEC), _TAIL, _TAIL),
-    ((0xED, 0xED), (0x80, 0x9F), _TAIL), ((0xEE, 0xEF), _TAIL, _TAIL),
-    ((0xF0, 0xF0), (0x90, 0xBF), _TAIL, _TAIL), ((0xF1, 0xF3), _TAIL, _TAIL, _TAIL),
-    ((0xF4, 0xF4), (0x80, 0x8F), _TAIL, _TAIL),
-)
 class _NFA:
     """Thompson's construction: byte edges labelled with 256-bit masks, and epsilon edges."""
 
@@ -450,26 +443,43 @@ class _NFA:
         self.eps[some[-1]].append(end)
         return none[0], end
 
-    def chars(self, ascii_mask: int, multibyte: frozenset[str] | str) -> tuple[int, int]:
+    def chars(self, ascii_mask: int, multibyte: Ranges) -> tuple[int, int]:
         start, end = self.state(), self.state()
         if ascii_mask:
             self.edges[start].append((ascii_mask, end))
-        if multibyte == ANY_MULTIBYTE:
-            for ranges in UTF8_SEQUENCES:  # each a run of byte ranges, the last into `end`
+        for lo, hi in multibyte:
+            for run in utf8_sequences(lo, hi):  # byte ranges, one per byte, the last to `end`
                 state = start
-                for k, (lo, hi) in enumerate(ranges):
-                    nxt = end if k == len(ranges) - 1 else self.state()
-                    self.edges[state].append((_mask(set(range(lo, hi + 1))), nxt))
+                for k, (a, b) in enumerate(run):
+                    nxt = end if k == len(run) - 1 else self.state()
+                    self.edges[state].append((_mask(set(range(a, b + 1))), nxt))
                     state = nxt
-        else:
-            for c in sorted(multibyte):  # a trie would be smaller; the DFA merges it anyway
-                state, data = start, c.encode("utf-8")
-                for b in data[:-1]:
-                    nxt = self.state()
-                    self.edges[state].append((1 << b, nxt))
-                    state = nxt
-                self.edges[state].append((1 << data[-1], end))
         return start, end
+
+
+def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
+    """The UTF-8 encodings of the code points lo..hi (past ASCII, no surrogates) as runs of
+    byte ranges, one range per byte (the split of Russ Cox's and Rust's regex crates: first
+    by encoded length, then until each continuation byte spans a whole range)."""
+    runs, todo = [], [(lo, hi)]
+    while todo:
+        lo, hi = todo.pop()
+        split = next(((lo, edge, edge + 1, hi) for edge in (0x7FF, 0xFFFF) if lo <= edge < hi),
+                     None)
+        for bits in (6, 12, 18):
+            if split is not None:
+                break
+            m = (1 << bits) - 1
+            if lo & ~m != hi & ~m:  # the ranges of the bytes below differ: split
+                if lo & m:
+                    split = (lo, lo | m, (lo | m) + 1, hi)
+                elif hi & m != m:
+                    split = (lo, (hi & ~m) - 1, hi & ~m, hi)
+        if split is not None:
+            todo += [(split[2], split[3]), (split[0], split[1])]
+            continue
+        runs.append(list(zip(chr(lo).encode(), chr(hi).encode(), strict=True)))
+    return runs
 
 
 # ------------------------------------------------------------------------------ DFA
