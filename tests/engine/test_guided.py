@@ -14,7 +14,7 @@ import server.guided.regex as regex_module
 from model.tokenizer import Tokenizer
 from server.guided.json_schema import json_object_pattern, schema_to_regex
 from server.guided.masks import GuideMasks, TokenTable
-from server.guided.regex import MAX_DFA_STATES, GuideError, compile_regex
+from server.guided.regex import MAX_DFA_STATES, GuideError, compile_regex, utf8_sequences
 from server.guided.spec import Guide, GuideSpec, compile_guide
 from server.request import FinishReason, SamplingParams
 from tests.engine.conftest import CpuEngine, generate_all, started
@@ -301,3 +301,25 @@ def test_guided_rows_keep_their_masks_across_steps(cpu_engine: CpuEngine) -> Non
         (outs,) = generate_all(engine, [(engine.tokenizer.encode("x"), guided(
             "regex", pattern, max_tokens=40, temperature=1.0, seed=1))])
     assert "".join(out.text for out in outs) == "ababababababc"
+
+
+@pytest.mark.parametrize(("lo", "hi"), [
+    (0x80, 0x7FF), (0x7F0, 0x900), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x4E00, 0x9FFF),
+    (0x3FF, 0x401), (0xFFF0, 0x1003F), (0x10000, 0x10FFFF),
+])
+def test_utf8_sequences_are_the_encodings_of_the_range(lo: int, hi: int) -> None:
+    """Each encoding of lo..hi lies in exactly one run, and every run's bytes are some
+    character's of the range (checked at each run's corners and a sample inside)."""
+    runs = utf8_sequences(lo, hi)
+
+    def runs_holding(data: bytes) -> int:
+        return sum(len(run) == len(data)
+                   and all(a <= b <= z for (a, z), b in zip(run, data, strict=True))
+                   for run in runs)
+
+    step = max(1, (hi - lo) // 5000)
+    for code in [*range(lo, hi + 1, step), hi]:
+        assert runs_holding(chr(code).encode()) == 1, hex(code)
+    for run in runs:
+        for corner in (bytes(a for a, _ in run), bytes(z for _, z in run)):
+            assert lo <= ord(corner.decode()) <= hi
