@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
 from server.engine_front import EngineFront, RequestStream
@@ -47,11 +47,24 @@ class BeamSearch:
         self.request_id, self.length_penalty = request_id, length_penalty
         self.eos_ids, self.decode = eos_ids, decode
         self.width = params.n
+        self._first: list[RequestStream] = []  # step 0's request (start)
         # The steps' requests: the 2w likeliest next tokens, raw (the drawn token is moot)
         self.step_params = SamplingParams(
             max_tokens=1, temperature=0.0, ignore_eos=True,
             logprobs=max(2 * self.width, params.logprobs or 0),
             skip_special_tokens=params.skip_special_tokens)
+
+    def start(self) -> None:
+        """Queue the first step (the prompt alone), past the admission check as any request
+        (EngineOverloaded, before a response starts); the later steps are the admitted
+        search's, queued whatever the queue holds then."""
+        self._first = [self.engine.generate(self.prompt_ids, self.step_params,
+                                            f"{self.request_id}-0-0")]
+
+    def abort_start(self) -> None:
+        """Abort the first step (a request whose other searches could not start)."""
+        for stream in self._first:
+            self.engine.abort(stream.request_id)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._run()
@@ -60,12 +73,26 @@ class BeamSearch:
         return beam_score(beam, len(self.prompt_ids), self.length_penalty)
 
     async def _run(self) -> AsyncIterator[RequestOutput]:
-        room = self.engine.max_model_len - len(self.prompt_ids)
-        steps = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        self.engine.beam_searches += 1  # (a drain waits for it, between steps too)
+        try:
+            async for out in self._search():
+                yield out
+        finally:
+            self.engine.beam_searches -= 1
+
+    def _steps(self) -> int:
+        """max_tokens, or as EngineFront.generate fills it in: the model's default where the
+        context has room for it."""
+        room, params = self.engine.max_model_len - len(self.prompt_ids), self.params
+        if params.max_tokens is not None:
+            return min(params.max_tokens, room)
+        return room if params.default_max_tokens is None else min(room, params.default_max_tokens)
+
+    async def _search(self) -> AsyncIterator[RequestOutput]:
         beams, ended = [Beam()], []
         ending: FinishReason | None = None  # set when a step's request did not finish well
         error = None
-        for step in range(steps):
+        for step in range(self._steps()):
             outs = await self._step(step, beams)
             failed = [o for o in outs if o.finish_reason in (FinishReason.ABORT,
                                                                 FinishReason.ERROR)]
@@ -76,7 +103,7 @@ class BeamSearch:
             for beam, out in zip(beams, outs, strict=True):
                 [chosen] = out.logprobs or [TokenLogprob(-1, 0.0)]
                 shown = chosen.top[:self.params.logprobs or 0]
-                for token, logprob in chosen.top:
+                for token, logprob in chosen.top[:2 * self.width]:  # (more, when shown)
                     new = Beam([*beam.token_ids, token], beam.cum_logprob + logprob,
                                [*beam.logprobs, TokenLogprob(token, logprob, shown)],
                                token in self.eos_ids and not self.params.ignore_eos)
@@ -90,12 +117,12 @@ class BeamSearch:
 
     async def _step(self, step: int, beams: list[Beam]) -> list[RequestOutput]:
         """Each beam's next-token request, run together; their final outputs."""
-        streams: list[RequestStream] = []
+        streams: list[RequestStream] = self._first if step == 0 else []
         try:
-            for j, beam in enumerate(beams):
+            for j, beam in enumerate(beams if step else []):
                 streams.append(self.engine.generate(
                     [*self.prompt_ids, *beam.token_ids], self.step_params,
-                    f"{self.request_id}-{step}-{j}"))
+                    f"{self.request_id}-{step}-{j}", admitted=True))
             return await asyncio.gather(*(_last(s) for s in streams))
         except BaseException:  # the client went away, the server is full or stopping
             for stream in streams:
@@ -127,12 +154,20 @@ def submit_beam_searches(engine: EngineFront, prompts: list[tuple[list[int], str
     """Each prompt's beam search, as `submit` queues prompts (checked first, all of them);
     the searches start when their outputs are read."""
     check_capacity(engine, len(prompts), params.n, prompt_param)
-    for ids, _ in prompts:
-        engine.validate(ids, params)  # (its n beams run as n samples would)
+    for ids, _ in prompts:  # (the n beams of a step need not run at once)
+        engine.validate(ids, replace(params, n=1))
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
-    return [Submitted(ids, text, [SampleGroup(BeamSearch(
-        engine, ids, params, f"{request_id}-{i}", length_penalty, tokenizer.eos_ids, decode),
-        0)]) for i, (ids, text) in enumerate(prompts)]
+    searches = [BeamSearch(engine, ids, params, f"{request_id}-{i}", length_penalty,
+                           tokenizer.eos_ids, decode) for i, (ids, _) in enumerate(prompts)]
+    try:
+        for search in searches:
+            search.start()
+    except Exception:  # (the queue filled up: none of them runs)
+        for search in searches:
+            search.abort_start()
+        raise
+    return [Submitted(ids, text, [SampleGroup(search, 0)])
+            for (ids, text), search in zip(prompts, searches, strict=True)]

@@ -133,7 +133,7 @@ class Engine(EngineFront):
         if isinstance(item, Add):
             with self._lock:  # checked and counted at once: two loops may call generate()
                 n = item.request.params.n
-                if admit:
+                if admit and not item.admitted:
                     check_admission(self._stats.num_queued,
                                     self.num_slots - self._stats.slots_used, self.max_waiting, n)
                 self._stats.num_queued += n

@@ -50,6 +50,8 @@ class EngineDeadError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class Add:
     request: Request
+    # A beam search's step: its places were counted when the search was admitted
+    admitted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +241,7 @@ class EngineFront(ABC):
 
     def __init__(self) -> None:
         self.streams = StreamTable()
+        self.beam_searches = 0  # running (server/beam_search.py; on the event loop)
         self._listeners: list[Callable[[IterationStats], None]] = []
 
     @abstractmethod
@@ -263,9 +266,10 @@ class EngineFront(ABC):
         (raises EngineOverloaded)."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str) -> RequestStream:
+                 request_id: str, admitted: bool = False) -> RequestStream:
         """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
-        so the caller can answer with a status before any streaming starts."""
+        so the caller can answer with a status before any streaming starts. `admitted`: a
+        beam search's step, queued past the admission check (the search was admitted)."""
         self.check_health()
         self.validate(prompt_ids, params)
         if params.max_tokens is None:  # left to the context (SamplingParams)
@@ -274,7 +278,7 @@ class EngineFront(ABC):
                 rest, max(wanted, params.min_tokens)))
         stream = self.streams.open(request_id, params.n)
         try:
-            self._enqueue(Add(Request(request_id, list(prompt_ids), params)))
+            self._enqueue(Add(Request(request_id, list(prompt_ids), params), admitted))
         except BaseException:
             self.streams.discard(request_id)
             raise
@@ -299,8 +303,9 @@ class EngineFront(ABC):
         self._enqueue(AbortAll())
 
     def num_unfinished(self) -> int:
-        """Requests accepted and not yet finished (their streams are still open)."""
-        return len(self.streams)
+        """Requests accepted and not yet finished (their streams are still open), and beam
+        searches running (between their steps they have none)."""
+        return len(self.streams) + self.beam_searches
 
     def add_listener(self, listener: Callable[[IterationStats], None]) -> None:
         """`listener(stats)` runs after every step, on the thread that hears of it; keep it

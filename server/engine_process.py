@@ -324,8 +324,9 @@ class EngineProcess(EngineFront):
             # Queued: those the last report counted, and those sent since it
             stats = self._stats
             n = item.request.params.n
-            check_admission(stats.num_queued + self._sent - stats.num_received,
-                            self.num_slots - stats.slots_used, self.max_waiting, n)
+            if not item.admitted:
+                check_admission(stats.num_queued + self._sent - stats.num_received,
+                                self.num_slots - stats.slots_used, self.max_waiting, n)
             try:
                 self._conn.send(self._guides.outgoing(item))
             except OSError as e:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import secrets
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +78,9 @@ def pythonic_calls(text: str) -> list[ParsedCall] | None:
     if not rest.startswith("["):
         return None
     try:
-        tree = ast.parse(rest, mode="eval").body
+        with warnings.catch_warnings():  # (an invalid escape, "\\d", warns on every parse)
+            warnings.simplefilter("ignore")
+            tree = ast.parse(rest, mode="eval").body
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
     if not isinstance(tree, ast.List) or not tree.elts:
@@ -86,6 +88,9 @@ def pythonic_calls(text: str) -> list[ParsedCall] | None:
     calls = []
     for node in tree.elts:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
+            return None
+        names = [kw.arg for kw in node.keywords]
+        if len(set(names)) != len(names):  # f(a=1, a=2): Python refuses it too
             return None
         try:
             arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
@@ -98,25 +103,32 @@ def pythonic_calls(text: str) -> list[ParsedCall] | None:
     return calls
 
 
-_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def hermes_calls(text: str) -> list[ParsedCall] | None:
     """vLLM's hermes parser (Hermes 3, a Llama 3.1): `<tool_call>{"name": ..., "arguments":
-    {...}}</tool_call>`, one block a call, nothing but space between them."""
+    {...}}</tool_call>`, one block a call, nothing but space between them. (Read by `find`,
+    not a lazy regex: that is quadratic in unclosed blocks.)"""
     rest, calls, at = text.strip(), [], 0
-    for match in _HERMES_CALL.finditer(rest):
-        if rest[at:match.start()].strip():
+    while at < len(rest):
+        start = rest.find(HERMES_OPEN, at)
+        if start < 0 or rest[at:start].strip():
+            return None
+        end = rest.find(HERMES_CLOSE, start)
+        if end < 0:
             return None
         try:
-            call = _call(json.loads(match.group(1)))
+            call = _call(json.loads(rest[start + len(HERMES_OPEN):end]))
         except ValueError:
             return None
         if call is None:
             return None
         calls.append(call)
-        at = match.end()
-    return calls if calls and not rest[at:].strip() else None
+        at = end + len(HERMES_CLOSE)
+        while at < len(rest) and rest[at].isspace():
+            at += 1
+    return calls or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +154,7 @@ class ToolParser:
 PARSERS = {
     "llama3_json": ToolParser(llama3_json_calls, ("{", PYTHON_TAG)),
     "pythonic": ToolParser(pythonic_calls, ("[", PYTHON_START)),
-    "hermes": ToolParser(hermes_calls, ("<tool_call>",), special_tokens=True),
+    "hermes": ToolParser(hermes_calls, (HERMES_OPEN,), special_tokens=True),
 }
 
 

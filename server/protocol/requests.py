@@ -238,20 +238,12 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
             raise RequestError(f"use_beam_search takes at most {MAX_LOGPROBS // 2} beams (n), "
                                f"got {self.n}", "n")
         for name in ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids",
-                     "min_tokens"):
-            if getattr(self, name):
+                     "min_tokens", "echo", "prompt_logprobs"):
+            if getattr(self, name, None):  # (echo: completions')
                 raise RequestError(f"{name} is not supported with use_beam_search", name)
         if (spec := self.guide_spec()) is not None:
             raise RequestError(f"{spec.field}: a constraint is not supported with "
                                "use_beam_search", spec.field)
-        if self.n > MAX_LOGPROBS // 2:  # each beam asks for its 2n likeliest next tokens
-            raise RequestError(f"use_beam_search takes at most {MAX_LOGPROBS // 2} beams (n), "
-                               f"got {self.n}", "n")
-        for name in ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids",
-                     "min_tokens"):
-            if getattr(self, name):
-                raise RequestError(f"{name} is not supported with use_beam_search", name)
-        return self
 
     @field_validator("prompt_logprobs")
     @classmethod

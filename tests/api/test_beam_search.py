@@ -30,10 +30,13 @@ def completion(client: httpx.Client, **fields: object) -> dict:
 
 
 def test_one_beam_is_greedy_decoding(client: httpx.Client) -> None:
-    greedy = completion(client, max_tokens=12, temperature=0, ignore_eos=True)
-    beam = completion(client, max_tokens=12, use_beam_search=True, ignore_eos=True)
-    assert beam["choices"][0]["text"] == greedy["choices"][0]["text"]
-    assert beam["usage"] == greedy["usage"]
+    """(With logprobs shown too: the beams still grow from each one's 2n likeliest.)"""
+    for fields in ({"ignore_eos": True}, {"logprobs": 5}):
+        greedy = completion(client, max_tokens=12, temperature=0, **fields)
+        beam = completion(client, max_tokens=12, use_beam_search=True, **fields)
+        assert beam["choices"][0]["text"] == greedy["choices"][0]["text"]
+        assert beam["choices"][0]["finish_reason"] == greedy["choices"][0]["finish_reason"]
+        assert beam["usage"] == greedy["usage"]
 
 
 def test_beams_are_ranked_by_their_logprobs(client: httpx.Client,
@@ -77,7 +80,8 @@ def test_ended_beams_and_the_stream(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"n": 11}, "n"), ({"stop": ["."]}, "stop"), ({"min_tokens": 2}, "min_tokens"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"echo": True}, "echo"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"guided_choice": ["a", "b"]}, "guided_choice"),
 ])
 def test_what_beam_search_cannot_honour_is_a_400(client: httpx.Client, fields: dict,

@@ -56,6 +56,8 @@ REQUESTS = [
                           "top_logprobs": 2}),
     ("completions", {"model": "tiny", "prompt": "The dog", "max_tokens": 30, "n": 2,  # guided
                      "temperature": 1.0, "seed": 3, "guided_regex": "[a-z]{3,8}( [0-9]+)?"}),
+    ("completions", {"model": "tiny", "prompt": "A bird", "max_tokens": 10, "n": 3,
+                     "use_beam_search": True, "logprobs": 1}),  # steps queued as admitted
 ]
 
 

@@ -304,6 +304,7 @@ def test_auto_streaming_holds_back_only_what_may_be_a_call(parser: str, text: st
     ("[]", None), ("[f(1)]", None), ("[f(**k)]", None), ("[f(a=b)]", None),  # not literals
     ("[f(a={1, 2})]", None), ("[f(a=1e999)]", None), ("[f(a=1j)]", None),  # not JSON's
     ("[os.system(a='x')]", None), ("[f(a=1)] and more", None), ("[f(a=", None),
+    ("[f(a=1, a=2)]", None), ('[f(a="\\d")]', [("f", '{"a": "\\\\d"}')]),
     ("Hello", None), ("[1]", None), ("(" * 500 + "[f()]", None),
 ])
 def test_pythonic_parser(text: str, calls: list[tuple[str, str]] | None) -> None:
@@ -319,6 +320,7 @@ def test_pythonic_parser(text: str, calls: list[tuple[str, str]] | None) -> None
     ('<tool_call>{"name": "f", "arguments": {}}', None),  # not closed (cut by max_tokens)
     ('<tool_call>{"name": "f"}</tool_call>', None), ("<tool_call>{</tool_call>", None),
     ('<tool_call>{"name": "f", "arguments": {}}</tool_call> then', None), ("Hello", None),
+    ("<tool_call>" * 20000, None),  # (quadratic, read by a lazy regex)
 ])
 def test_hermes_parser(text: str, calls: list[tuple[str, str]] | None) -> None:
     parsed = hermes_calls(text)
