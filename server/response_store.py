@@ -37,10 +37,11 @@ def _text_size(item: InputItem) -> int:
 @dataclass(slots=True)
 class StoredResponse:
     """A finished response and its turn as the next one reads it (its input items, then its
-    output as items)."""
+    output as items); and its request's input, as sent (GET .../input_items)."""
 
     response: ResponseObject
     items: list[InputItem]
+    inputs: list[InputItem] = field(default_factory=list)  # (the same objects as in items)
     size: int = field(init=False)  # characters held, for TEXT_BUDGET
 
     def __post_init__(self) -> None:

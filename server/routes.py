@@ -11,9 +11,9 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -49,6 +49,7 @@ from server.protocol import (
 from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from server.protocol.responses_api import (
     DeletedResponse,
+    InputItemList,
     ResponseObject,
     ResponsesRequest,
     as_responses_error,
@@ -180,7 +181,16 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
     return await _respond(request, body.stream, service, job, submitted, response_id)
 
 
-# (:path: an X-Request-Id, and so a response's id, may hold a "/")
+# (:path: an X-Request-Id, and so a response's id, may hold a "/"; the input items' route
+# comes first, or the one below would take its path)
+@router.get("/v1/responses/{response_id:path}/input_items", response_model=InputItemList)
+async def get_input_items(response_id: str, state: State, after: str | None = None,
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          order: Literal["asc", "desc"] = "desc") -> InputItemList:
+    """A stored response's input items (--responses-store), OpenAI's cursor page."""
+    return _responses(state).input_items(response_id, after, limit, order)
+
+
 @router.get("/v1/responses/{response_id:path}", response_model=ResponseObject)
 async def get_response(response_id: str, state: State) -> ResponseObject:
     """A stored response (--responses-store)."""

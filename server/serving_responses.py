@@ -15,7 +15,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from server.protocol import (
     ChatCompletionRequest,
@@ -29,7 +29,9 @@ from server.protocol.responses_api import (
     FunctionToolChoice,
     IncompleteDetails,
     InputItem,
+    InputItemList,
     ItemStatus,
+    ListedItem,
     MessageItem,
     OutputFunctionCall,
     OutputItem,
@@ -53,6 +55,9 @@ from server.serving import (
 
 # How the stream's last event starts (the HTTP layer ends the body with it)
 LAST_RESPONSE_EVENT = b"event: response.completed\n"
+
+# The ids' prefixes of listed input items, by type (OpenAI's msg_ and fc_)
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 
 
 @dataclass(slots=True)
@@ -115,6 +120,28 @@ class ResponsesService:
         """GET /v1/responses/{id}'s response."""
         return self._store(response_id).get(response_id)
 
+    def input_items(self, response_id: str, after: str | None, limit: int,
+                    order: Literal["asc", "desc"]) -> InputItemList:
+        """A stored response's input items, as OpenAI lists them: newest first unless `order`
+        is "asc", from the one after `after`, `limit` of them. Their ids are the response's
+        own and their place (items sent without ids are given these)."""
+        stored = self._store(response_id).get(response_id)
+        tag = response_id.removeprefix("resp_")
+        items = [ListedItem.of(item, f"{_ITEM_PREFIX[item.type]}_{tag}_{i}")
+                 for i, item in enumerate(stored.inputs)]
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item.id == after), None)
+            if at is None:
+                raise RequestError(f"No input item {after!r} in response {response_id!r}.",
+                                   "after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return InputItemList(data=page, first_id=page[0].id if page else None,
+                             last_id=page[-1].id if page else None,
+                             has_more=len(items) > limit)
+
     def delete(self, response_id: str) -> None:
         self._store(response_id).delete(response_id)
 
@@ -136,7 +163,7 @@ class ResponsesService:
             begun = inputs.pop()
             assert isinstance(begun, MessageItem)
             outputs[0] = first.model_copy(update={"content": begun.text + first.text})
-        self.store.put(StoredResponse(response, [*inputs, *outputs]))
+        self.store.put(StoredResponse(response, [*inputs, *outputs], list(job.request.input)))
 
     def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
                    params: SamplingParams) -> list[int]:

@@ -488,6 +488,48 @@ class ResponseObject(ResponseModel):
         return "completed" if self.status == "completed" else "incomplete"
 
 
+class ListedItem(ResponseModel):
+    """An input item as GET /v1/responses/{id}/input_items lists it (OpenAI's ResponseItem):
+    its id, its type's fields, content as typed parts."""
+
+    id: str
+    type: Literal["message", "function_call", "function_call_output"]
+    status: Literal["completed", "incomplete", "in_progress"] = "completed"
+    role: str | None = None
+    content: list[dict[str, Any]] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+    @classmethod
+    def of(cls, item: InputItem, item_id: str) -> ListedItem:
+        if isinstance(item, MessageItem):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            parts = ([{"type": kind, "text": item.content}] if isinstance(item.content, str)
+                     else [p.model_dump(exclude_none=True) for p in item.content])
+            if kind == "output_text":  # (OpenAI's output_text parts carry annotations)
+                parts = [{**part, "annotations": []} if part["type"] == "output_text" else part
+                         for part in parts]
+            return cls(id=item_id, type="message", role=item.role, content=parts,
+                       status=item.status or "completed")
+        if isinstance(item, FunctionCallItem):
+            return cls(id=item_id, type="function_call", call_id=item.call_id, name=item.name,
+                       arguments=item.arguments)
+        return cls(id=item_id, type="function_call_output", call_id=item.call_id,
+                   output=_joined(item.output))
+
+
+class InputItemList(ResponseModel):
+    """GET /v1/responses/{id}/input_items: a page of the items, as OpenAI's cursor pages."""
+
+    object: Literal["list"] = "list"
+    data: list[ListedItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class DeletedResponse(ResponseModel):
     """DELETE /v1/responses/{id}'s answer."""
 

@@ -440,6 +440,41 @@ def test_a_call_and_its_output_across_turns(sdk: OpenAI, tools_server: Server) -
     assert then.usage.input_tokens == _prompt_tokens(tools_server, messages, tools=tools)
 
 
+def test_input_items_are_listed_as_openai_pages_them(sdk: OpenAI,
+                                                     tools_server: Server) -> None:
+    """GET /v1/responses/{id}/input_items through the SDK: the request's own input (not
+    an earlier turn's, not instructions), newest first by default, paged by `after`."""
+    first = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1)
+    r = sdk.responses.create(
+        model="tiny", previous_response_id=first.id, instructions="Be brief.",
+        max_output_tokens=1, input=[
+            {"type": "function_call", "call_id": "c1", "name": "get_weather",
+             "arguments": '{"city": "Rome"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+            {"role": "assistant", "content": "It rains."},
+            {"role": "user", "content": [{"type": "input_text", "text": "And tomorrow?"}]}])
+    newest = list(sdk.responses.input_items.list(r.id))
+    assert [item.type for item in newest] == [
+        "message", "message", "function_call_output", "function_call"]
+    assert newest[0].content[0].text == "And tomorrow?" and newest[0].role == "user"
+    assert newest[1].role == "assistant" and newest[1].content[0].type == "output_text"
+    assert newest[2].output == "rain" and newest[3].name == "get_weather"
+    paged = list(sdk.responses.input_items.list(r.id, order="asc", limit=1))  # 4 pages
+    assert [item.id for item in paged] == [item.id for item in reversed(newest)]
+    assert len({item.id for item in paged}) == 4
+    [asked] = sdk.responses.input_items.list(first.id).data  # a string input: one message
+    assert asked.type == "message" and asked.content[0].text == ASK
+    url = f"{tools_server.v1}/responses/{r.id}/input_items"
+    page = httpx.get(url, params={"limit": 2}, timeout=60).json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert page["first_id"] == newest[0].id and page["last_id"] == newest[1].id
+    assert assert_openai_error(httpx.get(url, params={"after": "msg_x"}, timeout=60),
+                               400)["param"] == "after"
+    assert_openai_error(httpx.get(url, params={"limit": 0}, timeout=60), 400)
+    assert_openai_error(httpx.get(f"{tools_server.v1}/responses/resp_gone/input_items",
+                                  timeout=60), 404)
+
+
 def test_store_false_and_delete(sdk: OpenAI, tools_server: Server) -> None:
     unstored = sdk.responses.create(model="tiny", input=ASK, max_output_tokens=1, store=False)
     assert unstored.store is False
