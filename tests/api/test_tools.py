@@ -175,20 +175,27 @@ def test_auto_parses_a_call_from_the_answer(tools_server: Server, stream: bool) 
     body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
             "max_tokens": 60, "structured_outputs": {"regex": CALL_REGEX}, "stream": stream}
     r = httpx.post(f"{tools_server.v1}/chat/completions", json=body, timeout=60)
+    content, calls, finish = read_answer(r, stream)
+    assert content is None  # (no content, streamed or not)
+    [call] = calls
+    assert call["function"]["name"] == "get_weather" and finish == "tool_calls"
+    assert json.loads(call["function"]["arguments"])["unit"] == "c"
+
+
+def read_answer(r: httpx.Response, stream: bool) -> tuple[str | None, list[dict], str]:
+    """A chat answer's content (None: none came), tool calls and finish_reason, streamed
+    (deltas joined) or not."""
     assert r.status_code == 200, r.text
     if stream:
         chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
         deltas = [c["choices"][0]["delta"] for c in chunks]
-        assert not any(d.get("content") for d in deltas)
+        contents = [d["content"] for d in deltas if d.get("content")]
         calls = [call for d in deltas for call in d.get("tool_calls", [])]
-        finish = chunks[-1]["choices"][0]["finish_reason"]
-    else:
-        message = r.json()["choices"][0]["message"]
-        assert message["content"] is None
-        calls, finish = message["tool_calls"], r.json()["choices"][0]["finish_reason"]
-    [call] = calls
-    assert call["function"]["name"] == "get_weather" and finish == "tool_calls"
-    assert json.loads(call["function"]["arguments"])["unit"] == "c"
+        return ("".join(contents) if contents else None), calls, chunks[-1]["choices"][0][
+            "finish_reason"]
+    choice = r.json()["choices"][0]
+    return (choice["message"]["content"], choice["message"].get("tool_calls") or [],
+            choice["finish_reason"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -352,21 +359,12 @@ def test_auto_with_the_other_parsers(parser_server: tuple[str, Server], stream: 
         body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
                 "max_tokens": 150, "structured_outputs": {"regex": regex}, "stream": stream}
         r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        if stream:
-            chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
-            deltas = [c["choices"][0]["delta"] for c in chunks]
-            text = "".join(d.get("content") or "" for d in deltas)
-            calls = [call for d in deltas for call in d.get("tool_calls", [])]
-            finish = chunks[-1]["choices"][0]["finish_reason"]
-        else:
-            choice = r.json()["choices"][0]
-            text, calls = choice["message"]["content"] or "", choice["message"].get("tool_calls")
-            finish = choice["finish_reason"]
+        content, calls, finish = read_answer(r, stream)
+        text = content or ""
         if is_call:
             assert calls, text
             [call] = calls
-            assert text == "" and finish == "tool_calls"
+            assert content is None and finish == "tool_calls"
             assert call["function"]["name"] == "get_weather"
             assert json.loads(call["function"]["arguments"])["unit"] == "c"
         else:
