@@ -1,5 +1,6 @@
 """A GBNF grammar (llama.cpp's, and the EBNF of vLLM's xgrammar backend) -> the regex AST
-(regex.py) of the language it writes, from its rule `root`. No torch.
+(regex.py) of the language it writes, from its rule `root`; a grammar without `::=` is read
+as Lark, as vLLM converts one (lark_as_gbnf). No torch.
 
 Syntax: rules `name ::= expression`; in an expression, "strings" (or 'strings'), classes
 `[a-z]` / `[^...]`, `.` (any character), rule names, groups `( )`, alternation `|` and the
@@ -119,6 +120,8 @@ class _Parser:
             return node
         if c == "<":
             raise self.error("token references (<...>) are not supported")
+        if c == "/":
+            raise self.error("regular expressions (/.../, Lark's) are not supported")
         name = _NAME.match(self.text, self.i - 1)
         if name is None:
             raise self.error(f"unexpected {c!r}")
@@ -201,9 +204,8 @@ def parse_grammar(text: str) -> dict[str, tuple]:
     """The rules of a GBNF grammar, by name; GuideError naming the line where it is not."""
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GuideError(f"grammar longer than {MAX_GRAMMAR_CHARS} characters")
-    if "::=" not in text:
-        raise GuideError("not a GBNF grammar: its rules are written `name ::= ...` and the "
-                         "output starts at `root` (Lark and other syntaxes are not read)")
+    if "::=" not in text:  # (vLLM's test for a Lark grammar)
+        text = lark_as_gbnf(text)
     rules = _Parser(text).rules()
     if ROOT not in rules:
         raise GuideError("grammar has no rule 'root' (where the output starts)")
@@ -212,6 +214,39 @@ def parse_grammar(text: str) -> dict[str, tuple]:
             if ref not in rules:
                 raise GuideError(f"grammar: rule {name!r} uses {ref!r}, which is not defined")
     return {name: _as_repetition(name, body) for name, body in rules.items()}
+
+
+_LARK_RULE = re.compile(r"\??([A-Za-z_][A-Za-z0-9_]*)\s*:(.*)", re.DOTALL)
+
+
+def lark_as_gbnf(text: str) -> str:
+    """A Lark grammar read as vLLM reads one (convert_lark_to_ebnf, for its xgrammar
+    backend): a line `name: ...` (`?name` too) starts a rule, a line `| ...` adds an
+    alternative, `//` starts a comment; the output starts at `start`, else at the first rule.
+    What follows `:` is read as GBNF: `[...]` is a class, not Lark's optional; Lark's regular
+    expressions (`/.../`), `%` directives and `~` repetitions are refused."""
+    rules: list[tuple[str, list[str]]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = re.sub(r"(^|\s)//.*$", "", raw).strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("%"):
+            raise GuideError(f"grammar (Lark), line {number}: directives such as %import and "
+                             "%ignore are not supported")
+        if line.startswith("|") and rules:
+            rules[-1][1].append(line[1:])
+        elif (rule := _LARK_RULE.fullmatch(line)) is not None:
+            rules.append((rule.group(1), [rule.group(2)]))
+        else:
+            raise GuideError(f"grammar, line {number}: expected a rule, `name ::= ...` (GBNF) "
+                             "or `name: ...` (Lark)")
+    if not rules:
+        raise GuideError("the grammar has no rules")
+    names = [name for name, _ in rules]
+    start = "start" if "start" in names else names[0]
+    lines = [f"{ROOT} ::= {start}"] if start != ROOT else []
+    lines += [f"{name} ::= {' | '.join(alt.strip() for alt in alts)}" for name, alts in rules]
+    return "\n".join(lines)
 
 
 def _refs(node: tuple) -> list[str]:

@@ -149,7 +149,7 @@ def test_a_schema_sent_again_is_compiled_once(client: httpx.Client) -> None:
     ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "response_format",
      "only one constraint"),
     ({"guided_grammar": "root ::= 'a' b"}, "guided_grammar", "'b', which is not defined"),
-    ({"grammar": "start: 'a'"}, "grammar", "not a GBNF grammar"),
+    ({"grammar": "start: /a+/"}, "grammar", "regular expressions (/.../, Lark's)"),
     ({"structured_outputs": {"grammar": 'root ::= "a"\nx ::= [b-a]'}},
      "structured_outputs.grammar", "line 2: bad range"),
     ({"guided_json": {"allOf": [True]}}, "guided_json", "not a schema this server can read"),

@@ -124,7 +124,7 @@ def test_a_recursive_grammar_too_large_before_any_cut_is_tried_shallower() -> No
 
 
 @pytest.mark.parametrize(("gbnf", "fragment"), [
-    ("start: 'a'", "not a GBNF grammar"),
+    ("start 'a'", "expected a rule"),
     ('item ::= "a"', "no rule 'root'"),
     ('root ::= "a" b', "'b', which is not defined"),
     ('root ::= "a"\nroot ::= "b"', "line 2: rule 'root' is defined twice"),
@@ -147,6 +147,20 @@ def test_errors_say_what_and_where(gbnf: str, fragment: str) -> None:
     with pytest.raises(GuideError) as info:
         compile_grammar(gbnf)
     assert fragment in str(info.value)
+
+
+def test_lark_is_read_as_vllm_converts_it() -> None:
+    """No `::=`: rules `name: ...` (`?name` too), `| ...` lines adding alternatives, `//`
+    comments; from `start`, else from the first rule; a list's self-recursion still a loop."""
+    same_language("// greetings\nstart: greeting \"!\"?\n?greeting: 'hi' | \"yo\"\n"
+                  "    | 'hey'  // more\n", r"(?:hi|yo|hey)!?", "hiyoe!", 5)
+    dfa = compile_grammar("list: item \",\" list\n    | item\nitem: [a-z]")
+    assert dfa.matches(b"a" + b",b" * 300) and not dfa.matches(b"a,")
+    for lark, fragment in (("start: /[0-9]+/", "regular expressions"),
+                           ("start: x\n%import common.WS", "directives"),
+                           ("| 'a'", "expected a rule"), ("start: 'a'~3", "unexpected '~'")):
+        with pytest.raises(GuideError, match=fragment):
+            compile_grammar(lark)
 
 
 def test_characters_past_ascii() -> None:
