@@ -70,6 +70,7 @@ class Guide:
 
 _cache: OrderedDict[str, Guide] = OrderedDict()
 _lock = threading.Lock()
+_compiling = threading.Lock()
 
 
 def cached_guide(spec: GuideSpec) -> Guide | None:
@@ -84,9 +85,18 @@ def cached_guide(spec: GuideSpec) -> Guide | None:
 def compile_guide(spec: GuideSpec) -> Guide:
     """`spec` compiled (or found compiled); GuideError where it cannot be, naming the field.
     Up to the compile deadline (3 s) for a large schema: callers on an event loop run it on a
-    thread."""
+    thread. One compiles at a time: compiling is Python under the GIL, so threads side by side
+    gain nothing, and each holds its automaton's construction (a few hundred MB for a large
+    grammar); the same guide asked for twice at once is compiled once."""
     if (guide := cached_guide(spec)) is not None:
         return guide
+    with _compiling:
+        if (guide := cached_guide(spec)) is not None:  # (compiled while this one waited)
+            return guide
+        return _compile(spec)
+
+
+def _compile(spec: GuideSpec) -> Guide:
     try:
         guide = Guide(spec.key, spec.compile())
     except GuideError as e:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,21 @@ def test_utf8_sequences_are_the_encodings_of_the_range(lo: int, hi: int) -> None
     for run in runs:
         for corner in (bytes(a for a, _ in run), bytes(z for _, z in run)):
             assert lo <= ord(corner.decode()) <= hi
+
+
+def test_a_guide_asked_for_at_once_twice_is_compiled_once(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Compiles run one at a time, and a thread that waited finds the guide compiled."""
+    calls = []
+    real = GuideSpec.compile
+
+    def counted(self: GuideSpec) -> object:
+        calls.append(self.key)
+        time.sleep(0.2)  # (long enough for the other thread to be waiting)
+        return real(self)
+
+    monkeypatch.setattr(GuideSpec, "compile", counted)
+    spec = GuideSpec("regex", "[a-z]{2}once", "f")
+    with ThreadPoolExecutor(2) as pool:
+        guides = list(pool.map(compile_guide, [spec, spec]))
+    assert guides[0] is guides[1] and calls == [spec.key]
