@@ -156,6 +156,8 @@ PARSERS = {
     "pythonic": ToolParser(pythonic_calls, ("[", PYTHON_START)),
     "hermes": ToolParser(hermes_calls, (HERMES_OPEN,), special_tokens=True),
 }
+# vLLM's names for Llama 4's formats, the same as far as a Llama-architecture model writes
+PARSERS |= {"llama4_json": PARSERS["llama3_json"], "llama4_pythonic": PARSERS["pythonic"]}
 
 
 def _call(item: Any) -> ParsedCall | None:

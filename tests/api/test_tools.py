@@ -295,7 +295,7 @@ def test_required_refuses_refs_it_cannot_move(tools_server: Server, tools: list,
     ("llama3_json", "[1]", False),
     ("pythonic", "[", True), ("pythonic", " <|python_st", None), ("pythonic", "{", False),
     ("hermes", "<tool_", None), ("hermes", "<tool_call>", True), ("hermes", "<tool_x", False),
-    ("hermes", "{", False),
+    ("hermes", "{", False), ("llama4_pythonic", "[", True), ("llama4_json", "{", True),
 ])
 def test_auto_streaming_holds_back_only_what_may_be_a_call(parser: str, text: str,
                                                            decision: bool | None) -> None:
