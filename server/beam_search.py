@@ -55,11 +55,11 @@ class BeamSearch:
             skip_special_tokens=params.skip_special_tokens)
 
     def start(self) -> None:
-        """Queue the first step (the prompt alone), past the admission check as any request
-        (EngineOverloaded, before a response starts); the later steps are the admitted
-        search's, queued whatever the queue holds then."""
+        """Queue the first step (the prompt alone), past the admission check for the n beams'
+        places (EngineOverloaded, before a response starts); the later steps are the
+        admitted search's, queued whatever the queue holds then."""
         self._first = [self.engine.generate(self.prompt_ids, self.step_params,
-                                            f"{self.request_id}-0-0")]
+                                            f"{self.request_id}-0-0", places=self.width)]
 
     def abort_start(self) -> None:
         """Abort the first step (a request whose other searches could not start)."""
@@ -80,19 +80,15 @@ class BeamSearch:
         finally:
             self.engine.beam_searches -= 1
 
-    def _steps(self) -> int:
-        """max_tokens, or as EngineFront.generate fills it in: the model's default where the
-        context has room for it."""
-        room, params = self.engine.max_model_len - len(self.prompt_ids), self.params
-        if params.max_tokens is not None:
-            return min(params.max_tokens, room)
-        return room if params.default_max_tokens is None else min(room, params.default_max_tokens)
-
     async def _search(self) -> AsyncIterator[RequestOutput]:
         beams, ended = [Beam()], []
         ending: FinishReason | None = None  # set when a step's request did not finish well
         error = None
-        for step in range(self._steps()):
+        steps = self.params.max_tokens_within(self.engine.max_model_len - len(self.prompt_ids))
+        for step in range(steps):
+            if step and self.engine.aborted_all:  # (shutting down: no more steps)
+                ending = FinishReason.ABORT
+                break
             outs = await self._step(step, beams)
             failed = [o for o in outs if o.finish_reason in (FinishReason.ABORT,
                                                                 FinishReason.ERROR)]
@@ -101,7 +97,8 @@ class BeamSearch:
                 break
             candidates = []
             for beam, out in zip(beams, outs, strict=True):
-                [chosen] = out.logprobs or [TokenLogprob(-1, 0.0)]
+                assert out.logprobs  # (the step asked for its 2n likeliest)
+                chosen = out.logprobs[0]
                 shown = chosen.top[:self.params.logprobs or 0]
                 for token, logprob in chosen.top[:2 * self.width]:  # (more, when shown)
                     new = Beam([*beam.token_ids, token], beam.cum_logprob + logprob,
@@ -122,7 +119,7 @@ class BeamSearch:
             for j, beam in enumerate(beams if step else []):
                 streams.append(self.engine.generate(
                     [*self.prompt_ids, *beam.token_ids], self.step_params,
-                    f"{self.request_id}-{step}-{j}", admitted=True))
+                    f"{self.request_id}-{step}-{j}", places=0))
             return await asyncio.gather(*(_last(s) for s in streams))
         except BaseException:  # the client went away, the server is full or stopping
             for stream in streams:

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
          choices=list(get_args(Pooling)), default=s.pooling)
     _add(serve, "--tool-call-parser", "how tool calls are read from the model's text: "
          "llama3_json (Llama 3.1 / 3.2's JSON calls), pythonic (a Python list of calls: Llama "
-         "3.2's other format, Llama 4's), hermes (<tool_call> blocks: Hermes 3)",
+         "3.2's other format, Llama 4's), hermes (<tool_call> blocks: Hermes 3); vLLM's "
+         "llama4_json and llama4_pythonic name the first two",
          choices=list(TOOL_CALL_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)

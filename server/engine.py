@@ -129,13 +129,16 @@ class Engine(EngineFront):
 
     def put(self, item: Add | Abort | AbortAll, admit: bool = False) -> None:
         """Pass an item to the engine loop; an Add is counted as queued, after the admission
-        check if `admit` (an engine process's requests were admitted by its proxy)."""
+        check if `admit` (an engine process's requests were admitted by its proxy) for the
+        places it asks (Add.places)."""
         if isinstance(item, Add):
             with self._lock:  # checked and counted at once: two loops may call generate()
                 n = item.request.params.n
-                if admit and not item.admitted:
+                places = n if item.places is None else item.places
+                if admit and places:
                     check_admission(self._stats.num_queued,
-                                    self.num_slots - self._stats.slots_used, self.max_waiting, n)
+                                    self.num_slots - self._stats.slots_used, self.max_waiting,
+                                    places)
                 self._stats.num_queued += n
                 self._stats.num_received += n
         self._inbox.put(item)

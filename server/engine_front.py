@@ -50,8 +50,9 @@ class EngineDeadError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class Add:
     request: Request
-    # A beam search's step: its places were counted when the search was admitted
-    admitted: bool = False
+    # The queue places the admission check asks for: None, the request's n; a beam search
+    # asks for its n beams' at its first step, and none at the later ones (it was admitted)
+    places: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +243,7 @@ class EngineFront(ABC):
     def __init__(self) -> None:
         self.streams = StreamTable()
         self.beam_searches = 0  # running (server/beam_search.py; on the event loop)
+        self.aborted_all = False  # (shutting down: abort_all was called)
         self._listeners: list[Callable[[IterationStats], None]] = []
 
     @abstractmethod
@@ -266,19 +268,18 @@ class EngineFront(ABC):
         (raises EngineOverloaded)."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str, admitted: bool = False) -> RequestStream:
+                 request_id: str, places: int | None = None) -> RequestStream:
         """Queue a request; raises RequestRejected / EngineOverloaded / EngineDeadError at once,
-        so the caller can answer with a status before any streaming starts. `admitted`: a
-        beam search's step, queued past the admission check (the search was admitted)."""
+        so the caller can answer with a status before any streaming starts. `places`: what
+        the admission check asks room for, where not the request's n (Add.places)."""
         self.check_health()
         self.validate(prompt_ids, params)
         if params.max_tokens is None:  # left to the context (SamplingParams)
-            rest, wanted = self.max_model_len - len(prompt_ids), params.default_max_tokens
-            params = replace(params, max_tokens=rest if wanted is None else min(
-                rest, max(wanted, params.min_tokens)))
+            room = self.max_model_len - len(prompt_ids)
+            params = replace(params, max_tokens=params.max_tokens_within(room))
         stream = self.streams.open(request_id, params.n)
         try:
-            self._enqueue(Add(Request(request_id, list(prompt_ids), params), admitted))
+            self._enqueue(Add(Request(request_id, list(prompt_ids), params), places))
         except BaseException:
             self.streams.discard(request_id)
             raise
@@ -299,7 +300,9 @@ class EngineFront(ABC):
         self._enqueue(Abort(request_id))
 
     def abort_all(self) -> None:
-        """Abort everything in flight; each stream gets a final `abort` output."""
+        """Abort everything in flight; each stream gets a final `abort` output (and a beam
+        search, between its steps, starts no other)."""
+        self.aborted_all = True
         self._enqueue(AbortAll())
 
     def num_unfinished(self) -> int:

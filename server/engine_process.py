@@ -324,9 +324,10 @@ class EngineProcess(EngineFront):
             # Queued: those the last report counted, and those sent since it
             stats = self._stats
             n = item.request.params.n
-            if not item.admitted:
+            places = n if item.places is None else item.places
+            if places:
                 check_admission(stats.num_queued + self._sent - stats.num_received,
-                                self.num_slots - stats.slots_used, self.max_waiting, n)
+                                self.num_slots - stats.slots_used, self.max_waiting, places)
             try:
                 self._conn.send(self._guides.outgoing(item))
             except OSError as e:

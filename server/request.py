@@ -83,6 +83,14 @@ class SamplingParams:
     # output ends with the others (a one-token word always)
     bad_words: tuple[tuple[int, ...], ...] = ()
 
+    def max_tokens_within(self, room: int) -> int:
+        """max_tokens, or where it is left to the context (None), vLLM's choice: the model's
+        default where the `room` left holds it (never below min_tokens), else the room."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        wanted = self.default_max_tokens
+        return room if wanted is None else min(room, max(wanted, self.min_tokens))
+
     def __post_init__(self) -> None:
         # The API validates client input with clear messages; these guard internal callers.
         if self.n < 1:

@@ -41,7 +41,8 @@ class StoredResponse:
 
     response: ResponseObject
     items: list[InputItem]
-    inputs: list[InputItem] = field(default_factory=list)  # (the same objects as in items)
+    inputs: list[InputItem] = field(default_factory=list)  # (items' objects, but a continued
+    # answer's begun message: that one is merged into the output's)
     size: int = field(init=False)  # characters held, for TEXT_BUDGET
 
     def __post_init__(self) -> None:

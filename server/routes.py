@@ -30,7 +30,7 @@ from server.app import (
 from server.beam_search import submit_beam_searches
 from server.engine_front import EngineFront
 from server.guided.regex import GuideError
-from server.guided.spec import cached_guide, compile_guide
+from server.guided.spec import COMPILER, cached_guide, compile_guide
 from server.metrics import CONTENT_TYPE
 from server.protocol import (
     ChatCompletionRequest,
@@ -255,13 +255,15 @@ async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,
 
 async def _guided(body: CompletionRequest | ChatCompletionRequest, params: SamplingParams
                   ) -> SamplingParams:
-    """`params` with the request's guide (guided decoding), compiled on a worker thread
-    unless compiled before: a large schema takes up to the compile deadline (3 s)."""
+    """`params` with the request's guide (guided decoding), compiled on the guides' own
+    thread unless compiled before: a large schema or grammar takes up to its deadline (3 s,
+    6 s), after the compiles queued before it."""
     spec = body.guide_spec()
     if spec is None:
         return params
     try:
-        guide = cached_guide(spec) or await asyncio.to_thread(compile_guide, spec)
+        guide = cached_guide(spec) or await asyncio.get_running_loop().run_in_executor(
+            COMPILER, compile_guide, spec)
     except GuideError as e:
         raise RequestError(str(e), spec.field) from None
     return replace(params, guide=guide)

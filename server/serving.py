@@ -15,9 +15,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from model.tokenizer import Tokenizer
-from server.engine_front import EngineFront, RequestRejected, RequestStream
+from server.engine_front import EngineFront, RequestRejected
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionLogprobs,
@@ -69,11 +70,20 @@ class GenerationFailed(RuntimeError):
     """The engine failed a request after it was accepted (reported as a server error)."""
 
 
+class OutputStream(Protocol):
+    """What a sample group reads: an engine request's stream, or a beam search's (whose
+    request id is its own: aborting it does nothing; leaving its loop aborts its steps)."""
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+
 @dataclass(slots=True)
 class SampleGroup:
     """An engine request for samples `first`, `first` + 1, ... of a prompt."""
 
-    stream: RequestStream
+    stream: OutputStream
     first: int
 
 

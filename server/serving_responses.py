@@ -124,7 +124,7 @@ class ResponsesService:
                     order: Literal["asc", "desc"]) -> InputItemList:
         """A stored response's input items, as OpenAI lists them: newest first unless `order`
         is "asc", from the one after `after`, `limit` of them. Their ids are the response's
-        own and their place (items sent without ids are given these)."""
+        own and their place (input items carry none: OpenAI gives them theirs)."""
         stored = self._store(response_id).get(response_id)
         tag = response_id.removeprefix("resp_")
         items = [ListedItem.of(item, f"{_ITEM_PREFIX[item.type]}_{tag}_{i}")
@@ -157,13 +157,13 @@ class ResponsesService:
         reads them (an unfinished answer it continued, and the continuation, one message)."""
         if not response.store or self.store is None:
             return
-        inputs = list(job.request.input)
-        outputs: list[InputItem] = [item.as_input() for item in response.output]
+        sent = list(job.request.input)
+        inputs, outputs = sent[:], [item.as_input() for item in response.output]
         if job.request.continues_answer and isinstance(first := outputs[0], MessageItem):
             begun = inputs.pop()
             assert isinstance(begun, MessageItem)
             outputs[0] = first.model_copy(update={"content": begun.text + first.text})
-        self.store.put(StoredResponse(response, [*inputs, *outputs], list(job.request.input)))
+        self.store.put(StoredResponse(response, [*inputs, *outputs], sent))
 
     def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
                    params: SamplingParams) -> list[int]:

@@ -125,9 +125,7 @@ def hermes_calls(text: str) -> list[ParsedCall] | None:
         if call is None:
             return None
         calls.append(call)
-        at = end + len(HERMES_CLOSE)
-        while at < len(rest) and rest[at].isspace():
-            at += 1
+        at = end + len(HERMES_CLOSE)  # (space up to the next block: the next find's)
     return calls or None
 
 

@@ -194,10 +194,7 @@ class _Parser:
         self.i += 1
         if not ranges:  # (llama.cpp reads [] and [^] as nothing at all)
             raise self.error("an empty class [] or [^]")
-        try:
-            return ranges_node(ranges, negate)
-        except GuideError as e:
-            raise self.error(str(e)) from None
+        return ranges_node(ranges, negate)
 
 
 def parse_grammar(text: str) -> dict[str, tuple]:
@@ -224,29 +221,28 @@ def lark_as_gbnf(text: str) -> str:
     backend): a line `name: ...` (`?name` too) starts a rule, a line `| ...` adds an
     alternative, `//` starts a comment; the output starts at `start`, else at the first rule.
     What follows `:` is read as GBNF: `[...]` is a class, not Lark's optional; Lark's regular
-    expressions (`/.../`), `%` directives and `~` repetitions are refused."""
-    rules: list[tuple[str, list[str]]] = []
+    expressions (`/.../`), `%` directives and `~` repetitions are refused. Line for line, so
+    that GBNF's errors name the Lark grammar's lines."""
+    lines, names = [], []
     for number, raw in enumerate(text.splitlines(), 1):
         line = re.sub(r"(^|\s)//.*$", "", raw).strip()
-        if not line or line.startswith("#"):
-            continue
         if line.startswith("%"):
             raise GuideError(f"grammar (Lark), line {number}: directives such as %import and "
                              "%ignore are not supported")
-        if line.startswith("|") and rules:
-            rules[-1][1].append(line[1:])
-        elif (rule := _LARK_RULE.fullmatch(line)) is not None:
-            rules.append((rule.group(1), [rule.group(2)]))
-        else:
-            raise GuideError(f"grammar, line {number}: expected a rule, `name ::= ...` (GBNF) "
-                             "or `name: ...` (Lark)")
-    if not rules:
+        if line and not line.startswith(("#", "|")):
+            rule = _LARK_RULE.fullmatch(line)
+            if rule is None:
+                raise GuideError(f"grammar, line {number}: expected a rule, `name ::= ...` "
+                                 "(GBNF) or `name: ...` (Lark)")
+            names.append(rule.group(1))
+            line = f"{rule.group(1)} ::= {rule.group(2)}"
+        elif line.startswith("|") and not names:
+            raise GuideError(f"grammar, line {number}: an alternative `| ...` before any rule")
+        lines.append(line)
+    if not names:
         raise GuideError("the grammar has no rules")
-    names = [name for name, _ in rules]
     start = "start" if "start" in names else names[0]
-    lines = [f"{ROOT} ::= {start}"] if start != ROOT else []
-    lines += [f"{name} ::= {' | '.join(alt.strip() for alt in alts)}" for name, alts in rules]
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"{ROOT} ::= {start}"] if start != ROOT else []))
 
 
 def _refs(node: tuple) -> list[str]:
@@ -333,7 +329,11 @@ def compile_grammar(text: str) -> ByteDFA:
             if node is None:
                 raise GuideError(f"the grammar writes nothing within {depth} levels of "
                                  "recursion")
-            left = max(0.0, deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuideError(f"the grammar takes too long to compile (over "
+                                 f"{GRAMMAR_SECONDS:g} s, its recursion tried from "
+                                 f"{MAX_RECURSION} deep to {depth})")
             return compile_node(node, min(regex.MAX_COMPILE_SECONDS, left))
         except GuideTooLarge:
             if depth == 1 or not expander.recursed:  # (shallower, it would be the same)

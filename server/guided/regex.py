@@ -288,8 +288,7 @@ class _Parser:
                 hi = _single(self.escape(in_class=True)) if h == "\\" else ord(h)
                 if lo is None or hi is None or hi < lo:
                     raise self.error("bad range in class")
-                for code in range(lo, min(hi, 127) + 1):
-                    ascii_mask |= 1 << code
+                ascii_mask |= _ascii_of([(lo, hi)])
                 multi.append((lo, hi))
         return _class(ascii_mask, multi, negate)
 
@@ -333,11 +332,16 @@ def text_node(text: str) -> tuple:
 
 def ranges_node(ranges: Sequence[tuple[int, int]], negate: bool) -> tuple:
     """A class of characters from code point ranges (inclusive), or every other character."""
-    ascii_mask = 0
+    return _class(_ascii_of(ranges), ranges, negate)
+
+
+def _ascii_of(ranges: Sequence[tuple[int, int]]) -> int:
+    """The mask of the ASCII characters in code point ranges."""
+    mask = 0
     for lo, hi in ranges:
         for code in range(lo, min(hi, 127) + 1):
-            ascii_mask |= 1 << code
-    return _class(ascii_mask, ranges, negate)
+            mask |= 1 << code
+    return mask
 
 
 ANY_CHAR = ("chars", _ASCII, ANY_MULTIBYTE)  # every character, a newline too
@@ -486,12 +490,7 @@ def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
 def compile_regex(pattern: str, members: Sequence[Members] = ()) -> ByteDFA:
     """The DFA of `pattern` (matched whole; `members`: its (?M<k>) groups' contents);
     GuideError where it cannot be built."""
-    return compile_node(parse_regex(pattern, members))
-
-
-def parse_regex(pattern: str, members: Sequence[Members] = ()) -> tuple:
-    """`pattern`'s AST (above); GuideError where it is not one this module reads."""
-    return _Parser(pattern, members).parse()
+    return compile_node(_Parser(pattern, members).parse())
 
 
 def compile_node(node: tuple, seconds: float | None = None) -> ByteDFA:

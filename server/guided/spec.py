@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
 from server.guided.grammar import compile_grammar
 from server.guided.json_schema import json_object_pattern, schema_to_regex
-from server.guided.regex import ByteDFA, GuideError, compile_node, literal_pattern, parse_regex
+from server.guided.regex import ByteDFA, GuideError, Members, compile_regex, literal_pattern
 
 GuideKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 CACHED_GUIDES = 64
@@ -42,15 +43,17 @@ class GuideSpec:
         """The automaton of what the output must match."""
         if self.kind == "grammar":
             return compile_grammar(self.value)
-        return compile_node(self._parsed())
+        return compile_regex(*self.pattern())
 
-    def _parsed(self) -> tuple:
+    def pattern(self) -> tuple[str, list[Members]]:
+        """The regular expression, and its objects' members (compile_regex's)."""
         if self.kind == "regex":
-            return parse_regex(self.value)
+            return self.value, []
         if self.kind == "choice":
-            return parse_regex("(?:" + "|".join(literal_pattern(c) for c in self.value) + ")")
-        return parse_regex(*(json_object_pattern() if self.kind == "json_object"
-                             else schema_to_regex(self.value)))
+            return "(?:" + "|".join(literal_pattern(c) for c in self.value) + ")", []
+        if self.kind == "json_object":
+            return json_object_pattern()
+        return schema_to_regex(self.value)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -70,7 +73,11 @@ class Guide:
 
 _cache: OrderedDict[str, Guide] = OrderedDict()
 _lock = threading.Lock()
-_compiling = threading.Lock()
+# Where the server compiles guides: one at a time, since compiling is Python (threads side by
+# side would share the GIL and add their memory: a large grammar's construction takes a few
+# hundred MB), away from the default executor (tokenizing must not wait behind a burst of
+# grammars); the same guide asked for twice at once is compiled once, then found
+COMPILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guide-compiler")
 
 
 def cached_guide(spec: GuideSpec) -> Guide | None:
@@ -84,16 +91,11 @@ def cached_guide(spec: GuideSpec) -> Guide | None:
 
 def compile_guide(spec: GuideSpec) -> Guide:
     """`spec` compiled (or found compiled); GuideError where it cannot be, naming the field.
-    Up to the compile deadline (3 s) for a large schema: callers on an event loop run it on a
-    thread. One compiles at a time: compiling is Python under the GIL, so threads side by side
-    gain nothing, and each holds its automaton's construction (a few hundred MB for a large
-    grammar); the same guide asked for twice at once is compiled once."""
-    if (guide := cached_guide(spec)) is not None:
+    Up to regex.py's deadline (3 s), grammar.py's (6 s) for a grammar: callers on an event
+    loop run it on COMPILER."""
+    if (guide := cached_guide(spec)) is not None:  # (compiled while this one waited)
         return guide
-    with _compiling:
-        if (guide := cached_guide(spec)) is not None:  # (compiled while this one waited)
-            return guide
-        return _compile(spec)
+    return _compile(spec)
 
 
 def _compile(spec: GuideSpec) -> Guide:

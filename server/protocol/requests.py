@@ -115,7 +115,7 @@ class StructuredOutputs(OpenAIBaseModel):
 
 
 def _guide_specs(schema: dict[str, Any] | bool | str | None, regex: str | None,
-                 choice: list[str] | None, prefix: str, grammar: str | None = None
+                 choice: list[str] | None, prefix: str, grammar: str | None
                  ) -> list[GuideSpec]:
     """The constraints given in one place (vLLM's fields json, regex, choice, grammar,
     named `prefix` + the field: "guided_json", "structured_outputs.json")."""
@@ -237,6 +237,9 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
         if self.n > MAX_LOGPROBS // 2:  # each beam asks for its 2n likeliest next tokens
             raise RequestError(f"use_beam_search takes at most {MAX_LOGPROBS // 2} beams (n), "
                                f"got {self.n}", "n")
+        if self.requested_max_tokens == 0:  # (a search of no steps answers no beams)
+            raise RequestError("max_tokens 0 is not supported with use_beam_search",
+                               "max_tokens")
         for name in ("stop", "stop_token_ids", "bad_words", "logit_bias", "allowed_token_ids",
                      "min_tokens", "echo", "prompt_logprobs"):
             if getattr(self, name, None):  # (echo: completions')
@@ -272,10 +275,9 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
         if self.structured_outputs is not None:
             specs += self.structured_outputs.specs()
         rf = self.response_format
-        if rf is not None and rf.type == "json_object" and rf.schema_ is not None:
-            specs.append(GuideSpec("json", rf.schema_, "response_format"))
-        elif rf is not None and rf.type == "json_object":
-            specs.append(GuideSpec("json_object", None, "response_format"))
+        if rf is not None and rf.type == "json_object":  # (llama.cpp's may hold a schema)
+            specs.append(GuideSpec("json_object", None, "response_format") if rf.schema_ is None
+                         else GuideSpec("json", rf.schema_, "response_format"))
         elif rf is not None and rf.type == "json_schema":
             assert rf.json_schema is not None  # (the validator)
             specs.append(GuideSpec("json", rf.json_schema.schema_, "response_format"))

@@ -81,6 +81,7 @@ def test_ended_beams_and_the_stream(client: httpx.Client) -> None:
 @pytest.mark.parametrize(("fields", "param"), [
     ({"n": 11}, "n"), ({"stop": ["."]}, "stop"), ({"min_tokens": 2}, "min_tokens"),
     ({"logit_bias": {"5": 1}}, "logit_bias"), ({"echo": True}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"guided_choice": ["a", "b"]}, "guided_choice"),
 ])

@@ -609,6 +609,27 @@ def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
         asyncio.run(main())
 
 
+def test_places_asked_of_the_admission_check(tiny_checkpoint: Path) -> None:
+    """A beam search's first step asks room for its n beams (places=n), its later steps for
+    none (places=0): queued whatever the queue holds."""
+    with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
+        async def main() -> None:
+            busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
+            it = aiter(busy)
+            await anext(it)
+            while engine.stats().slots_used != 1:
+                await asyncio.sleep(0.01)
+            one = SamplingParams(max_tokens=1)
+            with pytest.raises(EngineOverloaded, match="this request has 2"):
+                engine.generate([5], one, "first-step", places=2)
+            engine.generate([5], one, "queued")  # the one waiting place
+            for k in range(3):  # a running search's steps: past the full queue
+                engine.generate([5], one, f"later-step-{k}", places=0)
+            assert engine.stats().num_queued == 4
+            engine.abort("busy")
+        asyncio.run(main())
+
+
 def test_allowed_token_ids_that_only_end_it_win_over_min_tokens(tiny_checkpoint: Path) -> None:
     """allowed_token_ids of eos alone, min_tokens 3: banning eos until then would leave no
     token to draw (one outside the set came out); the set wins, and eos ends it at 3."""

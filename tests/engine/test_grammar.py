@@ -158,7 +158,8 @@ def test_lark_is_read_as_vllm_converts_it() -> None:
     assert dfa.matches(b"a" + b",b" * 300) and not dfa.matches(b"a,")
     for lark, fragment in (("start: /[0-9]+/", "regular expressions"),
                            ("start: x\n%import common.WS", "directives"),
-                           ("| 'a'", "expected a rule"), ("start: 'a'~3", "unexpected '~'")):
+                           ("| 'a'", "before any rule"), ("start: 'a'~3", "unexpected '~'"),
+                           ("// c\n\nstart: x\nx: 'a' [z-a]", "line 4: bad range")):
         with pytest.raises(GuideError, match=fragment):
             compile_grammar(lark)
 

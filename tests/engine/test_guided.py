@@ -7,7 +7,6 @@ import json
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from model.tokenizer import Tokenizer
 from server.guided.json_schema import json_object_pattern, schema_to_regex
 from server.guided.masks import GuideMasks, TokenTable
 from server.guided.regex import MAX_DFA_STATES, GuideError, compile_regex, utf8_sequences
-from server.guided.spec import Guide, GuideSpec, compile_guide
+from server.guided.spec import COMPILER, Guide, GuideSpec, compile_guide
 from server.request import FinishReason, SamplingParams
 from tests.engine.conftest import CpuEngine, generate_all, started
 
@@ -329,17 +328,16 @@ def test_utf8_sequences_are_the_encodings_of_the_range(lo: int, hi: int) -> None
 
 def test_a_guide_asked_for_at_once_twice_is_compiled_once(monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
-    """Compiles run one at a time, and a thread that waited finds the guide compiled."""
+    """On the guides' one thread, the second ask finds what the first compiled."""
     calls = []
     real = GuideSpec.compile
 
     def counted(self: GuideSpec) -> object:
         calls.append(self.key)
-        time.sleep(0.2)  # (long enough for the other thread to be waiting)
+        time.sleep(0.2)  # (the second ask is queued meanwhile)
         return real(self)
 
     monkeypatch.setattr(GuideSpec, "compile", counted)
     spec = GuideSpec("regex", "[a-z]{2}once", "f")
-    with ThreadPoolExecutor(2) as pool:
-        guides = list(pool.map(compile_guide, [spec, spec]))
-    assert guides[0] is guides[1] and calls == [spec.key]
+    first, second = (COMPILER.submit(compile_guide, spec) for _ in range(2))
+    assert first.result() is second.result() and calls == [spec.key]
