@@ -11,8 +11,10 @@ import json
 import secrets
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from server.guided.regex import ByteDFA, compile_regex
 
 # Llama 3.1's tag before a built-in tool's call; custom tools' JSON may follow it too
 PYTHON_TAG = "<|python_tag|>"
@@ -129,30 +131,37 @@ def hermes_calls(text: str) -> list[ParsedCall] | None:
     return calls or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ToolParser:
     """How a model writes calls: `parse` reads a whole answer (None: it is text); an answer
-    that starts with one of `opens` may be calls. `special_tokens`: the calls' tags are
-    special tokens, kept in the text for the parser (vLLM's adjust_request)."""
+    whose start (spaces left out) matches `opening`, a regex, may be calls. `special_tokens`:
+    the calls' tags are special tokens, kept in the text for the parser (vLLM's
+    adjust_request)."""
 
     parse: Callable[[str], list[ParsedCall] | None]
-    opens: tuple[str, ...]
+    opening: str
     special_tokens: bool = False
+    _opening: ByteDFA = field(init=False, repr=False)  # `opening`, then anything
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_opening", compile_regex(f"(?:{self.opening})[\\s\\S]*"))
 
     def may_be_calls(self, text: str) -> bool | None:
         """For streaming: whether an answer that starts with `text` may be calls (hold it
-        back) or is text (stream it); None while it cannot tell yet (only spaces, or the
-        start of an opening tag)."""
+        back) or is text (stream it); None while it cannot tell yet (only spaces, or a start
+        of an opening: `<|python` for llama3_json, `[get_` for pythonic)."""
         head = text.lstrip()
-        if not head or any(len(head) < len(o) and o.startswith(head) for o in self.opens):
-            return None
-        return head.startswith(self.opens)
+        state = self._opening.walk(0, head.encode())
+        if state < 0:
+            return False
+        return True if state in self._opening.accepting else None
 
 
 PARSERS = {
-    "llama3_json": ToolParser(llama3_json_calls, ("{", PYTHON_TAG)),
-    "pythonic": ToolParser(pythonic_calls, ("[", PYTHON_START)),
-    "hermes": ToolParser(hermes_calls, (HERMES_OPEN,), special_tokens=True),
+    "llama3_json": ToolParser(llama3_json_calls, r"\{|<\|python_tag\|>"),
+    "pythonic": ToolParser(pythonic_calls,  # a list's first call, maybe in Llama 4's tags
+                           r"(?:<\|python_start\|>)?\s*\[\s*[A-Za-z_]\w*\("),
+    "hermes": ToolParser(hermes_calls, HERMES_OPEN, special_tokens=True),  # (no regex signs)
 }
 # vLLM's names for Llama 4's formats, the same as far as a Llama-architecture model writes
 PARSERS |= {"llama4_json": PARSERS["llama3_json"], "llama4_pythonic": PARSERS["pythonic"]}
