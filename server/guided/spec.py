@@ -95,10 +95,6 @@ def compile_guide(spec: GuideSpec) -> Guide:
     loop run it on COMPILER."""
     if (guide := cached_guide(spec)) is not None:  # (compiled while this one waited)
         return guide
-    return _compile(spec)
-
-
-def _compile(spec: GuideSpec) -> Guide:
     try:
         guide = Guide(spec.key, spec.compile())
     except GuideError as e:
