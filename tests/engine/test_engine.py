@@ -594,14 +594,18 @@ def test_the_models_max_new_tokens_stands_in_where_the_context_has_room(
     assert [len(r.tokens[0]) for r in (fits, long, at_least)] == [20, 64 - 50, 30]
 
 
+async def occupy_the_slot(engine: Engine) -> None:
+    """A request of 300 tokens in the engine's one slot, running (abort "busy" after)."""
+    await anext(aiter(engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True),
+                                      "busy")))
+    while engine.stats().slots_used != 1:
+        await asyncio.sleep(0.01)
+
+
 def test_overload_is_rejected(tiny_checkpoint: Path) -> None:
     with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
         async def main() -> None:
-            busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
-            it = aiter(busy)
-            await anext(it)
-            while engine.stats().slots_used != 1:
-                await asyncio.sleep(0.01)
+            await occupy_the_slot(engine)
             engine.generate([5], SamplingParams(max_tokens=1), "queued")
             with pytest.raises(EngineOverloaded):
                 engine.generate([5], SamplingParams(max_tokens=1), "rejected")
@@ -614,11 +618,7 @@ def test_places_asked_of_the_admission_check(tiny_checkpoint: Path) -> None:
     none (places=0): queued whatever the queue holds."""
     with running(tiny_checkpoint, max_num_seqs=1, max_waiting=1, max_model_len=1024) as engine:
         async def main() -> None:
-            busy = engine.generate([5], SamplingParams(max_tokens=300, ignore_eos=True), "busy")
-            it = aiter(busy)
-            await anext(it)
-            while engine.stats().slots_used != 1:
-                await asyncio.sleep(0.01)
+            await occupy_the_slot(engine)
             one = SamplingParams(max_tokens=1)
             with pytest.raises(EngineOverloaded, match="this request has 2"):
                 engine.generate([5], one, "first-step", places=2)
