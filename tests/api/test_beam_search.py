@@ -30,7 +30,8 @@ def completion(client: httpx.Client, **fields: object) -> dict:
 
 
 def test_one_beam_is_greedy_decoding(client: httpx.Client) -> None:
-    """(With logprobs shown too: the beams still grow from each one's 2n likeliest.)"""
+    """With and without eos (how many logprobs are shown changes nothing: the fake engine's
+    test in tests/engine/test_beam_search.py makes that tell)."""
     for fields in ({"ignore_eos": True}, {"logprobs": 5}):
         greedy = completion(client, max_tokens=12, temperature=0, **fields)
         beam = completion(client, max_tokens=12, use_beam_search=True, **fields)

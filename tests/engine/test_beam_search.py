@@ -22,14 +22,15 @@ class FakeEngine:
 
     max_model_len = 64
 
-    def __init__(self) -> None:
+    def __init__(self, table: dict[int, dict[int, float]] = TABLE) -> None:
+        self.table = table
         self.beam_searches, self.aborted_all = 0, False
         self.asked: list[tuple[list[int], int | None]] = []  # (prompt, places)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                  places: int | None = None) -> AsyncIterator[RequestOutput]:
         self.asked.append((prompt_ids, places))
-        likeliest = sorted(TABLE[prompt_ids[-1]].items(), key=lambda kv: -kv[1])
+        likeliest = sorted(self.table[prompt_ids[-1]].items(), key=lambda kv: -kv[1])
         top = tuple((t, math.log(p)) for t, p in likeliest)[:params.logprobs]
 
         async def stream() -> AsyncIterator[RequestOutput]:
@@ -65,6 +66,19 @@ def test_beams_end_and_rank_by_vllms_score() -> None:
     kept_on = search(FakeEngine(), n=2, max_tokens=3, ignore_eos=True)  # eos ends none
     assert [len(o.token_ids) for o in kept_on] == [3, 3]
     assert {o.finish_reason for o in kept_on} == {FinishReason.LENGTH}
+
+
+def test_logprobs_shown_do_not_widen_the_search() -> None:
+    """One beam grows from its 2 likeliest tokens, however many logprobs the client asks to
+    see: here the third at the start, an end scoring log .25 over 1, would beat the only
+    beam that runs (log .4 + log .01, over 3: -1.84) were it a candidate."""
+    table = {0: {1: 0.4, 2: 0.35, EOS: 0.25}, 1: {1: 0.01, 2: 0.01, EOS: 0.01},
+             2: {1: 0.01, 2: 0.01, EOS: 0.01}}
+    for shown in (None, 0, 3):
+        [out] = search(FakeEngine(table), n=1, max_tokens=2, logprobs=shown)
+        assert out.token_ids[0] == 1 and out.finish_reason is FinishReason.LENGTH, shown
+        if shown:
+            assert [len(lp.top) for lp in out.logprobs or ()] == [3, 3]  # (all 3 shown)
 
 
 def test_the_first_step_asks_room_for_every_beam_the_rest_none() -> None:
