@@ -38,6 +38,13 @@ def test_one_beam_is_greedy_decoding(client: httpx.Client) -> None:
         assert beam["choices"][0]["text"] == greedy["choices"][0]["text"]
         assert beam["choices"][0]["finish_reason"] == greedy["choices"][0]["finish_reason"]
         assert beam["usage"] == greedy["usage"]
+    shown = completion(client, max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    beam = completion(client, max_tokens=6, use_beam_search=True, ignore_eos=True, logprobs=3)
+    got, want = beam["choices"][0]["logprobs"], shown["choices"][0]["logprobs"]
+    assert got["tokens"] == want["tokens"]
+    assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-4)
+    assert [sorted(top) for top in got["top_logprobs"]] == [
+        sorted(top) for top in want["top_logprobs"]]
 
 
 def test_beams_are_ranked_by_their_logprobs(client: httpx.Client,
@@ -71,8 +78,11 @@ def test_ended_beams_and_the_stream(client: httpx.Client) -> None:
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "stream": True,
                                              **fields})
     events = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
-    texts = {i: "".join(e["choices"][0]["text"] for e in events
-                        if e["choices"] and e["choices"][0]["index"] == i) for i in range(4)}
+    pieces = {i: [e["choices"][0]["text"] for e in events
+                  if e["choices"] and e["choices"][0]["index"] == i and e["choices"][0]["text"]]
+              for i in range(4)}
+    assert all(len(p) == 1 for p in pieces.values())  # each beam whole, once it is chosen
+    texts = {i: p[0] for i, p in pieces.items()}
     assert [texts[c["index"]] for c in whole["choices"]] == [c["text"] for c in whole["choices"]]
     chat = client.post("/v1/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": PROMPT}], **fields})

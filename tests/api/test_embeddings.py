@@ -137,13 +137,18 @@ def test_generation_beside_embeddings_is_unchanged(embed_server: Server) -> None
 
 
 def test_truncation_and_refusals(embed_server: Server, long_server: Server,
-                                 auth: dict[str, str]) -> None:
+                                 auth: dict[str, str], reference: transformers.LlamaModel
+                                 ) -> None:
+    """truncate_prompt_tokens keeps the prompt's last tokens: the vector is theirs."""
     url = f"{embed_server.v1}/embeddings"
-    long_text = "word " * 600
+    long_text = " ".join(f"word{i % 97} thing{i % 13}" for i in range(300))
     error = assert_openai_error(httpx.post(url, json={"input": long_text}, timeout=60), 400)
     assert "maximum context length" in error["message"]
     kept = httpx.post(url, json={"input": long_text, "truncate_prompt_tokens": 32}, timeout=60)
     assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == 32
+    last = tokens(embed_server, long_text)[-32:]
+    vector = torch.tensor(kept.json()["data"][0]["embedding"])
+    assert (vector - expected(reference, last, "last")).abs().max().item() < 1e-4
     for body, param in (({"input": "x", "dimensions": 8}, "dimensions"),
                         ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
                         ({"input": "x", "truncate_prompt_tokens": 513},

@@ -306,12 +306,23 @@ def test_text_format_json_schema(sdk: OpenAI) -> None:
 
 
 def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
-    """A prompt longer than the context keeps its last tokens, room left for the output."""
-    long = "weather " * 5000
+    """A prompt longer than the context keeps its last tokens, room left for the output: the
+    greedy answer is that of a completion of the chat prompt's last 4096 - 8 ids."""
+    long = " ".join(f"weather{i % 89} city{i % 7}" for i in range(2500))
     assert_openai_error(_post(tools_server, {"input": long, "max_output_tokens": 8}), 400)
-    r = _post(tools_server, {"input": long, "max_output_tokens": 8, "truncation": "auto"})
+    r = _post(tools_server, {"input": long, "max_output_tokens": 8, "truncation": "auto",
+                             "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["input_tokens"] == 4096 - 8
+    ids = httpx.post(f"{tools_server.base_url}/tokenize", json={
+        "model": "tiny", "messages": [{"role": "user", "content": long}]},
+        timeout=60).json()["tokens"]
+    assert len(ids) > 4096
+    same = httpx.post(f"{tools_server.v1}/completions", json={
+        "model": "tiny", "prompt": ids[-(4096 - 8):], "max_tokens": 8, "temperature": 0},
+        timeout=60).json()["choices"][0]["text"]
+    text = "".join(part["text"] for item in r.json()["output"] for part in item["content"])
+    assert text == same
     # Without a budget, the room is what min_tokens asks for (the output then has the rest)
     r = _post(tools_server, {"input": long, "min_tokens": 5, "truncation": "auto"})
     assert r.status_code == 200, r.text
