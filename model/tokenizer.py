@@ -25,6 +25,7 @@ except ImportError:  # tokenizers < 0.21: the Python path alone
     DecodeStream = None
 
 from model.chat_template import ChatTemplateError, compile_template, render
+from model.infill import CODE_LLAMA_TOKENS, Infill
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _Backend, special_tokens: dict[str, str],
-                 eos_ids: frozenset[int], chat_template: str | None) -> None:
+                 eos_ids: frozenset[int], chat_template: str | None,
+                 infill: Infill | None = None) -> None:
         self._backend = backend
+        self.infill = infill  # fill-in-the-middle prompts, where the model has the tokens
         self.special_tokens = special_tokens  # named special tokens present: {"bos_token": "<s>"}
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         bos = special_tokens.get("bos_token")
@@ -104,7 +107,8 @@ class Tokenizer:
             if chat_template is None:
                 logger.warning("no 'default' among the chat templates %s; pass --chat-template",
                                sorted(named_templates))
-        return cls(backend, named, frozenset(eos_ids), chat_template)
+        return cls(backend, named, frozenset(eos_ids), chat_template,
+                   Infill.from_backend(backend, config))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with special tokens as tokenizer.json's post-processor adds them (BOS).
@@ -263,34 +267,37 @@ def _content(value: Any) -> str | None:
 
 def _extra_special_tokens(config: Mapping[str, Any]) -> list[str]:
     """tokenizer_config.json's additional_special_tokens (extra_special_tokens in transformers
-    5): a list of tokens, or of their AddedToken dicts, or names -> tokens."""
+    5): a list of tokens, or of their AddedToken dicts, or names -> tokens; and for Code
+    Llama's class its infilling tokens, which transformers 5 adds whether listed or not (the
+    fill marker, in no vocabulary, gets an id of its own)."""
     out = []
     for key in ("extra_special_tokens", "additional_special_tokens"):  # transformers 5 order
         listed = config.get(key) or []
         for value in listed.values() if isinstance(listed, dict) else listed:
             if (content := _content(value)) is not None:
                 out.append(content)
+    if config.get("tokenizer_class") in CODE_LLAMA_CLASSES:
+        out += [name for key, default in CODE_LLAMA_TOKENS.items()
+                if isinstance(name := config.get(key, default), str)]
     return out
 
 
 def _add_config_tokens(backend: _Backend, decoder: dict, named: dict[str, str],
                        extra: Sequence[str] = ()) -> None:
-    """Add what transformers adds on load: config tokens missing from tokenizer.json, every
-    named special token as a special added token (new id if it is not in the vocabulary), and
-    the extra special tokens that are nowhere in either."""
+    """Add what transformers adds on load: config tokens missing from tokenizer.json, and
+    every named and extra special token as a special added token (a new id where it is not
+    in the vocabulary; a vocabulary entry is then matched whole, and skipped in decode)."""
     present = {t.content: t for t in backend.get_added_tokens_decoder().values()}
     fields = ("single_word", "lstrip", "rstrip", "normalized", "special")
     specs = {d["content"]: d for _, d in sorted(decoder.items(), key=lambda kv: int(kv[0]))}
     new = [AddedToken(c, **{k: d[k] for k in fields if k in d})
            for c, d in specs.items() if c not in present]
     backend.add_tokens(new)
-    for content in named.values():
+    for content in dict.fromkeys([*named.values(), *extra]):
         if not (content in present and present[content].special):
             spec = {k: specs[content][k] for k in fields[:3] if k in specs.get(content, {})}
             backend.add_special_tokens([AddedToken(content, **spec, normalized=False,
                                                    special=True)])
-    unknown = [c for c in dict.fromkeys(extra) if backend.token_to_id(c) is None]
-    backend.add_special_tokens([AddedToken(c, normalized=False, special=True) for c in unknown])
 
 
 # --- streaming ---------------------------------------------------------------------------

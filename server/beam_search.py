@@ -45,7 +45,11 @@ class BeamSearch:
                  decode: Callable[[list[int]], str]) -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.request_id, self.length_penalty = request_id, length_penalty
-        self.eos_ids, self.decode = eos_ids, decode
+        self.decode = decode
+        # What ends a beam: eos unless ignore_eos; a stop token id always (a request's
+        # only one is an infill's end-of-middle: beam search refuses stop_token_ids)
+        self.end_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_ids)
         self.width = params.n
         self._first: list[RequestStream] = []  # step 0's request (start)
         # The steps' requests: the 2w likeliest next tokens, raw (the drawn token is moot)
@@ -103,7 +107,7 @@ class BeamSearch:
                 for token, logprob in chosen.top[:2 * self.width]:  # (more, when shown)
                     new = Beam([*beam.token_ids, token], beam.cum_logprob + logprob,
                                [*beam.logprobs, TokenLogprob(token, logprob, shown)],
-                               token in self.eos_ids and not self.params.ignore_eos)
+                               token in self.end_ids)
                     (ended if new.ended else candidates).append(new)
             beams = sorted(candidates, key=self._score, reverse=True)[:self.width]
             if not beams:

@@ -139,7 +139,7 @@ async def completions(body: CompletionRequest, state: State, request: Request): 
     response_id = _response_id("cmpl")
     with state.admission(body) as engine:
         assert service is not None
-        params = await _sampling_params(body, service, state)
+        params = service.with_infill_stop(body, await _sampling_params(body, service, state))
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = _submit(engine, service, body, prompts, params, response_id, "prompt")
     return await _respond(request, body.stream, service, body, submitted, response_id)

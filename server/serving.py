@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from model.infill import InfillError
 from model.tokenizer import Tokenizer
 from server.engine_front import EngineFront, RequestRejected
 from server.protocol import (
@@ -369,17 +370,65 @@ class CompletionService(_Service):
 
     def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
         """Each prompt's ids and its text as sent (None for ids, or once truncated: the echo
-        then decodes the ids kept)."""
+        then decodes the ids kept). A fill-in-the-middle prompt is laid out around its
+        suffix (model/infill.py); truncation drops its prefix's start."""
         special = request.add_special_tokens
         keep = request.prompt_tokens_kept(self.engine.max_model_len)
         out: list[tuple[list[int], str | None]] = []
         for p in request.prompts:
+            if (parts := self._infill_parts(request, p)) is not None:
+                assert self.tokenizer.infill is not None
+                try:
+                    ids = self.tokenizer.infill.encode(*parts, special, keep)
+                except InfillError as e:
+                    raise RequestError(str(e), "truncate_prompt_tokens") from None
+                out.append((ids, None))
+                continue
             ids, text = ((self.tokenizer.encode(p, add_special_tokens=special), p)
                          if isinstance(p, str) else (list(p), None))
             if keep is not None and len(ids) > keep:
                 ids, text = ids[-keep:], None
             out.append((ids, text))
         return out
+
+    def _infill_parts(self, request: CompletionRequest, prompt: str | list[int]
+                      ) -> tuple[str, str] | None:
+        """(prefix, suffix) of a fill-in-the-middle prompt: the request's `suffix`, or the
+        tokenizer's fill marker in the text ("<FILL_ME>", as transformers splits it); None
+        for a plain prompt."""
+        if request.suffix is None and not isinstance(prompt, str):
+            return None  # (token ids: a plain prompt)
+        infill = self.tokenizer.infill
+        if request.suffix is None:
+            if infill is None:
+                return None
+            try:
+                parts = infill.split(prompt)
+            except InfillError as e:
+                raise RequestError(str(e), "prompt") from None
+        elif infill is None:
+            raise RequestError("this model has no fill-in-the-middle tokens (Code Llama's "
+                               "▁<PRE>, ▁<SUF> and ▁<MID>): suffix needs a model trained for "
+                               "infilling", "suffix")
+        elif not isinstance(prompt, str):
+            raise RequestError("suffix needs text prompts: token ids cannot be laid out "
+                               "around it", "suffix")
+        else:
+            parts = prompt, request.suffix
+        if parts is not None and request.echo:
+            raise RequestError("echo cannot be used with a fill-in-the-middle prompt (a "
+                               "suffix): the prompt is not one text", "echo")
+        return parts
+
+    def with_infill_stop(self, request: CompletionRequest, params: SamplingParams
+                         ) -> SamplingParams:
+        """`params`, ending at the model's end-of-middle token where a prompt is a
+        fill-in-the-middle one (Meta's code stops infilling on it)."""
+        infill = self.tokenizer.infill
+        if infill is None or infill.tokens.eot_id is None or not any(
+                self._infill_parts(request, p) for p in request.prompts):
+            return params
+        return replace(params, stop_token_ids=(*params.stop_token_ids, infill.tokens.eot_id))
 
     def _echo_text(self, s: Submitted) -> str:
         return s.prompt_text if s.prompt_text is not None else self.tokenizer.decode(s.prompt_ids)

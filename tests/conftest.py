@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -49,6 +50,39 @@ def sp_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# Code Llama's infilling tokens, after the 1000 of the SentencePiece-style tokenizer
+INFILL_TOKENS = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
+
+
+@pytest.fixture(scope="session")
+def code_llama_tokenizer_dir(sp_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                             ) -> Path:
+    """The SentencePiece-style tokenizer laid out as Code Llama's Hugging Face files are:
+    a converted Llama 2 tokenizer.json (Prepend + Replace normalizer), the four infilling
+    tokens in its vocabulary as special added tokens, CodeLlamaTokenizer's config."""
+    out = tmp_path_factory.mktemp("tok-code-llama")
+    for name in TOKENIZER_FILES:
+        shutil.copy(sp_tokenizer_dir / name, out / name)
+    data = json.loads((out / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    data["pre_tokenizer"] = None
+    first = len(data["model"]["vocab"])
+    for i, token in enumerate(INFILL_TOKENS, first):
+        data["model"]["vocab"][token] = i
+        data["added_tokens"].append({"id": i, "content": token, "single_word": False,
+                                     "lstrip": False, "rstrip": False, "normalized": False,
+                                     "special": True})
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="CodeLlamaTokenizer", prefix_token="▁<PRE>",
+                  suffix_token="▁<SUF>", middle_token="▁<MID>", eot_token="▁<EOT>",
+                  fill_token="<FILL_ME>", additional_special_tokens=list(INFILL_TOKENS))
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
 MakeCheckpoint = Callable[..., Path]
 
 
@@ -74,6 +108,18 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
 @pytest.fixture(scope="session")
 def tiny_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
     return make_checkpoint(TINY)
+
+
+@pytest.fixture(scope="session")
+def code_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory,
+                          code_llama_tokenizer_dir: Path) -> Path:
+    """The tiny model with Code Llama's tokenizer layout (its vocabulary, 1024, holds the
+    infilling tokens and transformers' <FILL_ME>)."""
+    out = tmp_path_factory.mktemp("ckpt-code-llama")
+    write_checkpoint(out, TINY, seed=3)
+    for name in TOKENIZER_FILES:
+        shutil.copy(code_llama_tokenizer_dir / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="session")

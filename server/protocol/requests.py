@@ -402,14 +402,15 @@ CompletionPrompt = prompt_input("prompt")
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. `suffix` and `best_of != n` are refused."""
+    """POST /v1/completions. `best_of != n` is refused; a `suffix` makes the prompt a
+    fill-in-the-middle one (model/infill.py), where the model has the tokens."""
 
     prompt: CompletionPrompt
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(16, ge=0)  # explicit null: the rest of the context
-    suffix: str | None = None
+    suffix: str | None = None  # fill in the middle: the text after it (model/infill.py)
     add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a text prompt
 
     @field_validator("best_of")
@@ -418,12 +419,6 @@ class CompletionRequest(_SamplingRequest):
         if value is not None and value != info.data.get("n", 1):
             raise ValueError("best_of != n is not supported")
         return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> None:
-        if value is not None:
-            raise ValueError("suffix is not supported")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -51,7 +51,7 @@ BAD_COMPLETIONS = [  # (name, fields added to a valid request, param that names 
     ("logit_bias_101", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("logit_bias_id_outside_vocab", {"logit_bias": {"1024": 1}}, "logit_bias"),
     ("logit_bias_key_not_id", {"logit_bias": {"abc": 1}}, "logit_bias"),
-    ("suffix", {"suffix": "the end"}, "suffix"),
+    ("suffix_without_infilling_tokens", {"suffix": "the end"}, "suffix"),
     ("best_of_not_n", {"best_of": 2}, "best_of"),
     ("stream_options_without_stream", {"stream_options": {"include_usage": True}},
      "stream_options"),

@@ -195,8 +195,6 @@ def test_token_ids_are_read_as_pydantic_ints() -> None:
         ({"logit_bias": {"1_000": 1}}, "logit_bias", "not a token id"),
         ({"best_of": 2}, "best_of", "best_of != n is not supported"),
         ({"n": 2, "best_of": 1}, "best_of", "best_of != n is not supported"),
-        ({"suffix": "end"}, "suffix", "suffix is not supported"),
-        ({"suffix": ""}, "suffix", "suffix is not supported"),
         ({"stop": ""}, "stop", "at least 1 character"),
         ({"stop": ["a", ""]}, "stop", "at least 1 character"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),

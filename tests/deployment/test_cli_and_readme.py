@@ -122,8 +122,21 @@ def test_pool_that_does_not_fit_refuses_to_start(tiny_checkpoint: Path, tmp_path
 
 
 @pytest.mark.parametrize("index", range(len(blocks("bash"))))
-def test_readme_curl_examples(index: int, open_server: Server) -> None:
-    script = blocks("bash")[index].replace("http://127.0.0.1:8000", open_server.base_url)
+def test_readme_curl_examples(index: int, open_server: Server, request: pytest.FixtureRequest,
+                              tmp_path: Path) -> None:
+    script = blocks("bash")[index]
+    if '"suffix"' in script:  # fill in the middle: a model with Code Llama's tokens
+        checkpoint = request.getfixturevalue("code_llama_checkpoint")
+        with run_server(checkpoint, tmp_path) as infill_server:
+            out = subprocess.run(["bash", "-c", script.replace(
+                "http://127.0.0.1:8000", infill_server.base_url)], capture_output=True,
+                text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        body = json.loads(out.stdout)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length"), body
+        assert body["usage"]["prompt_tokens"] > 10  # (the layout's tokens and both texts)
+        return
+    script = script.replace("http://127.0.0.1:8000", open_server.base_url)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     if "stream" in script:

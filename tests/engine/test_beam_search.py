@@ -68,6 +68,15 @@ def test_beams_end_and_rank_by_vllms_score() -> None:
     assert {o.finish_reason for o in kept_on} == {FinishReason.LENGTH}
 
 
+def test_a_stop_token_ends_beams_even_under_ignore_eos() -> None:
+    """An infill's end-of-middle comes as a stop token id (beam search refuses the client's
+    own): it ends a beam as eos does, and ignore_eos does not keep it running."""
+    for extra in ({}, {"ignore_eos": True}):
+        outs = search(FakeEngine(), n=2, max_tokens=3, stop_token_ids=(EOS,), **extra)
+        assert [o.token_ids for o in outs] == [[1, EOS], [2, 1, EOS]], extra
+        assert [o.finish_reason for o in outs] == [FinishReason.STOP] * 2
+
+
 def test_logprobs_shown_do_not_widen_the_search() -> None:
     """One beam grows from its 2 likeliest tokens, however many logprobs the client asks to
     see: here the third at the start, an end scoring log .25 over 1, would beat the only
