@@ -9,6 +9,7 @@ request's output ids into text deltas: never half a UTF-8 character, stop string
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -186,23 +187,33 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
-                            variables: Mapping[str, Any] | None = None, **extra: Any) -> str:
+                            variables: Mapping[str, Any] | None = None,
+                            template: str | None = None, **extra: Any) -> str:
         """The prompt text, rendered as transformers' apply_chat_template(tokenize=False);
         `variables` and `extra` are more template variables (a client's chat_template_kwargs
-        come as `variables`, a dict, so that no key of theirs can be taken for an argument)."""
-        if self._template is None:
+        come as `variables`, a dict, so that no key of theirs can be taken for an argument);
+        `template`, a template's text, replaces the model's for this call."""
+        compiled = _compiled(template) if template is not None else self._template
+        if compiled is None:
             raise ChatTemplateError(NO_TEMPLATE)
-        return render(self._template, messages, self.special_tokens, add_generation_prompt,
+        return render(compiled, messages, self.special_tokens, add_generation_prompt,
                       {**(variables or {}), **extra}, continue_final_message)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, add_special_tokens: bool = False,
-                    variables: Mapping[str, Any] | None = None, **extra: Any) -> list[int]:
+                    variables: Mapping[str, Any] | None = None, template: str | None = None,
+                    **extra: Any) -> list[int]:
         """Prompt ids: the rendered template encoded, by default without adding special tokens
         (the template writes its own BOS), as apply_chat_template(tokenize=True) does."""
         text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message,
-                                        variables, **extra)
+                                        variables, template, **extra)
         return self.encode(text, add_special_tokens=add_special_tokens)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    """A request's own template, compiled once for the requests that send it again."""
+    return compile_template(template)
 
 
 # GPT-2's byte-level alphabet (tokenizers' ByteLevel): every byte is a printable character

@@ -347,7 +347,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             services = (engine, engine.tokenizer, config.served_model_name,
                         config.prompt_tokens_details)
             state.completions = CompletionService(*services)
-            state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser)
+            state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser,
+                                     trust_request_templates=config.trust_request_chat_template)
             state.responses = ResponsesService(state.chat, ResponseStore(
                 config.responses_store) if config.responses_store else None)
             if config.enable_embeddings:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
     _add(serve, "--chat-template", "a Jinja chat template replacing the model's: a file, or "
          "the template itself")
+    _add(serve, "--trust-request-chat-template", "render a chat request's own "
+         "chat_template (vLLM's flag); without it such requests are refused",
+         action="store_true", default=False)
     _add(serve, "--generation-config", "sampling defaults for fields a request leaves out "
          "(temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens for "
          "max_tokens): auto, the model's generation_config.json (as vLLM); vllm, none; or a "
@@ -200,7 +203,9 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         served_model_name=names[0] if names else served_name(args.model, model_dir),
         model_aliases=tuple(names[1:]),
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
-        max_n=args.max_n, chat_template=template, generation_defaults=defaults,
+        max_n=args.max_n, chat_template=template,
+        trust_request_chat_template=args.trust_request_chat_template,
+        generation_defaults=defaults,
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,

@@ -197,6 +197,8 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20
     max_n: int = 16
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
+    # A chat request's own chat_template rendered (vLLM's --trust-request-chat-template)
+    trust_request_chat_template: bool = False
     # Sampling defaults for fields a request leaves out (read per --generation-config by the CLI)
     generation_defaults: GenerationDefaults = GenerationDefaults()
     log_level: str = "info"

@@ -299,7 +299,8 @@ async def tokenize(body: TokenizeRequest, state: State, request: Request) -> Tok
 
     def encode() -> list[int]:
         if body.messages is not None:  # the same path as a chat request's prompt
-            return encode_messages(tokenizer, body.messages, body, body.add_special_tokens)
+            return encode_messages(tokenizer, body.messages, body, body.add_special_tokens,
+                                   state.config.trust_request_chat_template)
         return tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
 
     tokens = await _tokenized(request, encode)

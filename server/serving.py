@@ -283,9 +283,18 @@ def failure_message(error: Exception) -> str:
     return "internal server error"
 
 
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but "
+                      "--trust-request-chat-template is not set. Refused request with untrusted "
+                      "chat template.")  # vLLM's words
+
+
 def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
-                    controls: ChatTemplateControls, add_special_tokens: bool) -> list[int]:
-    """A chat prompt's ids, as chat completions and /tokenize make them."""
+                    controls: ChatTemplateControls, add_special_tokens: bool,
+                    trust_template: bool = False) -> list[int]:
+    """A chat prompt's ids, as chat completions and /tokenize make them; a template of the
+    request's own only where the server trusts them (--trust-request-chat-template)."""
+    if controls.request_template is not None and not trust_template:
+        raise RequestError(UNTRUSTED_TEMPLATE, "chat_template")
     return tokenizer.encode_chat([m.template_dict() for m in messages],
                                  add_special_tokens=add_special_tokens,
                                  **controls.template_args())
@@ -555,10 +564,11 @@ class CompletionService(_Service):
 class ChatService(_Service):
 
     def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str,
-                 prompt_tokens_details: bool = False, tool_call_parser: str | None = None
-                 ) -> None:
+                 prompt_tokens_details: bool = False, tool_call_parser: str | None = None,
+                 trust_request_templates: bool = False) -> None:
         super().__init__(engine, tokenizer, model_name, prompt_tokens_details)
         self.tool_parser = PARSERS[tool_call_parser] if tool_call_parser else None
+        self.trust_request_templates = trust_request_templates
 
     def prepare_tools(self, request: ChatCompletionRequest) -> None:
         """tool_choice "auto" needs a parser (vLLM's answer, word for word); a parser whose
@@ -573,7 +583,7 @@ class ChatService(_Service):
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         ids = encode_messages(self.tokenizer, request.messages, request,
-                              request.add_special_tokens)
+                              request.add_special_tokens, self.trust_request_templates)
         keep = request.prompt_tokens_kept(self.engine.max_model_len)  # vLLM's: the last k
         return ids[-keep:] if keep is not None else ids
 
@@ -584,6 +594,17 @@ class ChatService(_Service):
         raw = ({i: text.encode() for i, text in texts.items()} if as_ids else
                dict(zip(texts, self.tokenizer.token_bytes(list(texts)), strict=True)))
         return chat_logprobs(lps, texts, raw)
+
+    @staticmethod
+    def echoed(request: ChatCompletionRequest) -> str:
+        """vLLM's chat echo: the last message's content, which the answer goes on from, where
+        that message is the answer's own turn (an assistant's, or any once
+        add_generation_prompt is off: vLLM then answers in the last message's role); else
+        nothing."""
+        last = request.messages[-1]
+        if not request.echo or (request.add_generation_prompt and last.role != "assistant"):
+            return ""
+        return last.text
 
     def answer(self, request: ChatCompletionRequest, choice: Choice
                 ) -> tuple[str | None, list[ParsedCall] | None, ChatFinishReason | None]:
@@ -627,9 +648,11 @@ class ChatService(_Service):
             raise_if_failed(out)
             prompt_lps = out.prompt_logprobs or prompt_lps
             choices.setdefault(out.index, Choice()).absorb(out)
-        result = []
+        result, echoed = [], self.echoed(request)
         for i, c in sorted(choices.items()):
             content, calls, finish = self.answer(request, c)
+            if echoed:  # (before calls' content too, as vLLM puts it)
+                content = echoed + (content or "")
             tool_calls = None if calls is None else [
                 ToolCallOut(id=tool_call_id(), function=FunctionCall(name=call.name,
                                                                      arguments=call.arguments))
@@ -660,6 +683,9 @@ class ChatService(_Service):
             if not started:
                 for index in range(request.n):
                     yield chunks.role(index)
+                if echoed := self.echoed(request):  # a chunk of its own, as vLLM sends it
+                    for index in range(request.n):
+                        yield chunks.chunk(index, DeltaMessage(content=echoed))
                 started = True
             choice = choices.setdefault(out.index, Choice())
             choice.absorb(out)

@@ -616,13 +616,14 @@ class ChatTemplateControls(OpenAIBaseModel):
     """vLLM's controls of the chat template, for chat completions and /tokenize:
     `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue
     the last message instead, e.g. a prefilled answer), `chat_template_kwargs` (more template
-    variables), `tools` (the tools the template describes). A template per request is
-    refused: the server's --chat-template serves all."""
+    variables), `tools` (the tools the template describes), and `chat_template` (a template
+    of the request's own, or `chat_template_kwargs.chat_template`, as vLLM reads it: served
+    only under --trust-request-chat-template)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], MAP_CEILING] | None = None
-    chat_template: Refused = None
+    chat_template: str | None = None
     tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None  # for the template too
 
     @field_validator("continue_final_message")
@@ -643,12 +644,26 @@ class ChatTemplateControls(OpenAIBaseModel):
                 raise ValueError(f"{key!r} cannot be a chat template variable")
         return value
 
+    @property
+    def request_template(self) -> str | None:
+        """The request's own template: `chat_template`, else chat_template_kwargs'
+        `chat_template` (vLLM passes the kwargs on as the template's arguments)."""
+        if self.chat_template is not None:
+            return self.chat_template
+        template = (self.chat_template_kwargs or {}).get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise RequestError("chat_template_kwargs.chat_template must be a template's text",
+                               "chat_template_kwargs")
+        return template
+
     def template_args(self) -> dict[str, Any]:
         """Keyword arguments of Tokenizer.apply_chat_template / encode_chat: the tools too,
-        as vLLM passes them (also with tool_choice none)."""
+        as vLLM passes them (also with tool_choice none), and the request's template."""
+        variables = {k: v for k, v in (self.chat_template_kwargs or {}).items()
+                     if k != "chat_template"}
         args = {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message,
-                "variables": self.chat_template_kwargs or {}}
+                "variables": variables, "template": self.request_template}
         if self.tools:
             args["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
         return args
@@ -675,7 +690,9 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
     add_special_tokens: bool = False
-    echo: Refused = None  # vLLM's chat echo (the last message repeated in the answer)
+    # vLLM's chat echo: the last message's content begins the answer, where that message is
+    # the answer's own turn (ChatService.echoed)
+    echo: bool = False
 
     @field_validator("top_logprobs")
     @classmethod

@@ -415,8 +415,6 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
         assert_invalid(build, {field: [1]}, field, f"{field}: not supported by this server")
         for neutral in (None, False, []):
             build(**{field: neutral})
-    assert_invalid(chat, {"echo": True}, "echo", "echo: not supported")
-    assert_invalid(chat, {"chat_template": "{{ 1 }}"}, "chat_template", "not supported")
     assert_invalid(completion, {"structured_outputs": {"structural_tag": "x"}},
                    "structured_outputs", "structural_tag: not supported")
 
@@ -424,13 +422,20 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(field: str) -> None
 def test_chat_template_controls() -> None:
     default = chat()
     assert default.template_args() == {"add_generation_prompt": True,
-                                       "continue_final_message": False, "variables": {}}
+                                       "continue_final_message": False, "variables": {},
+                                       "template": None}
     assert not default.add_special_tokens and completion().add_special_tokens
     cont = chat(add_generation_prompt=False, continue_final_message=True,
                 chat_template_kwargs={"enable_thinking": False})
     assert cont.template_args() == {"add_generation_prompt": False,
                                     "continue_final_message": True,
-                                    "variables": {"enable_thinking": False}}
+                                    "variables": {"enable_thinking": False}, "template": None}
+    # a request's own template, either field (vLLM's kwargs are the template's arguments)
+    assert chat(chat_template="A").template_args()["template"] == "A"
+    moved = chat(chat_template_kwargs={"chat_template": "B", "x": 1}).template_args()
+    assert (moved["template"], moved["variables"]) == ("B", {"x": 1})
+    with pytest.raises(RequestError, match="must be a template's text"):
+        chat(chat_template_kwargs={"chat_template": 5}).template_args()
     assert_invalid(chat, {"continue_final_message": True}, "continue_final_message",
                    "cannot both be true")
     assert_invalid(chat, {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",
