@@ -259,19 +259,58 @@ def raise_if_failed(out: RequestOutput) -> None:
         raise GenerationFailed(out.error or "generation failed")
 
 
-def decide_held(held: bool | None, choice: Choice, out: RequestOutput,
-                parser: ToolParser | None) -> tuple[bool | None, RequestOutput]:
-    """Under tool_choice "auto", an answer is held back while it may be calls (None: not
-    known yet; True: calls, sent once whole): whether it still is, once `choice` has
-    absorbed `out`, and what to send of it now. Text after all: what was held back goes out
-    with this token."""
-    if held is not None:
-        return held, out
-    assert parser is not None  # (held is None only under "auto", with a parser)
-    held = parser.may_be_calls(choice.text)
-    if held is False and choice.text != out.text:
-        out = replace(out, text=choice.text, logprobs=choice.logprobs)
-    return held, out
+@dataclass(slots=True)
+class HeldAnswer:
+    """What of a streamed answer goes out as text now. `held`: False, text, streamed as it
+    comes; True, held back to the end (calls: tool_choice "required", or found under
+    "auto"); None, not known yet.
+
+    Under "auto", a parser whose calls are the whole answer (llama3_json, pythonic) holds it
+    back while it may still be calls, then streams it or keeps it to the end. One whose calls
+    may follow text (hermes) streams the text, all but a tail that may begin the calls'
+    opening, until the opening shows; from there on it is held. What is held goes out at the
+    end (ChatService.answer: the calls, or text after all)."""
+
+    parser: ToolParser | None  # "auto"'s; None: `held` never changes
+    held: bool | None = None
+    sent: int = 0  # the answer's characters sent as text
+    sent_logprobs: int = 0  # its tokens' logprobs sent
+
+    def __post_init__(self) -> None:
+        if self.parser is not None and self.parser.after_text is not None:
+            self.held = False  # (text until the opening shows)
+
+    def release(self, choice: Choice, out: RequestOutput) -> RequestOutput:
+        """`out` as it goes out now, once `choice` has absorbed it: the text released (and
+        its tokens' logprobs), nothing while it is held."""
+        text, parser = choice.text, self.parser
+        if self.held is False and (parser is None or parser.after_text is None):
+            # streaming text (most answers): `out` is all that is new
+            self.sent, self.sent_logprobs = len(text), len(choice.logprobs)
+            return out
+        if self.held is None:
+            assert parser is not None  # (not known only under "auto")
+            self.held = parser.may_be_calls(text)
+        if self.held is not False or parser is None or parser.after_text is None:
+            upto = len(text) if self.held is False else self.sent
+        elif (start := parser.calls_start(text, self.sent)) is not None:
+            self.held, upto = True, start
+        else:
+            upto = len(text) - (0 if out.finished else parser.opening_tail(text))
+        piece = text[self.sent:max(upto, self.sent)]
+        self.sent += len(piece)
+        if self.held is not False and not piece:
+            return replace(out, text="", logprobs=None)
+        logprobs = choice.logprobs[self.sent_logprobs:]
+        self.sent_logprobs = len(choice.logprobs)
+        return replace(out, text=piece, logprobs=logprobs)
+
+    def rest(self, content: str | None, choice: Choice
+             ) -> tuple[str | None, list[TokenLogprob]]:
+        """What a finished answer's `content` adds to the text sent, and the logprobs not
+        sent yet."""
+        return (content[self.sent:] or None if content else content,
+                choice.logprobs[self.sent_logprobs:])
 
 
 def failure_message(error: Exception) -> str:
@@ -612,14 +651,14 @@ class ChatService(_Service):
         a named tool's call (content "", finish as it came), the calls "required" asked for
         or the parser found ("tool_calls" for a finished answer), or the text."""
         finish, mode = to_openai_finish_reason(choice.finish_reason), request.tool_mode
-        calls = None
+        calls, content = None, None
         if mode == "named":
             assert isinstance(request.tool_choice, NamedToolChoice)
-            calls = named_call(request.tool_choice.function.name, choice.text)
+            calls, content = named_call(request.tool_choice.function.name, choice.text), ""
         elif mode == "required":
-            calls = required_calls(choice.text)
+            calls, content = required_calls(choice.text), ""
         elif mode == "auto" and self.tool_parser is not None:
-            calls = self.tool_parser.parse(choice.text)
+            content, calls = self.tool_parser.read(choice.text)
             names = request.tool_names
             if calls is not None and any(call.name not in names for call in calls):
                 calls = None  # JSON that names no tool of the request's: an answer in text
@@ -629,16 +668,16 @@ class ChatService(_Service):
             return choice.text, None, finish
         if mode != "named" and finish == "stop":
             finish = "tool_calls"
-        return ("" if mode in ("named", "required") else None), calls, finish
+        return content, calls, finish
 
-    def holds_back(self, request: ChatCompletionRequest) -> bool | None:
-        """Whether a streamed choice's text is held back until it ends (it may be calls):
-        always for a required list of calls, until its first word shows under "auto" (None),
-        never otherwise (a named call streams its arguments)."""
+    def holds_back(self, request: ChatCompletionRequest) -> HeldAnswer:
+        """A streamed choice's HeldAnswer: held to the end for a required list of calls,
+        as the parser reads it under "auto", never otherwise (a named call streams its
+        arguments)."""
         mode = request.tool_mode
-        if mode == "required":
-            return True
-        return None if mode == "auto" and self.tool_parser is not None else False
+        if mode == "auto" and self.tool_parser is not None:
+            return HeldAnswer(self.tool_parser)
+        return HeldAnswer(None, held=mode == "required")
 
     async def create(self, request: ChatCompletionRequest, submitted: list[Submitted],
                      response_id: str) -> ChatCompletionResponse:
@@ -692,9 +731,13 @@ class ChatService(_Service):
             if named is not None:
                 parts = chunks.named_call(out, named)
             else:
-                held[out.index], out = decide_held(held[out.index], choice, out,
-                                                   self.tool_parser)
-                parts = chunks.text(out) if held[out.index] is False else chunks.whole(choice, out)
+                answer = held[out.index]
+                piece = answer.release(choice, out)
+                if answer.held is False:
+                    parts = chunks.text(piece)
+                else:  # (the text before calls that show at this token, then the calls)
+                    parts = chunks.text(replace(piece, finish_reason=None)) if piece.text else []
+                    parts += chunks.whole(choice, out, answer)
             for part in parts:
                 yield part
         if request.include_usage:
@@ -747,16 +790,17 @@ class _ChatChunks:
                            None, finish=out if out.finished else None,
                            num_output=out.num_output_tokens)]
 
-    def whole(self, choice: Choice, out: RequestOutput) -> list[str]:
-        """A held-back answer, once finished: its calls, or its text; then the finish on a
-        chunk of its own, as OpenAI's (the SDK's stream helper closes a call when a later
-        chunk starts, not on its own finish)."""
+    def whole(self, choice: Choice, out: RequestOutput, answer: HeldAnswer) -> list[str]:
+        """A held-back answer, once finished: its calls, or its text (what of it `answer`
+        has not sent); then the finish on a chunk of its own, as OpenAI's (the SDK's stream
+        helper closes a call when a later chunk starts, not on its own finish)."""
         if not out.finished:
             return []
         content, calls, finish = self.service.answer(self.request, choice)
+        content, lps = answer.rest(content, choice)
         tool_calls = (None if calls is None else
                       [_delta_call(k, call) for k, call in enumerate(calls)])
-        logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
+        logprobs = self._logprobs(lps) if lps else None
         return [self.chunk(out.index, DeltaMessage(content=content or None,
                                                    tool_calls=tool_calls), logprobs,
                            num_output=out.num_output_tokens),

@@ -47,7 +47,6 @@ from server.serving import (
     ChatService,
     Choice,
     Submitted,
-    decide_held,
     failure_message,
     merged,
     raise_if_failed,
@@ -256,7 +255,7 @@ class ResponsesService:
         request, choice = job.chat, Choice()
         named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
-        held = self.chat.holds_back(request)  # True: calls; None: "auto", not yet known
+        held = self.chat.holds_back(request)
         item: OutputItem | None = None  # the item being streamed
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
@@ -268,10 +267,10 @@ class ResponsesService:
                 if out.text:
                     yield events.arguments(item, out.text)
                 continue
-            held, out = decide_held(held, choice, out, self.chat.tool_parser)
-            text, lps = out.text, out.logprobs or []
-            if held is False and (text or lps):  # (a token of no text: eos, a piece of a
-                # character, one a stop string may end with, still has its logprob)
+            piece = held.release(choice, out)
+            text, lps = piece.text, piece.logprobs or []
+            if text or lps:  # (a token of no text: eos, a piece of a character, one a stop
+                # string may end with, still has its logprob)
                 if item is None:
                     item = _message()
                     yield events.open(item)
@@ -280,11 +279,17 @@ class ResponsesService:
         if named is not None and item is None:  # (no arguments at all)
             item = _call(named)
             yield events.open(item)
-        if item is not None:
+        items = [] if named is not None else self._answer_items(job, choice)
+        if item is not None:  # (the named call, or a message)
+            if named is None and held.held is not False:  # text streamed, then held back:
+                # the rest of it, else (its calls follow) the logprobs not sent
+                rest, lps = held.rest(self.chat.answer(request, choice)[0], choice)
+                if rest or lps:
+                    yield events.text(item, rest or "", self._logprobs(job, lps))
             yield events.close(item, response.item_status)
-        else:  # nothing streamed: the whole answer now
-            for whole in self._answer_items(job, choice):
-                yield events.whole(whole, response.item_status)
+            items = [i for i in items if not isinstance(i, OutputMessage)]  # (streamed)
+        for whole in items:  # what was not streamed: the whole of it now
+            yield events.whole(whole, response.item_status)
         self._keep(job, response)  # (before the last event: a client may send the next turn)
         yield events.lifecycle("response.completed")
 

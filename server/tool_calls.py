@@ -1,7 +1,7 @@
 """Tool calls read from a chat answer's text (no torch, no HTTP): a named tool's arguments,
 the list that tool_choice "required" guides, or what `--tool-call-parser` finds in an answer
 the model chose to give as calls (tool_choice "auto"): vLLM's parsers for the Llama family,
-each reading an answer that is calls and nothing else.
+each reading an answer that is calls, or, for hermes, text and then calls.
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 def hermes_calls(text: str) -> list[ParsedCall] | None:
     """vLLM's hermes parser (Hermes 3, a Llama 3.1): `<tool_call>{"name": ..., "arguments":
-    {...}}</tool_call>`, one block a call, nothing but space between them. (Read by `find`,
-    not a lazy regex: that is quadratic in unclosed blocks.)"""
+    {...}}</tool_call>`, one block a call, nothing but space between them (text before the
+    first block is the parser's `after_text` split). (Read by `find`, not a lazy regex: that
+    is quadratic in unclosed blocks.)"""
     rest, calls, at = text.strip(), [], 0
     while at < len(rest):
         start = rest.find(HERMES_OPEN, at)
@@ -133,18 +134,46 @@ def hermes_calls(text: str) -> list[ParsedCall] | None:
 
 @dataclass(frozen=True)
 class ToolParser:
-    """How a model writes calls: `parse` reads a whole answer (None: it is text); an answer
-    whose start (spaces left out) matches `opening`, a regex, may be calls. `special_tokens`:
+    """How a model writes calls: `parse` reads calls (None: it is text); an answer whose
+    start (spaces left out) matches `opening`, a regex, may be calls. With `after_text`, the
+    literal that opens calls, text may come first: the calls are read from there on (vLLM's
+    hermes takes the text before its first <tool_call> as the content). `special_tokens`:
     the calls' tags are special tokens, kept in the text for the parser (vLLM's
     adjust_request)."""
 
     parse: Callable[[str], list[ParsedCall] | None]
     opening: str
     special_tokens: bool = False
+    after_text: str | None = None
     _opening: ByteDFA = field(init=False, repr=False)  # `opening`, then anything
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_opening", compile_regex(f"(?:{self.opening})[\\s\\S]*"))
+
+    def read(self, text: str) -> tuple[str | None, list[ParsedCall] | None]:
+        """An answer's content and calls: (text, None) where it holds none; (None or the
+        text before them, calls) where it does."""
+        start = text.find(self.after_text) if self.after_text is not None else 0
+        calls = self.parse(text[start:]) if start >= 0 else None
+        if calls is None:
+            return text, None
+        return text[:start] or None, calls
+
+    def calls_start(self, text: str, since: int = 0) -> int | None:
+        """For streaming an answer whose calls may follow text: where they open, searching
+        from `since` on (None: not yet; so far it is all text)."""
+        assert self.after_text is not None
+        start = text.find(self.after_text, max(since - len(self.after_text) + 1, 0))
+        return start if start >= 0 else None
+
+    def opening_tail(self, text: str) -> int:
+        """How many of `text`'s last characters may begin `after_text` (held back while it
+        streams: the next token may complete the opening)."""
+        assert self.after_text is not None
+        for size in range(min(len(self.after_text) - 1, len(text)), 0, -1):
+            if self.after_text.startswith(text[-size:]):
+                return size
+        return 0
 
     def may_be_calls(self, text: str) -> bool | None:
         """For streaming: whether an answer that starts with `text` may be calls (hold it
@@ -161,7 +190,8 @@ PARSERS = {
     "llama3_json": ToolParser(llama3_json_calls, r"\{|<\|python_tag\|>"),
     "pythonic": ToolParser(pythonic_calls,  # a list's first call, maybe in Llama 4's tags
                            r"(?:<\|python_start\|>)?\s*\[\s*[A-Za-z_]\w*\("),
-    "hermes": ToolParser(hermes_calls, HERMES_OPEN, special_tokens=True),  # (no regex signs)
+    "hermes": ToolParser(hermes_calls, HERMES_OPEN, special_tokens=True,  # (no regex signs)
+                         after_text=HERMES_OPEN),
 }
 # vLLM's names for Llama 4's formats, the same as far as a Llama-architecture model writes
 PARSERS |= {"llama4_json": PARSERS["llama3_json"], "llama4_pythonic": PARSERS["pythonic"]}

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 
 from model.tokenizer import Tokenizer
 from server.protocol import ChatCompletionRequest
+from server.request import FinishReason, RequestOutput, TokenLogprob
+from server.serving import Choice, HeldAnswer
 from server.tool_calls import (
     PARSERS,
     hermes_calls,
@@ -356,22 +358,110 @@ def parser_server(request: pytest.FixtureRequest, tiny_checkpoint: Path,
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_with_the_other_parsers(parser_server: tuple[str, Server], stream: bool) -> None:
     """pythonic and hermes: a call written in the parser's format is a tool call (held back
-    while streaming, sent whole); text is text."""
+    while streaming, sent whole); text is text. hermes, as vLLM's, also reads calls after
+    text: the text is the content (streamed before them)."""
     parser, server = parser_server
-    for regex, is_call in ((CALLS_OF[parser], True), ("It is sunny[a-z ]{0,12}\\.", False)):
+    cases = [(CALLS_OF[parser], None), ("It is sunny[a-z ]{0,12}\\.", "It is sunny")]
+    if parser == "hermes":
+        cases.append(("Let me check\\. " + CALLS_OF[parser], "Let me check. "))
+    for regex, text_first in cases:
         body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "temperature": 0,
                 "max_tokens": 150, "structured_outputs": {"regex": regex}, "stream": stream}
         r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
         content, calls, finish = read_answer(r, stream)
         text = content or ""
-        if is_call:
+        if regex.endswith(CALLS_OF[parser]):
             assert calls, text
             [call] = calls
-            assert content is None and finish == "tool_calls"
+            assert content == text_first and finish == "tool_calls"
             assert call["function"]["name"] == "get_weather"
             assert json.loads(call["function"]["arguments"])["unit"] == "c"
         else:
             assert not calls and text.startswith("It is sunny") and finish == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_gives_hermes_text_then_calls(parser_server: tuple[str, Server],
+                                                   stream: bool) -> None:
+    """The Responses API's items: the text before the calls a message (streamed as it
+    comes), then the calls."""
+    parser, server = parser_server
+    if parser != "hermes":
+        pytest.skip("text before calls is hermes' alone")
+    body = {"model": "tiny", "input": "Weather in Paris?", "tools": [
+        {"type": "function", **WEATHER["function"]}], "temperature": 0,
+        "max_output_tokens": 150, "stream": stream,
+        "structured_outputs": {"regex": "Let me check\\. " + CALLS_OF["hermes"]}}
+    r = httpx.post(f"{server.v1}/responses", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(d) for d in sse_data(r)]
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert "".join(deltas) == "Let me check. " and len(deltas) > 1  # as it came
+        response = events[-1]["response"]
+    else:
+        response = r.json()
+    message, call = response["output"]
+    assert message["content"][0]["text"] == "Let me check. "
+    assert call["type"] == "function_call" and call["name"] == "get_weather"
+    assert json.loads(call["arguments"])["unit"] == "c"
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ('Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call>', "Sure. ", [("f", "{}")]),
+    ('<tool_call>{"name": "f", "arguments": {}}</tool_call>', None, [("f", "{}")]),
+    ('\n<tool_call>{"name": "f", "arguments": {}}</tool_call>', "\n", [("f", "{}")]),
+    ('Sure. <tool_call>{"name": "f"}</tool_call>', None, None),  # not a call: all text
+    ('Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call> done', None, None),
+    ("Hello", None, None),
+])
+def test_hermes_reads_text_before_its_calls(text: str, content: str | None,
+                                            calls: list[tuple[str, str]] | None) -> None:
+    """vLLM's hermes: the text before the first <tool_call> is the content (None where there
+    is none); without calls the whole answer is. The others read calls that are the whole
+    answer."""
+    got_content, got_calls = PARSERS["hermes"].read(text)
+    assert (None if got_calls is None else [(c.name, c.arguments) for c in got_calls]) == calls
+    assert got_content == (text if calls is None else content)
+    json_call = '{"name": "f", "parameters": {}}'
+    assert PARSERS["llama3_json"].read("Sure. " + json_call) == ("Sure. " + json_call, None)
+    assert PARSERS["llama3_json"].read(json_call)[0] is None
+
+
+def stream_through(parser: str, pieces: list[str]) -> tuple[list[str], HeldAnswer]:
+    """What HeldAnswer lets out of an answer coming in `pieces` (one token each, the last
+    finishing it)."""
+    answer, choice, sent = HeldAnswer(PARSERS[parser]), Choice(), []
+    for k, piece in enumerate(pieces):
+        last = k == len(pieces) - 1
+        out = RequestOutput("r", 0, text=piece, token_ids=[k],
+                            logprobs=[TokenLogprob(k, -0.5, ())],
+                            finish_reason=FinishReason.STOP if last else None)
+        choice.absorb(out)
+        released = answer.release(choice, out)
+        sent.append(released.text)
+        assert [lp.token_id for lp in released.logprobs or ()] == (
+            list(range(answer.sent_logprobs - len(released.logprobs or ()),
+                       answer.sent_logprobs)))
+    return sent, answer
+
+
+def test_hermes_streams_the_text_before_its_calls() -> None:
+    """Text streams as it comes, all but what may begin "<tool_call>"; from the opening on
+    it is held; a tail that turns out to be text goes out with the token that tells."""
+    call = '{"name": "f", "arguments": {}}</tool_call>'
+    sent, answer = stream_through("hermes", ["Let", " me see. <", "tool", "_call>", call])
+    assert sent == ["Let", " me see. ", "", "", ""] and answer.held is True
+    assert answer.rest("Let me see. ", Choice()) == (None, [])  # the calls follow
+    sent, answer = stream_through("hermes", ["a <", "tool_x", " b <tool"])
+    assert sent == ["a ", "<tool_x", " b <tool"] and answer.held is False
+    sent, answer = stream_through("hermes", ["<tool_call>", "{bad"])
+    assert sent == ["", ""] and answer.held is True  # (held: at the end, the text)
+    assert answer.rest("<tool_call>{bad", Choice()) == ("<tool_call>{bad", [])
+    sent, _ = stream_through("llama3_json", ["Hi", " there"])  # decided by its start
+    assert sent == ["Hi", " there"]
+    sent, _ = stream_through("llama3_json", [" ", "{", '"a"'])
+    assert sent == ["", "", ""]
 
 
 def test_hermes_keeps_special_tokens_under_auto() -> None:
