@@ -27,6 +27,7 @@ from model import cpu_kernels
 from model.attention import AttentionBatch, attend_cached, attend_causal
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCachePool
+from model.lora import LoraBatch
 
 if TYPE_CHECKING:  # imported where used: CPU servers need not import triton
     from model.triton_kernels import TritonKernels
@@ -264,10 +265,13 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCachePool | None,
-                batch: AttentionBatch | None) -> Tensor:
+                batch: AttentionBatch | None, lora: LoraBatch | None = None) -> Tensor:
         n_tokens, n_qk = x.shape[0], self.n_heads + self.n_kv_heads
         if self.qkv is not None:
-            qkv = self.qkv(x).view(n_tokens, n_qk + self.n_kv_heads, self.head_dim)
+            qkv = self.qkv(x)
+            if lora is not None:
+                lora.add(self.layer, "qkv", x, qkv)
+            qkv = qkv.view(n_tokens, n_qk + self.n_kv_heads, self.head_dim)
             if self.kernels is not None and kv is not None:
                 assert batch is not None
                 # One pass: rotate q and k, store K and V (what the branch below does in ~12
@@ -276,14 +280,18 @@ class Attention(nn.Module):
                 q = self.kernels.rope_store(qkv, cos, sin, k_cache, v_cache, batch.slot_ids,
                                             batch.positions, self.n_heads)
                 out = attend_cached(q, k_cache, v_cache, batch, self.kernels)
-                return self.o(out.view(n_tokens, self.n_heads * self.head_dim))
+                return self._out(out.view(n_tokens, self.n_heads * self.head_dim), lora)
             # q and k heads side by side: one rotation for both (fewer small ops per layer).
             q, k = apply_rope(qkv[:, :n_qk], cos, sin).split([self.n_heads, self.n_kv_heads], 1)
             v = qkv[:, n_qk:]  # (T, KVH, D)
         else:
-            q = self.q_proj(x).view(n_tokens, self.n_heads, self.head_dim)  # (T, H, D)
-            k = self.k_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, KVH, D)
-            v = self.v_proj(x).view(n_tokens, self.n_kv_heads, self.head_dim)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if lora is not None:  # (the deltas of the packed q/k/v, split)
+                q, k, v = lora.add(self.layer, "qkv", x, torch.cat([q, k, v], -1)).split(
+                    [q.shape[-1], k.shape[-1], v.shape[-1]], -1)
+            q = q.reshape(n_tokens, self.n_heads, self.head_dim)  # (T, H, D)
+            k = k.reshape(n_tokens, self.n_kv_heads, self.head_dim)  # (T, KVH, D)
+            v = v.reshape(n_tokens, self.n_kv_heads, self.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
             out = attend_causal(q, k, v)
@@ -291,15 +299,19 @@ class Attention(nn.Module):
             assert batch is not None
             kv.write(self.layer, batch.slot_ids, batch.positions, k, v)
             out = attend_cached(q, kv.k[self.layer], kv.v[self.layer], batch, self.kernels)
-        out = out.reshape(n_tokens, self.n_heads * self.head_dim)
-        return self.o(out) if self.o is not None else self.o_proj(out)
+        return self._out(out.reshape(n_tokens, self.n_heads * self.head_dim), lora)
+
+    def _out(self, out: Tensor, lora: LoraBatch | None) -> Tensor:
+        y = self.o(out) if self.o is not None else self.o_proj(out)
+        return y if lora is None else lora.add(self.layer, "o", out, y)
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # (LoRA deltas are the layer's)
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
@@ -314,14 +326,25 @@ class MLP(nn.Module):
         self.kernels = kernels
         del self.gate_proj, self.up_proj, self.down_proj
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora: LoraBatch | None = None) -> Tensor:
         if self.gate_up is None or self.down is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            if lora is None:
+                return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate_up = lora.add(self.layer, "gate_up", x,
+                               torch.cat([self.gate_proj(x), self.up_proj(x)], -1))
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+            return lora.add(self.layer, "down", hidden, self.down_proj(hidden))
         gate_up = self.gate_up(x)
+        if lora is not None:
+            lora.add(self.layer, "gate_up", x, gate_up)
         if self.kernels is not None:  # fused (C: as LlamaModel's decode step, to the bit)
-            return self.down(self.kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+            hidden = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        out = self.down(hidden)
+        return out if lora is None else lora.add(self.layer, "down", hidden, out)
 
 
 class DecoderLayer(nn.Module):
@@ -330,10 +353,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor,
-                kv: KVCachePool | None, batch: AttentionBatch | None) -> tuple[Tensor, Tensor]:
+                kv: KVCachePool | None, batch: AttentionBatch | None,
+                lora: LoraBatch | None = None) -> tuple[Tensor, Tensor]:
         """The residual stream comes in as x + delta (delta None: x alone) and goes out the
         same way, (h, mlp output) unsummed, so that each residual add happens inside the next
         norm's pass (RMSNorm.add_forward: one C kernel on the fast path)."""
@@ -341,9 +365,9 @@ class DecoderLayer(nn.Module):
             residual, normed = x, self.input_layernorm(x)
         else:
             residual, normed = self.input_layernorm.add_forward(x, delta)
-        attn = self.self_attn(normed, cos, sin, kv, batch)
+        attn = self.self_attn(normed, cos, sin, kv, batch, lora)
         h, normed = self.post_attention_layernorm.add_forward(residual, attn)
-        return h, self.mlp(normed)
+        return h, self.mlp(normed, lora)
 
 
 class LlamaBody(nn.Module):
@@ -465,15 +489,18 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None = None,
                 batch: AttentionBatch | None = None,
                 logits_indices: Tensor | None = None,
-                before_compute: Callable[[], None] | None = None) -> Tensor:
+                before_compute: Callable[[], None] | None = None,
+                lora: LoraBatch | None = None) -> Tensor:
         """input_ids, positions (T,) -> logits (N, vocab) in float32.
 
         `logits_indices` picks the N token rows whose logits are wanted (usually each
         sequence's last token); None means all T. `before_compute` is called once, as the
         computing starts: for the C decode step just before its call, which runs without the
         GIL, so that Python work the caller starts there (another thread's) overlaps it.
+        `lora`: the rows that run LoRA adapters (model/lora.py; not the C decode step).
         """
-        decode_model = self._decode_in_c(kv, batch, logits_indices)
+        decode_model = None if lora is not None else self._decode_in_c(kv, batch,
+                                                                      logits_indices)
         if decode_model is not None:
             assert self.cpu_kernels is not None and batch is not None
             assert batch.decode_lens is not None and self.lm_head_packed is not None
@@ -483,31 +510,32 @@ class LlamaModel(nn.Module):
             return self.lm_head_packed(x).float()
         if before_compute is not None:
             before_compute()
-        x, delta = self._layers(input_ids, positions, kv, batch)
+        x, delta = self._layers(input_ids, positions, kv, batch, lora)
         return self._logits(self._final_norm(x, delta, logits_indices))
 
     def forward_pooled(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None,
                        batch: AttentionBatch | None, logits_indices: Tensor,
                        hidden_indices: Tensor,
-                       before_compute: Callable[[], None] | None = None
-                       ) -> tuple[Tensor, Tensor]:
+                       before_compute: Callable[[], None] | None = None,
+                       lora: LoraBatch | None = None) -> tuple[Tensor, Tensor]:
         """forward's logits, and the final normalized hidden states (N', dim) of the
         `hidden_indices` rows in float32: what embeddings pool (a step with prompts in it:
         never the C decode step)."""
         if before_compute is not None:
             before_compute()
-        x, delta = self._layers(input_ids, positions, kv, batch)
+        x, delta = self._layers(input_ids, positions, kv, batch, lora)
         return (self._logits(self._final_norm(x, delta, logits_indices)),
                 self._final_norm(x, delta, hidden_indices).float())
 
     def _layers(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None,
-                batch: AttentionBatch | None) -> tuple[Tensor, Tensor | None]:
+                batch: AttentionBatch | None, lora: LoraBatch | None = None
+                ) -> tuple[Tensor, Tensor | None]:
         """The residual stream after the last layer, as x + delta (see DecoderLayer)."""
         x = self.model.embed_tokens(input_ids)  # (T, dim)
         cos, sin = self.rope_angles(positions, x.dtype)
         delta: Tensor | None = None
         for layer in self.model.layers:
-            x, delta = layer(x, delta, cos, sin, kv, batch)
+            x, delta = layer(x, delta, cos, sin, kv, batch, lora)
         return x, delta
 
     def _final_norm(self, x: Tensor, delta: Tensor | None, rows: Tensor | None) -> Tensor:

@@ -139,7 +139,7 @@ class ServerState:
                 time.sleep(0.02)
 
     def check_model(self, model: str | None) -> None:
-        if model and model not in self.config.model_names:
+        if model and not self.config.serves(model):
             raise ModelNotFound(f"The model `{model}` does not exist.")
 
 

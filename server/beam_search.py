@@ -56,7 +56,7 @@ class BeamSearch:
         self.step_params = SamplingParams(
             max_tokens=1, temperature=0.0, ignore_eos=True,
             logprobs=max(2 * self.width, params.logprobs or 0),
-            skip_special_tokens=params.skip_special_tokens)
+            skip_special_tokens=params.skip_special_tokens, lora=params.lora)
 
     def start(self) -> None:
         """Queue the first step (the prompt alone), past the admission check for the n beams'

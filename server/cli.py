@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
     _add(serve, "--chat-template", "a Jinja chat template replacing the model's: a file, or "
          "the template itself")
+    _add(serve, "--enable-lora", "serve LoRA adapters beside the model (vLLM's flag)",
+         action="store_true", default=False)
+    _add(serve, "--lora-modules", "LoRA adapters in PEFT's layout, each name=path (or "
+         "vLLM's JSON {\"name\": ..., \"path\": ...}): a request names one as its model",
+         nargs="+", default=[])
+    _add(serve, "--max-lora-rank", "the highest rank of an adapter (vLLM's flag)", type=int,
+         default=16)
     _add(serve, "--trust-request-chat-template", "render a chat request's own "
          "chat_template (vLLM's flag); without it such requests are refused",
          action="store_true", default=False)
@@ -205,6 +212,7 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         api_key=args.api_key, allowed_origins=origins, max_request_bytes=args.max_request_bytes,
         max_n=args.max_n, chat_template=template,
         trust_request_chat_template=args.trust_request_chat_template,
+        lora_modules=engine.lora_adapters,
         generation_defaults=defaults,
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,

@@ -77,8 +77,24 @@ class EngineConfig:
     # Copy a prompt's prefix from a slot that holds it instead of computing it (vLLM's
     # automatic prefix caching, llama.cpp's cache_prompt): server/scheduler.py
     prefix_caching: bool = True
+    # LoRA adapters served beside the model (vLLM's --enable-lora --lora-modules): each
+    # "name=path" or {"name": ..., "path": ...}; a request names one as its model
+    enable_lora: bool = False
+    lora_modules: tuple[str, ...] = ()
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
+        modules = self.lora_modules
+        if isinstance(modules, str):  # (its environment variable: specs apart by spaces)
+            modules = modules.split()
+        object.__setattr__(self, "lora_modules", tuple(modules or ()))
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora (vLLM's pair of flags)")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        names = [name for name, _ in self.lora_adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora-modules names an adapter twice: {names}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if (self.max_num_batched_tokens is not None
@@ -95,6 +111,28 @@ class EngineConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.kv_cache_memory is not None:
             kv_cache_budget(self.kv_cache_memory, 2**30)  # its syntax, before anything loads
+
+    @property
+    def lora_adapters(self) -> tuple[tuple[str, str], ...]:
+        """(name, path) of each --lora-modules spec: "name=path", or vLLM's JSON form."""
+        out = []
+        for spec in self.lora_modules:
+            if spec.lstrip().startswith("{"):
+                try:
+                    item = json.loads(spec)
+                    name, path = item["name"], item["path"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"--lora-modules {spec!r}: expected name=path or "
+                                     '{"name": ..., "path": ...}') from None
+            else:
+                name, sep, path = spec.partition("=")
+                if not sep:
+                    raise ValueError(f"--lora-modules {spec!r}: expected name=path")
+            if not (isinstance(name, str) and name and isinstance(path, str) and path):
+                raise ValueError(f"--lora-modules {spec!r}: the name and the path must be "
+                                 "non-empty")
+            out.append((name, path))
+        return tuple(out)
 
     def batched_tokens(self, device_type: str, device_bytes: int = 0,
                        device_name: str = "") -> int:
@@ -199,6 +237,8 @@ class ServerConfig:
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
     # A chat request's own chat_template rendered (vLLM's --trust-request-chat-template)
     trust_request_chat_template: bool = False
+    # The LoRA adapters (name, path) requests may name as their model (EngineConfig's)
+    lora_modules: tuple[tuple[str, str], ...] = ()
     # Sampling defaults for fields a request leaves out (read per --generation-config by the CLI)
     generation_defaults: GenerationDefaults = GenerationDefaults()
     log_level: str = "info"
@@ -227,9 +267,19 @@ class ServerConfig:
                              f"{self.pooling!r}")
         if self.responses_store < 0:
             raise ValueError(f"--responses-store must be >= 0, got {self.responses_store}")
+        if taken := set(self.lora_names) & set(self.model_names):
+            raise ValueError(f"LoRA adapter names {sorted(taken)} are the model's own names")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
 
     @property
     def model_names(self) -> tuple[str, ...]:
         return (self.served_model_name, *self.model_aliases)
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.lora_modules)
+
+    def serves(self, model: str) -> bool:
+        """Whether a request may name `model`: the model's names, or a LoRA adapter's."""
+        return model in self.model_names or model in self.lora_names

@@ -70,6 +70,7 @@ class Engine(EngineFront):
         self.tokenizer = tokenizer
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = runner.vocab_size
+        self.lora_names = frozenset(runner.adapters)
         self.num_slots = scheduler.n_slots
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[Add | Abort | AbortAll] = queue.SimpleQueue()

@@ -194,11 +194,15 @@ class StreamTable:
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int,
-                     num_slots: int, max_model_len: int) -> None:
-    """Raise RequestRejected for a request that no engine of these sizes can serve."""
+                     num_slots: int, max_model_len: int,
+                     lora_names: frozenset[str] = frozenset()) -> None:
+    """Raise RequestRejected for a request that no engine of these sizes (and LoRA
+    adapters) can serve."""
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
         raise RequestRejected("the prompt is empty: it must contain at least one token")
+    if params.lora is not None and params.lora not in lora_names:
+        raise RequestRejected(f"no LoRA adapter {params.lora!r} is loaded", "model")
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
@@ -239,6 +243,7 @@ class EngineFront(ABC):
     max_model_len: int
     max_waiting: int
     num_slots: int  # KV-cache slots: sequences run at once
+    lora_names: frozenset[str] = frozenset()  # the LoRA adapters loaded (SamplingParams.lora)
 
     def __init__(self) -> None:
         self.streams = StreamTable()
@@ -287,7 +292,8 @@ class EngineFront(ABC):
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestRejected if `generate` would refuse the request for what it asks."""
-        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len)
+        validate_request(prompt_ids, params, self.vocab_size, self.num_slots, self.max_model_len,
+                         self.lora_names)
 
     @property
     def max_queued(self) -> int:

@@ -131,6 +131,7 @@ class Ready:
     num_slots: int
     max_waiting: int
     stats: EngineStats
+    lora_names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +214,7 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
     freeze_startup_objects()
     try:
         conn.send(Ready(engine.vocab_size, engine.max_model_len, engine.num_slots,
-                        engine.max_waiting, engine.stats_snapshot()))
+                        engine.max_waiting, engine.stats_snapshot(), engine.lora_names))
         while True:
             # Every pass, not only when idle: requests keep arriving to a dead engine too.
             engine.check_health()
@@ -283,6 +284,7 @@ class EngineProcess(EngineFront):
         assert isinstance(message, Ready), message
         self.vocab_size, self.max_model_len = message.vocab_size, message.max_model_len
         self.num_slots, self.max_waiting = message.num_slots, message.max_waiting
+        self.lora_names = message.lora_names
         self._stats = message.stats
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()

@@ -82,6 +82,7 @@ class SamplingParams:
     # vLLM's bad_words, as token sequences: a sequence's last token is banned where the
     # output ends with the others (a one-token word always)
     bad_words: tuple[tuple[int, ...], ...] = ()
+    lora: str | None = None  # the LoRA adapter the request runs (--lora-modules); None: none
 
     def max_tokens_within(self, room: int) -> int:
         """max_tokens, or where it is left to the context (None), vLLM's choice: the model's

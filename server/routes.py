@@ -116,11 +116,14 @@ async def metrics(state: State) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: State) -> ModelList:
-    return ModelList(data=[_model_card(state, name) for name in state.config.model_names])
+    return ModelList(data=[_model_card(state, name) for name in state.config.model_names] + [
+        _lora_card(state, name, path) for name, path in state.config.lora_modules])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: State) -> ModelCard:
+    if model_id in (adapters := dict(state.config.lora_modules)):
+        return _lora_card(state, model_id, adapters[model_id])
     if model_id not in state.config.model_names:  # "" too: `/v1/models/` names no model
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
     return _model_card(state, model_id)
@@ -209,6 +212,13 @@ def _responses(state: ServerState) -> ResponsesService:
     return state.responses
 
 
+def _lora_card(state: ServerState, name: str, path: str) -> ModelCard:
+    """A LoRA adapter's card, as vLLM lists one: its path as `root`, the model as `parent`."""
+    engine = state.engine
+    return ModelCard(id=name, root=path, parent=state.config.served_model_name,
+                     max_model_len=engine.max_model_len if engine else None)
+
+
 def _response_id(prefix: str) -> str:
     """`<prefix>-<X-Request-Id>`, as vLLM names a response after the request's header (the
     middleware makes an id up when none came), so that a client's or a proxy's id finds the
@@ -250,6 +260,8 @@ async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,
     """The engine's parameters for a request: its fields (the model's defaults for those it
     leaves out), its guide and its bad words' tokens."""
     params = body.to_sampling_params(state.config.generation_defaults)
+    if body.model in state.config.lora_names:  # a LoRA adapter's name: it runs on it
+        params = replace(params, lora=body.model)
     return service.with_bad_words(body, await _guided(body, params))
 
 
@@ -287,8 +299,10 @@ async def embeddings(body: EmbeddingRequest, state: State, request: Request):  #
         service = state.embeddings
         assert service is not None
         prompts = await _tokenized(request, lambda: service.prompts(body))
-        submitted = submit(engine, prompts, service.params, _engine_request_id(response_id),
-                           "input")
+        params = service.params
+        if body.model in state.config.lora_names:
+            params = replace(params, lora=body.model)
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id), "input")
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 

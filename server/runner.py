@@ -25,6 +25,7 @@ from model.attention import AttentionBatch, PrefillSpan
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
 from model.llama import LlamaModel
+from model.lora import LoraAdapter, LoraBatch
 from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
 from server.request import Request, SamplingParams, Sequence, TokenLogprob
@@ -67,8 +68,10 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: KVCachePool, eos_ids: frozenset[int],
                  seed: int = 0, graphs: DecodeGraphs | None = None,
-                 guides: GuideMasks | None = None) -> None:
+                 guides: GuideMasks | None = None,
+                 adapters: dict[str, LoraAdapter] | None = None) -> None:
         self.model = model
+        self.adapters = adapters or {}  # LoRA adapters by name (SamplingParams.lora)
         self.pool = pool
         self.graphs = graphs  # decode-only steps replayed from CUDA graphs where they fit
         self.device = pool.device
@@ -123,8 +126,10 @@ class ModelRunner:
         return self.asynchronous and self._replays_graph(plan)
 
     def _replays_graph(self, plan: StepPlan) -> bool:
-        """A decode-only step that a captured graph (or its eager stand-in) covers."""
-        if self.graphs is None or plan.prefills or not plan.decodes:
+        """A decode-only step that a captured graph (or its eager stand-in) covers: none
+        where a row runs a LoRA adapter (the graphs hold the base model alone)."""
+        if self.graphs is None or plan.prefills or not plan.decodes or any(
+                s.request.params.lora is not None for s in plan.decodes):
             return False
         return self.graphs.bucket([s.slot for s in plan.decodes],
                                   plan.decode_positions()) is not None
@@ -195,6 +200,7 @@ class ModelRunner:
                 pooled.append((chunk, len(hidden_rows), len(rows)))
                 hidden_rows.extend(rows)
         batch = AttentionBatch.build(slots, positions, spans, self.device)
+        lora = self._lora_batch(plan)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -213,11 +219,11 @@ class ModelRunner:
             assert wanted is not None
             logits, hidden = self.model.forward_pooled(
                 tensor(ids), batch.positions, self.pool, batch, wanted, tensor(hidden_rows),
-                before_compute=compute_starts)
+                before_compute=compute_starts, lora=lora)
         else:
             logits = self.model(tensor(ids), batch.positions, self.pool, batch,
-                                logits_indices=wanted,
-                                before_compute=compute_starts)  # (len(logit_rows), vocab)
+                                logits_indices=wanted, before_compute=compute_starts,
+                                lora=lora)  # (len(logit_rows), vocab)
         assert start is not None, "the model calls before_compute once, as it computes"
         timing = self._timing(start, plan.kind)
 
@@ -236,6 +242,16 @@ class ModelRunner:
         return self._pending(plan, sampling, picked,
                              [(rows, logits[row:row + rows.n]) for rows, row in scored], timing,
                              self._pool(pooled, hidden) if pooled else [])
+
+    def _lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+        """The step's rows that run LoRA adapters (decode rows, then prompt chunks' rows, as
+        `launch` lays them out); None where none does."""
+        if not self.adapters:
+            return None
+        rows = [self.adapters.get(s.request.params.lora or "") for s in plan.decodes]
+        for chunk in plan.prefills:
+            rows += [self.adapters.get(chunk.request.params.lora or "")] * len(chunk.token_ids)
+        return LoraBatch.of_rows(rows, self.device)
 
     def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor
               ) -> list[tuple[Request, torch.Tensor]]:

@@ -124,8 +124,11 @@ class Scheduler:
         self.decoding: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self.prefix_caching = prefix_caching
-        # Free slots whose K/V still hold these tokens (positions 0..len-1), oldest first
+        # Free slots whose K/V still hold these tokens (positions 0..len-1), oldest first,
+        # and the LoRA adapter each was computed with (None: the base model): K/V of one
+        # adapter are no other's
         self.cached: dict[int, list[int]] = {}
+        self.cached_lora: dict[int, str | None] = {}
 
     # ------------------------------------------------------------------ accounting
 
@@ -265,7 +268,7 @@ class Scheduler:
         slots, running sequences', prompts in prefill), from MIN_PREFIX_TOKENS tokens; `own`
         wins a tie. The prompt's last token is always computed (its logits are sampled), and
         every token is where prompt logprobs or a mean of them all are asked for."""
-        prompt = request.prompt_ids
+        prompt, lora = request.prompt_ids, request.params.lora
         if request.params.every_prompt_position or len(prompt) <= MIN_PREFIX_TOKENS:
             return None
         plan.num_queried_tokens += len(prompt)
@@ -283,13 +286,16 @@ class Scheduler:
                 best, src = length, slot
 
         for slot, tokens in self.cached.items():  # free slots, a packed request's own among them
-            consider(slot, tokens)
+            if self.cached_lora.get(slot) == lora:
+                consider(slot, tokens)
         for seq in self.decoding:  # running: their token lists are built only if they may win
             held = seq.request.prompt_ids
-            if len(held) <= best or held[:best + 1] == prompt[:best + 1]:
+            if seq.request.params.lora == lora and (
+                    len(held) <= best or held[:best + 1] == prompt[:best + 1]):
                 consider(seq.slot, seq.cached_tokens())
         for r in self.prefilling:  # prompts in prefill, in their first slot (a copy to it
-            consider(r.seqs[0].slot, r.prompt_ids[:r.num_prefilled])  # queued here lands first)
+            if r.params.lora == lora:  # queued here lands first)
+                consider(r.seqs[0].slot, r.prompt_ids[:r.num_prefilled])
         if best < MIN_PREFIX_TOKENS or src is None:
             return None
         return src, best
@@ -376,6 +382,7 @@ class Scheduler:
             heapq.heappush(self.free_slots, seq.slot)
             if self.prefix_caching and len(tokens := seq.cached_tokens()) >= MIN_PREFIX_TOKENS:
                 self.cached[seq.slot] = tokens  # (shorter ones can serve no prompt)
+                self.cached_lora[seq.slot] = request.params.lora
         if request.is_finished:
             self.requests.pop(request.request_id, None)
             if request in self.prefilling:

@@ -327,6 +327,11 @@ UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but "
                       "chat template.")  # vLLM's words
 
 
+def model_of(engine: EngineFront, requested: str | None, model_name: str) -> str:
+    """The model a response names: the LoRA adapter `requested`, else `model_name`."""
+    return requested if requested is not None and requested in engine.lora_names else model_name
+
+
 def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
                     controls: ChatTemplateControls, add_special_tokens: bool,
                     trust_template: bool = False) -> list[int]:
@@ -378,6 +383,11 @@ class _Service:
                  prompt_tokens_details: bool = False) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.prompt_tokens_details = prompt_tokens_details  # usage's cached_tokens
+
+    def model_of(self, request: CompletionRequest | ChatCompletionRequest) -> str:
+        """The model a response names: the LoRA adapter the request ran on (as vLLM names
+        it), else the served model."""
+        return model_of(self.engine, request.model, self.model_name)
 
     def _usage(self, submitted: list[Submitted], choices: dict[int, Choice],
                n: int) -> CompletionUsage:
@@ -548,7 +558,7 @@ class CompletionService(_Service):
                 index=index, text=echo + choice.text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
                 stop_reason=choice.stop_reason, prompt_logprobs=shown.get(index // n)))
-        return CompletionResponse(id=response_id, model=self.model_name, choices=result,
+        return CompletionResponse(id=response_id, model=self.model_of(request), choices=result,
                                   usage=self._usage(submitted, choices, request.n))
 
     async def stream(self, request: CompletionRequest, submitted: list[Submitted],
@@ -558,8 +568,8 @@ class CompletionService(_Service):
         offsets: dict[int, TextOffset] = {}
 
         envelope = StreamEnvelope(
-            CompletionStreamResponse(id=response_id, created=created, model=self.model_name,
-                                     choices=[]),
+            CompletionStreamResponse(id=response_id, created=created,
+                                     model=self.model_of(request), choices=[]),
             text_choice=lambda index, text: CompletionResponseChoice(index=index, text=text))
         continuous_usage = request.continuous_usage
 
@@ -701,7 +711,7 @@ class ChatService(_Service):
                 logprobs=self.logprobs(request, c.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(
-            id=response_id, model=self.model_name, choices=result,
+            id=response_id, model=self.model_of(request), choices=result,
             usage=self._usage(submitted, choices, request.n),
             prompt_logprobs=self._prompt_logprobs(prompt_lps, request.prompt_logprobs))
 
@@ -754,7 +764,7 @@ class _ChatChunks:
         self.service, self.request, self.num_prompt = service, request, num_prompt
         self.envelope = StreamEnvelope(
             ChatCompletionChunk(id=response_id, created=int(time.time()),
-                                model=service.model_name, choices=[]),
+                                model=service.model_of(request), choices=[]),
             text_choice=lambda index, text: ChatCompletionStreamChoice(
                 index=index, delta=DeltaMessage(content=text)))
         self.continuous_usage = request.continuous_usage

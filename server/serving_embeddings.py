@@ -12,7 +12,7 @@ from server.protocol.embeddings import (
     encode_embedding,
 )
 from server.request import Pooling, SamplingParams
-from server.serving import Submitted, merged, raise_if_failed
+from server.serving import Submitted, merged, model_of, raise_if_failed
 
 
 class EmbeddingsAborted(RuntimeError):
@@ -50,5 +50,6 @@ class EmbeddingService:
                                                               request.encoding_format))
                 for i in range(len(submitted))]
         tokens = sum(len(s.prompt_ids) for s in submitted)
-        return EmbeddingResponse(id=response_id, model=self.model_name, data=data,
+        return EmbeddingResponse(id=response_id, model=model_of(self.engine, request.model,
+                                                                self.model_name), data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

@@ -16,6 +16,8 @@ import torch
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCachePool
+from model.lora import LoraAdapter, LoraError, load_adapter
+from model.source import ModelSourceError, resolve_model
 from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint, resolve_device, resolve_dtype
 from server.config import (
@@ -114,6 +116,23 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
     return PoolPlan(n_slots, max_len, nbytes, KVCachePool.formula(model, n_slots, max_len, dtype))
 
 
+def load_adapters(config: EngineConfig, model: ModelConfig, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, LoraAdapter]:
+    """--lora-modules' adapters, each read whole now (StartupError naming what is wrong)."""
+    adapters = {}
+    for name, path in config.lora_adapters:
+        try:  # (a folder, or a hub id as for MODEL)
+            adapter = load_adapter(name, resolve_model(path), model, dtype, device,
+                                   config.max_lora_rank)
+        except (LoraError, ModelSourceError) as e:
+            raise StartupError(f"LoRA adapter {name!r}: {e}" if isinstance(
+                e, ModelSourceError) else str(e)) from None
+        adapters[name] = adapter
+        logger.info("LoRA adapter %s: %s, rank %d, %d of %d layers", name, path, adapter.rank,
+                    len({layer for layer, _ in adapter.deltas}), model.n_layers)
+    return adapters
+
+
 def build_engine(folder: Path, config: EngineConfig, chat_template: str | None = None) -> Engine:
     # Process-wide, before any tensor or the engine's thread exists: the engine hands freed
     # memory back when idle (release_free_memory), not after every step.
@@ -159,8 +178,9 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     vocab_size = model.config.vocab_size
     guides = GuideMasks(lambda: TokenTable(tokenizer.token_bytes(range(tokenizer.vocab_size)),
                                            vocab_size, tokenizer.special_ids, tokenizer.eos_ids))
+    adapters = load_adapters(config, model.config, dtype, device)
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs,
-                         guides=guides)
+                         guides=guides, adapters=adapters)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)
     # A CUDA graph's rows are the slots below its bucket, and PyTorch's decode attention
     # reads a run of slots: keep the slots in use packed at the low end for both

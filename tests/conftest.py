@@ -122,6 +122,57 @@ def code_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory,
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraFixture:
+    adapter: Path  # PEFT's layout: adapter_config.json, adapter_model.safetensors
+    merged: Path  # the tiny checkpoint with the adapter merged in: the oracle's weights
+
+
+def write_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float = 8.0,
+               rslora: bool = False) -> LoraFixture:
+    """A random LoRA adapter of the tiny model, as PEFT saves one: every linear of layer 0,
+    q_proj and down_proj of layer 1 (B random, where PEFT starts it at zero, so that the
+    delta shows); and `base` with W + scale B A merged in, for transformers to run."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    q, kv = TINY.n_heads * TINY.head_dim, TINY.n_kv_heads * TINY.head_dim
+    shapes = {"self_attn.q_proj": (TINY.dim, q), "self_attn.k_proj": (TINY.dim, kv),
+              "self_attn.v_proj": (TINY.dim, kv), "self_attn.o_proj": (q, TINY.dim),
+              "mlp.gate_proj": (TINY.dim, TINY.hidden_dim),
+              "mlp.up_proj": (TINY.dim, TINY.hidden_dim),
+              "mlp.down_proj": (TINY.hidden_dim, TINY.dim)}
+    targets = [(0, name) for name in shapes] + [(1, "self_attn.q_proj"), (1, "mlp.down_proj")]
+    scale = alpha / rank ** 0.5 if rslora else alpha / rank
+    adapter, merged = out / "adapter", out / "merged"
+    adapter.mkdir(parents=True)
+    shutil.copytree(base, merged)
+    weights = load_file(str(merged / "model.safetensors"))
+    tensors = {}
+    for layer, name in targets:
+        d_in, d_out = shapes[name]
+        a = torch.randn(rank, d_in, generator=g) * 0.3
+        b = torch.randn(d_out, rank, generator=g) * 0.3
+        prefix = f"base_model.model.model.layers.{layer}.{name}"
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        key = f"model.layers.{layer}.{name}.weight"
+        weights[key] = weights[key] + scale * b @ a
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in weights.items()},
+              str(merged / "model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"], "bias": "none", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base)}))
+    return LoraFixture(adapter, merged)
+
+
+@pytest.fixture(scope="session")
+def lora(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraFixture:
+    return write_lora(tiny_checkpoint, tmp_path_factory.mktemp("lora"), seed=11)
+
+
 @pytest.fixture(scope="session")
 def long_context_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
     """The tiny model with a 4096-token context: for streams that must still be generating

@@ -55,6 +55,7 @@ class ModelCard(ResponseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "llama-serve"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's model (vLLM's field)
     max_model_len: int | None = None
 
 

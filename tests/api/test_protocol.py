@@ -484,9 +484,9 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     ]
-    # set by the route: the guide compiled from guide_spec() (below), bad words tokenized;
-    # pooling: the embeddings service's
-    assert unchanged == ["guide", "pooling", "bad_words"]
+    # set by the route: the guide compiled from guide_spec() (below), bad words tokenized,
+    # the LoRA adapter the model names; pooling: the embeddings service's
+    assert unchanged == ["guide", "pooling", "bad_words", "lora"]
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
     assert params.stop == ("###", "\n\n")
     assert params.stop_token_ids == (2, 3)
@@ -503,9 +503,9 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
         for f in dataclasses.fields(params)
         if getattr(params, f.name) == getattr(default, f.name)
     }
-    # chat has no echo (prompt_logprobs below); the guide and bad words: the route's;
-    # pooling: the embeddings service's
-    assert unchanged == {"prompt_logprobs", "guide", "pooling", "bad_words"}
+    # chat has no echo (prompt_logprobs below); the guide, bad words and LoRA adapter: the
+    # route's; pooling: the embeddings service's
+    assert unchanged == {"prompt_logprobs", "guide", "pooling", "bad_words", "lora"}
     assert chat(prompt_logprobs=3).to_sampling_params().prompt_logprobs == 3
     assert params.max_tokens is None and params.logprobs == 4
     assert params.default_max_tokens == 99

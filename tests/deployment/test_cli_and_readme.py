@@ -136,6 +136,18 @@ def test_readme_curl_examples(index: int, open_server: Server, request: pytest.F
         assert body["choices"][0]["finish_reason"] in ("stop", "length"), body
         assert body["usage"]["prompt_tokens"] > 10  # (the layout's tokens and both texts)
         return
+    if '"sql-lora"' in script:  # a LoRA adapter's request: a server with one
+        lora = request.getfixturevalue("lora")
+        checkpoint = request.getfixturevalue("tiny_checkpoint")
+        with run_server(checkpoint, tmp_path, "--enable-lora", "--lora-modules",
+                        f"sql-lora={lora.adapter}") as lora_server:
+            out = subprocess.run(["bash", "-c", script.replace(
+                "http://127.0.0.1:8000", lora_server.base_url)], capture_output=True,
+                text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        body = json.loads(out.stdout)
+        assert body["model"] == "sql-lora" and body["usage"]["completion_tokens"] > 0, body
+        return
     script = script.replace("http://127.0.0.1:8000", open_server.base_url)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,156 @@
+"""LoRA adapters over HTTP (vLLM's --enable-lora --lora-modules): a request names an adapter
+as its model and gets what transformers computes on the checkpoint with the adapter merged
+in; requests of different adapters and of the base model share batches, never their prefix
+cache; /v1/models lists the adapters."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from server.cli import build_parser, configs
+from tests.api.conftest import Server, assert_openai_error, run_server
+from tests.conftest import LoraFixture, write_lora
+
+PROMPT = "The quick brown fox jumps over the lazy dog and then the cat sat on the mat"
+
+
+@pytest.fixture(scope="module")
+def second(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraFixture:
+    return write_lora(tiny_checkpoint, tmp_path_factory.mktemp("lora-2"), seed=13, rank=8)
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_checkpoint: Path, lora: LoraFixture, second: LoraFixture,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tiny_checkpoint, tmp_path_factory.mktemp("lora-server"),
+                    "--served-model-name", "tiny", "--enable-lora", "--lora-modules",
+                    f"sql={lora.adapter}", f'{{"name": "chat", "path": "{second.adapter}"}}',
+                    "--enable-prompt-tokens-details", "--enable-embeddings",
+                    "--max-model-len", "512") as s:
+        yield s
+
+
+@pytest.fixture
+def client(lora_server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=lora_server.base_url, timeout=60) as c:
+        yield c
+
+
+def complete(client: httpx.Client, model: str, prompt: str | list[int] = PROMPT,
+             **fields: object) -> dict:
+    r = client.post("/v1/completions", json={
+        "model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def token_ids(answer: dict) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
+
+
+def greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([prompt + out])).logits[0, -1].argmax()))
+    return out
+
+
+def test_models_lists_the_adapters(client: httpx.Client, lora: LoraFixture) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert list(cards) == ["tiny", "sql", "chat"]
+    assert cards["sql"]["root"] == str(lora.adapter) and cards["sql"]["parent"] == "tiny"
+    assert cards["tiny"].get("parent") is None
+    assert client.get("/v1/models/sql").json()["parent"] == "tiny"
+    error = assert_openai_error(client.post("/v1/completions", json={
+        "model": "nope", "prompt": "x"}), 404)
+    assert error["code"] == "model_not_found"
+
+
+def test_an_adapters_answer_is_the_merged_models(client: httpx.Client, tiny_checkpoint: Path,
+                                                 lora: LoraFixture) -> None:
+    prompt = client.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    adapted, base = complete(client, "sql"), complete(client, "tiny")
+    assert token_ids(adapted) == greedy(lora.merged, prompt, 8)
+    assert token_ids(base) == greedy(tiny_checkpoint, prompt, 8)
+    assert token_ids(adapted) != token_ids(base)
+    assert (adapted["model"], base["model"]) == ("sql", "tiny")
+    # beam search's steps run on the adapter too: one beam is its greedy answer
+    beam = complete(client, "sql", use_beam_search=True)
+    assert token_ids(beam) == token_ids(adapted)
+
+
+def test_adapters_and_the_model_share_batches(client: httpx.Client) -> None:
+    """Nine requests at once, three of each model, 24 tokens each: every answer is the one
+    its model gives alone (a row on the wrong weights would change it)."""
+    models = ["tiny", "sql", "chat"] * 3
+    prompts = [f"{PROMPT} number {k}" for k in range(len(models))]
+    alone = [token_ids(complete(client, m, p, max_tokens=24)) for m, p in zip(models, prompts,
+                                                                                strict=True)]
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda mp: token_ids(complete(client, *mp, max_tokens=24)),
+                                 zip(models, prompts, strict=True)))
+    assert together == alone
+
+
+def test_the_prefix_cache_is_an_adapters_own(client: httpx.Client, lora: LoraFixture) -> None:
+    """A prompt computed on the base model is not reused by the adapter (its K/V differ),
+    while the adapter's own repeat is."""
+    prompt = " ".join(["alpha beta gamma delta"] * 8)
+    ids = client.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    complete(client, "tiny", prompt)
+    first = complete(client, "sql", prompt)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert token_ids(first) == greedy(lora.merged, ids, 8)
+    again = complete(client, "sql", prompt)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert token_ids(again) == token_ids(first)
+
+
+def test_chat_and_embeddings_name_the_adapter(client: httpx.Client) -> None:
+    chat = client.post("/v1/chat/completions", json={
+        "model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["model"] == "chat", chat.text
+    vectors = {}
+    for model in ("tiny", "sql"):
+        r = client.post("/v1/embeddings", json={"model": model, "input": PROMPT})
+        assert r.status_code == 200 and r.json()["model"] == model, r.text
+        vectors[model] = r.json()["data"][0]["embedding"]
+    assert vectors["tiny"] != vectors["sql"]
+
+
+def test_the_engine_process_serves_adapters(tiny_checkpoint: Path, lora: LoraFixture,
+                                            tmp_path: Path) -> None:
+    """--engine-process: the adapters load in the engine's process; the server checks
+    names against the ones it reports."""
+    with (run_server(tiny_checkpoint, tmp_path, "--engine-process", "--enable-lora",
+                     "--lora-modules", f"sql={lora.adapter}") as server,
+          httpx.Client(base_url=server.base_url, timeout=60) as client):
+        prompt = client.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+        assert token_ids(complete(client, "sql")) == greedy(lora.merged, prompt, 8)
+
+
+def test_flags_and_adapters_that_cannot_be_served(tiny_checkpoint: Path, lora: LoraFixture,
+                                                  tmp_path: Path) -> None:
+    parse = build_parser().parse_args
+    with pytest.raises(ValueError, match="needs --enable-lora"):
+        configs(parse(["serve", "m", "--lora-modules", f"a={lora.adapter}"]), tmp_path)
+    for spec, words in (("noequals", "expected name=path"), ('{"name": "a"}', "expected")):
+        with pytest.raises(ValueError, match=words):
+            configs(parse(["serve", "m", "--enable-lora", "--lora-modules", spec]), tmp_path)
+    with pytest.raises(ValueError, match="the model's own names"):
+        configs(parse(["serve", "m", "--served-model-name", "a", "--enable-lora",
+                       "--lora-modules", f"a={lora.adapter}"]), tmp_path)
+    with run_server(tiny_checkpoint, tmp_path, "--enable-lora", "--lora-modules",
+                    f"sql={lora.adapter}", "--max-lora-rank", "2", wait=False) as server:
+        assert server.process.wait(timeout=120) != 0
+    assert "above --max-lora-rank (2)" in server.log()
