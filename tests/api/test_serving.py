@@ -51,7 +51,7 @@ class RecordingEngine:
         self.queued: dict[str, tuple[SamplingParams, RequestStream]] = {}
         self.aborted: list[str] = []
 
-    vocab_size, max_model_len = 1000, 64
+    vocab_size, max_model_len, lora_names = 1000, 64, frozenset[str]()
 
     @property
     def max_queued(self) -> int:
