@@ -21,6 +21,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _Backend
 
+from model.encoding import encode_ids
+
 # transformers' CodeLlamaTokenizer defaults, in the order it adds them as special tokens;
 # tokenizer_config.json may name others (or null: none)
 CODE_LLAMA_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>",
@@ -49,18 +51,25 @@ class Infill:
         self.tokens = tokens
         self._head = head  # what the tokenizer puts before a text (BOS)
 
-    @classmethod
-    def from_backend(cls, backend: _Backend, config: Mapping[str, Any]) -> Infill | None:
-        """The model's infilling, or None where its vocabulary has no PRE, SUF and MID
-        tokens (Code Llama's, or those tokenizer_config.json names)."""
-        names = {key: config.get(key, default) for key, default in CODE_LLAMA_TOKENS.items()}
+    @staticmethod
+    def find_tokens(backend: _Backend, config: Mapping[str, Any]) -> InfillTokens | None:
+        """The infilling tokens tokenizer.json holds, or None where it has no PRE, SUF and
+        MID (Code Llama's, or those tokenizer_config.json names). Asked before transformers'
+        loading adds Code Llama's names as tokens of their own: a Code Llama that was not
+        trained to infill (34B, Python) has none in its vocabulary."""
+        names = {key: _content(config.get(key, default))
+                 for key, default in CODE_LLAMA_TOKENS.items()}
         ids = {key: backend.token_to_id(name) if isinstance(name, str) else None
                for key, name in names.items()}
         if None in (ids["prefix_token"], ids["suffix_token"], ids["middle_token"]):
             return None
-        fill = names["fill_token"] if isinstance(names["fill_token"], str) else None
-        tokens = InfillTokens(ids["prefix_token"], ids["suffix_token"], ids["middle_token"],
-                              ids["eot_token"], fill or None)
+        fill = names["fill_token"]
+        return InfillTokens(ids["prefix_token"], ids["suffix_token"], ids["middle_token"],
+                            ids["eot_token"], fill if isinstance(fill, str) and fill else None)
+
+    @classmethod
+    def of(cls, backend: _Backend, tokens: InfillTokens) -> Infill:
+        """The infilling of a loaded tokenizer (its added tokens in), `tokens` found first."""
         head = backend.encode("", add_special_tokens=True).ids
         return cls(_without_implicit_space(backend), tokens, head)
 
@@ -81,12 +90,13 @@ class Infill:
         return [*head, t.prefix_id, *pre, t.suffix_id, *suf, t.middle_id]
 
     def encode_prefix(self, text: str) -> list[int]:
-        """SentencePiece's encode: one "▁" before the text, whatever it starts with."""
-        return self._backend.encode(" " + text, add_special_tokens=False).ids
+        """SentencePiece's encode: one "▁" before the text, whatever it starts with (none
+        for no text: a gap at the start of a file)."""
+        return encode_ids(self._backend, " " + text, False) if text else []
 
     def encode_suffix(self, text: str) -> list[int]:
         """Meta's encode_infilling: the text's own tokens, no "▁" put before it."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return encode_ids(self._backend, text, False)
 
     def split(self, text: str) -> tuple[str, str] | None:
         """transformers' fill marker: "prefix<FILL_ME>suffix" -> (prefix, suffix); None
@@ -99,6 +109,11 @@ class Infill:
             raise InfillError(f"the prompt holds {fill} {len(parts) - 1} times: mark the one "
                               "place to fill")
         return parts[0], parts[1]
+
+
+def _content(value: Any) -> Any:
+    """A token written as "▁<PRE>" or as {"content": "▁<PRE>", ...}."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def _without_implicit_space(backend: _Backend) -> _Backend:

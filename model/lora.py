@@ -30,6 +30,9 @@ _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.
                   r"\.lora_([AB])(?:\.default)?\.weight")
 
 
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
+
+
 class LoraError(ValueError):
     """An adapter this server cannot load; the message says why."""
 
@@ -67,7 +70,7 @@ def load_adapter(name: str, folder: Path, config: ModelConfig, dtype: torch.dtyp
                         f"({e})") from None
     _check_spec(name, spec, max_rank)
     rank = int(spec["r"])
-    alpha = float(spec.get("lora_alpha", rank))
+    alpha = float(spec.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     scale = alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
     try:
         tensors = load_file(str(folder / "adapter_model.safetensors"))

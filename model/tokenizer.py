@@ -26,6 +26,7 @@ except ImportError:  # tokenizers < 0.21: the Python path alone
     DecodeStream = None
 
 from model.chat_template import ChatTemplateError, compile_template, render
+from model.encoding import encode_ids
 from model.infill import CODE_LLAMA_TOKENS, Infill
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                 "mask_token")
 NO_TEMPLATE = "the model has no chat template; pass --chat-template"
-# Texts longer than this are encoded without holding the GIL (Tokenizer.encode); shorter ones
-# take the call with less overhead. About 10 ms of encoding.
-LONG_TEXT_CHARS = 16_384
 
 
 class Tokenizer:
@@ -86,6 +84,7 @@ class Tokenizer:
         backend = _Backend.from_file(str(path))
         config = _read_json(folder / "tokenizer_config.json")
         _rebuild_as_transformers_does(backend, config)
+        infill = Infill.find_tokens(backend, config)  # (before the config's tokens are added)
         named = {k: c for k in NAMED_TOKENS if (c := _content(config.get(k))) is not None}
         if "added_tokens_decoder" not in config:  # legacy folders, as transformers reads them
             legacy = _read_json(folder / "special_tokens_map.json")
@@ -109,16 +108,12 @@ class Tokenizer:
                 logger.warning("no 'default' among the chat templates %s; pass --chat-template",
                                sorted(named_templates))
         return cls(backend, named, frozenset(eos_ids), chat_template,
-                   Infill.from_backend(backend, config))
+                   None if infill is None else Infill.of(backend, infill))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with special tokens as tokenizer.json's post-processor adds them (BOS).
-        A long text goes through `encode_batch`, which releases the GIL while it works
-        (`encode` holds it: 2.4 s for a 4 MB prompt, every other thread stopped)."""
-        if len(text) > LONG_TEXT_CHARS:
-            return self._backend.encode_batch(
-                [text], add_special_tokens=add_special_tokens)[0].ids
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        A long text is encoded without holding the GIL (model/encoding.py)."""
+        return encode_ids(self._backend, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the tokenizer's vocabulary give no text: models pad their

@@ -248,9 +248,12 @@ class ModelRunner:
         `launch` lays them out); None where none does."""
         if not self.adapters:
             return None
-        rows = [self.adapters.get(s.request.params.lora or "") for s in plan.decodes]
+        def adapter(params: SamplingParams) -> LoraAdapter | None:
+            return None if params.lora is None else self.adapters[params.lora]  # (validated)
+
+        rows = [adapter(s.request.params) for s in plan.decodes]
         for chunk in plan.prefills:
-            rows += [self.adapters.get(chunk.request.params.lora or "")] * len(chunk.token_ids)
+            rows += [adapter(chunk.request.params)] * len(chunk.token_ids)
         return LoraBatch.of_rows(rows, self.device)
 
     def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor

@@ -299,7 +299,9 @@ class HeldAnswer:
             upto = len(text) - (0 if out.finished else parser.opening_tail(text))
         piece = text[self.sent:max(upto, self.sent)]
         self.sent += len(piece)
-        if self.held is not False and not piece:
+        if not piece and (self.held is not False or not out.finished):
+            # (nothing to show: its logprobs wait for the text they belong with, so that no
+            # chunk, no Responses message, opens on a tail that may turn out to be calls)
             return replace(out, text="", logprobs=None)
         logprobs = choice.logprobs[self.sent_logprobs:]
         self.sent_logprobs = len(choice.logprobs)
@@ -471,6 +473,9 @@ class CompletionService(_Service):
         elif not isinstance(prompt, str):
             raise RequestError("suffix needs text prompts: token ids cannot be laid out "
                                "around it", "suffix")
+        elif infill.tokens.fill_token is not None and infill.tokens.fill_token in prompt:
+            raise RequestError(f"the prompt marks the gap with {infill.tokens.fill_token} and "
+                               "the request sends a suffix: give one of the two", "suffix")
         else:
             parts = prompt, request.suffix
         if parts is not None and request.echo:
@@ -483,8 +488,14 @@ class CompletionService(_Service):
         """`params`, ending at the model's end-of-middle token where a prompt is a
         fill-in-the-middle one (Meta's code stops infilling on it)."""
         infill = self.tokenizer.infill
-        if infill is None or infill.tokens.eot_id is None or not any(
-                self._infill_parts(request, p) for p in request.prompts):
+        if infill is None:
+            return params
+        kinds = [self._infill_parts(request, p) is not None for p in request.prompts]
+        if any(kinds) and not all(kinds):  # (the stop is the request's, for all its prompts)
+            raise RequestError(f"some prompts mark a gap with {infill.tokens.fill_token} and "
+                               "others do not: fill in the middle in every prompt or in none",
+                               "prompt")
+        if not any(kinds) or infill.tokens.eot_id is None:
             return params
         return replace(params, stop_token_ids=(*params.stop_token_ids, infill.tokens.eot_id))
 

@@ -72,15 +72,16 @@ def device_size_and_name(device: torch.device) -> tuple[int, str]:
 
 
 def step_activation_bytes(model: ModelConfig, tokens: int, dtype: torch.dtype,
-                          logit_rows: int) -> int:
+                          logit_rows: int, lora: bool = False) -> int:
     """About the most memory a step of `tokens` tokens holds besides weights and pool, kept
     free when the pool is sized (an estimate from the shapes; vLLM measures a dummy step).
     Per token: the residual stream, its delta and norm, q/k/v and the attention output, the
-    MLP's gate/up and their product. Per row of logits (`logit_rows`, at most `tokens`):
-    float32 logits twice over (the logits, and their log-softmax or probabilities)."""
+    MLP's gate/up and their product, and with LoRA adapters the delta of the widest packed
+    linear (gate/up). Per row of logits (`logit_rows`, at most `tokens`): float32 logits
+    twice over (the logits, and their log-softmax or probabilities)."""
     itemsize = torch.finfo(dtype).bits // 8
     widths = (3 * model.dim + (2 * model.n_heads + 2 * model.n_kv_heads) * model.head_dim
-              + 3 * model.hidden_dim)
+              + (5 if lora else 3) * model.hidden_dim)
     return tokens * widths * itemsize + min(logit_rows, tokens) * 2 * model.vocab_size * 4
 
 
@@ -91,7 +92,8 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
     max_len = config.max_model_len or min(model.max_seq_len, DEFAULT_MAX_MODEL_LEN)
     # Rows with logits: a sampled one per sequence, and the prompt tokens scored in a step
     reserve = step_activation_bytes(model, step_tokens, dtype,
-                                    logit_rows=config.max_num_seqs + MAX_SCORED_TOKENS_PER_STEP)
+                                    logit_rows=config.max_num_seqs + MAX_SCORED_TOKENS_PER_STEP,
+                                    lora=bool(config.lora_modules))
     if config.kv_cache_memory is None:
         n_slots = config.max_num_seqs
     else:
@@ -127,6 +129,9 @@ def load_adapters(config: EngineConfig, model: ModelConfig, dtype: torch.dtype,
         except (LoraError, ModelSourceError) as e:
             raise StartupError(f"LoRA adapter {name!r}: {e}" if isinstance(
                 e, ModelSourceError) else str(e)) from None
+        except torch.cuda.OutOfMemoryError as e:  # (torch.OutOfMemoryError from torch 2.5)
+            raise StartupError(f"LoRA adapter {name!r} does not fit in device memory beside "
+                               f"the model ({e})") from None
         adapters[name] = adapter
         logger.info("LoRA adapter %s: %s, rank %d, %d of %d layers", name, path, adapter.rank,
                     len({layer for layer, _ in adapter.deltas}), model.n_layers)
@@ -155,6 +160,8 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     release_free_memory()  # the dense weights that packing replaced
     if device.type == "cuda":  # ...and on the GPU, with what the matmuls' timing held
         torch.cuda.empty_cache()  # (the pool is sized from what the device reports free)
+    # The adapters before the pool is sized: what they take is not free for it
+    adapters = load_adapters(config, model.config, dtype, device)
     batched_tokens = config.batched_tokens(device.type, *device_size_and_name(device))
     plan = plan_pool(model.config, config, dtype, free_memory_bytes(device), batched_tokens)
     logger.info("loaded %s: %d layers, dim %d, vocab %d; dtype=%s device=%s", folder,
@@ -178,7 +185,6 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     vocab_size = model.config.vocab_size
     guides = GuideMasks(lambda: TokenTable(tokenizer.token_bytes(range(tokenizer.vocab_size)),
                                            vocab_size, tokenizer.special_ids, tokenizer.eos_ids))
-    adapters = load_adapters(config, model.config, dtype, device)
     runner = ModelRunner(model, pool, tokenizer.eos_ids, seed=config.seed, graphs=graphs,
                          guides=guides, adapters=adapters)
     logger.info("scheduler: up to %d sequences, %d tokens per step", plan.n_slots, batched_tokens)

@@ -128,11 +128,13 @@ class LoraFixture:
     merged: Path  # the tiny checkpoint with the adapter merged in: the oracle's weights
 
 
-def write_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float = 8.0,
-               rslora: bool = False) -> LoraFixture:
-    """A random LoRA adapter of the tiny model, as PEFT saves one: every linear of layer 0,
-    q_proj and down_proj of layer 1 (B random, where PEFT starts it at zero, so that the
-    delta shows); and `base` with W + scale B A merged in, for transformers to run."""
+def write_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float | None = 8.0,
+               rslora: bool = False, targets: list[tuple[int, str]] | None = None
+               ) -> LoraFixture:
+    """A random LoRA adapter of the tiny model, as PEFT saves one: by default every linear
+    of layer 0, q_proj and down_proj of layer 1 (B random, where PEFT starts it at zero, so
+    that the delta shows); and `base` with W + scale B A merged in, for transformers to run.
+    alpha None: left out of the config (PEFT's default, 8)."""
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -142,8 +144,9 @@ def write_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float = 8
               "mlp.gate_proj": (TINY.dim, TINY.hidden_dim),
               "mlp.up_proj": (TINY.dim, TINY.hidden_dim),
               "mlp.down_proj": (TINY.hidden_dim, TINY.dim)}
-    targets = [(0, name) for name in shapes] + [(1, "self_attn.q_proj"), (1, "mlp.down_proj")]
-    scale = alpha / rank ** 0.5 if rslora else alpha / rank
+    targets = targets or ([(0, name) for name in shapes]
+                          + [(1, "self_attn.q_proj"), (1, "mlp.down_proj")])
+    scale = (alpha or 8.0) / (rank ** 0.5 if rslora else rank)
     adapter, merged = out / "adapter", out / "merged"
     adapter.mkdir(parents=True)
     shutil.copytree(base, merged)
@@ -161,7 +164,8 @@ def write_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float = 8
     save_file({k: v.contiguous() for k, v in weights.items()},
               str(merged / "model.safetensors"), metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
+        "peft_type": "LORA", "r": rank, "use_rslora": rslora,
+        **({} if alpha is None else {"lora_alpha": alpha}),
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                            "down_proj"], "bias": "none", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(base)}))

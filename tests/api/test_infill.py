@@ -121,6 +121,8 @@ def test_the_openai_sdk_sends_a_suffix(infill_server: Server, code: httpx.Client
     ({"echo": True}, "echo", "echo"),
     ({"prompt": "a<FILL_ME>b<FILL_ME>c", "suffix": None}, "prompt", "2 times"),
     ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens", "more than the 5"),
+    ({"prompt": "a<FILL_ME>b"}, "suffix", "give one of the two"),
+    ({"prompt": ["a<FILL_ME>b", "plain"], "suffix": None}, "prompt", "in every prompt or"),
 ])
 def test_what_cannot_be_laid_out_is_a_400(code: httpx.Client, fields: dict, param: str,
                                           words: str) -> None:

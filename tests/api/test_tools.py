@@ -440,6 +440,8 @@ def stream_through(parser: str, pieces: list[str]) -> tuple[list[str], HeldAnswe
         choice.absorb(out)
         released = answer.release(choice, out)
         sent.append(released.text)
+        if not released.text and not last:  # (its logprobs go with the text they belong to)
+            assert not released.logprobs
         assert [lp.token_id for lp in released.logprobs or ()] == (
             list(range(answer.sent_logprobs - len(released.logprobs or ()),
                        answer.sent_logprobs)))

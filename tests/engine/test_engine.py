@@ -30,6 +30,7 @@ from server.engine_front import Add, EngineOverloaded, RequestRejected
 from server.request import FinishReason, Request, SamplingParams
 from server.runner import ModelRunner
 from server.startup import build_engine
+from tests.conftest import LoraFixture
 
 ASYNC_OUTPUT_PROC = False  # set per test by output_mode; running() builds with it
 
@@ -243,6 +244,30 @@ def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: py
     assert len(in_turn[6].tokens[0]) == 7 and in_turn[6].finish[0] == FinishReason.STOP
     assert ahead[-1].finish[0] == FinishReason.ABORT
     assert ahead[-1].tokens[0][:5] == in_turn[-1].tokens[0][:5]
+
+
+def test_lora_rows_never_replay_the_base_models_graphs(tiny_checkpoint: Path,
+                                                       lora: LoraFixture) -> None:
+    """In the CUDA-graph layout (run eagerly on CPU: the graphs hold the base model alone)
+    with async scheduling, a decode step with an adapter's row runs layer by layer: the
+    adapter's tokens are those of the plain layout, beside base-model requests that replay."""
+    config = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 160,
+              "enable_lora": True, "lora_modules": (f"sql={lora.adapter}",)}
+    base = prompts(6, seed=5, max_len=40)
+    jobs = [(p, replace(GREEDY, max_tokens=16, lora="sql" if i % 2 else None), f"j{i}")
+            for i, p in enumerate(base)]
+    with running(tiny_checkpoint, **config) as e:
+        plain = run(e, *jobs)
+    with running(tiny_checkpoint, graph_layout=True, async_scheduling=True, **config) as e:
+        graphed = run(e, *jobs)
+    assert [r.tokens for r in graphed] == [r.tokens for r in plain]
+    assert plain[1].tokens != run_base(tiny_checkpoint, config, base[1])  # (the adapter acts)
+
+
+def run_base(folder: Path, config: dict, prompt: list[int]) -> dict[int, list[int]]:
+    with running(folder, **config) as e:
+        [result] = run(e, (prompt, replace(GREEDY, max_tokens=16), "b"))
+    return result.tokens
 
 
 def test_async_scheduling_launches_the_next_step_before_reading(

@@ -22,6 +22,7 @@ CASES = [
     ("x = ", " + 1"),  # a suffix with a space first: transformers 5 lays it out the same
     (" leading", "trailing "),
     ("", ""),
+    ("", "def f(): pass"),  # a gap at the start of a file: no "▁" for the empty prefix
     ("naïve café ", "你好"),  # byte-fallback pieces on both sides
     ("a\n\n", "\n\nb"),
 ]
@@ -45,9 +46,10 @@ def sentencepiece_encode(hf: transformers.PreTrainedTokenizerBase, text: str) ->
 
 def meta_layout(hf: transformers.PreTrainedTokenizerBase, prefix: str, suffix: str) -> list[int]:
     """codellama's infilling_prompt_tokens: [BOS, PRE] + encode(prefix) (the dummy "▁" always
-    before it, whatever it starts with) + [SUF] + encode_infilling(suffix) + [MID]."""
-    return [hf.bos_token_id, PRE, *sentencepiece_encode(hf, " " + prefix), SUF,
-            *sentencepiece_encode(hf, suffix), MID]
+    before it, whatever it starts with; SentencePiece encodes no text as nothing) + [SUF] +
+    encode_infilling(suffix) + [MID]."""
+    prefix_ids = sentencepiece_encode(hf, " " + prefix) if prefix else []
+    return [hf.bos_token_id, PRE, *prefix_ids, SUF, *sentencepiece_encode(hf, suffix), MID]
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +72,12 @@ def test_layout_is_metas(tok: Tokenizer, code_llama_tokenizer_dir: Path) -> None
 
 def test_prefix_and_spaced_suffix_as_transformers_lays_them_out(
         tok: Tokenizer, code_llama_tokenizer_dir: Path) -> None:
-    """Where transformers 5 is right (the prefix always; a suffix that starts with a space),
-    its ids are ours."""
+    """Where transformers 5 is right (a prefix of some text; a suffix that starts with a
+    space), its ids are ours. (An empty prefix gets a lone "▁" from it, nothing from Meta's.)"""
     assert tok.infill is not None
     for prefix, suffix in CASES:
         theirs = hf_tokenizer(code_llama_tokenizer_dir)(prefix, suffix=suffix)["input_ids"]
-        if not suffix:  # transformers encodes an empty suffix as no infill at all
+        if not suffix or not prefix:  # (an empty suffix: transformers lays out no infill)
             continue
         ours = tok.infill.encode(prefix, suffix)
         assert ours[:ours.index(SUF)] == theirs[:theirs.index(SUF)], prefix
@@ -128,3 +130,20 @@ def test_no_infill_without_its_tokens(sp_tokenizer_dir: Path, tokenizer_dir: Pat
     config["middle_token"] = None
     (variant / "tokenizer_config.json").write_text(json.dumps(config))
     assert Tokenizer.from_dir(variant).infill is None
+
+
+def test_a_code_llama_without_infilling_tokens_has_none(sp_tokenizer_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """Code Llama 34B and the Python models have none in their vocabulary. transformers 5
+    still adds the class's names as tokens of their own (the vocabulary grows as its does),
+    ids past the model's embedding, which must not turn infilling on."""
+    variant = tmp_path / "code-llama-34b"
+    shutil.copytree(sp_tokenizer_dir, variant)
+    config = json.loads((variant / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "CodeLlamaTokenizer"
+    (variant / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = Tokenizer.from_dir(variant), hf_tokenizer(variant)
+    assert tok.infill is None
+    assert tok.vocab_size == len(hf) == 1005
+    assert tok.encode("a ▁<PRE> b", add_special_tokens=False) == hf.encode(
+        "a ▁<PRE> b", add_special_tokens=False)

@@ -96,6 +96,26 @@ def test_a_batch_mixes_adapters_and_the_base_model(tiny_checkpoint: Path, lora: 
         assert (step[k] - want[-1]).abs().max() < TOL, k
 
 
+@pytest.mark.parametrize("targets", [
+    [(0, "self_attn.q_proj"), (0, "self_attn.v_proj"), (1, "self_attn.k_proj"),
+     (1, "mlp.up_proj")],  # PEFT's usual q and v; a group's other members alone
+    [(1, "self_attn.o_proj"), (1, "mlp.gate_proj")],
+], ids=["q-v-k-up", "o-gate"])
+def test_groups_of_some_adapted_linears(tiny_checkpoint: Path, tmp_path: Path,
+                                        targets: list[tuple[int, str]]) -> None:
+    """Adapted linears that are only some of their packed group: the others' outputs keep
+    the base model's (lora_alpha left out: PEFT's 8)."""
+    partial = write_lora(tiny_checkpoint, tmp_path / "partial", seed=14, alpha=None,
+                         targets=targets)
+    config = ModelConfig.from_dir(tiny_checkpoint)
+    adapter = load_adapter("p", partial.adapter, config, torch.float32, "cpu", max_rank=16)
+    ids = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(4))
+    model = ours(tiny_checkpoint, pack=True)
+    with torch.no_grad():
+        got = model(ids, torch.arange(len(ids)), lora=LoraBatch.of_rows([adapter] * 30, "cpu"))
+    assert (got - reference_logits(partial.merged, ids)).abs().max() < TOL
+
+
 def _variant(lora: LoraFixture, tmp_path: Path, **spec: object) -> Path:
     folder = tmp_path / "variant"
     shutil.copytree(lora.adapter, folder)

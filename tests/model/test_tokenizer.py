@@ -14,8 +14,8 @@ import pytest
 import transformers
 
 from model import tokenizer as tokenizer_module
+from model.encoding import LONG_TEXT_CHARS
 from model.tokenizer import (
-    LONG_TEXT_CHARS,
     ChatTemplateError,
     IncrementalDetokenizer,
     Tokenizer,
