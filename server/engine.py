@@ -171,7 +171,7 @@ class Engine(EngineFront):
             raise StepFailed(f"the warm-up did not finish (steps: {steps})")
 
         self.runner.bind_thread()
-        for phase in phases(sched, self.vocab_size):
+        for phase in phases(sched, self.vocab_size, next(iter(sorted(self.lora_names)), None)):
             with self._lock:  # counted as queued, as generate() does: admission counts it off
                 self._stats.num_queued += sum(len(request.seqs) for request in phase)
             for request in phase:

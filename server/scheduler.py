@@ -303,6 +303,7 @@ class Scheduler:
     def forget_cached_prefixes(self) -> None:
         """Trust no free slot's contents (after a failed step, or the warm-up)."""
         self.cached.clear()
+        self.cached_lora.clear()
 
     def _room(self, plan: StepPlan, request: Request, budget: int) -> int:
         """Prompt tokens `request` may take in `plan`: `budget`, and no more than the step's

@@ -18,6 +18,9 @@ failing requests later. vLLM's profile run and llama.cpp's warm-up do the same.
 3. a short prompt prefilled beside those decode rows (a mixed step), sampled with logprobs;
    then decode rows alone, all slots full, until everything has finished.
 
+With LoRA adapters the largest steps run on one of them (model/lora.py: a step's deltas are
+memory on top of the base model's step).
+
 Every request is seeded: a row without a seed would draw from the sampler's shared generator
 and so change what later unseeded requests get.
 """
@@ -29,9 +32,12 @@ from server.runner import out_of_memory
 from server.scheduler import Scheduler
 
 
-def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
+def phases(scheduler: Scheduler, vocab_size: int, lora: str | None = None
+           ) -> list[list[Request]]:
     """Each phase's requests; the engine runs steps until each of them has an output token,
-    then adds the next phase, and after the last runs until nothing is left."""
+    then adds the next phase, and after the last runs until nothing is left. With `lora`, a
+    LoRA adapter's name, the largest steps run on it (its deltas take more memory than the
+    base model's step alone)."""
     max_len, n_slots = scheduler.max_model_len, scheduler.n_slots
 
     def prompt(n: int, salt: int) -> list[int]:
@@ -52,7 +58,8 @@ def phases(scheduler: Scheduler, vocab_size: int) -> list[list[Request]]:
         n_scored = -(-scored // length)
         n = min(n_scored + -(-(budget - scored) // length), n_slots)
         return [Request(f"warm-up-{name}-{i}", prompt(length, salt + i),
-                        params(1, temperature=0.0, prompt_logprobs=0 if i < n_scored else None))
+                        params(1, temperature=0.0, prompt_logprobs=0 if i < n_scored else None,
+                               lora=lora))
                 for i in range(n)]
 
     most_tokens = min(budget, n_slots * length)

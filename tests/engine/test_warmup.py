@@ -14,6 +14,7 @@ from server.engine import Engine, WarmUpFailed
 from server.engine_front import EngineStats
 from server.request import SamplingParams
 from server.runner import ModelRunner
+from tests.conftest import LoraFixture
 from tests.engine.conftest import CpuEngine, generate_all, started
 
 
@@ -76,6 +77,24 @@ def test_warm_up_runs_the_largest_step_then_mixed_and_decode_steps(
     assert_untouched(engine)
     engine.warm_up()  # and again: nothing of the first run is in the way
     assert_untouched(engine)
+
+
+def test_the_largest_step_runs_on_a_lora_adapter(cpu_engine: CpuEngine,
+                                                lora: LoraFixture) -> None:
+    """With adapters, the warm-up's largest step carries an adapter's deltas (memory on top
+    of the base model's step); the rest runs on the base model; nothing is left behind (nor
+    an adapter's cached prefix)."""
+    engine = cpu_engine(warmup=False, max_num_seqs=4, max_model_len=128,
+                        max_num_batched_tokens=64, enable_lora=True,
+                        lora_modules=(f"sql={lora.adapter}",))
+    batches: list[bool] = []
+    forward = engine.runner.model.forward
+    engine.runner.model.forward = lambda *a, **k: (  # type: ignore[method-assign]
+        batches.append(k.get("lora") is not None) or forward(*a, **k))
+    engine.warm_up()
+    assert batches[0] and not any(batches[1:])
+    assert_untouched(engine)
+    assert not engine.scheduler.cached_lora
 
 
 def test_start_warms_up_on_the_engine_thread_unless_told_not_to(
