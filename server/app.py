@@ -89,6 +89,12 @@ class ServerState:
     admitting: int = 0
     reason: str = "the model is loading"
     ready: threading.Event = field(default_factory=threading.Event)
+    # The LoRA adapters requests may name, name -> path: --lora-modules', then those loaded
+    # and unloaded while serving (--allow-runtime-lora-updating)
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.adapters.update(self.config.lora_modules)
 
     def serving_engine(self) -> EngineFront:
         if self.status != "ready" or self.engine is None:
@@ -139,7 +145,7 @@ class ServerState:
                 time.sleep(0.02)
 
     def check_model(self, model: str | None) -> None:
-        if model and not self.config.serves(model):
+        if model and model not in self.config.model_names and model not in self.adapters:
             raise ModelNotFound(f"The model `{model}` does not exist.")
 
 

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--lora-modules", "LoRA adapters in PEFT's layout, each name=path (or "
          "vLLM's JSON {\"name\": ..., \"path\": ...}): a request names one as its model",
          nargs="+", default=[])
+    _add(serve, "--allow-runtime-lora-updating", "serve POST /v1/load_lora_adapter and "
+         "/v1/unload_lora_adapter (vLLM's, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs "
+         "--enable-lora", action="store_true", default=False)
     _add(serve, "--max-lora-rank", "the highest rank of an adapter (vLLM's flag)", type=int,
          default=16)
     _add(serve, "--trust-request-chat-template", "render a chat request's own "
@@ -213,6 +216,7 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         max_n=args.max_n, chat_template=template,
         trust_request_chat_template=args.trust_request_chat_template,
         lora_modules=engine.lora_adapters,
+        runtime_lora_updating=_runtime_lora_updating(args),
         generation_defaults=defaults,
         log_level=args.log_level,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
@@ -220,6 +224,12 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store,
         enable_embeddings=args.enable_embeddings, pooling=args.pooling)
     return engine, server
+
+
+def _runtime_lora_updating(args: argparse.Namespace) -> bool:
+    if args.allow_runtime_lora_updating and not args.enable_lora:
+        raise ValueError("--allow-runtime-lora-updating needs --enable-lora")
+    return bool(args.allow_runtime_lora_updating)
 
 
 def _tool_call_parser(args: argparse.Namespace) -> str | None:

@@ -239,6 +239,9 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     # The LoRA adapters (name, path) requests may name as their model (EngineConfig's)
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's, behind its
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    runtime_lora_updating: bool = False
     # Sampling defaults for fields a request leaves out (read per --generation-config by the CLI)
     generation_defaults: GenerationDefaults = GenerationDefaults()
     log_level: str = "info"
@@ -279,7 +282,3 @@ class ServerConfig:
     @property
     def lora_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.lora_modules)
-
-    def serves(self, model: str) -> bool:
-        """Whether a request may name `model`: the model's names, or a LoRA adapter's."""
-        return model in self.model_names or model in self.lora_names

@@ -16,15 +16,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
+from model.lora import load_adapter
 from model.tokenizer import Tokenizer
 from server.engine_front import (
     Abort,
     AbortAll,
+    AdapterExists,
     Add,
     EngineDeadError,
     EngineFront,
     EngineStats,
+    RequestRejected,
     check_admission,
 )
 from server.memory import release_free_memory
@@ -52,9 +56,10 @@ class Engine(EngineFront):
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
                  max_waiting: int, async_output_proc: bool = False, warmup: bool = False,
-                 async_scheduling: bool = False) -> None:
+                 async_scheduling: bool = False, max_lora_rank: int = 16) -> None:
         super().__init__()
         self.runner = runner
+        self.max_lora_rank = max_lora_rank  # of adapters loaded while serving
         self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
         # turns it on; engines built directly, in tests, start without it)
         # Async output processing (see _step): a step's outputs wait for the next step to be
@@ -133,6 +138,12 @@ class Engine(EngineFront):
         check if `admit` (an engine process's requests were admitted by its proxy) for the
         places it asks (Add.places)."""
         if isinstance(item, Add):
+            lora = item.request.params.lora
+            if lora is not None:  # its adapter now: it may be unloaded while the request runs
+                adapter = self.runner.adapters.get(lora)
+                if adapter is None:
+                    raise RequestRejected(f"no LoRA adapter {lora!r} is loaded", "model")
+                item.request.adapter = adapter
             with self._lock:  # checked and counted at once: two loops may call generate()
                 n = item.request.params.n
                 places = n if item.places is None else item.places
@@ -146,6 +157,25 @@ class Engine(EngineFront):
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def load_adapter(self, name: str, folder: Path) -> None:
+        model = self.runner.model
+        adapter = load_adapter(name, folder, model.config, model.model.embed_tokens.weight.dtype,
+                               self.runner.device, self.max_lora_rank)
+        with self._lock:  # (a new dict: the engine thread reads the one it holds)
+            if name in self.runner.adapters:
+                raise AdapterExists(f"The lora adapter '{name}' has already been loaded.")
+            self.runner.adapters = {**self.runner.adapters, name: adapter}
+            self.lora_names = frozenset(self.runner.adapters)
+        logger.info("LoRA adapter %s loaded from %s, rank %d", name, folder, adapter.rank)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self.runner.adapters:
+                raise KeyError(name)
+            self.runner.adapters = {k: v for k, v in self.runner.adapters.items() if k != name}
+            self.lora_names = frozenset(self.runner.adapters)
+        logger.info("LoRA adapter %s unloaded", name)
 
     def stats_snapshot(self) -> EngineStats:
         """A copy of the stats as they are now (engine thread): to send to another process."""
@@ -175,6 +205,7 @@ class Engine(EngineFront):
             with self._lock:  # counted as queued, as generate() does: admission counts it off
                 self._stats.num_queued += sum(len(request.seqs) for request in phase)
             for request in phase:
+                request.adapter = self.runner.adapters.get(request.params.lora or "")
                 sched.add(request)
             seqs = [seq for request in phase for seq in request.seqs]
             run_until(lambda seqs=seqs: all(seq.output_ids for seq in seqs))

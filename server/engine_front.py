@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from model.tokenizer import Tokenizer
 from server.outputs import IterationStats
@@ -234,6 +235,14 @@ def check_admission(num_queued: int, free_slots: int, max_waiting: int, n: int =
             f"{n}; retry later")
 
 
+class AdapterExists(ValueError):
+    """A LoRA adapter of this name is loaded already."""
+
+
+class RuntimeLoraUnavailable(RuntimeError):
+    """This engine cannot change its LoRA adapters while it serves."""
+
+
 class EngineFront(ABC):
     """What the asyncio side calls, shared by the in-process Engine and the proxy of an
     engine process (server/engine_process.py): requests in, streams out."""
@@ -266,6 +275,19 @@ class EngineFront(ABC):
     @abstractmethod
     def stats(self) -> EngineStats:
         """The counters and gauges the metrics read, as of the last step."""
+
+    def load_adapter(self, name: str, folder: Path) -> None:
+        """Load a LoRA adapter while serving, for requests admitted from now on (on a worker
+        thread: it reads files). LoraError for one that cannot be served, AdapterExists for
+        a name taken."""
+        raise RuntimeLoraUnavailable("LoRA adapters are loaded and unloaded while serving in "
+                                     "the server's process only (not with --engine-process)")
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter: new requests may no longer name it; those admitted keep it
+        to their end. KeyError for a name not loaded."""
+        raise RuntimeLoraUnavailable("LoRA adapters are loaded and unloaded while serving in "
+                                     "the server's process only (not with --engine-process)")
 
     @abstractmethod
     def _enqueue(self, item: Add | Abort | AbortAll) -> None:

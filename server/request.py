@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from server.guided.spec import Guide
+
+if TYPE_CHECKING:
+    from model.lora import LoraAdapter
 
 Pooling = Literal["last", "mean"]  # how an embedding pools the prompt's hidden states
 MAX_LOGPROBS = 20
@@ -231,6 +234,9 @@ class Request:
     num_cached_tokens: int = 0  # of those, copied from the prefix cache at admission
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
+    # The LoRA adapter params.lora names, taken by the engine with the request: one unloaded
+    # later stays with the requests that run on it (set where the engine runs, never sent)
+    adapter: LoraAdapter | None = None
 
     def __post_init__(self) -> None:
         if not self.seqs:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +15,12 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from model.lora import LoraError
+from model.source import ModelSourceError, resolve_model
 from server.app import (
     RETRY_AFTER_SECONDS,
     ErrorAnsweringRoute,
@@ -28,7 +31,8 @@ from server.app import (
     request_id_var,
 )
 from server.beam_search import submit_beam_searches
-from server.engine_front import EngineFront
+from server.engine_front import AdapterExists, EngineFront
+from server.engine_process import EngineProcess
 from server.guided.regex import GuideError
 from server.guided.spec import COMPILER, cached_guide, compile_guide
 from server.metrics import CONTENT_TYPE
@@ -47,6 +51,7 @@ from server.protocol import (
     random_id,
 )
 from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from server.protocol.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.protocol.responses_api import (
     DeletedResponse,
     InputItemList,
@@ -117,13 +122,13 @@ async def metrics(state: State) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: State) -> ModelList:
     return ModelList(data=[_model_card(state, name) for name in state.config.model_names] + [
-        _lora_card(state, name, path) for name, path in state.config.lora_modules])
+        _lora_card(state, name, path) for name, path in state.adapters.items()])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: State) -> ModelCard:
-    if model_id in (adapters := dict(state.config.lora_modules)):
-        return _lora_card(state, model_id, adapters[model_id])
+    if model_id in state.adapters:
+        return _lora_card(state, model_id, state.adapters[model_id])
     if model_id not in state.config.model_names:  # "" too: `/v1/models/` names no model
         raise ModelNotFound(f"The model `{model_id}` does not exist.")
     return _model_card(state, model_id)
@@ -212,6 +217,50 @@ def _responses(state: ServerState) -> ResponsesService:
     return state.responses
 
 
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State) -> PlainTextResponse:
+    """vLLM's: load a LoRA adapter while serving (--allow-runtime-lora-updating); requests
+    may name it from the answer on. Its files are read on a worker thread."""
+    engine, name = _runtime_lora(state), body.lora_name
+    if name in state.adapters or name in state.config.model_names:
+        raise RequestError(f"The lora adapter '{name}' has already been loaded."
+                           if name in state.adapters else
+                           f"'{name}' is the model's own name", "lora_name")
+    try:
+        folder = await asyncio.to_thread(resolve_model, body.lora_path)
+        await asyncio.to_thread(engine.load_adapter, name, folder)
+    except (LoraError, ModelSourceError) as e:
+        raise RequestError(str(e), "lora_path") from None
+    except AdapterExists as e:  # (loaded by a request beside this one)
+        raise RequestError(str(e), "lora_name") from None
+    state.adapters[name] = body.lora_path
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, state: State
+                              ) -> PlainTextResponse:
+    """vLLM's: unload an adapter; new requests may no longer name it, those admitted keep
+    it to their end (and its memory until then)."""
+    engine, name = _runtime_lora(state), body.lora_name
+    if name not in state.adapters:
+        raise ModelNotFound(f"The lora adapter '{name}' cannot be found.")
+    del state.adapters[name]  # (first: no request is admitted on it from here)
+    with contextlib.suppress(KeyError):  # (a request beside this one unloaded it)
+        engine.unload_adapter(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def _runtime_lora(state: ServerState) -> EngineFront:
+    if not state.config.runtime_lora_updating:
+        raise NotServed("This server does not load LoRA adapters while serving: start it with "
+                        "--enable-lora --allow-runtime-lora-updating")
+    engine = state.serving_engine()
+    if isinstance(engine, EngineProcess):
+        raise NotServed("LoRA adapters are not loaded while serving with --engine-process")
+    return engine
+
+
 def _lora_card(state: ServerState, name: str, path: str) -> ModelCard:
     """A LoRA adapter's card, as vLLM lists one: its path as `root`, the model as `parent`."""
     engine = state.engine
@@ -260,7 +309,7 @@ async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,
     """The engine's parameters for a request: its fields (the model's defaults for those it
     leaves out), its guide and its bad words' tokens."""
     params = body.to_sampling_params(state.config.generation_defaults)
-    if body.model in state.config.lora_names:  # a LoRA adapter's name: it runs on it
+    if body.model in state.adapters:  # a LoRA adapter's name: it runs on it
         params = replace(params, lora=body.model)
     return service.with_bad_words(body, await _guided(body, params))
 
@@ -300,7 +349,7 @@ async def embeddings(body: EmbeddingRequest, state: State, request: Request):  #
         assert service is not None
         prompts = await _tokenized(request, lambda: service.prompts(body))
         params = service.params
-        if body.model in state.config.lora_names:
+        if body.model in state.adapters:
             params = replace(params, lora=body.model)
         submitted = submit(engine, prompts, params, _engine_request_id(response_id), "input")
     return await _unless_disconnected(request, service.create(body, submitted, response_id))

@@ -129,7 +129,7 @@ class ModelRunner:
         """A decode-only step that a captured graph (or its eager stand-in) covers: none
         where a row runs a LoRA adapter (the graphs hold the base model alone)."""
         if self.graphs is None or plan.prefills or not plan.decodes or any(
-                s.request.params.lora is not None for s in plan.decodes):
+                s.request.adapter is not None for s in plan.decodes):
             return False
         return self.graphs.bucket([s.slot for s in plan.decodes],
                                   plan.decode_positions()) is not None
@@ -246,14 +246,12 @@ class ModelRunner:
     def _lora_batch(self, plan: StepPlan) -> LoraBatch | None:
         """The step's rows that run LoRA adapters (decode rows, then prompt chunks' rows, as
         `launch` lays them out); None where none does."""
-        if not self.adapters:
+        if all(s.request.adapter is None for s in plan.decodes) and all(
+                c.request.adapter is None for c in plan.prefills):
             return None
-        def adapter(params: SamplingParams) -> LoraAdapter | None:
-            return None if params.lora is None else self.adapters[params.lora]  # (validated)
-
-        rows = [adapter(s.request.params) for s in plan.decodes]
+        rows: list[LoraAdapter | None] = [s.request.adapter for s in plan.decodes]
         for chunk in plan.prefills:
-            rows += [adapter(chunk.request.params)] * len(chunk.token_ids)
+            rows += [chunk.request.adapter] * len(chunk.token_ids)
         return LoraBatch.of_rows(rows, self.device)
 
     def _pool(self, pooled: list[tuple[PrefillChunk, int, int]], hidden: torch.Tensor

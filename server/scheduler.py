@@ -22,9 +22,13 @@ import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.config import MAX_SCORED_TOKENS_PER_STEP
 from server.request import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+
+if TYPE_CHECKING:
+    from model.lora import LoraAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +130,9 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         # Free slots whose K/V still hold these tokens (positions 0..len-1), oldest first,
         # and the LoRA adapter each was computed with (None: the base model): K/V of one
-        # adapter are no other's
+        # adapter are no other's, nor those of another loaded later under its name
         self.cached: dict[int, list[int]] = {}
-        self.cached_lora: dict[int, str | None] = {}
+        self.cached_lora: dict[int, LoraAdapter | None] = {}
 
     # ------------------------------------------------------------------ accounting
 
@@ -268,7 +272,7 @@ class Scheduler:
         slots, running sequences', prompts in prefill), from MIN_PREFIX_TOKENS tokens; `own`
         wins a tie. The prompt's last token is always computed (its logits are sampled), and
         every token is where prompt logprobs or a mean of them all are asked for."""
-        prompt, lora = request.prompt_ids, request.params.lora
+        prompt, lora = request.prompt_ids, request.adapter
         if request.params.every_prompt_position or len(prompt) <= MIN_PREFIX_TOKENS:
             return None
         plan.num_queried_tokens += len(prompt)
@@ -286,15 +290,15 @@ class Scheduler:
                 best, src = length, slot
 
         for slot, tokens in self.cached.items():  # free slots, a packed request's own among them
-            if self.cached_lora.get(slot) == lora:
+            if self.cached_lora.get(slot) is lora:
                 consider(slot, tokens)
         for seq in self.decoding:  # running: their token lists are built only if they may win
             held = seq.request.prompt_ids
-            if seq.request.params.lora == lora and (
+            if seq.request.adapter is lora and (
                     len(held) <= best or held[:best + 1] == prompt[:best + 1]):
                 consider(seq.slot, seq.cached_tokens())
         for r in self.prefilling:  # prompts in prefill, in their first slot (a copy to it
-            if r.params.lora == lora:  # queued here lands first)
+            if r.adapter is lora:  # queued here lands first)
                 consider(r.seqs[0].slot, r.prompt_ids[:r.num_prefilled])
         if best < MIN_PREFIX_TOKENS or src is None:
             return None
@@ -383,7 +387,7 @@ class Scheduler:
             heapq.heappush(self.free_slots, seq.slot)
             if self.prefix_caching and len(tokens := seq.cached_tokens()) >= MIN_PREFIX_TOKENS:
                 self.cached[seq.slot] = tokens  # (shorter ones can serve no prompt)
-                self.cached_lora[seq.slot] = request.params.lora
+                self.cached_lora[seq.slot] = request.adapter
         if request.is_finished:
             self.requests.pop(request.request_id, None)
             if request in self.prefilling:

@@ -195,4 +195,5 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
                           packed_slots=graphs is not None or not model.attends_by_slot)
     return Engine(runner, scheduler, tokenizer, config.max_waiting,
                   async_output_proc=config.async_output_proc, warmup=config.warmup,
-                  async_scheduling=config.async_scheduling and graphs is not None)
+                  async_scheduling=config.async_scheduling and graphs is not None,
+                  max_lora_rank=config.max_lora_rank)

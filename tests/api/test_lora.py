@@ -6,6 +6,7 @@ cache; /v1/models lists the adapters."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +140,73 @@ def test_the_engine_process_serves_adapters(tiny_checkpoint: Path, lora: LoraFix
         assert token_ids(complete(client, "sql")) == greedy(lora.merged, prompt, 8)
 
 
+def load(client: httpx.Client, name: str, path: Path | str) -> httpx.Response:
+    return client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+
+
+def unload(client: httpx.Client, name: str) -> httpx.Response:
+    return client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def test_adapters_load_and_unload_while_serving(tiny_checkpoint: Path, lora: LoraFixture,
+                                                second: LoraFixture, tmp_path: Path) -> None:
+    """vLLM's runtime LoRA updating: an adapter loaded while serving answers as the merged
+    model, is listed, and once unloaded is a 404; one loaded again under the same name from
+    other weights answers as those, its old prefix cache unused; a stream running on an
+    adapter that is unloaded ends as it would have."""
+    with (run_server(tiny_checkpoint, tmp_path, "--served-model-name", "tiny",
+                     "--enable-lora", "--allow-runtime-lora-updating",
+                     "--enable-prompt-tokens-details") as server,
+          httpx.Client(base_url=server.base_url, timeout=60) as client):
+        prompt = client.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+        assert client.post("/v1/completions", json={"model": "sql", "prompt": "x"}
+                           ).status_code == 404
+        r = load(client, "sql", lora.adapter)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' added successfully."
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", "sql"]
+        first = complete(client, "sql")
+        assert token_ids(first) == greedy(lora.merged, prompt, 8)
+        error = assert_openai_error(load(client, "sql", lora.adapter), 400)
+        assert error["message"] == "The lora adapter 'sql' has already been loaded."
+
+        # unloaded while a long stream runs on it: the stream ends as it would have
+        long = {"model": "sql", "prompt": PROMPT, "max_tokens": 900, "temperature": 0,
+                "ignore_eos": True}
+        alone = client.post("/v1/completions", json=long).json()["choices"][0]["text"]
+        with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            first_chunk = next(line for line in lines if line.startswith("data:"))
+            assert unload(client, "sql").status_code == 200
+            running = server.metric("llama_serve_requests_running")
+            rest = [line for line in lines if line.startswith("data:")]
+        assert running == 1  # (it was unloaded under the running stream)
+        chunks = [first_chunk, *rest]
+        text = "".join(json.loads(c[5:])["choices"][0]["text"] for c in chunks
+                       if c != "data: [DONE]")
+        assert text == alone
+        assert assert_openai_error(client.post("/v1/completions", json={
+            "model": "sql", "prompt": "x"}), 404)["code"] == "model_not_found"
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+        error = assert_openai_error(unload(client, "sql"), 404)
+        assert error["message"] == "The lora adapter 'sql' cannot be found."
+
+        assert load(client, "sql", second.adapter).status_code == 200  # other weights
+        again = complete(client, "sql")
+        assert token_ids(again) == greedy(second.merged, prompt, 8)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+        for name, path, param in (("bad", tmp_path / "nowhere", "lora_path"),
+                                  ("tiny", lora.adapter, "lora_name")):
+            assert assert_openai_error(load(client, name, path), 400)["param"] == param
+
+
+def test_runtime_updating_is_off_by_default(client: httpx.Client, lora: LoraFixture) -> None:
+    error = assert_openai_error(load(client, "x", lora.adapter), 404)
+    assert "--allow-runtime-lora-updating" in error["message"]
+    assert assert_openai_error(unload(client, "sql"), 404)  # (the fixture's stays)
+    assert complete(client, "sql")["model"] == "sql"
+
+
 def test_flags_and_adapters_that_cannot_be_served(tiny_checkpoint: Path, lora: LoraFixture,
                                                   tmp_path: Path) -> None:
     parse = build_parser().parse_args
@@ -147,6 +215,8 @@ def test_flags_and_adapters_that_cannot_be_served(tiny_checkpoint: Path, lora: L
     for spec, words in (("noequals", "expected name=path"), ('{"name": "a"}', "expected")):
         with pytest.raises(ValueError, match=words):
             configs(parse(["serve", "m", "--enable-lora", "--lora-modules", spec]), tmp_path)
+    with pytest.raises(ValueError, match="needs --enable-lora"):
+        configs(parse(["serve", "m", "--allow-runtime-lora-updating"]), tmp_path)
     with pytest.raises(ValueError, match="the model's own names"):
         configs(parse(["serve", "m", "--served-model-name", "a", "--enable-lora",
                        "--lora-modules", f"a={lora.adapter}"]), tmp_path)

@@ -336,29 +336,40 @@ def test_a_running_sequence_shares_its_prompt() -> None:
     assert (plan.prefills[0].start, plan.prefills[0].token_ids) == (30, [91, 92])
 
 
+# Stand-ins for loaded LoRA adapters (the engine gives each request its adapter's object)
+ADAPTERS = {"sql": object(), "chat": object(), "sql-reloaded": object()}
+
+
+def on_adapter(rid: str, prompt: list[int], lora: str | None,
+               max_tokens: int = 50) -> Request:
+    name = None if lora is None else lora.removesuffix("-reloaded")
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                               lora=name),
+                   adapter=None if lora is None else ADAPTERS[lora])  # type: ignore[arg-type]
+
+
 def test_a_prefix_is_shared_only_within_one_lora_adapter() -> None:
     """K/V computed on one adapter (or the base model) are no other's: not from a finished
     request's slot, a running sequence's, or a prompt in prefill; the same adapter's are."""
     system = list(range(1, 31))
-
-    def params(lora: str | None, max_tokens: int = 50) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, lora=lora)
-
     s = Scheduler(n_slots=4, max_model_len=200, max_num_batched_tokens=256,
                   prefix_caching=True)
-    s.add(Request("done", system + [80], params("sql", max_tokens=1)))
+    s.add(on_adapter("done", system + [80], "sql", max_tokens=1))
     run_step(s, 5)  # finished: slot 0 holds its prompt, on "sql"
-    s.add(Request("running", system + [90], params(None)))
+    s.add(on_adapter("running", system + [90], None))
     run_step(s, 5)  # decoding in slot 1, on the base model
-    s.add(Request("other", system + [91], params("chat")))
+    s.add(on_adapter("other", system + [91], "chat"))
     plan = s.schedule()
     assert plan.copies == [] and plan.prefills[0].start == 0  # neither is "chat"'s
     run_step_planned(s, plan, 5)
     for lora, source in (("sql", 0), (None, 1), ("chat", plan.prefills[0].slot)):
-        s.add(Request(f"again-{lora}", system + [92], params(lora, max_tokens=1)))
+        s.add(on_adapter(f"again-{lora}", system + [92], lora, max_tokens=1))
         again = s.schedule()
         assert [c.src for c in again.copies] == [source], lora
         run_step_planned(s, again, 5)
+    # "sql" unloaded and loaded again from other weights: its name's cache is not its own
+    s.add(on_adapter("reloaded", system + [93], "sql-reloaded", max_tokens=1))
+    assert s.schedule().copies == []
 
 
 def test_a_prompt_in_prefill_shares_only_within_its_adapter() -> None:
@@ -366,10 +377,10 @@ def test_a_prompt_in_prefill_shares_only_within_its_adapter() -> None:
     for lora, copied in (("chat", False), ("sql", True)):
         s = Scheduler(n_slots=3, max_model_len=200, max_num_batched_tokens=70,
                       prefix_caching=True)
-        s.add(Request("long", long, SamplingParams(max_tokens=5, lora="sql")))
+        s.add(on_adapter("long", long, "sql", max_tokens=5))
         run_step(s, 5)  # 70 of its 100 tokens in slot 0; the next step has room for "b"
         assert s.prefilling
-        s.add(Request("b", long[:60] + [7], SamplingParams(max_tokens=1, lora=lora)))
+        s.add(on_adapter("b", long[:60] + [7], lora, max_tokens=1))
         plan = s.schedule()
         assert bool(plan.copies) is copied, lora
 
