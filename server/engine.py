@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from model.lora import load_adapter
 from model.tokenizer import Tokenizer
 from server.engine_front import (
     Abort,
     AbortAll,
     AdapterExists,
+    AdapterRefused,
     Add,
     EngineDeadError,
     EngineFront,
@@ -159,9 +159,15 @@ class Engine(EngineFront):
         return self._stats
 
     def load_adapter(self, name: str, folder: Path) -> None:
+        from model.lora import LoraError, load_adapter  # (torch: the engine's side only)
+
         model = self.runner.model
-        adapter = load_adapter(name, folder, model.config, model.model.embed_tokens.weight.dtype,
-                               self.runner.device, self.max_lora_rank)
+        try:
+            adapter = load_adapter(name, folder, model.config,
+                                   model.model.embed_tokens.weight.dtype, self.runner.device,
+                                   self.max_lora_rank)
+        except LoraError as e:
+            raise AdapterRefused(str(e)) from None
         with self._lock:  # (a new dict: the engine thread reads the one it holds)
             if name in self.runner.adapters:
                 raise AdapterExists(f"The lora adapter '{name}' has already been loaded.")

@@ -239,6 +239,10 @@ class AdapterExists(ValueError):
     """A LoRA adapter of this name is loaded already."""
 
 
+class AdapterRefused(ValueError):
+    """A LoRA adapter this server cannot serve (model/lora.py's LoraError, without torch)."""
+
+
 class RuntimeLoraUnavailable(RuntimeError):
     """This engine cannot change its LoRA adapters while it serves."""
 
@@ -278,8 +282,8 @@ class EngineFront(ABC):
 
     def load_adapter(self, name: str, folder: Path) -> None:
         """Load a LoRA adapter while serving, for requests admitted from now on (on a worker
-        thread: it reads files). LoraError for one that cannot be served, AdapterExists for
-        a name taken."""
+        thread: it reads files). AdapterRefused for one that cannot be served, AdapterExists
+        for a name taken."""
         raise RuntimeLoraUnavailable("LoRA adapters are loaded and unloaded while serving in "
                                      "the server's process only (not with --engine-process)")
 

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from model.lora import LoraError
 from model.source import ModelSourceError, resolve_model
 from server.app import (
     RETRY_AFTER_SECONDS,
@@ -31,7 +30,7 @@ from server.app import (
     request_id_var,
 )
 from server.beam_search import submit_beam_searches
-from server.engine_front import AdapterExists, EngineFront
+from server.engine_front import AdapterExists, AdapterRefused, EngineFront
 from server.engine_process import EngineProcess
 from server.guided.regex import GuideError
 from server.guided.spec import COMPILER, cached_guide, compile_guide
@@ -229,7 +228,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State) -> Plain
     try:
         folder = await asyncio.to_thread(resolve_model, body.lora_path)
         await asyncio.to_thread(engine.load_adapter, name, folder)
-    except (LoraError, ModelSourceError) as e:
+    except (AdapterRefused, ModelSourceError) as e:
         raise RequestError(str(e), "lora_path") from None
     except AdapterExists as e:  # (loaded by a request beside this one)
         raise RequestError(str(e), "lora_name") from None
