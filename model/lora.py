@@ -136,10 +136,11 @@ def _check_spec(name: str, spec: dict, max_rank: int) -> None:
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """A step's rows that run adapters: (adapter, its rows' indices) for each adapter in the
-    step; rows of none are left out."""
+    """A step's rows that run adapters: (adapter, its rows) for each adapter in the step,
+    a slice where they are consecutive (a prompt chunk, a step of one adapter alone), else
+    their indices; rows of none are left out."""
 
-    segments: tuple[tuple[LoraAdapter, Tensor], ...]
+    segments: tuple[tuple[LoraAdapter, slice | Tensor], ...]
 
     @classmethod
     def of_rows(cls, adapters: list[LoraAdapter | None], device: torch.device | str
@@ -151,14 +152,20 @@ class LoraBatch:
                 rows.setdefault(adapter, []).append(i)
         if not rows:
             return None
-        return cls(tuple((adapter, torch.tensor(r, dtype=torch.long, device=device))
-                         for adapter, r in rows.items()))
+        return cls(tuple(
+            (adapter, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r)
+             else torch.tensor(r, dtype=torch.long, device=device))
+            for adapter, r in rows.items()))
 
     def add(self, layer: int, group: str, x: Tensor, y: Tensor) -> Tensor:
         """y (the base linears' output for x) plus each row's adapter delta, in place."""
         for adapter, rows in self.segments:
             delta = adapter.deltas.get((layer, group))
-            if delta is not None:
-                a_t, b_t = delta
+            if delta is None:
+                continue
+            a_t, b_t = delta
+            if isinstance(rows, slice):  # (a view: y's rows in place, one fused matmul-add)
+                y[rows].addmm_(x[rows] @ a_t, b_t)
+            else:
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
         return y

@@ -116,6 +116,25 @@ def test_groups_of_some_adapted_linears(tiny_checkpoint: Path, tmp_path: Path,
     assert (got - reference_logits(partial.merged, ids)).abs().max() < TOL
 
 
+def test_a_batchs_rows_take_their_own_adapters_delta(tiny_checkpoint: Path,
+                                                      lora: LoraFixture) -> None:
+    """Rows apart (indices) and consecutive (a slice) add their adapter's delta, each row
+    its own; rows of no adapter keep the base output."""
+    a = adapter_of(tiny_checkpoint, lora, "a")
+    b = adapter_of(tiny_checkpoint, lora, "b")
+    batch = LoraBatch.of_rows([a, None, a, b, b], "cpu")
+    assert batch is not None
+    kinds = {adapter.name: type(rows).__name__ for adapter, rows in batch.segments}
+    assert kinds == {"a": "Tensor", "b": "slice"}
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))  # q, k, v: 64 + 2 x 32
+    want = y.clone()
+    for row, adapter in ((0, a), (2, a), (3, b), (4, b)):
+        a_t, b_t = adapter.deltas[(0, "qkv")]
+        want[row] += (x[row] @ a_t) @ b_t
+    assert torch.allclose(batch.add(0, "qkv", x, y.clone()), want, atol=1e-6)
+
+
 def _variant(lora: LoraFixture, tmp_path: Path, **spec: object) -> Path:
     folder = tmp_path / "variant"
     shutil.copytree(lora.adapter, folder)
