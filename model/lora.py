@@ -68,9 +68,15 @@ def load_adapter(name: str, folder: Path, config: ModelConfig, dtype: torch.dtyp
     except (OSError, ValueError) as e:
         raise LoraError(f"LoRA adapter {name!r}: cannot read {folder}/adapter_config.json "
                         f"({e})") from None
+    if not isinstance(spec, dict):
+        raise LoraError(f"LoRA adapter {name!r}: adapter_config.json is not an object")
     _check_spec(name, spec, max_rank)
     rank = int(spec["r"])
-    alpha = float(spec.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    try:
+        alpha = float(spec.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    except (TypeError, ValueError):
+        raise LoraError(f"LoRA adapter {name!r}: lora_alpha must be a number, got "
+                        f"{spec.get('lora_alpha')!r}") from None
     scale = alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
     try:
         tensors = load_file(str(folder / "adapter_model.safetensors"))

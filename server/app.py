@@ -92,6 +92,7 @@ class ServerState:
     # The LoRA adapters requests may name, name -> path: --lora-modules', then those loaded
     # and unloaded while serving (--allow-runtime-lora-updating)
     adapters: dict[str, str] = field(default_factory=dict)
+    lora_loading: set[str] = field(default_factory=set)  # names being loaded
 
     def __post_init__(self) -> None:
         self.adapters.update(self.config.lora_modules)

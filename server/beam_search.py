@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from model.tokenizer import Tokenizer
-from server.engine_front import EngineFront, RequestStream
+from server.engine_front import EngineFront, RequestRejected, RequestStream
 from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from server.serving import SampleGroup, Submitted, check_capacity
 
@@ -93,7 +93,11 @@ class BeamSearch:
             if step and self.engine.aborted_all:  # (shutting down: no more steps)
                 ending = FinishReason.ABORT
                 break
-            outs = await self._step(step, beams)
+            try:
+                outs = await self._step(step, beams)
+            except RequestRejected as e:  # a later step's: its LoRA adapter was unloaded
+                ending, error = FinishReason.ERROR, f"the search could not go on: {e}"
+                break
             failed = [o for o in outs if o.finish_reason in (FinishReason.ABORT,
                                                                 FinishReason.ERROR)]
             if failed:
@@ -170,5 +174,5 @@ def submit_beam_searches(engine: EngineFront, prompts: list[tuple[list[int], str
         for search in searches:
             search.abort_start()
         raise
-    return [Submitted(ids, text, [SampleGroup(search, 0)])
+    return [Submitted(ids, text, [SampleGroup(search, 0)], params.lora)
             for (ids, text), search in zip(prompts, searches, strict=True)]

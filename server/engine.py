@@ -159,6 +159,8 @@ class Engine(EngineFront):
         return self._stats
 
     def load_adapter(self, name: str, folder: Path) -> None:
+        import torch
+
         from model.lora import LoraError, load_adapter  # (torch: the engine's side only)
 
         model = self.runner.model
@@ -168,6 +170,9 @@ class Engine(EngineFront):
                                    self.max_lora_rank)
         except LoraError as e:
             raise AdapterRefused(str(e)) from None
+        except torch.cuda.OutOfMemoryError as e:  # (torch.OutOfMemoryError from torch 2.5)
+            raise AdapterRefused(f"LoRA adapter {name!r} does not fit in device memory ({e})"
+                                 ) from None
         with self._lock:  # (a new dict: the engine thread reads the one it holds)
             if name in self.runner.adapters:
                 raise AdapterExists(f"The lora adapter '{name}' has already been loaded.")

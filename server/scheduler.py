@@ -152,6 +152,8 @@ class Scheduler:
     # ------------------------------------------------------------------ entry points
 
     def add(self, request: Request) -> None:
+        # (the engine gives a request the adapter it names: a row on the wrong weights else)
+        assert (request.adapter is None) == (request.params.lora is None), request.request_id
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -239,6 +241,7 @@ class Scheduler:
         for seq, slot in zip(request.seqs, slots, strict=True):
             seq.slot, seq.status = slot, RequestStatus.RUNNING
             self.cached.pop(slot, None)  # overwritten from now on
+            self.cached_lora.pop(slot, None)  # (nor its adapter held: unloaded, it goes)
         if found is not None:
             src, length = found
             if src != slots[0]:

@@ -96,6 +96,7 @@ class Submitted:
     prompt_ids: list[int]
     prompt_text: str | None  # as the client sent it, for echo
     groups: list[SampleGroup]
+    lora: str | None = None  # the LoRA adapter it runs on, which its response names
 
 
 @dataclass(slots=True)
@@ -191,7 +192,7 @@ def submit(engine: EngineFront, prompts: list[tuple[list[int], str | None]], par
     submitted: list[Submitted] = []
     try:
         for ids, text, runs in planned:
-            s = Submitted(ids, text, [])
+            s = Submitted(ids, text, [], params.lora)
             submitted.append(s)
             for rid, run_params, first in runs:
                 s.groups.append(SampleGroup(engine.generate(ids, run_params, rid), first))
@@ -329,9 +330,10 @@ UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but "
                       "chat template.")  # vLLM's words
 
 
-def model_of(engine: EngineFront, requested: str | None, model_name: str) -> str:
-    """The model a response names: the LoRA adapter `requested`, else `model_name`."""
-    return requested if requested is not None and requested in engine.lora_names else model_name
+def model_of(submitted: list[Submitted], model_name: str) -> str:
+    """The model a response names: the LoRA adapter its requests were admitted on (as vLLM
+    names it; even if unloaded since), else `model_name`."""
+    return next((s.lora for s in submitted if s.lora is not None), model_name)
 
 
 def encode_messages(tokenizer: Tokenizer, messages: list[ChatMessage],
@@ -386,10 +388,8 @@ class _Service:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.prompt_tokens_details = prompt_tokens_details  # usage's cached_tokens
 
-    def model_of(self, request: CompletionRequest | ChatCompletionRequest) -> str:
-        """The model a response names: the LoRA adapter the request ran on (as vLLM names
-        it), else the served model."""
-        return model_of(self.engine, request.model, self.model_name)
+    def model_of(self, submitted: list[Submitted]) -> str:
+        return model_of(submitted, self.model_name)
 
     def _usage(self, submitted: list[Submitted], choices: dict[int, Choice],
                n: int) -> CompletionUsage:
@@ -569,7 +569,7 @@ class CompletionService(_Service):
                 index=index, text=echo + choice.text, logprobs=logprobs,
                 finish_reason=to_openai_finish_reason(choice.finish_reason),
                 stop_reason=choice.stop_reason, prompt_logprobs=shown.get(index // n)))
-        return CompletionResponse(id=response_id, model=self.model_of(request), choices=result,
+        return CompletionResponse(id=response_id, model=self.model_of(submitted), choices=result,
                                   usage=self._usage(submitted, choices, request.n))
 
     async def stream(self, request: CompletionRequest, submitted: list[Submitted],
@@ -580,7 +580,7 @@ class CompletionService(_Service):
 
         envelope = StreamEnvelope(
             CompletionStreamResponse(id=response_id, created=created,
-                                     model=self.model_of(request), choices=[]),
+                                     model=self.model_of(submitted), choices=[]),
             text_choice=lambda index, text: CompletionResponseChoice(index=index, text=text))
         continuous_usage = request.continuous_usage
 
@@ -722,7 +722,7 @@ class ChatService(_Service):
                 logprobs=self.logprobs(request, c.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(
-            id=response_id, model=self.model_of(request), choices=result,
+            id=response_id, model=self.model_of(submitted), choices=result,
             usage=self._usage(submitted, choices, request.n),
             prompt_logprobs=self._prompt_logprobs(prompt_lps, request.prompt_logprobs))
 
@@ -732,7 +732,7 @@ class ChatService(_Service):
         timing the stream takes the first chunk for the first token); then, as the answer
         is read: a named tool's arguments as they come, text token by token, or an answer
         held back while it may be calls (tool_choice "required", "auto"), whole at its end."""
-        chunks = _ChatChunks(self, request, response_id, len(submitted[0].prompt_ids))
+        chunks = _ChatChunks(self, request, response_id, submitted)
         choices: dict[int, Choice] = {}
         held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
         named = (request.tool_choice.function.name
@@ -771,11 +771,12 @@ class _ChatChunks:
     and the shapes of an answer's chunks."""
 
     def __init__(self, service: ChatService, request: ChatCompletionRequest, response_id: str,
-                 num_prompt: int) -> None:
-        self.service, self.request, self.num_prompt = service, request, num_prompt
+                 submitted: list[Submitted]) -> None:
+        self.service, self.request = service, request
+        self.num_prompt = len(submitted[0].prompt_ids)
         self.envelope = StreamEnvelope(
             ChatCompletionChunk(id=response_id, created=int(time.time()),
-                                model=service.model_of(request), choices=[]),
+                                model=service.model_of(submitted), choices=[]),
             text_choice=lambda index, text: ChatCompletionStreamChoice(
                 index=index, delta=DeltaMessage(content=text)))
         self.continuous_usage = request.continuous_usage

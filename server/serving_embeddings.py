@@ -50,6 +50,6 @@ class EmbeddingService:
                                                               request.encoding_format))
                 for i in range(len(submitted))]
         tokens = sum(len(s.prompt_ids) for s in submitted)
-        return EmbeddingResponse(id=response_id, model=model_of(self.engine, request.model,
-                                                                self.model_name), data=data,
+        return EmbeddingResponse(id=response_id, model=model_of(submitted, self.model_name),
+                                 data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

@@ -179,7 +179,8 @@ class ResponsesService:
         """The response before any output: the request's settings echoed."""
         r = job.request
         return ResponseObject(
-            id=response_id, model=self.chat.model_of(job.chat), instructions=r.instructions,
+            id=response_id, model=job.params.lora or self.chat.model_name,
+            instructions=r.instructions,
             max_output_tokens=r.max_output_tokens, max_tool_calls=r.max_tool_calls,
             metadata=r.metadata or {}, parallel_tool_calls=r.parallel_tool_calls,
             reasoning=r.reasoning, temperature=job.params.temperature, top_p=job.params.top_p,

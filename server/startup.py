@@ -93,7 +93,7 @@ def plan_pool(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
     # Rows with logits: a sampled one per sequence, and the prompt tokens scored in a step
     reserve = step_activation_bytes(model, step_tokens, dtype,
                                     logit_rows=config.max_num_seqs + MAX_SCORED_TOKENS_PER_STEP,
-                                    lora=bool(config.lora_modules))
+                                    lora=config.enable_lora)
     if config.kv_cache_memory is None:
         n_slots = config.max_num_seqs
     else:

@@ -18,8 +18,9 @@ failing requests later. vLLM's profile run and llama.cpp's warm-up do the same.
 3. a short prompt prefilled beside those decode rows (a mixed step), sampled with logprobs;
    then decode rows alone, all slots full, until everything has finished.
 
-With LoRA adapters the largest steps run on one of them (model/lora.py: a step's deltas are
-memory on top of the base model's step).
+With LoRA adapters the largest steps' prompts run on one of them, every other prompt (its
+rows apart: model/lora.py gathers them, the most memory a step's deltas take on top of the
+base model's step).
 
 Every request is seeded: a row without a seed would draw from the sampler's shared generator
 and so change what later unseeded requests get.
@@ -36,8 +37,8 @@ def phases(scheduler: Scheduler, vocab_size: int, lora: str | None = None
            ) -> list[list[Request]]:
     """Each phase's requests; the engine runs steps until each of them has an output token,
     then adds the next phase, and after the last runs until nothing is left. With `lora`, a
-    LoRA adapter's name, the largest steps run on it (its deltas take more memory than the
-    base model's step alone)."""
+    LoRA adapter's name, every other prompt of the largest steps runs on it (its deltas take
+    more memory than the base model's step alone, the most with its rows apart)."""
     max_len, n_slots = scheduler.max_model_len, scheduler.n_slots
 
     def prompt(n: int, salt: int) -> list[int]:
@@ -59,7 +60,7 @@ def phases(scheduler: Scheduler, vocab_size: int, lora: str | None = None
         n = min(n_scored + -(-(budget - scored) // length), n_slots)
         return [Request(f"warm-up-{name}-{i}", prompt(length, salt + i),
                         params(1, temperature=0.0, prompt_logprobs=0 if i < n_scored else None,
-                               lora=lora))
+                               lora=lora if i % 2 == 0 else None))
                 for i in range(n)]
 
     most_tokens = min(budget, n_slots * length)

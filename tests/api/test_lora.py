@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,7 +196,13 @@ def test_adapters_load_and_unload_while_serving(tiny_checkpoint: Path, lora: Lor
         assert token_ids(again) == greedy(second.merged, prompt, 8)
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
+        odd = tmp_path / "odd-alpha"
+        shutil.copytree(lora.adapter, odd)
+        spec = json.loads((odd / "adapter_config.json").read_text())
+        (odd / "adapter_config.json").write_text(json.dumps({**spec, "lora_alpha": "abc"}))
         for name, path, param in (("bad", tmp_path / "nowhere", "lora_path"),
+                                  ("long", tmp_path / ("x" * 300), "lora_path"),
+                                  ("odd", odd, "lora_path"),
                                   ("tiny", lora.adapter, "lora_name")):
             assert assert_openai_error(load(client, name, path), 400)["param"] == param
 
