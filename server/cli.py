@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--allow-runtime-lora-updating", "serve POST /v1/load_lora_adapter and "
          "/v1/unload_lora_adapter (vLLM's, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs "
          "--enable-lora", action="store_true", default=False)
+    _add(serve, "--max-loras", "the most LoRA adapters loaded at once (vLLM's flag caps those "
+         "in a batch; here all loaded ones may share one)", type=int, default=None)
     _add(serve, "--max-lora-rank", "the highest rank of an adapter (vLLM's flag)", type=int,
          default=16)
     _add(serve, "--trust-request-chat-template", "render a chat request's own "

@@ -82,6 +82,9 @@ class EngineConfig:
     enable_lora: bool = False
     lora_modules: tuple[str, ...] = ()
     max_lora_rank: int = 16
+    # The most adapters loaded at once (vLLM's --max-loras caps those in a batch; here every
+    # loaded adapter may share a step, so the cap is on those loaded); None: no cap
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         modules = self.lora_modules
@@ -92,6 +95,11 @@ class EngineConfig:
             raise ValueError("--lora-modules needs --enable-lora (vLLM's pair of flags)")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_loras is not None and len(self.lora_modules) > self.max_loras:
+            raise ValueError(f"--lora-modules names {len(self.lora_modules)} adapters, more "
+                             f"than --max-loras ({self.max_loras})")
         names = [name for name, _ in self.lora_adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"--lora-modules names an adapter twice: {names}")

@@ -56,10 +56,12 @@ class Engine(EngineFront):
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
                  max_waiting: int, async_output_proc: bool = False, warmup: bool = False,
-                 async_scheduling: bool = False, max_lora_rank: int = 16) -> None:
+                 async_scheduling: bool = False, max_lora_rank: int = 16,
+                 max_loras: int | None = None) -> None:
         super().__init__()
         self.runner = runner
         self.max_lora_rank = max_lora_rank  # of adapters loaded while serving
+        self.max_loras = max_loras  # the most loaded at once (None: no cap)
         self._warmup = warmup  # `start` runs warm_up on the engine thread first (EngineConfig
         # turns it on; engines built directly, in tests, start without it)
         # Async output processing (see _step): a step's outputs wait for the next step to be
@@ -163,6 +165,9 @@ class Engine(EngineFront):
 
         from model.lora import LoraError, load_adapter  # (torch: the engine's side only)
 
+        if self.max_loras is not None and len(self.runner.adapters) >= self.max_loras:
+            raise AdapterRefused(f"{len(self.runner.adapters)} LoRA adapters are loaded, "
+                                 f"--max-loras {self.max_loras}: unload one first")
         model = self.runner.model
         try:
             adapter = load_adapter(name, folder, model.config,
@@ -176,6 +181,8 @@ class Engine(EngineFront):
         with self._lock:  # (a new dict: the engine thread reads the one it holds)
             if name in self.runner.adapters:
                 raise AdapterExists(f"The lora adapter '{name}' has already been loaded.")
+            if self.max_loras is not None and len(self.runner.adapters) >= self.max_loras:
+                raise AdapterRefused(f"--max-loras {self.max_loras} adapters are loaded")
             self.runner.adapters = {**self.runner.adapters, name: adapter}
             self.lora_names = frozenset(self.runner.adapters)
         logger.info("LoRA adapter %s loaded from %s, rank %d", name, folder, adapter.rank)

@@ -196,4 +196,4 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     return Engine(runner, scheduler, tokenizer, config.max_waiting,
                   async_output_proc=config.async_output_proc, warmup=config.warmup,
                   async_scheduling=config.async_scheduling and graphs is not None,
-                  max_lora_rank=config.max_lora_rank)
+                  max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)

@@ -156,7 +156,7 @@ def test_adapters_load_and_unload_while_serving(tiny_checkpoint: Path, lora: Lor
     other weights answers as those, its old prefix cache unused; a stream running on an
     adapter that is unloaded ends as it would have."""
     with (run_server(tiny_checkpoint, tmp_path, "--served-model-name", "tiny",
-                     "--enable-lora", "--allow-runtime-lora-updating",
+                     "--enable-lora", "--allow-runtime-lora-updating", "--max-loras", "2",
                      "--enable-prompt-tokens-details") as server,
           httpx.Client(base_url=server.base_url, timeout=60) as client):
         prompt = client.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
@@ -205,6 +205,9 @@ def test_adapters_load_and_unload_while_serving(tiny_checkpoint: Path, lora: Lor
                                   ("odd", odd, "lora_path"),
                                   ("tiny", lora.adapter, "lora_name")):
             assert assert_openai_error(load(client, name, path), 400)["param"] == param
+        assert load(client, "chat", lora.adapter).status_code == 200  # the second of 2
+        assert "--max-loras 2" in assert_openai_error(load(client, "third", lora.adapter),
+                                                      400)["message"]
 
 
 def test_runtime_updating_is_off_by_default(client: httpx.Client, lora: LoraFixture) -> None:
@@ -224,6 +227,9 @@ def test_flags_and_adapters_that_cannot_be_served(tiny_checkpoint: Path, lora: L
             configs(parse(["serve", "m", "--enable-lora", "--lora-modules", spec]), tmp_path)
     with pytest.raises(ValueError, match="needs --enable-lora"):
         configs(parse(["serve", "m", "--allow-runtime-lora-updating"]), tmp_path)
+    with pytest.raises(ValueError, match="more than --max-loras"):
+        configs(parse(["serve", "m", "--enable-lora", "--max-loras", "1", "--lora-modules",
+                       f"a={lora.adapter}", f"b={lora.adapter}"]), tmp_path)
     with pytest.raises(ValueError, match="the model's own names"):
         configs(parse(["serve", "m", "--served-model-name", "a", "--enable-lora",
                        "--lora-modules", f"a={lora.adapter}"]), tmp_path)
