@@ -220,7 +220,7 @@ def _responses(state: ServerState) -> ResponsesService:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State) -> PlainTextResponse:
     """vLLM's: load a LoRA adapter while serving (--allow-runtime-lora-updating); requests
-    may name it from the answer on. Its files are read on a worker thread."""
+    may name it from the answer on. It is read on a thread of its own."""
     engine, name = _runtime_lora(state), body.lora_name
     if name in state.adapters or name in state.lora_loading or name in state.config.model_names:
         raise RequestError(f"The lora adapter '{name}' has already been loaded."
