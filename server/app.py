@@ -344,7 +344,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
     from server.routes import router
 
     state = ServerState(config=config, limits=RequestLimits(max_n=config.max_n),
-                        metrics=Metrics(config.served_model_name, config.metrics_compat))
+                        metrics=Metrics(config.served_model_name, config.metrics_compat,
+                                        lora=config.enable_lora, max_loras=config.max_loras))
 
     def load() -> None:
         try:

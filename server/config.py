@@ -245,8 +245,11 @@ class ServerConfig:
     chat_template: str | None = None  # template text (read from --chat-template FILE by the CLI)
     # A chat request's own chat_template rendered (vLLM's --trust-request-chat-template)
     trust_request_chat_template: bool = False
-    # The LoRA adapters (name, path) requests may name as their model (EngineConfig's)
+    # LoRA (EngineConfig's): on, the adapters (name, path) requests may name as their model,
+    # the most loaded at once
+    enable_lora: bool = False
     lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int | None = None
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's, behind its
     # VLLM_ALLOW_RUNTIME_LORA_UPDATING)
     runtime_lora_updating: bool = False

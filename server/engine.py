@@ -458,6 +458,13 @@ class Engine(EngineFront):
         s.num_waiting = len(sched.waiting)
         s.slots_used = sched.num_used_slots
         s.tokens_used = sched.num_used_tokens
+        if self.runner.adapters or s.running_loras or s.waiting_loras:
+            running = {q.request.params.lora for q in sched.decoding}
+            running |= {r.params.lora for r in sched.prefilling}
+            waiting = {r.params.lora for r in sched.waiting}
+            s.running_loras = tuple(sorted(name for name in running if name is not None))
+            s.waiting_loras = tuple(sorted(name for name in waiting if name is not None))
+            s.loras_read_time = time.time()
 
     def _fail_all(self, message: str) -> None:
         """End every stream: the scheduler's requests, and those accepted by `generate()` but

@@ -88,6 +88,11 @@ class EngineStats:
     # process can tell which of its own sends a snapshot has seen
     num_queued: int = 0
     num_received: int = 0
+    # The LoRA adapters of the requests running and waiting, and when these were read
+    # (vLLM's lora_requests_info: routers send a request where its adapter already runs)
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    loras_read_time: float = 0.0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -50,9 +50,11 @@ STEP_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0
 
 
 class Metrics:
-    def __init__(self, model_name: str, compat: str | None = None) -> None:
+    def __init__(self, model_name: str, compat: str | None = None,
+                 lora: bool = False, max_loras: int | None = None) -> None:
         self.model_name = model_name
         self.compat = compat
+        self.lora, self.max_loras = lora, max_loras  # (vllm:lora_requests_info)
         self.registry = CollectorRegistry()
         self._engine: EngineFront | None = None
         self._rejected: dict[str, int] = {}
@@ -212,6 +214,21 @@ class _StatsCollector(Collector):
         yield rejected
         if m.compat == "vllm":
             yield from _vllm_series(m.model_name, s)
+            if m.lora:
+                yield _vllm_lora_info(s, m.max_loras if m.max_loras is not None else len(
+                    m._engine.lora_names) if m._engine is not None else 0)
+
+
+def _vllm_lora_info(s: EngineStats, max_lora: int) -> Metric:
+    """vLLM's vllm:lora_requests_info: its value the time the adapters were read, its labels
+    the adapters of the running and the waiting requests (comma-separated) and the most
+    adapters (--max-loras, else those loaded): what LoRA-aware routers read."""
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                             labels=["max_lora", "running_lora_adapters",
+                                     "waiting_lora_adapters"])
+    info.add_metric([str(max_lora), ",".join(s.running_loras), ",".join(s.waiting_loras)],
+                    s.loras_read_time)
+    return info
 
 
 def _vllm_series(model_name: str, s: EngineStats) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from server.cli import build_parser, configs
-from tests.api.conftest import Server, assert_openai_error, run_server
+from tests.api.conftest import Server, assert_openai_error, run_server, wait_idle
 from tests.conftest import LoraFixture, write_lora
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then the cat sat on the mat"
@@ -35,7 +35,7 @@ def lora_server(tiny_checkpoint: Path, lora: LoraFixture, second: LoraFixture,
                     "--served-model-name", "tiny", "--enable-lora", "--lora-modules",
                     f"sql={lora.adapter}", f'{{"name": "chat", "path": "{second.adapter}"}}',
                     "--enable-prompt-tokens-details", "--enable-embeddings",
-                    "--max-model-len", "512") as s:
+                    "--metrics-compat", "vllm", "--max-model-len", "512") as s:
         yield s
 
 
@@ -102,6 +102,30 @@ def test_adapters_and_the_model_share_batches(client: httpx.Client) -> None:
         together = list(pool.map(lambda mp: token_ids(complete(client, *mp, max_tokens=24)),
                                  zip(models, prompts, strict=True)))
     assert together == alone
+
+
+def test_vllms_lora_metric_names_the_running_adapters(client: httpx.Client,
+                                                      lora_server: Server) -> None:
+    """vllm:lora_requests_info (what LoRA-aware routers read): the adapters of the requests
+    running, as labels; max_lora the adapters loaded (no --max-loras)."""
+    def info() -> dict[str, float]:
+        return {k: v for k, v in lora_server.metrics().items()
+                if k.startswith("vllm:lora_requests_info")}
+
+    body = {"model": "chat", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        running = info()
+        for _ in lines:
+            pass
+    [(series, when)] = running.items()
+    assert series == ('vllm:lora_requests_info{max_lora="2",running_lora_adapters="chat",'
+                      'waiting_lora_adapters=""}') and when > 1e9
+    wait_idle(lora_server)
+    assert list(info()) == ['vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+                            'waiting_lora_adapters=""}']
 
 
 def test_the_prefix_cache_is_an_adapters_own(client: httpx.Client, lora: LoraFixture) -> None:
