@@ -360,8 +360,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             state.responses = ResponsesService(state.chat, ResponseStore(
                 config.responses_store) if config.responses_store else None)
             if config.enable_embeddings:
-                state.embeddings = EmbeddingService(engine, config.served_model_name,
-                                                    config.pooling)
+                state.embeddings = EmbeddingService(
+                    engine, config.served_model_name, config.pooling,
+                    trust_request_templates=config.trust_request_chat_template)
             state.metrics.attach(engine)
             frozen = freeze_startup_objects()
             state.status, state.reason = "ready", "ready"

@@ -381,7 +381,8 @@ async def embeddings(body: EmbeddingRequest, state: State, request: Request):  #
         if body.model in state.adapters:  # (named before any await: unloaded meanwhile, the
             params = replace(params, lora=body.model)  # request is refused, not run on none)
         prompts = await _tokenized(request, lambda: service.prompts(body))
-        submitted = submit(engine, prompts, params, _engine_request_id(response_id), "input")
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id),
+                           "input" if body.messages is None else "messages")
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
 
 

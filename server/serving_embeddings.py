@@ -12,7 +12,7 @@ from server.protocol.embeddings import (
     encode_embedding,
 )
 from server.request import Pooling, SamplingParams
-from server.serving import Submitted, merged, model_of, raise_if_failed
+from server.serving import Submitted, encode_messages, merged, model_of, raise_if_failed
 
 
 class EmbeddingsAborted(RuntimeError):
@@ -23,13 +23,20 @@ class EmbeddingService:
     """/v1/embeddings: inputs tokenized (and truncated), queued as pooling requests, their
     vectors gathered in order."""
 
-    def __init__(self, engine: EngineFront, model_name: str, pooling: Pooling) -> None:
+    def __init__(self, engine: EngineFront, model_name: str, pooling: Pooling,
+                 trust_request_templates: bool = False) -> None:
         self.engine, self.model_name = engine, model_name
         self.params = SamplingParams(max_tokens=0, pooling=pooling)
+        self.trust_request_templates = trust_request_templates
 
     def prompts(self, request: EmbeddingRequest) -> list[tuple[list[int], str | None]]:
-        """Each input's ids (its last truncate_prompt_tokens, where asked)."""
+        """Each input's ids, or the messages' as the chat template renders them (the last
+        truncate_prompt_tokens, where asked)."""
         keep = request.prompt_tokens_kept(self.engine.max_model_len)
+        if request.messages is not None:
+            ids = encode_messages(self.engine.tokenizer, request.messages, request,
+                                  request.add_special_tokens, self.trust_request_templates)
+            return [(ids[-keep:] if keep is not None else ids, None)]
         out: list[tuple[list[int], str | None]] = []
         for text in request.inputs:
             ids = (self.engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens)

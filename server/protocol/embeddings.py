@@ -11,41 +11,68 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from server.protocol.base import (
+    MAX_ITEMS,
     RequestError,
     RequestLimits,
     ResponseModel,
     _check_count,
     _check_token_ids,
 )
-from server.protocol.requests import PromptTruncation, prompt_input, prompt_list
+from server.protocol.requests import (
+    ChatMessage,
+    ChatTemplateControls,
+    PromptTruncation,
+    prompt_input,
+    prompt_list,
+)
 from server.protocol.responses import random_id
 
 EmbeddingInput = prompt_input("input")  # as completions' prompt: text(s) or token ids
 
 
-class EmbeddingRequest(PromptTruncation):
-    """POST /v1/embeddings: one embedding per input (a text, or token ids), in order."""
+class EmbeddingRequest(PromptTruncation, ChatTemplateControls):
+    """POST /v1/embeddings: one embedding per input (a text, or token ids), in order; or,
+    vLLM's chat form, one of `messages` rendered by the chat template (its controls as in
+    chat, but add_generation_prompt off by default, as vLLM's: the conversation is what is
+    embedded, not a turn to answer)."""
 
     model: str | None = None
-    input: EmbeddingInput
+    input: EmbeddingInput | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a text
+    add_generation_prompt: bool = False
+    # vLLM's: the tokenizer's BOS before a text (on), on top of a chat template's own (off)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_special_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("add_special_tokens") is None:
+            data = {**data, "add_special_tokens": data.get("messages") is None}
+        return data
+
+    @model_validator(mode="after")
+    def _input_xor_messages(self) -> EmbeddingRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("exactly one of 'input' or 'messages' is required")
+        return self
 
     @property
     def inputs(self) -> list[str | list[int]]:
-        return prompt_list(self.input)
+        return [] if self.input is None else prompt_list(self.input)
 
     def check_limits(self, limits: RequestLimits, vocab_size: int,
                      max_model_len: int) -> None:
         inputs = self.inputs
         _check_count(len(inputs), limits.max_prompts, "input")
+        _check_count(len(self.messages or ()), limits.max_messages, "messages")
         for prompt in inputs:
             if not isinstance(prompt, str):
                 _check_token_ids(prompt, vocab_size, "input")

@@ -69,6 +69,31 @@ def test_embeddings_are_the_models_last_hidden_state(embed_server: Server,
         assert answer["usage"] == {"prompt_tokens": total, "total_tokens": total}
 
 
+def test_messages_are_embedded_as_the_chat_template_renders_them(
+        embed_server: Server, reference: transformers.LlamaModel) -> None:
+    """vLLM's chat form: the conversation rendered (no assistant turn opened, unless asked),
+    its ids as /tokenize gives them for the same messages and controls, embedded as any
+    prompt; the template's own errors and a request's template need what chat needs."""
+    messages = [{"role": "system", "content": "Represent the query."},
+                {"role": "user", "content": "where do foxes live"}]
+    for controls in ({}, {"add_generation_prompt": True}):
+        ids = httpx.post(f"{embed_server.base_url}/tokenize", timeout=60, json={
+            "messages": messages, "add_generation_prompt": False, **controls}).json()["tokens"]
+        r = httpx.post(f"{embed_server.v1}/embeddings", timeout=60,
+                       json={"messages": messages, **controls})
+        assert r.status_code == 200, r.text
+        [d] = r.json()["data"]
+        assert (torch.tensor(d["embedding"]) - expected(reference, ids, "last")).abs().max() < 1e-4
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    for body, param in (({"input": "x", "messages": messages}, None),
+                        ({}, None),
+                        ({"messages": messages, "chat_template": "{{ 1 }}"}, "chat_template")):
+        error = assert_openai_error(httpx.post(f"{embed_server.v1}/embeddings", json=body,
+                                               timeout=60), 400)
+        if param is not None:
+            assert error["param"] == param
+
+
 def test_the_sdk_reads_them(embed_server: Server) -> None:
     """The OpenAI SDK asks for base64 (little-endian float32) and decodes it: the floats'."""
     with OpenAI(base_url=embed_server.v1, api_key="none", max_retries=0) as client:
