@@ -59,6 +59,7 @@ from server.protocol.responses_api import (
     ResponsesRequest,
     as_responses_error,
 )
+from server.protocol.scoring import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from server.request import SamplingParams
 from server.serving import (
     DONE,
@@ -70,6 +71,7 @@ from server.serving import (
     failure_message,
     submit,
 )
+from server.serving_embeddings import EmbeddingService
 from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob, ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -370,20 +372,57 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, state: State, request: Request):  # noqa: ANN201
-    if not state.config.enable_embeddings:
-        raise NotServed("This server does not serve embeddings: start it with "
-                        "--enable-embeddings")
-    response_id = _response_id("embd")
+    service, response_id = _embedding_service(state), _response_id("embd")
     with state.admission(body) as engine:
-        service = state.embeddings
-        assert service is not None
-        params = service.params
-        if body.model in state.adapters:  # (named before any await: unloaded meanwhile, the
-            params = replace(params, lora=body.model)  # request is refused, not run on none)
+        params = _pooling_params(body, service, state)
         prompts = await _tokenized(request, lambda: service.prompts(body))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id),
                            "input" if body.messages is None else "messages")
     return await _unless_disconnected(request, service.create(body, submitted, response_id))
+
+
+@router.post("/score", response_model=ScoreResponse, include_in_schema=False)
+@router.post("/v1/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, state: State, request: Request):  # noqa: ANN201
+    """vLLM's score of an embedding model: each pair's cosine similarity."""
+    service, response_id = _embedding_service(state), _response_id("score")
+    with state.admission(body) as engine:
+        params = _pooling_params(body, service, state)
+        prompts = await _tokenized(request, lambda: service.text_prompts(body))
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id), "text_2")
+    return await _unless_disconnected(request, service.score(body, submitted, response_id))
+
+
+@router.post("/rerank", response_model=RerankResponse, include_in_schema=False)
+@router.post("/v2/rerank", response_model=RerankResponse, include_in_schema=False)
+@router.post("/v1/rerank", response_model=RerankResponse)
+async def rerank(body: RerankRequest, state: State, request: Request):  # noqa: ANN201
+    """vLLM's rerank (Jina's and Cohere's shape) of an embedding model: the documents by
+    cosine similarity to the query."""
+    service, response_id = _embedding_service(state), _response_id("rerank")
+    with state.admission(body) as engine:
+        params = _pooling_params(body, service, state)
+        prompts = await _tokenized(request, lambda: service.text_prompts(body))
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id),
+                           "documents")
+    return await _unless_disconnected(request, service.rerank(body, submitted, response_id))
+
+
+def _embedding_service(state: ServerState) -> EmbeddingService:
+    if not state.config.enable_embeddings:
+        raise NotServed("This server does not serve embeddings (nor scores and reranks made "
+                        "from them): start it with --enable-embeddings")
+    state.serving_engine()  # (503 while loading)
+    assert state.embeddings is not None
+    return state.embeddings
+
+
+def _pooling_params(body: Any, service: EmbeddingService, state: ServerState
+                    ) -> SamplingParams:
+    """The service's pooling parameters, on the LoRA adapter the body names (named before
+    any await: one unloaded meanwhile refuses the request rather than run on none)."""
+    params = service.params
+    return replace(params, lora=body.model) if body.model in state.adapters else params
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

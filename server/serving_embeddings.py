@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from server.engine_front import EngineFront
 from server.protocol.embeddings import (
     Embedding,
@@ -10,6 +12,16 @@ from server.protocol.embeddings import (
     EmbeddingResponse,
     EmbeddingUsage,
     encode_embedding,
+)
+from server.protocol.scoring import (
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+    ScoringUsage,
 )
 from server.request import Pooling, SamplingParams
 from server.serving import Submitted, encode_messages, merged, model_of, raise_if_failed
@@ -44,8 +56,18 @@ class EmbeddingService:
             out.append((ids[-keep:] if keep is not None else ids, None))
         return out
 
-    async def create(self, request: EmbeddingRequest, submitted: list[Submitted],
-                     response_id: str) -> EmbeddingResponse:
+    def text_prompts(self, request: ScoreRequest | RerankRequest
+                     ) -> list[tuple[list[int], str | None]]:
+        """The ids of each text a score or a rerank embeds (once each, BOS first)."""
+        keep = request.prompt_tokens_kept(self.engine.max_model_len)
+        out: list[tuple[list[int], str | None]] = []
+        for text in request.texts():
+            ids = self.engine.tokenizer.encode(text, add_special_tokens=True)
+            out.append((ids[-keep:] if keep is not None else ids, None))
+        return out
+
+    async def _vectors(self, submitted: list[Submitted]) -> list[list[float]]:
+        """Each prompt's embedding, in order."""
         vectors: dict[int, list[float]] = {}
         async for i, out in merged(self.engine, submitted):
             raise_if_failed(out)
@@ -53,10 +75,47 @@ class EmbeddingService:
                 vectors[i] = out.embedding
         if len(vectors) < len(submitted):  # aborted: the server is shutting down
             raise EmbeddingsAborted("the server is shutting down: retry on another replica")
-        data = [Embedding(index=i, embedding=encode_embedding(vectors[i],
-                                                              request.encoding_format))
-                for i in range(len(submitted))]
+        return [vectors[i] for i in range(len(submitted))]
+
+    async def create(self, request: EmbeddingRequest, submitted: list[Submitted],
+                     response_id: str) -> EmbeddingResponse:
+        vectors = await self._vectors(submitted)
+        data = [Embedding(index=i, embedding=encode_embedding(vector, request.encoding_format))
+                for i, vector in enumerate(vectors)]
         tokens = sum(len(s.prompt_ids) for s in submitted)
         return EmbeddingResponse(id=response_id, model=model_of(submitted, self.model_name),
                                  data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def _similarities(self, request: ScoreRequest | RerankRequest,
+                            submitted: list[Submitted]
+                            ) -> tuple[dict[str, list[float]], ScoringUsage]:
+        """Each text's embedding (unit length: a dot product is the cosine), and the usage."""
+        vectors = dict(zip(request.texts(), await self._vectors(submitted), strict=True))
+        tokens = sum(len(s.prompt_ids) for s in submitted)
+        return vectors, ScoringUsage(prompt_tokens=tokens, total_tokens=tokens)
+
+    async def score(self, request: ScoreRequest, submitted: list[Submitted],
+                    response_id: str) -> ScoreResponse:
+        """vLLM's score of an embedding model: each pair's cosine similarity."""
+        vectors, usage = await self._similarities(request, submitted)
+        data = [ScoreData(index=k, score=_dot(vectors[a], vectors[b]))
+                for k, (a, b) in enumerate(request.pairs())]
+        return ScoreResponse(id=response_id, model=model_of(submitted, self.model_name),
+                             data=data, usage=usage)
+
+    async def rerank(self, request: RerankRequest, submitted: list[Submitted],
+                     response_id: str) -> RerankResponse:
+        """The documents by cosine similarity to the query, the highest first (top_n)."""
+        vectors, usage = await self._similarities(request, submitted)
+        query = vectors[request.query]
+        results = sorted((RerankResult(index=k, document=RerankDocument(text=doc),
+                                       relevance_score=_dot(query, vectors[doc]))
+                          for k, doc in enumerate(request.documents)),
+                         key=lambda r: -r.relevance_score)
+        return RerankResponse(id=response_id, model=model_of(submitted, self.model_name),
+                              usage=usage, results=results[:request.top_n or None])
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return math.fsum(x * y for x, y in zip(a, b, strict=True))

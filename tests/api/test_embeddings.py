@@ -186,3 +186,65 @@ def test_truncation_and_refusals(embed_server: Server, long_server: Server,
     error = assert_openai_error(httpx.post(f"{long_server.v1}/embeddings", json={"input": "x"},
                                            headers=auth, timeout=60), 404)
     assert "--enable-embeddings" in error["message"]
+
+
+# --- vLLM's scoring APIs on embeddings: /v1/score and /v1/rerank ----------------------------
+
+QUERY = "where do foxes live"
+DOCS = ["Foxes live in forests and dens.", "The stock market fell today.", "A den is a home."]
+
+
+def cosine(reference: transformers.LlamaModel, server: Server, a: str, b: str) -> float:
+    return float(expected(reference, tokens(server, a), "last")
+                 @ expected(reference, tokens(server, b), "last"))
+
+
+def test_scores_are_cosine_similarities(embed_server: Server,
+                                        reference: transformers.LlamaModel) -> None:
+    """One text against a list, two lists pair by pair: each score the cosine of the two
+    texts' embeddings (transformers'); usage counts each text embedded once."""
+    for body, pairs in (({"text_1": QUERY, "text_2": DOCS}, [(QUERY, d) for d in DOCS]),
+                        ({"text_1": DOCS[:2], "text_2": DOCS[1:]},
+                         list(zip(DOCS[:2], DOCS[1:], strict=True)))):
+        r = httpx.post(f"{embed_server.v1}/score", json={"model": "tiny", **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["object"] == "list" and answer["model"] == "tiny"
+        assert [d["index"] for d in answer["data"]] == list(range(len(pairs)))
+        for d, (a, b) in zip(answer["data"], pairs, strict=True):
+            assert d["object"] == "score"
+            assert d["score"] == pytest.approx(cosine(reference, embed_server, a, b), abs=1e-4)
+        texts = set(t for pair in pairs for t in pair)
+        assert answer["usage"]["prompt_tokens"] == sum(len(tokens(embed_server, t))
+                                                       for t in texts)
+    assert httpx.post(f"{embed_server.base_url}/score", json={
+        "text_1": QUERY, "text_2": DOCS[0]}, timeout=60).status_code == 200  # (vLLM's alias)
+    error = assert_openai_error(httpx.post(f"{embed_server.v1}/score", json={
+        "text_1": DOCS[:2], "text_2": DOCS}, timeout=60), 400)
+    assert "as many as text_2" in error["message"]
+
+
+def test_rerank_orders_documents_by_their_similarity(embed_server: Server,
+                                                     reference: transformers.LlamaModel) -> None:
+    scores = [cosine(reference, embed_server, QUERY, d) for d in DOCS]
+    order = sorted(range(len(DOCS)), key=lambda k: -scores[k])
+    for path, top_n, want in (("/v1/rerank", 0, order), ("/rerank", 2, order[:2]),
+                              ("/v2/rerank", 1, order[:1])):
+        r = httpx.post(f"{embed_server.base_url}{path}", timeout=60,
+                       json={"query": QUERY, "documents": DOCS, "top_n": top_n})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["index"] for x in results] == want
+        for x in results:
+            assert x["document"]["text"] == DOCS[x["index"]]
+            assert x["relevance_score"] == pytest.approx(scores[x["index"]], abs=1e-4)
+        assert r.json()["model"] == "tiny" and r.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_scoring_needs_embeddings(long_server: Server, auth: dict[str, str]) -> None:
+    """A server without --enable-embeddings answers the scoring APIs with a 404 naming it."""
+    for path, body in (("/v1/score", {"text_1": "a", "text_2": "b"}),
+                       ("/v1/rerank", {"query": "q", "documents": ["a"]})):
+        error = assert_openai_error(httpx.post(f"{long_server.base_url}{path}", json=body,
+                                               headers=auth, timeout=60), 404)
+        assert "--enable-embeddings" in error["message"]

@@ -155,6 +155,9 @@ def test_readme_curl_examples(index: int, open_server: Server, request: pytest.F
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) > 2
         json.loads(lines[0].removeprefix("data: "))
+    elif "/v1/rerank" in script:
+        results = json.loads(out.stdout)["results"]
+        assert sorted(r["index"] for r in results) == [0, 1]
     elif "/v1/embeddings" in script:
         data = json.loads(out.stdout)["data"]
         assert len(data) == 2 and len(data[0]["embedding"]) > 8
