@@ -372,25 +372,18 @@ async def _respond(request: Request, stream: bool, service: Any, body: Any,
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, state: State, request: Request):  # noqa: ANN201
-    service, response_id = _embedding_service(state), _response_id("embd")
-    with state.admission(body) as engine:
-        params = _pooling_params(body, service, state)
-        prompts = await _tokenized(request, lambda: service.prompts(body))
-        submitted = submit(engine, prompts, params, _engine_request_id(response_id),
-                           "input" if body.messages is None else "messages")
-    return await _unless_disconnected(request, service.create(body, submitted, response_id))
+    service = _embedding_service(state)
+    return await _pooled(body, state, request, "embd", service.prompts, service.create,
+                         "input" if body.messages is None else "messages")
 
 
 @router.post("/score", response_model=ScoreResponse, include_in_schema=False)
 @router.post("/v1/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, state: State, request: Request):  # noqa: ANN201
     """vLLM's score of an embedding model: each pair's cosine similarity."""
-    service, response_id = _embedding_service(state), _response_id("score")
-    with state.admission(body) as engine:
-        params = _pooling_params(body, service, state)
-        prompts = await _tokenized(request, lambda: service.text_prompts(body))
-        submitted = submit(engine, prompts, params, _engine_request_id(response_id), "text_2")
-    return await _unless_disconnected(request, service.score(body, submitted, response_id))
+    service = _embedding_service(state)
+    return await _pooled(body, state, request, "score", service.text_prompts, service.score,
+                         "text_2")
 
 
 @router.post("/rerank", response_model=RerankResponse, include_in_schema=False)
@@ -399,13 +392,24 @@ async def score(body: ScoreRequest, state: State, request: Request):  # noqa: AN
 async def rerank(body: RerankRequest, state: State, request: Request):  # noqa: ANN201
     """vLLM's rerank (Jina's and Cohere's shape) of an embedding model: the documents by
     cosine similarity to the query."""
-    service, response_id = _embedding_service(state), _response_id("rerank")
+    service = _embedding_service(state)
+    return await _pooled(body, state, request, "rerank", service.text_prompts,
+                         service.rerank, "documents")
+
+
+async def _pooled(body: Any, state: ServerState, request: Request, prefix: str,
+                  prompts_of: Callable[[Any], list[tuple[list[int], str | None]]],
+                  answer: Callable[[Any, list[Submitted], str], Awaitable[Any]],
+                  prompt_param: str) -> Any:
+    """An embeddings-made answer: the body's prompts queued as pooling requests (on the LoRA
+    adapter it names), `answer` made from their vectors."""
+    service, response_id = _embedding_service(state), _response_id(prefix)
     with state.admission(body) as engine:
         params = _pooling_params(body, service, state)
-        prompts = await _tokenized(request, lambda: service.text_prompts(body))
+        prompts = await _tokenized(request, lambda: prompts_of(body))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id),
-                           "documents")
-    return await _unless_disconnected(request, service.rerank(body, submitted, response_id))
+                           prompt_param)
+    return await _unless_disconnected(request, answer(body, submitted, response_id))
 
 
 def _embedding_service(state: ServerState) -> EmbeddingService:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,7 @@ from server.protocol.requests import (
     PromptTruncation,
     prompt_input,
     prompt_list,
+    special_tokens_by_form,
 )
 from server.protocol.responses import random_id
 
@@ -51,12 +52,7 @@ class EmbeddingRequest(PromptTruncation, ChatTemplateControls):
     # vLLM's: the tokenizer's BOS before a text (on), on top of a chat template's own (off)
     add_special_tokens: bool = True
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_special_tokens(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("add_special_tokens") is None:
-            data = {**data, "add_special_tokens": data.get("messages") is None}
-        return data
+    _default_special_tokens = model_validator(mode="before")(special_tokens_by_form)
 
     @model_validator(mode="after")
     def _input_xor_messages(self) -> EmbeddingRequest:

@@ -612,6 +612,15 @@ def _choice_name(choice: Any) -> str:
     return repr(choice) if isinstance(choice, str) else repr(choice.function.name)
 
 
+def special_tokens_by_form(data: Any) -> Any:
+    """A body of a text or of chat `messages` (/tokenize, embeddings): add_special_tokens left
+    out is on for a text (the tokenizer's BOS) and off for messages (the template writes
+    its own), as vLLM's two requests default it."""
+    if isinstance(data, dict) and data.get("add_special_tokens") is None:
+        data = {**data, "add_special_tokens": data.get("messages") is None}
+    return data
+
+
 class ChatTemplateControls(OpenAIBaseModel):
     """vLLM's controls of the chat template, for chat completions and /tokenize:
     `add_generation_prompt` (open the assistant's turn), `continue_final_message` (continue

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, model_validator
 
 from server.protocol.base import (
@@ -15,7 +13,11 @@ from server.protocol.base import (
     _check_count,
     _check_token_ids,
 )
-from server.protocol.requests import ChatMessage, ChatTemplateControls
+from server.protocol.requests import (
+    ChatMessage,
+    ChatTemplateControls,
+    special_tokens_by_form,
+)
 
 
 class TokenizeRequest(ChatTemplateControls):
@@ -32,12 +34,7 @@ class TokenizeRequest(ChatTemplateControls):
     add_special_tokens: bool = True
     return_token_strs: bool = False  # vLLM's: each token's vocabulary entry as well
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_special_tokens(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("add_special_tokens") is None:
-            data = {**data, "add_special_tokens": data.get("messages") is None}
-        return data
+    _default_special_tokens = model_validator(mode="before")(special_tokens_by_form)
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> TokenizeRequest:
