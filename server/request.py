@@ -86,6 +86,13 @@ class SamplingParams:
     # output ends with the others (a one-token word always)
     bad_words: tuple[tuple[int, ...], ...] = ()
     lora: str | None = None  # the LoRA adapter the request runs (--lora-modules); None: none
+    # llama.cpp's sampler chain (its native /completion): top-k -> top-p -> min-p measured on
+    # the logits before temperature, which comes last; False: vLLM's order (temperature
+    # first, min-p before top-k/top-p)
+    temperature_last: bool = False
+    # llama.cpp's penalties: repetition, presence and frequency all count the last n tokens of
+    # prompt + output; None: vLLM's (repetition over prompt + output, the others output only)
+    penalty_last_n: int | None = None
 
     def max_tokens_within(self, room: int) -> int:
         """max_tokens, or where it is left to the context (None), vLLM's choice: the model's
@@ -109,6 +116,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.penalty_last_n is not None and self.penalty_last_n < 1:
+            raise ValueError(f"penalty_last_n must be >= 1 or None, got {self.penalty_last_n}")
         if self.pooling is not None and (self.max_tokens != 0 or self.n != 1):
             raise ValueError("pooling is for prompt-only requests of one sample (max_tokens "
                              "0, n 1)")

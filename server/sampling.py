@@ -6,7 +6,9 @@ from the sampler's shared one. Processing order: float32 -> logit bias -> repeti
 and frequency penalties -> guided rows' masks -> greedy argmax | temperature -> min-p -> top-k
 -> top-p -> sample
 (vLLM V1's: min-p is one of its argmax-invariant logits processors, run before top-k/top-p, so
-top-p measures its nucleus on what min-p kept).
+top-p measures its nucleus on what min-p kept). Rows with `temperature_last` (llama.cpp's
+native API) follow llama.cpp's chain instead: top-k -> top-p -> min-p on the logits before
+temperature, then temperature; their penalties may count a window of the last n tokens.
 Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
 """
 
@@ -54,6 +56,8 @@ class SamplingBatch:
     unit_temperature: bool = False  # every sampled row has temperature 1: skip the division
     # Sampled rows without top-k, top-p or min-p: the ones a C draw can take (Sampler.kernels).
     plain_rows: tuple[int, ...] = ()
+    # Rows filtered in llama.cpp's order, on the logits before temperature (temperature_last)
+    temperature_last_rows: tuple[int, ...] = ()
     # Guided decoding: the guided rows (k,), the tokens each may take (k, V) bool, and (V,)
     # 0 at the end-of-sequence ids, -inf elsewhere: what a row left with nothing takes
     guide_rows: Tensor | None = None
@@ -94,6 +98,8 @@ class SamplingBatch:
 
         output_counts = prompt_mask = None
         if any(p.has_penalties for p in params):
+            output_token_ids, prompt_token_ids = _penalised_tokens(
+                params, output_token_ids, prompt_token_ids)
             output_counts = _scatter_rows(output_token_ids, n_rows, vocab_size, torch.int32)
             prompt_mask = _scatter_rows(prompt_token_ids, n_rows, vocab_size, torch.bool)
             output_counts = _to_device(output_counts, device)
@@ -161,6 +167,8 @@ class SamplingBatch:
             plain_rows=tuple(i for i, p in enumerate(params)
                              if not p.is_greedy and (p.top_k <= 0 or p.top_k >= vocab_size)
                              and p.top_p >= 1.0 and p.min_p <= 0.0),
+            temperature_last_rows=tuple(i for i, p in enumerate(params)
+                                        if p.temperature_last and not p.is_greedy),
         )
 
 
@@ -171,6 +179,32 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def _penalised_tokens(params: Sequence[SamplingParams],
+                      output_token_ids: Sequence[Sequence[int]] | None,
+                      prompt_token_ids: Sequence[Sequence[int]] | None
+                      ) -> tuple[Sequence[Sequence[int]] | None, Sequence[Sequence[int]] | None]:
+    """The tokens each row's penalties count: its output (and prompt, for repetition), or,
+    with penalty_last_n (llama.cpp's), the last n tokens of prompt + output as if all were
+    output: llama.cpp's penalties count them alike."""
+    if all(p.penalty_last_n is None for p in params):
+        return output_token_ids, prompt_token_ids
+    outputs, prompts = [], []
+    for i, p in enumerate(params):
+        output = output_token_ids[i] if output_token_ids is not None else ()
+        prompt = prompt_token_ids[i] if prompt_token_ids is not None else ()
+        if p.penalty_last_n is None:
+            outputs.append(output)
+            prompts.append(prompt)
+            continue
+        n = p.penalty_last_n
+        window = list(output[-n:])
+        if len(window) < n:
+            window = list(prompt[max(0, len(prompt) - (n - len(window))):]) + window
+        outputs.append(window)
+        prompts.append(())
+    return outputs, prompts
 
 
 def _scatter_rows(
@@ -268,18 +302,27 @@ class Sampler:
     def _sample_in_torch(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor
                          ) -> Tensor:
         """Every row drawn with PyTorch's ops (a greedy row's draw is discarded)."""
+        scaled = logits
         if not batch.unit_temperature:
             # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
             temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
-            logits = logits / temperature.unsqueeze(1)
-        if not batch.no_min_p:
-            probs = logits.softmax(dim=-1)
-            max_prob = probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob,
-                                        float("-inf"))
-        if not (batch.no_top_k and batch.no_top_p):
-            logits = _apply_top_k_top_p(logits, batch)
-        return sample_inverse_cdf(logits.softmax(dim=-1), uniforms)
+            scaled = logits / temperature.unsqueeze(1)
+        last = batch.temperature_last_rows
+        if not last:
+            return sample_inverse_cdf(_filtered(scaled, batch).softmax(dim=-1), uniforms)
+        # llama.cpp's rows: what their filters drop is found on the logits before temperature
+        n_rows = logits.shape[0]
+        if len(last) == n_rows:
+            kept = _filtered(logits, batch, min_p_first=False)
+            scaled = scaled.masked_fill(kept == float("-inf"), float("-inf"))
+            return sample_inverse_cdf(scaled.softmax(dim=-1), uniforms)
+        rows = _to_device(torch.tensor(last), logits.device)
+        others = _to_device(torch.tensor(sorted(set(range(n_rows)) - set(last))), logits.device)
+        out = torch.empty_like(scaled)
+        out[others] = _filtered(scaled[others], _rows_of(batch, others))
+        kept = _filtered(logits[rows], _rows_of(batch, rows), min_p_first=False)
+        out[rows] = scaled[rows].masked_fill(kept == float("-inf"), float("-inf"))
+        return sample_inverse_cdf(out.softmax(dim=-1), uniforms)
 
     def _sample_in_c(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor,
                      rows: Tensor | None) -> Tensor:
@@ -394,6 +437,31 @@ def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
     return logits - batch.presence_penalty.unsqueeze(1) * in_output
+
+
+def _rows_of(batch: SamplingBatch, rows: Tensor) -> SamplingBatch:
+    """The filters' controls of some rows (what _filtered reads)."""
+    return replace(batch, top_k=batch.top_k[rows], top_p=batch.top_p[rows],
+                   min_p=batch.min_p[rows])
+
+
+def _filtered(logits: Tensor, batch: SamplingBatch, min_p_first: bool = True) -> Tensor:
+    """`logits` with what min-p, top-k and top-p drop at -inf: min-p first (vLLM's order),
+    or last (llama.cpp's: top-p's nucleus is then measured on what top-k alone kept)."""
+    if min_p_first and not batch.no_min_p:
+        logits = _apply_min_p(logits, batch.min_p)
+    if not (batch.no_top_k and batch.no_top_p):
+        logits = _apply_top_k_top_p(logits, batch)
+    if not min_p_first and not batch.no_min_p:
+        logits = _apply_min_p(logits, batch.min_p)
+    return logits
+
+
+def _apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Mask to -inf the tokens less likely than min_p times the likeliest."""
+    probs = logits.softmax(dim=-1)
+    max_prob = probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < min_p.unsqueeze(1) * max_prob, float("-inf"))
 
 
 def _apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:

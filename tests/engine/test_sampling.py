@@ -5,6 +5,7 @@ test runs with PyTorch's draw and with the C one (`draw_path`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partialmethod
 
 import pytest
@@ -326,6 +327,76 @@ def test_top_k_and_top_p_in_one_row_and_different_rows() -> None:
     # top_k=3 renormalises 0.4/0.9 = 0.44 < 0.5, so the nucleus holds two tokens.
     assert support(out[0::2]) == {5, 1}
     assert support(out[1::2]) == {5, 1, 7}
+
+
+# --- llama.cpp's chain (temperature_last) --------------------------------------------------
+
+LLAMA = SamplingParams(temperature_last=True)
+
+
+def llama(**kwargs: object) -> SamplingParams:
+    return replace(LLAMA, **kwargs)
+
+
+def test_llama_order_measures_top_p_before_temperature() -> None:
+    """At T=0.5 the scattered row's probabilities are 16:9:4:1 / 30: vLLM's top_p=0.5 keeps
+    {5} alone; llama.cpp's measures the nucleus on 0.4, 0.3, ... and keeps {5, 1}."""
+    assert support(draws(scattered_row(), SamplingParams(temperature=0.5, top_p=0.5))) == {5}
+    assert support(draws(scattered_row(), llama(temperature=0.5, top_p=0.5))) == {5, 1}
+
+
+def test_llama_order_measures_min_p_before_temperature_and_after_top_p() -> None:
+    # min_p=0.6 at T=0.5: vLLM's threshold is 0.6 * 16/30 (9/30 falls below it), llama.cpp's
+    # 0.6 * 0.4 = 0.24 (0.3 stays)
+    assert support(draws(scattered_row(), SamplingParams(temperature=0.5, min_p=0.6))) == {5}
+    assert support(draws(scattered_row(), llama(temperature=0.5, min_p=0.6))) == {5, 1}
+    # min_p=0.6 then top_p=0.5 keeps {5} (test_min_p_applies_before_top_p); top_p first, {5, 1}
+    assert support(draws(scattered_row(), llama(min_p=0.6, top_p=0.5))) == {5, 1}
+
+
+def test_llama_order_draws_from_the_tempered_survivors() -> None:
+    """top_k=2 keeps 0.4 and 0.3; temperature 0.5 then draws them 16:9."""
+    tokens = draws(scattered_row(), llama(top_k=2, temperature=0.5), n=20_000)
+    assert support(tokens) == {5, 1}
+    # df = 1: P(chi2 > 11) ~ 1e-3; top_k at T=1 (4:3) gives hundreds
+    assert chi_square((tokens == 5).long(), torch.tensor([9 / 25, 16 / 25])) < 11
+
+
+def test_llama_and_vllm_rows_share_a_batch() -> None:
+    n = 3000
+    logits = torch.tensor([scattered_row()]).expand(3 * n, -1).contiguous()
+    params = [llama(temperature=0.5, top_p=0.5), SamplingParams(temperature=0.5, top_p=0.5),
+              llama(temperature=0.0, top_p=0.5)] * n
+    out = run(logits, params).token_ids
+    assert support(out[0::3]) == {5, 1}
+    assert support(out[1::3]) == {5}
+    assert support(out[2::3]) == {5}  # greedy
+
+
+def test_penalty_window_counts_the_last_tokens_of_prompt_and_output() -> None:
+    """llama.cpp's penalties (penalty_last_n=3): prompt [0, 1, 2] and output [3, 3] leave the
+    window [2, 3, 3]; every penalty counts it, the prompt's start not at all."""
+    row = [1.0, 1.0, 1.0, 1.0, 1.0]
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5,
+                            frequency_penalty=0.25, penalty_last_n=3)
+    got = processed(row, params, output=[3, 3], prompt=[0, 1, 2])
+    # token 2: 1/2 - 0.5 - 0.25; token 3: 1/2 - 0.5 - 2 * 0.25
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, -0.25, -0.5, 1.0]))
+    # a window longer than both: the whole prompt too, as output
+    longer = processed(row, replace(params, penalty_last_n=64), output=[3], prompt=[0, 0])
+    torch.testing.assert_close(longer, torch.tensor([-0.5, 1.0, 1.0, -0.25, 1.0]))
+    # vLLM's (no window) beside it in one batch
+    batch = SamplingBatch.from_params(
+        [params, SamplingParams(presence_penalty=0.5)], 5, DEVICE,
+        output_token_ids=[[3, 3], [3]], prompt_token_ids=[[0, 1, 2], [0]])
+    got2 = process_logits(torch.tensor([row, row]), batch)
+    torch.testing.assert_close(got2[1], torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0]))
+    torch.testing.assert_close(got2[0], got)
+
+
+def test_penalty_window_must_hold_a_token() -> None:
+    with pytest.raises(ValueError, match="penalty_last_n"):
+        SamplingParams(penalty_last_n=0)
 
 
 # --- distribution -------------------------------------------------------------------------
