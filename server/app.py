@@ -39,6 +39,7 @@ from server.protocol import ErrorResponse, RequestError, RequestLimits, describe
 from server.response_store import ResponseNotFound, ResponseStore
 from server.serving import ChatService, CompletionService, GenerationFailed
 from server.serving_embeddings import EmbeddingsAborted, EmbeddingService
+from server.serving_llamacpp import LlamaCppService
 from server.serving_responses import ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class ServerState:
     chat: ChatService | None = None
     responses: ResponsesService | None = None
     embeddings: EmbeddingService | None = None
+    llamacpp: LlamaCppService | None = None  # llama.cpp's native /completion and /infill
     status: str = "loading"  # loading | ready | draining | failed
     # Generation requests between their checks and their queueing: changed on the event loop
     # only (admission), read by the drain's thread
@@ -292,7 +294,8 @@ class ApiKeyMiddleware:
     The comparison is constant-time: timing must not reveal how much of a guess was right.
     """
 
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+    # (llama.cpp's native API too: /completion(s), /infill, /props)
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props")
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
@@ -355,6 +358,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             services = (engine, engine.tokenizer, config.served_model_name,
                         config.prompt_tokens_details)
             state.completions = CompletionService(*services)
+            state.llamacpp = LlamaCppService(engine, engine.tokenizer,
+                                             config.served_model_name)
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser,
                                      trust_request_templates=config.trust_request_chat_template)
             state.responses = ResponsesService(state.chat, ResponseStore(

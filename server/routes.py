@@ -11,6 +11,7 @@ import contextlib
 import logging
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar
@@ -51,6 +52,7 @@ from server.protocol import (
     random_id,
 )
 from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from server.protocol.llamacpp import LlamaCppCompletionRequest, LlamaCppInfillRequest
 from server.protocol.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.protocol.responses_api import (
     DeletedResponse,
@@ -72,6 +74,7 @@ from server.serving import (
     submit,
 )
 from server.serving_embeddings import EmbeddingService
+from server.serving_llamacpp import piece_or_bytes, tokenize_parts
 from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob, ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -168,6 +171,72 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
         submitted = _submit(engine, service, body, [(prompt_ids, None)], params, response_id,
                             "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
+
+
+@router.post("/completion")
+@router.post("/completions", include_in_schema=False)
+async def llamacpp_completion(body: LlamaCppCompletionRequest, state: State,  # noqa: ANN201
+                              request: Request):
+    """llama.cpp's native completion (server/protocol/llamacpp.py)."""
+    return await _llamacpp(body, state, request)
+
+
+@router.post("/infill")
+async def llamacpp_infill(body: LlamaCppInfillRequest, state: State,  # noqa: ANN201
+                          request: Request):
+    """llama.cpp's fill in the middle, on models with the tokens (model/infill.py)."""
+    return await _llamacpp(body, state, request)
+
+
+async def _llamacpp(body: LlamaCppCompletionRequest, state: ServerState,
+                    request: Request) -> Any:
+    arrived = time.monotonic()
+    if body.model not in state.adapters:  # llama.cpp ignores the name; an adapter's is run
+        body = body.model_copy(update={"model": None})
+    response_id = _response_id("cmpl")
+    with state.admission(body) as engine:
+        service = state.llamacpp
+        assert service is not None
+        params = body.to_sampling_params(service.logit_bias(body), engine.max_model_len)
+        if body.model is not None:
+            params = replace(params, lora=body.model)
+        params = await _guided(body, params)
+        if isinstance(body, LlamaCppInfillRequest):
+            if engine.tokenizer.infill is None:  # (llama.cpp's is a 501; a 5xx is a failure)
+                raise NotServed("Infill is not supported by this model: it has no "
+                                "fill-in-the-middle tokens (Code Llama's ▁<PRE>, ▁<SUF> and "
+                                "▁<MID>)")
+            params = service.infill_stop(params)
+            prompts = await _tokenized(request, lambda: service.infill_prompt(body))
+        else:
+            prompts = await _tokenized(request, lambda: service.prompts(body))
+        submitted = submit(engine, prompts, params, _engine_request_id(response_id), "prompt")
+    if body.stream:
+        return _sse(service.stream(body, submitted, params, arrived))
+    answer = await _unless_disconnected(request, service.create(body, submitted, params,
+                                                                arrived))
+    return answer if isinstance(answer, Response) else JSONResponse(service.dump(body, answer))
+
+
+@router.get("/props")
+async def props(state: State) -> dict[str, Any]:
+    """llama.cpp's server properties: its default generation settings and context."""
+    engine = state.serving_engine()
+    tokenizer = engine.tokenizer
+    defaults = LlamaCppCompletionRequest(prompt="")
+    settings = defaults.settings(defaults.to_sampling_params((), engine.max_model_len))
+    return {
+        "default_generation_settings": {"params": settings, "n_ctx": engine.max_model_len},
+        "total_slots": engine.num_slots,
+        "model_alias": state.config.served_model_name,
+        "modalities": {"vision": False, "audio": False},
+        "chat_template": tokenizer.chat_template or "",
+        "bos_token": tokenizer.special_tokens.get("bos_token", ""),
+        "eos_token": tokenizer.special_tokens.get("eos_token", ""),
+        "build_info": f"llama-serve {package_version()}",
+        "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True,
+        "is_sleeping": False,
+    }
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
@@ -430,9 +499,18 @@ def _pooling_params(body: Any, service: EmbeddingService, state: ServerState
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, state: State, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, state: State,  # noqa: ANN201
+                   request: Request):
     engine = state.accept(body)
     tokenizer = engine.tokenizer
+    if body.content is not None:  # llama.cpp's form, and its answer
+        content = body.content
+        ids = await _tokenized(request, lambda: tokenize_parts(tokenizer, content,
+                                                              body.add_special))
+        if not body.with_pieces:
+            return JSONResponse({"tokens": ids})
+        return JSONResponse({"tokens": [{"id": i, "piece": piece_or_bytes(raw)} for i, raw
+                                        in zip(ids, tokenizer.token_bytes(ids), strict=True)]})
 
     def encode() -> list[int]:
         if body.messages is not None:  # the same path as a chat request's prompt
@@ -450,8 +528,8 @@ async def tokenize(body: TokenizeRequest, state: State, request: Request) -> Tok
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
     engine = state.accept(body)
     # Special tokens kept, as vLLM's (transformers' decode by default)
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens,
-                                                             skip_special_tokens=False))
+    text = engine.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    return DetokenizeResponse(prompt=text, content=text)
 
 
 class _EventStream(EventSourceResponse):

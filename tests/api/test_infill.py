@@ -94,6 +94,38 @@ def test_the_end_of_middle_token_stops_an_infill_only(code: httpx.Client) -> Non
         "prompt_tokens"]
 
 
+def infill(client: httpx.Client, **fields: object) -> dict:
+    """llama.cpp's POST /infill, greedy."""
+    r = client.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX,
+                                     "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_llamacpps_infill_is_the_suffix_completion(code: httpx.Client) -> None:
+    """/infill lays out the same prompt (no input_extra, no prompt): the same middle, ended
+    at EOT as an end of generation ("eos")."""
+    [choice] = complete(code, max_tokens=12, logprobs=0,
+                        return_tokens_as_token_ids=True)["choices"]
+    body = infill(code, n_predict=12, return_tokens=True)
+    assert body["content"] == choice["text"]
+    assert body["tokens"] == [int(t.removeprefix("token_id:"))
+                              for t in choice["logprobs"]["tokens"]]
+    assert body["tokens_evaluated"] == complete(code, max_tokens=1)["usage"]["prompt_tokens"]
+    ended = infill(code, n_predict=5, logit_bias=[[EOT, 100]])
+    assert (ended["content"], ended["stop_type"], ended["tokens_predicted"]) == ("", "eos", 1)
+    # the prompt is what is typed in the gap: it continues the prefix
+    typed = infill(code, n_predict=6, prompt="total = ")
+    assert typed["content"] == complete(code, prompt=PREFIX + "total = ",
+                                        max_tokens=6)["choices"][0]["text"]
+    with code.stream("POST", "/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX,
+                                              "temperature": 0, "n_predict": 12,
+                                              "stream": True}) as r:
+        events = [json.loads(d) for d in sse_data(r)]
+    assert "".join(e["content"] for e in events) == body["content"]
+    assert events[-1]["stop"] is True
+
+
 def test_streamed_middle_is_the_whole_one(code: httpx.Client) -> None:
     whole = complete(code, max_tokens=16, ignore_eos=True)["choices"][0]["text"]
     with code.stream("POST", "/v1/completions", json={

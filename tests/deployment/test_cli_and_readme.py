@@ -125,7 +125,7 @@ def test_pool_that_does_not_fit_refuses_to_start(tiny_checkpoint: Path, tmp_path
 def test_readme_curl_examples(index: int, open_server: Server, request: pytest.FixtureRequest,
                               tmp_path: Path) -> None:
     script = blocks("bash")[index]
-    if '"suffix"' in script:  # fill in the middle: a model with Code Llama's tokens
+    if '"suffix"' in script or "/infill" in script:  # a model with Code Llama's tokens
         checkpoint = request.getfixturevalue("code_llama_checkpoint")
         with run_server(checkpoint, tmp_path) as infill_server:
             out = subprocess.run(["bash", "-c", script.replace(
@@ -133,6 +133,9 @@ def test_readme_curl_examples(index: int, open_server: Server, request: pytest.F
                 text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         body = json.loads(out.stdout)
+        if "/infill" in script:  # llama.cpp's
+            assert body["stop_type"] in ("eos", "limit") and body["tokens_evaluated"] > 10
+            return
         assert body["choices"][0]["finish_reason"] in ("stop", "length"), body
         assert body["usage"]["prompt_tokens"] > 10  # (the layout's tokens and both texts)
         return
@@ -169,6 +172,10 @@ def test_readme_curl_examples(index: int, open_server: Server, request: pytest.F
         [choice] = json.loads(out.stdout)["choices"]
         text = choice["message"]["content"]
         assert re.fullmatch(r"[1-9][0-9]{0,2} \+ [1-9][0-9]{0,2} = [1-9][0-9]{0,2}", text), text
+    elif "/completion " in script:  # llama.cpp's native completion
+        body = json.loads(out.stdout)
+        assert body["stop"] is True and body["stop_type"] in ("word", "limit", "eos"), body
+        assert body["tokens_predicted"] > 0
     elif "guided_choice" in script:
         [choice] = json.loads(out.stdout)["choices"]
         assert choice["text"] in ("blue", "grey") and choice["finish_reason"] == "stop"

@@ -1,0 +1,325 @@
+"""llama.cpp's native API over HTTP (POST /completion, /completions, /props, /tokenize's
+`content`), on the shared server: its answers are the OpenAI endpoint's where the two ask the
+same, in llama.cpp's shapes; its sampling follows llama.cpp's chain and penalty window."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from server.protocol.llamacpp import LlamaCppInfillRequest
+from server.serving_llamacpp import LlamaCppService
+from tests.api.conftest import assert_openai_error, sse_data
+
+PROMPT = "The quick brown fox"
+
+
+def completion(client: httpx.Client, path: str = "/completion", **fields: object) -> dict:
+    r = client.post(path, json={"prompt": PROMPT, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def openai_greedy(client: httpx.Client, prompt: object, max_tokens: int,
+                  **fields: object) -> tuple[str, list[int]]:
+    """/v1/completions' greedy text and token ids for the same prompt."""
+    r = client.post("/v1/completions", json={
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
+        "return_tokens_as_token_ids": True, **fields})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    return choice["text"], [int(t.removeprefix("token_id:"))
+                            for t in choice["logprobs"]["tokens"]]
+
+
+def tokenize(client: httpx.Client, text: str, add_special: bool = True) -> list[int]:
+    r = client.post("/tokenize", json={"prompt": text, "add_special_tokens": add_special})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_greedy_completion_is_the_openai_endpoints_in_llamacpps_shape(
+        client: httpx.Client) -> None:
+    text, ids = openai_greedy(client, PROMPT, 12)
+    body = completion(client, n_predict=12, return_tokens=True)
+    prompt_ids = tokenize(client, PROMPT)
+    assert body["content"] == text
+    assert body["tokens"] == ids
+    assert body["stop"] is True and body["index"] == 0
+    assert (body["stop_type"], body["stopping_word"], body["truncated"]) == ("limit", "", False)
+    assert body["tokens_predicted"] == 12
+    assert body["tokens_evaluated"] == len(prompt_ids)
+    assert body["tokens_cached"] == len(prompt_ids) + 12
+    assert body["model"] == "tiny"
+    assert body["has_new_line"] == ("\n" in text)
+    assert body["prompt"].endswith(PROMPT)
+    timings = body["timings"]
+    assert timings["predicted_n"] == 12
+    assert timings["prompt_n"] + timings["cache_n"] == len(prompt_ids)
+    assert timings["prompt_ms"] > 0 and timings["predicted_ms"] >= 0
+    settings = body["generation_settings"]
+    assert settings["n_predict"] == 12 and settings["temperature"] == 0
+    assert "completion_probabilities" not in body
+    # llama.cpp's aliases: /completions, max_tokens
+    assert completion(client, "/completions", max_tokens=12)["content"] == text
+    assert completion(client, n_predict=12)["tokens"] == []  # (return_tokens off)
+
+
+def test_prompt_forms_and_bos(client: httpx.Client) -> None:
+    """A text gets BOS, token ids are taken as they are, texts among ids are tokenized in
+    place (BOS only where the prompt begins with one)."""
+    with_bos = tokenize(client, PROMPT)
+    plain = tokenize(client, PROMPT, add_special=False)
+    assert with_bos != plain
+    want = completion(client, n_predict=6, return_tokens=True)
+    assert completion(client, prompt=with_bos, n_predict=6, return_tokens=True)["tokens"] == \
+        want["tokens"]
+    assert completion(client, prompt=plain, n_predict=6)["tokens_evaluated"] == len(plain)
+    head, tail = "The quick", " brown fox"
+    mixed = completion(client, prompt=[*tokenize(client, head), tail], n_predict=6,
+                       return_tokens=True)
+    ids = tokenize(client, head) + tokenize(client, tail, add_special=False)
+    assert mixed["tokens_evaluated"] == len(ids)
+    assert mixed["tokens"] == openai_greedy(client, ids, 6)[1]
+    starts_with_text = completion(client, prompt=[head, *tokenize(client, tail, False)],
+                                  n_predict=1)
+    assert starts_with_text["tokens_evaluated"] == len(tokenize(client, head)) + len(
+        tokenize(client, tail, False))
+
+
+def test_several_prompts_and_samples_answer_a_list_by_index(client: httpx.Client) -> None:
+    prompts = ["one two", [5, 6, 7], {"prompt_string": "three"}]
+    body = completion(client, prompt=prompts, n_predict=4, n_cmpl=2, return_tokens=True)
+    assert isinstance(body, list) and [r["index"] for r in body] == list(range(6))
+    for i, prompt in enumerate(["one two", [5, 6, 7], "three"]):
+        want = openai_greedy(client, prompt, 4)[1]
+        assert body[2 * i]["tokens"] == want == body[2 * i + 1]["tokens"]
+
+
+def test_a_stop_word_ends_the_content_before_it(client: httpx.Client) -> None:
+    full = completion(client, n_predict=24, n_probs=1)
+    content, pieces = full["content"], [p["token"] for p in full["completion_probabilities"]]
+    k = next(k for k in range(4, 20) if (pieces[k] + pieces[k + 1]).strip())
+    word = pieces[k] + pieces[k + 1]  # two whole tokens
+    body = completion(client, n_predict=24, stop=["\x00never", word], n_probs=1)
+    assert body["content"] == content[:content.index(word)]
+    assert (body["stop_type"], body["stopping_word"]) == ("word", word)
+    assert body["tokens_predicted"] <= k + 2
+    # llama.cpp's rule: as many probabilities dropped at the end as the stop word has tokens
+    dropped = len(tokenize(client, word, add_special=False))
+    assert len(body["completion_probabilities"]) == body["tokens_predicted"] - dropped
+    assert [p["id"] for p in body["completion_probabilities"]] == [
+        p["id"] for p in full["completion_probabilities"]][:body["tokens_predicted"] - dropped]
+
+
+def test_an_end_of_generation_token_is_stop_type_eos(client: httpx.Client) -> None:
+    eos = client.get("/props").json()["eos_token"]
+    [eos_id] = tokenize(client, eos, add_special=False)[-1:]
+    body = completion(client, n_predict=8, logit_bias=[[eos_id, 100]])
+    assert (body["stop_type"], body["content"], body["tokens_predicted"]) == ("eos", "", 1)
+    # ignore_eos lets it run to n_predict; a false bias bans a token
+    assert completion(client, n_predict=8, logit_bias={str(eos_id): 100},
+                      ignore_eos=True)["stop_type"] == "limit"
+
+
+def test_logit_bias_forms(client: httpx.Client) -> None:
+    _, ids = openai_greedy(client, PROMPT, 1)
+    banned = completion(client, n_predict=1, return_tokens=True,
+                        logit_bias=[[ids[0], False]])["tokens"]
+    assert banned != ids
+    word = " zebra"
+    word_ids = tokenize(client, word, add_special=False)
+    forced = completion(client, n_predict=1, return_tokens=True, logit_bias=[[word, 100]])
+    assert forced["tokens"][0] in word_ids
+    settings = forced["generation_settings"]["logit_bias"]
+    assert settings == [{"bias": 100.0, "token": t} for t in word_ids]
+
+
+def test_n_probs_are_the_raw_logprobs(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5,
+                                             "temperature": 0, "logprobs": 3})
+    openai = r.json()["choices"][0]["logprobs"]
+    body = completion(client, n_predict=5, n_probs=3)
+    probs = body["completion_probabilities"]
+    assert len(probs) == 5
+    for entry, lp, tops in zip(probs, openai["token_logprobs"], openai["top_logprobs"],
+                               strict=True):
+        assert entry["logprob"] == pytest.approx(lp, abs=1e-4)
+        assert len(entry["top_logprobs"]) == 3
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(
+            sorted(tops.values(), reverse=True), abs=1e-4)
+        assert entry["id"] == entry["top_logprobs"][0]["id"]  # greedy: the likeliest
+        assert bytes(entry["bytes"]).decode(errors="replace").startswith(entry["token"])
+
+
+def test_stream_sends_pieces_then_the_result_and_no_done(client: httpx.Client) -> None:
+    whole = completion(client, n_predict=10)
+    with client.stream("POST", "/completion", json={
+            "prompt": PROMPT, "temperature": 0, "n_predict": 10, "stream": True,
+            "n_probs": 2, "timings_per_token": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(e) for e in sse_data(r)]
+    *pieces, last = events
+    assert all(e["stop"] is False and len(e["tokens"]) >= 1 for e in pieces)
+    assert all(len(e["completion_probabilities"]) == len(e["tokens"]) for e in pieces)
+    assert all("timings" in e for e in pieces)
+    assert "".join(e["content"] for e in pieces) == whole["content"]
+    assert sum(len(e["tokens"]) for e in pieces) == 10
+    assert last["stop"] is True and last["content"] == "" and last["tokens"] == []
+    assert last["stop_type"] == "limit" and last["tokens_predicted"] == 10
+    assert "completion_probabilities" not in last
+
+
+def test_response_fields_pick_keys_nested_by_path(client: httpx.Client) -> None:
+    body = completion(client, n_predict=3,
+                      response_fields=["content", "timings/predicted_n", "no/such"])
+    assert set(body) == {"content", "timings/predicted_n"}
+    assert body["timings/predicted_n"] == 3
+
+
+def test_llamacpp_defaults_and_props(client: httpx.Client) -> None:
+    r = client.post("/completion", json={"prompt": PROMPT, "n_predict": 2})
+    settings = r.json()["generation_settings"]
+    assert (settings["temperature"], settings["top_k"], settings["min_p"],
+            settings["repeat_last_n"], settings["samplers"]) == (
+        0.8, 40, 0.05, 64, ["penalties", "top_k", "top_p", "min_p", "temperature"])
+    assert settings["top_p"] == pytest.approx(0.95)
+    props = client.get("/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 512
+    assert props["default_generation_settings"]["params"]["top_k"] == 40
+    assert props["total_slots"] == 8
+    assert props["model_alias"] == "tiny"
+    assert props["bos_token"] and props["eos_token"]
+
+
+def test_a_seed_repeats_a_sample(client: httpx.Client) -> None:
+    fields = {"n_predict": 12, "temperature": 1.5, "top_k": 0, "top_p": 1, "min_p": 0,
+              "seed": 1234}
+    first = completion(client, **fields)
+    assert completion(client, **fields)["content"] == first["content"]
+    assert first["generation_settings"]["seed"] == 1234
+
+
+def test_penalties_count_the_prompt_within_the_window(client: httpx.Client) -> None:
+    """llama.cpp's penalties count the last repeat_last_n tokens of prompt and output alike
+    (vLLM's presence penalty counts the output only): a huge presence penalty over the whole
+    context keeps every prompt token out of the answer; repeat_last_n 0 turns it off."""
+    prompt_ids = tokenize(client, PROMPT)
+    plain = completion(client, n_predict=16, return_tokens=True)["tokens"]
+    off = completion(client, n_predict=16, return_tokens=True, presence_penalty=50,
+                     repeat_last_n=0)["tokens"]
+    assert off == plain
+    body = completion(client, n_predict=16, return_tokens=True, presence_penalty=50,
+                      repeat_last_n=-1)
+    out = body["tokens"]
+    assert not set(out) & set(prompt_ids)
+    assert len(set(out)) == len(out)
+    assert body["generation_settings"]["presence_penalty"] == 50
+    if set(plain) & set(prompt_ids) or len(set(plain)) < len(plain):
+        assert out != plain  # (the greedy answer repeats: the penalty changed it)
+
+
+def test_a_grammar_or_schema_shapes_the_answer(client: httpx.Client) -> None:
+    body = completion(client, n_predict=8, grammar='root ::= "yes" | "no"')
+    assert body["content"] in ("yes", "no")
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2, 3]}}, "required": ["a"]}
+    body = completion(client, n_predict=40, json_schema=schema)
+    assert isinstance(json.loads(body["content"])["a"], int)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"mirostat": 2}, "mirostat"),
+    ({"dry_multiplier": 0.8}, "dry_multiplier"),
+    ({"post_sampling_probs": True}, "post_sampling_probs"),
+    ({"id_slot": 1}, "id_slot"),
+    ({"samplers": ["temperature", "top_k"]}, "samplers"),
+    ({"samplers": ["top_k", "infill"]}, "samplers"),
+    ({"samplers": ["nope"]}, "samplers"),
+    ({"prompt": [1, 999999]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [True]}, "prompt"),
+    ({"n_predict": -2}, "n_predict"),
+    ({"logit_bias": [[1]]}, "logit_bias"),
+    ({"logit_bias": [[1, "x"]]}, "logit_bias"),
+    ({"n_probs": 21}, "n_probs"),
+    ({"seed": 2**32}, "seed"),
+    ({"grammar": "root ::= ("}, "grammar"),
+])
+def test_bad_requests_are_400s_naming_the_field(client: httpx.Client, fields: dict,
+                                                param: str) -> None:
+    r = client.post("/completion", json={"prompt": PROMPT, **fields})
+    error = assert_openai_error(r, 400)
+    assert error["param"] == param or param in error["message"], error
+
+
+def test_a_prompt_longer_than_the_context_is_a_400(client: httpx.Client) -> None:
+    r = client.post("/completion", json={"prompt": list(range(1, 600))})
+    assert "context" in assert_openai_error(r, 400)["message"]
+
+
+def test_the_native_api_needs_the_key(client: httpx.Client) -> None:
+    for path in ("/completion", "/completions", "/infill", "/props"):
+        r = httpx.request("GET" if path == "/props" else "POST", str(client.base_url) + path,
+                          json={"prompt": PROMPT})
+        assert r.status_code == 401, path
+
+
+def test_the_model_field_is_ignored_as_llamacpp_ignores_it(client: httpx.Client) -> None:
+    assert completion(client, n_predict=2, model="gpt-4")["model"] == "tiny"
+
+
+def test_infill_needs_the_models_tokens(client: httpx.Client) -> None:
+    r = client.post("/infill", json={"input_prefix": "def f(", "input_suffix": ")"})
+    assert "not supported by this model" in assert_openai_error(r, 404)["message"]
+    assert_openai_error(client.post("/infill", json={"input_suffix": ")"}), 400)
+
+
+def test_tokenize_and_detokenize_in_llamacpps_shapes(client: httpx.Client) -> None:
+    plain = tokenize(client, PROMPT, add_special=False)
+    r = client.post("/tokenize", json={"content": PROMPT})
+    assert r.json() == {"tokens": plain}  # llama.cpp's add_special is off by default
+    r = client.post("/tokenize", json={"content": PROMPT, "add_special": True})
+    assert r.json()["tokens"] == tokenize(client, PROMPT)
+    r = client.post("/tokenize", json={"content": [7, PROMPT], "with_pieces": True})
+    pieces = r.json()["tokens"]
+    assert [p["id"] for p in pieces] == [7, *plain]
+    assert "".join(p["piece"] for p in pieces[1:]).strip() == PROMPT
+    r = client.post("/detokenize", json={"tokens": plain})
+    assert r.json()["content"].strip() == PROMPT == r.json()["prompt"].strip()
+    assert_openai_error(client.post("/tokenize", json={"content": "a", "prompt": "b"}), 400)
+
+
+class _Engine:
+    max_model_len = 4096
+
+
+def test_infill_layout_is_llamacpps(code_llama_checkpoint: object) -> None:
+    """[extra chunks] [BOS] PRE prefix+prompt SUF suffix MID, each part cut to llama.cpp's
+    default batch shares."""
+    from model.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_dir(code_llama_checkpoint)  # type: ignore[arg-type]
+    infill = tokenizer.infill
+    assert infill is not None
+    service = LlamaCppService(_Engine(), tokenizer, "code")  # type: ignore[arg-type]
+    body = LlamaCppInfillRequest.model_validate({
+        "input_prefix": "def add(a, b):\n    ", "input_suffix": "\n    return total\n",
+        "prompt": "total = ", "n_predict": 16,
+        "input_extra": [{"filename": "util.py", "text": "import math"}]})
+    [(ids, _)] = service.infill_prompt(body)
+    extra = (tokenizer.encode("\n\n--- snippet ---\n\n", add_special_tokens=False)
+             + tokenizer.encode("import math", add_special_tokens=False))
+    t = infill.tokens
+    assert ids == [*extra, tokenizer.bos_id, t.prefix_id,
+                   *infill.encode_prefix("def add(a, b):\n    total = "), t.suffix_id,
+                   *infill.encode_suffix("\n    return total\n"), t.middle_id]
+    # a long prefix keeps its last 1536 tokens, a long suffix its first 510 less the prompt's
+    long = LlamaCppInfillRequest.model_validate({"input_prefix": "x = 1\n" * 2000,
+                                                 "input_suffix": "y = 2\n" * 2000})
+    [(ids, _)] = service.infill_prompt(long)
+    pre, suf = ids.index(t.prefix_id), ids.index(t.suffix_id)
+    assert suf - pre - 1 == 1536 and ids[-1] == t.middle_id
+    assert len(ids) - suf - 2 == 510
+    assert ids[suf + 1:-1] == infill.encode_suffix("y = 2\n" * 2000)[:510]
