@@ -36,8 +36,10 @@ from server.engine_process import EngineStartFailed
 from server.memory import freeze_startup_objects
 from server.metrics import Metrics
 from server.protocol import ErrorResponse, RequestError, RequestLimits, describe_validation_errors
+from server.protocol.anthropic import error_body as anthropic_error
 from server.response_store import ResponseNotFound, ResponseStore
 from server.serving import ChatService, CompletionService, GenerationFailed
+from server.serving_anthropic import MessagesService
 from server.serving_embeddings import EmbeddingsAborted, EmbeddingService
 from server.serving_llamacpp import LlamaCppService
 from server.serving_responses import ResponsesService
@@ -85,6 +87,7 @@ class ServerState:
     responses: ResponsesService | None = None
     embeddings: EmbeddingService | None = None
     llamacpp: LlamaCppService | None = None  # llama.cpp's native /completion and /infill
+    messages: MessagesService | None = None  # Anthropic's Messages API
     status: str = "loading"  # loading | ready | draining | failed
     # Generation requests between their checks and their queueing: changed on the event loop
     # only (admission), read by the drain's thread
@@ -159,6 +162,7 @@ class AcceptedBody(Protocol):
                      max_model_len: int) -> None: ...
 
 
+ANTHROPIC_PATH = "/v1/messages"  # whose errors are Anthropic's shape
 # exception type -> (status, OpenAI error type, code)
 ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     RequestError: (400, "invalid_request_error", None),
@@ -176,21 +180,25 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None, headers: Mapping[str, str] | None = None
-                   ) -> JSONResponse:
+                   code: str | None = None, headers: Mapping[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
     """OpenAI's error body. `code` is a string or null, as OpenAI sends it (vLLM sends the
-    status there, an int: one type for the field keeps typed clients working)."""
+    status there, an int: one type for the field keeps typed clients working). On
+    Anthropic's Messages API (`path`), Anthropic's body instead: its SDKs read that one."""
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = RETRY_AFTER_SECONDS
+    if path.startswith(ANTHROPIC_PATH):
+        return JSONResponse(anthropic_error(status, message), status_code=status,
+                            headers=headers)
     body = ErrorResponse.of(message, type_, param, code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def internal_error(exc: Exception) -> JSONResponse:
+def internal_error(exc: Exception, path: str = "") -> JSONResponse:
     """The answer to an error nothing expected (a bug): logged with its traceback, a 500."""
     logger.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", "server_error")
+    return error_response(500, "internal server error", "server_error", path=path)
 
 
 class ErrorAnsweringRoute(APIRoute):
@@ -211,7 +219,7 @@ class ErrorAnsweringRoute(APIRoute):
                 handlers = request.app.exception_handlers
                 if any(cls in handlers for cls in type(exc).__mro__ if cls is not Exception):
                     raise
-                return internal_error(exc)
+                return internal_error(exc, request.url.path)
 
         return answer
 
@@ -230,12 +238,14 @@ def _install_error_table(app: FastAPI) -> None:
         if status != 500:  # (a 500 is a request that failed after admission)
             _count_refusal(request.scope,
                           "invalid_request" if status == 400 else code or "unavailable")
-        return error_response(status, str(exc), type_, getattr(exc, "param", None), code)
+        return error_response(status, str(exc), type_, getattr(exc, "param", None), code,
+                              path=request.url.path)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         _count_refusal(request.scope, "invalid_request")
         message, param = describe_validation_errors(exc.errors())
-        return error_response(400, message, "invalid_request_error", param)
+        return error_response(400, message, "invalid_request_error", param,
+                              path=request.url.path)
 
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -244,10 +254,10 @@ def _install_error_table(app: FastAPI) -> None:
             _count_refusal(request.scope, code)
         # Starlette's own headers kept: a 405's Allow lists the methods the path takes
         return error_response(exc.status_code, str(exc.detail), type_, code=code,
-                              headers=exc.headers)
+                              headers=exc.headers, path=request.url.path)
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return internal_error(exc)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error(exc, request.url.path)
 
     for exc_type in ERRORS:
         app.add_exception_handler(exc_type, known)
@@ -270,7 +280,7 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             _count_refusal(scope, "request_too_large")
             response = error_response(413, message, "invalid_request_error",
-                                      code="request_too_large")
+                                      code="request_too_large", path=scope["path"])
             return await response(scope, receive, send)
         seen = 0
 
@@ -302,13 +312,17 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
-            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
+            if not header and b"x-api-key" in headers:  # (Anthropic's SDKs send the key so)
+                scheme, token = b"bearer", headers[b"x-api-key"]
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 _count_refusal(scope, "invalid_api_key")
                 response = error_response(
-                    401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                    "invalid_request_error", code="invalid_api_key")
+                    401, "invalid or missing API key: send 'Authorization: Bearer <key>' (or "
+                    "'x-api-key: <key>')", "invalid_request_error", code="invalid_api_key",
+                    path=scope["path"])
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -327,11 +341,15 @@ class RequestIdMiddleware:
         request_id = raw if raw.isprintable() and raw else uuid.uuid4().hex
         token = request_id_var.set(request_id)
 
+        # Anthropic's API names it request-id (its SDKs show it as a response's _request_id)
+        names = ((b"x-request-id", b"request-id") if scope["path"].startswith(ANTHROPIC_PATH)
+                 else (b"x-request-id",))
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                                      *((name, request_id.encode("latin-1")) for name in names)]
             await send(message)
 
         try:
@@ -362,6 +380,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
                                              config.served_model_name)
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser,
                                      trust_request_templates=config.trust_request_chat_template)
+            state.messages = MessagesService(state.chat)
             state.responses = ResponsesService(state.chat, ResponseStore(
                 config.responses_store) if config.responses_store else None)
             if config.enable_embeddings:

@@ -51,6 +51,14 @@ from server.protocol import (
     TokenizeResponse,
     random_id,
 )
+from server.protocol.anthropic import (
+    AnthropicMessage,
+    CountTokensRequest,
+    MessagesRequest,
+    TokenCount,
+    as_messages_error,
+    new_id,
+)
 from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from server.protocol.llamacpp import LlamaCppCompletionRequest, LlamaCppInfillRequest
 from server.protocol.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
@@ -73,6 +81,7 @@ from server.serving import (
     failure_message,
     submit,
 )
+from server.serving_anthropic import LAST_MESSAGE_EVENT, MessagesJob, MessagesService
 from server.serving_embeddings import EmbeddingService
 from server.serving_llamacpp import piece_or_bytes, tokenize_parts
 from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob, ResponsesService
@@ -258,6 +267,47 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
         raise as_responses_error(e) from None
     job = ResponseJob(body, chat, params)
     return await _respond(request, body.stream, service, job, submitted, response_id)
+
+
+@router.post("/v1/messages", response_model=AnthropicMessage)
+async def messages(body: MessagesRequest, state: State, request: Request):  # noqa: ANN201
+    """Anthropic's Messages API, read as a chat completion (server/protocol/anthropic.py);
+    errors in Anthropic's shape (app.error_response), naming its fields."""
+    service = _messages(state)
+    request_id = request_id_var.get()
+    message_id = f"msg_{request_id}" if request_id else new_id("msg")
+    try:
+        chat = body.chat_request()
+        with state.admission(chat) as engine:
+            service.chat.prepare_tools(chat)
+            params = await _sampling_params(chat, service.chat, state)
+            prompt_ids = await _tokenized(request, lambda: service.chat.prompt_ids(chat))
+            submitted = submit(engine, [(prompt_ids, None)], params,
+                               _engine_request_id(message_id), "messages")
+    except RequestError as e:
+        raise as_messages_error(e) from None
+    job = MessagesJob(body, chat, params)
+    return await _respond(request, body.stream, service, job, submitted, message_id)
+
+
+@router.post("/v1/messages/count_tokens", response_model=TokenCount)
+async def count_message_tokens(body: CountTokensRequest, state: State,
+                               request: Request) -> TokenCount:
+    """Anthropic's count of a message request's input tokens: its chat prompt's."""
+    service = _messages(state)
+    try:
+        chat = body.chat_request()
+        state.accept(chat)
+        return TokenCount(input_tokens=len(await _tokenized(
+            request, lambda: service.chat.prompt_ids(chat))))
+    except RequestError as e:
+        raise as_messages_error(e) from None
+
+
+def _messages(state: ServerState) -> MessagesService:
+    state.serving_engine()  # (503 while loading, as generation)
+    assert state.messages is not None
+    return state.messages
 
 
 # (:path: an X-Request-Id, and so a response's id, may hold a "/"; the input items' route
@@ -561,7 +611,8 @@ class _EventStream(EventSourceResponse):
                 if ended:
                     return  # sse-starlette's own end of the body, or a ping, after it
                 body = message.get("body", b"")
-                if body == DONE_FRAME or body.startswith(LAST_RESPONSE_EVENT):
+                if body == DONE_FRAME or body.startswith((LAST_RESPONSE_EVENT,
+                                                          LAST_MESSAGE_EVENT)):
                     ended = True
                     message = {**message, "more_body": False}
             await send(message)

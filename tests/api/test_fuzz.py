@@ -94,7 +94,8 @@ def no_traceback(ctx: CheckContext, response: Response, case: Case) -> None:
 
 
 def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> None:
-    """A 4xx is exactly `{"error": {"message": str, "type": str, "param": .., "code": ..}}`."""
+    """A 4xx is exactly `{"error": {"message": str, "type": str, "param": .., "code": ..}}`;
+    on Anthropic's Messages API, `{"type": "error", "error": {"type": str, "message": str}}`."""
     if not 400 <= response.status_code < 500:
         return
     try:
@@ -102,6 +103,11 @@ def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> Non
     except ValueError:
         raise AssertionError(
             f"{response.status_code} body is not JSON: {response.text[:2000]!r}") from None
+    if case.operation.path.startswith("/v1/messages"):
+        assert isinstance(body, dict) and set(body) == {"type", "error"}, body
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+        return
     assert isinstance(body, dict) and set(body) == {"error"}, body
     error = body["error"]
     assert isinstance(error, dict), body
@@ -120,10 +126,16 @@ def stream_completes(ctx: CheckContext, response: Response, case: Case) -> None:
     assert not response.stream_cut_short, "the stream was not read to its end"
     payloads = [line[len("data:"):].strip() for line in response.text.splitlines()
                 if line.startswith("data:")]
-    if case.operation.path == "/v1/responses":
+    if case.operation.path in ("/v1/responses", "/v1/messages"):
+        last = {"/v1/responses": "response.completed", "/v1/messages": "message_stop"}
         events = [json.loads(payload) for payload in payloads]
-        assert events and events[-1]["type"] == "response.completed", payloads[-3:]
+        assert events and events[-1]["type"] == last[case.operation.path], payloads[-3:]
         assert not any(e["type"] == "error" for e in events), payloads
+        return
+    if case.operation.path in ("/completion", "/infill"):  # llama.cpp's: no [DONE]
+        events = [json.loads(payload) for payload in payloads]
+        assert events and events[-1]["stop"] is True, payloads[-3:]
+        assert not any("error" in e for e in events), payloads
         return
     assert payloads and payloads[-1] == "[DONE]", payloads[-3:]
     for payload in payloads[:-1]:
@@ -163,6 +175,11 @@ def cap_budget(body: Any) -> None:
         number = _as_int(body.get("max_output_tokens"))
         if body.get("max_output_tokens") is None or (number is not None and number > MAX_TOKENS):
             body["max_output_tokens"] = MAX_TOKENS
+    if "prompt" in body or "input_prefix" in body:  # llama.cpp's (-1, its default: no cap)
+        number = _as_int(body.get("n_predict"))
+        if body.get("n_predict") is None or (number is not None and (
+                number > MAX_TOKENS or number == -1)):
+            body["n_predict"] = MAX_TOKENS
     budget = _as_int(body.get("max_completion_tokens"))
     if body.get("max_completion_tokens") is None:
         budget = _as_int(body.get("max_tokens"))
