@@ -305,7 +305,8 @@ class ApiKeyMiddleware:
     """
 
     # (llama.cpp's native API too: /completion(s), /infill, /props)
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props")
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props",
+                 "/invocations")
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import threading
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -109,6 +111,8 @@ router = APIRouter(route_class=ErrorAnsweringRoute)
 
 # HEAD too on the probes: load balancers' health checks often send it (the body is dropped)
 @router.api_route("/health", methods=["GET", "HEAD"])
+# SageMaker's health check (vLLM's /ping: GET or POST)
+@router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)
 async def health(state: State) -> JSONResponse:
     try:
         state.serving_engine()
@@ -180,6 +184,31 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
         submitted = _submit(engine, service, body, [(prompt_ids, None)], params, response_id,
                             "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
+
+
+@router.post("/invocations")
+async def invocations(state: State, request: Request):  # noqa: ANN201
+    """SageMaker's one inference path, as vLLM serves it: the body goes to the first endpoint
+    whose request it is (chat, completions, then, with --enable-embeddings, embeddings,
+    score and rerank)."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:  # (UnicodeDecodeError too)
+        raise RequestError(f"the body is not valid JSON: {e}") from None
+    endpoints: list[tuple[type[Any], Callable[..., Awaitable[Any]]]] = [
+        (ChatCompletionRequest, chat_completions), (CompletionRequest, completions)]
+    if state.config.enable_embeddings:
+        endpoints += [(EmbeddingRequest, embeddings), (ScoreRequest, score),
+                      (RerankRequest, rerank)]
+    for model, endpoint in endpoints:
+        try:
+            parsed = model.model_validate(body)
+        except ValidationError:
+            continue
+        return await endpoint(parsed, state, request)
+    names = ", ".join(model.__name__ for model, _ in endpoints)
+    raise RequestError(f"Cannot find a suitable endpoint for the request: its body is none "
+                       f"of {names}")
 
 
 @router.post("/completion")
