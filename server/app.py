@@ -306,7 +306,7 @@ class ApiKeyMiddleware:
 
     # (llama.cpp's native API too: /completion(s), /infill, /props)
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props",
-                 "/invocations")
+                 "/invocations", "/embedding", "/apply-template")
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()

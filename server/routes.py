@@ -62,7 +62,12 @@ from server.protocol.anthropic import (
     new_id,
 )
 from server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
-from server.protocol.llamacpp import LlamaCppCompletionRequest, LlamaCppInfillRequest
+from server.protocol.llamacpp import (
+    ApplyTemplateRequest,
+    LlamaCppCompletionRequest,
+    LlamaCppEmbeddingRequest,
+    LlamaCppInfillRequest,
+)
 from server.protocol.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.protocol.responses_api import (
     DeletedResponse,
@@ -75,6 +80,7 @@ from server.protocol.scoring import RerankRequest, RerankResponse, ScoreRequest,
 from server.request import SamplingParams
 from server.serving import (
     DONE,
+    UNTRUSTED_TEMPLATE,
     ChatService,
     CompletionService,
     Submitted,
@@ -254,6 +260,30 @@ async def _llamacpp(body: LlamaCppCompletionRequest, state: ServerState,
     answer = await _unless_disconnected(request, service.create(body, submitted, params,
                                                                 arrived))
     return answer if isinstance(answer, Response) else JSONResponse(service.dump(body, answer))
+
+
+@router.post("/embedding")
+@router.post("/embeddings", include_in_schema=False)
+async def llamacpp_embedding(body: LlamaCppEmbeddingRequest, state: State,  # noqa: ANN201
+                             request: Request):
+    """llama.cpp's native embeddings (--enable-embeddings): a list of each prompt's vector."""
+    service = _embedding_service(state)
+    if body.model not in state.adapters:  # (llama.cpp ignores the name)
+        body = body.model_copy(update={"model": None})
+    tokenizer = service.engine.tokenizer
+    return await _pooled(body, state, request, "embd", lambda b: [
+        (tokenize_parts(tokenizer, prompt, add_special=True), None) for prompt in b.content],
+        service.llamacpp, "content")
+
+
+@router.post("/apply-template")
+async def apply_template(body: ApplyTemplateRequest, state: State) -> dict[str, str]:
+    """llama.cpp's: the prompt text the chat template makes of `messages`."""
+    engine = state.accept(body.model_copy(update={"model": None}))  # (a name is ignored)
+    if body.request_template is not None and not state.config.trust_request_chat_template:
+        raise RequestError(UNTRUSTED_TEMPLATE, "chat_template")
+    return {"prompt": engine.tokenizer.apply_chat_template(
+        [m.template_dict() for m in body.messages], **body.template_args())}
 
 
 @router.get("/props")

@@ -13,6 +13,7 @@ from server.protocol.embeddings import (
     EmbeddingUsage,
     encode_embedding,
 )
+from server.protocol.llamacpp import LlamaCppEmbeddingRequest, normalized
 from server.protocol.scoring import (
     RerankDocument,
     RerankRequest,
@@ -86,6 +87,14 @@ class EmbeddingService:
         return EmbeddingResponse(id=response_id, model=model_of(submitted, self.model_name),
                                  data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def llamacpp(self, request: LlamaCppEmbeddingRequest, submitted: list[Submitted],
+                       response_id: str) -> list[dict[str, object]]:
+        """llama.cpp's /embedding answer: a list, each prompt's vector (in a list: a pooled
+        model's one) under its normalization."""
+        vectors = await self._vectors(submitted)
+        return [{"index": i, "embedding": [normalized(vector, request.embd_normalize)]}
+                for i, vector in enumerate(vectors)]
 
     async def _similarities(self, request: ScoreRequest | RerankRequest,
                             submitted: list[Submitted]

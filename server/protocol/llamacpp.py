@@ -28,6 +28,7 @@ from server.protocol.base import (
     _check_count,
     _check_token_ids,
 )
+from server.protocol.requests import ChatMessage, ChatTemplateControls
 from server.request import MAX_LOGPROBS, SamplingParams
 
 _UINT32_MAX = 2**32 - 1
@@ -434,3 +435,47 @@ def select_fields(result: dict[str, Any], fields: list[str]) -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+class LlamaCppEmbeddingRequest(OpenAIBaseModel):
+    """llama.cpp's POST /embedding: `content` (or `input`), its prompt forms; each prompt's
+    vector normalized as `embd_normalize` says (2: L2, the default; 0: its largest
+    magnitude scaled to 32760, int16's range; 1: taxicab; p > 2: the p-norm)."""
+
+    content: Annotated[list[Prompt], BeforeValidator(_prompts)] = Field(
+        validation_alias=AliasChoices("content", "input"))
+    embd_normalize: int = 2
+    model: str | None = None
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int,
+                     max_model_len: int) -> None:
+        _check_count(len(self.content), limits.max_prompts, "content")
+        for prompt in self.content:
+            _check_token_ids((part for part in prompt if isinstance(part, int)), vocab_size,
+                             "content")
+        if self.embd_normalize < 0:  # (this server pools at unit length: no raw vectors)
+            raise RequestError("embd_normalize -1 (no normalization) is not supported by "
+                               "this server: its vectors come normalized", "embd_normalize")
+
+
+def normalized(vector: list[float], norm: int) -> list[float]:
+    """A unit-length vector under llama.cpp's embd_normalize (its direction is all that a
+    normalization keeps, so any of them can be made from it)."""
+    if norm == 2:
+        return vector
+    if norm == 0:
+        scale = max((abs(x) for x in vector), default=0.0) / 32760.0
+    else:
+        scale = sum(abs(x) ** norm for x in vector) ** (1.0 / norm)
+    return [x / scale for x in vector] if scale > 0 else [0.0] * len(vector)
+
+
+class ApplyTemplateRequest(ChatTemplateControls):
+    """llama.cpp's POST /apply-template: the prompt chat `messages` make, as text."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1), MAX_ITEMS_FIELD]
+    model: str | None = None
+
+    def check_limits(self, limits: RequestLimits, vocab_size: int,
+                     max_model_len: int) -> None:
+        _check_count(len(self.messages), limits.max_messages, "messages")

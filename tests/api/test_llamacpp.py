@@ -323,3 +323,38 @@ def test_infill_layout_is_llamacpps(code_llama_checkpoint: object) -> None:
     assert suf - pre - 1 == 1536 and ids[-1] == t.middle_id
     assert len(ids) - suf - 2 == 510
     assert ids[suf + 1:-1] == infill.encode_suffix("y = 2\n" * 2000)[:510]
+
+
+def test_native_embedding_is_the_openai_vector_normalized_as_asked(
+        client: httpx.Client) -> None:
+    want = client.post("/v1/embeddings", json={"input": PROMPT}).json()["data"][0]["embedding"]
+    r = client.post("/embedding", json={"content": PROMPT})
+    assert r.status_code == 200, r.text
+    [item] = r.json()
+    assert item["index"] == 0 and len(item["embedding"]) == 1
+    assert item["embedding"][0] == pytest.approx(want, abs=1e-5)
+    taxicab = client.post("/embedding", json={"input": PROMPT, "embd_normalize": 1}).json()
+    assert sum(abs(x) for x in taxicab[0]["embedding"][0]) == pytest.approx(1.0, rel=1e-4)
+    int16 = client.post("/embedding", json={"content": PROMPT, "embd_normalize": 0}).json()
+    assert max(abs(x) for x in int16[0]["embedding"][0]) == pytest.approx(32760, rel=1e-4)
+    several = client.post("/embeddings", json={"content": [PROMPT, [5, 6, 7]]}).json()
+    assert [item["index"] for item in several] == [0, 1]
+    assert several[0]["embedding"] == [pytest.approx(want, abs=1e-5)]
+    assert_openai_error(client.post("/embedding", json={"content": PROMPT,
+                                                        "embd_normalize": -1}), 400)
+
+
+def test_apply_template_renders_the_chat_prompt(client: httpx.Client,
+                                                tiny_checkpoint: object) -> None:
+    from model.tokenizer import Tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.post("/apply-template", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)  # type: ignore[arg-type]
+    assert r.json() == {"prompt": tokenizer.apply_chat_template(messages)}
+    assert client.post("/apply-template", json={"messages": messages,
+                                                "add_generation_prompt": False}).json()[
+        "prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    assert_openai_error(client.post("/apply-template", json={"messages": []}), 400)
+    assert_openai_error(client.post("/apply-template", json={
+        "messages": messages, "chat_template": "{{ 1 }}"}), 400)
