@@ -254,6 +254,7 @@ async def _llamacpp(body: LlamaCppCompletionRequest, state: ServerState,
             prompts = await _tokenized(request, lambda: service.infill_prompt(body))
         else:
             prompts = await _tokenized(request, lambda: service.prompts(body))
+        params = service.fit(params, prompts, isinstance(body, LlamaCppInfillRequest))
         submitted = submit(engine, prompts, params, _engine_request_id(response_id), "prompt")
     if body.stream:
         return _sse(service.stream(body, submitted, params, arrived))
@@ -315,13 +316,9 @@ async def responses(body: ResponsesRequest, state: State, request: Request):  # 
         service = _responses(state)
         response_id = service.response_id(request_id_var.get())
         chat = body.chat_request(service.history(body))
-        with state.admission(chat) as engine:
-            service.chat.prepare_tools(chat)
-            params = await _sampling_params(chat, service.chat, state)
-            prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body, chat,
-                                                                              params))
-            submitted = submit(engine, [(prompt_ids, None)], params,
-                               _engine_request_id(response_id), "input")
+        params, submitted = await _chat_backed(
+            state, request, chat, service.chat, response_id, "input",
+            lambda params: service.prompt_ids(body, chat, params))
     except RequestError as e:
         raise as_responses_error(e) from None
     job = ResponseJob(body, chat, params)
@@ -337,12 +334,8 @@ async def messages(body: MessagesRequest, state: State, request: Request):  # no
     message_id = f"msg_{request_id}" if request_id else new_id("msg")
     try:
         chat = body.chat_request()
-        with state.admission(chat) as engine:
-            service.chat.prepare_tools(chat)
-            params = await _sampling_params(chat, service.chat, state)
-            prompt_ids = await _tokenized(request, lambda: service.chat.prompt_ids(chat))
-            submitted = submit(engine, [(prompt_ids, None)], params,
-                               _engine_request_id(message_id), "messages")
+        params, submitted = await _chat_backed(state, request, chat, service.chat, message_id,
+                                               "messages", lambda _: service.chat.prompt_ids(chat))
     except RequestError as e:
         raise as_messages_error(e) from None
     job = MessagesJob(body, chat, params)
@@ -367,6 +360,21 @@ def _messages(state: ServerState) -> MessagesService:
     state.serving_engine()  # (503 while loading, as generation)
     assert state.messages is not None
     return state.messages
+
+
+async def _chat_backed(state: ServerState, request: Request, chat: ChatCompletionRequest,
+                       service: ChatService, response_id: str, prompt_param: str,
+                       prompt_ids_of: Callable[[SamplingParams], list[int]]
+                       ) -> tuple[SamplingParams, list[Submitted]]:
+    """A request read as a chat completion (the Responses and Messages APIs): admitted, its
+    tools prepared, its prompt tokenized (`prompt_ids_of` its parameters) and queued."""
+    with state.admission(chat) as engine:
+        service.prepare_tools(chat)
+        params = await _sampling_params(chat, service, state)
+        prompt_ids = await _tokenized(request, lambda: prompt_ids_of(params))
+        submitted = submit(engine, [(prompt_ids, None)], params,
+                           _engine_request_id(response_id), prompt_param)
+    return params, submitted
 
 
 # (:path: an X-Request-Id, and so a response's id, may hold a "/"; the input items' route

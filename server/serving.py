@@ -255,6 +255,13 @@ async def merged(engine: EngineFront, submitted: list[Submitted]
                 engine.abort(group.stream.request_id)
 
 
+def abort_all(engine: EngineFront, submitted: list[Submitted]) -> None:
+    """Abort every engine request behind a response (one that ended finished: a no-op)."""
+    for s in submitted:
+        for group in s.groups:
+            engine.abort(group.stream.request_id)
+
+
 def raise_if_failed(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         raise GenerationFailed(out.error or "generation failed")

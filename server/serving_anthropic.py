@@ -33,6 +33,7 @@ from server.serving import (
     ChatService,
     Choice,
     Submitted,
+    abort_all,
     failure_message,
     merged,
     model_of,
@@ -116,13 +117,19 @@ class MessagesService:
         start = AnthropicMessage(id=message_id, model=model_of(submitted, self.chat.model_name),
                         usage=Usage(input_tokens=len(submitted[0].prompt_ids),
                                     output_tokens=0))
-        yield _event("message_start", message=start.model_dump())
-        yield _event("ping")
+        read = False
         try:
-            async for frame in self._blocks_streamed(job, submitted):
-                yield frame
-        except Exception as e:  # noqa: BLE001 - after the 200, told in the stream
-            yield _event("error", error=error_body(500, failure_message(e))["error"])
+            yield _event("message_start", message=start.model_dump())
+            yield _event("ping")
+            try:
+                async for frame in self._blocks_streamed(job, submitted):
+                    yield frame
+            except Exception as e:  # noqa: BLE001 - after the 200, told in the stream
+                yield _event("error", error=error_body(500, failure_message(e))["error"])
+            read = True
+        finally:
+            if not read:  # (closed before its outputs were read: merged() never ran)
+                abort_all(self.chat.engine, submitted)
 
     async def _blocks_streamed(self, job: MessagesJob, submitted: list[Submitted]
                                ) -> AsyncIterator[bytes]:
@@ -166,9 +173,12 @@ class MessagesService:
         if blocks.open_kind is not None:
             yield blocks.close()
         stop_reason, stop_sequence = self._stop(job, choice, calls)
+        # (the input's split between computed and cached is known now: message_start
+        # counted it all as input; the SDKs take the later counts)
         yield _event("message_delta",
                      delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                     usage={"output_tokens": choice.num_output_tokens})
+                     usage=self._usage(submitted, choice).model_dump(
+                         exclude={"cache_creation_input_tokens"}))
         yield _event("message_stop")
 
 

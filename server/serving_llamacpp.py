@@ -112,6 +112,23 @@ class LlamaCppService:
         return [([*extra, *head, t.prefix_id, *prefix, t.suffix_id, *suffix, t.middle_id],
                  None)]
 
+    def fit(self, params: SamplingParams, prompts: list[tuple[list[int], str | None]],
+            infill: bool = False) -> SamplingParams:
+        """`params` as llama.cpp runs them: n_predict past the context's end runs to its end
+        (then the answer says truncated), and ignore_eos bans every end-of-generation token
+        (the infill's EOT too) rather than only not stopping at it."""
+        if params.max_tokens is not None:
+            room = self.engine.max_model_len - max(len(ids) for ids, _ in prompts)
+            if 0 < room < params.max_tokens:  # (no room at all: the prompt's 400)
+                params = replace(params, max_tokens=room)
+        if params.ignore_eos:
+            ends = set(self.tokenizer.eos_ids)
+            if infill and self.tokenizer.infill and self.tokenizer.infill.tokens.eot_id:
+                ends.add(self.tokenizer.infill.tokens.eot_id)
+            params = replace(params, bad_words=(*params.bad_words,
+                                                *((t,) for t in sorted(ends))))
+        return params
+
     def infill_stop(self, params: SamplingParams) -> SamplingParams:
         """The model's end-of-middle token ends the answer (an end of generation to
         llama.cpp, so its stop_type is "eos")."""
@@ -174,8 +191,9 @@ class LlamaCppService:
         has them sent already)."""
         choice = sample.choice
         stop_type, word = _stop_type(choice)
+        asked = request.max_tokens  # (n_predict, before fit() kept it to the context)
         truncated = choice.finish_reason is FinishReason.LENGTH and (
-            params.max_tokens is None or choice.num_output_tokens < params.max_tokens)
+            asked is None or choice.num_output_tokens < asked)
         probs = None
         if whole and request.n_probs:
             kept = _without_stop_word(self.tokenizer, choice)

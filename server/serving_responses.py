@@ -47,6 +47,7 @@ from server.serving import (
     ChatService,
     Choice,
     Submitted,
+    abort_all,
     failure_message,
     merged,
     raise_if_failed,
@@ -242,14 +243,19 @@ class ResponsesService:
                      response_id: str) -> AsyncIterator[bytes]:
         """The response's events, ending with response.completed (whatever the status, as
         vLLM's; the SDK's stream helper waits for that one), or with an error event."""
-        events = _Events(self._skeleton(job, response_id))
-        yield events.lifecycle("response.created")
-        yield events.lifecycle("response.in_progress")
+        events, read = _Events(self._skeleton(job, response_id)), False
         try:
-            async for frame in self._output_events(job, submitted, events):
-                yield frame
-        except Exception as e:  # noqa: BLE001 - after the 200, told in the stream
-            yield events.error(failure_message(e))
+            yield events.lifecycle("response.created")
+            yield events.lifecycle("response.in_progress")
+            try:
+                async for frame in self._output_events(job, submitted, events):
+                    yield frame
+            except Exception as e:  # noqa: BLE001 - after the 200, told in the stream
+                yield events.error(failure_message(e))
+            read = True
+        finally:
+            if not read:  # (closed before its outputs were read: merged() never ran)
+                abort_all(self.chat.engine, submitted)
 
     async def _output_events(self, job: ResponseJob, submitted: list[Submitted],
                              events: _Events) -> AsyncIterator[bytes]:

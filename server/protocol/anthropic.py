@@ -181,17 +181,15 @@ class CountTokensRequest(OpenAIBaseModel):
                 elif isinstance(block, UnreadableBlock):
                     raise RequestError(f"{where}: {block.type} blocks are not supported: "
                                        "this model reads text", "messages")
-            if texts or calls or not isinstance(message.content, list):
-                turn: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
+            text = "".join(texts)
+            # (an assistant turn of nothing, as Anthropic allows last: no prefill, no turn)
+            if calls or text or (message.role == "user"
+                                 and not isinstance(message.content, list)):
+                turn: dict[str, Any] = {"role": message.role, "content": text}
                 if calls:
                     turn["tool_calls"] = calls
                 out.append(turn)
         return out
-
-    @property
-    def continues_answer(self) -> bool:
-        """A last assistant turn is a prefill: the answer goes on from it."""
-        return self.messages[-1].role == "assistant"
 
     def chat_fields(self) -> dict[str, Any]:
         tools = []
@@ -214,11 +212,14 @@ class CountTokensRequest(OpenAIBaseModel):
             parallel = False if choice.disable_parallel_tool_use else None
         if tools and chat_choice is None:
             chat_choice = "auto"  # (Anthropic's default with tools)
+        messages = self.chat_messages()
+        # A last assistant turn of text is a prefill: the answer goes on from it
+        prefill = (bool(messages) and messages[-1]["role"] == "assistant"
+                   and "tool_calls" not in messages[-1])
         return {
-            "model": self.model, "messages": self.chat_messages(), "tools": tools or None,
+            "model": self.model, "messages": messages, "tools": tools or None,
             "tool_choice": chat_choice, "parallel_tool_calls": parallel,
-            "add_generation_prompt": not self.continues_answer,
-            "continue_final_message": self.continues_answer,
+            "add_generation_prompt": not prefill, "continue_final_message": prefill,
             "chat_template_kwargs": self.chat_template_kwargs,
         }
 
@@ -262,6 +263,7 @@ def as_messages_error(error: RequestError) -> RequestError:
         message = message.replace(chat_name, name)
     if message.startswith("stop:"):
         message = "stop_sequences" + message.removeprefix("stop")
+    message = message.replace("tool_choice 'required'", "tool_choice 'any'")
     param = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences",
              "response_format": "output_config"}.get(error.param or "", error.param)
     return RequestError(message, param)

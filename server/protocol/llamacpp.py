@@ -28,7 +28,7 @@ from server.protocol.base import (
     _check_count,
     _check_token_ids,
 )
-from server.protocol.requests import ChatMessage, ChatTemplateControls
+from server.protocol.requests import ChatMessage, ChatTemplateControls, check_stops
 from server.request import MAX_LOGPROBS, SamplingParams
 
 _UINT32_MAX = 2**32 - 1
@@ -72,8 +72,8 @@ def _one_prompt(value: Any, where: str) -> Prompt:
                 raise ValueError(f"{where}[{i}]: each part of a prompt must be a token id "
                                  "(an integer >= 0) or a string")
         return list(value)
-    raise ValueError(f"{where} must be a string, a non-empty list of token ids and strings, "
-                     "or a list of such prompts")
+    raise ValueError(f"{where} must be a string, or a non-empty list of token ids and "
+                     "strings" + (", or a list of such prompts" if where == "prompt" else ""))
 
 
 def one_prompt(where: str) -> Any:
@@ -87,10 +87,10 @@ def _prompts(value: Any) -> list[Prompt]:
     if isinstance(value, list):
         if not value:
             raise ValueError("prompt must not be empty")
-        if len(value) > MAX_ITEMS:
-            raise ValueError(f"at most {MAX_ITEMS} items allowed, got {len(value)}")
         if any(isinstance(part, int) for part in value):  # (a bool is an int: refused there)
-            return [_one_prompt(value, "prompt")]
+            return [_one_prompt(value, "prompt")]  # (token ids: as long as a context)
+        if len(value) > MAX_ITEMS:
+            raise ValueError(f"at most {MAX_ITEMS} prompts allowed, got {len(value)}")
         return [_one_prompt(item, f"prompt[{i}]") for i, item in enumerate(value)]
     return [_one_prompt(value, "prompt")]
 
@@ -105,10 +105,9 @@ def _pairs(value: Any) -> Any:
 def _bias(value: Any) -> float:
     if value is False:  # llama.cpp's: the token never comes
         return float("-inf")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("a bias must be a number, or false to ban the token")
-    if not -100.0 <= value <= 100.0:
-        raise ValueError(f"a bias must be in [-100, 100], got {value}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value):
+        raise ValueError("a bias must be a finite number, or false to ban the token")
     return float(value)
 
 
@@ -122,8 +121,8 @@ def _bias_entries(value: Any) -> list[tuple[int | str, float]]:
         if not (isinstance(pair, list) and len(pair) == 2):
             raise ValueError(f"entry {i} must be a [token, bias] pair")
         key, bias = pair
-        if isinstance(key, str) and key.isdigit():  # an object's keys are strings
-            key = int(key)
+        if isinstance(key, str) and key.lstrip("-").isdigit() and len(key) < 19:
+            key = int(key)  # an object's keys are strings; an integer's is an id
         if not (_is_token_id(key) or (isinstance(key, str) and key)):
             raise ValueError(f"entry {i}: the token must be an id (an integer >= 0) or a "
                              "non-empty string (each of its tokens biased)")
@@ -268,12 +267,7 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
         self._check_supported()
         _check_count(len(self.prompt), limits.max_prompts, "prompt")
         _check_count(self.n_cmpl, limits.max_n, "n_cmpl")
-        _check_count(len(self.stop), limits.max_stop_strings, "stop")
-        longest = max(map(len, self.stop), default=0)
-        if longest > limits.max_stop_string_length:
-            raise RequestError(f"stop: strings may have at most "
-                               f"{limits.max_stop_string_length} characters, got {longest}",
-                               "stop")
+        check_stops(self.stop, limits)
         _check_count(len(self.logit_bias), limits.max_logit_bias, "logit_bias")
         _check_token_ids((key for key, _ in self.logit_bias if isinstance(key, int)),
                          vocab_size, "logit_bias")

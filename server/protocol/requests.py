@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -319,14 +320,7 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise RequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                                f"({max_tokens})", "min_tokens")
-        _check_count(len(stops), limits.max_stop_strings, "stop")
-        longest = max(map(len, stops), default=0)
-        if longest > limits.max_stop_string_length:
-            raise RequestError(
-                f"stop: strings may have at most {limits.max_stop_string_length} characters, "
-                f"got {longest}",
-                "stop",
-            )
+        check_stops(stops, limits)
         _check_count(len(stop_ids), limits.max_stop_token_ids, "stop_token_ids")
         _check_token_ids(stop_ids, vocab_size, "stop_token_ids")
         _check_count(len(bias), limits.max_logit_bias, "logit_bias")
@@ -363,6 +357,15 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
         )
+
+
+def check_stops(stops: Sequence[str], limits: RequestLimits, param: str = "stop") -> None:
+    """At most max_stop_strings stop strings, none longer than max_stop_string_length."""
+    _check_count(len(stops), limits.max_stop_strings, param)
+    longest = max(map(len, stops), default=0)
+    if longest > limits.max_stop_string_length:
+        raise RequestError(f"{param}: strings may have at most "
+                           f"{limits.max_stop_string_length} characters, got {longest}", param)
 
 
 def _prompt_kind(value: Any) -> str | None:

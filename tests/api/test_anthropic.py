@@ -88,6 +88,15 @@ def test_a_last_assistant_turn_is_a_prefill_the_answer_continues(
     assert message.content[0].text == want["choices"][0]["message"]["content"]
 
 
+def test_an_empty_last_assistant_turn_is_no_prefill(sdk: anthropic.Anthropic) -> None:
+    """Anthropic allows one (or one of thinking alone): the answer opens a turn as usual."""
+    plain = sdk.messages.count_tokens(model="tiny", messages=HELLO).input_tokens  # type: ignore
+    for content in ([], "", [{"type": "thinking", "thinking": "hm", "signature": "s"}]):
+        turns = [*HELLO, {"role": "assistant", "content": content}]
+        assert sdk.messages.count_tokens(model="tiny",  # type: ignore
+                                         messages=turns).input_tokens == plain
+
+
 def test_a_stop_sequence_is_named(sdk: anthropic.Anthropic) -> None:
     text = sdk.messages.create(model="tiny", max_tokens=24, extra_body=GREEDY,
                                messages=HELLO).content[0].text
@@ -108,6 +117,9 @@ def test_the_stream_is_anthropics_events_in_order(sdk: anthropic.Anthropic,
         final = stream.get_final_message()
     assert text == whole.content[0].text == final.content[0].text
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 10
+    # the usage streamed is the answer's (message_delta's input split by the prefix cache)
+    assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (
+        whole.usage.input_tokens, whole.usage.cache_read_input_tokens)
     with httpx.stream("POST", f"{server.base_url}/v1/messages", timeout=60,
                       headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
                       json={"model": "tiny", "max_tokens": 10, "temperature": 0,

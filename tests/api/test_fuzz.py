@@ -30,7 +30,8 @@ SEED = 6
 MAX_EXAMPLES = 100  # per operation, in the fuzzing phase (examples and coverage are finite)
 MAX_STREAMED_EXAMPLES = 50  # valid generation requests sent again with `stream: true`
 MAX_TOKENS = 3  # a valid token budget is capped to this
-GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+              "/completion", "/infill")
 
 
 def load_schema(server: Server, mode: str, max_examples: int) -> schemathesis.BaseSchema:

@@ -119,9 +119,11 @@ def test_an_end_of_generation_token_is_stop_type_eos(client: httpx.Client) -> No
     [eos_id] = tokenize(client, eos, add_special=False)[-1:]
     body = completion(client, n_predict=8, logit_bias=[[eos_id, 100]])
     assert (body["stop_type"], body["content"], body["tokens_predicted"]) == ("eos", "", 1)
-    # ignore_eos lets it run to n_predict; a false bias bans a token
-    assert completion(client, n_predict=8, logit_bias={str(eos_id): 100},
-                      ignore_eos=True)["stop_type"] == "limit"
+    # ignore_eos bans it (llama.cpp's: not only not stopping at it)
+    ignored = completion(client, n_predict=8, logit_bias={str(eos_id): 100}, ignore_eos=True,
+                         return_tokens=True)
+    assert ignored["stop_type"] == "limit" and len(ignored["tokens"]) == 8
+    assert eos_id not in ignored["tokens"]
 
 
 def test_logit_bias_forms(client: httpx.Client) -> None:
@@ -256,8 +258,19 @@ def test_bad_requests_are_400s_naming_the_field(client: httpx.Client, fields: di
 
 
 def test_a_prompt_longer_than_the_context_is_a_400(client: httpx.Client) -> None:
-    r = client.post("/completion", json={"prompt": list(range(1, 600))})
-    assert "context" in assert_openai_error(r, 400)["message"]
+    for length in (600, 5000):  # (token ids: no cap on items, the context's)
+        r = client.post("/completion", json={"prompt": [5] * length})
+        assert "context" in assert_openai_error(r, 400)["message"]
+
+
+def test_n_predict_past_the_context_runs_to_its_end(client: httpx.Client) -> None:
+    """llama.cpp's: the answer ends with the context, truncated (a 400 in vLLM's API)."""
+    prompt_ids = tokenize(client, PROMPT)
+    body = completion(client, n_predict=100_000, ignore_eos=True)
+    assert (body["stop_type"], body["truncated"]) == ("limit", True)
+    assert body["tokens_predicted"] == 512 - len(prompt_ids)
+    assert body["generation_settings"]["n_predict"] == 100_000
+    assert completion(client, n_predict=3)["truncated"] is False
 
 
 def test_the_native_api_needs_the_key(client: httpx.Client) -> None:
