@@ -16,6 +16,7 @@ import math
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from server.guided.spec import GuideSpec
 from server.protocol.base import (
@@ -188,20 +189,21 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
     cache_prompt: bool = True
     n_keep: int = 0
     n_discard: int = 0
-    # llama.cpp's that this server does not have: accepted at their neutral values only
-    id_slot: int = -1
-    typical_p: float = 1.0
-    dynatemp_range: float = 0.0
-    top_n_sigma: float = -1.0
-    xtc_probability: float = 0.0
-    dry_multiplier: float = 0.0
-    mirostat: int = 0
-    min_keep: int = 0
-    post_sampling_probs: bool = False
-    n_indent: int = 0
-    t_max_predict_ms: int = 0
-    return_progress: bool = False
-    lora: list[Any] | None = None
+    # llama.cpp's that this server does not have: accepted at their neutral values only (left
+    # out of the OpenAPI schema, as requests.Refused fields are)
+    id_slot: SkipJsonSchema[int] = -1
+    typical_p: SkipJsonSchema[float] = 1.0
+    dynatemp_range: SkipJsonSchema[float] = 0.0
+    top_n_sigma: SkipJsonSchema[float] = -1.0
+    xtc_probability: SkipJsonSchema[float] = 0.0
+    dry_multiplier: SkipJsonSchema[float] = 0.0
+    mirostat: SkipJsonSchema[int] = 0
+    min_keep: SkipJsonSchema[int] = 0
+    post_sampling_probs: SkipJsonSchema[bool] = False
+    n_indent: SkipJsonSchema[int] = 0
+    t_max_predict_ms: SkipJsonSchema[int] = 0
+    return_progress: SkipJsonSchema[bool] = False
+    lora: SkipJsonSchema[list[Any] | None] = None
 
     @field_validator("stop")
     @classmethod
