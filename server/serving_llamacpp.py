@@ -51,14 +51,12 @@ class _Progress:
     choice: Choice = field(default_factory=Choice)
     first_token_at: float | None = None
     last_token_at: float | None = None
-    num_prompt_tokens: int = 0
 
     def absorb(self, out: RequestOutput) -> None:
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
-        self.num_prompt_tokens = out.num_prompt_tokens
         self.choice.absorb(out)
 
 
@@ -105,7 +103,8 @@ class LlamaCppService:
         for chunk in request.input_extra:
             extra += self.tokenizer.encode(SNIPPET, add_special_tokens=False)
             extra += self.tokenizer.encode(chunk.text, add_special_tokens=False)
-        room = self.engine.max_model_len - batch - 2 * (request.max_tokens or -1)
+        n_predict = -1 if request.max_tokens is None else request.max_tokens
+        room = self.engine.max_model_len - batch - 2 * n_predict
         extra = extra[len(extra) - min(max(0, room), len(extra)):]
         head = self.tokenizer.encode("", add_special_tokens=True)  # (BOS)
         t = infill.tokens
