@@ -70,8 +70,8 @@ class MessagesService:
     def __init__(self, chat: ChatService) -> None:
         self.chat = chat
 
-    def _stop(self, job: MessagesJob, choice: Choice, calls: list[ParsedCall] | None
-              ) -> tuple[StopReason, str | None]:
+    @staticmethod
+    def _stop(choice: Choice, calls: list[ParsedCall] | None) -> tuple[StopReason, str | None]:
         """Anthropic's stop_reason and stop_sequence: a stop sequence the client gave, the
         length, calls, else the end of the turn."""
         if choice.finish_reason is FinishReason.LENGTH:
@@ -104,19 +104,20 @@ class MessagesService:
             raise_if_failed(out)
             choice.absorb(out)
         blocks, calls = self._blocks(job, choice)
-        stop_reason, stop_sequence = self._stop(job, choice, calls)
+        stop_reason, stop_sequence = self._stop(choice, calls)
         return AnthropicMessage(id=message_id, content=blocks,
-                       model=model_of(submitted, self.chat.model_name),
-                       stop_reason=stop_reason, stop_sequence=stop_sequence,
-                       usage=self._usage(submitted, choice))
+                                model=model_of(submitted, self.chat.model_name),
+                                stop_reason=stop_reason, stop_sequence=stop_sequence,
+                                usage=self._usage(submitted, choice))
 
     async def stream(self, job: MessagesJob, submitted: list[Submitted],
                      message_id: str) -> AsyncIterator[bytes]:
         """The message's events; a failure after the first is an `error` event (Anthropic's)
         that ends the stream."""
-        start = AnthropicMessage(id=message_id, model=model_of(submitted, self.chat.model_name),
-                        usage=Usage(input_tokens=len(submitted[0].prompt_ids),
-                                    output_tokens=0))
+        start = AnthropicMessage(id=message_id,
+                                 model=model_of(submitted, self.chat.model_name),
+                                 usage=Usage(input_tokens=len(submitted[0].prompt_ids),
+                                             output_tokens=0))
         read = False
         try:
             yield _event("message_start", message=start.model_dump())
@@ -172,7 +173,7 @@ class MessagesService:
                 yield blocks.close()
         if blocks.open_kind is not None:
             yield blocks.close()
-        stop_reason, stop_sequence = self._stop(job, choice, calls)
+        stop_reason, stop_sequence = self._stop(choice, calls)
         # (the input's split between computed and cached is known now: message_start
         # counted it all as input; the SDKs take the later counts)
         yield _event("message_delta",
