@@ -235,15 +235,13 @@ async def llamacpp_infill(body: LlamaCppInfillRequest, state: State,  # noqa: AN
 async def _llamacpp(body: LlamaCppCompletionRequest, state: ServerState,
                     request: Request) -> Any:
     arrived = time.monotonic()
-    if body.model not in state.adapters:  # llama.cpp ignores the name; an adapter's is run
-        body = body.model_copy(update={"model": None})
+    body = _llamacpp_named(body, state)
     response_id = _response_id("cmpl")
     with state.admission(body) as engine:
         service = state.llamacpp
         assert service is not None
-        params = body.to_sampling_params(service.logit_bias(body), engine.max_model_len)
-        if body.model is not None:
-            params = replace(params, lora=body.model)
+        params = _on_adapter(body.to_sampling_params(service.logit_bias(body),
+                                                     engine.max_model_len), body.model, state)
         params = await _guided(body, params)
         if isinstance(body, LlamaCppInfillRequest):
             if engine.tokenizer.infill is None:  # (llama.cpp's is a 501; a 5xx is a failure)
@@ -269,8 +267,7 @@ async def llamacpp_embedding(body: LlamaCppEmbeddingRequest, state: State,  # no
                              request: Request):
     """llama.cpp's native embeddings (--enable-embeddings): a list of each prompt's vector."""
     service = _embedding_service(state)
-    if body.model not in state.adapters:  # (llama.cpp ignores the name)
-        body = body.model_copy(update={"model": None})
+    body = _llamacpp_named(body, state)
     tokenizer = service.engine.tokenizer
     return await _pooled(body, state, request, "embd", lambda b: [
         (tokenize_parts(tokenizer, prompt, add_special=True), None) for prompt in b.content],
@@ -280,7 +277,7 @@ async def llamacpp_embedding(body: LlamaCppEmbeddingRequest, state: State,  # no
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, state: State) -> dict[str, str]:
     """llama.cpp's: the prompt text the chat template makes of `messages`."""
-    engine = state.accept(body.model_copy(update={"model": None}))  # (a name is ignored)
+    engine = state.accept(_llamacpp_named(body, state))
     if body.request_template is not None and not state.config.trust_request_chat_template:
         raise RequestError(UNTRUSTED_TEMPLATE, "chat_template")
     return {"prompt": engine.tokenizer.apply_chat_template(
@@ -526,10 +523,24 @@ async def _sampling_params(body: CompletionRequest | ChatCompletionRequest,
                            ) -> SamplingParams:
     """The engine's parameters for a request: its fields (the model's defaults for those it
     leaves out), its guide and its bad words' tokens."""
-    params = body.to_sampling_params(state.config.generation_defaults)
-    if body.model in state.adapters:  # a LoRA adapter's name: it runs on it
-        params = replace(params, lora=body.model)
+    params = _on_adapter(body.to_sampling_params(state.config.generation_defaults),
+                         body.model, state)
     return service.with_bad_words(body, await _guided(body, params))
+
+
+def _on_adapter(params: SamplingParams, model: str | None, state: ServerState
+                ) -> SamplingParams:
+    """`params` on the LoRA adapter `model` names, if it names one (named before any await:
+    one unloaded meanwhile refuses the request rather than run on none)."""
+    return replace(params, lora=model) if model in state.adapters else params
+
+
+def _llamacpp_named(body: T, state: ServerState) -> T:
+    """A llama.cpp body's `model`: ignored, as llama.cpp ignores it, unless it names a LoRA
+    adapter (which then runs)."""
+    model = getattr(body, "model", None)
+    return body if model in state.adapters else body.model_copy(  # type: ignore[attr-defined]
+        update={"model": None})
 
 
 async def _guided(body: CompletionRequest | ChatCompletionRequest, params: SamplingParams
@@ -609,10 +620,8 @@ def _embedding_service(state: ServerState) -> EmbeddingService:
 
 def _pooling_params(body: Any, service: EmbeddingService, state: ServerState
                     ) -> SamplingParams:
-    """The service's pooling parameters, on the LoRA adapter the body names (named before
-    any await: one unloaded meanwhile refuses the request rather than run on none)."""
-    params = service.params
-    return replace(params, lora=body.model) if body.model in state.adapters else params
+    """The service's pooling parameters, on the LoRA adapter the body names."""
+    return _on_adapter(service.params, body.model, state)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -56,8 +56,11 @@ class SamplingBatch:
     unit_temperature: bool = False  # every sampled row has temperature 1: skip the division
     # Sampled rows without top-k, top-p or min-p: the ones a C draw can take (Sampler.kernels).
     plain_rows: tuple[int, ...] = ()
-    # Rows filtered in llama.cpp's order, on the logits before temperature (temperature_last)
+    # Rows filtered in llama.cpp's order, on the logits before temperature (temperature_last);
+    # in a batch that mixes both orders, each order's rows as an index on the device (made
+    # once: a kept batch serves the steps after)
     temperature_last_rows: tuple[int, ...] = ()
+    order_rows: tuple[Tensor, Tensor] | None = None  # (vLLM's rows, llama.cpp's rows)
     # Guided decoding: the guided rows (k,), the tokens each may take (k, V) bool, and (V,)
     # 0 at the end-of-sequence ids, -inf elsewhere: what a row left with nothing takes
     guide_rows: Tensor | None = None
@@ -137,6 +140,11 @@ class SamplingBatch:
             raise ValueError(f"got {len(generators)} generators for {n_rows} rows")
 
         sampled = [p for p in params if not p.is_greedy]  # controls of greedy rows are moot
+        last = tuple(i for i, p in enumerate(params) if p.temperature_last and not p.is_greedy)
+        order_rows = None
+        if 0 < len(last) < n_rows:
+            first = sorted(set(range(n_rows)) - set(last))
+            order_rows = (column(first, torch.long), column(list(last), torch.long))
         return cls(
             # Clamped to float32's largest: an inf temperature would turn a banned token's
             # -inf logit into -inf / inf = NaN.
@@ -167,8 +175,8 @@ class SamplingBatch:
             plain_rows=tuple(i for i, p in enumerate(params)
                              if not p.is_greedy and (p.top_k <= 0 or p.top_k >= vocab_size)
                              and p.top_p >= 1.0 and p.min_p <= 0.0),
-            temperature_last_rows=tuple(i for i, p in enumerate(params)
-                                        if p.temperature_last and not p.is_greedy),
+            temperature_last_rows=last,
+            order_rows=order_rows,
         )
 
 
@@ -311,13 +319,11 @@ class Sampler:
         if not last:
             return sample_inverse_cdf(_filtered(scaled, batch).softmax(dim=-1), uniforms)
         # llama.cpp's rows: what their filters drop is found on the logits before temperature
-        n_rows = logits.shape[0]
-        if len(last) == n_rows:
+        if batch.order_rows is None:  # (every sampled row is llama.cpp's)
             kept = _filtered(logits, batch, min_p_first=False)
             scaled = scaled.masked_fill(kept == float("-inf"), float("-inf"))
             return sample_inverse_cdf(scaled.softmax(dim=-1), uniforms)
-        rows = _to_device(torch.tensor(last), logits.device)
-        others = _to_device(torch.tensor(sorted(set(range(n_rows)) - set(last))), logits.device)
+        others, rows = batch.order_rows
         out = torch.empty_like(scaled)
         out[others] = _filtered(scaled[others], _rows_of(batch, others))
         kept = _filtered(logits[rows], _rows_of(batch, rows), min_p_first=False)

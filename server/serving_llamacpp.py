@@ -71,10 +71,8 @@ class LlamaCppService:
     def prompts(self, request: LlamaCppCompletionRequest) -> list[tuple[list[int], str | None]]:
         """Each prompt's ids: texts tokenized in place, BOS where a prompt begins with text
         (llama.cpp's: token ids are taken as they are)."""
-        return [(self._tokens(prompt), None) for prompt in request.prompt]
-
-    def _tokens(self, prompt: Prompt) -> list[int]:
-        return tokenize_parts(self.tokenizer, prompt, add_special=True)
+        return [(tokenize_parts(self.tokenizer, prompt, add_special=True), None)
+                for prompt in request.prompt]
 
     def logit_bias(self, request: LlamaCppCompletionRequest) -> tuple[tuple[int, float], ...]:
         """(token id, bias) pairs: a string's every token gets its bias (llama.cpp's)."""

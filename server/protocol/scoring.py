@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from server.protocol.base import MAX_ITEMS, RequestLimits, ResponseModel
+from server.protocol.embeddings import EmbeddingUsage
 from server.protocol.requests import PromptTruncation
 from server.protocol.responses import random_id
 
@@ -75,9 +76,9 @@ class ScoreData(ResponseModel):
     score: float
 
 
-class ScoringUsage(ResponseModel):
-    prompt_tokens: int
-    total_tokens: int
+class ScoringUsage(EmbeddingUsage):
+    """An embedding's usage, and vLLM's completion_tokens (always 0) beside it."""
+
     completion_tokens: int = 0
 
 

@@ -50,6 +50,10 @@ class Server:
         """The value of one series in /metrics (name plus labels, as written)."""
         return self.metrics()[name]
 
+    def client(self, **headers: str) -> httpx.Client:
+        """An HTTP client of this server (a context manager), with `headers`."""
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
+
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {series (name plus labels, as written): value}."""
@@ -167,7 +171,7 @@ def auth() -> dict[str, str]:
 @pytest.fixture
 def client(server: Server, auth: dict[str, str]) -> Iterator[httpx.Client]:
     """An HTTP client of the shared server, with its key."""
-    with httpx.Client(base_url=server.base_url, headers=auth, timeout=60) as c:
+    with server.client(**auth) as c:
         yield c
 
 

@@ -32,7 +32,7 @@ def infill_server(code_llama_checkpoint: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 def code(infill_server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=infill_server.base_url, timeout=60) as c:
+    with infill_server.client() as c:
         yield c
 
 

@@ -207,21 +207,19 @@ def test_a_seed_repeats_a_sample(client: httpx.Client) -> None:
 
 def test_penalties_count_the_prompt_within_the_window(client: httpx.Client) -> None:
     """llama.cpp's penalties count the last repeat_last_n tokens of prompt and output alike
-    (vLLM's presence penalty counts the output only): a huge presence penalty over the whole
-    context keeps every prompt token out of the answer; repeat_last_n 0 turns it off."""
+    (vLLM's presence penalty counts the output only). A prompt token made the likeliest is
+    the first answer without penalties; a huge presence penalty keeps it out where the
+    window holds it, not where the window has passed it; repeat_last_n 0 turns it off."""
     prompt_ids = tokenize(client, PROMPT)
-    plain = completion(client, n_predict=16, return_tokens=True)["tokens"]
-    off = completion(client, n_predict=16, return_tokens=True, presence_penalty=50,
-                     repeat_last_n=0)["tokens"]
-    assert off == plain
-    body = completion(client, n_predict=16, return_tokens=True, presence_penalty=50,
-                      repeat_last_n=-1)
-    out = body["tokens"]
-    assert not set(out) & set(prompt_ids)
-    assert len(set(out)) == len(out)
-    assert body["generation_settings"]["presence_penalty"] == 50
-    if set(plain) & set(prompt_ids) or len(set(plain)) < len(plain):
-        assert out != plain  # (the greedy answer repeats: the penalty changed it)
+    first, last = prompt_ids[1], prompt_ids[-1]  # (past the BOS)
+    for token, window, banned in ((last, 1, True), (first, 1, False), (first, -1, True),
+                                  (first, 0, False)):
+        body = completion(client, n_predict=4, return_tokens=True, presence_penalty=50,
+                          repeat_last_n=window, logit_bias=[[token, 30]])
+        assert (body["tokens"][0] != token) is banned, (token, window, body["tokens"])
+    out = completion(client, n_predict=16, return_tokens=True, presence_penalty=50,
+                     repeat_last_n=-1)["tokens"]
+    assert not set(out) & set(prompt_ids) and len(set(out)) == len(out)
 
 
 def test_a_grammar_or_schema_shapes_the_answer(client: httpx.Client) -> None:

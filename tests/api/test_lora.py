@@ -41,7 +41,7 @@ def lora_server(tiny_checkpoint: Path, lora: LoraFixture, second: LoraFixture,
 
 @pytest.fixture
 def client(lora_server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=lora_server.base_url, timeout=60) as c:
+    with lora_server.client() as c:
         yield c
 
 
