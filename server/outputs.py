@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.line_limits import LineLimits
 from server.request import RequestOutput, RequestStatus, Sequence
 from server.scheduler import FINISH_REASONS, Scheduler
 
@@ -62,6 +63,7 @@ class OutputBuilder:
         self._finished_total = finished_total  # EngineStats' counter, by finish_reason
         self.iteration = IterationStats()  # the step in progress
         self._detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+        self._line_limits: dict[Sequence, LineLimits] = {}  # llama.cpp's editor limits
 
     def take_iteration(self) -> IterationStats:
         """The stats gathered since the last call; a fresh IterationStats starts."""
@@ -79,6 +81,9 @@ class OutputBuilder:
                 stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
                 min_tokens=p.min_tokens)
             self._detokenizers[seq] = detok
+        limits = self._line_limits.get(seq)
+        if first and (p.n_indent or p.t_max_predict_ms):
+            limits = self._line_limits[seq] = LineLimits(p.n_indent, p.t_max_predict_ms)
         if seq.status == RequestStatus.FINISHED_STOPPED and not p.include_stop_str_in_output:
             # A stop token (eos or stop_token_ids) ends the text before it, as in vLLM; it is
             # still an output token (ids, logprobs, usage).
@@ -88,8 +93,16 @@ class OutputBuilder:
             if detok.stopped_by is not None:
                 seq.stop_reason = detok.stopped_by
                 self._scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
-            elif seq.status.is_finished:
-                text += detok.flush()
+            else:
+                if limits is not None and limits.out_of_time(time.monotonic()):
+                    self._scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
+                if seq.status.is_finished:
+                    text += detok.flush()
+        if limits is not None:
+            cut = limits.cut(text)
+            if cut is not None:  # (what the detokenizer still holds comes after: dropped)
+                text = text[:cut]
+                self._scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
         out = self._output(seq, text, [token], first)
         if seq.status.is_finished:
             self._release(seq)
@@ -142,4 +155,5 @@ class OutputBuilder:
 
     def _release(self, seq: Sequence) -> None:
         self._detokenizers.pop(seq, None)
+        self._line_limits.pop(seq, None)
         self._runner_release(seq)

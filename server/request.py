@@ -93,6 +93,14 @@ class SamplingParams:
     # llama.cpp's penalties: repetition, presence and frequency all count the last n tokens of
     # prompt + output; None: vLLM's (repetition over prompt + output, the others output only)
     penalty_last_n: int | None = None
+    # llama.cpp's infill sampler runs last in the chain (server/sampling_infill.py)
+    infill_sampler: bool = False
+    # llama.cpp's editor limits (llama.vim, llama.vscode), 0: off. n_indent: past the first
+    # line, a line indented by fewer spaces or tabs ends the output before its first other
+    # character; t_max_predict_ms: once a line is complete, the output ends after this long
+    # since its first token. Both end it as the length does ("length").
+    n_indent: int = 0
+    t_max_predict_ms: int = 0
 
     def max_tokens_within(self, room: int) -> int:
         """max_tokens, or where it is left to the context (None), vLLM's choice: the model's
@@ -116,6 +124,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.n_indent < 0 or self.t_max_predict_ms < 0:
+            raise ValueError("n_indent and t_max_predict_ms must be >= 0 (0: off)")
         if self.penalty_last_n is not None and self.penalty_last_n < 1:
             raise ValueError(f"penalty_last_n must be >= 1 or None, got {self.penalty_last_n}")
         if self.pooling is not None and (self.max_tokens != 0 or self.n != 1):

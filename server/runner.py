@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,6 +30,7 @@ from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
 from server.request import Request, SamplingParams, Sequence, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
+from server.sampling_infill import InfillRows
 from server.scheduler import PrefillChunk, StepPlan
 
 
@@ -336,6 +337,9 @@ class ModelRunner:
                 prompt_token_ids=[s.request.prompt_ids for s in seqs],
                 generators=[self._generator(s) for s in seqs],
                 extra_bias=bans)
+            infill = [i for i, p in enumerate(params) if p.infill_sampler and not p.is_greedy]
+            if infill:
+                batch = replace(batch, infill=self._infill_rows(params, infill))
             keep = not any(min_bans) and not any(
                 p.has_penalties or p.bans_by_output for p in params)
             self._last_sampling = (tuple(seqs), batch if keep else None)
@@ -345,6 +349,18 @@ class ModelRunner:
             batch = batch.with_guides(guided, [self._guide_mask(seqs[i]) for i in guided],
                                       self._end_only())
         return batch
+
+    def _infill_rows(self, params: list[SamplingParams], rows: list[int]) -> InfillRows:
+        """What llama.cpp's infill sampler needs of `rows`: each one's ends (the model's
+        eos and the request's stop ids: an infill's end-of-middle), the one it falls back
+        on (its own end first), and the vocabulary's texts (the guides' token table)."""
+        if self.guides is None:
+            raise RuntimeError("the infill sampler reached a runner without a token table")
+        ends = [self.eos_ids | frozenset(params[i].stop_token_ids) for i in rows]
+        fallbacks = [next(iter((*params[i].stop_token_ids, *sorted(self.eos_ids))), None)
+                     for i in rows]
+        return InfillRows(tuple(rows), tuple(ends), tuple(fallbacks),
+                          self.guides.table.token_bytes)
 
     def _end_only(self) -> torch.Tensor:
         """(V,): 0 at the end-of-sequence ids, -inf elsewhere (a guided row with nothing left)."""

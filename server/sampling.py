@@ -8,7 +8,8 @@ and frequency penalties -> guided rows' masks -> greedy argmax | temperature -> 
 (vLLM V1's: min-p is one of its argmax-invariant logits processors, run before top-k/top-p, so
 top-p measures its nucleus on what min-p kept). Rows with `temperature_last` (llama.cpp's
 native API) follow llama.cpp's chain instead: top-k -> top-p -> min-p on the logits before
-temperature, then temperature; their penalties may count a window of the last n tokens.
+temperature, then temperature; their penalties may count a window of the last n tokens;
+those with `infill_sampler` end with llama.cpp's infill filter (server/sampling_infill.py).
 Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from server.request import SamplingParams
+from server.sampling_infill import InfillRows, apply_infill
 
 if TYPE_CHECKING:
     from model.cpu_kernels import CpuKernels
@@ -66,6 +68,8 @@ class SamplingBatch:
     guide_rows: Tensor | None = None
     guide_masks: Tensor | None = None
     end_only: Tensor | None = None
+    # Rows that run llama.cpp's infill sampler last (server/sampling_infill.py)
+    infill: InfillRows | None = None
 
     def with_guides(self, rows: list[int], masks: list[Tensor], end_only: Tensor
                     ) -> SamplingBatch:
@@ -174,7 +178,7 @@ class SamplingBatch:
             unit_temperature=all(p.temperature == 1.0 for p in sampled),
             plain_rows=tuple(i for i, p in enumerate(params)
                              if not p.is_greedy and (p.top_k <= 0 or p.top_k >= vocab_size)
-                             and p.top_p >= 1.0 and p.min_p <= 0.0),
+                             and p.top_p >= 1.0 and p.min_p <= 0.0 and not p.infill_sampler),
             temperature_last_rows=last,
             order_rows=order_rows,
         )
@@ -288,7 +292,7 @@ class Sampler:
         in_c = batch.plain_rows if self.kernels and logits.device.type == "cpu" else ()
         if len(in_c) == n_rows:  # every row: one C pass, no probabilities tensor
             return self._sample_in_c(logits, batch, uniforms, None)
-        if in_c and batch.no_top_k and batch.no_top_p and batch.no_min_p:
+        if in_c and batch.no_top_k and batch.no_top_p and batch.no_min_p and not batch.infill:
             assert greedy_ids is not None  # every sampled row is in C: the others are greedy
             sampled_ids = greedy_ids.clone()
         else:
@@ -310,25 +314,31 @@ class Sampler:
     def _sample_in_torch(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor
                          ) -> Tensor:
         """Every row drawn with PyTorch's ops (a greedy row's draw is discarded)."""
+        final = self._final_logits(logits, batch)
+        if batch.infill is not None:
+            final = apply_infill(final, batch.infill)
+        return sample_inverse_cdf(final.softmax(dim=-1), uniforms)
+
+    @staticmethod
+    def _final_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+        """The tempered logits each row draws from, what its filters drop at -inf."""
         scaled = logits
         if not batch.unit_temperature:
             # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
             temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
             scaled = logits / temperature.unsqueeze(1)
-        last = batch.temperature_last_rows
-        if not last:
-            return sample_inverse_cdf(_filtered(scaled, batch).softmax(dim=-1), uniforms)
+        if not batch.temperature_last_rows:
+            return _filtered(scaled, batch)
         # llama.cpp's rows: what their filters drop is found on the logits before temperature
         if batch.order_rows is None:  # (every sampled row is llama.cpp's)
             kept = _filtered(logits, batch, min_p_first=False)
-            scaled = scaled.masked_fill(kept == float("-inf"), float("-inf"))
-            return sample_inverse_cdf(scaled.softmax(dim=-1), uniforms)
+            return scaled.masked_fill(kept == float("-inf"), float("-inf"))
         others, rows = batch.order_rows
         out = torch.empty_like(scaled)
         out[others] = _filtered(scaled[others], _rows_of(batch, others))
         kept = _filtered(logits[rows], _rows_of(batch, rows), min_p_first=False)
         out[rows] = scaled[rows].masked_fill(kept == float("-inf"), float("-inf"))
-        return sample_inverse_cdf(out.softmax(dim=-1), uniforms)
+        return out
 
     def _sample_in_c(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor,
                      rows: Tensor | None) -> Tensor:

@@ -188,9 +188,13 @@ class LlamaCppService:
         has them sent already)."""
         choice = sample.choice
         stop_type, word = _stop_type(choice)
+        # The context's end cut it short: the length ended it, at the most fit() let it run
+        # (not n_indent's or the time limit's early end), short of n_predict
         asked = request.max_tokens  # (n_predict, before fit() kept it to the context)
+        most = params.max_tokens if params.max_tokens is not None else (
+            self.engine.max_model_len - len(s.prompt_ids))
         truncated = choice.finish_reason is FinishReason.LENGTH and (
-            asked is None or choice.num_output_tokens < asked)
+            choice.num_output_tokens >= most) and (asked is None or most < asked)
         probs = None
         if whole and request.n_probs:
             kept = _without_stop_word(self.tokenizer, choice)

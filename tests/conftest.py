@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -183,3 +184,11 @@ def long_context_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
     when a test looks from outside (a `docker exec`, a signal). The tiny model decodes a token
     in well under a millisecond, so 1000 tokens can be over before such a look."""
     return make_checkpoint(dataclasses.replace(TINY, max_seq_len=4096))
+
+
+def indent_cut(text: str, n_indent: int) -> str:
+    """Where llama.cpp's n_indent ends `text` (server/line_limits.py), as one regex: past
+    the first line, before the first character within a line's first n_indent that is no
+    space or tab."""
+    found = re.search(rf"\n[ \t]{{0,{n_indent - 1}}}[^ \t]", text)
+    return text if found is None else text[:found.end() - 1]

@@ -151,7 +151,7 @@ def _sampler_names(value: Any) -> list[str]:
     unknown = [name for name in value if name not in _SAMPLER_NAMES]
     if unknown:
         raise ValueError(f"unknown samplers {unknown}; this server runs "
-                         f"{list(SAMPLER_ORDER + INERT_SAMPLERS)}")
+                         f"{[*SAMPLER_ORDER, *INERT_SAMPLERS, 'infill']}")
     return [_SAMPLER_NAMES[name] for name in value]
 
 
@@ -184,6 +184,10 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
     samplers: Annotated[list[str], BeforeValidator(_sampler_names)] | None = None
     response_fields: Annotated[list[str], MAX_ITEMS_FIELD] | None = None
     timings_per_token: bool = False
+    # The editor plugins' limits (server/line_limits.py); <= 0: off. (Their t_max_prompt_ms
+    # is ignored, as llama.cpp ignores it.)
+    n_indent: int = 0
+    t_max_predict_ms: int = 0
     # Accepted as llama.cpp's defaults run them: the prefix cache is the server's
     # (--enable-prefix-caching); nothing shifts the context, so n_keep and n_discard never act
     cache_prompt: bool = True
@@ -200,8 +204,6 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
     mirostat: SkipJsonSchema[int] = 0
     min_keep: SkipJsonSchema[int] = 0
     post_sampling_probs: SkipJsonSchema[bool] = False
-    n_indent: SkipJsonSchema[int] = 0
-    t_max_predict_ms: SkipJsonSchema[int] = 0
     return_progress: SkipJsonSchema[bool] = False
     lora: SkipJsonSchema[list[Any] | None] = None
 
@@ -223,8 +225,6 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             "mirostat": self.mirostat != 0,
             "min_keep": self.min_keep > 1,
             "post_sampling_probs": self.post_sampling_probs,
-            "n_indent": self.n_indent > 0,
-            "t_max_predict_ms": self.t_max_predict_ms > 0,
             "return_progress": self.return_progress,
             "lora": bool(self.lora),
         }
@@ -238,16 +238,16 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
 
     @property
     def chain(self) -> tuple[str, ...]:
-        """The samplers that run, in llama.cpp's order; a list in another order is refused."""
+        """The samplers that run, in llama.cpp's order, the infill sampler (code completion's)
+        last where named; a list in another order is refused."""
         if self.samplers is None:
             return SAMPLER_ORDER
-        if "infill" in self.samplers:
-            raise RequestError("the infill sampler is not supported by this server", "samplers")
-        wanted = [name for name in self.samplers if name in SAMPLER_ORDER]
-        if len(set(wanted)) != len(wanted) or wanted != sorted(wanted, key=SAMPLER_ORDER.index):
+        wanted = [name for name in self.samplers if name in (*SAMPLER_ORDER, "infill")]
+        if len(set(wanted)) != len(wanted) or wanted != sorted(
+                wanted, key=(*SAMPLER_ORDER, "infill").index):
             raise RequestError(f"samplers: this server runs them in llama.cpp's default order "
-                               f"{list(SAMPLER_ORDER)} (any of them left out), got "
-                               f"{self.samplers}", "samplers")
+                               f"{list(SAMPLER_ORDER)} (any of them left out), \"infill\" "
+                               f"last where named, got {self.samplers}", "samplers")
         return tuple(wanted)
 
     def guide_spec(self) -> GuideSpec | None:
@@ -297,6 +297,9 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             frequency_penalty=self.frequency_penalty if penalties else 0.0,
             penalty_last_n=window if penalties else None,
             temperature_last=True,
+            infill_sampler="infill" in chain,
+            n_indent=max(self.n_indent, 0),
+            t_max_predict_ms=max(self.t_max_predict_ms, 0),
             logit_bias=logit_bias,
             seed=None if self.seed in (-1, _UINT32_MAX) else self.seed,
             stop=tuple(self.stop),
@@ -326,6 +329,7 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             "n_probs": self.n_probs, "min_keep": self.min_keep,
             "grammar": self.grammar or "", "samplers": list(self.chain),
             "timings_per_token": self.timings_per_token, "post_sampling_probs": False,
+            "n_indent": params.n_indent, "t_max_predict_ms": params.t_max_predict_ms,
             "lora": [],
         }
 

@@ -17,9 +17,11 @@ import transformers
 
 from model.tokenizer import Tokenizer
 from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
+from tests.conftest import indent_cut
 
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return total\n"
 EOT = 1003  # ▁<EOT> in the Code Llama-style vocabulary (tests/conftest.py)
+NEWLINE, SPACE = 262, 357  # its "\n" and "▁"
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,54 @@ def test_llamacpps_infill_is_the_suffix_completion(code: httpx.Client) -> None:
         events = [json.loads(d) for d in sse_data(r)]
     assert "".join(e["content"] for e in events) == body["content"]
     assert events[-1]["stop"] is True
+
+
+# What llama.vim asks for of each completion (its response_fields)
+LLAMA_VIM_FIELDS = ["content", "timings/prompt_n", "timings/prompt_ms",
+                    "timings/prompt_per_token_ms", "timings/prompt_per_second",
+                    "timings/predicted_n", "timings/predicted_ms",
+                    "timings/predicted_per_token_ms", "timings/predicted_per_second",
+                    "truncated", "tokens_cached"]
+
+
+def test_llama_vims_requests_as_it_sends_them(code: httpx.Client) -> None:
+    """Its ring-buffer update (the other files' chunks, nothing predicted, nothing asked
+    back), then a completion: the infill sampler after top-k and top-p, n_indent, the time
+    limits; only the fields it asks for come back."""
+    extra = [{"filename": "util.py", "text": "def sub(a, b):\n    return a - b\n"}]
+    ring = code.post("/infill", json={
+        "input_prefix": "", "input_suffix": "", "input_extra": extra, "prompt": "",
+        "n_predict": 0, "temperature": 0.0, "stream": False, "samplers": [],
+        "cache_prompt": True, "t_max_prompt_ms": 1, "t_max_predict_ms": 1,
+        "response_fields": [""]})
+    assert ring.status_code == 200 and ring.json() == {}, ring.text
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra,
+            "prompt": "total", "n_predict": 32, "stop": [], "n_indent": 4, "top_k": 40,
+            "top_p": 0.90, "stream": False, "samplers": ["top_k", "top_p", "infill"],
+            "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 3000,
+            "response_fields": LLAMA_VIM_FIELDS}
+    answer = code.post("/infill", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert sorted(result) == sorted(LLAMA_VIM_FIELDS)
+    assert 1 <= result["timings/predicted_n"] <= 32 and result["truncated"] is False
+    assert indent_cut(result["content"], 4) == result["content"]
+    settings = infill(code, **{**body, "response_fields": None, "seed": 1}
+                      )["generation_settings"]
+    assert settings["samplers"] == ["top_k", "top_p", "infill"]
+    assert (settings["n_indent"], settings["t_max_predict_ms"]) == (4, 3000)
+
+
+def test_n_indent_ends_the_middle_at_an_under_indented_line(code: httpx.Client) -> None:
+    """Greedy, newlines and spaces made likely: the middle is the unlimited one cut before
+    its first line with fewer than 2 spaces ("limit", not truncated: the context had room)."""
+    lines = {"n_predict": 40, "ignore_eos": True,
+             "logit_bias": [[NEWLINE, 3.0], [SPACE, 3.0]]}
+    whole = infill(code, **lines)["content"]
+    limited = infill(code, **lines, n_indent=2)
+    assert limited["content"] == indent_cut(whole, 2) != whole
+    assert (limited["stop_type"], limited["truncated"]) == ("limit", False)
+    assert limited["tokens_predicted"] < 40
 
 
 def test_streamed_middle_is_the_whole_one(code: httpx.Client) -> None:

@@ -236,7 +236,7 @@ def test_a_grammar_or_schema_shapes_the_answer(client: httpx.Client) -> None:
     ({"post_sampling_probs": True}, "post_sampling_probs"),
     ({"id_slot": 1}, "id_slot"),
     ({"samplers": ["temperature", "top_k"]}, "samplers"),
-    ({"samplers": ["top_k", "infill"]}, "samplers"),
+    ({"samplers": ["infill", "top_k"]}, "samplers"),
     ({"samplers": ["nope"]}, "samplers"),
     ({"prompt": [1, 999999]}, "prompt"),
     ({"prompt": []}, "prompt"),

@@ -30,7 +30,7 @@ from server.engine_front import Add, EngineOverloaded, RequestRejected
 from server.request import FinishReason, Request, SamplingParams
 from server.runner import ModelRunner
 from server.startup import build_engine
-from tests.conftest import LoraFixture
+from tests.conftest import LoraFixture, indent_cut
 
 ASYNC_OUTPUT_PROC = False  # set per test by output_mode; running() builds with it
 
@@ -384,6 +384,34 @@ def test_stop_string_spanning_tokens(tiny_checkpoint: Path) -> None:
     assert kept.text[0] == text[:first + len(stop)]
     assert cut.finish[0] == FinishReason.STOP
     assert len(cut.tokens[0]) < 30
+
+
+# The tiny tokenizer's "\n", " ", "a", " a": text of lines and indents only
+LINES_AND_INDENTS = (204, 226, 70, 274)
+
+
+def test_llamacpps_editor_limits_end_the_output(tiny_checkpoint: Path) -> None:
+    """n_indent cuts the text before an under-indented line's first other character (a
+    blank line's newline too); t_max_predict_ms ends it once a line is complete and the
+    time is past (1 ms: a few tokens later). Both as the length does; the tokens until then
+    are the unlimited run's (same seed)."""
+    prompt = prompts(3, seed=2)[2][:20]
+    plain = SamplingParams(temperature=1.0, seed=3, max_tokens=60, ignore_eos=True,
+                           allowed_token_ids=LINES_AND_INDENTS)
+    with running(tiny_checkpoint, max_model_len=256) as engine:
+        full, indented, timed, one_line = run(
+            engine, (prompt, plain, "full"), (prompt, replace(plain, n_indent=2), "indent"),
+            (prompt, replace(plain, t_max_predict_ms=1), "timed"),
+            (prompt, replace(plain, t_max_predict_ms=1, allowed_token_ids=(70, 226)), "one"))
+    text = full.text[0]
+    assert indent_cut(text, 2) != text  # (the run has an under-indented line to cut)
+    assert indented.text[0] == indent_cut(text, 2)
+    assert indented.finish[0] == FinishReason.LENGTH
+    assert indented.tokens[0] == full.tokens[0][:len(indented.tokens[0])]
+    assert len(indented.tokens[0]) < 60
+    assert timed.finish[0] == FinishReason.LENGTH and len(timed.tokens[0]) < 60
+    assert text.startswith(timed.text[0]) and "\n" in timed.text[0]
+    assert len(one_line.tokens[0]) == 60  # no line complete: no time limit
 
 
 def test_stops_at_max_model_len(tiny_checkpoint: Path) -> None:
