@@ -11,6 +11,7 @@ window is attention over everything: such a model's context stops at its window 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,44 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # transformers' MistralConfig defaults, for a config.json that leaves the keys out
 MISTRAL_SLIDING_WINDOW = 4096
 MISTRAL_MAX_POSITIONS = 4096 * 32
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# Each scaling's fields beside rope_type / type / factor / original_max_position_embeddings /
+# rope_theta (yarn's `finetuned`, which Yarn-Llama-2's configs carry, changes nothing in
+# transformers either)
+_ROPE_FIELDS = {
+    "linear": set(),
+    "llama3": {"low_freq_factor", "high_freq_factor"},
+    "yarn": {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+             "truncate", "finetuned"},
+}
 
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """Rotary frequency scaling: `linear` (positions / factor) or Llama 3.1's `llama3`."""
+    """Rotary frequency scaling: `linear` (positions / factor), Llama 3.1's `llama3`, or
+    `yarn` (transformers' _compute_yarn_parameters: frequencies blended between the original
+    and the interpolated ones along a ramp, cos and sin scaled by `cos_sin_factor`)."""
 
     rope_type: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn's: the ramp's ends in rotations over the original context, the bounds rounded
+    # outward (`truncate`), and cos and sin's factor (None: from factor and the mscales)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
     @classmethod
-    def from_hf(cls, raw: dict[str, Any]) -> RopeScaling | None:
+    def from_hf(cls, raw: dict[str, Any], max_position_embeddings: int = 8192,
+                original_max_position_embeddings: int | None = None) -> RopeScaling | None:
+        """config.json's rope_scaling (or rope_parameters). The original context defaults to
+        max_position_embeddings, as transformers 5 sets it; a config.json's top-level
+        `original_max_position_embeddings` (Phi-3's place) wins, as there."""
         rope_type = raw.get("rope_type", raw.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
@@ -46,16 +70,38 @@ class RopeScaling:
             )
         if rope_type == "default":
             return None
-        known = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-                 "original_max_position_embeddings", "rope_theta"}
+        known = {"rope_type", "type", "factor", "original_max_position_embeddings",
+                 "rope_theta"} | _ROPE_FIELDS[rope_type]
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unsupported rope_scaling field(s) for {rope_type}: {unknown}")
+        original = (original_max_position_embeddings
+                    or raw.get("original_max_position_embeddings") or max_position_embeddings)
         kwargs = {k: raw[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                      "original_max_position_embeddings") if k in raw}
+                                      "beta_fast", "beta_slow", "truncate",
+                                      "attention_factor", "mscale", "mscale_all_dim")
+                  if raw.get(k) is not None}
         if "factor" not in kwargs:
-            raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
-        return cls(rope_type=rope_type, **kwargs)
+            if rope_type != "yarn":
+                raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+            kwargs["factor"] = max_position_embeddings / original  # (DeepSeek-V3's way)
+        return cls(rope_type=rope_type, original_max_position_embeddings=original, **kwargs)
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """What yarn multiplies cos and sin by (so attention logits by its square); 1 for
+        the others."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+        return mscale(self.factor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +169,9 @@ class ModelConfig:
         rope = raw.get("rope_parameters") or {}
         rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
         scaling_raw = raw.get("rope_scaling") or (rope if rope else None)
-        rope_scaling = RopeScaling.from_hf(scaling_raw) if scaling_raw else None
+        rope_scaling = RopeScaling.from_hf(
+            scaling_raw, positions, raw.get("original_max_position_embeddings")
+        ) if scaling_raw else None
 
         n_heads = raw["num_attention_heads"]
         return cls(
@@ -222,10 +270,18 @@ class ModelConfig:
         if self.rope_scaling is not None:
             s = self.rope_scaling
             out["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor}
+            if s.rope_type in ("llama3", "yarn"):
+                out["rope_scaling"]["original_max_position_embeddings"] = (
+                    s.original_max_position_embeddings)
             if s.rope_type == "llama3":
-                out["rope_scaling"].update(
-                    low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                    original_max_position_embeddings=s.original_max_position_embeddings)
+                out["rope_scaling"].update(low_freq_factor=s.low_freq_factor,
+                                           high_freq_factor=s.high_freq_factor)
+            if s.rope_type == "yarn":
+                out["rope_scaling"].update(beta_fast=s.beta_fast, beta_slow=s.beta_slow,
+                                           truncate=s.truncate)
+                out["rope_scaling"].update({k: v for k, v in (
+                    ("attention_factor", s.attention_factor), ("mscale", s.mscale),
+                    ("mscale_all_dim", s.mscale_all_dim)) if v is not None})
         return out
 
 

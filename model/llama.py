@@ -108,13 +108,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
-    """Inverse frequencies (head_dim/2,) in float32, with linear or Llama 3.1 scaling."""
+    """Inverse frequencies (head_dim/2,) in float32, with linear, Llama 3.1 or YaRN scaling."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor
@@ -126,6 +128,30 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> T
     blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> Tensor:
+    """YaRN's frequencies, transformers' ops in its order (the same bits): the dimensions
+    that turn more than beta_fast times over the original context keep their frequency
+    (extrapolated), those under beta_slow are interpolated (/ factor), a linear ramp between."""
+    dims = torch.arange(0, head_dim, 2).to(dtype=torch.float)
+    pos_freqs = theta ** (dims / head_dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+
+    def dim_turning(rotations: float) -> float:  # the dimension that turns this many times
+        return (head_dim * math.log(scaling.original_max_position_embeddings
+                                    / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = dim_turning(scaling.beta_fast), dim_turning(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # (transformers': no division by zero)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low),
+                       0, 1)
+    kept = 1 - ramp  # how much of each dimension keeps its frequency
+    return interpolated * (1 - kept) + extrapolated * kept
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -484,7 +510,11 @@ class LlamaModel(nn.Module):
         1 broadcasts over heads."""
         freqs = positions.float()[:, None, None] * self.inv_freq  # (T, 1, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, 1, D): rotate-half layout
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling.cos_sin_factor != 1.0:  # (yarn's)
+            cos, sin = cos * scaling.cos_sin_factor, sin * scaling.cos_sin_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv: KVCachePool | None = None,
                 batch: AttentionBatch | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -146,7 +147,9 @@ def test_corrupt_safetensors_header(tiny_checkpoint: Path, tmp_path: Path) -> No
     ({"attention_bias": True}, "attention_bias"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": "4096"}, "sliding_window"),
     ({"architectures": None, "model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "dynamic"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}},
+     "low_freq_factor"),
 ])
 def test_unsupported_config_is_named(change: dict, message: str, tiny_checkpoint: Path) -> None:
     raw = json.loads((tiny_checkpoint / "config.json").read_text()) | change
@@ -218,6 +221,35 @@ def test_transformers5_rope_parameters(tiny_checkpoint: Path) -> None:
     config = ModelConfig.from_hf(raw)
     assert config.rope_theta == 500000.0
     assert config.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def test_yarn_configs_read_as_transformers_reads_them(tiny_checkpoint: Path) -> None:
+    """Yarn-Llama-2's shape (its `finetuned` flag changes nothing); the original context
+    from max_position_embeddings where left out, from the top level where Phi-3 puts it;
+    no factor: the ratio of the two (DeepSeek-V3's); the mscales give cos and sin's factor;
+    to_hf writes what from_hf reads."""
+    raw = json.loads((tiny_checkpoint / "config.json").read_text()) | {
+        "max_position_embeddings": 1024}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+            "finetuned": True}
+    config = ModelConfig.from_hf(raw | {"rope_scaling": yarn})
+    assert config.rope_scaling == RopeScaling("yarn", 4.0, original_max_position_embeddings=256)
+    assert config.rope_scaling.cos_sin_factor == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert ModelConfig.from_hf(config.to_hf()) == config
+    unsaid = ModelConfig.from_hf(raw | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    assert unsaid.rope_scaling is not None
+    assert unsaid.rope_scaling.original_max_position_embeddings == 1024
+    top = ModelConfig.from_hf(raw | {"rope_scaling": yarn, "original_max_position_embeddings": 128})
+    assert top.rope_scaling is not None and top.rope_scaling.original_max_position_embeddings == 128
+    derived = ModelConfig.from_hf(raw | {"rope_scaling": {
+        "rope_type": "yarn", "original_max_position_embeddings": 256, "mscale": 1.0,
+        "mscale_all_dim": 0.5, "beta_fast": 8, "truncate": False}})
+    scaling = derived.rope_scaling
+    assert scaling is not None and (scaling.factor, scaling.beta_fast, scaling.truncate) == (
+        4.0, 8, False)
+    assert scaling.cos_sin_factor == pytest.approx(
+        (0.1 * math.log(4.0) + 1.0) / (0.05 * math.log(4.0) + 1.0))
+    assert ModelConfig.from_hf(derived.to_hf()) == derived
 
 
 def test_hub_id_resolves_offline_from_cache(tiny_checkpoint: Path, tmp_path: Path,

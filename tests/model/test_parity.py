@@ -30,6 +30,12 @@ VARIANTS = {
         "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64)),
     "linear_rope": replace(TINY, rope_scaling=RopeScaling("linear", factor=4.0)),
+    "yarn_rope": replace(TINY, rope_scaling=RopeScaling(
+        "yarn", factor=4.0, original_max_position_embeddings=64)),
+    # DeepSeek's mscales, a ramp of other bounds left unrounded
+    "yarn_mscale_rope": replace(TINY, rope_theta=50000.0, rope_scaling=RopeScaling(
+        "yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
+        beta_slow=2.0, truncate=False, mscale=0.707, mscale_all_dim=1.0)),
     "tied_embeddings": replace(TINY, tie_embeddings=True),
     "odd_vocab": replace(TINY, vocab_size=1001),
     "explicit_head_dim": replace(TINY, head_dim=32),
@@ -53,7 +59,7 @@ def prompt_ids(n: int, vocab: int = 1000, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
     folder = make_checkpoint(VARIANTS[variant])
-    ids = prompt_ids(300)  # past the llama3 variant's original context of 64
+    ids = prompt_ids(300)  # past the llama3 and yarn variants' original context of 64
     ours = load_ours(folder)(ids, torch.arange(len(ids)))
     ref = reference_logits(folder, ids)
     assert ours.shape == ref.shape == (len(ids), VARIANTS[variant].vocab_size)
@@ -61,7 +67,8 @@ def test_logits_match_transformers(variant: str, make_checkpoint) -> None:
 
 
 @pytest.mark.parametrize("use_cpu_kernels", [True, False], ids=["c-kernels", "torch-ops"])
-@pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope"])
+@pytest.mark.parametrize("variant", ["gqa_4to1", "tied_embeddings", "llama3_rope",
+                                     "yarn_rope"])
 def test_packed_fast_path_matches_reference(variant: str, use_cpu_kernels: bool,
                                             make_checkpoint) -> None:
     """Fused weights (what the server runs on CPU) compute the same logits, for decode-sized
