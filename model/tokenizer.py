@@ -130,6 +130,11 @@ class Tokenizer:
                              f"(0..{self.vocab_size - 1})")
         return token
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (an added token's content, e.g. "<think>"); None
+        where there is none."""
+        return self._backend.token_to_id(token)
+
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each id's text on its own, as logprobs show it (special tokens included).
 

@@ -380,7 +380,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], EngineFront],
             state.llamacpp = LlamaCppService(engine, engine.tokenizer,
                                              config.served_model_name)
             state.chat = ChatService(*services, tool_call_parser=config.tool_call_parser,
-                                     trust_request_templates=config.trust_request_chat_template)
+                                     trust_request_templates=config.trust_request_chat_template,
+                                     reasoning_parser=config.reasoning_parser)
             state.messages = MessagesService(state.chat)
             state.responses = ResponsesService(state.chat, ResponseStore(
                 config.responses_store) if config.responses_store else None)

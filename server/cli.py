@@ -21,6 +21,7 @@ from server.config import (
     DEFAULT_BATCHED_TOKENS,
     DEFAULT_MAX_MODEL_LEN,
     LARGE_GPU_BATCHED_TOKENS,
+    REASONING_PARSERS,
     TOOL_CALL_PARSERS,
     EngineConfig,
     GenerationDefaults,
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
          "3.2's other format, Llama 4's), hermes (<tool_call> blocks: Hermes 3); vLLM's "
          "llama4_json and llama4_pythonic name the first two",
          choices=list(TOOL_CALL_PARSERS))
+    _add(serve, "--reasoning-parser", "set a reasoning model's thinking apart from its answer "
+         "in chat completions (vLLM's flag): deepseek_r1 (<think> ... </think>: DeepSeek-R1 "
+         "and its Llama distills), as the message's reasoning", choices=list(REASONING_PARSERS))
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
     _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "
@@ -225,6 +229,7 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,
         tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store,
+        reasoning_parser=args.reasoning_parser,
         enable_embeddings=args.enable_embeddings, pooling=args.pooling)
     return engine, server
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
 
+from server.reasoning import REASONING_TAGS
 from server.request import Pooling
 from server.tool_calls import PARSERS
 
@@ -229,6 +230,7 @@ class GenerationDefaults:
 
 
 TOOL_CALL_PARSERS = tuple(PARSERS)  # --tool-call-parser's choices
+REASONING_PARSERS = tuple(REASONING_TAGS)  # --reasoning-parser's
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,9 @@ class ServerConfig:
     # tool_choice "auto": the model's answer parsed for tool calls by this parser (vLLM's
     # --enable-auto-tool-choice --tool-call-parser); None: "auto" is refused
     tool_call_parser: str | None = None
+    # A reasoning model's thinking set apart in chat answers (server/reasoning.py), vLLM's
+    # --reasoning-parser; None: answers are all content
+    reasoning_parser: str | None = None
     # The Responses API's stored responses (server/response_store.py): the last N; 0: none
     responses_store: int = 0
     # POST /v1/embeddings, and how it pools a prompt's hidden states (last token, or mean)
@@ -276,6 +281,9 @@ class ServerConfig:
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}, got "
                              f"{self.tool_call_parser!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"--reasoning-parser must be one of {REASONING_PARSERS}, got "
+                             f"{self.reasoning_parser!r}")
         if self.pooling not in get_args(Pooling):
             raise ValueError(f"--pooling must be one of {get_args(Pooling)}, got "
                              f"{self.pooling!r}")

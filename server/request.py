@@ -79,6 +79,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     guide: Guide | None = None  # guided decoding: what the output must follow
+    # The token past whose first occurrence the guide starts (the reasoning's end under
+    # --reasoning-parser, as vLLM applies structured outputs after the thinking); None: at once
+    guide_after: int | None = None
     # An embedding request's (max_tokens 0): the prompt's final hidden states pooled, its
     # last token's or every token's mean, at unit length
     pooling: Pooling | None = None

@@ -187,6 +187,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
         service.prepare_tools(body)
         params = await _sampling_params(body, service, state)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
+        params = service.with_reasoning(params, body, prompt_ids)
         submitted = _submit(engine, service, body, [(prompt_ids, None)], params, response_id,
                             "messages")
     return await _respond(request, body.stream, service, body, submitted, response_id)
@@ -369,6 +370,7 @@ async def _chat_backed(state: ServerState, request: Request, chat: ChatCompletio
         service.prepare_tools(chat)
         params = await _sampling_params(chat, service, state)
         prompt_ids = await _tokenized(request, lambda: prompt_ids_of(params))
+        params = service.with_reasoning(params, chat, prompt_ids)
         submitted = submit(engine, [(prompt_ids, None)], params,
                            _engine_request_id(response_id), prompt_param)
     return params, submitted

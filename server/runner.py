@@ -85,7 +85,7 @@ class ModelRunner:
         # Guided decoding: the allowed tokens of each guide's states, and where each guided
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
-        self.guide_states: dict[Sequence, tuple[int, int]] = {}
+        self.guide_states: dict[Sequence, tuple[int, int | None]] = {}
         # Mean pooling: each embedding request's sum of hidden states over its chunks so far
         self.pool_sums: dict[Request, torch.Tensor] = {}
         self._end_only_logits: torch.Tensor | None = None
@@ -344,10 +344,14 @@ class ModelRunner:
                 p.has_penalties or p.bans_by_output for p in params)
             self._last_sampling = (tuple(seqs), batch if keep else None)
         # A guided row's mask moves with its tokens: set every step, on the batch kept or not
-        guided = [i for i, s in enumerate(seqs) if s.request.params.guide is not None]
+        # (a guide that starts past the reasoning's end has no state before it: unguided)
+        states = {i: self._guide_state(s) for i, s in enumerate(seqs)
+                  if s.request.params.guide is not None}
+        guided = [i for i, state in states.items() if state is not None]
         if guided:
-            batch = batch.with_guides(guided, [self._guide_mask(seqs[i]) for i in guided],
-                                      self._end_only())
+            batch = batch.with_guides(
+                guided, [self._guide_mask(seqs[i], states[i]) for i in guided],
+                self._end_only())
         return batch
 
     def _infill_rows(self, params: list[SamplingParams], rows: list[int]) -> InfillRows:
@@ -397,21 +401,27 @@ class ModelRunner:
             self.generators[seq] = gen
         return self.generators[seq]
 
-    def _guide_state(self, seq: Sequence) -> int:
-        """Where `seq`'s guide stands after its output so far (walked on from the last step)."""
-        guide, guides = seq.request.params.guide, self.guides
-        assert guide is not None and guides is not None
-        walked, state = self.guide_states.get(seq, (0, 0))
+    def _guide_state(self, seq: Sequence) -> int | None:
+        """Where `seq`'s guide stands after its output so far (walked on from the last step);
+        None while it has not started: a guide with `guide_after` (the reasoning's end, under
+        --reasoning-parser) starts past that token's first occurrence in the output."""
+        params, guides = seq.request.params, self.guides
+        assert params.guide is not None and guides is not None
+        after = params.guide_after
+        walked, state = self.guide_states.get(seq, (0, 0 if after is None else None))
         for token_id in seq.output_ids[walked:]:
-            state = guides.advance(guide, state, token_id)
+            if state is not None:
+                state = guides.advance(params.guide, state, token_id)
+            elif token_id == after:
+                state = 0
         self.guide_states[seq] = (len(seq.output_ids), state)
         return state
 
-    def _guide_mask(self, seq: Sequence) -> torch.Tensor:
+    def _guide_mask(self, seq: Sequence, state: int) -> torch.Tensor:
         guide = seq.request.params.guide
         if guide is None or self.guides is None:
             raise RuntimeError("a guided request reached a runner without guide masks")
-        return self.guides.mask(guide, self._guide_state(seq))
+        return self.guides.mask(guide, state)
 
     def _min_tokens_ban(self, seq: Sequence) -> list[tuple[int, float]]:
         # (A guided row whose guide allows only banned tokens, such as the end once its

@@ -53,6 +53,7 @@ from server.protocol import (
     prompt_logprobs,
     to_openai_finish_reason,
 )
+from server.reasoning import ReasoningParser, ReasoningStream
 from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from server.tool_calls import (
     PARSERS,
@@ -632,10 +633,53 @@ class ChatService(_Service):
 
     def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str,
                  prompt_tokens_details: bool = False, tool_call_parser: str | None = None,
-                 trust_request_templates: bool = False) -> None:
+                 trust_request_templates: bool = False,
+                 reasoning_parser: str | None = None) -> None:
         super().__init__(engine, tokenizer, model_name, prompt_tokens_details)
         self.tool_parser = PARSERS[tool_call_parser] if tool_call_parser else None
         self.trust_request_templates = trust_request_templates
+        # --reasoning-parser: the thinking set apart (server/reasoning.py), and the token
+        # that ends it, past which a guide starts (as vLLM applies structured outputs)
+        self.reasoning = ReasoningParser.named(reasoning_parser) if reasoning_parser else None
+        self.reasoning_end_id: int | None = None
+        if self.reasoning is not None:
+            ids = [tokenizer.token_id(tag) for tag in (self.reasoning.start,
+                                                       self.reasoning.end)]
+            if None in ids:  # (vLLM's check, its words)
+                raise ValueError(f"the {reasoning_parser} reasoning parser could not locate "
+                                 f"the think start/end tokens {self.reasoning.start!r} and "
+                                 f"{self.reasoning.end!r} in the tokenizer")
+            self.reasoning_end_id = ids[1]
+
+    def with_reasoning(self, params: SamplingParams, request: ChatCompletionRequest,
+                       prompt_ids: list[int]) -> SamplingParams:
+        """A guided request's guide starts past the reasoning's end, under a parser, unless
+        the prompt ended it or the reasoning is left out (`include_reasoning` false): then at
+        once, as vLLM applies structured outputs."""
+        if (params.guide is None or self.reasoning_end_id is None
+                or not request.include_reasoning or self.thought_in_prompt(prompt_ids)):
+            return params
+        return replace(params, guide_after=self.reasoning_end_id)
+
+    def thought_in_prompt(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt closed the thinking (its last think tag is the end: a template
+        that turns thinking off); the answer is then all content (vLLM's is_reasoning_end)."""
+        assert self.reasoning is not None and self.reasoning_end_id is not None
+        start_id = self.tokenizer.token_id(self.reasoning.start)
+        for token_id in reversed(prompt_ids):
+            if token_id in (start_id, self.reasoning_end_id):
+                return token_id == self.reasoning_end_id
+        return False
+
+    def split_reasoning(self, choice: Choice, prompt_ids: list[int]
+                        ) -> tuple[str | None, Choice]:
+        """A finished choice's reasoning (None: no parser, or the prompt closed the
+        thinking), and the choice with its content alone as its text ("" where the thinking
+        never closed)."""
+        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+            return None, choice
+        reasoning, content = self.reasoning.split(choice.text)
+        return reasoning, replace(choice, text=content or "")
 
     def prepare_tools(self, request: ChatCompletionRequest) -> None:
         """tool_choice "auto" needs a parser (vLLM's answer, word for word); a parser whose
@@ -716,8 +760,13 @@ class ChatService(_Service):
             prompt_lps = out.prompt_logprobs or prompt_lps
             choices.setdefault(out.index, Choice()).absorb(out)
         result, echoed = [], self.echoed(request)
-        for i, c in sorted(choices.items()):
+        for i, whole in sorted(choices.items()):
+            reasoning, c = self.split_reasoning(whole, submitted[0].prompt_ids)
             content, calls, finish = self.answer(request, c)
+            if reasoning is not None and not c.text and calls is None:
+                content = None  # (all of it thinking, as vLLM's)
+            if not request.include_reasoning:
+                reasoning = None
             if echoed:  # (before calls' content too, as vLLM puts it)
                 content = echoed + (content or "")
             tool_calls = None if calls is None else [
@@ -725,8 +774,10 @@ class ChatService(_Service):
                                                                      arguments=call.arguments))
                 for call in calls]
             result.append(ChatCompletionResponseChoice(
-                index=i, message=ChatCompletionMessage(content=content, tool_calls=tool_calls),
-                logprobs=self.logprobs(request, c.logprobs) if request.logprobs else None,
+                index=i, message=ChatCompletionMessage(
+                    content=content, tool_calls=tool_calls, reasoning=reasoning,
+                    reasoning_content=reasoning),
+                logprobs=self.logprobs(request, whole.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(
             id=response_id, model=self.model_of(submitted), choices=result,
@@ -744,6 +795,9 @@ class ChatService(_Service):
         held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
         named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
+        thinking = ({index: _ReasoningSplit(self.reasoning.stream()) for index in held}
+                    if self.reasoning is not None
+                    and not self.thought_in_prompt(submitted[0].prompt_ids) else None)
         started = False
         async for _, out in merged(self.engine, submitted):
             raise_if_failed(out)  # reported in the stream by the route, which ends it
@@ -754,6 +808,10 @@ class ChatService(_Service):
                     for index in range(request.n):
                         yield chunks.chunk(index, DeltaMessage(content=echoed))
                 started = True
+            if thinking is not None:  # the thinking goes out as it comes; the rest is `out`
+                reasoning, lps, out = thinking[out.index].split(out)
+                if reasoning and request.include_reasoning:
+                    yield chunks.reasoning(out.index, reasoning, lps, out.num_output_tokens)
             choice = choices.setdefault(out.index, Choice())
             choice.absorb(out)
             if named is not None:
@@ -771,6 +829,27 @@ class ChatService(_Service):
         if request.include_usage:
             yield chunks.envelope.usage_chunk(self._usage(submitted, choices, request.n))
         yield DONE
+
+
+@dataclass(slots=True)
+class _ReasoningSplit:
+    """One streamed choice's outputs split into its thinking and the rest (what the chat
+    stream goes on with as before). A token's logprobs go with the text it shows in: held
+    while its text is (a tag cut across tokens), with the thinking where that is all it
+    shows, else with the rest."""
+
+    stream: ReasoningStream
+    pending: list[TokenLogprob] = field(default_factory=list)
+
+    def split(self, out: RequestOutput
+              ) -> tuple[str, list[TokenLogprob] | None, RequestOutput]:
+        reasoning, content = self.stream.feed(out.text, final=out.finished)
+        self.pending += out.logprobs or []
+        lps = None
+        if content or reasoning:
+            lps, self.pending = self.pending, []
+        rest = replace(out, text=content, logprobs=lps if content else None)
+        return reasoning, None if content else lps, rest
 
 
 class _ChatChunks:
@@ -801,6 +880,11 @@ class _ChatChunks:
 
     def role(self, index: int) -> str:
         return self.chunk(index, DeltaMessage(role="assistant", content=""))
+
+    def reasoning(self, index: int, text: str, lps: list[TokenLogprob] | None,
+                  num_output: int) -> str:
+        return self.chunk(index, DeltaMessage(reasoning=text, reasoning_content=text),
+                          self._logprobs(lps) if lps else None, num_output=num_output)
 
     def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs | None:
         return self.service.logprobs(self.request, lps) if self.request.logprobs else None

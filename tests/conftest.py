@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 
 # Without a GPU the Triton kernels of the GPU path run on CPU tensors under Triton's
@@ -120,6 +121,35 @@ def code_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory,
     write_checkpoint(out, TINY, seed=3)
     for name in TOKENIZER_FILES:
         shutil.copy(code_llama_tokenizer_dir / name, out / name)
+    return out
+
+
+# DeepSeek-R1's think tags, added (not special) after the byte-level tokenizer's 1000, and
+# its distills' chat template ending: the thinking opened in the prompt (closed at once where
+# the template's `thinking` is false, a template that turns thinking off)
+THINK_TAGS = ("<think>", "</think>")
+REASONING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+    "{% if thinking is defined and not thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def reasoning_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Path:
+    """The tiny model with R1's think tags in its tokenizer and a distill's template."""
+    out = tmp_path_factory.mktemp("ckpt-reasoning")
+    for item in tiny_checkpoint.iterdir():
+        shutil.copy(item, out / item.name)
+    backend = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    backend.add_tokens([tokenizers.AddedToken(tag, special=False, normalized=False)
+                        for tag in THINK_TAGS])
+    backend.save(str(out / "tokenizer.json"))
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = REASONING_TEMPLATE
+    config_path.write_text(json.dumps(config))
     return out
 
 

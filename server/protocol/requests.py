@@ -699,6 +699,8 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: one call at most
+    # Under --reasoning-parser: false leaves the reasoning out of the answer (vLLM's)
+    include_reasoning: bool = True
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
     add_special_tokens: bool = False

@@ -194,12 +194,17 @@ class ChatCompletionMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+    # Under --reasoning-parser, the thinking: vLLM's field, and DeepSeek's API's (and earlier
+    # vLLM's) name for the same text; neither sent without a parser
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         body = handler(self)
-        if body.get("tool_calls") is None:
-            body.pop("tool_calls", None)
+        for key in ("tool_calls", "reasoning", "reasoning_content"):
+            if body.get(key) is None:
+                body.pop(key, None)
         return body
 
 
@@ -251,6 +256,8 @@ class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning: str | None = None  # (both names, as ChatCompletionMessage's)
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

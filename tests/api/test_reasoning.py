@@ -1,0 +1,138 @@
+"""--reasoning-parser deepseek_r1 over HTTP: a chat answer's thinking (up to the first
+</think>) as the message's `reasoning` (and `reasoning_content`), the rest as its content;
+the oracle is the same greedy generation through /v1/completions, which splits nothing.
+A structured output's guide starts past </think>; a prompt that closed the thinking leaves
+the answer all content."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, run_server, sse_data
+from tests.conftest import THINK_TAGS
+
+MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
+SCHEMA = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}
+
+
+@pytest.fixture(scope="module")
+def thinker(reasoning_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Server]:
+    with run_server(reasoning_checkpoint, tmp_path_factory.mktemp("reasoning"),
+                    "--served-model-name", "r1", "--max-model-len", "256",
+                    "--reasoning-parser", "deepseek_r1") as s:
+        yield s
+
+
+@pytest.fixture
+def client(thinker: Server) -> Iterator[httpx.Client]:
+    with thinker.client() as c:
+        yield c
+
+
+def end_id(client: httpx.Client) -> int:
+    [token] = client.post("/tokenize", json={"prompt": THINK_TAGS[1],
+                                             "add_special_tokens": False}).json()["tokens"]
+    return token
+
+
+def raw_text(client: httpx.Client, **fields: object) -> str:
+    """The generation itself, unsplit: the chat prompt's ids through /v1/completions."""
+    ids = client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    r = client.post("/v1/completions", json={"prompt": ids, "temperature": 0,
+                                             "skip_special_tokens": False, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def chat(client: httpx.Client, **fields: object) -> dict:
+    r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0,
+                                                  **fields})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def streamed(client: httpx.Client, **fields: object) -> tuple[str, str, list[dict]]:
+    """A chat stream's reasoning and content, joined, and its deltas."""
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": MESSAGES, "temperature": 0, "stream": True, **fields}) as r:
+        assert r.status_code == 200
+        deltas = [json.loads(d)["choices"][0]["delta"] for d in sse_data(r) if d != "[DONE]"]
+    for delta in deltas:
+        assert delta.get("reasoning") == delta.get("reasoning_content")
+    return ("".join(d.get("reasoning") or "" for d in deltas),
+            "".join(d.get("content") or "" for d in deltas), deltas)
+
+
+@pytest.mark.parametrize("bias", [
+    None,  # the random model never closes its thinking: all reasoning, no content
+    0.4,  # </think> a little likelier: one token of thinking, then content (more tags in it)
+    8.0,  # </think> first: no thinking, all content
+])
+def test_the_thinking_is_the_answer_up_to_the_first_end_tag(client: httpx.Client,
+                                                            bias: float | None) -> None:
+    fields: dict = {"max_tokens": 12}
+    if bias is not None:
+        fields["logit_bias"] = {str(end_id(client)): bias}
+    raw = raw_text(client, **fields)
+    assert (THINK_TAGS[1] in raw) is (bias is not None)
+    message = chat(client, **fields)["message"]
+    reasoning, closed, content = raw.partition(THINK_TAGS[1])
+    assert bool(reasoning and content) is (bias == 0.4)  # (each case what it says)
+    assert message["reasoning"] == message["reasoning_content"] == reasoning
+    assert message["content"] == ((content or None) if closed else None)
+    # streamed: the same two texts, the thinking's chunks first
+    got_reasoning, got_content, deltas = streamed(client, **fields)
+    assert (got_reasoning, got_content or None) == (reasoning, message["content"])
+    kinds = [("reasoning" in d) for d in deltas if d.get("reasoning") or d.get("content")]
+    assert kinds == sorted(kinds, reverse=True)
+
+
+def test_a_structured_output_starts_past_the_thinking(client: httpx.Client) -> None:
+    """</think> first (made certain), then the schema's JSON: unguided, the JSON guide would
+    have refused the tag."""
+    fields = {"max_tokens": 40, "logit_bias": {str(end_id(client)): 100.0},
+              "response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "a", "schema": SCHEMA}}}
+    message = chat(client, **fields)["message"]
+    assert message["reasoning"] == ""
+    assert json.loads(message["content"])["a"] in (1, 2)
+    reasoning, content, _ = streamed(client, **fields)
+    assert (reasoning, content) == ("", message["content"])
+
+
+def test_include_reasoning_false_leaves_it_out(client: httpx.Client) -> None:
+    bias = {"max_tokens": 12, "logit_bias": {str(end_id(client)): 8.0}}
+    with_it = chat(client, **bias)["message"]
+    without = chat(client, **bias, include_reasoning=False)["message"]
+    assert "reasoning" not in without and "reasoning_content" not in without
+    assert without["content"] == with_it["content"]
+    reasoning, content, _ = streamed(client, **bias, include_reasoning=False)
+    assert (reasoning, content or None) == ("", with_it["content"])
+
+
+def test_a_prompt_that_closed_the_thinking_leaves_all_content(client: httpx.Client) -> None:
+    """The template's thinking off: <think>\\n\\n</think> in the prompt; the answer is all
+    content, and a guide applies from its first token."""
+    off = {"chat_template_kwargs": {"thinking": False}, "max_tokens": 12}
+    ids = client.post("/tokenize", json={"messages": MESSAGES, **off}).json()["tokens"]
+    raw = client.post("/v1/completions", json={"prompt": ids, "temperature": 0,
+                                               "max_tokens": 12}).json()["choices"][0]["text"]
+    message = chat(client, **off)["message"]
+    assert "reasoning" not in message and message["content"] == raw
+    schema = {**off, "max_tokens": 40, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
+    assert json.loads(chat(client, **schema)["message"]["content"])["a"] in (1, 2)
+
+
+def test_a_model_without_think_tags_refuses_the_parser(tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    with run_server(tiny_checkpoint, tmp_path, "--reasoning-parser", "deepseek_r1",
+                    wait=False) as server:
+        assert server.process.wait(timeout=90) != 0
+    assert "could not locate the think start/end tokens" in server.log()
