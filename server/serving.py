@@ -671,6 +671,13 @@ class ChatService(_Service):
                 return token_id == self.reasoning_end_id
         return False
 
+    def reasoning_split(self, prompt_ids: list[int]) -> ReasoningSplit | None:
+        """A stream's splitter of one choice's outputs into thinking and the rest; None
+        without a parser, or where the prompt closed the thinking."""
+        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+            return None
+        return ReasoningSplit(self.reasoning.stream())
+
     def split_reasoning(self, choice: Choice, prompt_ids: list[int]
                         ) -> tuple[str | None, Choice]:
         """A finished choice's reasoning (None: no parser, or the prompt closed the
@@ -795,9 +802,9 @@ class ChatService(_Service):
         held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
         named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
-        thinking = ({index: _ReasoningSplit(self.reasoning.stream()) for index in held}
-                    if self.reasoning is not None
-                    and not self.thought_in_prompt(submitted[0].prompt_ids) else None)
+        thinking: dict[int, ReasoningSplit] | None = None
+        if self.reasoning is not None and self.reasoning_split(submitted[0].prompt_ids):
+            thinking = {index: ReasoningSplit(self.reasoning.stream()) for index in held}
         started = False
         async for _, out in merged(self.engine, submitted):
             raise_if_failed(out)  # reported in the stream by the route, which ends it
@@ -832,7 +839,7 @@ class ChatService(_Service):
 
 
 @dataclass(slots=True)
-class _ReasoningSplit:
+class ReasoningSplit:
     """One streamed choice's outputs split into its thinking and the rest (what the chat
     stream goes on with as before). A token's logprobs go with the text it shows in: held
     while its text is (a tag cut across tokens), with the thinking where that is all it

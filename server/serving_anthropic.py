@@ -1,5 +1,6 @@
 """Anthropic's Messages API on top of the chat service: a request's answer as content blocks
-(text, then tool_use), gathered into a message or streamed as Anthropic's named events.
+(thinking under --reasoning-parser, text, then tool_use), gathered into a message or
+streamed as Anthropic's named events.
 
 The answer is read as chat reads it (ChatService.answer: a named tool's arguments, the calls
 "any" asked for or the parser found, or text). A stream is message_start, ping, each block
@@ -23,6 +24,7 @@ from server.protocol.anthropic import (
     MessagesRequest,
     StopReason,
     TextOut,
+    ThinkingOut,
     ToolUseOut,
     Usage,
     error_body,
@@ -87,10 +89,15 @@ class MessagesService:
         return Usage(input_tokens=len(submitted[0].prompt_ids) - cached,
                      output_tokens=choice.num_output_tokens, cache_read_input_tokens=cached)
 
-    def _blocks(self, job: MessagesJob, choice: Choice
-                ) -> tuple[list[TextOut | ToolUseOut], list[ParsedCall] | None]:
+    def _blocks(self, job: MessagesJob, choice: Choice, prompt_ids: list[int]
+                ) -> tuple[list[ThinkingOut | TextOut | ToolUseOut], list[ParsedCall] | None]:
+        """A finished answer's blocks: its thinking (under --reasoning-parser), its text,
+        its calls."""
+        reasoning, choice = self.chat.split_reasoning(choice, prompt_ids)
         content, calls, _ = self.chat.answer(job.chat, choice)
-        blocks: list[TextOut | ToolUseOut] = []
+        blocks: list[ThinkingOut | TextOut | ToolUseOut] = []
+        if reasoning and job.chat.include_reasoning:
+            blocks.append(ThinkingOut(thinking=reasoning))
         if content:
             blocks.append(TextOut(text=content))
         blocks += [ToolUseOut(id=new_id("toolu"), name=call.name, input=_input(call))
@@ -103,7 +110,7 @@ class MessagesService:
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
             choice.absorb(out)
-        blocks, calls = self._blocks(job, choice)
+        blocks, calls = self._blocks(job, choice, submitted[0].prompt_ids)
         stop_reason, stop_sequence = self._stop(choice, calls)
         return AnthropicMessage(id=message_id, content=blocks,
                                 model=model_of(submitted, self.chat.model_name),
@@ -139,8 +146,17 @@ class MessagesService:
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         held = self.chat.holds_back(request)
         blocks = _Blocks()
+        thinking = self.chat.reasoning_split(submitted[0].prompt_ids)
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
+            if thinking is not None:  # the thinking as its block; the rest is `out`
+                reasoning, _, out = thinking.split(out)
+                if reasoning and request.include_reasoning:
+                    if blocks.open_kind is None:
+                        yield blocks.open(ThinkingOut())
+                    yield blocks.delta({"type": "thinking_delta", "thinking": reasoning})
+                if blocks.open_kind == "thinking" and thinking.stream.in_content:
+                    yield blocks.close()
             choice.absorb(out)
             if named is not None:  # the named tool's arguments, as they come
                 if out.text:
@@ -153,6 +169,8 @@ class MessagesService:
                 if blocks.open_kind is None:
                     yield blocks.open(TextOut())
                 yield blocks.delta({"type": "text_delta", "text": text})
+        if blocks.open_kind == "thinking":  # (cut while thinking)
+            yield blocks.close()
         content, calls, _ = self.chat.answer(request, choice)
         if named is not None:
             if blocks.open_kind is None:  # (no arguments at all)
@@ -190,7 +208,7 @@ class _Blocks:
         self.index = -1
         self.open_kind: str | None = None
 
-    def open(self, block: TextOut | ToolUseOut) -> bytes:
+    def open(self, block: ThinkingOut | TextOut | ToolUseOut) -> bytes:
         self.index += 1
         self.open_kind = block.type
         return _event("content_block_start", index=self.index,

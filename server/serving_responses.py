@@ -36,7 +36,9 @@ from server.protocol.responses_api import (
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
+    OutputReasoning,
     OutputText,
+    ReasoningText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
@@ -57,7 +59,8 @@ from server.serving import (
 LAST_RESPONSE_EVENT = b"event: response.completed\n"
 
 # The ids' prefixes of listed input items, by type (OpenAI's msg_ and fc_)
-_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                "reasoning": "rs"}
 
 
 @dataclass(slots=True)
@@ -77,6 +80,10 @@ def _item_id(prefix: str) -> str:
 def _message(text: str = "", logprobs: list[ChatCompletionTokenLogprob] | None = None
              ) -> OutputMessage:
     return OutputMessage(id=_item_id("msg"), content=[OutputText(text=text, logprobs=logprobs)])
+
+
+def _reasoning(text: str = "") -> OutputReasoning:
+    return OutputReasoning(id=_item_id("rs"), content=[ReasoningText(text=text)])
 
 
 def _call(name: str, arguments: str = "") -> OutputFunctionCall:
@@ -203,11 +210,17 @@ class ResponsesService:
             return None
         return self.chat.logprobs(job.chat, lps).content or []
 
-    def _answer_items(self, job: ResponseJob, choice: Choice) -> list[OutputItem]:
-        """A finished answer's items (in progress: the caller finishes them): its text (if
-        any, or if there are no calls), then its calls."""
-        content, calls, _ = self.chat.answer(job.chat, choice)
+    def _answer_items(self, job: ResponseJob, choice: Choice,
+                      prompt_ids: list[int] | None = None) -> list[OutputItem]:
+        """A finished answer's items (in progress: the caller finishes them): its thinking
+        (under --reasoning-parser; `prompt_ids` given: a stream's choice holds its content
+        alone), its text (if any, or if there are no calls), then its calls."""
         items: list[OutputItem] = []
+        if prompt_ids is not None:
+            reasoning, choice = self.chat.split_reasoning(choice, prompt_ids)
+            if reasoning:
+                items.append(_reasoning(reasoning))
+        content, calls, _ = self.chat.answer(job.chat, choice)
         if content or not calls:
             items.append(_message(content or "", self._logprobs(job, choice.logprobs)))
         items += [_call(call.name, call.arguments) for call in calls or ()]
@@ -233,7 +246,7 @@ class ResponsesService:
             raise_if_failed(out)
             choice.absorb(out)
         response = self._finish(self._skeleton(job, response_id), choice, submitted)
-        response.output = self._answer_items(job, choice)
+        response.output = self._answer_items(job, choice, submitted[0].prompt_ids)
         for item in response.output:
             item.status = response.item_status
         self._keep(job, response)
@@ -264,8 +277,20 @@ class ResponsesService:
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         held = self.chat.holds_back(request)
         item: OutputItem | None = None  # the item being streamed
+        thinking = self.chat.reasoning_split(submitted[0].prompt_ids)
+        thought: OutputReasoning | None = None  # its item, open while it streams
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
+            if thinking is not None:  # the thinking as its item; the rest is `out`
+                reasoning, _, out = thinking.split(out)
+                if reasoning:
+                    if thought is None:
+                        thought = _reasoning()
+                        yield events.open(thought)
+                    yield events.reasoning(thought, reasoning)
+                if thought is not None and thinking.stream.in_content and (
+                        thought.status == "in_progress"):
+                    yield events.close(thought, "completed")
             choice.absorb(out)
             if named is not None:  # the named tool's arguments, as they come
                 if item is None and out.text:
@@ -283,6 +308,8 @@ class ResponsesService:
                     yield events.open(item)
                 yield events.text(item, text, self._logprobs(job, lps))
         response = self._finish(events.response, choice, submitted)
+        if thought is not None and thought.status == "in_progress":  # (cut while thinking)
+            yield events.close(thought, response.item_status)
         if named is not None and item is None:  # (no arguments at all)
             item = _call(named)
             yield events.open(item)
@@ -329,15 +356,21 @@ class _Events:
         self._index[item.id] = len(self.response.output)
         self.response.output.append(item)
         shown = {**item.model_dump(mode="json"), "status": "in_progress"}
-        if isinstance(item, OutputMessage):
+        if isinstance(item, OutputMessage | OutputReasoning):
             shown["content"] = []
         added = self._event("response.output_item.added", output_index=self._index[item.id],
                             item=shown)
-        if not isinstance(item, OutputMessage):
+        if isinstance(item, OutputFunctionCall):
             return added
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        part = ({"type": "reasoning_text", "text": ""} if isinstance(item, OutputReasoning)
+                else {"type": "output_text", "text": "", "annotations": [], "logprobs": []})
         return added + self._event("response.content_part.added", **self._where(item),
                                    content_index=0, part=part)
+
+    def reasoning(self, item: OutputReasoning, delta: str) -> bytes:
+        item.content[0].text += delta
+        return self._event("response.reasoning_text.delta", **self._where(item),
+                           content_index=0, delta=delta)
 
     def text(self, item: OutputMessage, delta: str,
              logprobs: list[ChatCompletionTokenLogprob] | None) -> bytes:
@@ -365,6 +398,12 @@ class _Events:
                                 text=part.text, logprobs=logprobs)
                     + self._event("response.content_part.done", **where, content_index=0,
                                   part=part.model_dump(mode="json")))
+        elif isinstance(item, OutputReasoning):
+            thought = item.content[0]
+            done = (self._event("response.reasoning_text.done", **where, content_index=0,
+                                text=thought.text)
+                    + self._event("response.content_part.done", **where, content_index=0,
+                                  part=thought.model_dump(mode="json")))
         else:
             done = self._event("response.function_call_arguments.done", **where,
                                name=item.name, arguments=item.arguments)
@@ -381,6 +420,9 @@ class _Events:
             text, logprobs = part.text, part.logprobs
             part.text, part.logprobs = "", None
             frames = self.open(item) + (self.text(item, text, logprobs) if text else b"")
+        elif isinstance(item, OutputReasoning):
+            text, item.content[0].text = item.content[0].text, ""
+            frames = self.open(item) + self.reasoning(item, text)
         else:
             arguments, item.arguments = item.arguments, ""
             frames = self.open(item) + self.arguments(item, arguments)

@@ -7,8 +7,9 @@ A request is read as a chat completion (`chat_request()`), as the Responses API'
 system prompt a system message, `tool_use` blocks an assistant's tool calls, `tool_result`
 blocks tool messages, `tools` functions, `tool_choice` chat's. A last assistant turn is a
 prefill the answer continues, as Anthropic's API continues it. What a text model cannot
-read (images, documents, server tools) is a 400; thinking blocks are left out of the
-prompt (a Llama model writes none) and `thinking` asks nothing a model may not decline.
+read (images, documents, server tools) is a 400; a thinking block's text reaches the
+template as the assistant turn's reasoning_content, and `thinking` asks nothing a model may
+not decline (under --reasoning-parser its "disabled" leaves the answer's thinking out).
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ class ToolResultBlock(OpenAIBaseModel):
 
 
 class ThinkingBlock(OpenAIBaseModel):
-    """A thinking block in the history: left out of the prompt."""
+    """A thinking block in the history: its text reaches the chat template as the assistant
+    turn's reasoning_content (R1's distills' template leaves it out); a signature, or a
+    redacted block's data, is ignored."""
 
     type: Literal["thinking", "redacted_thinking"]
+    thinking: str = ""
 
 
 class UnreadableBlock(OpenAIBaseModel):
@@ -146,8 +150,9 @@ class CountTokensRequest(OpenAIBaseModel):
     system: str | Annotated[list[TextBlock], MAX_ITEMS_FIELD] | None = None
     tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None
     tool_choice: ToolChoice | None = None
-    # Anthropic's extended thinking: a Llama model writes no thinking blocks; accepted, as a
-    # model may always answer without
+    # Anthropic's extended thinking: a reasoning model's thinking comes as a thinking block
+    # under --reasoning-parser; {"type": "disabled"} leaves it out (include_reasoning false);
+    # a budget is not enforced (a model may always answer without thinking)
     thinking: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extra
 
@@ -161,10 +166,12 @@ class CountTokensRequest(OpenAIBaseModel):
             out.append({"role": "system", "content": system if isinstance(system, str)
                         else "".join(block.text for block in system)})
         for i, message in enumerate(self.messages):
-            texts, calls = [], []
+            texts, calls, thoughts = [], [], []
             for j, block in enumerate(message.blocks()):
                 where = f"messages.{i}.content.{j}"
-                if isinstance(block, TextBlock):
+                if isinstance(block, ThinkingBlock):
+                    thoughts.append(block.thinking)
+                elif isinstance(block, TextBlock):
                     texts.append(block.text)
                 elif isinstance(block, ToolUseBlock):
                     if message.role != "assistant":
@@ -188,6 +195,8 @@ class CountTokensRequest(OpenAIBaseModel):
                 turn: dict[str, Any] = {"role": message.role, "content": text}
                 if calls:
                     turn["tool_calls"] = calls
+                if message.role == "assistant" and "".join(thoughts):
+                    turn["reasoning_content"] = "".join(thoughts)
                 out.append(turn)
         return out
 
@@ -221,6 +230,7 @@ class CountTokensRequest(OpenAIBaseModel):
             "tool_choice": chat_choice, "parallel_tool_calls": parallel,
             "add_generation_prompt": not prefill, "continue_final_message": prefill,
             "chat_template_kwargs": self.chat_template_kwargs,
+            "include_reasoning": (self.thinking or {}).get("type") != "disabled",
         }
 
     def chat_request(self) -> ChatCompletionRequest:
@@ -287,6 +297,14 @@ class TextOut(ResponseModel):
     text: str = ""
 
 
+class ThinkingOut(ResponseModel):
+    """The answer's thinking (--reasoning-parser): no signature, as none is checked here."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str = ""
+    signature: str = ""
+
+
 class ToolUseOut(ResponseModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
@@ -308,7 +326,7 @@ class AnthropicMessage(ResponseModel):
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
-    content: list[TextOut | ToolUseOut] = Field(default_factory=list)
+    content: list[ThinkingOut | TextOut | ToolUseOut] = Field(default_factory=list)
     model: str
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None

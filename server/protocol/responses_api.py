@@ -143,7 +143,32 @@ class FunctionCallOutputItem(OpenAIBaseModel):
         return _text_parts(value)
 
 
-_ITEM_TYPES = ("message", "function_call", "function_call_output")
+class ReasoningText(OpenAIBaseModel):
+    """A reasoning item's text (in and out)."""
+
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(OpenAIBaseModel):
+    """An earlier answer's thinking, as a client sends its output back (--reasoning-parser):
+    its text reaches the chat template as the next assistant turn's `reasoning_content` (a
+    template may show it; R1's distills' leave it out). A `summary` or `encrypted_content`,
+    which this server never makes, is ignored."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[Any] = Field(default_factory=list)
+    content: Annotated[list[ReasoningText], MAX_ITEMS_FIELD] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or ())
+
+
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _item_tag(value: Any) -> str | None:
@@ -159,10 +184,11 @@ def _item_tag(value: Any) -> str | None:
 
 InputItem = Annotated[Annotated[MessageItem, Tag("message-item")]
                       | Annotated[FunctionCallItem, Tag("function-call-item")]
-                      | Annotated[FunctionCallOutputItem, Tag("function-call-output-item")],
+                      | Annotated[FunctionCallOutputItem, Tag("function-call-output-item")]
+                      | Annotated[ReasoningItem, Tag("reasoning-item")],
                       Discriminator(_item_tag, custom_error_type="item_type", custom_error_message=(
-                          "an input item must be an object: a message, a function_call or a "
-                          "function_call_output"))]
+                          "an input item must be an object: a message, a function_call, a "
+                          "function_call_output or a reasoning item"))]
 
 
 class FunctionTool(OpenAIBaseModel):
@@ -308,8 +334,11 @@ class ResponsesRequest(SamplingControls):
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
+        thought = ""  # a reasoning item's text, for the assistant turn after it
         for item in (*history, *self.input):
-            if isinstance(item, MessageItem):
+            if isinstance(item, ReasoningItem):
+                thought += item.text
+            elif isinstance(item, MessageItem):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": item.text})
             elif isinstance(item, FunctionCallItem):
@@ -324,6 +353,13 @@ class ResponsesRequest(SamplingControls):
             else:
                 messages.append({"role": "tool", "content": _joined(item.output),
                                  "tool_call_id": item.call_id})
+            if thought and not isinstance(item, ReasoningItem):  # (the turn it came with)
+                if messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("reasoning_content", thought)
+                thought = ""
+        if not messages:
+            raise RequestError("input holds no message to answer (reasoning items alone)",
+                               "input")
         return messages
 
     @property
@@ -417,7 +453,22 @@ class OutputFunctionCall(ResponseModel):
                                 arguments=self.arguments)
 
 
-OutputItem = OutputMessage | OutputFunctionCall
+class OutputReasoning(ResponseModel):
+    """The answer's thinking (--reasoning-parser), as vLLM gives it: its text as one
+    reasoning_text part, no summary."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+    status: ItemStatus = "in_progress"
+
+    def as_input(self) -> ReasoningItem:
+        return ReasoningItem(type="reasoning", id=self.id, content=self.content,
+                             status=self.status)
+
+
+OutputItem = OutputMessage | OutputFunctionCall | OutputReasoning
 
 
 class InputTokensDetails(ResponseModel):
@@ -493,8 +544,9 @@ class ListedItem(ResponseModel):
     its id, its type's fields, content as typed parts."""
 
     id: str
-    type: Literal["message", "function_call", "function_call_output"]
+    type: Literal["message", "function_call", "function_call_output", "reasoning"]
     status: Literal["completed", "incomplete", "in_progress"] = "completed"
+    summary: list[Any] | None = Field(default=None, exclude_if=lambda v: v is None)
     role: str | None = None
     content: list[dict[str, Any]] | None = None
     call_id: str | None = None
@@ -516,6 +568,10 @@ class ListedItem(ResponseModel):
         if isinstance(item, FunctionCallItem):
             return cls(id=item_id, type="function_call", call_id=item.call_id, name=item.name,
                        arguments=item.arguments)
+        if isinstance(item, ReasoningItem):
+            return cls(id=item_id, type="reasoning", summary=item.summary,
+                       content=[part.model_dump() for part in item.content or ()],
+                       status=item.status or "completed")
         return cls(id=item_id, type="function_call_output", call_id=item.call_id,
                    output=_joined(item.output))
 

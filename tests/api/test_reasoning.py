@@ -10,7 +10,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
+import openai
 import pytest
 
 from tests.api.conftest import Server, run_server, sse_data
@@ -136,3 +138,69 @@ def test_a_model_without_think_tags_refuses_the_parser(tiny_checkpoint: Path,
                     wait=False) as server:
         assert server.process.wait(timeout=90) != 0
     assert "could not locate the think start/end tokens" in server.log()
+
+
+def test_the_responses_api_gives_the_thinking_its_own_item(thinker: Server,
+                                                          client: httpx.Client) -> None:
+    """A reasoning item (its text one reasoning_text part), then the message; streamed as
+    vLLM streams it (reasoning_text deltas on their own item); sent back as input, it is
+    taken (its text reaches the template as the assistant turn's reasoning_content)."""
+    fields = {"model": "r1", "input": MESSAGES[0]["content"], "temperature": 0,
+              "max_output_tokens": 12, "logit_bias": {str(end_id(client)): 0.4}}
+    raw = raw_text(client, max_tokens=12, logit_bias=fields["logit_bias"])
+    reasoning, _, content = raw.partition(THINK_TAGS[1])
+    whole = client.post("/v1/responses", json=fields).json()
+    thought, message = whole["output"]
+    assert (thought["type"], thought["summary"]) == ("reasoning", [])
+    assert thought["content"] == [{"type": "reasoning_text", "text": reasoning}]
+    assert message["content"][0]["text"] == content
+    with client.stream("POST", "/v1/responses", json={**fields, "stream": True}) as r:
+        events = [json.loads(d) for d in sse_data(r)]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index(
+        "response.output_text.delta")
+    assert "".join(e["delta"] for e in events
+                   if e["type"] == "response.reasoning_text.delta") == reasoning
+    final = events[-1]["response"]["output"]
+    assert [item["type"] for item in final] == ["reasoning", "message"]
+    assert final[0]["content"] == thought["content"] and final[0]["status"] == "completed"
+    assert final[1]["content"][0]["text"] == content
+    again = client.post("/v1/responses", json={
+        **fields, "input": [MESSAGES[0], *whole["output"],
+                            {"role": "user", "content": "And three plus three?"}]})
+    assert again.status_code == 200, again.text
+    sdk = openai.OpenAI(base_url=thinker.v1, api_key="unused")
+    with sdk.responses.stream(model="r1", input=MESSAGES[0]["content"], temperature=0,
+                              max_output_tokens=12,
+                              extra_body={"logit_bias": fields["logit_bias"]}) as stream:
+        response = stream.get_final_response()
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output_text == content
+
+
+def test_anthropics_messages_api_gives_a_thinking_block(thinker: Server,
+                                                        client: httpx.Client) -> None:
+    """The random model never closes its thinking in 12 tokens: one thinking block of it
+    all (no signature: none is checked here), streamed as thinking_delta; `thinking`
+    disabled leaves it out; a thinking block sent back in the history is taken."""
+    raw = raw_text(client, max_tokens=12)
+    sdk = anthropic.Anthropic(base_url=thinker.base_url, api_key="unused")
+    ask = {"model": "r1", "max_tokens": 12, "messages": MESSAGES,
+           "extra_body": {"temperature": 0}}
+    message = sdk.messages.create(**ask)  # type: ignore[arg-type]
+    [block] = message.content
+    assert block.type == "thinking" and block.thinking == raw and block.signature == ""
+    assert message.stop_reason == "max_tokens"
+    with sdk.messages.stream(**ask) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None)) for b in streamed.content] == [
+        ("thinking", raw)]
+    off = sdk.messages.create(**ask, thinking={"type": "disabled"})  # type: ignore[arg-type]
+    assert off.content == [] and off.usage.output_tokens == 12
+    again = client.post("/v1/messages", json={
+        "model": "r1", "max_tokens": 4, "messages": [
+            *MESSAGES, {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": raw, "signature": ""},
+                {"type": "text", "text": "4"}]},
+            {"role": "user", "content": "And three plus three?"}]})
+    assert again.status_code == 200, again.text

@@ -331,7 +331,9 @@ def test_truncation_auto_keeps_the_prompts_end(tools_server: Server) -> None:
 
 @pytest.mark.parametrize(("body", "param", "words"), [
     ({"background": True}, "background", "not supported"),
-    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input", "'reasoning'"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input", "no message"),
+    ({"input": [{"type": "reasoning", "summary": [], "content": [{"type": "summary_text"}]}]},
+     "input", "reasoning_text"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input", "'input_image'"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]},
