@@ -36,6 +36,7 @@ from server.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
+    CompletionTokensDetails,
     CompletionUsage,
     DeltaFunctionCall,
     DeltaMessage,
@@ -677,6 +678,27 @@ class ChatService(_Service):
         if self.reasoning is None or self.thought_in_prompt(prompt_ids):
             return None
         return ReasoningSplit(self.reasoning.stream())
+
+    def reasoning_tokens(self, token_ids: list[int], prompt_ids: list[int]) -> int:
+        """How many of an answer's tokens are its thinking, as vLLM counts them: from past
+        an opening start tag (else the first) to before the first end tag (else the last)."""
+        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+            return 0
+        start_id = self.tokenizer.token_id(self.reasoning.start)
+        start = token_ids.index(start_id) + 1 if start_id in token_ids else 0
+        end = (token_ids.index(self.reasoning_end_id) if self.reasoning_end_id in token_ids
+               else len(token_ids))
+        return max(0, end - start)
+
+    def _usage(self, submitted: list[Submitted], choices: dict[int, Choice],
+               n: int) -> CompletionUsage:
+        """With a reasoning parser, the thinking's tokens too (completion_tokens_details)."""
+        usage = super()._usage(submitted, choices, n)
+        if self.reasoning is not None:
+            usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
+                self.reasoning_tokens(c.token_ids, submitted[i // n].prompt_ids)
+                for i, c in choices.items()))
+        return usage
 
     def split_reasoning(self, choice: Choice, prompt_ids: list[int]
                         ) -> tuple[str | None, Choice]:

@@ -237,6 +237,8 @@ class ResponsesService:
             response.status = "completed"
         response.usage = ResponseUsage.of(len(submitted[0].prompt_ids),
                                           choice.num_output_tokens, choice.num_cached_tokens)
+        response.usage.output_tokens_details.reasoning_tokens = self.chat.reasoning_tokens(
+            choice.token_ids, submitted[0].prompt_ids)
         return response
 
     async def create(self, job: ResponseJob, submitted: list[Submitted],

@@ -68,14 +68,21 @@ class PromptTokensDetails(ResponseModel):
     cached_tokens: int  # prompt tokens taken from the prefix cache
 
 
+class CompletionTokensDetails(ResponseModel):
+    reasoning_tokens: int  # the answer's tokens of thinking (--reasoning-parser)
+
+
 class CompletionUsage(ResponseModel):
     """`prompt_tokens_details` is sent only with --enable-prompt-tokens-details (vLLM's
-    flag), on a response's usage and a stream's final usage chunk."""
+    flag), on a response's usage and a stream's final usage chunk; `completion_tokens_details`
+    only under --reasoning-parser, on a chat answer's (as vLLM's)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = Field(
+        default=None, exclude_if=lambda details: details is None)
+    completion_tokens_details: CompletionTokensDetails | None = Field(
         default=None, exclude_if=lambda details: details is None)
 
     @classmethod

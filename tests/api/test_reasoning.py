@@ -52,6 +52,16 @@ def raw_text(client: httpx.Client, **fields: object) -> str:
     return r.json()["choices"][0]["text"]
 
 
+def thought_tokens(client: httpx.Client, **fields: object) -> int:
+    """How many tokens of the generation come before its first </think> (all: none)."""
+    ids = client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    r = client.post("/v1/completions", json={"prompt": ids, "temperature": 0, "logprobs": 0,
+                                             "return_tokens_as_token_ids": True, **fields})
+    out = [int(t.removeprefix("token_id:"))
+           for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+    return out.index(end_id(client)) if end_id(client) in out else len(out)
+
+
 def chat(client: httpx.Client, **fields: object) -> dict:
     r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0,
                                                   **fields})
@@ -88,6 +98,10 @@ def test_the_thinking_is_the_answer_up_to_the_first_end_tag(client: httpx.Client
     assert bool(reasoning and content) is (bias == 0.4)  # (each case what it says)
     assert message["reasoning"] == message["reasoning_content"] == reasoning
     assert message["content"] == ((content or None) if closed else None)
+    usage = client.post("/v1/chat/completions", json={
+        "messages": MESSAGES, "temperature": 0, **fields}).json()["usage"]
+    assert usage["completion_tokens_details"] == {
+        "reasoning_tokens": thought_tokens(client, **fields)}
     # streamed: the same two texts, the thinking's chunks first
     got_reasoning, got_content, deltas = streamed(client, **fields)
     assert (got_reasoning, got_content or None) == (reasoning, message["content"])
@@ -154,6 +168,8 @@ def test_the_responses_api_gives_the_thinking_its_own_item(thinker: Server,
     assert (thought["type"], thought["summary"]) == ("reasoning", [])
     assert thought["content"] == [{"type": "reasoning_text", "text": reasoning}]
     assert message["content"][0]["text"] == content
+    assert whole["usage"]["output_tokens_details"]["reasoning_tokens"] == thought_tokens(
+        client, max_tokens=12, logit_bias=fields["logit_bias"]) == 1
     with client.stream("POST", "/v1/responses", json={**fields, "stream": True}) as r:
         events = [json.loads(d) for d in sse_data(r)]
     kinds = [e["type"] for e in events]
