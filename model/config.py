@@ -78,9 +78,12 @@ class RopeScaling:
         original = (original_max_position_embeddings
                     or raw.get("original_max_position_embeddings") or max_position_embeddings)
         kwargs = {k: raw[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                      "beta_fast", "beta_slow", "truncate",
                                       "attention_factor", "mscale", "mscale_all_dim")
                   if raw.get(k) is not None}
+        if rope_type == "yarn":  # (as transformers reads them: a beta of 0 or null is its
+            # default, a null truncate is false)
+            kwargs |= {k: raw[k] for k in ("beta_fast", "beta_slow") if raw.get(k)}
+            kwargs["truncate"] = bool(raw.get("truncate", True))
         if "factor" not in kwargs:
             if rope_type != "yarn":
                 raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")

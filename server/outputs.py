@@ -113,6 +113,9 @@ class OutputBuilder:
         held back for stop strings, unless it failed."""
         detok = self._detokenizers.get(seq)
         text = detok.flush() if detok is not None and not error else ""
+        limits = self._line_limits.get(seq)
+        if limits is not None and (cut := limits.cut(text)) is not None:
+            text = text[:cut]  # (n_indent's cut applies to the text held back too)
         out = self._output(seq, text, [], first=detok is None)
         out.error = error or None
         self._release(seq)

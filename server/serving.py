@@ -654,61 +654,74 @@ class ChatService(_Service):
 
     def with_reasoning(self, params: SamplingParams, request: ChatCompletionRequest,
                        prompt_ids: list[int]) -> SamplingParams:
-        """A guided request's guide starts past the reasoning's end, under a parser, unless
-        the prompt ended it or the reasoning is left out (`include_reasoning` false): then at
-        once, as vLLM applies structured outputs."""
-        if (params.guide is None or self.reasoning_end_id is None
-                or not request.include_reasoning or self.thought_in_prompt(prompt_ids)):
+        """A guided request's guide starts past the reasoning's end, under a parser, where
+        the answer starts in its thinking: the thinking is free, the content guided. (vLLM
+        guides from the first token once `include_reasoning` is false, which forces the
+        thinking's own text into the schema and leaves the answer empty; not here.)"""
+        if params.guide is None or not self.starts_thinking(request, prompt_ids):
             return params
         return replace(params, guide_after=self.reasoning_end_id)
 
-    def thought_in_prompt(self, prompt_ids: list[int]) -> bool:
-        """Whether the prompt closed the thinking (its last think tag is the end: a template
-        that turns thinking off); the answer is then all content (vLLM's is_reasoning_end)."""
-        assert self.reasoning is not None and self.reasoning_end_id is not None
+    def starts_thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
+        """Whether the answer starts inside the thinking (False without a parser): unless the
+        prompt's last think tag closes it (a template that turns thinking off; vLLM's
+        is_reasoning_end), or the answer continues a final message that opened none (a
+        prefill: its text is the answer's content)."""
+        if self.reasoning is None:
+            return False
         start_id = self.tokenizer.token_id(self.reasoning.start)
         for token_id in reversed(prompt_ids):
             if token_id in (start_id, self.reasoning_end_id):
-                return token_id == self.reasoning_end_id
-        return False
+                return token_id == start_id
+        return not request.continue_final_message
 
-    def reasoning_split(self, prompt_ids: list[int]) -> ReasoningSplit | None:
+    def reasoning_split(self, request: ChatCompletionRequest, prompt_ids: list[int]
+                        ) -> ReasoningSplit | None:
         """A stream's splitter of one choice's outputs into thinking and the rest; None
-        without a parser, or where the prompt closed the thinking."""
-        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+        where the answer does not start thinking."""
+        if self.reasoning is None or not self.starts_thinking(request, prompt_ids):
             return None
         return ReasoningSplit(self.reasoning.stream())
 
-    def reasoning_tokens(self, token_ids: list[int], prompt_ids: list[int]) -> int:
+    def reasoning_tokens(self, request: ChatCompletionRequest, token_ids: list[int],
+                         prompt_ids: list[int]) -> int:
         """How many of an answer's tokens are its thinking, as vLLM counts them: from past
         an opening start tag (else the first) to before the first end tag (else the last)."""
-        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+        if not self.starts_thinking(request, prompt_ids):
             return 0
-        start_id = self.tokenizer.token_id(self.reasoning.start)
+        start_id = self.tokenizer.token_id(self.reasoning.start)  # type: ignore[union-attr]
         start = token_ids.index(start_id) + 1 if start_id in token_ids else 0
-        end = (token_ids.index(self.reasoning_end_id) if self.reasoning_end_id in token_ids
-               else len(token_ids))
-        return max(0, end - start)
+        return max(0, self._content_start(token_ids) - 1 - start)
 
-    def _usage(self, submitted: list[Submitted], choices: dict[int, Choice],
-               n: int) -> CompletionUsage:
-        """With a reasoning parser, the thinking's tokens too (completion_tokens_details)."""
-        usage = super()._usage(submitted, choices, n)
+    def _content_start(self, token_ids: list[int]) -> int:
+        """Where the content's tokens start: past the first end tag (past the end: none)."""
+        if self.reasoning_end_id in token_ids:
+            return token_ids.index(self.reasoning_end_id) + 1
+        return len(token_ids) + 1
+
+    def _chat_usage(self, request: ChatCompletionRequest, submitted: list[Submitted],
+                    choices: dict[int, Choice]) -> CompletionUsage:
+        """The usage, with a reasoning parser the thinking's tokens too
+        (completion_tokens_details, as vLLM's)."""
+        usage = self._usage(submitted, choices, request.n)
         if self.reasoning is not None:
             usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
-                self.reasoning_tokens(c.token_ids, submitted[i // n].prompt_ids)
-                for i, c in choices.items()))
+                self.reasoning_tokens(request, c.token_ids, submitted[0].prompt_ids)
+                for c in choices.values()))
         return usage
 
-    def split_reasoning(self, choice: Choice, prompt_ids: list[int]
-                        ) -> tuple[str | None, Choice]:
-        """A finished choice's reasoning (None: no parser, or the prompt closed the
-        thinking), and the choice with its content alone as its text ("" where the thinking
-        never closed)."""
-        if self.reasoning is None or self.thought_in_prompt(prompt_ids):
+    def split_reasoning(self, request: ChatCompletionRequest, choice: Choice,
+                        prompt_ids: list[int]) -> tuple[str | None, Choice]:
+        """A finished choice's reasoning (None where the answer does not start thinking),
+        and the choice with its content alone as its text ("" where the thinking never
+        closed) and its content tokens' logprobs (those past the end tag's)."""
+        if self.reasoning is None or not self.starts_thinking(request, prompt_ids):
             return None, choice
         reasoning, content = self.reasoning.split(choice.text)
-        return reasoning, replace(choice, text=content or "")
+        logprobs = choice.logprobs
+        if len(logprobs) == len(choice.token_ids):
+            logprobs = logprobs[self._content_start(choice.token_ids):]
+        return reasoning, replace(choice, text=content or "", logprobs=logprobs)
 
     def prepare_tools(self, request: ChatCompletionRequest) -> None:
         """tool_choice "auto" needs a parser (vLLM's answer, word for word); a parser whose
@@ -790,7 +803,7 @@ class ChatService(_Service):
             choices.setdefault(out.index, Choice()).absorb(out)
         result, echoed = [], self.echoed(request)
         for i, whole in sorted(choices.items()):
-            reasoning, c = self.split_reasoning(whole, submitted[0].prompt_ids)
+            reasoning, c = self.split_reasoning(request, whole, submitted[0].prompt_ids)
             content, calls, finish = self.answer(request, c)
             if reasoning is not None and not c.text and calls is None:
                 content = None  # (all of it thinking, as vLLM's)
@@ -810,7 +823,7 @@ class ChatService(_Service):
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(
             id=response_id, model=self.model_of(submitted), choices=result,
-            usage=self._usage(submitted, choices, request.n),
+            usage=self._chat_usage(request, submitted, choices),
             prompt_logprobs=self._prompt_logprobs(prompt_lps, request.prompt_logprobs))
 
     async def stream(self, request: ChatCompletionRequest, submitted: list[Submitted],
@@ -825,7 +838,8 @@ class ChatService(_Service):
         named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         thinking: dict[int, ReasoningSplit] | None = None
-        if self.reasoning is not None and self.reasoning_split(submitted[0].prompt_ids):
+        if self.reasoning is not None and self.reasoning_split(request,
+                                                              submitted[0].prompt_ids):
             thinking = {index: ReasoningSplit(self.reasoning.stream()) for index in held}
         started = False
         async for _, out in merged(self.engine, submitted):
@@ -856,7 +870,7 @@ class ChatService(_Service):
             for part in parts:
                 yield part
         if request.include_usage:
-            yield chunks.envelope.usage_chunk(self._usage(submitted, choices, request.n))
+            yield chunks.envelope.usage_chunk(self._chat_usage(request, submitted, choices))
         yield DONE
 
 
@@ -875,10 +889,11 @@ class ReasoningSplit:
         reasoning, content = self.stream.feed(out.text, final=out.finished)
         self.pending += out.logprobs or []
         lps = None
-        if content or reasoning:
+        if content or reasoning or out.finished:  # (the last token's, eos too, go out)
             lps, self.pending = self.pending, []
-        rest = replace(out, text=content, logprobs=lps if content else None)
-        return reasoning, None if content else lps, rest
+        to_rest = bool(content) or (out.finished and not reasoning)
+        rest = replace(out, text=content, logprobs=lps if to_rest else None)
+        return reasoning, None if to_rest else lps, rest
 
 
 class _ChatChunks:

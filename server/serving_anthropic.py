@@ -93,7 +93,7 @@ class MessagesService:
                 ) -> tuple[list[ThinkingOut | TextOut | ToolUseOut], list[ParsedCall] | None]:
         """A finished answer's blocks: its thinking (under --reasoning-parser), its text,
         its calls."""
-        reasoning, choice = self.chat.split_reasoning(choice, prompt_ids)
+        reasoning, choice = self.chat.split_reasoning(job.chat, choice, prompt_ids)
         content, calls, _ = self.chat.answer(job.chat, choice)
         blocks: list[ThinkingOut | TextOut | ToolUseOut] = []
         if reasoning and job.chat.include_reasoning:
@@ -146,7 +146,7 @@ class MessagesService:
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         held = self.chat.holds_back(request)
         blocks = _Blocks()
-        thinking = self.chat.reasoning_split(submitted[0].prompt_ids)
+        thinking = self.chat.reasoning_split(request, submitted[0].prompt_ids)
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
             if thinking is not None:  # the thinking as its block; the rest is `out`

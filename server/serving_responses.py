@@ -166,10 +166,11 @@ class ResponsesService:
             return
         sent = list(job.request.input)
         inputs, outputs = sent[:], [item.as_input() for item in response.output]
-        if job.request.continues_answer and isinstance(first := outputs[0], MessageItem):
-            begun = inputs.pop()
-            assert isinstance(begun, MessageItem)
-            outputs[0] = first.model_copy(update={"content": begun.text + first.text})
+        at = next((i for i, item in enumerate(outputs) if isinstance(item, MessageItem)), None)
+        if job.request.continues_answer and at is not None:
+            begun, first = inputs.pop(), outputs[at]
+            assert isinstance(begun, MessageItem) and isinstance(first, MessageItem)
+            outputs[at] = first.model_copy(update={"content": begun.text + first.text})
         self.store.put(StoredResponse(response, [*inputs, *outputs], sent))
 
     def prompt_ids(self, request: ResponsesRequest, chat: ChatCompletionRequest,
@@ -217,7 +218,7 @@ class ResponsesService:
         alone), its text (if any, or if there are no calls), then its calls."""
         items: list[OutputItem] = []
         if prompt_ids is not None:
-            reasoning, choice = self.chat.split_reasoning(choice, prompt_ids)
+            reasoning, choice = self.chat.split_reasoning(job.chat, choice, prompt_ids)
             if reasoning:
                 items.append(_reasoning(reasoning))
         content, calls, _ = self.chat.answer(job.chat, choice)
@@ -226,7 +227,7 @@ class ResponsesService:
         items += [_call(call.name, call.arguments) for call in calls or ()]
         return items
 
-    def _finish(self, response: ResponseObject, choice: Choice,
+    def _finish(self, job: ResponseJob, response: ResponseObject, choice: Choice,
                 submitted: list[Submitted]) -> ResponseObject:
         """The response's final status and usage (its items' status follows it)."""
         if choice.finish_reason is FinishReason.LENGTH:
@@ -238,7 +239,7 @@ class ResponsesService:
         response.usage = ResponseUsage.of(len(submitted[0].prompt_ids),
                                           choice.num_output_tokens, choice.num_cached_tokens)
         response.usage.output_tokens_details.reasoning_tokens = self.chat.reasoning_tokens(
-            choice.token_ids, submitted[0].prompt_ids)
+            job.chat, choice.token_ids, submitted[0].prompt_ids)
         return response
 
     async def create(self, job: ResponseJob, submitted: list[Submitted],
@@ -247,7 +248,7 @@ class ResponsesService:
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
             choice.absorb(out)
-        response = self._finish(self._skeleton(job, response_id), choice, submitted)
+        response = self._finish(job, self._skeleton(job, response_id), choice, submitted)
         response.output = self._answer_items(job, choice, submitted[0].prompt_ids)
         for item in response.output:
             item.status = response.item_status
@@ -279,7 +280,7 @@ class ResponsesService:
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
         held = self.chat.holds_back(request)
         item: OutputItem | None = None  # the item being streamed
-        thinking = self.chat.reasoning_split(submitted[0].prompt_ids)
+        thinking = self.chat.reasoning_split(request, submitted[0].prompt_ids)
         thought: OutputReasoning | None = None  # its item, open while it streams
         async for _, out in merged(self.chat.engine, submitted):
             raise_if_failed(out)
@@ -309,7 +310,7 @@ class ResponsesService:
                     item = _message()
                     yield events.open(item)
                 yield events.text(item, text, self._logprobs(job, lps))
-        response = self._finish(events.response, choice, submitted)
+        response = self._finish(job, events.response, choice, submitted)
         if thought is not None and thought.status == "in_progress":  # (cut while thinking)
             yield events.close(thought, response.item_status)
         if named is not None and item is None:  # (no arguments at all)

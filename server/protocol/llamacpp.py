@@ -37,6 +37,8 @@ PromptPart = str | int  # a text, tokenized in place, or a token id
 Prompt = list[PromptPart]
 # llama.cpp's default chain, in the order it runs (common.h's; the samplers this server has)
 SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
+# The most candidates the infill sampler takes (after top-k): it runs on the host
+INFILL_TOP_K = 1024
 # What llama.cpp's chain also names, inert unless their fields switch them on (refused then)
 INERT_SAMPLERS = ("dry", "top_n_sigma", "typ_p", "xtc")
 _SAMPLER_NAMES = {  # llama.cpp's names and alternative names
@@ -248,6 +250,12 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             raise RequestError(f"samplers: this server runs them in llama.cpp's default order "
                                f"{list(SAMPLER_ORDER)} (any of them left out), \"infill\" "
                                f"last where named, got {self.samplers}", "samplers")
+        if "infill" in wanted and not ("top_k" in wanted and 0 < self.top_k <= INFILL_TOP_K):
+            # (its pass over the candidates runs on the host, in Python: a whole vocabulary
+            # would hold up every request in the batch)
+            raise RequestError(f"samplers: the infill sampler needs top_k (1 to "
+                               f"{INFILL_TOP_K}) before it, as llama.vim and llama.vscode "
+                               f"send it (top_k 40)", "samplers")
         return tuple(wanted)
 
     def guide_spec(self) -> GuideSpec | None:

@@ -237,6 +237,8 @@ def test_a_grammar_or_schema_shapes_the_answer(client: httpx.Client) -> None:
     ({"id_slot": 1}, "id_slot"),
     ({"samplers": ["temperature", "top_k"]}, "samplers"),
     ({"samplers": ["infill", "top_k"]}, "samplers"),
+    ({"samplers": ["top_p", "infill"]}, "samplers"),  # (the infill sampler needs top-k)
+    ({"samplers": ["top_k", "infill"], "top_k": 0}, "samplers"),
     ({"samplers": ["nope"]}, "samplers"),
     ({"prompt": [1, 999999]}, "prompt"),
     ({"prompt": []}, "prompt"),

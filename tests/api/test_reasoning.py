@@ -122,6 +122,48 @@ def test_a_structured_output_starts_past_the_thinking(client: httpx.Client) -> N
     assert (reasoning, content) == ("", message["content"])
 
 
+@pytest.mark.parametrize(("bias", "max_tokens"), [(0.4, 12), (8.0, 1)])  # (1: the tag alone)
+def test_a_streams_logprobs_are_every_tokens(client: httpx.Client, bias: float,
+                                             max_tokens: int) -> None:
+    """Each token's logprob goes out once, with the delta its text shows in: the thinking's,
+    the content's, and a tag's, the last token's too (a text of nothing)."""
+    fields = {"max_tokens": max_tokens, "logit_bias": {str(end_id(client)): bias},
+              "logprobs": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": MESSAGES, "temperature": 0, "stream": True, **fields}) as r:
+        chunks = [json.loads(d) for d in sse_data(r) if d != "[DONE]"]
+    entries = [entry for c in chunks for choice in c["choices"]
+               for entry in (choice.get("logprobs") or {}).get("content") or ()]
+    assert len(entries) == chunks[-1]["usage"]["completion_tokens"] == max_tokens
+    whole = chat(client, **{k: v for k, v in fields.items() if k != "stream_options"})
+    assert [e["token"] for e in entries] == [e["token"] for e in whole["logprobs"]["content"]]
+
+
+def test_a_guide_without_the_reasoning_still_starts_past_it(client: httpx.Client) -> None:
+    """include_reasoning false: the thinking is left out, not guided (vLLM's guide would
+    start at once, write the schema into the thinking and leave no content)."""
+    fields = {"max_tokens": 40, "logit_bias": {str(end_id(client)): 100.0},
+              "include_reasoning": False, "response_format": {
+                  "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
+    message = chat(client, **fields)["message"]
+    assert "reasoning" not in message and json.loads(message["content"])["a"] in (1, 2)
+
+
+def test_a_continued_answer_is_content(client: httpx.Client) -> None:
+    """A prefilled final message that opened no thinking: its continuation is content."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "The answer is"}]
+    ids = client.post("/tokenize", json={"messages": prefill, "continue_final_message": True,
+                                         "add_generation_prompt": False}).json()["tokens"]
+    raw = client.post("/v1/completions", json={"prompt": ids, "temperature": 0,
+                                               "max_tokens": 8}).json()["choices"][0]["text"]
+    r = client.post("/v1/chat/completions", json={
+        "messages": prefill, "continue_final_message": True, "add_generation_prompt": False,
+        "temperature": 0, "max_tokens": 8})
+    message = r.json()["choices"][0]["message"]
+    assert "reasoning" not in message and message["content"] == raw
+    assert r.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
 def test_include_reasoning_false_leaves_it_out(client: httpx.Client) -> None:
     bias = {"max_tokens": 12, "logit_bias": {str(end_id(client)): 8.0}}
     with_it = chat(client, **bias)["message"]

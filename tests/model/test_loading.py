@@ -250,6 +250,11 @@ def test_yarn_configs_read_as_transformers_reads_them(tiny_checkpoint: Path) -> 
     assert scaling.cos_sin_factor == pytest.approx(
         (0.1 * math.log(4.0) + 1.0) / (0.05 * math.log(4.0) + 1.0))
     assert ModelConfig.from_hf(derived.to_hf()) == derived
+    zeros = ModelConfig.from_hf(raw | {"rope_scaling": {**yarn, "beta_fast": 0,
+                                                        "beta_slow": None, "truncate": None}})
+    assert zeros.rope_scaling is not None  # (transformers': `or 32`, `or 1`; null: falsy)
+    assert (zeros.rope_scaling.beta_fast, zeros.rope_scaling.beta_slow,
+            zeros.rope_scaling.truncate) == (32.0, 1.0, False)
 
 
 def test_hub_id_resolves_offline_from_cache(tiny_checkpoint: Path, tmp_path: Path,
