@@ -16,13 +16,18 @@ logger = logging.getLogger(__name__)
 # the Hugging Face shards beside it), which the loader never reads.
 HUB_ALLOW = ["*.json", "*.safetensors", "*.jinja", "consolidated.*.pth", "params.json"]
 HUB_IGNORE = ["consolidated*.safetensors"]
+# A tokenizer given apart (--tokenizer): its files alone, never a repo's weights
+TOKENIZER_ALLOW = ["*.json", "*.jinja"]
 
 
 class ModelSourceError(ValueError):
     """The model argument names nothing we can load."""
 
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
+def resolve_model(model: str, revision: str | None = None, tokenizer_only: bool = False
+                  ) -> Path:
+    """A folder as it is, a hub id's snapshot (at `revision`; only its tokenizer's files
+    with `tokenizer_only`)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -34,8 +39,10 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW,
-                                   ignore_patterns=HUB_IGNORE)
+        folder = snapshot_download(
+            model, revision=revision,
+            allow_patterns=TOKENIZER_ALLOW if tokenizer_only else HUB_ALLOW,
+            ignore_patterns=HUB_IGNORE)
     except LocalEntryNotFoundError as e:
         raise ModelSourceError(f"{model} is not in the local Hugging Face cache and the hub "
                                f"cannot be reached (offline?): {e}") from e

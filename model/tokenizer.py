@@ -74,8 +74,20 @@ class Tokenizer:
         self._bytes: dict[int, bytes] = {}  # token_bytes' answers: a token's bytes never change
 
     @classmethod
-    def from_dir(cls, folder: Path, chat_template: str | None = None) -> Tokenizer:
-        """Load `folder`; `chat_template` (the template text) replaces the model's own."""
+    def for_model(cls, model_folder: Path, tokenizer_folder: str | Path | None = None,
+                  chat_template: str | None = None) -> Tokenizer:
+        """The model's tokenizer, or one from a folder of its own (--tokenizer; the model's
+        generation_config.json's eos ids count too)."""
+        if tokenizer_folder is None:
+            return cls.from_dir(model_folder, chat_template)
+        return cls.from_dir(Path(tokenizer_folder), chat_template, model_folder=model_folder)
+
+    @classmethod
+    def from_dir(cls, folder: Path, chat_template: str | None = None,
+                 model_folder: Path | None = None) -> Tokenizer:
+        """Load `folder`; `chat_template` (the template text) replaces the model's own;
+        `model_folder`: the model's, where the tokenizer's is another (its
+        generation_config.json's eos ids count, as its own)."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -92,8 +104,10 @@ class Tokenizer:
         _add_config_tokens(backend, config.get("added_tokens_decoder", {}), named,
                            _extra_special_tokens(config))
 
-        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        eos_ids: set[int] = set()
+        for where in {folder, Path(model_folder or folder)}:
+            eos = _read_json(where / "generation_config.json").get("eos_token_id")
+            eos_ids |= {eos} if isinstance(eos, int) else set(eos or ())
         if "eos_token" in named:
             eos_ids.add(backend.token_to_id(named["eos_token"]))
 

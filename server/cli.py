@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
          default=e.max_waiting)
     _add(serve, "--kv-cache-memory", "KV-cache budget in GiB (e.g. 4) or %% of free memory "
          "(e.g. 50%%); the slot count follows, up to --max-num-seqs")
+    _add(serve, "--tokenizer", "the tokenizer's folder or hub id, where it is not the "
+         "model's (vLLM's flag; only its tokenizer files are fetched); the model's "
+         "generation_config.json still gives sampling defaults and end-of-sequence ids",
+         default=None)
+    _add(serve, "--revision", "the model's hub revision (a branch, tag or commit), as vLLM's",
+         default=None)
+    _add(serve, "--tokenizer-revision", "--tokenizer's hub revision", default=None)
     _add(serve, "--chat-template", "a Jinja chat template replacing the model's: a file, or "
          "the template itself")
     _add(serve, "--enable-lora", "serve LoRA adapters beside the model (vLLM's flag)",
@@ -281,8 +288,11 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.tokenizer:  # (its folder, for the engine's config)
+            args.tokenizer = str(resolve_model(args.tokenizer, args.tokenizer_revision,
+                                               tokenizer_only=True))
         if args.model:
-            model_dir = resolve_model(args.model)
+            model_dir = resolve_model(args.model, args.revision)
         else:
             from model.demo import ensure_demo_model
 

@@ -86,6 +86,9 @@ class EngineConfig:
     # The most adapters loaded at once (vLLM's --max-loras caps those in a batch; here every
     # loaded adapter may share a step, so the cap is on those loaded); None: no cap
     max_loras: int | None = None
+    # The tokenizer's folder where it is not the model's (vLLM's --tokenizer, resolved by the
+    # CLI); None: the model's. The model's generation_config.json still gives the eos ids.
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         modules = self.lora_modules

@@ -249,7 +249,7 @@ class EngineProcess(EngineFront):
         """`core` is the child's entry point (run_core's arguments): a module-level function,
         since the child imports it; tests pass one that breaks the engine first."""
         super().__init__()
-        self.tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
+        self.tokenizer = Tokenizer.for_model(folder, config.tokenizer, chat_template)
         self._stats = EngineStats()
         self._sent = 0  # samples of the Adds sent; the core counts those it took in num_received
         self._send_lock = threading.Lock()  # event loops, the drain thread and stop() send

@@ -144,7 +144,7 @@ def build_engine(folder: Path, config: EngineConfig, chat_template: str | None =
     keep_freed_memory()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    tokenizer = Tokenizer.from_dir(folder, chat_template=chat_template)
+    tokenizer = Tokenizer.for_model(folder, config.tokenizer, chat_template)
     model = load_checkpoint(folder, dtype, device, config.load_format)
     if config.load_format == "dummy":
         logger.warning("--load-format dummy: random weights, for benchmarks only")

@@ -1,6 +1,7 @@
 """The shared server answers the two basic requests; a model may answer to several names."""
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -103,3 +104,29 @@ def test_n_beyond_the_slots_runs_in_groups(tiny_checkpoint: Path, tmp_path: Path
         many = httpx.post(url, json={**body, "prompt": ["a"] * 3, "n": 8})
         error = assert_openai_error(many, 400)
         assert error["param"] == "n" and "asks for 24 samples" in error["message"]
+
+
+def test_a_tokenizer_from_another_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """vLLM's --tokenizer: a model folder without tokenizer files serves with one from
+    elsewhere; the model's generation_config.json still names the end-of-sequence ids (a
+    second one, 5, stops the answer as vLLM's stop_reason names it)."""
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    model.mkdir(), tokenizer.mkdir()
+    for item in tiny_checkpoint.iterdir():
+        kind = "tokenizer" if item.name.startswith(("tokenizer", "special_tokens")) else "model"
+        shutil.copy(item, (tokenizer if kind == "tokenizer" else model) / item.name)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config,
+                                                              "eos_token_id": [2, 5]}))
+    with run_server(model, tmp_path, wait=False) as server:  # (no tokenizer of its own)
+        assert server.process.wait(timeout=90) != 0
+    assert "tokenizer.json not found" in server.log()
+    with run_server(model, tmp_path, "--tokenizer", str(tokenizer),
+                    "--served-model-name", "tiny") as server:
+        ids = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "def f():"}).json()
+        with run_server(tiny_checkpoint, tmp_path) as whole:
+            assert httpx.post(f"{whole.base_url}/tokenize",
+                              json={"prompt": "def f():"}).json() == ids
+        r = httpx.post(f"{server.v1}/completions", json={
+            "prompt": "hi", "max_tokens": 4, "logit_bias": {"5": 100}}).json()
+        assert (r["choices"][0]["finish_reason"], r["choices"][0]["stop_reason"]) == ("stop", 5)
