@@ -98,11 +98,9 @@ class OutputBuilder:
                     self._scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
                 if seq.status.is_finished:
                     text += detok.flush()
-        if limits is not None:
-            cut = limits.cut(text)
-            if cut is not None:  # (what the detokenizer still holds comes after: dropped)
-                text = text[:cut]
-                self._scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
+        text, cut = self._cut(seq, text)
+        if cut:  # (what the detokenizer still holds comes after: dropped)
+            self._scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
         out = self._output(seq, text, [token], first)
         if seq.status.is_finished:
             self._release(seq)
@@ -113,13 +111,17 @@ class OutputBuilder:
         held back for stop strings, unless it failed."""
         detok = self._detokenizers.get(seq)
         text = detok.flush() if detok is not None and not error else ""
-        limits = self._line_limits.get(seq)
-        if limits is not None and (cut := limits.cut(text)) is not None:
-            text = text[:cut]  # (n_indent's cut applies to the text held back too)
+        text, _ = self._cut(seq, text)  # (n_indent's cut applies to the text held back too)
         out = self._output(seq, text, [], first=detok is None)
         out.error = error or None
         self._release(seq)
         return out
+
+    def _cut(self, seq: Sequence, text: str) -> tuple[str, bool]:
+        """`text` as n_indent keeps it (server/line_limits.py), and whether it was cut."""
+        limits = self._line_limits.get(seq)
+        at = None if limits is None else limits.cut(text)
+        return (text, False) if at is None else (text[:at], True)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int],
                 first: bool) -> RequestOutput:

@@ -642,15 +642,14 @@ class ChatService(_Service):
         # --reasoning-parser: the thinking set apart (server/reasoning.py), and the token
         # that ends it, past which a guide starts (as vLLM applies structured outputs)
         self.reasoning = ReasoningParser.named(reasoning_parser) if reasoning_parser else None
-        self.reasoning_end_id: int | None = None
+        self.reasoning_start_id = self.reasoning_end_id = None
         if self.reasoning is not None:
-            ids = [tokenizer.token_id(tag) for tag in (self.reasoning.start,
-                                                       self.reasoning.end)]
-            if None in ids:  # (vLLM's check, its words)
+            self.reasoning_start_id = tokenizer.token_id(self.reasoning.start)
+            self.reasoning_end_id = tokenizer.token_id(self.reasoning.end)
+            if self.reasoning_start_id is None or self.reasoning_end_id is None:
                 raise ValueError(f"the {reasoning_parser} reasoning parser could not locate "
                                  f"the think start/end tokens {self.reasoning.start!r} and "
-                                 f"{self.reasoning.end!r} in the tokenizer")
-            self.reasoning_end_id = ids[1]
+                                 f"{self.reasoning.end!r} in the tokenizer")  # (vLLM's words)
 
     def with_reasoning(self, params: SamplingParams, request: ChatCompletionRequest,
                        prompt_ids: list[int]) -> SamplingParams:
@@ -669,10 +668,9 @@ class ChatService(_Service):
         prefill: its text is the answer's content)."""
         if self.reasoning is None:
             return False
-        start_id = self.tokenizer.token_id(self.reasoning.start)
         for token_id in reversed(prompt_ids):
-            if token_id in (start_id, self.reasoning_end_id):
-                return token_id == start_id
+            if token_id in (self.reasoning_start_id, self.reasoning_end_id):
+                return token_id == self.reasoning_start_id
         return not request.continue_final_message
 
     def reasoning_split(self, request: ChatCompletionRequest, prompt_ids: list[int]
@@ -689,7 +687,7 @@ class ChatService(_Service):
         an opening start tag (else the first) to before the first end tag (else the last)."""
         if not self.starts_thinking(request, prompt_ids):
             return 0
-        start_id = self.tokenizer.token_id(self.reasoning.start)  # type: ignore[union-attr]
+        start_id = self.reasoning_start_id
         start = token_ids.index(start_id) + 1 if start_id in token_ids else 0
         return max(0, self._content_start(token_ids) - 1 - start)
 
@@ -817,8 +815,7 @@ class ChatService(_Service):
                 for call in calls]
             result.append(ChatCompletionResponseChoice(
                 index=i, message=ChatCompletionMessage(
-                    content=content, tool_calls=tool_calls, reasoning=reasoning,
-                    reasoning_content=reasoning),
+                    content=content, tool_calls=tool_calls, reasoning=reasoning),
                 logprobs=self.logprobs(request, whole.logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(
@@ -837,9 +834,9 @@ class ChatService(_Service):
         held = {index: self.holds_back(request) for index in range(len(submitted) * request.n)}
         named = (request.tool_choice.function.name
                  if isinstance(request.tool_choice, NamedToolChoice) else None)
-        thinking: dict[int, ReasoningSplit] | None = None
-        if self.reasoning is not None and self.reasoning_split(request,
-                                                              submitted[0].prompt_ids):
+        thinking = None  # each choice's splitter, where the answer starts thinking
+        if self.reasoning is not None and self.starts_thinking(request,
+                                                               submitted[0].prompt_ids):
             thinking = {index: ReasoningSplit(self.reasoning.stream()) for index in held}
         started = False
         async for _, out in merged(self.engine, submitted):
@@ -884,6 +881,11 @@ class ReasoningSplit:
     stream: ReasoningStream
     pending: list[TokenLogprob] = field(default_factory=list)
 
+    @property
+    def in_content(self) -> bool:
+        """The thinking has ended: what comes now is the rest."""
+        return self.stream.in_content
+
     def split(self, out: RequestOutput
               ) -> tuple[str, list[TokenLogprob] | None, RequestOutput]:
         reasoning, content = self.stream.feed(out.text, final=out.finished)
@@ -927,7 +929,7 @@ class _ChatChunks:
 
     def reasoning(self, index: int, text: str, lps: list[TokenLogprob] | None,
                   num_output: int) -> str:
-        return self.chunk(index, DeltaMessage(reasoning=text, reasoning_content=text),
+        return self.chunk(index, DeltaMessage(reasoning=text),
                           self._logprobs(lps) if lps else None, num_output=num_output)
 
     def _logprobs(self, lps: list[TokenLogprob]) -> ChatCompletionLogprobs | None:

@@ -155,7 +155,7 @@ class MessagesService:
                     if blocks.open_kind is None:
                         yield blocks.open(ThinkingOut())
                     yield blocks.delta({"type": "thinking_delta", "thinking": reasoning})
-                if blocks.open_kind == "thinking" and thinking.stream.in_content:
+                if blocks.open_kind == "thinking" and thinking.in_content:
                     yield blocks.close()
             choice.absorb(out)
             if named is not None:  # the named tool's arguments, as they come

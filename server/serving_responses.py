@@ -291,7 +291,7 @@ class ResponsesService:
                         thought = _reasoning()
                         yield events.open(thought)
                     yield events.reasoning(thought, reasoning)
-                if thought is not None and thinking.stream.in_content and (
+                if thought is not None and thinking.in_content and (
                         thought.status == "in_progress"):
                     yield events.close(thought, "completed")
             choice.absorb(out)

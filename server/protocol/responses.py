@@ -201,18 +201,25 @@ class ChatCompletionMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
-    # Under --reasoning-parser, the thinking: vLLM's field, and DeepSeek's API's (and earlier
-    # vLLM's) name for the same text; neither sent without a parser
+    # Under --reasoning-parser, the thinking (not sent without one): see _with_reasoning
     reasoning: str | None = None
-    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        body = handler(self)
-        for key in ("tool_calls", "reasoning", "reasoning_content"):
-            if body.get(key) is None:
-                body.pop(key, None)
+        body = _with_reasoning(handler(self))
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
         return body
+
+
+def _with_reasoning(body: dict[str, Any]) -> dict[str, Any]:
+    """A message's or delta's `reasoning` (vLLM's field since 0.11) sent under DeepSeek's
+    API's (and earlier vLLM's) name `reasoning_content` too, so clients of either read it;
+    neither where there is none."""
+    reasoning = body.pop("reasoning", None)
+    if reasoning is not None:
+        body["reasoning"] = body["reasoning_content"] = reasoning
+    return body
 
 
 class DeltaFunctionCall(ResponseModel):
@@ -263,12 +270,12 @@ class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-    reasoning: str | None = None  # (both names, as ChatCompletionMessage's)
-    reasoning_content: str | None = None
+    reasoning: str | None = None  # (under both names, as ChatCompletionMessage's)
 
     @model_serializer(mode="wrap")
     def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
+        return _with_reasoning(
+            {key: value for key, value in handler(self).items() if value is not None})
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -164,6 +164,19 @@ def test_llama_vims_requests_as_it_sends_them(code: httpx.Client) -> None:
     assert (settings["n_indent"], settings["t_max_predict_ms"]) == (4, 3000)
 
 
+def test_the_infill_sampler_ends_a_middle_it_is_unsure_of(code: httpx.Client) -> None:
+    """The random model spreads its mass: after top-k and top-p no text token holds 0.2, so
+    llama.cpp's infill sampler takes the end-of-middle token at once, whatever the seed;
+    the same chain without it writes on to n_predict (the runner wires it to the row)."""
+    for seed in range(5):
+        body = {"n_predict": 8, "seed": seed, "top_k": 40, "top_p": 0.9,
+                "temperature": 0.8, "return_tokens": True}
+        ended = infill(code, **body, samplers=["top_k", "top_p", "infill"])
+        assert (ended["content"], ended["stop_type"], ended["tokens_predicted"]) == (
+            "", "eos", 1)
+        assert infill(code, **body, samplers=["top_k", "top_p"])["tokens_predicted"] == 8
+
+
 def test_n_indent_ends_the_middle_at_an_under_indented_line(code: httpx.Client) -> None:
     """Greedy, newlines and spaces made likely: the middle is the unlimited one cut before
     its first line with fewer than 2 spaces ("limit", not truncated: the context had room)."""
