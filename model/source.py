@@ -11,13 +11,15 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Only what serving needs: configs, tokenizer, safetensors (and Meta's layout). Mistral's
+# Only what serving needs: configs, tokenizer, safetensors (and Meta's layout, its
+# tokenizer.model too: read where a repo has no tokenizer.json). Mistral's
 # repos also hold their weights in Mistral's own layout (consolidated.safetensors, as large as
 # the Hugging Face shards beside it), which the loader never reads.
-HUB_ALLOW = ["*.json", "*.safetensors", "*.jinja", "consolidated.*.pth", "params.json"]
+HUB_ALLOW = ["*.json", "*.safetensors", "*.jinja", "consolidated.*.pth", "params.json",
+             "tokenizer.model"]
 HUB_IGNORE = ["consolidated*.safetensors"]
 # A tokenizer given apart (--tokenizer): its files alone, never a repo's weights
-TOKENIZER_ALLOW = ["*.json", "*.jinja"]
+TOKENIZER_ALLOW = ["*.json", "*.jinja", "tokenizer.model"]
 
 
 class ModelSourceError(ValueError):

@@ -1,6 +1,7 @@
 """Tokenizer and streaming detokenizer for a Hugging Face tokenizer folder. No torch.
 
-`Tokenizer` reads tokenizer.json with the `tokenizers` library, plus tokenizer_config.json,
+`Tokenizer` reads tokenizer.json with the `tokenizers` library (or Meta's tokenizer.model,
+converted by tokenizer_model.py), plus tokenizer_config.json,
 chat_template.jinja and generation_config.json; its ids, decoded text and rendered chat prompts
 equal transformers 5's `AutoTokenizer` for the same folder (templates render in
 chat_template.py). `IncrementalDetokenizer` turns one
@@ -25,6 +26,7 @@ try:
 except ImportError:  # tokenizers < 0.21: the Python path alone
     DecodeStream = None
 
+from model import tokenizer_model
 from model.chat_template import ChatTemplateError, compile_template, render
 from model.encoding import encode_ids
 from model.infill import CODE_LLAMA_TOKENS, Infill
@@ -89,12 +91,7 @@ class Tokenizer:
         `model_folder`: the model's, where the tokenizer's is another (its
         generation_config.json's eos ids count, as its own)."""
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ValueError(f"{path} not found: llama-serve needs a fast tokenizer "
-                             "(tokenizer.json)")
-        backend = _Backend.from_file(str(path))
-        config = _read_json(folder / "tokenizer_config.json")
+        backend, config, eos_tokens = _load(folder)
         _rebuild_as_transformers_does(backend, config)
         infill = Infill.find_tokens(backend, config)  # (before the config's tokens are added)
         named = {k: c for k in NAMED_TOKENS if (c := _content(config.get(k))) is not None}
@@ -108,8 +105,9 @@ class Tokenizer:
         for where in {folder, Path(model_folder or folder)}:
             eos = _read_json(where / "generation_config.json").get("eos_token_id")
             eos_ids |= {eos} if isinstance(eos, int) else set(eos or ())
-        if "eos_token" in named:
-            eos_ids.add(backend.token_to_id(named["eos_token"]))
+        for token in [named.get("eos_token"), *eos_tokens]:
+            if token is not None:
+                eos_ids.add(backend.token_to_id(token))
 
         if chat_template is None:
             jinja_file = folder / "chat_template.jinja"  # takes priority, as in transformers
@@ -237,6 +235,24 @@ _PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 
 _BYTE_OF_CHAR = {chr(b): b for b in _PRINTABLE}
 _BYTE_OF_CHAR.update({chr(256 + n): b for n, b in enumerate(
     b for b in range(256) if b not in _PRINTABLE)})
+def _load(folder: Path) -> tuple[_Backend, dict, list[str]]:
+    """tokenizer.json and tokenizer_config.json, or Meta's tokenizer.model converted (with
+    the config transformers would write for it) where the folder has no tokenizer.json; and
+    the tokens beyond the config's eos_token that end generation."""
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        return _Backend.from_file(str(path)), _read_json(folder / "tokenizer_config.json"), []
+    meta = tokenizer_model.find(folder)
+    if meta is None:
+        raise ValueError(f"{folder} has no tokenizer: llama-serve reads tokenizer.json, or "
+                         f"Meta's tokenizer.model (pass --tokenizer FOLDER for one elsewhere)")
+    converted = tokenizer_model.convert(meta)
+    logger.info("converted %s (Meta's layout) to a fast tokenizer", meta)
+    # a tokenizer_config.json beside it (a template, other tokens) wins over the defaults
+    config = converted.config | _read_json(folder / "tokenizer_config.json")
+    return converted.backend, config, converted.eos_tokens
+
+
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
 
 

@@ -85,6 +85,72 @@ def code_llama_tokenizer_dir(sp_tokenizer_dir: Path, tmp_path_factory: pytest.Te
     return out
 
 
+# --- Meta's tokenizer.model (its own downloads carry no tokenizer.json) ---------------------
+
+SPM_VOCAB = 1000
+TIKTOKEN_RANKS = 1500  # plus Llama 3's 256 special tokens after them
+
+
+def train_sentencepiece(out: Path, model_type: str = "bpe", **options: object) -> Path:
+    """A SentencePiece model trained as Llama 2's was (BPE, byte fallback, digits split,
+    identity normalizer, <unk> <s> </s> at 0-2, no pad), written as `out`/tokenizer.model."""
+    import sentencepiece as spm
+
+    from model.demo import corpus
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = out / "corpus.txt"
+    text.write_text("".join(corpus(300_000)), encoding="utf-8")
+    settings = dict(model_type=model_type, vocab_size=SPM_VOCAB, byte_fallback=True,
+                    split_digits=True, normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, add_dummy_prefix=True,
+                    allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                    character_coverage=0.9999, minloglevel=2) | options
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "tokenizer"),
+                                   **settings)
+    text.unlink()
+    (out / "tokenizer.vocab").unlink()
+    return out / "tokenizer.model"
+
+
+def write_tiktoken_model(out: Path) -> Path:
+    """Llama 3's tokenizer.model: tiktoken ranks ("base64-bytes rank" lines) of a byte-level
+    BPE trained with Llama 3's split pattern (every merge ranks after its parts, as tiktoken
+    needs)."""
+    import base64
+
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    from model.demo import corpus
+    from model.tokenizer_model import LLAMA3_PATTERN, byte_to_unicode
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=TIKTOKEN_RANKS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(300_000), trainer=trainer)
+    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    lines = [f"{base64.b64encode(bytes(to_byte[c] for c in token)).decode()} {rank}"
+             for token, rank in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    return out / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama 2's tokenizer.model kind: a SentencePiece BPE model, 1000 pieces."""
+    return train_sentencepiece(tmp_path_factory.mktemp("meta-spm"))
+
+
+@pytest.fixture(scope="session")
+def tiktoken_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama 3's tokenizer.model kind: tiktoken ranks, 1500 of them."""
+    return write_tiktoken_model(tmp_path_factory.mktemp("meta-tiktoken"))
+
+
 MakeCheckpoint = Callable[..., Path]
 
 

@@ -120,7 +120,7 @@ def test_a_tokenizer_from_another_folder(tiny_checkpoint: Path, tmp_path: Path) 
                                                               "eos_token_id": [2, 5]}))
     with run_server(model, tmp_path, wait=False) as server:  # (no tokenizer of its own)
         assert server.process.wait(timeout=90) != 0
-    assert "tokenizer.json not found" in server.log()
+    assert "has no tokenizer" in server.log()
     with run_server(model, tmp_path, "--tokenizer", str(tokenizer),
                     "--served-model-name", "tiny") as server:
         ids = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "def f():"}).json()

@@ -203,7 +203,7 @@ def test_hub_downloads_skip_mistrals_own_layout() -> None:
     mistral = ["config.json", "consolidated.safetensors", "params.json",
                "model-00001-of-00003.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer.model.v3", "tokenizer_config.json", "README.md"]
-    meta = ["params.json", "consolidated.00.pth", "consolidated.01.pth", "tokenizer.json"]
+    meta = ["params.json", "consolidated.00.pth", "consolidated.01.pth", "tokenizer.model"]
     pick = lambda names: sorted(filter_repo_objects(  # noqa: E731
         names, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE))
     assert pick(mistral) == ["config.json", "model-00001-of-00003.safetensors",
