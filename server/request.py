@@ -47,6 +47,26 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkingBudget:
+    """vLLM's thinking_token_budget: an answer that starts in its thinking thinks for at most
+    `tokens` output tokens (start tags not counted); the next one is then `end_id`, forced."""
+
+    tokens: int
+    start_id: int
+    end_id: int
+
+    def spent(self, output_ids: list[int], walked: int = 0, used: int = 0
+              ) -> tuple[int, bool]:
+        """(thinking tokens used, whether the thinking has ended) after `output_ids`, walked
+        on from `walked` tokens of which `used` were thinking (a runner keeps the count)."""
+        for token_id in output_ids[walked:]:
+            if token_id == self.end_id:
+                return used, True
+            used += token_id != self.start_id
+        return used, False
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request decoding controls, with vLLM's meanings.
 
@@ -82,6 +102,7 @@ class SamplingParams:
     # The token past whose first occurrence the guide starts (the reasoning's end under
     # --reasoning-parser, as vLLM applies structured outputs after the thinking); None: at once
     guide_after: int | None = None
+    thinking_budget: ThinkingBudget | None = None  # (under --reasoning-parser)
     # An embedding request's (max_tokens 0): the prompt's final hidden states pooled, its
     # last token's or every token's mean, at unit length
     pooling: Pooling | None = None

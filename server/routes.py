@@ -185,6 +185,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State,  # noqa: A
     with state.admission(body) as engine:
         assert service is not None
         service.prepare_tools(body)
+        service.check_thinking_budget(body)
         params = await _sampling_params(body, service, state)
         prompt_ids = await _tokenized(request, lambda: service.prompt_ids(body))
         params = service.with_reasoning(params, body, prompt_ids)

@@ -86,6 +86,10 @@ class ModelRunner:
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
         self.guide_states: dict[Sequence, tuple[int, int | None]] = {}
+        # Thinking budgets: each budgeted sequence's (output tokens walked, thinking tokens
+        # used, whether its thinking has ended), and the one-token masks that force an end
+        self.thinking: dict[Sequence, tuple[int, int, bool]] = {}
+        self._only: dict[int, torch.Tensor] = {}
         # Mean pooling: each embedding request's sum of hidden states over its chunks so far
         self.pool_sums: dict[Request, torch.Tensor] = {}
         self._end_only_logits: torch.Tensor | None = None
@@ -103,6 +107,7 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
         self.guide_states.pop(seq, None)
+        self.thinking.pop(seq, None)
         self.pool_sums.pop(seq.request, None)
 
     def idle(self) -> None:
@@ -141,12 +146,12 @@ class ModelRunner:
         rows feed the tokens `before` samples, on the device. None, launching nothing, where
         the step could not go ahead as planned: it runs no graph, or its sampling depends on
         the tokens it does not know yet (penalties count them; a min_tokens ban is lifted
-        after the last of them)."""
+        after the last of them; a thinking budget may be spent by the last of them)."""
         if before.sampled is None or not self._replays_graph(plan):
             return None
         if any(s.request.params.has_penalties or s.request.params.guide is not None
                or s.request.params.bans_by_output or self._min_tokens_ban(s)
-               for s in plan.decodes):
+               or self._thinking(s) is not None for s in plan.decodes):
             return None  # (a guide's mask depends on the last token too)
         return self.launch(plan, feed=before.sampled.token_ids)
 
@@ -344,15 +349,38 @@ class ModelRunner:
                 p.has_penalties or p.bans_by_output for p in params)
             self._last_sampling = (tuple(seqs), batch if keep else None)
         # A guided row's mask moves with its tokens: set every step, on the batch kept or not
-        # (a guide that starts past the reasoning's end has no state before it: unguided)
-        states = {i: self._guide_state(s) for i, s in enumerate(seqs)
-                  if s.request.params.guide is not None}
-        guided = [i for i, state in states.items() if state is not None]
-        if guided:
-            batch = batch.with_guides(
-                guided, [self._guide_mask(seqs[i], states[i]) for i in guided],
-                self._end_only())
+        # (a guide that starts past the reasoning's end has no state before it: unguided).
+        # A row whose thinking budget is spent takes the thinking's end, whatever its guide.
+        masks: dict[int, torch.Tensor] = {}
+        for i, s in enumerate(seqs):
+            if (forced := self._thinking(s)) is not None and forced[1]:
+                masks[i] = self._only_token(forced[0])
+            elif s.request.params.guide is not None and (
+                    state := self._guide_state(s)) is not None:
+                masks[i] = self._guide_mask(s, state)
+        if masks:
+            batch = batch.with_guides(list(masks), list(masks.values()), self._end_only())
         return batch
+
+    def _thinking(self, seq: Sequence) -> tuple[int, bool] | None:
+        """For a sequence with a thinking budget whose thinking goes on: (its end tag,
+        whether the budget is spent so that the end comes next); None otherwise."""
+        budget = seq.request.params.thinking_budget
+        if budget is None:
+            return None
+        walked, used, ended = self.thinking.get(seq, (0, 0, False))
+        if not ended:
+            used, ended = budget.spent(seq.output_ids, walked, used)
+            self.thinking[seq] = (len(seq.output_ids), used, ended)
+        return None if ended else (budget.end_id, used >= budget.tokens)
+
+    def _only_token(self, token_id: int) -> torch.Tensor:
+        """(V,) bool: `token_id` alone allowed (a guide's mask of one token)."""
+        if token_id not in self._only:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask[token_id] = True
+            self._only[token_id] = mask.to(self.device)
+        return self._only[token_id]
 
     def _infill_rows(self, params: list[SamplingParams], rows: list[int]) -> InfillRows:
         """What llama.cpp's infill sampler needs of `rows`: each one's ends (the model's

@@ -55,7 +55,13 @@ from server.protocol import (
     to_openai_finish_reason,
 )
 from server.reasoning import ReasoningParser, ReasoningStream
-from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.request import (
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+    ThinkingBudget,
+    TokenLogprob,
+)
 from server.tool_calls import (
     PARSERS,
     ParsedCall,
@@ -651,15 +657,29 @@ class ChatService(_Service):
                                  f"the think start/end tokens {self.reasoning.start!r} and "
                                  f"{self.reasoning.end!r} in the tokenizer")  # (vLLM's words)
 
+    def check_thinking_budget(self, request: ChatCompletionRequest) -> None:
+        """A chat request's thinking_token_budget needs a thinking to bound."""
+        if self.reasoning is None and request.thinking_token_budget not in (None, -1):
+            raise RequestError("thinking_token_budget bounds a reasoning model's thinking: "
+                               "serve it with --reasoning-parser", "thinking_token_budget")
+
     def with_reasoning(self, params: SamplingParams, request: ChatCompletionRequest,
                        prompt_ids: list[int]) -> SamplingParams:
-        """A guided request's guide starts past the reasoning's end, under a parser, where
-        the answer starts in its thinking: the thinking is free, the content guided. (vLLM
-        guides from the first token once `include_reasoning` is false, which forces the
-        thinking's own text into the schema and leaves the answer empty; not here.)"""
-        if params.guide is None or not self.starts_thinking(request, prompt_ids):
+        """Where the answer starts in its thinking (under a parser): a guided request's
+        guide starts past the reasoning's end, so that the thinking is free and the content
+        guided (vLLM guides from the first token once `include_reasoning` is false, which
+        forces the thinking's own text into the schema and leaves the answer empty; not
+        here); and a thinking_token_budget bounds the thinking."""
+        if not self.starts_thinking(request, prompt_ids):
             return params
-        return replace(params, guide_after=self.reasoning_end_id)
+        assert self.reasoning_start_id is not None and self.reasoning_end_id is not None
+        if params.guide is not None:
+            params = replace(params, guide_after=self.reasoning_end_id)
+        budget = request.thinking_token_budget
+        if budget is not None and budget >= 0:
+            params = replace(params, thinking_budget=ThinkingBudget(
+                budget, self.reasoning_start_id, self.reasoning_end_id))
+        return params
 
     def starts_thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
         """Whether the answer starts inside the thinking (False without a parser): unless the

@@ -151,8 +151,9 @@ class CountTokensRequest(OpenAIBaseModel):
     tools: Annotated[list[Tool], MAX_ITEMS_FIELD] | None = None
     tool_choice: ToolChoice | None = None
     # Anthropic's extended thinking: a reasoning model's thinking comes as a thinking block
-    # under --reasoning-parser; {"type": "disabled"} leaves it out (include_reasoning false);
-    # a budget is not enforced (a model may always answer without thinking)
+    # under --reasoning-parser, at most budget_tokens long (the end tag is forced after
+    # them: vLLM's thinking_token_budget); {"type": "disabled"} leaves it out
+    # (include_reasoning false). Without a parser there is no thinking to bound.
     thinking: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extra
 
@@ -231,7 +232,19 @@ class CountTokensRequest(OpenAIBaseModel):
             "add_generation_prompt": not prefill, "continue_final_message": prefill,
             "chat_template_kwargs": self.chat_template_kwargs,
             "include_reasoning": (self.thinking or {}).get("type") != "disabled",
+            "thinking_token_budget": self.thinking_budget(),
         }
+
+    def thinking_budget(self) -> int | None:
+        """`thinking`'s budget_tokens where thinking is enabled."""
+        thinking = self.thinking or {}
+        if thinking.get("type") != "enabled" or "budget_tokens" not in thinking:
+            return None
+        budget = thinking["budget_tokens"]
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise RequestError("thinking.budget_tokens must be an integer >= 0",
+                               "thinking.budget_tokens")
+        return budget
 
     def chat_request(self) -> ChatCompletionRequest:
         return _validated(self.chat_fields())

@@ -701,6 +701,8 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     parallel_tool_calls: bool | None = None  # false: one call at most
     # Under --reasoning-parser: false leaves the reasoning out of the answer (vLLM's)
     include_reasoning: bool = True
+    # vLLM's: at most this many tokens of thinking, then its end tag is forced (-1: no bound)
+    thinking_token_budget: int | None = Field(None, ge=-1)
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
     add_special_tokens: bool = False

@@ -487,8 +487,10 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
     # set by the route: the guide compiled from guide_spec() (below), bad words tokenized,
     # the LoRA adapter the model names; pooling: the embeddings service's; llama.cpp's chain
     # and penalty window, its infill sampler and editor limits: its native API's
-    # (server/protocol/llamacpp.py); where a guide starts: the chat service's
-    assert unchanged == ["guide", "guide_after", "pooling", "bad_words", "lora",
+    # (server/protocol/llamacpp.py); where a guide starts and the thinking's budget: the
+    # chat service's
+    assert unchanged == ["guide", "guide_after", "thinking_budget", "pooling", "bad_words",
+                         "lora",
                          "temperature_last",
                          "penalty_last_n", "infill_sampler", "n_indent", "t_max_predict_ms"]
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
@@ -509,7 +511,8 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
     }
     # chat has no echo (prompt_logprobs below); the guide, bad words and LoRA adapter: the
     # route's; pooling: the embeddings service's
-    assert unchanged == {"prompt_logprobs", "guide", "guide_after", "pooling", "bad_words",
+    assert unchanged == {"prompt_logprobs", "guide", "guide_after", "thinking_budget",
+                         "pooling", "bad_words",
                          "lora", "temperature_last", "penalty_last_n", "infill_sampler", "n_indent",
                          "t_max_predict_ms"}
     assert chat(prompt_logprobs=3).to_sampling_params().prompt_logprobs == 3

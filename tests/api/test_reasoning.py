@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import Server, run_server, sse_data
+from tests.api.conftest import Server, assert_openai_error, run_server, sse_data
 from tests.conftest import THINK_TAGS
 
 MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
@@ -262,3 +262,55 @@ def test_anthropics_messages_api_gives_a_thinking_block(thinker: Server,
                 {"type": "text", "text": "4"}]},
             {"role": "user", "content": "And three plus three?"}]})
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_a_thinking_budget_ends_the_thinking(client: httpx.Client, budget: int) -> None:
+    """vLLM's thinking_token_budget: the random model never closes its thinking in 12
+    tokens; with a budget it thinks that many (the unbounded thinking's first ones), then
+    </think> is forced and the answer goes on as content. -1 bounds nothing."""
+    free = chat(client, max_tokens=12)["message"]
+    r = client.post("/v1/chat/completions", json={
+        "messages": MESSAGES, "temperature": 0, "max_tokens": 12,
+        "thinking_token_budget": budget})
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert r.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": budget}
+    assert free["reasoning"].startswith(message["reasoning"])
+    assert bool(message["reasoning"]) is (budget > 0) and message["content"]
+    reasoning, content, _ = streamed(client, max_tokens=12, thinking_token_budget=budget)
+    assert (reasoning, content) == (message["reasoning"], message["content"])
+    assert chat(client, max_tokens=12, thinking_token_budget=-1)["message"] == free
+
+
+def test_anthropics_budget_tokens_bound_the_thinking_block(thinker: Server,
+                                                          client: httpx.Client) -> None:
+    bounded = chat(client, max_tokens=12, thinking_token_budget=3)["message"]
+    sdk = anthropic.Anthropic(base_url=thinker.base_url, api_key="unused")
+    message = sdk.messages.create(  # type: ignore[call-overload]
+        model="r1", max_tokens=12, messages=MESSAGES, extra_body={"temperature": 0},
+        thinking={"type": "enabled", "budget_tokens": 3})
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
+            for b in message.content] == [("thinking", bounded["reasoning"]),
+                                          ("text", bounded["content"])]
+    r = client.post("/v1/messages", json={
+        "model": "r1", "max_tokens": 4, "messages": MESSAGES,
+        "thinking": {"type": "enabled", "budget_tokens": "many"}})
+    assert r.status_code == 400 and "budget_tokens" in r.text
+
+
+def test_a_thinking_budget_needs_the_parser(server: Server, auth: dict[str, str]) -> None:
+    """Without --reasoning-parser a chat request's budget has nothing to bound: a clear
+    400; Anthropic's thinking (budget included) is ignored there, as its thinking is."""
+    with server.client(**auth) as c:
+        r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
+                                                 "thinking_token_budget": 5})
+        error = assert_openai_error(r, 400)
+        assert error["param"] == "thinking_token_budget" and "--reasoning-parser" in \
+            error["message"]
+        assert c.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 2, "thinking_token_budget": -1}
+        ).status_code == 200
+        r = c.post("/v1/messages", json={"model": "tiny", "max_tokens": 2, "messages": MESSAGES,
+                                         "thinking": {"type": "enabled", "budget_tokens": 1}})
+        assert r.status_code == 200, r.text

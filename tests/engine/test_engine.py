@@ -27,7 +27,7 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine
 from server.engine_front import Add, EngineOverloaded, RequestRejected
-from server.request import FinishReason, Request, SamplingParams
+from server.request import FinishReason, Request, SamplingParams, ThinkingBudget
 from server.runner import ModelRunner
 from server.startup import build_engine
 from tests.conftest import LoraFixture, indent_cut
@@ -218,6 +218,10 @@ def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: py
         (base[6], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
                                  logit_bias=((7, 100.0),), stop_token_ids=(7,)), "min-tokens",
          0.02),
+        # The thinking's end forced once 4 tokens are spent (a step planned ahead would not
+        # know they are)
+        (base[8], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                 thinking_budget=ThinkingBudget(4, 5, 7)), "thinking", 0.01),
     ]
     ahead_steps: list[int] = []  # each step launched ahead, as it is read back
     still = engine_module._still_running
@@ -242,6 +246,7 @@ def check_async_scheduling_ends_like_steps_in_turn(folder: Path, monkeypatch: py
     assert in_turn[3].finish[0] == FinishReason.STOP and stop_text not in in_turn[3].text[0]
     assert len(in_turn[2].tokens[0]) + len(base[2]) == 160
     assert len(in_turn[6].tokens[0]) == 7 and in_turn[6].finish[0] == FinishReason.STOP
+    assert in_turn[7].tokens[0][4] == 7
     assert ahead[-1].finish[0] == FinishReason.ABORT
     assert ahead[-1].tokens[0][:5] == in_turn[-1].tokens[0][:5]
 
@@ -1056,3 +1061,28 @@ def test_bad_words_are_never_written(tiny_checkpoint: Path) -> None:
     assert bad_words_token_ids(tok, ["and"]) == (enc("and"), enc(" and"))
     assert len(enc("the")) != len(enc(" the"))
     assert bad_words_token_ids(tok, [" the"]) == (enc("the"),)
+
+
+def test_a_thinking_budget_forces_the_thinkings_end(tiny_checkpoint: Path) -> None:
+    """vLLM's thinking_token_budget: once the thinking has spent its tokens the end tag
+    comes next (start tags not counted); an end the model writes first ends the count. On
+    greedy outputs, so the unbudgeted answer shows where each budget bites."""
+    prompt = prompts(1, seed=5)[0]
+
+    def greedy(budget: ThinkingBudget | None, name: str) -> list[int]:
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                thinking_budget=budget)
+        return run(engine, (prompt, params, name))[0].tokens[0]
+
+    with running(tiny_checkpoint) as engine:
+        free = greedy(None, "free")
+        start, end = [t for t in range(3, 1000) if t not in free][:2]
+        assert greedy(ThinkingBudget(0, start, end), "zero")[0] == end
+        three = greedy(ThinkingBudget(3, start, end), "three")
+        # free[1] as the start tag: not counted, so the end comes one token later
+        tagged = greedy(ThinkingBudget(3, free[1], end), "tagged")
+        # The model's own end (free[2]) before the budget is spent: nothing forced after it
+        ended = greedy(ThinkingBudget(3, start, free[2]), "ended")
+    assert three[:4] == free[:3] + [end]
+    assert tagged[:5] == free[:4] + [end]
+    assert ended == free
