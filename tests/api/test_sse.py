@@ -210,7 +210,9 @@ def test_a_repeated_request_id_keeps_requests_apart(long_server: Server,
     mine = {"X-Request-Id": "same"}
     bodies = [{**GREEDY, "prompt": p, "max_tokens": m}  # the first runs long: both in flight
               for p, m in (("Rivers", 4000), ("Mountains are", 24))]
-    with httpx.Client(base_url=long_server.base_url, headers=auth, timeout=60) as client:
+    # (a generous read timeout: 4000 tokens in one response took over 60 s on a loaded
+    # 2-core machine)
+    with httpx.Client(base_url=long_server.base_url, headers=auth, timeout=240) as client:
         alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"]
                  for b in bodies]
         with client.stream("POST", "/v1/completions", json={**bodies[0], "stream": True},
