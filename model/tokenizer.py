@@ -230,27 +230,29 @@ def _compiled(template: str) -> Any:
 
 # GPT-2's byte-level alphabet (tokenizers' ByteLevel): every byte is a printable character
 # in tokens; the inverse gives a token's raw bytes.
-_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-              *range(ord("\xae"), ord("\xff") + 1)]
-_BYTE_OF_CHAR = {chr(b): b for b in _PRINTABLE}
-_BYTE_OF_CHAR.update({chr(256 + n): b for n, b in enumerate(
-    b for b in range(256) if b not in _PRINTABLE)})
+_BYTE_OF_CHAR = {c: b for b, c in tokenizer_model.byte_to_unicode().items()}
+
+
 def _load(folder: Path) -> tuple[_Backend, dict, list[str]]:
-    """tokenizer.json and tokenizer_config.json, or Meta's tokenizer.model converted (with
-    the config transformers would write for it) where the folder has no tokenizer.json; and
-    the tokens beyond the config's eos_token that end generation."""
+    """tokenizer.json and tokenizer_config.json, or a tokenizer.model converted where the
+    folder has no tokenizer.json; and the tokens beyond the config's eos_token that end
+    generation. Meta's layout (no tokenizer_config.json) takes the family's defaults: the
+    config transformers' conversion writes, its chat format, Meta's stop tokens; a Hugging
+    Face folder's tokenizer_config.json decides for itself, as transformers reads it."""
     path = folder / "tokenizer.json"
+    config = _read_json(folder / "tokenizer_config.json")
     if path.is_file():
-        return _Backend.from_file(str(path)), _read_json(folder / "tokenizer_config.json"), []
+        return _Backend.from_file(str(path)), config, []
     meta = tokenizer_model.find(folder)
     if meta is None:
         raise ValueError(f"{folder} has no tokenizer: llama-serve reads tokenizer.json, or "
                          f"Meta's tokenizer.model (pass --tokenizer FOLDER for one elsewhere)")
     converted = tokenizer_model.convert(meta)
-    logger.info("converted %s (Meta's layout) to a fast tokenizer", meta)
-    # a tokenizer_config.json beside it (a template, other tokens) wins over the defaults
-    config = converted.config | _read_json(folder / "tokenizer_config.json")
-    return converted.backend, config, converted.eos_tokens
+    logger.info("converted %s to a fast tokenizer", meta)
+    if not config:
+        return converted.backend, converted.config, converted.eos_tokens
+    defaults = {k: v for k, v in converted.config.items() if k != "chat_template"}
+    return converted.backend, defaults | config, []
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback

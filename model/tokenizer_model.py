@@ -3,10 +3,11 @@
 Meta's own downloads (and the `original/` folder of the Hugging Face repos) carry no
 tokenizer.json: Llama 1 and 2 (and Code Llama) ship a SentencePiece BPE model, a protobuf;
 Llama 3 ships tiktoken's ranks, one "base64-token rank" line each, with its 256 special tokens
-named in Meta's code rather than the file. Both convert to the fast tokenizer transformers'
-converters build (`LlamaConverter` / `TikTokenConverter` in convert_slow_tokenizer.py and the
-Llama 3 names of convert_llama_weights_to_hf.py), with neither sentencepiece, protobuf nor
-tiktoken installed: the protobuf is read here, field by field.
+named in Meta's code rather than the file. Both convert to the fast tokenizer of Meta's own
+Hugging Face files: as transformers' converters build it (`TikTokenConverter` and the Llama 3
+names of convert_llama_weights_to_hf.py; transformers 4's `LlamaConverter`, which ranked
+SentencePiece merges by score, as SentencePiece does), with neither sentencepiece, protobuf
+nor tiktoken installed: the protobuf is read here, field by field.
 
 `convert` returns the backend and the tokenizer_config.json transformers would write beside it,
 so `model.tokenizer.Tokenizer` goes on as for any Hugging Face folder.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +28,18 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+logger = logging.getLogger(__name__)
+
 FILE_NAME = "tokenizer.model"
 
 # Llama 3's split pattern (Meta's tokenizer.py, and HF's tokenizer.json for Llama 3)
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_NUM_SPECIAL = 256
-# Llama 3.1's names (the published 3.1-3.3 tokenizers'); 3.0 called 128004, 128008 and 128010
-# reserved tokens, which no 3.0 model emits or its chat format uses.
+LLAMA3_RANKS = 128000
+# Llama 3.1's names (the published 3.1-3.3 tokenizers'), on the same ids as 3.0's: 3.0 names
+# 128004, 128008, 128010 and everything from 128005 on reserved tokens (numbered otherwise),
+# none of which a 3.0 model's chat format uses.
 LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
                 "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -91,8 +97,16 @@ def find(folder: Path) -> Path | None:
 def convert(path: Path) -> Converted:
     """tokenizer.model (either kind) -> the backend and its config."""
     data = path.read_bytes()
+    if data.startswith(b"version https://git-lfs"):
+        raise TokenizerModelError(f"{path} is a Git LFS pointer, not the file: fetch it "
+                                  "(git lfs pull)")
     ranks = _tiktoken_ranks(data)
-    return _from_tiktoken(ranks) if ranks is not None else _from_sentencepiece(data, path)
+    if ranks is None:
+        return _from_sentencepiece(data, path)
+    if len(ranks) != LLAMA3_RANKS:
+        logger.warning("%s: %d tiktoken ranks where Llama 3 has %d; read with Llama 3's split "
+                       "pattern and special tokens", path, len(ranks), LLAMA3_RANKS)
+    return _from_tiktoken(ranks)
 
 
 # --- Llama 3: tiktoken ranks ---------------------------------------------------------------
@@ -214,6 +228,8 @@ def _fields(data: bytes) -> list[tuple[int, int | bytes | float]]:
             size, pos = _varint(data, pos)
             value, pos = data[pos:pos + size], pos + size
         elif wire == 5:
+            if pos + 4 > len(data):
+                raise TokenizerModelError("tokenizer.model: truncated protobuf")
             value, pos = struct.unpack("<f", data[pos:pos + 4])[0], pos + 4
         else:
             raise TokenizerModelError(f"tokenizer.model: protobuf wire type {wire} unknown")
@@ -231,7 +247,11 @@ def _read_sentencepiece(data: bytes) -> _SentencePieceModel:
             piece = _Piece("")
             for n, v in _fields(value):
                 if n == 1 and isinstance(v, bytes):
-                    piece.piece = v.decode("utf-8")
+                    try:
+                        piece.piece = v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise TokenizerModelError("tokenizer.model: a piece is not UTF-8"
+                                                  ) from None
                 elif n == 2:
                     piece.score = float(v)  # type: ignore[arg-type]
                 elif n == 3:
@@ -247,23 +267,28 @@ def _read_sentencepiece(data: bytes) -> _SentencePieceModel:
     return _SentencePieceModel(pieces, trainer, normalizer)
 
 
-def _merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """transformers' generate_merges: each piece's splits into two pieces, ordered by the
-    piece's id (SentencePiece BPE ids rise as scores fall), then by the left part's length."""
+def _merges(pieces: list[_Piece]) -> list[tuple[str, str]]:
+    """Each piece's splits into two pieces, ranked as SentencePiece's BPE merges: the merged
+    piece's score, highest first (ties: its id). transformers 4's LlamaConverter ranked them
+    so (Meta's HF tokenizer.json files hold that order); ranking by id alone, as transformers
+    5's conversion does, is not the same for Llama 2: its whitespace runs ("▁▁", "▁▁▁▁")
+    have low ids but the lowest scores, and merging them first splits indented code
+    otherwise than SentencePiece, and the model, did."""
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
     merges = []
-    for piece, piece_id in vocab.items():
-        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))
-                  if piece[:i] in vocab and piece[i:] in vocab]
+    for piece_id, p in enumerate(pieces):
+        splits = [(p.piece[:i], p.piece[i:]) for i in range(1, len(p.piece))
+                  if p.piece[:i] in vocab and p.piece[i:] in vocab]
         splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        merges += [(piece_id, left, right) for left, right in splits]
-    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
-    return [(left, right) for _, left, right in merges]
+        merges += [(-p.score, piece_id, left, right) for left, right in splits]
+    merges.sort(key=lambda m: (m[0], m[1]))
+    return [(left, right) for _, _, left, right in merges]
 
 
 def _from_sentencepiece(data: bytes, path: Path) -> Converted:
-    """transformers' LlamaTokenizer on a tokenizer.model: a byte-fallback BPE over every piece,
-    control and user-defined pieces as added tokens (control ones special), BOS prepended.
-    The pre-tokenizer and decoder are `Tokenizer`'s rebuild for the Llama class."""
+    """transformers' LlamaTokenizer on a tokenizer.model: a byte-fallback BPE over every piece
+    (merges ranked by score), control and user-defined pieces as added tokens (control ones
+    special), "▁" for spaces and one before the text, BOS prepended."""
     model = _read_sentencepiece(data)
     if model.trainer.get(3, 1) != BPE_TYPE:  # proto default: UNIGRAM
         raise TokenizerModelError(f"{path}: a SentencePiece Unigram model; llama-serve reads "
@@ -271,13 +296,23 @@ def _from_sentencepiece(data: bytes, path: Path) -> Converted:
     name = model.normalizer.get(1, b"")
     charsmap = model.normalizer.get(2, b"")
     squeeze = model.normalizer.get(4, 1)  # remove_extra_whitespaces, proto default true
-    if (name and name != b"identity") or charsmap or squeeze:
+    escape = model.normalizer.get(5, 1)  # escape_whitespaces (spaces as "▁"), default true
+    suffix = model.trainer.get(24, 0)  # treat_whitespace_as_suffix
+    if (name and name != b"identity") or charsmap or squeeze or not escape or suffix:
         raise TokenizerModelError(f"{path}: a SentencePiece normalizer other than Llama's "
                                   "identity one; convert it to tokenizer.json with transformers")
     vocab = {p.piece: i for i, p in enumerate(model.pieces)}
     unk_id = model.trainer.get(40, 0)
-    backend = _Backend(BPE(vocab, _merges(vocab), unk_token=model.pieces[unk_id].piece,
+    if not 0 <= unk_id < len(model.pieces):
+        raise TokenizerModelError(f"{path}: unk_id {unk_id} is not a piece")
+    backend = _Backend(BPE(vocab, _merges(model.pieces), unk_token=model.pieces[unk_id].piece,
                            fuse_unk=True, byte_fallback=bool(model.trainer.get(35, 0))))
+    prefix = bool(model.normalizer.get(3, 1))  # add_dummy_prefix
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     backend.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == CONTROL)
                         for p in model.pieces if p.type in (CONTROL, USER_DEFINED)])
 
@@ -294,8 +329,7 @@ def _from_sentencepiece(data: bytes, path: Path) -> Converted:
     infill = all(t in vocab for t in ("▁<PRE>", "▁<SUF>", "▁<MID>"))
     config: dict[str, Any] = {
         "tokenizer_class": "CodeLlamaTokenizer" if infill else "LlamaTokenizer",
-        "unk_token": model.pieces[unk_id].piece, "legacy": False,
-        "add_prefix_space": bool(model.normalizer.get(3, 1)),  # add_dummy_prefix
+        "unk_token": model.pieces[unk_id].piece, "legacy": False, "add_prefix_space": prefix,
         "chat_template": LLAMA2_CHAT_TEMPLATE}
     config |= {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v is not None}
     return Converted(backend, config)

@@ -213,6 +213,10 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
     if bad:
         raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
                               f"[0, {vocab_size})")
+    budget = params.thinking_budget
+    if budget is not None and not 0 <= budget.end_id < vocab_size:  # (the runner forces it)
+        raise RequestRejected(f"the thinking's end tag {budget.end_id} is outside the "
+                              f"vocabulary [0, {vocab_size})", "thinking_token_budget")
     if params.n > num_slots:
         raise RequestRejected(f"n={params.n} is more than the {num_slots} sequences this server "
                               f"runs at once", "n")

@@ -47,23 +47,38 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkingState:
+    """Where a budgeted thinking stands after the output's first `walked` tokens."""
+
+    walked: int = 0
+    used: int = 0  # thinking tokens so far
+    opened: bool = False  # a start tag was written (the count starts again past it)
+    ended: bool = False  # the end tag was written
+
+
+@dataclass(frozen=True, slots=True)
 class ThinkingBudget:
     """vLLM's thinking_token_budget: an answer that starts in its thinking thinks for at most
-    `tokens` output tokens (start tags not counted); the next one is then `end_id`, forced."""
+    `tokens` tokens; the next one is then `end_id`, forced. Counted as the usage's
+    reasoning_tokens counts them (ChatService.reasoning_tokens): from past the first start
+    tag the output writes, else its first token, to before the first end tag."""
 
     tokens: int
     start_id: int
     end_id: int
 
-    def spent(self, output_ids: list[int], walked: int = 0, used: int = 0
-              ) -> tuple[int, bool]:
-        """(thinking tokens used, whether the thinking has ended) after `output_ids`, walked
-        on from `walked` tokens of which `used` were thinking (a runner keeps the count)."""
-        for token_id in output_ids[walked:]:
+    def walk(self, output_ids: list[int], state: ThinkingState = ThinkingState()
+             ) -> ThinkingState:
+        """`state` walked on over the output's tokens past `state.walked`."""
+        used, opened = state.used, state.opened
+        for token_id in output_ids[state.walked:]:
             if token_id == self.end_id:
-                return used, True
-            used += token_id != self.start_id
-        return used, False
+                return ThinkingState(len(output_ids), used, opened, True)
+            if token_id == self.start_id and not opened:
+                used, opened = 0, True
+            else:
+                used += 1
+        return ThinkingState(len(output_ids), used, opened, state.ended)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ the GPU never waits for the host between two graphed steps.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from model.llama import LlamaModel
 from model.lora import LoraAdapter, LoraBatch
 from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
-from server.request import Request, SamplingParams, Sequence, TokenLogprob
+from server.request import Request, SamplingParams, Sequence, ThinkingState, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
 from server.sampling_infill import InfillRows
 from server.scheduler import PrefillChunk, StepPlan
@@ -86,10 +87,10 @@ class ModelRunner:
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
         self.guide_states: dict[Sequence, tuple[int, int | None]] = {}
-        # Thinking budgets: each budgeted sequence's (output tokens walked, thinking tokens
-        # used, whether its thinking has ended), and the one-token masks that force an end
-        self.thinking: dict[Sequence, tuple[int, int, bool]] = {}
-        self._only: dict[int, torch.Tensor] = {}
+        # Thinking budgets: where each budgeted sequence's thinking stands, and per end tag
+        # the mask and logits that force it
+        self.thinking: dict[Sequence, ThinkingState] = {}
+        self._forcing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Mean pooling: each embedding request's sum of hidden states over its chunks so far
         self.pool_sums: dict[Request, torch.Tensor] = {}
         self._end_only_logits: torch.Tensor | None = None
@@ -146,12 +147,12 @@ class ModelRunner:
         rows feed the tokens `before` samples, on the device. None, launching nothing, where
         the step could not go ahead as planned: it runs no graph, or its sampling depends on
         the tokens it does not know yet (penalties count them; a min_tokens ban is lifted
-        after the last of them; a thinking budget may be spent by the last of them)."""
+        after the last of them; a thinking budget the last of them may spend)."""
         if before.sampled is None or not self._replays_graph(plan):
             return None
         if any(s.request.params.has_penalties or s.request.params.guide is not None
                or s.request.params.bans_by_output or self._min_tokens_ban(s)
-               or self._thinking(s) is not None for s in plan.decodes):
+               or self._thinking_left(s) <= 1 for s in plan.decodes):
             return None  # (a guide's mask depends on the last token too)
         return self.launch(plan, feed=before.sampled.token_ids)
 
@@ -350,37 +351,44 @@ class ModelRunner:
             self._last_sampling = (tuple(seqs), batch if keep else None)
         # A guided row's mask moves with its tokens: set every step, on the batch kept or not
         # (a guide that starts past the reasoning's end has no state before it: unguided).
-        # A row whose thinking budget is spent takes the thinking's end, whatever its guide.
-        masks: dict[int, torch.Tensor] = {}
+        # A row whose thinking budget is spent takes the thinking's end, whatever its guide
+        # and even where the request bans it (as vLLM's budget overrides bans): the end's
+        # logits stand in where its mask leaves nothing, as eos does for a guide.
+        masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, s in enumerate(seqs):
-            if (forced := self._thinking(s)) is not None and forced[1]:
-                masks[i] = self._only_token(forced[0])
+            if self._thinking_left(s) <= 0:
+                masks[i] = self._forcing_end(s.request.params.thinking_budget.end_id)
             elif s.request.params.guide is not None and (
                     state := self._guide_state(s)) is not None:
-                masks[i] = self._guide_mask(s, state)
+                masks[i] = (self._guide_mask(s, state), self._end_only())
         if masks:
-            batch = batch.with_guides(list(masks), list(masks.values()), self._end_only())
+            fallbacks = [fallback for _, fallback in masks.values()]
+            batch = batch.with_guides(
+                list(masks), [mask for mask, _ in masks.values()],
+                fallbacks[0] if all(f is fallbacks[0] for f in fallbacks)
+                else torch.stack(fallbacks))
         return batch
 
-    def _thinking(self, seq: Sequence) -> tuple[int, bool] | None:
-        """For a sequence with a thinking budget whose thinking goes on: (its end tag,
-        whether the budget is spent so that the end comes next); None otherwise."""
+    def _thinking_left(self, seq: Sequence) -> float:
+        """How many more thinking tokens `seq`'s budget allows (0: its end comes next);
+        infinite without a budget or once its thinking has ended."""
         budget = seq.request.params.thinking_budget
         if budget is None:
-            return None
-        walked, used, ended = self.thinking.get(seq, (0, 0, False))
-        if not ended:
-            used, ended = budget.spent(seq.output_ids, walked, used)
-            self.thinking[seq] = (len(seq.output_ids), used, ended)
-        return None if ended else (budget.end_id, used >= budget.tokens)
+            return math.inf
+        state = self.thinking.get(seq, ThinkingState())
+        if not state.ended and state.walked < len(seq.output_ids):
+            state = self.thinking[seq] = budget.walk(seq.output_ids, state)
+        return math.inf if state.ended else budget.tokens - state.used
 
-    def _only_token(self, token_id: int) -> torch.Tensor:
-        """(V,) bool: `token_id` alone allowed (a guide's mask of one token)."""
-        if token_id not in self._only:
+    def _forcing_end(self, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V,) bool mask of `end_id` alone, and (V,) logits of 0 there, -inf elsewhere."""
+        if end_id not in self._forcing:
             mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            mask[token_id] = True
-            self._only[token_id] = mask.to(self.device)
-        return self._only[token_id]
+            mask[end_id] = True
+            logits = torch.full((self.vocab_size,), float("-inf"))
+            logits[end_id] = 0.0
+            self._forcing[end_id] = (mask.to(self.device), logits.to(self.device))
+        return self._forcing[end_id]
 
     def _infill_rows(self, params: list[SamplingParams], rows: list[int]) -> InfillRows:
         """What llama.cpp's infill sampler needs of `rows`: each one's ends (the model's

@@ -64,7 +64,8 @@ class SamplingBatch:
     temperature_last_rows: tuple[int, ...] = ()
     order_rows: tuple[Tensor, Tensor] | None = None  # (vLLM's rows, llama.cpp's rows)
     # Guided decoding: the guided rows (k,), the tokens each may take (k, V) bool, and (V,)
-    # 0 at the end-of-sequence ids, -inf elsewhere: what a row left with nothing takes
+    # 0 at the end-of-sequence ids, -inf elsewhere: what a row left with nothing takes (or
+    # (k, V), a row's own: a thinking's forced end takes the end tag)
     guide_rows: Tensor | None = None
     guide_masks: Tensor | None = None
     end_only: Tensor | None = None
@@ -433,7 +434,7 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
 def _apply_guides(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """In place: each guided row keeps only the tokens its guide allows; a row left with
     nothing (its guide's tokens all banned: allowed_token_ids, a min_tokens ban) takes the
-    end of the sequence instead of a draw from nothing."""
+    end of the sequence (or its own fallback) instead of a draw from nothing."""
     assert batch.guide_masks is not None and batch.end_only is not None
     rows = batch.guide_rows
     picked = logits[rows].masked_fill(~batch.guide_masks, float("-inf"))

@@ -656,6 +656,10 @@ class ChatService(_Service):
                 raise ValueError(f"the {reasoning_parser} reasoning parser could not locate "
                                  f"the think start/end tokens {self.reasoning.start!r} and "
                                  f"{self.reasoning.end!r} in the tokenizer")  # (vLLM's words)
+            if max(self.reasoning_start_id, self.reasoning_end_id) >= engine.vocab_size:
+                raise ValueError(f"the think tags' ids ({self.reasoning_start_id}, "
+                                 f"{self.reasoning_end_id}) are beyond the model's vocabulary "
+                                 f"of {engine.vocab_size}: the model cannot write them")
 
     def check_thinking_budget(self, request: ChatCompletionRequest) -> None:
         """A chat request's thinking_token_budget needs a thinking to bound."""

@@ -113,6 +113,22 @@ def train_sentencepiece(out: Path, model_type: str = "bpe", **options: object) -
     return out / "tokenizer.model"
 
 
+def llama2_whitespace_scores(path: Path) -> None:
+    """Score the model's whitespace runs ("▁▁", "▁▁▁▁", ...) below every other piece, as
+    Llama 2's are: their ids stay low, so merges ranked by id rather than score split
+    spaces otherwise. (Llama 2 scores them all -1e9; distinct scores here, in id order,
+    since SentencePiece breaks a tie by position, which no merge ranking can follow.)"""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    runs = [p for p in model.pieces if len(p.piece) > 1 and set(p.piece) == {"▁"}]
+    assert len(runs) >= 3, "the corpus should train some whitespace runs"
+    for i, piece in enumerate(runs):
+        piece.score = -1e6 - 10 * i
+    path.write_bytes(model.SerializeToString())
+
+
 def write_tiktoken_model(out: Path) -> Path:
     """Llama 3's tokenizer.model: tiktoken ranks ("base64-bytes rank" lines) of a byte-level
     BPE trained with Llama 3's split pattern (every merge ranks after its parts, as tiktoken
@@ -141,8 +157,11 @@ def write_tiktoken_model(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def spm_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Llama 2's tokenizer.model kind: a SentencePiece BPE model, 1000 pieces."""
-    return train_sentencepiece(tmp_path_factory.mktemp("meta-spm"))
+    """Llama 2's tokenizer.model kind: a SentencePiece BPE model, 1000 pieces, its
+    whitespace runs scored as Llama 2's are."""
+    path = train_sentencepiece(tmp_path_factory.mktemp("meta-spm"))
+    llama2_whitespace_scores(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -236,13 +236,14 @@ class CountTokensRequest(OpenAIBaseModel):
         }
 
     def thinking_budget(self) -> int | None:
-        """`thinking`'s budget_tokens where thinking is enabled."""
+        """`thinking`'s budget_tokens where thinking is enabled (which requires one, as
+        Anthropic's API does)."""
         thinking = self.thinking or {}
-        if thinking.get("type") != "enabled" or "budget_tokens" not in thinking:
+        if thinking.get("type") != "enabled":
             return None
-        budget = thinking["budget_tokens"]
+        budget = thinking.get("budget_tokens")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise RequestError("thinking.budget_tokens must be an integer >= 0",
+            raise RequestError("thinking.enabled.budget_tokens: an integer >= 0 is required",
                                "thinking.budget_tokens")
         return budget
 
@@ -265,6 +266,10 @@ class MessagesRequest(CountTokensRequest):
     service_tier: str | None = None  # (one tier here)
 
     def chat_request(self) -> ChatCompletionRequest:
+        budget = self.thinking_budget()
+        if budget is not None and budget >= self.max_tokens:  # (Anthropic's rule)
+            raise RequestError("`max_tokens` must be greater than `thinking.budget_tokens`",
+                               "max_tokens")
         fmt = self.output_config.format if self.output_config else None
         return _validated({
             **self.chat_fields(), "max_completion_tokens": self.max_tokens,

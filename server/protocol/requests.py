@@ -248,6 +248,9 @@ class _SamplingRequest(PromptTruncation, SamplingControls):
         if (spec := self.guide_spec()) is not None:
             raise RequestError(f"{spec.field}: a constraint is not supported with "
                                "use_beam_search", spec.field)
+        if getattr(self, "thinking_token_budget", None) not in (None, -1):  # (chat's)
+            raise RequestError("thinking_token_budget is not supported with use_beam_search",
+                               "thinking_token_budget")
 
     @field_validator("prompt_logprobs")
     @classmethod
@@ -702,7 +705,7 @@ class ChatCompletionRequest(ChatTemplateControls, _SamplingRequest):
     # Under --reasoning-parser: false leaves the reasoning out of the answer (vLLM's)
     include_reasoning: bool = True
     # vLLM's: at most this many tokens of thinking, then its end tag is forced (-1: no bound)
-    thinking_token_budget: int | None = Field(None, ge=-1)
+    thinking_token_budget: int | None = Field(None, ge=-1, strict=True)
     functions: Annotated[list[Any], MAX_ITEMS_FIELD] | None = None
     function_call: Any = None
     add_special_tokens: bool = False

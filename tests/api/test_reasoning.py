@@ -293,10 +293,12 @@ def test_anthropics_budget_tokens_bound_the_thinking_block(thinker: Server,
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
             for b in message.content] == [("thinking", bounded["reasoning"]),
                                           ("text", bounded["content"])]
-    r = client.post("/v1/messages", json={
-        "model": "r1", "max_tokens": 4, "messages": MESSAGES,
-        "thinking": {"type": "enabled", "budget_tokens": "many"}})
-    assert r.status_code == 400 and "budget_tokens" in r.text
+    # Anthropic's API asks for an integer budget below max_tokens
+    for thinking in ({"budget_tokens": "many"}, {}, {"budget_tokens": 4}):
+        r = client.post("/v1/messages", json={
+            "model": "r1", "max_tokens": 4, "messages": MESSAGES,
+            "thinking": {"type": "enabled", **thinking}})
+        assert r.status_code == 400 and "budget_tokens" in r.text, r.text
 
 
 def test_a_thinking_budget_needs_the_parser(server: Server, auth: dict[str, str]) -> None:
@@ -311,6 +313,13 @@ def test_a_thinking_budget_needs_the_parser(server: Server, auth: dict[str, str]
         assert c.post("/v1/chat/completions", json={
             "messages": MESSAGES, "max_tokens": 2, "thinking_token_budget": -1}
         ).status_code == 200
+        for bad in (True, 2.5, "3", -2):  # (an integer, as vLLM's)
+            assert_openai_error(c.post("/v1/chat/completions", json={
+                "messages": MESSAGES, "max_tokens": 2, "thinking_token_budget": bad}), 400)
+        error = assert_openai_error(c.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 2, "n": 2, "use_beam_search": True,
+            "thinking_token_budget": 3}), 400)
+        assert error["param"] == "thinking_token_budget"
         r = c.post("/v1/messages", json={"model": "tiny", "max_tokens": 2, "messages": MESSAGES,
                                          "thinking": {"type": "enabled", "budget_tokens": 1}})
         assert r.status_code == 200, r.text

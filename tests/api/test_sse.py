@@ -217,7 +217,8 @@ def test_a_repeated_request_id_keeps_requests_apart(long_server: Server,
                  for b in bodies]
         with client.stream("POST", "/v1/completions", json={**bodies[0], "stream": True},
                            headers=mine) as first:
-            events = (line for line in first.iter_lines() if line)
+            # (data lines: a slow stream carries sse-starlette's ": ping" comments too)
+            events = (line for line in first.iter_lines() if line.startswith("data: "))
             lines = [next(events)]  # the first request is in flight...
             second = client.post("/v1/completions", json=bodies[1], headers=mine)  # meanwhile
             assert long_server.metric("llama_serve_requests_running") == 1  # still is

@@ -1065,24 +1065,26 @@ def test_bad_words_are_never_written(tiny_checkpoint: Path) -> None:
 
 def test_a_thinking_budget_forces_the_thinkings_end(tiny_checkpoint: Path) -> None:
     """vLLM's thinking_token_budget: once the thinking has spent its tokens the end tag
-    comes next (start tags not counted); an end the model writes first ends the count. On
-    greedy outputs, so the unbudgeted answer shows where each budget bites."""
+    comes next, even where the request bans it; the count starts again past the first start
+    tag written (as usage's reasoning_tokens counts); an end the model writes first ends the
+    count. On greedy outputs, so the unbudgeted answer shows where each budget bites."""
     prompt = prompts(1, seed=5)[0]
 
-    def greedy(budget: ThinkingBudget | None, name: str) -> list[int]:
-        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
-                                thinking_budget=budget)
-        return run(engine, (prompt, params, name))[0].tokens[0]
+    def greedy(budget: ThinkingBudget | None, name: str, **params: object) -> list[int]:
+        sampling = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                  thinking_budget=budget, **params)  # type: ignore[arg-type]
+        return run(engine, (prompt, sampling, name))[0].tokens[0]
 
     with running(tiny_checkpoint) as engine:
         free = greedy(None, "free")
         start, end = [t for t in range(3, 1000) if t not in free][:2]
         assert greedy(ThinkingBudget(0, start, end), "zero")[0] == end
         three = greedy(ThinkingBudget(3, start, end), "three")
-        # free[1] as the start tag: not counted, so the end comes one token later
+        banned = greedy(ThinkingBudget(3, start, end), "banned", bad_words=((end,),))
+        # free[1] as the start tag: the count starts again past it
         tagged = greedy(ThinkingBudget(3, free[1], end), "tagged")
         # The model's own end (free[2]) before the budget is spent: nothing forced after it
         ended = greedy(ThinkingBudget(3, start, free[2]), "ended")
-    assert three[:4] == free[:3] + [end]
-    assert tagged[:5] == free[:4] + [end]
+    assert three[:4] == banned[:4] == free[:3] + [end]
+    assert tagged[:6] == free[:5] + [end]
     assert ended == free
