@@ -221,6 +221,12 @@ def reach_generation(body: Any) -> None:
         body["stream"] = True
 
 
+# Every operation is one test: several minutes on the slower machine kinds (a 2.5 GHz Xeon
+# took over 300 s, pytest-timeout's default here)
+FUZZ_TIMEOUT = 1800
+
+
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @schema.parametrize()
 def test_fuzz(case: Case) -> None:
     if case.operation.path in GENERATION:
@@ -231,6 +237,7 @@ def test_fuzz(case: Case) -> None:
     case.validate_response(response, checks=CHECKS)
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT)
 @valid_schema.include(path=list(GENERATION)).parametrize()
 def test_fuzz_streamed(case: Case) -> None:
     """Valid generation requests once more, streamed: few of test_fuzz's are."""
