@@ -81,6 +81,71 @@ class ThinkingBudget:
         return ThinkingState(len(output_ids), used, opened, state.ended)
 
 
+# DRY's sequence breakers: each a head token and the tokens that must follow it (none: the
+# head breaks alone)
+Breakers = tuple[tuple[int, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dry:
+    """llama.cpp's DRY ("don't repeat yourself") penalty (server/sampling_dry.py): a token
+    that would extend a repeat of `allowed_length` or more tokens of the last `last_n` loses
+    multiplier * base ** (length - allowed_length) from its logit. A repeat does not reach
+    back past a sequence breaker: each is a head token and the tokens that must precede it
+    (none: the head alone breaks), found in the vocabulary's texts by the API layer."""
+
+    multiplier: float
+    base: float = 1.75
+    allowed_length: int = 2
+    last_n: int = 4096  # the tokens of prompt + output it looks back over
+    breakers: Breakers = ()
+
+    def __post_init__(self) -> None:
+        if self.last_n < 1 or self.allowed_length < 0 or self.base < 1.0:
+            raise ValueError("DRY needs last_n >= 1, allowed_length >= 0 and base >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaCppSamplers:
+    """llama.cpp's samplers beyond top-k, top-p and min-p (its native API; neutral by
+    default), in its chain's order: DRY after the penalties, top-n-sigma before top-k,
+    typical-p between top-k and top-p, XTC after min-p, dynamic temperature as the
+    temperature (server/sampling_llamacpp.py); or mirostat in place of the whole chain."""
+
+    top_n_sigma: float = -1.0  # <= 0: off
+    typical_p: float = 1.0  # >= 1: off
+    min_keep: int = 0  # the fewest tokens top-p, min-p, typical-p and XTC leave
+    xtc_probability: float = 0.0  # <= 0: off
+    xtc_threshold: float = 0.1  # > 0.5: off
+    dynatemp_range: float = 0.0  # <= 0: off
+    dynatemp_exponent: float = 1.0
+    mirostat: Literal[0, 1, 2] = 0  # 1 or 2: that version alone after the temperature
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry: Dry | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_keep < 0 or self.mirostat not in (0, 1, 2):
+            raise ValueError("min_keep must be >= 0 and mirostat 0, 1 or 2")
+
+    @property
+    def filters(self) -> bool:
+        """Whether a filter of the chain, min_keep or the dynamic temperature is on (the
+        rows then run llama.cpp's whole chain: server/sampling_llamacpp.py)."""
+        return self.mirostat == 0 and (
+            self.top_n_sigma > 0 or self.typical_p < 1.0 or self.dynatemp_range > 0
+            or self.min_keep > 1 or (self.xtc_probability > 0 and self.xtc_threshold <= 0.5))
+
+    @property
+    def moves_argmax(self) -> bool:
+        """Whether at temperature 0 the token can be another than the likeliest: typical-p
+        and XTC may drop the likeliest, a dynamic temperature may be above 0 (llama.cpp's
+        temperature 0 keeps the likeliest of what the chain left)."""
+        return self.mirostat == 0 and (
+            self.typical_p < 1.0 or self.dynatemp_range > 0
+            or (self.xtc_probability > 0 and self.xtc_threshold <= 0.5))
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request decoding controls, with vLLM's meanings.
@@ -140,6 +205,7 @@ class SamplingParams:
     # since its first token. Both end it as the length does ("length").
     n_indent: int = 0
     t_max_predict_ms: int = 0
+    llamacpp: LlamaCppSamplers | None = None  # (None: all of them off)
 
     def max_tokens_within(self, room: int) -> int:
         """max_tokens, or where it is left to the context (None), vLLM's choice: the model's
@@ -165,6 +231,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.n_indent < 0 or self.t_max_predict_ms < 0:
             raise ValueError("n_indent and t_max_predict_ms must be >= 0 (0: off)")
+        if self.llamacpp is not None and not self.temperature_last:
+            raise ValueError("llama.cpp's samplers run in its chain (temperature_last)")
         if self.penalty_last_n is not None and self.penalty_last_n < 1:
             raise ValueError(f"penalty_last_n must be >= 1 or None, got {self.penalty_last_n}")
         if self.pooling is not None and (self.max_tokens != 0 or self.n != 1):
@@ -188,7 +256,16 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
+        return self.temperature < GREEDY_TEMPERATURE and not (
+            self.llamacpp is not None and self.llamacpp.moves_argmax)
+
+    @property
+    def mirostat(self) -> int:
+        return 0 if self.llamacpp is None else self.llamacpp.mirostat
+
+    @property
+    def dry(self) -> Dry | None:
+        return None if self.llamacpp is None else self.llamacpp.dry
 
     @property
     def bans_by_output(self) -> bool:

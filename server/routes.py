@@ -242,8 +242,10 @@ async def _llamacpp(body: LlamaCppCompletionRequest, state: ServerState,
     with state.admission(body) as engine:
         service = state.llamacpp
         assert service is not None
-        params = _on_adapter(body.to_sampling_params(service.logit_bias(body),
-                                                     engine.max_model_len), body.model, state)
+        lora = _adapter(body.model, state)  # (named before any await: see _on_adapter)
+        params = replace(body.to_sampling_params(
+            service.logit_bias(body), engine.max_model_len, await service.dry_breakers(body)),
+            lora=lora)
         params = await _guided(body, params)
         if isinstance(body, LlamaCppInfillRequest):
             if engine.tokenizer.infill is None:  # (llama.cpp's is a 501; a 5xx is a failure)
@@ -535,7 +537,13 @@ def _on_adapter(params: SamplingParams, model: str | None, state: ServerState
                 ) -> SamplingParams:
     """`params` on the LoRA adapter `model` names, if it names one (named before any await:
     one unloaded meanwhile refuses the request rather than run on none)."""
-    return replace(params, lora=model) if model in state.adapters else params
+    lora = _adapter(model, state)
+    return params if lora is None else replace(params, lora=lora)
+
+
+def _adapter(model: str | None, state: ServerState) -> str | None:
+    """The LoRA adapter `model` names; None: it names none."""
+    return model if model in state.adapters else None
 
 
 def _llamacpp_named(body: T, state: ServerState) -> T:

@@ -31,6 +31,7 @@ from server.guided.masks import GuideMasks
 from server.outputs import ForwardTiming
 from server.request import Request, SamplingParams, Sequence, ThinkingState, TokenLogprob
 from server.sampling import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
+from server.sampling_dry import DryContext
 from server.sampling_infill import InfillRows
 from server.scheduler import PrefillChunk, StepPlan
 
@@ -83,6 +84,10 @@ class ModelRunner:
         # One generator per seeded sequence, kept across steps: its noise must continue, not
         # restart, and must not depend on which other rows share the step.
         self.generators: dict[Sequence, torch.Generator] = {}
+        # llama.cpp's mirostat: each such sequence's mu (a 0-d tensor its draws update)
+        self.mirostat_mus: dict[Sequence, torch.Tensor] = {}
+        # llama.cpp's DRY: each such sequence's context, and how many outputs it holds
+        self.dry_contexts: dict[Sequence, tuple[DryContext, int]] = {}
         # Guided decoding: the allowed tokens of each guide's states, and where each guided
         # sequence stands: (its output tokens walked, its state)
         self.guides = guides
@@ -107,6 +112,8 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq, None)
+        self.mirostat_mus.pop(seq, None)
+        self.dry_contexts.pop(seq, None)
         self.guide_states.pop(seq, None)
         self.thinking.pop(seq, None)
         self.pool_sums.pop(seq.request, None)
@@ -146,12 +153,13 @@ class ModelRunner:
         """Launch `plan` (Scheduler.plan_ahead) behind the step `before`, still unread: its
         rows feed the tokens `before` samples, on the device. None, launching nothing, where
         the step could not go ahead as planned: it runs no graph, or its sampling depends on
-        the tokens it does not know yet (penalties count them; a min_tokens ban is lifted
+        the tokens it does not know yet (penalties and DRY count them; a min_tokens ban is lifted
         after the last of them; a thinking budget the last of them may spend)."""
         if before.sampled is None or not self._replays_graph(plan):
             return None
         if any(s.request.params.has_penalties or s.request.params.guide is not None
-               or s.request.params.bans_by_output or self._min_tokens_ban(s)
+               or s.request.params.bans_by_output or s.request.params.dry is not None
+               or self._min_tokens_ban(s)
                or self._thinking_left(s) <= 1 for s in plan.decodes):
             return None  # (a guide's mask depends on the last token too)
         return self.launch(plan, feed=before.sampled.token_ids)
@@ -342,12 +350,14 @@ class ModelRunner:
                 output_token_ids=[s.output_ids for s in seqs],
                 prompt_token_ids=[s.request.prompt_ids for s in seqs],
                 generators=[self._generator(s) for s in seqs],
-                extra_bias=bans)
+                extra_bias=bans,
+                mirostat_mus=[self._mirostat_mu(s) for s in seqs],
+                dry_penalties=[self._dry_penalties(s) for s in seqs])
             infill = [i for i, p in enumerate(params) if p.infill_sampler and not p.is_greedy]
             if infill:
                 batch = replace(batch, infill=self._infill_rows(params, infill))
             keep = not any(min_bans) and not any(
-                p.has_penalties or p.bans_by_output for p in params)
+                p.has_penalties or p.bans_by_output or p.dry for p in params)
             self._last_sampling = (tuple(seqs), batch if keep else None)
         # A guided row's mask moves with its tokens: set every step, on the batch kept or not
         # (a guide that starts past the reasoning's end has no state before it: unguided).
@@ -436,6 +446,31 @@ class ModelRunner:
             gen.manual_seed(seed + seq.index)
             self.generators[seq] = gen
         return self.generators[seq]
+
+    def _mirostat_mu(self, seq: Sequence) -> torch.Tensor | None:
+        samplers = seq.request.params.llamacpp
+        if samplers is None or not samplers.mirostat:
+            return None
+        if seq not in self.mirostat_mus:  # llama.cpp's start: twice the target surprise
+            self.mirostat_mus[seq] = torch.tensor(2.0 * samplers.mirostat_tau,
+                                                  dtype=torch.float32, device=self.device)
+        return self.mirostat_mus[seq]
+
+    def _dry_penalties(self, seq: Sequence) -> dict[int, float] | None:
+        """DRY's penalties for `seq`'s next token: its prompt and output so far are the
+        context llama.cpp's DRY looks back over, kept up to date as its output grows."""
+        dry = seq.request.params.dry
+        if dry is None:
+            return None
+        outputs = seq.output_ids
+        context, seen = self.dry_contexts.get(seq, (None, 0))
+        if context is None or seen > len(outputs):
+            prompt = seq.request.prompt_ids
+            context = DryContext(dry, (list(prompt[-dry.last_n:]) + outputs)[-dry.last_n:])
+        else:
+            context.extend(outputs[seen:])
+        self.dry_contexts[seq] = (context, len(outputs))
+        return context.penalties()
 
     def _guide_state(self, seq: Sequence) -> int | None:
         """Where `seq`'s guide stands after its output so far (walked on from the last step);

@@ -8,7 +8,9 @@ and frequency penalties -> guided rows' masks -> greedy argmax | temperature -> 
 (vLLM V1's: min-p is one of its argmax-invariant logits processors, run before top-k/top-p, so
 top-p measures its nucleus on what min-p kept). Rows with `temperature_last` (llama.cpp's
 native API) follow llama.cpp's chain instead: top-k -> top-p -> min-p on the logits before
-temperature, then temperature; their penalties may count a window of the last n tokens;
+temperature, then temperature; their penalties may count a window of the last n tokens,
+DRY may follow them, and its other samplers (top-n-sigma, typical-p, XTC, the dynamic
+temperature; or mirostat in place of all: server/sampling_llamacpp.py) run in its order;
 those with `infill_sampler` end with llama.cpp's infill filter (server/sampling_infill.py).
 Logprobs are "raw": log_softmax of the logits as given, before any of that processing.
 """
@@ -23,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.request import SamplingParams
+from server.request import GREEDY_TEMPERATURE, SamplingParams
 from server.sampling_infill import InfillRows, apply_infill
+from server.sampling_llamacpp import (
+    ChainControls,
+    MirostatRows,
+    chain_logits,
+    mirostat_candidates,
+    mirostat_update,
+)
 
 if TYPE_CHECKING:
     from model.cpu_kernels import CpuKernels
@@ -36,7 +45,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 class SamplingBatch:
     """Per-row sampling controls for one step, one row per sequence being sampled."""
 
-    temperature: Tensor  # (B,) float32; 0 -> greedy row
+    temperature: Tensor  # (B,) float32; 0 -> greedy row (unless `greedy` says otherwise)
     top_k: Tensor  # (B,) int64; <= 0 or >= vocab -> off
     top_p: Tensor  # (B,) float32; 1.0 -> off
     min_p: Tensor  # (B,) float32; 0.0 -> off
@@ -71,6 +80,16 @@ class SamplingBatch:
     end_only: Tensor | None = None
     # Rows that run llama.cpp's infill sampler last (server/sampling_infill.py)
     infill: InfillRows | None = None
+    # llama.cpp's other samplers (server/sampling_llamacpp.py): its rows' extra filters,
+    # the rows whose XTC draws a chance each step, the mirostat rows; and (B, V) DRY's
+    # penalties, subtracted after the other penalties
+    chain: ChainControls | None = None
+    xtc_rows: tuple[int, ...] = ()
+    mirostat: MirostatRows | None = None
+    dry: Tensor | None = None
+    # (B,) bool, the greedy rows, where a row at temperature 0 is sampled all the same
+    # (llama.cpp's typical-p, XTC or dynamic temperature may move it off the argmax)
+    greedy: Tensor | None = None
 
     def with_guides(self, rows: list[int], masks: list[Tensor], end_only: Tensor
                     ) -> SamplingBatch:
@@ -89,6 +108,8 @@ class SamplingBatch:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
         extra_bias: Sequence[Iterable[tuple[int, float]]] | None = None,
+        mirostat_mus: Sequence[Tensor | None] | None = None,
+        dry_penalties: Sequence[dict[int, float] | None] | None = None,
     ) -> SamplingBatch:
         """Build the batch from each row's params.
 
@@ -97,6 +118,8 @@ class SamplingBatch:
         eos before `min_tokens`. Without `generators`, seeded rows get a fresh generator: right
         for one step, but a runner must keep one generator per request across steps, or every
         step would replay the same noise. Guided rows' masks are set apart (`with_guides`).
+        `mirostat_mus` holds each mirostat row's mu (a 0-d tensor the draws update), and
+        `dry_penalties` each DRY row's penalties this step (server/sampling_dry.py).
         """
         n_rows = len(params)
         device = torch.device(device)
@@ -144,6 +167,19 @@ class SamplingBatch:
         elif len(generators) != n_rows:
             raise ValueError(f"got {len(generators)} generators for {n_rows} rows")
 
+        dry = None
+        if dry_penalties is not None and any(dry_penalties):
+            dry = _scatter_values(dry_penalties, n_rows, vocab_size)
+            dry = _to_device(dry, device)
+        chain = ChainControls.from_samplers([p.llamacpp for p in params], column)
+        mirostat_rows = [i for i, p in enumerate(params) if p.mirostat and not p.is_greedy]
+        mirostat = None
+        if mirostat_rows:
+            if mirostat_mus is None or any(mirostat_mus[i] is None for i in mirostat_rows):
+                raise ValueError("mirostat rows need their mu (mirostat_mus)")
+            mirostat = MirostatRows.from_rows(
+                mirostat_rows, [params[i].llamacpp for i in mirostat_rows],
+                [mirostat_mus[i] for i in mirostat_rows], column)
         sampled = [p for p in params if not p.is_greedy]  # controls of greedy rows are moot
         last = tuple(i for i, p in enumerate(params) if p.temperature_last and not p.is_greedy)
         order_rows = None
@@ -179,9 +215,19 @@ class SamplingBatch:
             unit_temperature=all(p.temperature == 1.0 for p in sampled),
             plain_rows=tuple(i for i, p in enumerate(params)
                              if not p.is_greedy and (p.top_k <= 0 or p.top_k >= vocab_size)
-                             and p.top_p >= 1.0 and p.min_p <= 0.0 and not p.infill_sampler),
+                             and p.top_p >= 1.0 and p.min_p <= 0.0 and not p.infill_sampler
+                             and not (p.llamacpp and (p.llamacpp.filters or p.mirostat))),
             temperature_last_rows=last,
             order_rows=order_rows,
+            chain=chain,
+            xtc_rows=tuple(i for i, p in enumerate(params) if not p.is_greedy
+                           and p.llamacpp is not None and not p.mirostat
+                           and p.llamacpp.xtc_probability > 0
+                           and p.llamacpp.xtc_threshold <= 0.5),
+            mirostat=mirostat,
+            dry=dry,
+            greedy=column([p.is_greedy for p in params], torch.bool) if any(
+                p.temperature < GREEDY_TEMPERATURE and not p.is_greedy for p in params) else None,
         )
 
 
@@ -218,6 +264,16 @@ def _penalised_tokens(params: Sequence[SamplingParams],
         outputs.append(window)
         prompts.append(())
     return outputs, prompts
+
+
+def _scatter_values(values: Sequence[dict[int, float] | None], n_rows: int, vocab_size: int
+                    ) -> Tensor:
+    """(n_rows, vocab_size) float32 on the CPU: each row's {token: value}, 0 elsewhere."""
+    out = torch.zeros(n_rows, vocab_size, dtype=torch.float32)
+    for row, entries in enumerate(values):
+        if entries:
+            out[row, list(entries)] = torch.tensor(list(entries.values()), dtype=torch.float32)
+    return out
 
 
 def _scatter_rows(
@@ -293,7 +349,8 @@ class Sampler:
         in_c = batch.plain_rows if self.kernels and logits.device.type == "cpu" else ()
         if len(in_c) == n_rows:  # every row: one C pass, no probabilities tensor
             return self._sample_in_c(logits, batch, uniforms, None)
-        if in_c and batch.no_top_k and batch.no_top_p and batch.no_min_p and not batch.infill:
+        if (in_c and batch.no_top_k and batch.no_top_p and batch.no_min_p and not batch.infill
+                and batch.chain is None and batch.mirostat is None):
             assert greedy_ids is not None  # every sampled row is in C: the others are greedy
             sampled_ids = greedy_ids.clone()
         else:
@@ -301,9 +358,14 @@ class Sampler:
         if in_c:
             rows = torch.tensor(in_c)
             sampled_ids[rows] = self._sample_in_c(logits, batch, uniforms, rows)
+        if batch.mirostat is not None:
+            rows = batch.mirostat.rows
+            sampled_ids[rows] = self._sample_mirostat(logits[rows], batch.temperature[rows],
+                                                      batch.mirostat, uniforms[rows])
         if greedy_ids is None:
             return sampled_ids
-        return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
+        greedy = batch.temperature == 0 if batch.greedy is None else batch.greedy
+        return torch.where(greedy, greedy_ids, sampled_ids)
 
     def _argmax(self, logits: Tensor) -> Tensor:
         # PyTorch's CPU argmax took 0.25-0.3 ms for 16 rows of 32000 tokens, a fiftieth of the
@@ -315,14 +377,26 @@ class Sampler:
     def _sample_in_torch(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor
                          ) -> Tensor:
         """Every row drawn with PyTorch's ops (a greedy row's draw is discarded)."""
-        final = self._final_logits(logits, batch)
+        xtc_draws = self._xtc_draws(batch, logits.shape[0], logits.device)
+        final = self._final_logits(logits, batch, xtc_draws)
         if batch.infill is not None:
             final = apply_infill(final, batch.infill)
         return sample_inverse_cdf(final.softmax(dim=-1), uniforms)
 
     @staticmethod
-    def _final_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-        """The tempered logits each row draws from, what its filters drop at -inf."""
+    def _sample_mirostat(logits: Tensor, temperature: Tensor, mirostat: MirostatRows,
+                         uniforms: Tensor) -> Tensor:
+        """The mirostat rows' tokens, drawn from their truncation; their mus move."""
+        probs, order = mirostat_candidates(logits / temperature.unsqueeze(1), mirostat)
+        picked = sample_inverse_cdf(probs, uniforms)
+        mirostat_update(mirostat, probs, picked)
+        return order.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+    @staticmethod
+    def _final_logits(logits: Tensor, batch: SamplingBatch, xtc_draws: Tensor | None = None
+                      ) -> Tensor:
+        """The tempered logits each row draws from, what its filters drop at -inf
+        (`xtc_draws`: each row's XTC chance this step, `_xtc_draws`)."""
         scaled = logits
         if not batch.unit_temperature:
             # Greedy rows get temperature 1 here only to keep their (discarded) row finite.
@@ -332,13 +406,12 @@ class Sampler:
             return _filtered(scaled, batch)
         # llama.cpp's rows: what their filters drop is found on the logits before temperature
         if batch.order_rows is None:  # (every sampled row is llama.cpp's)
-            kept = _filtered(logits, batch, min_p_first=False)
-            return scaled.masked_fill(kept == float("-inf"), float("-inf"))
+            return _llamacpp_logits(logits, scaled, batch, xtc_draws)
         others, rows = batch.order_rows
         out = torch.empty_like(scaled)
         out[others] = _filtered(scaled[others], _rows_of(batch, others))
-        kept = _filtered(logits[rows], _rows_of(batch, rows), min_p_first=False)
-        out[rows] = scaled[rows].masked_fill(kept == float("-inf"), float("-inf"))
+        out[rows] = _llamacpp_logits(logits[rows], scaled[rows], _rows_of(batch, rows),
+                                     None if xtc_draws is None else xtc_draws[rows])
         return out
 
     def _sample_in_c(self, logits: Tensor, batch: SamplingBatch, uniforms: Tensor,
@@ -361,6 +434,19 @@ class Sampler:
             if generator is not None:
                 uniforms[row].uniform_(generator=generator)
         return uniforms
+
+    def _xtc_draws(self, batch: SamplingBatch, n_rows: int, device: torch.device
+                   ) -> Tensor | None:
+        """(n_rows,) each XTC row's chance this step, U[0, 1) from its generator or the shared
+        one (2 elsewhere: above any probability that matters); None without XTC rows. Drawn
+        after the token's uniform, so a seeded row's noise depends on its own controls only."""
+        if not batch.xtc_rows:
+            return None
+        draws = torch.full((n_rows,), 2.0, dtype=torch.float32, device=device)
+        for row in batch.xtc_rows:
+            generator = batch.generators[row] if len(batch.generators) == n_rows else None
+            draws[row:row + 1].uniform_(generator=generator or self._shared_generator(device))
+        return draws
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._shared.get(device)
@@ -426,6 +512,8 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         logits = logits + batch.logit_bias
     if batch.output_counts is not None:
         logits = _apply_penalties(logits, batch)
+    if batch.dry is not None:
+        logits = logits - batch.dry
     if batch.guide_rows is not None:
         logits = _apply_guides(logits.clone() if logits is raw else logits, batch)
     return logits
@@ -457,9 +545,22 @@ def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 
 def _rows_of(batch: SamplingBatch, rows: Tensor) -> SamplingBatch:
-    """The filters' controls of some rows (what _filtered reads)."""
+    """The filters' controls of some rows (what _filtered and _llamacpp_logits read)."""
     return replace(batch, top_k=batch.top_k[rows], top_p=batch.top_p[rows],
-                   min_p=batch.min_p[rows])
+                   min_p=batch.min_p[rows], temperature=batch.temperature[rows],
+                   chain=None if batch.chain is None else batch.chain.rows(rows))
+
+
+def _llamacpp_logits(logits: Tensor, scaled: Tensor, batch: SamplingBatch,
+                     xtc_draws: Tensor | None) -> Tensor:
+    """llama.cpp's rows' tempered logits: `scaled` less what top-k, top-p and min-p drop,
+    found on the `logits` before temperature; with its other filters or a dynamic
+    temperature, its whole chain (server/sampling_llamacpp.py)."""
+    if batch.chain is None:
+        kept = _filtered(logits, batch, min_p_first=False)
+        return scaled.masked_fill(kept == float("-inf"), float("-inf"))
+    return chain_logits(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                        batch.chain, xtc_draws)
 
 
 def _filtered(logits: Tensor, batch: SamplingBatch, min_p_first: bool = True) -> Tensor:

@@ -10,6 +10,7 @@ output, `{"content", "tokens", "stop": false, ...}`, then the sample's whole res
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,14 @@ from server.protocol.llamacpp import (
     TokenProbs,
     select_fields,
 )
-from server.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from server.request import (
+    Breakers,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from server.sampling_dry import MAX_BREAKER_BYTES, VocabText, breaker_found
 from server.serving import (
     Choice,
     Submitted,
@@ -42,6 +50,7 @@ from server.serving import (
 # prefix keeps its last 3/4 of it, the suffix the first 1/4 (less the prompt)
 INFILL_BATCH = 2048
 SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's separator of input_extra's chunks
+DRY_BREAKERS_KEPT = 256  # the most DRY breakers kept found (the oldest goes first)
 
 
 @dataclass(slots=True)
@@ -65,6 +74,10 @@ class LlamaCppService:
 
     def __init__(self, engine: EngineFront, tokenizer: Tokenizer, model_name: str) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        # DRY's breakers found in the vocabulary, by breaker (most requests ask for llama.cpp's
+        # defaults: one search of the vocabulary serves them all)
+        self._breaker_searches: dict[bytes, asyncio.Future[Breakers]] = {}
+        self._vocab_text: VocabText | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -82,6 +95,32 @@ class LlamaCppService:
                 key, add_special_tokens=False)
             pairs.extend((token_id, bias) for token_id in ids)
         return tuple(pairs)
+
+    async def dry_breakers(self, request: LlamaCppCompletionRequest) -> Breakers:
+        """The request's DRY sequence breakers as llama.cpp finds them in the vocabulary
+        (server/sampling_dry.py). Each breaker is looked for once, on a worker thread, and
+        kept: requests asking for one already being looked for wait for that search."""
+        if not request.dry_on:
+            return ()
+        found: dict[tuple[int, tuple[int, ...]], None] = {}
+        for breaker in dict.fromkeys(text.encode()[:MAX_BREAKER_BYTES]
+                                     for text in request.dry_sequence_breakers):
+            search = self._breaker_searches.get(breaker)
+            if search is None:
+                if len(self._breaker_searches) >= DRY_BREAKERS_KEPT:
+                    self._breaker_searches.pop(next(iter(self._breaker_searches)))
+                search = asyncio.ensure_future(asyncio.to_thread(self._find_breaker, breaker))
+                self._breaker_searches[breaker] = search
+            # (shielded: a client that leaves cancels its wait, not the search others share)
+            found.update(dict.fromkeys(await asyncio.shield(search)))
+        return tuple(found)
+
+    def _find_breaker(self, breaker: bytes) -> Breakers:
+        if self._vocab_text is None:  # (two first searches at once both build it: harmless)
+            tokenizer = self.tokenizer
+            self._vocab_text = VocabText.of(tokenizer.token_bytes(range(tokenizer.vocab_size)))
+        return breaker_found(breaker, self._vocab_text,
+                             lambda text: self.tokenizer.encode(text, add_special_tokens=False))
 
     def infill_prompt(self, request: LlamaCppInfillRequest) -> list[tuple[list[int], str | None]]:
         """llama.cpp's infill layout, in the model's tokens (Code Llama's, model/infill.py):

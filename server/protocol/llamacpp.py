@@ -4,16 +4,18 @@ UI, editor plugins (llama.vim, llama.vscode) and many front ends speak.
 
 The fields keep llama.cpp's names and defaults (temperature 0.8, top_k 40, top_p 0.95, min_p
 0.05, repeat_last_n 64, n_predict -1: to the end of the context) and its sampler chain
-(SamplingParams.temperature_last, penalty_last_n). A sampler this server does not have (DRY,
-XTC, typical-p, mirostat, top-n-sigma, dynamic temperature, post-sampling probabilities) is
-refused with a 400 naming it whenever a request switches it on; left at llama.cpp's
-neutral value it is accepted, as it changes nothing.
+(SamplingParams.temperature_last, penalty_last_n, and its other samplers in
+SamplingParams.llamacpp: DRY, top-n-sigma, typical-p, XTC, the dynamic temperature,
+min_keep, mirostat). What this server does not have (post-sampling probabilities, a slot
+by id, per-request LoRA scales, progress events) is refused with a 400 naming it whenever a
+request switches it on; left at llama.cpp's neutral value it is accepted, as it changes
+nothing.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -30,17 +32,20 @@ from server.protocol.base import (
     _check_token_ids,
 )
 from server.protocol.requests import ChatMessage, ChatTemplateControls, check_stops
-from server.request import MAX_LOGPROBS, SamplingParams
+from server.request import MAX_LOGPROBS, Breakers, Dry, LlamaCppSamplers, SamplingParams
 
 _UINT32_MAX = 2**32 - 1
+_INT32_MAX = 2**31 - 1  # (llama.cpp's counts are int32s)
 PromptPart = str | int  # a text, tokenized in place, or a token id
 Prompt = list[PromptPart]
-# llama.cpp's default chain, in the order it runs (common.h's; the samplers this server has)
-SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
+# llama.cpp's default chain, in the order it runs (common.h's)
+SAMPLER_ORDER = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
+                 "temperature")
 # The most candidates the infill sampler takes (after top-k): it runs on the host
 INFILL_TOP_K = 1024
-# What llama.cpp's chain also names, inert unless their fields switch them on (refused then)
-INERT_SAMPLERS = ("dry", "top_n_sigma", "typ_p", "xtc")
+# llama.cpp's default DRY sequence breakers (common.h's)
+DRY_BREAKERS = ["\n", ":", "\"", "*"]
+DRY_MAX_BREAKERS = 64  # (llama.cpp has no limit; a few are usual)
 _SAMPLER_NAMES = {  # llama.cpp's names and alternative names
     "penalties": "penalties", "dry": "dry", "top_n_sigma": "top_n_sigma",
     "top_k": "top_k", "top-k": "top_k", "typ_p": "typ_p", "typ-p": "typ_p", "typ": "typ_p",
@@ -153,7 +158,7 @@ def _sampler_names(value: Any) -> list[str]:
     unknown = [name for name in value if name not in _SAMPLER_NAMES]
     if unknown:
         raise ValueError(f"unknown samplers {unknown}; this server runs "
-                         f"{[*SAMPLER_ORDER, *INERT_SAMPLERS, 'infill']}")
+                         f"{[*SAMPLER_ORDER, 'infill']}")
     return [_SAMPLER_NAMES[name] for name in value]
 
 
@@ -195,16 +200,28 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
     cache_prompt: bool = True
     n_keep: int = 0
     n_discard: int = 0
+    # llama.cpp's other samplers (server/sampling_llamacpp.py, server/sampling_dry.py), its
+    # defaults: off
+    typical_p: float = 1.0  # >= 1: off
+    top_n_sigma: float = -1.0  # <= 0: off
+    xtc_probability: float = 0.0  # <= 0: off
+    xtc_threshold: float = 0.1  # > 0.5: off
+    dynatemp_range: float = 0.0  # <= 0: off
+    dynatemp_exponent: float = 1.0
+    min_keep: int = Field(0, ge=0, le=_INT32_MAX)  # the fewest top-p, min-p, typical-p,
+    # XTC leave
+    mirostat: Literal[0, 1, 2] = 0  # 1, 2: that version in place of the chain
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0  # 0: off
+    dry_base: float = 1.75  # below 1: 1.75, as llama.cpp takes it
+    dry_allowed_length: int = Field(2, ge=0, le=_INT32_MAX)
+    dry_penalty_last_n: int = Field(-1, ge=-1, le=_INT32_MAX)  # -1: the context; 0: off
+    dry_sequence_breakers: list[str] = Field(  # (each looked for in the whole vocabulary)
+        default_factory=lambda: list(DRY_BREAKERS), min_length=1, max_length=DRY_MAX_BREAKERS)
     # llama.cpp's that this server does not have: accepted at their neutral values only (left
     # out of the OpenAPI schema, as requests.Refused fields are)
     id_slot: SkipJsonSchema[int] = -1
-    typical_p: SkipJsonSchema[float] = 1.0
-    dynatemp_range: SkipJsonSchema[float] = 0.0
-    top_n_sigma: SkipJsonSchema[float] = -1.0
-    xtc_probability: SkipJsonSchema[float] = 0.0
-    dry_multiplier: SkipJsonSchema[float] = 0.0
-    mirostat: SkipJsonSchema[int] = 0
-    min_keep: SkipJsonSchema[int] = 0
     post_sampling_probs: SkipJsonSchema[bool] = False
     return_progress: SkipJsonSchema[bool] = False
     lora: SkipJsonSchema[list[Any] | None] = None
@@ -219,13 +236,6 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
         """A sampler or option this server lacks is refused once a request switches it on."""
         on = {
             "id_slot": self.id_slot != -1,
-            "typical_p": self.typical_p < 1.0,
-            "dynatemp_range": self.dynatemp_range > 0.0,
-            "top_n_sigma": self.top_n_sigma > 0.0,
-            "xtc_probability": self.xtc_probability > 0.0,
-            "dry_multiplier": self.dry_multiplier > 0.0,
-            "mirostat": self.mirostat != 0,
-            "min_keep": self.min_keep > 1,
             "post_sampling_probs": self.post_sampling_probs,
             "return_progress": self.return_progress,
             "lora": bool(self.lora),
@@ -285,10 +295,51 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             _check_token_ids((part for part in prompt if isinstance(part, int)), vocab_size,
                              "prompt")
 
+    @property
+    def dry_on(self) -> bool:
+        """Whether DRY runs (llama.cpp's test; mirostat replaces the whole chain)."""
+        return (self.dry_multiplier != 0.0 and self.dry_penalty_last_n != 0
+                and "dry" in self.chain and not self.mirostat)
+
+    def other_samplers(self, max_model_len: int,
+                             dry_breakers: Breakers) -> LlamaCppSamplers | None:
+        """llama.cpp's other samplers as the chain runs them (None: all off), DRY with its
+        breakers found in the vocabulary (LlamaCppService.dry_breakers)."""
+        chain = self.chain
+        samplers = LlamaCppSamplers(
+            top_n_sigma=self.top_n_sigma if "top_n_sigma" in chain else -1.0,
+            typical_p=self.typical_p if "typ_p" in chain else 1.0,
+            min_keep=self.min_keep,
+            xtc_probability=self.xtc_probability if "xtc" in chain else 0.0,
+            xtc_threshold=self.xtc_threshold,
+            dynatemp_range=self.dynatemp_range if "temperature" in chain else 0.0,
+            dynatemp_exponent=self.dynatemp_exponent,
+            mirostat=self.mirostat, mirostat_tau=self.mirostat_tau,
+            mirostat_eta=self.mirostat_eta,
+            dry=Dry(self.dry_multiplier, self.dry_base if self.dry_base >= 1.0 else 1.75,
+                    self.dry_allowed_length,
+                    max_model_len if self.dry_penalty_last_n == -1 else self.dry_penalty_last_n,
+                    dry_breakers) if self.dry_on else None)
+        if self.mirostat:
+            return samplers
+        return samplers if samplers.filters or samplers.dry else None
+
     def to_sampling_params(self, logit_bias: tuple[tuple[int, float], ...],
-                           max_model_len: int) -> SamplingParams:
+                           max_model_len: int,
+                           dry_breakers: Breakers = ()) -> SamplingParams:
         """The engine's parameters, llama.cpp's chain: the samplers `chain` leaves out are
-        off (temperature left out: 1), the penalties count the last repeat_last_n tokens."""
+        off (temperature left out: 1), the penalties count the last repeat_last_n tokens;
+        with mirostat, the temperature and mirostat alone (llama.cpp's common_sampler)."""
+        if self.mirostat:
+            return SamplingParams(
+                n=self.n_cmpl, max_tokens=self.max_tokens,
+                temperature=max(self.temperature, 0.0), temperature_last=True,
+                n_indent=max(self.n_indent, 0), t_max_predict_ms=max(self.t_max_predict_ms, 0),
+                logit_bias=logit_bias,
+                seed=None if self.seed in (-1, _UINT32_MAX) else self.seed,
+                stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+                logprobs=self.n_probs or None,
+                llamacpp=self.other_samplers(max_model_len, dry_breakers))
         chain = self.chain
         penalties = "penalties" in chain and self.repeat_last_n != 0
         window = max_model_len if self.repeat_last_n == -1 else self.repeat_last_n
@@ -313,20 +364,31 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
             logprobs=self.n_probs or None,
+            llamacpp=self.other_samplers(max_model_len, dry_breakers),
         )
 
     def settings(self, params: SamplingParams) -> dict[str, Any]:
         """llama.cpp's `generation_settings`: the parameters the request ran with."""
         return {
             "seed": _UINT32_MAX if params.seed is None else params.seed,
-            "temperature": params.temperature, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
-            "top_k": params.top_k, "top_p": params.top_p, "min_p": params.min_p,
-            "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
-            "typical_p": 1.0, "repeat_last_n": self.repeat_last_n,
+            # (the request's values, as llama.cpp echoes them: the samplers left out of the
+            # chain, or all of it under mirostat, ran neutral)
+            "temperature": self.temperature, "dynatemp_range": self.dynatemp_range,
+            "dynatemp_exponent": self.dynatemp_exponent,
+            "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+            "top_n_sigma": self.top_n_sigma, "xtc_probability": self.xtc_probability,
+            "xtc_threshold": self.xtc_threshold,
+            "typical_p": self.typical_p, "repeat_last_n": self.repeat_last_n,
             "repeat_penalty": params.repetition_penalty,
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
-            "dry_multiplier": 0.0, "mirostat": 0, "stop": list(self.stop),
+            "dry_multiplier": self.dry_multiplier,
+            "dry_base": self.dry_base if self.dry_base >= 1.0 else 1.75,
+            "dry_allowed_length": self.dry_allowed_length,
+            "dry_penalty_last_n": self.dry_penalty_last_n,
+            "dry_sequence_breakers": list(self.dry_sequence_breakers),
+            "mirostat": self.mirostat, "mirostat_tau": self.mirostat_tau,
+            "mirostat_eta": self.mirostat_eta, "stop": list(self.stop),
             "max_tokens": -1 if self.max_tokens is None else self.max_tokens,
             "n_predict": -1 if self.max_tokens is None else self.max_tokens,
             "n_keep": self.n_keep, "n_discard": self.n_discard,

@@ -4,6 +4,7 @@ same, in llama.cpp's shapes; its sampling follows llama.cpp's chain and penalty 
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -187,7 +188,8 @@ def test_llamacpp_defaults_and_props(client: httpx.Client) -> None:
     settings = r.json()["generation_settings"]
     assert (settings["temperature"], settings["top_k"], settings["min_p"],
             settings["repeat_last_n"], settings["samplers"]) == (
-        0.8, 40, 0.05, 64, ["penalties", "top_k", "top_p", "min_p", "temperature"])
+        0.8, 40, 0.05, 64, ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p",
+                            "min_p", "xtc", "temperature"])
     assert settings["top_p"] == pytest.approx(0.95)
     props = client.get("/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 512
@@ -231,8 +233,12 @@ def test_a_grammar_or_schema_shapes_the_answer(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"mirostat": 2}, "mirostat"),
-    ({"dry_multiplier": 0.8}, "dry_multiplier"),
+    ({"mirostat": 3}, "mirostat"),
+    ({"min_keep": -1}, "min_keep"),
+    ({"dry_multiplier": 0.8, "dry_sequence_breakers": []}, "dry_sequence_breakers"),
+    ({"dry_penalty_last_n": -2}, "dry_penalty_last_n"),
+    ({"dry_multiplier": 0.8, "dry_sequence_breakers": ["x"] * 65}, "dry_sequence_breakers"),
+    ({"samplers": ["xtc", "top_k"]}, "samplers"),
     ({"post_sampling_probs": True}, "post_sampling_probs"),
     ({"id_slot": 1}, "id_slot"),
     ({"samplers": ["temperature", "top_k"]}, "samplers"),
@@ -255,6 +261,89 @@ def test_bad_requests_are_400s_naming_the_field(client: httpx.Client, fields: di
     r = client.post("/completion", json={"prompt": PROMPT, **fields})
     error = assert_openai_error(r, 400)
     assert error["param"] == param or param in error["message"], error
+
+
+def repeats(tokens: list[int], start: int, length: int = 2) -> list[int]:
+    """The positions from `start` on whose token extends a repeat of the `length` tokens
+    before it: those tokens were followed by the same token earlier on."""
+    seen: dict[tuple[int, ...], set[int]] = {}
+    found = []
+    for p in range(length, len(tokens)):
+        key = tuple(tokens[p - length:p])
+        if p >= start and tokens[p] in seen.get(key, ()):
+            found.append(p)
+        seen.setdefault(key, set()).add(tokens[p])
+    return found
+
+
+def test_dry_keeps_a_greedy_answer_from_repeating_itself(client: httpx.Client) -> None:
+    """DRY with a multiplier no logit outweighs (and a breaker the text never holds): no
+    output token extends a repeat of two tokens or more, where the plain greedy answer of
+    the same prompt loops."""
+    prompt = tokenize(client, PROMPT)
+    fields = {"n_predict": 80, "ignore_eos": True, "return_tokens": True}
+    plain = completion(client, **fields)["tokens"]
+    assert repeats(prompt + plain, len(prompt))  # (else the test would show nothing)
+    body = completion(client, **fields, dry_multiplier=1e4, dry_sequence_breakers=["\u2603"])
+    assert repeats(prompt + body["tokens"], len(prompt)) == []
+    settings = body["generation_settings"]
+    assert (settings["dry_multiplier"], settings["dry_base"], settings["dry_allowed_length"],
+            settings["dry_penalty_last_n"]) == (1e4, 1.75, 2, -1)
+    assert settings["dry_sequence_breakers"] == ["\u2603"]
+    # left out of the chain, DRY does not run
+    off = completion(client, **fields, dry_multiplier=1e4, samplers=["penalties", "top_k",
+                                                                      "temperature"])
+    assert off["tokens"] == plain
+
+
+@pytest.mark.parametrize("fields", [
+    {"mirostat": 1, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
+    {"mirostat": 2},
+    {"typical_p": 0.6},
+    {"top_n_sigma": 1.5},
+    {"xtc_probability": 0.7, "xtc_threshold": 0.05},
+    {"dynatemp_range": 0.5, "dynatemp_exponent": 2.0},
+    {"min_keep": 3, "top_p": 0.2},
+    {"dry_multiplier": 0.8, "typical_p": 0.9, "xtc_probability": 0.5},
+])
+def test_llamacpps_other_samplers_run_seeded_and_are_echoed(client: httpx.Client,
+                                                            fields: dict) -> None:
+    """Each sampler runs through the engine (a seed repeats its answer, two samples of one
+    request differ) and the answer's settings say what ran."""
+    ask = {"n_predict": 24, "ignore_eos": True, "return_tokens": True, "temperature": 1.0,
+           "seed": 42, **fields}
+    first, second = (completion(client, **ask) for _ in range(2))
+    assert len(first["tokens"]) == 24 and first["tokens"] == second["tokens"]
+    settings = first["generation_settings"]
+    for name, value in fields.items():
+        assert settings[name] == value, name
+    samples = client.post("/completion", json={"prompt": PROMPT, **ask, "n_cmpl": 2}).json()
+    assert samples[0]["tokens"] != samples[1]["tokens"]
+
+
+def test_mirostat_at_temperature_zero_and_typical_p_there(client: httpx.Client) -> None:
+    """Mirostat after a temperature of 0 is greedy; typical-p at temperature 0 takes the
+    likeliest token typical-p kept, which need not be the likeliest of all."""
+    greedy = completion(client, n_predict=12, return_tokens=True)["tokens"]
+    mirostat = completion(client, n_predict=12, return_tokens=True, mirostat=2, top_k=7)
+    assert mirostat["tokens"] == greedy
+    # (echoed as asked, as llama.cpp does, though mirostat ran in place of top-k)
+    assert mirostat["generation_settings"]["top_k"] == 7
+    typical = [completion(client, n_predict=12, return_tokens=True, typical_p=0.3,
+                          seed=seed)["tokens"] for seed in (1, 2)]
+    assert typical[0] == typical[1]  # (deterministic all the same)
+    assert typical[0] != greedy  # (typical-p left out a likeliest token on the way)
+
+
+def test_props_show_the_samplers_defaults(client: httpx.Client) -> None:
+    params = client.get("/props").json()["default_generation_settings"]["params"]
+    assert (params["typical_p"], params["top_n_sigma"], params["xtc_probability"],
+            params["xtc_threshold"], params["dynatemp_range"], params["mirostat"],
+            params["mirostat_tau"], params["dry_multiplier"], params["dry_base"]) == (
+        1.0, -1.0, 0.0, 0.1, 0.0, 0, 5.0, 0.0, 1.75)
+    assert params["dry_sequence_breakers"] == ["\n", ":", "\"", "*"]
+    assert params["samplers"] == ["penalties", "dry", "top_n_sigma", "top_k", "typ_p",
+                                  "top_p", "min_p", "xtc", "temperature"]
 
 
 def test_a_prompt_longer_than_the_context_is_a_400(client: httpx.Client) -> None:
@@ -371,3 +460,36 @@ def test_apply_template_renders_the_chat_prompt(client: httpx.Client,
     assert_openai_error(client.post("/apply-template", json={"messages": []}), 400)
     assert_openai_error(client.post("/apply-template", json={
         "messages": messages, "chat_template": "{{ 1 }}"}), 400)
+
+
+def test_dry_breakers_are_looked_for_once_each(tokenizer_dir: object) -> None:
+    """Each breaker is searched for in the vocabulary once: requests at the same moment share
+    the search, later ones take what it found, and a breaker cut to llama.cpp's 40 bytes is
+    the same breaker."""
+    from model.tokenizer import Tokenizer
+    from server.protocol.llamacpp import LlamaCppCompletionRequest
+    from server.sampling_dry import VocabText, breaker_sequences
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)  # type: ignore[arg-type]
+    service = LlamaCppService(_Engine(), tokenizer, "m")  # type: ignore[arg-type]
+    searched: list[bytes] = []
+    find = service._find_breaker
+    service._find_breaker = lambda breaker: searched.append(breaker) or find(breaker)  # type: ignore[method-assign]
+
+    def body(*breakers: str) -> LlamaCppCompletionRequest:
+        return LlamaCppCompletionRequest.model_validate(
+            {"prompt": "a", "dry_multiplier": 0.5, "dry_sequence_breakers": list(breakers)})
+
+    async def ask() -> list[tuple]:
+        return list(await asyncio.gather(
+            service.dry_breakers(body("\n", "the")), service.dry_breakers(body("the", "\n")),
+            service.dry_breakers(body("x" * 40 + "y", "\n"))))
+
+    both, swapped, long = asyncio.run(ask())
+    assert sorted(searched) == [b"\n", b"the", b"x" * 40]
+    vocab = VocabText.of(tokenizer.token_bytes(range(tokenizer.vocab_size)))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert set(both) == set(swapped) == set(breaker_sequences(["\n", "the"], vocab, encode))
+    assert set(long) == set(breaker_sequences(["x" * 40, "\n"], vocab, encode))
+    assert asyncio.run(service.dry_breakers(body("the"))) and len(searched) == 3
+    assert asyncio.run(service.dry_breakers(
+        LlamaCppCompletionRequest.model_validate({"prompt": "a"}))) == ()  # (DRY off)

@@ -486,13 +486,14 @@ def test_completion_to_sampling_params_maps_every_field() -> None:
     ]
     # set by the route: the guide compiled from guide_spec() (below), bad words tokenized,
     # the LoRA adapter the model names; pooling: the embeddings service's; llama.cpp's chain
-    # and penalty window, its infill sampler and editor limits: its native API's
-    # (server/protocol/llamacpp.py); where a guide starts and the thinking's budget: the
-    # chat service's
+    # and penalty window, its infill sampler, editor limits and other samplers: its native
+    # API's (server/protocol/llamacpp.py); where a guide starts and the thinking's budget:
+    # the chat service's
     assert unchanged == ["guide", "guide_after", "thinking_budget", "pooling", "bad_words",
                          "lora",
                          "temperature_last",
-                         "penalty_last_n", "infill_sampler", "n_indent", "t_max_predict_ms"]
+                         "penalty_last_n", "infill_sampler", "n_indent", "t_max_predict_ms",
+                         "llamacpp"]
     assert params.logit_bias == ((7, 5.0), (11, -100.0))
     assert params.stop == ("###", "\n\n")
     assert params.stop_token_ids == (2, 3)
@@ -514,7 +515,7 @@ def test_chat_to_sampling_params_maps_every_field() -> None:
     assert unchanged == {"prompt_logprobs", "guide", "guide_after", "thinking_budget",
                          "pooling", "bad_words",
                          "lora", "temperature_last", "penalty_last_n", "infill_sampler", "n_indent",
-                         "t_max_predict_ms"}
+                         "t_max_predict_ms", "llamacpp"}
     assert chat(prompt_logprobs=3).to_sampling_params().prompt_logprobs == 3
     assert params.max_tokens is None and params.logprobs == 4
     assert params.default_max_tokens == 99

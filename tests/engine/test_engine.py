@@ -27,8 +27,16 @@ from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine
 from server.engine_front import Add, EngineOverloaded, RequestRejected
-from server.request import FinishReason, Request, SamplingParams, ThinkingBudget
+from server.request import (
+    Dry,
+    FinishReason,
+    LlamaCppSamplers,
+    Request,
+    SamplingParams,
+    ThinkingBudget,
+)
 from server.runner import ModelRunner
+from server.sampling_dry import dry_penalties
 from server.startup import build_engine
 from tests.conftest import LoraFixture, indent_cut
 
@@ -467,6 +475,41 @@ def test_sampling_controls_follow_the_outputs(tiny_checkpoint: Path,
                               for i in range(3)])
     assert all(len(r.tokens[0]) == 20 for r in plain)
     assert len(built) <= 6  # three rows decoding 19 steps together: built as they join
+
+
+def test_dry_and_mirostat_state_follows_each_sequence(tiny_checkpoint: Path) -> None:
+    """The runner's DRY context, kept token by token, gives every step the penalties of the
+    sequence's last last_n tokens of prompt and output (sample siblings and neighbours apart,
+    a window shorter than the prompt); its DRY contexts and mirostat mus go with the request."""
+    with running(tiny_checkpoint, max_model_len=1024) as engine:
+        runner, seen = engine.runner, []
+        dry_penalties_of = runner._dry_penalties
+
+        def recording(seq: object) -> object:
+            penalties = dry_penalties_of(seq)  # type: ignore[arg-type]
+            if penalties is not None:
+                seen.append((list(seq.request.prompt_ids) + list(seq.output_ids),  # type: ignore[attr-defined]
+                             seq.request.params.dry, penalties))  # type: ignore[attr-defined]
+            return penalties
+
+        runner._dry_penalties = recording  # type: ignore[method-assign]
+        rng = random.Random(4)
+        loop = [rng.randrange(3, 40) for _ in range(5)] * 8  # (repeats for DRY to find)
+
+        def dry_params(last_n: int, **samplers: object) -> SamplingParams:
+            return SamplingParams(
+                temperature=1.0, top_k=0, top_p=1.0, seed=3, n=2, max_tokens=16,
+                ignore_eos=True, temperature_last=True, llamacpp=LlamaCppSamplers(
+                    dry=Dry(0.8, 1.75, 2, last_n, ((999, ()),)), **samplers))
+
+        results = run(engine, (loop, dry_params(12), "a"),
+                      (loop[5:], dry_params(4096, mirostat=2), "b"),
+                      ([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=16), "c"))
+        assert all(len(tokens) == 16 for r in results for tokens in r.tokens.values())
+        assert len(seen) >= 2 * 2 * 16 and any(penalties for _, _, penalties in seen)
+        for tokens, dry, penalties in seen:
+            assert penalties == pytest.approx(dry_penalties(tokens, dry))
+        assert runner.dry_contexts == {} and runner.mirostat_mus == {}
 
 
 def forced_token(engine: Engine, prompt: list[int]) -> tuple[int, str]:
