@@ -91,7 +91,7 @@ class Dry:
     """llama.cpp's DRY ("don't repeat yourself") penalty (server/sampling_dry.py): a token
     that would extend a repeat of `allowed_length` or more tokens of the last `last_n` loses
     multiplier * base ** (length - allowed_length) from its logit. A repeat does not reach
-    back past a sequence breaker: each is a head token and the tokens that must precede it
+    back past a sequence breaker: each is a head token and the tokens that must follow it
     (none: the head alone breaks), found in the vocabulary's texts by the API layer."""
 
     multiplier: float

@@ -555,12 +555,16 @@ def _llamacpp_logits(logits: Tensor, scaled: Tensor, batch: SamplingBatch,
                      xtc_draws: Tensor | None) -> Tensor:
     """llama.cpp's rows' tempered logits: `scaled` less what top-k, top-p and min-p drop,
     found on the `logits` before temperature; with its other filters or a dynamic
-    temperature, its whole chain (server/sampling_llamacpp.py)."""
+    temperature, its whole chain (server/sampling_llamacpp.py). Each row takes one path
+    whatever its neighbours (the two round and break ties their own ways): a row with none
+    of the other filters keeps the plain path in a batch where others run the chain."""
+    kept = _filtered(logits, batch, min_p_first=False)
+    plain = scaled.masked_fill(kept == float("-inf"), float("-inf"))
     if batch.chain is None:
-        kept = _filtered(logits, batch, min_p_first=False)
-        return scaled.masked_fill(kept == float("-inf"), float("-inf"))
-    return chain_logits(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p,
-                        batch.chain, xtc_draws)
+        return plain
+    chained = chain_logits(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                           batch.chain, xtc_draws)
+    return torch.where(batch.chain.on.unsqueeze(1), chained, plain)
 
 
 def _filtered(logits: Tensor, batch: SamplingBatch, min_p_first: bool = True) -> Tensor:

@@ -7,7 +7,7 @@ from koboldcpp). No torch: the API layer finds the sequence breakers in the voca
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,18 +23,22 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 @dataclass(frozen=True)
 class VocabText:
-    """Every token's bytes end to end, so that a breaker is looked for at C speed (one
-    `bytes.find` over the whole vocabulary) rather than token by token in Python."""
+    """The vocabulary's bytes laid out for a breaker's search: every token's end to end, so a
+    breaker is looked for at C speed (one `bytes.find` over the whole vocabulary) rather
+    than token by token in Python; and every token reversed, sorted, so the tokens that end
+    with some bytes are one bisection away."""
 
     text: bytes
     starts: list[int]  # token i's bytes are text[starts[i]:starts[i + 1]]
-    ending_at: dict[int, int]  # the (non-empty) token whose bytes end at an offset
+    reversed_words: list[bytes]  # each token's bytes reversed, sorted
+    reversed_ids: list[int]  # ... and whose they are
 
     @classmethod
     def of(cls, token_bytes: Sequence[bytes]) -> VocabText:
         starts = list(accumulate((len(word) for word in token_bytes), initial=0))
-        ending_at = {starts[i + 1]: i for i, word in enumerate(token_bytes) if word}
-        return cls(b"".join(token_bytes), starts, ending_at)
+        backwards = sorted((word[::-1], i) for i, word in enumerate(token_bytes))
+        return cls(b"".join(token_bytes), starts, [word for word, _ in backwards],
+                   [i for _, i in backwards])
 
     def holding(self, text: bytes) -> Iterator[int]:
         """The tokens whose bytes hold `text`, each once."""
@@ -49,12 +53,12 @@ class VocabText:
 
     def ending_with(self, text: bytes) -> Iterator[int]:
         """The tokens whose bytes end with `text` (and are at least as long)."""
-        at = self.text.find(text)
-        while at != -1:
-            token = self.ending_at.get(at + len(text))
-            if token is not None and self.starts[token] <= at:
-                yield token
-            at = self.text.find(text, at + 1)
+        backwards = text[::-1]
+        words = self.reversed_words
+        i = bisect_left(words, backwards)
+        while i < len(words) and words[i].startswith(backwards):
+            yield self.reversed_ids[i]
+            i += 1
 
 
 def breaker_sequences(breakers: Sequence[str], vocab: VocabText,
@@ -76,8 +80,9 @@ def breaker_found(breaker: bytes, vocab: VocabText, encode: Callable[[str], list
     found: list[tuple[int, tuple[int, ...]]] = [(token, ()) for token in holders]
     held = set(holders)
     for overlap in range(1, len(text)):
-        # (a token that ends inside a character of the breaker heads no sequence: the rest
-        # is no text to tokenize)
+        # (a token that ends inside a character of the breaker: the rest's whole characters
+        # are tokenized, that character's other bytes dropped, where llama.cpp tokenizes the
+        # raw bytes; nothing left, no sequence)
         rest = text[overlap:].decode(errors="ignore")
         heads = [token for token in vocab.ending_with(text[:overlap]) if token not in held]
         if rest and heads:
@@ -86,27 +91,29 @@ def breaker_found(breaker: bytes, vocab: VocabText, encode: Callable[[str], list
     return tuple(found)
 
 
-def _heads(dry: Dry) -> dict[int, list[tuple[int, ...]]]:
-    heads: dict[int, list[tuple[int, ...]]] = {}
+# A breaker's head token -> its tails, by length (a head may have thousands of tails: each
+# position is then looked up once per length, at most MAX_BREAKER_TAIL + 1 times)
+Heads = dict[int, dict[int, set[tuple[int, ...]]]]
+
+
+def _heads(dry: Dry) -> Heads:
+    heads: Heads = {}
     for head, tail in dry.breakers:
-        heads.setdefault(head, []).append(tail)
-    return heads
+        heads.setdefault(head, {}).setdefault(len(tail), set()).add(tail)
+    return {head: dict(sorted(by_length.items(), reverse=True))  # (the longest first)
+            for head, by_length in heads.items()}
 
 
-def _breaks_at(tokens: Sequence[int], head: int, heads: dict[int, list[tuple[int, ...]]]
-               ) -> int:
+def _breaks_at(tokens: Sequence[int], head: int, heads: Heads) -> int:
     """The longest tail of a breaker headed at position `head` that `tokens` hold whole after
     it; -1: none."""
-    longest = -1
-    after = tuple(tokens[head + 1:head + 1 + MAX_BREAKER_TAIL])
-    for tail in heads.get(tokens[head], ()):
-        if longest < len(tail) and after[:len(tail)] == tail:
-            longest = len(tail)
-    return longest
+    for length, tails in heads.get(tokens[head], {}).items():
+        if tuple(tokens[head + 1:head + 1 + length]) in tails:
+            return length
+    return -1
 
 
-def _latest_breaker(tokens: Sequence[int], heads: dict[int, list[tuple[int, ...]]]
-                    ) -> tuple[int, int]:
+def _latest_breaker(tokens: Sequence[int], heads: Heads) -> tuple[int, int]:
     """The latest position that heads a whole breaker, and its longest tail; (-1, 0): none."""
     for head in range(len(tokens) - 1, -1, -1):
         if tokens[head] in heads and (longest := _breaks_at(tokens, head, heads)) >= 0:
@@ -171,12 +178,12 @@ def dry_penalties(tokens: Sequence[int], dry: Dry) -> dict[int, float]:
     return _penalties(longest_by_token, heads, dry)
 
 
-def _penalties(longest_by_token: dict[int, int], heads: dict[int, list[tuple[int, ...]]],
-               dry: Dry) -> dict[int, float]:
+def _penalties(longest_by_token: dict[int, int], heads: Heads, dry: Dry
+               ) -> dict[int, float]:
     """Step 4: each token's penalty for the longest repeat it extends (a token that breaks
     alone is spared)."""
     return {token: _penalty(length, dry) for token, length in longest_by_token.items()
-            if () not in heads.get(token, ())}
+            if 0 not in heads.get(token, {})}
 
 
 def _penalty(length: int, dry: Dry) -> float:
@@ -211,7 +218,7 @@ class DryContext:
     def __init__(self, dry: Dry, tokens: Sequence[int]) -> None:
         self.dry = dry
         self.heads = _heads(dry)
-        self.spared = {head for head, tails in self.heads.items() if () in tails}
+        self.spared = {head for head, by_length in self.heads.items() if 0 in by_length}
         self.tokens = list(tokens)
         self.positions: dict[int, list[int]] = {}  # each token's positions, ascending
         for position, token in enumerate(self.tokens):

@@ -39,6 +39,7 @@ class ChainControls:
     xtc_threshold: Tensor  # float32; > 0.5: off
     dynatemp_range: Tensor  # float32; <= 0: off
     dynatemp_exponent: Tensor  # float32
+    on: Tensor  # bool; the rows with a filter on: only these run the chain (`chain_logits`)
     sigma: bool
     typical: bool
     xtc: bool
@@ -63,6 +64,8 @@ class ChainControls:
             xtc_probability=values("xtc_probability"), xtc_threshold=values("xtc_threshold"),
             dynatemp_range=values("dynatemp_range"),
             dynatemp_exponent=values("dynatemp_exponent"),
+            on=column([s is not None and not s.mirostat and s.filters for s in samplers],
+                      torch.bool),
             sigma=any(s.top_n_sigma > 0 for s in rows),
             typical=any(s.typical_p < 1.0 for s in rows),
             xtc=any(s.xtc_probability > 0 and s.xtc_threshold <= 0.5 for s in rows),
@@ -72,7 +75,7 @@ class ChainControls:
         """The controls of some rows (the flags kept: True only costs a no-op stage)."""
         return replace(self, **{name: getattr(self, name)[index] for name in (
             "top_n_sigma", "typical_p", "min_keep", "xtc_probability", "xtc_threshold",
-            "dynatemp_range", "dynatemp_exponent")})
+            "dynatemp_range", "dynatemp_exponent", "on")})
 
 
 def chain_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
@@ -242,8 +245,11 @@ def mirostat_candidates(scaled: Tensor, m: MirostatRows) -> tuple[Tensor, Tensor
     if fitted > 0:
         i = torch.arange(fitted, device=scaled.device, dtype=torch.float32)
         t = ((i + 2) / (i + 1)).log()
+        # (fitted over the candidates left only: a grammar's or a ban's zeros are no Zipf)
+        valid = probs[:, 1:fitted + 1] > 0
         b = (probs[:, :fitted] / probs[:, 1:fitted + 1]).log()
-        s_hat = (t * b).sum(dim=-1, keepdim=True) / (t * t).sum()
+        s_hat = (torch.where(valid, t * b, 0.0).sum(dim=-1, keepdim=True)
+                 / torch.where(valid, t * t, 0.0).sum(dim=-1, keepdim=True))
         epsilon = s_hat - 1
         k = ((epsilon * mu.exp2()) / (1 - float(vocab) ** -epsilon)) ** (1 / s_hat)
         k = k.nan_to_num(nan=1.0, posinf=vocab, neginf=1.0).floor().clamp(1, vocab)

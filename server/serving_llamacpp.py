@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from model.tokenizer import Tokenizer
 from server.engine_front import EngineFront
@@ -110,10 +111,17 @@ class LlamaCppService:
                 if len(self._breaker_searches) >= DRY_BREAKERS_KEPT:
                     self._breaker_searches.pop(next(iter(self._breaker_searches)))
                 search = asyncio.ensure_future(asyncio.to_thread(self._find_breaker, breaker))
+                search.add_done_callback(partial(self._forget_failed, breaker))
                 self._breaker_searches[breaker] = search
             # (shielded: a client that leaves cancels its wait, not the search others share)
             found.update(dict.fromkeys(await asyncio.shield(search)))
         return tuple(found)
+
+    def _forget_failed(self, breaker: bytes, search: asyncio.Future[Breakers]) -> None:
+        """A search that failed is not kept: the next request looks again."""
+        if ((search.cancelled() or search.exception() is not None)
+                and self._breaker_searches.get(breaker) is search):
+            del self._breaker_searches[breaker]
 
     def _find_breaker(self, breaker: bytes) -> Breakers:
         if self._vocab_text is None:  # (two first searches at once both build it: harmless)

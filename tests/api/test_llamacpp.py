@@ -303,7 +303,7 @@ def test_dry_keeps_a_greedy_answer_from_repeating_itself(client: httpx.Client) -
     {"top_n_sigma": 1.5},
     {"xtc_probability": 0.7, "xtc_threshold": 0.05},
     {"dynatemp_range": 0.5, "dynatemp_exponent": 2.0},
-    {"min_keep": 3, "top_p": 0.2},
+    {"min_keep": 3, "top_p": 0.01},
     {"dry_multiplier": 0.8, "typical_p": 0.9, "xtc_probability": 0.5},
 ])
 def test_llamacpps_other_samplers_run_seeded_and_are_echoed(client: httpx.Client,
@@ -317,6 +317,9 @@ def test_llamacpps_other_samplers_run_seeded_and_are_echoed(client: httpx.Client
     settings = first["generation_settings"]
     for name, value in fields.items():
         assert settings[name] == value, name
+    # (and it did something: the same seed without it draws other tokens)
+    without = {k: v for k, v in ask.items() if k not in fields or k == "top_p"}
+    assert completion(client, **without)["tokens"] != first["tokens"]
     samples = client.post("/completion", json={"prompt": PROMPT, **ask, "n_cmpl": 2}).json()
     assert samples[0]["tokens"] != samples[1]["tokens"]
 
@@ -493,3 +496,9 @@ def test_dry_breakers_are_looked_for_once_each(tokenizer_dir: object) -> None:
     assert asyncio.run(service.dry_breakers(body("the"))) and len(searched) == 3
     assert asyncio.run(service.dry_breakers(
         LlamaCppCompletionRequest.model_validate({"prompt": "a"}))) == ()  # (DRY off)
+    # a search that failed is not kept: the next request looks again
+    service._find_breaker = lambda breaker: 1 / 0  # type: ignore[method-assign,assignment]
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(service.dry_breakers(body("new")))
+    service._find_breaker = find  # type: ignore[method-assign]
+    assert asyncio.run(service.dry_breakers(body("new")))

@@ -262,6 +262,25 @@ def test_seeded_llamacpp_rows_draw_the_same_alone_or_batched() -> None:
             n: alone[n] for n in seeded if n in layout}, layout
 
 
+def test_a_row_without_the_other_filters_keeps_its_path_beside_rows_with_them() -> None:
+    """Tied logits at top-p's cut: the plain path and the chain break the tie their own
+    ways, so a row takes its own path whatever its neighbours (else its draws would change
+    when a row with typical-p joins the batch)."""
+    row = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    plain = llama(None, top_p=0.6, seed=7)
+
+    def draws(params: list[SamplingParams]) -> list[int]:
+        generators = [torch.Generator().manual_seed(p.seed or 0) for p in params]
+        batch = SamplingBatch.from_params(params, 4, "cpu", generators=generators)
+        logits = row.expand(len(params), -1).contiguous()
+        sampler = Sampler(seed=0)
+        return [sampler(logits, batch).token_ids[0].item() for _ in range(40)]
+
+    alone = draws([plain])
+    assert len(set(alone)) == 2  # (the tie at the cut: one of the tied two stays)
+    assert draws([plain, llama(LlamaCppSamplers(typical_p=0.9), seed=3)]) == alone
+
+
 @pytest.mark.parametrize(("probs", "left"), [
     ([0.97, 0.01, 0.01, 0.01], [0]), ([0.4, 0.2, 0.2, 0.2], [1, 2, 3])])
 def test_typical_vectors(probs: list[float], left: list[int]) -> None:
@@ -334,6 +353,11 @@ def test_mirostat_1_keeps_the_top_k_of_its_zipf_fit() -> None:
     s_hat = 1.1  # (a Zipf row's fit is its exponent)
     eps = s_hat - 1
     k = int(((eps * 2 ** (2 * tau)) / (1 - vocab ** -eps)) ** (1 / s_hat))
+    assert int((probs[0] > 0).sum()) == k
+    # a row a grammar or ban left 30 candidates: fitted over those, the same exponent
+    masked = logits.clone()
+    masked[0, 30:] = NEG_INF
+    probs, _ = mirostat_candidates(masked, mirostat_rows(1, tau, 0.1))
     assert int((probs[0] > 0).sum()) == k
 
 
