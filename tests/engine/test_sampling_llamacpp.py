@@ -440,16 +440,23 @@ def naive_dry(history: list[int], config: Dry) -> dict[int, float]:
             for token, length in best.items() if token not in alone}
 
 
+def random_dry(rng: random.Random, alphabet: int, longest_tail: int, most_breakers: int,
+               multipliers: list[float], windows: list[int]) -> Dry:
+    """A DRY config over tokens 0..alphabet-1 with a few random breakers (a head may lie
+    outside the alphabet: it never occurs)."""
+    breakers = tuple({(rng.randrange(alphabet + 1),
+                       tuple(rng.randrange(alphabet) for _ in range(rng.randint(0, longest_tail))))
+                      for _ in range(rng.randint(0, most_breakers))})
+    return Dry(rng.choice(multipliers), rng.choice([1.0, 1.75]), rng.randint(0, 3),
+               rng.choice(windows), breakers)
+
+
 def test_dry_is_its_definition_on_random_histories() -> None:
     rng = random.Random(11)
     for _ in range(400):
         alphabet = rng.randint(2, 4)
         history = [rng.randrange(alphabet) for _ in range(rng.randint(1, 40))]
-        breakers = tuple({(rng.randrange(alphabet + 1),
-                           tuple(rng.randrange(alphabet) for _ in range(rng.randint(0, 2))))
-                          for _ in range(rng.randint(0, 2))})
-        config = Dry(rng.choice([0.5, 1.0]), rng.choice([1.0, 1.75]), rng.randint(0, 3),
-                     rng.choice([5, 16, 64]), breakers)
+        config = random_dry(rng, alphabet, 2, 2, [0.5, 1.0], [5, 16, 64])
         assert dry_penalties(history, config) == pytest.approx(naive_dry(history, config)), \
             (history, config)
 
@@ -461,11 +468,7 @@ def test_dry_context_kept_token_by_token_gives_the_same_penalties() -> None:
     for _ in range(150):
         alphabet = rng.randint(2, 5)
         tokens = [rng.randrange(alphabet) for _ in range(rng.randint(1, 60))]
-        breakers = tuple({(rng.randrange(alphabet + 1),
-                           tuple(rng.randrange(alphabet) for _ in range(rng.randint(0, 3))))
-                          for _ in range(rng.randint(0, 3))})
-        config = Dry(1.0, rng.choice([1.0, 1.75]), rng.randint(0, 3),
-                     rng.choice([3, 8, 30, 100]), breakers)
+        config = random_dry(rng, alphabet, 3, 3, [1.0], [3, 8, 30, 100])
         start = rng.randint(1, len(tokens))
         context = DryContext(config, tokens[:start])
         for end in range(start, len(tokens) + 1):
