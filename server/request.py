@@ -129,12 +129,18 @@ class LlamaCppSamplers:
             raise ValueError("min_keep must be >= 0 and mirostat 0, 1 or 2")
 
     @property
+    def xtc_on(self) -> bool:
+        """Whether XTC can drop tokens (a threshold above 0.5 leaves one token above it at
+        most, which XTC keeps: llama.cpp's off switch)."""
+        return self.xtc_probability > 0 and self.xtc_threshold <= 0.5
+
+    @property
     def filters(self) -> bool:
         """Whether a filter of the chain, min_keep or the dynamic temperature is on (the
         rows then run llama.cpp's whole chain: server/sampling_llamacpp.py)."""
         return self.mirostat == 0 and (
             self.top_n_sigma > 0 or self.typical_p < 1.0 or self.dynatemp_range > 0
-            or self.min_keep > 1 or (self.xtc_probability > 0 and self.xtc_threshold <= 0.5))
+            or self.min_keep > 1 or self.xtc_on)
 
     @property
     def moves_argmax(self) -> bool:
@@ -142,8 +148,7 @@ class LlamaCppSamplers:
         and XTC may drop the likeliest, a dynamic temperature may be above 0 (llama.cpp's
         temperature 0 keeps the likeliest of what the chain left)."""
         return self.mirostat == 0 and (
-            self.typical_p < 1.0 or self.dynatemp_range > 0
-            or (self.xtc_probability > 0 and self.xtc_threshold <= 0.5))
+            self.typical_p < 1.0 or self.dynatemp_range > 0 or self.xtc_on)
 
 
 @dataclass(frozen=True, slots=True)

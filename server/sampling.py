@@ -222,8 +222,7 @@ class SamplingBatch:
             chain=chain,
             xtc_rows=tuple(i for i, p in enumerate(params) if not p.is_greedy
                            and p.llamacpp is not None and not p.mirostat
-                           and p.llamacpp.xtc_probability > 0
-                           and p.llamacpp.xtc_threshold <= 0.5),
+                           and p.llamacpp.xtc_on),
             mirostat=mirostat,
             dry=dry,
             greedy=column([p.is_greedy for p in params], torch.bool) if any(

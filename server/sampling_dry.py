@@ -11,6 +11,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 
 from server.request import Breakers, Dry
@@ -96,9 +97,32 @@ def breaker_found(breaker: bytes, vocab: VocabText, encode: Callable[[str], list
 Heads = dict[int, dict[int, set[tuple[int, ...]]]]
 
 
+class _Identity:
+    """A key that is its object's identity: the API layer shares one Breakers tuple among
+    the requests with the same breakers, and hashing it by value (up to ~100k entries)
+    would cost what indexing it once does."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Breakers) -> None:
+        self.value = value  # (held: its id stays its own while the key is cached)
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
 def _heads(dry: Dry) -> Heads:
+    """The breakers indexed by head (read only: shared by the samples that use them)."""
+    return _indexed(_Identity(dry.breakers))
+
+
+@lru_cache(maxsize=256)
+def _indexed(key: _Identity) -> Heads:
     heads: Heads = {}
-    for head, tail in dry.breakers:
+    for head, tail in key.value:
         heads.setdefault(head, {}).setdefault(len(tail), set()).add(tail)
     return {head: dict(sorted(by_length.items(), reverse=True))  # (the longest first)
             for head, by_length in heads.items()}

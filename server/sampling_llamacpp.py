@@ -68,7 +68,7 @@ class ChainControls:
                       torch.bool),
             sigma=any(s.top_n_sigma > 0 for s in rows),
             typical=any(s.typical_p < 1.0 for s in rows),
-            xtc=any(s.xtc_probability > 0 and s.xtc_threshold <= 0.5 for s in rows),
+            xtc=any(s.xtc_on for s in rows),
             dynatemp=any(s.dynatemp_range > 0 for s in rows))
 
     def rows(self, index: Tensor) -> ChainControls:

@@ -15,6 +15,7 @@ nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
@@ -330,23 +331,23 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
         """The engine's parameters, llama.cpp's chain: the samplers `chain` leaves out are
         off (temperature left out: 1), the penalties count the last repeat_last_n tokens;
         with mirostat, the temperature and mirostat alone (llama.cpp's common_sampler)."""
+        common = SamplingParams(
+            n=self.n_cmpl, max_tokens=self.max_tokens,
+            temperature=max(self.temperature, 0.0), temperature_last=True,
+            n_indent=max(self.n_indent, 0), t_max_predict_ms=max(self.t_max_predict_ms, 0),
+            logit_bias=logit_bias,
+            seed=None if self.seed in (-1, _UINT32_MAX) else self.seed,
+            stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+            logprobs=self.n_probs or None,
+            llamacpp=self.other_samplers(max_model_len, dry_breakers))
         if self.mirostat:
-            return SamplingParams(
-                n=self.n_cmpl, max_tokens=self.max_tokens,
-                temperature=max(self.temperature, 0.0), temperature_last=True,
-                n_indent=max(self.n_indent, 0), t_max_predict_ms=max(self.t_max_predict_ms, 0),
-                logit_bias=logit_bias,
-                seed=None if self.seed in (-1, _UINT32_MAX) else self.seed,
-                stop=tuple(self.stop), ignore_eos=self.ignore_eos,
-                logprobs=self.n_probs or None,
-                llamacpp=self.other_samplers(max_model_len, dry_breakers))
+            return common
         chain = self.chain
         penalties = "penalties" in chain and self.repeat_last_n != 0
         window = max_model_len if self.repeat_last_n == -1 else self.repeat_last_n
-        return SamplingParams(
-            n=self.n_cmpl,
-            max_tokens=self.max_tokens,
-            temperature=max(self.temperature, 0.0) if "temperature" in chain else 1.0,
+        return replace(
+            common,
+            temperature=common.temperature if "temperature" in chain else 1.0,
             top_k=max(self.top_k, 0) if "top_k" in chain else 0,
             # top_p <= 0 keeps the likeliest token alone, as llama.cpp's does
             top_p=min(max(self.top_p, 1e-9), 1.0) if "top_p" in chain else 1.0,
@@ -355,16 +356,7 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             presence_penalty=self.presence_penalty if penalties else 0.0,
             frequency_penalty=self.frequency_penalty if penalties else 0.0,
             penalty_last_n=window if penalties else None,
-            temperature_last=True,
             infill_sampler="infill" in chain,
-            n_indent=max(self.n_indent, 0),
-            t_max_predict_ms=max(self.t_max_predict_ms, 0),
-            logit_bias=logit_bias,
-            seed=None if self.seed in (-1, _UINT32_MAX) else self.seed,
-            stop=tuple(self.stop),
-            ignore_eos=self.ignore_eos,
-            logprobs=self.n_probs or None,
-            llamacpp=self.other_samplers(max_model_len, dry_breakers),
         )
 
     def settings(self, params: SamplingParams) -> dict[str, Any]:

@@ -478,6 +478,17 @@ def test_dry_context_kept_token_by_token_gives_the_same_penalties() -> None:
                 (tokens[:end], config, start)
 
 
+def test_dry_contexts_sharing_breakers_share_their_index() -> None:
+    """Samples with the same breakers (the API layer shares one tuple) index them once; a
+    tuple equal but not the same object is indexed on its own, and both say the same."""
+    breakers = tuple((head, (head + 1,) * length) for head in range(200) for length in (0, 2))
+    config = Dry(1.0, 1.75, 2, 64, breakers)
+    first, second = DryContext(config, [1, 2, 3]), DryContext(config, [4, 5])
+    assert first.heads is second.heads
+    twin = DryContext(Dry(1.0, 1.75, 2, 64, tuple(list(breakers))), [1, 2, 3])
+    assert twin.heads is not first.heads and twin.heads == first.heads
+
+
 def test_dry_exponent_is_clamped_below_float32s_overflow() -> None:
     config = dry(base=2.0, allowed=0, last_n=1000)
     penalties = dry_penalties([5] * 400, config)
