@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--reasoning-parser", "set a reasoning model's thinking apart from its answer "
          "in chat completions (vLLM's flag): deepseek_r1 (<think> ... </think>: DeepSeek-R1 "
          "and its Llama distills), as the message's reasoning", choices=list(REASONING_PARSERS))
+    _add(serve, "--slots", "serve GET /slots, llama.cpp's slot monitor (each slot's task, "
+         "parameters and progress; no prompt or output text); --no-slots: 404, as llama.cpp's "
+         "flags", action=argparse.BooleanOptionalAction, default=s.slots_endpoint)
     _add(serve, "--shutdown-timeout", "seconds requests in flight get to finish after SIGTERM",
          type=float, default=s.shutdown_timeout)
     _add(serve, "--engine-process", "run the engine in a process of its own, apart from the "
@@ -237,7 +240,8 @@ def configs(args: argparse.Namespace, model_dir: Path) -> tuple[EngineConfig, Se
         engine_process=args.engine_process, prompt_tokens_details=args.prompt_tokens_details,
         tool_call_parser=_tool_call_parser(args), responses_store=args.responses_store,
         reasoning_parser=args.reasoning_parser,
-        enable_embeddings=args.enable_embeddings, pooling=args.pooling)
+        enable_embeddings=args.enable_embeddings, pooling=args.pooling,
+        slots_endpoint=args.slots)
     return engine, server
 
 

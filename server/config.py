@@ -275,6 +275,7 @@ class ServerConfig:
     enable_embeddings: bool = False
     pooling: Pooling = "last"
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    slots_endpoint: bool = True  # GET /slots (llama.cpp's, on by default as in its server)
     # The engine in a process of its own (server/engine_process.py), not on a thread beside
     # the event loop. Off by default: on a 2-core CPU the two processes fight over the cores
     # the forward needs (slower at c=16, README); it is meant for GPU hosts with cores to spare.

@@ -28,14 +28,16 @@ from server.engine_front import (
     EngineDeadError,
     EngineFront,
     EngineStats,
+    InboxItem,
     RequestRejected,
+    SlotsQuery,
     check_admission,
 )
 from server.memory import release_free_memory
 from server.outputs import OutputBuilder
 from server.request import FinishReason, Request, RequestOutput, RequestStatus
 from server.runner import ModelRunner, PendingStep, StepResult
-from server.scheduler import Scheduler, StepPlan
+from server.scheduler import Scheduler, SlotState, StepPlan
 from server.warmup import failure_message, phases
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,10 @@ class Engine(EngineFront):
         self.lora_names = frozenset(runner.adapters)
         self.num_slots = scheduler.n_slots
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue[Add | Abort | AbortAll] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self.output_sink: Callable[[list[RequestOutput]], None] = self.streams.deliver
+        # Where the answers to SlotsQuery go: this front's, or an engine process's pipe
+        self.slots_sink: Callable[[int, list[SlotState]], None] = self.answer_slots
         self._lock = threading.Lock()  # admission: the stats' num_queued / slots_used
         self._stats = EngineStats(slots_total=scheduler.n_slots,
                                   tokens_capacity=scheduler.n_slots * scheduler.max_model_len)
@@ -132,10 +136,10 @@ class Engine(EngineFront):
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
 
-    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+    def _enqueue(self, item: InboxItem) -> None:
         self.put(item, admit=True)
 
-    def put(self, item: Add | Abort | AbortAll, admit: bool = False) -> None:
+    def put(self, item: InboxItem, admit: bool = False) -> None:
         """Pass an item to the engine loop; an Add is counted as queued, after the admission
         check if `admit` (an engine process's requests were admitted by its proxy) for the
         places it asks (Add.places)."""
@@ -247,6 +251,7 @@ class Engine(EngineFront):
         stats.prefix_cache_queries_total = stats.prefix_cache_hits_total = 0
         self.runner.forget_last_step()
         self.scheduler.forget_cached_prefixes()  # nor a prefix cache: serving starts empty
+        self.scheduler.forget_slot_history()  # nor the warm-up's tasks in GET /slots
         self._refresh_stats()
 
     # ------------------------------------------------------------------ engine thread
@@ -307,6 +312,8 @@ class Engine(EngineFront):
                 case AbortAll():
                     for request in list(self.scheduler.requests.values()):
                         posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
+                case SlotsQuery(query_id):
+                    self.slots_sink(query_id, self.scheduler.slot_states())
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -469,6 +476,7 @@ class Engine(EngineFront):
     def _fail_all(self, message: str) -> None:
         """End every stream: the scheduler's requests, and those accepted by `generate()` but
         still in the inbox, whose clients would otherwise wait forever."""
+        self._fail_slot_queries(message)
         queued = self.streams.close(message, skip=self.scheduler.requests)
         posts = []
         for request in list(self.scheduler.requests.values()):

@@ -10,6 +10,9 @@ they reach the engine, so a client hears 400 or 503 at once; outputs come back t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import itertools
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -21,6 +24,7 @@ from pathlib import Path
 from model.tokenizer import Tokenizer
 from server.outputs import IterationStats
 from server.request import FinishReason, Request, RequestOutput, SamplingParams
+from server.scheduler import SlotState
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,9 @@ logger = logging.getLogger(__name__)
 # What a step's rows are (scheduler.StepPlan.kind): decode rows only, prompt chunks beside
 # decode rows, prompt chunks only
 STEP_KINDS = ("decode", "mixed", "prefill")
+# How long GET /slots waits for the engine loop to read its slots (between two steps: a long
+# prompt chunk on a CPU takes seconds)
+SLOTS_TIMEOUT_SECONDS = 30.0
 
 
 class RequestRejected(ValueError):
@@ -64,6 +71,17 @@ class Abort:
 @dataclass(frozen=True, slots=True)
 class AbortAll:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class SlotsQuery:
+    """Asks the engine loop for every slot's state (GET /slots), answered between two steps
+    through EngineFront.answer_slots."""
+
+    query_id: int
+
+
+InboxItem = Add | Abort | AbortAll | SlotsQuery
 
 
 @dataclass(slots=True)
@@ -272,6 +290,8 @@ class EngineFront(ABC):
         self.beam_searches = 0  # running (server/beam_search.py; on the event loop)
         self.aborted_all = False  # (shutting down: abort_all was called)
         self._listeners: list[Callable[[IterationStats], None]] = []
+        self._slot_queries: dict[int, concurrent.futures.Future[list[SlotState]]] = {}
+        self._query_ids = itertools.count()
 
     @abstractmethod
     def start(self) -> None:
@@ -303,7 +323,7 @@ class EngineFront(ABC):
                                      "the server's process only (not with --engine-process)")
 
     @abstractmethod
-    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+    def _enqueue(self, item: InboxItem) -> None:
         """Pass an item to the engine loop; an Add is first checked against the queue's room
         (raises EngineOverloaded)."""
 
@@ -350,6 +370,32 @@ class EngineFront(ABC):
         """Requests accepted and not yet finished (their streams are still open), and beam
         searches running (between their steps they have none)."""
         return len(self.streams) + self.beam_searches
+
+    async def slot_states(self) -> list[SlotState]:
+        """Every KV-cache slot's state, read by the engine loop between two steps; raises
+        TimeoutError if it has not answered within SLOTS_TIMEOUT_SECONDS."""
+        self.check_health()
+        query_id = next(self._query_ids)
+        answer: concurrent.futures.Future[list[SlotState]] = concurrent.futures.Future()
+        self._slot_queries[query_id] = answer
+        try:
+            self._enqueue(SlotsQuery(query_id))
+            return await asyncio.wait_for(asyncio.wrap_future(answer), SLOTS_TIMEOUT_SECONDS)
+        finally:
+            self._slot_queries.pop(query_id, None)
+
+    def answer_slots(self, query_id: int, states: list[SlotState]) -> None:
+        """The engine's answer to a SlotsQuery (on the thread that hears it)."""
+        answer = self._slot_queries.get(query_id)
+        if answer is not None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # (timed out)
+                answer.set_result(states)
+
+    def _fail_slot_queries(self, message: str) -> None:
+        """The engine is gone: GET /slots waits no longer for an answer."""
+        for answer in list(self._slot_queries.values()):
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                answer.set_exception(EngineDeadError(message))
 
     def add_listener(self, listener: Callable[[IterationStats], None]) -> None:
         """`listener(stats)` runs after every step, on the thread that hears of it; keep it

@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING
 from model.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.engine_front import (
-    Abort,
-    AbortAll,
     Add,
     EngineDeadError,
     EngineFront,
     EngineStats,
+    InboxItem,
     check_admission,
 )
 from server.guided.spec import Guide
 from server.memory import freeze_startup_objects
 from server.outputs import IterationStats
 from server.request import FinishReason, Request, RequestOutput, SamplingParams
+from server.scheduler import SlotState
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -147,6 +147,14 @@ class StepReport:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotsReport:
+    """The engine's answer to a SlotsQuery."""
+
+    query_id: int
+    states: list[SlotState]
+
+
+@dataclass(frozen=True, slots=True)
 class Died:
     message: str
 
@@ -208,8 +216,13 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
             except OSError:  # the server is gone; this process's main thread sees it and ends
                 pass
 
+    def report_slots(query_id: int, states: list[SlotState]) -> None:  # (engine thread)
+        with send_lock, contextlib.suppress(OSError):
+            conn.send(SlotsReport(query_id, states))
+
     engine.add_listener(iterations.append)  # sent with the step's outputs (Engine._post)
     engine.output_sink = report
+    engine.slots_sink = report_slots
     guides = HeldGuides()
     freeze_startup_objects()
     try:
@@ -316,7 +329,7 @@ class EngineProcess(EngineFront):
     def stats(self) -> EngineStats:
         return self._stats
 
-    def _enqueue(self, item: Add | Abort | AbortAll) -> None:
+    def _enqueue(self, item: InboxItem) -> None:
         with self._send_lock:
             if not isinstance(item, Add):
                 # An abort to a dead engine is moot: the reader ends its streams
@@ -349,6 +362,8 @@ class EngineProcess(EngineFront):
                         for it in iterations:  # first: a client that sees its last token
                             self._notify(it)   # sees it counted
                         self.streams.deliver(outputs)
+                    case SlotsReport(query_id, states):
+                        self.answer_slots(query_id, states)
                     case Died(message):
                         self._dead = message
         except (EOFError, OSError):
@@ -367,6 +382,7 @@ class EngineProcess(EngineFront):
                           if not self._stopping else "the engine stopped")
         if not self._stopping:
             logger.error("engine process: %s", self._dead)
+        self._fail_slot_queries(self._dead)
         failed = self.streams.close(self._dead)
         # Its last report's gauges no longer hold: nothing runs, and what was open failed
         finished = Counter(self._stats.finished_total)

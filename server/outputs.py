@@ -139,6 +139,8 @@ class OutputBuilder:
             prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=len(request.prompt_ids), num_output_tokens=len(seq.output_ids),
             num_cached_tokens=request.num_cached_tokens)
+        if not seq.has_new_line and "\n" in text:
+            seq.has_new_line = True
         now = time.monotonic()
         if token_ids:
             if seq.last_token_time is None:

@@ -99,6 +99,7 @@ class Dry:
     allowed_length: int = 2
     last_n: int = 4096  # the tokens of prompt + output it looks back over
     breakers: Breakers = ()
+    texts: tuple[str, ...] = ()  # the breakers as the request gave them (shown, not used)
 
     def __post_init__(self) -> None:
         if self.last_n < 1 or self.allowed_length < 0 or self.base < 1.0:
@@ -343,6 +344,7 @@ class Sequence:
     # tokenizer's eos (set by whoever finishes it with FINISHED_STOPPED)
     stop_reason: str | int | None = None
     last_token_time: float | None = None  # monotonic; for inter-token latency
+    has_new_line: bool = False  # its text so far holds a newline (llama.cpp's /slots shows it)
 
     @property
     def num_tokens(self) -> int:
@@ -374,6 +376,7 @@ class Request:
     num_cached_tokens: int = 0  # of those, copied from the prefix cache at admission
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
+    task_id: int = -1  # its number in the engine's order of arrival (llama.cpp's id_task)
     # The LoRA adapter params.lora names, taken by the engine with the request: one unloaded
     # later stays with the requests that run on it (set where the engine runs, never sent)
     adapter: LoraAdapter | None = None

@@ -30,6 +30,7 @@ from server.app import (
     ModelNotFound,
     NotServed,
     ServerState,
+    Unavailable,
     package_version,
     request_id_var,
 )
@@ -91,7 +92,7 @@ from server.serving import (
 )
 from server.serving_anthropic import LAST_MESSAGE_EVENT, MessagesJob, MessagesService
 from server.serving_embeddings import EmbeddingService
-from server.serving_llamacpp import piece_or_bytes, tokenize_parts
+from server.serving_llamacpp import piece_or_bytes, slot_json, tokenize_parts
 from server.serving_responses import LAST_RESPONSE_EVENT, ResponseJob, ResponsesService
 
 logger = logging.getLogger(__name__)
@@ -304,9 +305,27 @@ async def props(state: State) -> dict[str, Any]:
         "bos_token": tokenizer.special_tokens.get("bos_token", ""),
         "eos_token": tokenizer.special_tokens.get("eos_token", ""),
         "build_info": f"llama-serve {package_version()}",
-        "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True,
+        "endpoint_slots": state.config.slots_endpoint, "endpoint_props": False,
+        "endpoint_metrics": True,
         "is_sleeping": False,
     }
+
+
+@router.get("/slots")
+async def slots(state: State, fail_on_no_slot: str = "") -> list[dict[str, Any]]:
+    """llama.cpp's slot monitor: every KV-cache slot, the task it runs or last ran, its
+    parameters and progress. `fail_on_no_slot` (any value): 503 when every slot is busy."""
+    if not state.config.slots_endpoint:
+        raise NotServed("GET /slots is off on this server (--no-slots)")
+    engine = state.serving_engine()
+    try:
+        states = await engine.slot_states()
+    except TimeoutError:
+        engine.check_health()  # (a dead engine says so)
+        raise Unavailable("the engine did not report its slots in time", "busy") from None
+    if fail_on_no_slot and all(slot.processing for slot in states):
+        raise Unavailable("no slot available", "no_slot_available")
+    return [slot_json(slot, engine.max_model_len) for slot in states]
 
 
 @router.post("/v1/responses", response_model=ResponseObject)

@@ -21,11 +21,18 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from server.config import MAX_SCORED_TOKENS_PER_STEP
-from server.request import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from server.request import (
+    FinishReason,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    Sequence,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     from model.lora import LoraAdapter
@@ -106,6 +113,37 @@ class StepPlan:
 MIN_PREFIX_TOKENS = 16
 
 
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """One KV-cache slot as llama.cpp's GET /slots shows it: what runs there (or last ran).
+    Plain data, sent across processes with --engine-process."""
+
+    slot: int
+    processing: bool = False
+    task_id: int = -1  # -1: the slot has held nothing yet (the fields below are empty)
+    request_id: str = ""
+    sample: int = 0
+    params: SamplingParams | None = None
+    prompt_tokens: int = 0
+    prompt_cached: int = 0  # of those, copied from the prefix cache
+    prompt_computed: int = 0  # ... and computed so far
+    decoded: int = 0  # output tokens so far
+    remaining: int = 0  # output tokens left before max_tokens
+    has_new_line: bool = False
+
+    @classmethod
+    def of(cls, seq: Sequence) -> SlotState:
+        request = seq.request
+        decoded = len(seq.output_ids)
+        return cls(
+            seq.slot, seq.status == RequestStatus.RUNNING, request.task_id, request.request_id,
+            # (a guide's compiled automaton is not what /slots shows, nor sends well)
+            seq.index, replace(request.params, guide=None) if request.params.guide
+            else request.params, len(request.prompt_ids), request.num_cached_tokens,
+            request.num_prefilled - request.num_cached_tokens, decoded,
+            max((request.params.max_tokens or 0) - decoded, 0), seq.has_new_line)
+
+
 class Scheduler:
     def __init__(self, n_slots: int, max_model_len: int, max_num_batched_tokens: int,
                  eos_ids: frozenset[int] = frozenset(), eos_id: int | None = None,
@@ -133,6 +171,8 @@ class Scheduler:
         # adapter are no other's, nor those of another loaded later under its name
         self.cached: dict[int, list[int]] = {}
         self.cached_lora: dict[int, LoraAdapter | None] = {}
+        self.last_held: dict[int, Sequence] = {}  # free slot -> the sequence it last held
+        self.tasks_added = 0
 
     # ------------------------------------------------------------------ accounting
 
@@ -149,11 +189,23 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 
+    def slot_states(self) -> list[SlotState]:
+        """Every slot: the sequence it runs, else the one it last held (llama.cpp's /slots
+        shows an idle slot's last task), else nothing yet."""
+        running = {seq.slot: seq for request in self.requests.values() for seq in request.seqs
+                   if seq.status == RequestStatus.RUNNING}
+        states = []
+        for slot in range(self.n_slots):
+            seq = running.get(slot) or self.last_held.get(slot)
+            states.append(SlotState(slot) if seq is None else SlotState.of(seq))
+        return states
+
     # ------------------------------------------------------------------ entry points
 
     def add(self, request: Request) -> None:
         # (the engine gives a request the adapter it names: a row on the wrong weights else)
         assert (request.adapter is None) == (request.params.lora is None), request.request_id
+        request.task_id, self.tasks_added = self.tasks_added, self.tasks_added + 1
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -307,6 +359,11 @@ class Scheduler:
             return None
         return src, best
 
+    def forget_slot_history(self) -> None:
+        """Number tasks from 0 again, and forget which sequence each free slot last held."""
+        self.last_held.clear()
+        self.tasks_added = 0
+
     def forget_cached_prefixes(self) -> None:
         """Trust no free slot's contents (after a failed step, or the warm-up)."""
         self.cached.clear()
@@ -388,6 +445,7 @@ class Scheduler:
         if was_running:
             assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
             heapq.heappush(self.free_slots, seq.slot)
+            self.last_held[seq.slot] = seq
             if self.prefix_caching and len(tokens := seq.cached_tokens()) >= MIN_PREFIX_TOKENS:
                 self.cached[seq.slot] = tokens  # (shorter ones can serve no prompt)
                 self.cached_lora[seq.slot] = request.adapter

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 from model.tokenizer import Tokenizer
 from server.engine_front import EngineFront
@@ -28,6 +29,7 @@ from server.protocol.llamacpp import (
     TokenProb,
     TokenProbs,
     select_fields,
+    slot_settings,
 )
 from server.request import (
     Breakers,
@@ -37,6 +39,7 @@ from server.request import (
     TokenLogprob,
 )
 from server.sampling_dry import MAX_BREAKER_BYTES, VocabText, breaker_found
+from server.scheduler import SlotState
 from server.serving import (
     Choice,
     Submitted,
@@ -294,6 +297,26 @@ class LlamaCppService:
         return [TokenProbs(**entry(token_id, lp.logprob).model_dump(),
                            top_logprobs=[entry(t, v) for t, v in lp.top[:n_probs]])
                 for token_id, lp in zip(ids, logprobs, strict=False)]
+
+
+def slot_json(slot: SlotState, n_ctx: int) -> dict[str, Any]:
+    """One entry of llama.cpp's GET /slots, in the form it shows by default (no prompt or
+    output text: its LLAMA_SERVER_SLOTS_DEBUG adds those): a slot that has held nothing
+    yet shows its size alone; an idle one, the task it last ran."""
+    entry: dict[str, Any] = {"id": slot.slot, "n_ctx": n_ctx, "speculative": False,
+                             "is_processing": slot.processing}
+    if slot.params is not None:
+        entry |= {
+            "id_task": slot.task_id,
+            "n_prompt_tokens": slot.prompt_tokens,
+            "n_prompt_tokens_processed": slot.prompt_computed,
+            "n_prompt_tokens_cache": slot.prompt_cached,
+            "params": slot_settings(slot.params),
+            "next_token": [{"has_next_token": slot.processing,
+                            "has_new_line": slot.has_new_line,
+                            "n_remain": slot.remaining, "n_decoded": slot.decoded}],
+        }
+    return entry
 
 
 def tokenize_parts(tokenizer: Tokenizer, prompt: Prompt, add_special: bool) -> list[int]:

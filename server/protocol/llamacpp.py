@@ -320,7 +320,7 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
             dry=Dry(self.dry_multiplier, self.dry_base if self.dry_base >= 1.0 else 1.75,
                     self.dry_allowed_length,
                     max_model_len if self.dry_penalty_last_n == -1 else self.dry_penalty_last_n,
-                    dry_breakers) if self.dry_on else None)
+                    dry_breakers, tuple(self.dry_sequence_breakers)) if self.dry_on else None)
         if self.mirostat:
             return samplers
         return samplers if samplers.filters or samplers.dry else None
@@ -360,40 +360,77 @@ class LlamaCppCompletionRequest(OpenAIBaseModel):
         )
 
     def settings(self, params: SamplingParams) -> dict[str, Any]:
-        """llama.cpp's `generation_settings`: the parameters the request ran with."""
+        """llama.cpp's `generation_settings`: the parameters the request ran with, as it gave
+        them (the samplers left out of the chain, or all of it under mirostat, ran neutral:
+        `slot_settings` shows what ran)."""
         return {
-            "seed": _UINT32_MAX if params.seed is None else params.seed,
-            # (the request's values, as llama.cpp echoes them: the samplers left out of the
-            # chain, or all of it under mirostat, ran neutral)
+            **slot_settings(params),
             "temperature": self.temperature, "dynatemp_range": self.dynatemp_range,
             "dynatemp_exponent": self.dynatemp_exponent,
             "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "top_n_sigma": self.top_n_sigma, "xtc_probability": self.xtc_probability,
             "xtc_threshold": self.xtc_threshold,
             "typical_p": self.typical_p, "repeat_last_n": self.repeat_last_n,
-            "repeat_penalty": params.repetition_penalty,
-            "presence_penalty": params.presence_penalty,
-            "frequency_penalty": params.frequency_penalty,
             "dry_multiplier": self.dry_multiplier,
             "dry_base": self.dry_base if self.dry_base >= 1.0 else 1.75,
             "dry_allowed_length": self.dry_allowed_length,
             "dry_penalty_last_n": self.dry_penalty_last_n,
             "dry_sequence_breakers": list(self.dry_sequence_breakers),
             "mirostat": self.mirostat, "mirostat_tau": self.mirostat_tau,
-            "mirostat_eta": self.mirostat_eta, "stop": list(self.stop),
+            "mirostat_eta": self.mirostat_eta,
             "max_tokens": -1 if self.max_tokens is None else self.max_tokens,
             "n_predict": -1 if self.max_tokens is None else self.max_tokens,
-            "n_keep": self.n_keep, "n_discard": self.n_discard,
-            "ignore_eos": self.ignore_eos, "stream": self.stream,
-            # (a ban's -inf is no JSON number: null, as llama.cpp's JSON writes it)
-            "logit_bias": [{"bias": bias if math.isfinite(bias) else None, "token": token}
-                           for token, bias in params.logit_bias],
+            "n_keep": self.n_keep, "n_discard": self.n_discard, "stream": self.stream,
             "n_probs": self.n_probs, "min_keep": self.min_keep,
             "grammar": self.grammar or "", "samplers": list(self.chain),
-            "timings_per_token": self.timings_per_token, "post_sampling_probs": False,
-            "n_indent": params.n_indent, "t_max_predict_ms": params.t_max_predict_ms,
-            "lora": [],
+            "timings_per_token": self.timings_per_token,
         }
+
+
+def slot_settings(params: SamplingParams) -> dict[str, Any]:
+    """llama.cpp's generation settings of what a slot runs, from the engine's parameters of
+    any request (its own API's, OpenAI's): the samplers as they run, neutral where off."""
+    other = params.llamacpp or LlamaCppSamplers()
+    dry = other.dry
+    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                 or params.frequency_penalty != 0.0)
+    running = {
+        "penalties": penalties, "dry": dry is not None, "top_n_sigma": other.top_n_sigma > 0,
+        "top_k": params.top_k > 0, "typ_p": other.typical_p < 1.0, "top_p": params.top_p < 1.0,
+        "min_p": params.min_p > 0.0, "xtc": other.xtc_on, "temperature": True,
+        "infill": params.infill_sampler,
+    }
+    max_tokens = -1 if params.max_tokens is None else params.max_tokens
+    return {
+        "seed": _UINT32_MAX if params.seed is None else params.seed,
+        "temperature": params.temperature, "dynatemp_range": other.dynatemp_range,
+        "dynatemp_exponent": other.dynatemp_exponent,
+        "top_k": params.top_k, "top_p": params.top_p, "min_p": params.min_p,
+        "top_n_sigma": other.top_n_sigma, "xtc_probability": other.xtc_probability,
+        "xtc_threshold": other.xtc_threshold, "typical_p": other.typical_p,
+        # (vLLM's penalties, without a window: over the whole context)
+        "repeat_last_n": -1 if params.penalty_last_n is None else params.penalty_last_n,
+        "repeat_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "dry_multiplier": 0.0 if dry is None else dry.multiplier,
+        "dry_base": 1.75 if dry is None else dry.base,
+        "dry_allowed_length": 2 if dry is None else dry.allowed_length,
+        "dry_penalty_last_n": -1 if dry is None else dry.last_n,
+        "dry_sequence_breakers": list(DRY_BREAKERS if dry is None else dry.texts),
+        "mirostat": other.mirostat, "mirostat_tau": other.mirostat_tau,
+        "mirostat_eta": other.mirostat_eta, "stop": list(params.stop),
+        "max_tokens": max_tokens, "n_predict": max_tokens, "n_keep": 0, "n_discard": 0,
+        "ignore_eos": params.ignore_eos, "stream": True,
+        # (a ban's -inf is no JSON number: null, as llama.cpp's JSON writes it)
+        "logit_bias": [{"bias": bias if math.isfinite(bias) else None, "token": token}
+                       for token, bias in params.logit_bias],
+        "n_probs": params.logprobs or 0, "min_keep": other.min_keep, "grammar": "",
+        "samplers": [name for name, on in running.items() if on],
+        "timings_per_token": False, "post_sampling_probs": False,
+        "n_indent": params.n_indent, "t_max_predict_ms": params.t_max_predict_ms,
+        "lora": [],
+    }
 
 
 class InfillExtra(OpenAIBaseModel):

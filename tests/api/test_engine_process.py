@@ -168,3 +168,20 @@ def test_the_engine_process_exits_with_the_server(tiny_checkpoint: Path, tmp_pat
         server.process.kill()
         server.process.wait(timeout=10)
         assert wait_until(lambda: process_gone(engine))
+
+
+def test_slots_are_read_across_the_process(proc_server: Server) -> None:
+    """GET /slots asks the engine process and hears its answer through the pipe: a guided
+    request's two samples ran in two slots under one task."""
+    r = httpx.post(proc_server.v1 + "/completions", timeout=60, json={
+        "model": "tiny", "prompt": "The cow", "max_tokens": 3, "n": 2, "temperature": 1.0,
+        "seed": 2, "guided_regex": "[a-z]{3,8}"})
+    assert r.status_code == 200, r.text
+    slots = httpx.get(proc_server.base_url + "/slots", timeout=60).json()
+    assert [slot["id"] for slot in slots] == list(range(8))
+    latest = max(slot.get("id_task", -1) for slot in slots)
+    ran = [slot for slot in slots if slot.get("id_task") == latest]
+    assert len(ran) == 2 and not any(slot["is_processing"] for slot in ran)
+    assert sum(slot["next_token"][0]["n_decoded"] for slot in ran) == (
+        r.json()["usage"]["completion_tokens"])
+    assert {slot["params"]["seed"] for slot in ran} == {2}

@@ -535,6 +535,43 @@ def test_full_queue_is_503_with_retry_after(limited: Server, auth: dict[str, str
     assert after.status_code == 200, after.text
 
 
+def test_slots_show_the_task_in_flight_and_fail_on_no_slot_is_503(
+        limited: Server, auth: dict[str, str]) -> None:
+    """llama.cpp's GET /slots while a stream holds the only slot: it runs, its progress
+    adds up to its max_tokens; `fail_on_no_slot` turns "every slot busy" into a 503. Once
+    the stream is closed (an abort) the slot is idle and shows the task it ran."""
+    wait_idle(limited)
+    slots_url = limited.base_url + "/slots"
+    with httpx.Client(headers=auth, timeout=60) as client:
+        with client.stream("POST", limited.v1 + "/completions", json={
+                "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True, "stream": True,
+                "temperature": 0.5, "top_k": 9, "seed": 4}) as held:
+            lines = held.iter_lines()
+            seen = 0
+            while seen < 3:
+                seen += next(lines).startswith("data:")
+            [slot] = client.get(slots_url).json()
+            assert (slot["id"], slot["is_processing"], slot["n_ctx"]) == (0, True, 4096)
+            [progress] = slot["next_token"]
+            assert progress["has_next_token"] is True
+            assert progress["n_decoded"] >= 2  # (streamed before it: one chunk may wait)
+            assert progress["n_decoded"] + progress["n_remain"] == 4000
+            params = slot["params"]
+            assert (params["temperature"], params["top_k"], params["seed"],
+                    params["n_predict"]) == (0.5, 9, 4, 4000)
+            assert slot["n_prompt_tokens"] == (
+                slot["n_prompt_tokens_processed"] + slot["n_prompt_tokens_cache"]) > 0
+            error = assert_openai_error(client.get(slots_url + "?fail_on_no_slot=1"), 503)
+            assert error["message"] == "no slot available"
+            task = slot["id_task"]
+    wait_idle(limited)
+    [slot] = httpx.get(slots_url, headers=auth).json()
+    assert (slot["is_processing"], slot["id_task"]) == (False, task)
+    assert slot["next_token"][0]["has_next_token"] is False
+    r = httpx.get(slots_url + "?fail_on_no_slot=1", headers=auth)
+    assert r.status_code == 200, r.text
+
+
 def test_more_prompts_than_the_server_holds_is_400_not_503(limited: Server,
                                                           auth: dict[str, str]) -> None:
     """Two prompts where one slot and no waiting room exist can never be taken: a 503 would

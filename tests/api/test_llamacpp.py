@@ -349,6 +349,27 @@ def test_props_show_the_samplers_defaults(client: httpx.Client) -> None:
                                   "top_p", "min_p", "xtc", "temperature"]
 
 
+def test_slots_list_every_slot_and_the_task_each_last_ran(client: httpx.Client) -> None:
+    """GET /slots: all 8 slots, their size; the one a finished request ran in shows its
+    task (idle), its progress to the end and the parameters it ran with."""
+    before = client.get("/slots").json()
+    assert [slot["id"] for slot in before] == list(range(8))
+    assert all(slot["n_ctx"] == 512 and slot["speculative"] is False for slot in before)
+    last = max(slot.get("id_task", -1) for slot in before)
+    body = completion(client, n_predict=5, ignore_eos=True, temperature=0.7, top_k=7, seed=3,
+                      dry_multiplier=0.5, dry_sequence_breakers=["x"])
+    [ran] = [slot for slot in client.get("/slots").json() if slot.get("id_task", -1) > last]
+    assert ran["is_processing"] is False
+    assert ran["next_token"] == [{"has_next_token": False, "n_remain": 0, "n_decoded": 5,
+                                  "has_new_line": "\n" in body["content"]}]
+    assert ran["n_prompt_tokens"] == body["tokens_evaluated"]
+    params = ran["params"]
+    assert (params["temperature"], params["top_k"], params["seed"], params["n_predict"],
+            params["dry_multiplier"], params["dry_sequence_breakers"]) == (
+        0.7, 7, 3, 5, 0.5, ["x"])
+    assert params["samplers"] == ["dry", "top_k", "top_p", "min_p", "temperature"]
+
+
 def test_a_prompt_longer_than_the_context_is_a_400(client: httpx.Client) -> None:
     for length in (600, 5000):  # (token ids: no cap on items, the context's)
         r = client.post("/completion", json={"prompt": [5] * length})

@@ -36,9 +36,12 @@ def test_openapi_describes_the_real_schemas(server: Server) -> None:
 
 
 def test_aliases_answer_as_the_first_name(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """vLLM's `--served-model-name A B C`: requests may name any, responses carry A."""
+    """vLLM's `--served-model-name A B C`: requests may name any, responses carry A. (The
+    server also runs with llama.cpp's --no-slots: GET /slots is a 404, and /props says so.)"""
     with run_server(tiny_checkpoint, tmp_path, "--served-model-name", "tiny-v2", "tiny",
-                    "latest") as server:
+                    "latest", "--no-slots") as server:
+        assert_openai_error(httpx.get(f"{server.base_url}/slots"), 404)
+        assert httpx.get(f"{server.base_url}/props").json()["endpoint_slots"] is False
         cards = httpx.get(f"{server.v1}/models").json()["data"]
         assert [c["id"] for c in cards] == ["tiny-v2", "tiny", "latest"]
         assert {c["root"] for c in cards} == {"tiny-v2"}

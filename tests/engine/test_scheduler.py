@@ -11,6 +11,7 @@ from server.scheduler import (
     MIN_PREFIX_TOKENS,
     PrefixCopy,
     Scheduler,
+    SlotState,
     StepPlan,
     common_prefix,
 )
@@ -87,6 +88,34 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
         assert plan.num_tokens <= 16
         s.update(plan, [5] * len(plan.sampled))
     assert s.requests["long"].num_prefilled == 6 * 15
+
+
+def test_slot_states_show_what_runs_and_what_last_ran() -> None:
+    """GET /slots' view: a running sequence's progress (its prompt still in prefill, then
+    decoding), a finished one kept by its slot until another takes it, tasks numbered in
+    arrival order, and nothing of it left after forget_slot_history (the warm-up's)."""
+    s = Scheduler(n_slots=3, max_model_len=1000, max_num_batched_tokens=16)
+    assert s.slot_states() == [SlotState(0), SlotState(1), SlotState(2)]
+    s.add(Request("a", [1] * 20, SamplingParams(max_tokens=3, ignore_eos=True)))
+    s.add(Request("b", [1] * 4, SamplingParams(max_tokens=8, ignore_eos=True, n=2)))
+    run_step(s, 5)  # a's first 16 prompt tokens; b waits for the budget
+    [a, *idle] = [state for state in s.slot_states() if state.processing] + [
+        state for state in s.slot_states() if not state.processing]
+    assert (a.task_id, a.request_id, a.prompt_tokens, a.prompt_computed, a.decoded,
+            a.remaining) == (0, "a", 20, 16, 0, 3)
+    assert all(state.task_id == -1 for state in idle)
+    for _ in range(3):
+        run_step(s, 5)
+    states = {state.request_id: state for state in s.slot_states() if state.task_id >= 0}
+    assert sorted((st.request_id, st.task_id, st.sample) for st in s.slot_states()
+                  if st.task_id >= 0) == [("a", 0, 0), ("b", 1, 0), ("b", 1, 1)]
+    assert (states["a"].processing, states["a"].decoded, states["a"].remaining) == (
+        False, 3, 0)
+    assert states["b"].processing and states["b"].decoded + states["b"].remaining == 8
+    s.forget_slot_history()
+    s.add(Request("c", [1] * 4, SamplingParams(max_tokens=1)))
+    assert s.requests["c"].task_id == 0
+    assert all(state.request_id != "a" for state in s.slot_states())
 
 
 def test_prompt_logprobs_chunks_share_a_cap_per_step() -> None:
