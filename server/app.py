@@ -304,9 +304,9 @@ class ApiKeyMiddleware:
     The comparison is constant-time: timing must not reveal how much of a guess was right.
     """
 
-    # (llama.cpp's native API too: /completion(s), /infill, /props)
+    # (llama.cpp's native API too: /completion(s), /infill, /props, /slots)
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props",
-                 "/invocations", "/embedding", "/apply-template")
+                 "/slots", "/invocations", "/embedding", "/apply-template")
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()

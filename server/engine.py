@@ -85,7 +85,7 @@ class Engine(EngineFront):
         self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self.output_sink: Callable[[list[RequestOutput]], None] = self.streams.deliver
         # Where the answers to SlotsQuery go: this front's, or an engine process's pipe
-        self.slots_sink: Callable[[int, list[SlotState]], None] = self.answer_slots
+        self.slots_sink: Callable[[int, list[SlotState] | None], None] = self.answer_slots
         self._lock = threading.Lock()  # admission: the stats' num_queued / slots_used
         self._stats = EngineStats(slots_total=scheduler.n_slots,
                                   tokens_capacity=scheduler.n_slots * scheduler.max_model_len)
@@ -313,7 +313,7 @@ class Engine(EngineFront):
                     for request in list(self.scheduler.requests.values()):
                         posts += self._finish_request(request, RequestStatus.FINISHED_ABORTED)
                 case SlotsQuery(query_id):
-                    self.slots_sink(query_id, self.scheduler.slot_states())
+                    self._answer_slots_query(query_id)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -322,6 +322,14 @@ class Engine(EngineFront):
             self._emit_iteration()  # first, as in _step
             self._post(posts)
         return True
+
+    def _answer_slots_query(self, query_id: int) -> None:
+        """GET /slots' answer; a failure to read or send it fails that query, not the loop."""
+        try:
+            self.slots_sink(query_id, self.scheduler.slot_states())
+        except Exception:  # noqa: BLE001 - a monitor must never take the engine down
+            logger.exception("reading the slots failed")
+            self.slots_sink(query_id, None)
 
     def _step(self) -> StepPlan:
         """One step: schedule, launch, read the sampled tokens back, update, hand out outputs;

@@ -54,6 +54,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped; nothing more will be served (HTTP 503, /health fails)."""
 
 
+class SlotsUnavailable(RuntimeError):
+    """The engine did not tell its slots' states (GET /slots: 503)."""
+
+
 # What the HTTP side sends the engine thread, through its inbox
 @dataclass(frozen=True, slots=True)
 class Add:
@@ -372,24 +376,36 @@ class EngineFront(ABC):
         return len(self.streams) + self.beam_searches
 
     async def slot_states(self) -> list[SlotState]:
-        """Every KV-cache slot's state, read by the engine loop between two steps; raises
-        TimeoutError if it has not answered within SLOTS_TIMEOUT_SECONDS."""
+        """Every KV-cache slot's state, read by the engine loop between two steps. Raises
+        SlotsUnavailable if it could not read them or has not answered within
+        SLOTS_TIMEOUT_SECONDS, EngineDeadError once it is gone."""
         self.check_health()
         query_id = next(self._query_ids)
         answer: concurrent.futures.Future[list[SlotState]] = concurrent.futures.Future()
         self._slot_queries[query_id] = answer
+        waited = asyncio.wrap_future(answer)
         try:
             self._enqueue(SlotsQuery(query_id))
-            return await asyncio.wait_for(asyncio.wrap_future(answer), SLOTS_TIMEOUT_SECONDS)
+            for _ in range(int(SLOTS_TIMEOUT_SECONDS)):
+                try:  # (a second at a time: an engine that dies meanwhile never answers)
+                    return await asyncio.wait_for(asyncio.shield(waited), 1.0)
+                except (TimeoutError, asyncio.TimeoutError):  # (two classes before 3.11)
+                    self.check_health()
+            raise SlotsUnavailable("the engine did not report its slots in time")
         finally:
+            waited.cancel()
             self._slot_queries.pop(query_id, None)
 
-    def answer_slots(self, query_id: int, states: list[SlotState]) -> None:
-        """The engine's answer to a SlotsQuery (on the thread that hears it)."""
+    def answer_slots(self, query_id: int, states: list[SlotState] | None) -> None:
+        """The engine's answer to a SlotsQuery (on the thread that hears it); None: it could
+        not read its slots."""
         answer = self._slot_queries.get(query_id)
         if answer is not None:
-            with contextlib.suppress(concurrent.futures.InvalidStateError):  # (timed out)
-                answer.set_result(states)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # (given up)
+                if states is None:
+                    answer.set_exception(SlotsUnavailable("the engine could not read its slots"))
+                else:
+                    answer.set_result(states)
 
     def _fail_slot_queries(self, message: str) -> None:
         """The engine is gone: GET /slots waits no longer for an answer."""

@@ -151,7 +151,7 @@ class SlotsReport:
     """The engine's answer to a SlotsQuery."""
 
     query_id: int
-    states: list[SlotState]
+    states: list[SlotState] | None  # None: they could not be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +216,9 @@ def run_core(conn: Connection, folder: Path, config: EngineConfig, chat_template
             except OSError:  # the server is gone; this process's main thread sees it and ends
                 pass
 
-    def report_slots(query_id: int, states: list[SlotState]) -> None:  # (engine thread)
+    def report_slots(query_id: int, states: list[SlotState] | None) -> None:  # (engine thread)
         with send_lock, contextlib.suppress(OSError):
-            conn.send(SlotsReport(query_id, states))
+            conn.send(SlotsReport(query_id, states))  # (pickled first: a failure sends nothing)
 
     engine.add_listener(iterations.append)  # sent with the step's outputs (Engine._post)
     engine.output_sink = report

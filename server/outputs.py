@@ -161,6 +161,7 @@ class OutputBuilder:
         return out
 
     def _release(self, seq: Sequence) -> None:
+        self._scheduler.keep_last(seq)  # (its last output built: GET /slots' idle slot)
         self._detokenizers.pop(seq, None)
         self._line_limits.pop(seq, None)
         self._runner_release(seq)

@@ -35,7 +35,7 @@ from server.app import (
     request_id_var,
 )
 from server.beam_search import submit_beam_searches
-from server.engine_front import AdapterExists, AdapterRefused, EngineFront
+from server.engine_front import AdapterExists, AdapterRefused, EngineFront, SlotsUnavailable
 from server.engine_process import EngineProcess
 from server.guided.regex import GuideError
 from server.guided.spec import COMPILER, cached_guide, compile_guide
@@ -320,9 +320,8 @@ async def slots(state: State, fail_on_no_slot: str = "") -> list[dict[str, Any]]
     engine = state.serving_engine()
     try:
         states = await engine.slot_states()
-    except TimeoutError:
-        engine.check_health()  # (a dead engine says so)
-        raise Unavailable("the engine did not report its slots in time", "busy") from None
+    except SlotsUnavailable as e:
+        raise Unavailable(str(e), "slots_unavailable") from None
     if fail_on_no_slot and all(slot.processing for slot in states):
         raise Unavailable("no slot available", "no_slot_available")
     return [slot_json(slot, engine.max_model_len) for slot in states]

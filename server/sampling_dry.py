@@ -99,8 +99,9 @@ Heads = dict[int, dict[int, set[tuple[int, ...]]]]
 
 class _Identity:
     """A key that is its object's identity: the API layer shares one Breakers tuple among
-    the requests with the same breakers, and hashing it by value (up to ~100k entries)
-    would cost what indexing it once does."""
+    the requests with the same breakers (LlamaCppService.dry_breakers; with an engine
+    process, a request's samples share theirs), and hashing it by value (up to ~100k
+    entries) would cost what indexing it once does."""
 
     __slots__ = ("value",)
 
@@ -119,7 +120,7 @@ def _heads(dry: Dry) -> Heads:
     return _indexed(_Identity(dry.breakers))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)  # (a crafted set's index is tens of MB)
 def _indexed(key: _Identity) -> Heads:
     heads: Heads = {}
     for head, tail in key.value:

@@ -137,11 +137,21 @@ class SlotState:
         decoded = len(seq.output_ids)
         return cls(
             seq.slot, seq.status == RequestStatus.RUNNING, request.task_id, request.request_id,
-            # (a guide's compiled automaton is not what /slots shows, nor sends well)
-            seq.index, replace(request.params, guide=None) if request.params.guide
-            else request.params, len(request.prompt_ids), request.num_cached_tokens,
+            seq.index, _shown(request.params), len(request.prompt_ids), request.num_cached_tokens,
             request.num_prefilled - request.num_cached_tokens, decoded,
             max((request.params.max_tokens or 0) - decoded, 0), seq.has_new_line)
+
+
+def _shown(params: SamplingParams) -> SamplingParams:
+    """`params` less what GET /slots does not show and may be big, to keep or send across
+    processes: a guide's automaton, DRY's breaker sequences (their texts stay), token lists."""
+    other = params.llamacpp
+    if other is not None and other.dry is not None and other.dry.breakers:
+        other = replace(other, dry=replace(other.dry, breakers=()))
+    if params.guide is None and not params.allowed_token_ids and not params.bad_words and (
+            other is params.llamacpp):
+        return params
+    return replace(params, guide=None, allowed_token_ids=(), bad_words=(), llamacpp=other)
 
 
 class Scheduler:
@@ -171,7 +181,7 @@ class Scheduler:
         # adapter are no other's, nor those of another loaded later under its name
         self.cached: dict[int, list[int]] = {}
         self.cached_lora: dict[int, LoraAdapter | None] = {}
-        self.last_held: dict[int, Sequence] = {}  # free slot -> the sequence it last held
+        self.last_held: dict[int, SlotState] = {}  # slot -> the last sequence it ran, done
         self.tasks_added = 0
 
     # ------------------------------------------------------------------ accounting
@@ -194,11 +204,14 @@ class Scheduler:
         shows an idle slot's last task), else nothing yet."""
         running = {seq.slot: seq for request in self.requests.values() for seq in request.seqs
                    if seq.status == RequestStatus.RUNNING}
-        states = []
-        for slot in range(self.n_slots):
-            seq = running.get(slot) or self.last_held.get(slot)
-            states.append(SlotState(slot) if seq is None else SlotState.of(seq))
-        return states
+        return [SlotState.of(running[slot]) if slot in running
+                else self.last_held.get(slot, SlotState(slot)) for slot in range(self.n_slots)]
+
+    def keep_last(self, seq: Sequence) -> None:
+        """Remember what a finished sequence's slot ran, once its last output is out (so its
+        newline counts): a snapshot, not the request, whose tokens and logprobs can go."""
+        if seq.slot >= 0:
+            self.last_held[seq.slot] = SlotState.of(seq)
 
     # ------------------------------------------------------------------ entry points
 
@@ -445,7 +458,6 @@ class Scheduler:
         if was_running:
             assert seq.slot not in self.free_slots, f"slot {seq.slot} freed twice"
             heapq.heappush(self.free_slots, seq.slot)
-            self.last_held[seq.slot] = seq
             if self.prefix_caching and len(tokens := seq.cached_tokens()) >= MIN_PREFIX_TOKENS:
                 self.cached[seq.slot] = tokens  # (shorter ones can serve no prompt)
                 self.cached_lora[seq.slot] = request.adapter

@@ -55,6 +55,9 @@ from server.serving import (
 INFILL_BATCH = 2048
 SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's separator of input_extra's chunks
 DRY_BREAKERS_KEPT = 256  # the most DRY breakers kept found (the oldest goes first)
+# The most sets of breakers kept whole, so that requests with the same breakers share one
+# tuple (the engine indexes each tuple once: server/sampling_dry.py)
+DRY_BREAKER_SETS_KEPT = 16
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class LlamaCppService:
         # DRY's breakers found in the vocabulary, by breaker (most requests ask for llama.cpp's
         # defaults: one search of the vocabulary serves them all)
         self._breaker_searches: dict[bytes, asyncio.Future[Breakers]] = {}
+        self._breaker_sets: dict[tuple[bytes, ...], Breakers] = {}  # (the oldest first)
         self._vocab_text: VocabText | None = None
 
     # ------------------------------------------------------------------ requests
@@ -106,9 +110,12 @@ class LlamaCppService:
         kept: requests asking for one already being looked for wait for that search."""
         if not request.dry_on:
             return ()
+        wanted = tuple(dict.fromkeys(text.encode()[:MAX_BREAKER_BYTES]
+                                     for text in request.dry_sequence_breakers))
+        if (kept := self._breaker_sets.get(wanted)) is not None:
+            return kept
         found: dict[tuple[int, tuple[int, ...]], None] = {}
-        for breaker in dict.fromkeys(text.encode()[:MAX_BREAKER_BYTES]
-                                     for text in request.dry_sequence_breakers):
+        for breaker in wanted:
             search = self._breaker_searches.get(breaker)
             if search is None:
                 if len(self._breaker_searches) >= DRY_BREAKERS_KEPT:
@@ -118,7 +125,9 @@ class LlamaCppService:
                 self._breaker_searches[breaker] = search
             # (shielded: a client that leaves cancels its wait, not the search others share)
             found.update(dict.fromkeys(await asyncio.shield(search)))
-        return tuple(found)
+        if len(self._breaker_sets) >= DRY_BREAKER_SETS_KEPT:
+            self._breaker_sets.pop(next(iter(self._breaker_sets)))
+        return self._breaker_sets.setdefault(wanted, tuple(found))
 
     def _forget_failed(self, breaker: bytes, search: asyncio.Future[Breakers]) -> None:
         """A search that failed is not kept: the next request looks again."""

@@ -194,6 +194,7 @@ PROTECTED = [
     ("POST", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 1}),
     ("POST", "/tokenize", {"prompt": "Hi"}),
     ("POST", "/detokenize", {"tokens": [5, 6]}),
+    ("GET", "/slots", None),
 ]
 BAD_KEYS = {
     "missing": {},

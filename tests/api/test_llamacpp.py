@@ -489,7 +489,7 @@ def test_apply_template_renders_the_chat_prompt(client: httpx.Client,
 def test_dry_breakers_are_looked_for_once_each(tokenizer_dir: object) -> None:
     """Each breaker is searched for in the vocabulary once: requests at the same moment share
     the search, later ones take what it found, and a breaker cut to llama.cpp's 40 bytes is
-    the same breaker."""
+    the same breaker; a request with the same breakers as an earlier one gets its tuple."""
     from model.tokenizer import Tokenizer
     from server.protocol.llamacpp import LlamaCppCompletionRequest
     from server.sampling_dry import VocabText, breaker_sequences
@@ -515,6 +515,8 @@ def test_dry_breakers_are_looked_for_once_each(tokenizer_dir: object) -> None:
     assert set(both) == set(swapped) == set(breaker_sequences(["\n", "the"], vocab, encode))
     assert set(long) == set(breaker_sequences(["x" * 40, "\n"], vocab, encode))
     assert asyncio.run(service.dry_breakers(body("the"))) and len(searched) == 3
+    # The same breakers again: the same tuple (the engine indexes each tuple once)
+    assert asyncio.run(service.dry_breakers(body("\n", "the"))) is both
     assert asyncio.run(service.dry_breakers(
         LlamaCppCompletionRequest.model_validate({"prompt": "a"}))) == ()  # (DRY off)
     # a search that failed is not kept: the next request looks again

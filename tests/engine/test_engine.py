@@ -26,7 +26,7 @@ from model.llama import LlamaModel
 from model.weights import load_checkpoint
 from server.config import EngineConfig
 from server.engine import Engine
-from server.engine_front import Add, EngineOverloaded, RequestRejected
+from server.engine_front import Add, EngineOverloaded, RequestRejected, SlotsUnavailable
 from server.request import (
     Dry,
     FinishReason,
@@ -609,6 +609,36 @@ def test_abort_frees_slot(tiny_checkpoint: Path) -> None:
                 break
             asyncio.run(asyncio.sleep(0.01))
         assert engine.stats().slots_used == 0 and engine.stats().tokens_used == 0
+
+
+def test_slots_are_read_between_steps_and_a_failed_read_fails_only_its_query(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /slots' query: answered by the engine loop while a request runs (its slot busy,
+    with its progress); if reading them fails, that query fails (503) and the engine goes on
+    serving; once the request is done its slot shows it idle."""
+    with running(tiny_checkpoint, max_num_seqs=2, max_model_len=1024) as engine:
+        params = SamplingParams(max_tokens=300, ignore_eos=True)
+
+        async def main() -> None:
+            stream = engine.generate([5, 6, 7], params, "slow")
+            outputs = aiter(stream)
+            for _ in range(3):
+                await anext(outputs)
+            busy = [slot for slot in await engine.slot_states() if slot.processing]
+            assert [(slot.request_id, slot.prompt_tokens) for slot in busy] == [("slow", 3)]
+            assert busy[0].decoded >= 3 and busy[0].decoded + busy[0].remaining == 300
+            with monkeypatch.context() as patch:
+                patch.setattr(engine.scheduler, "slot_states", lambda: 1 / 0)
+                with pytest.raises(SlotsUnavailable):
+                    await engine.slot_states()
+            async for _ in outputs:
+                pass
+            idle = [slot for slot in await engine.slot_states() if slot.request_id == "slow"]
+            assert [(slot.processing, slot.decoded, slot.remaining) for slot in idle] == [
+                (False, 300, 0)]
+
+        asyncio.run(main())
+        engine.check_health()
 
 
 def test_one_request_failure_leaves_others_running(tiny_checkpoint: Path,

@@ -92,11 +92,13 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
 
 def test_slot_states_show_what_runs_and_what_last_ran() -> None:
     """GET /slots' view: a running sequence's progress (its prompt still in prefill, then
-    decoding), a finished one kept by its slot until another takes it, tasks numbered in
-    arrival order, and nothing of it left after forget_slot_history (the warm-up's)."""
+    decoding), a finished one kept by its slot as a snapshot until another takes it, tasks
+    numbered in arrival order, and nothing of it left after forget_slot_history (the
+    warm-up's)."""
     s = Scheduler(n_slots=3, max_model_len=1000, max_num_batched_tokens=16)
     assert s.slot_states() == [SlotState(0), SlotState(1), SlotState(2)]
-    s.add(Request("a", [1] * 20, SamplingParams(max_tokens=3, ignore_eos=True)))
+    first = Request("a", [1] * 20, SamplingParams(max_tokens=3, ignore_eos=True))
+    s.add(first)
     s.add(Request("b", [1] * 4, SamplingParams(max_tokens=8, ignore_eos=True, n=2)))
     run_step(s, 5)  # a's first 16 prompt tokens; b waits for the budget
     [a, *idle] = [state for state in s.slot_states() if state.processing] + [
@@ -106,6 +108,9 @@ def test_slot_states_show_what_runs_and_what_last_ran() -> None:
     assert all(state.task_id == -1 for state in idle)
     for _ in range(3):
         run_step(s, 5)
+    [done] = first.seqs
+    assert done.status.is_finished and s.slot_states()[done.slot] == SlotState(done.slot)
+    s.keep_last(done)  # (by the output builder, once its last output is out)
     states = {state.request_id: state for state in s.slot_states() if state.task_id >= 0}
     assert sorted((st.request_id, st.task_id, st.sample) for st in s.slot_states()
                   if st.task_id >= 0) == [("a", 0, 0), ("b", 1, 0), ("b", 1, 1)]
