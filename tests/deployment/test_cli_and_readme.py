@@ -172,6 +172,11 @@ def test_readme_curl_examples(index: int, open_server: Server, request: pytest.F
         [choice] = json.loads(out.stdout)["choices"]
         text = choice["message"]["content"]
         assert re.fullmatch(r"[1-9][0-9]{0,2} \+ [1-9][0-9]{0,2} = [1-9][0-9]{0,2}", text), text
+    elif "/slots" in script:  # llama.cpp's slot monitor
+        slots = json.loads(out.stdout)
+        assert [slot["id"] for slot in slots] == list(range(len(slots))) and slots, slots
+        assert all(isinstance(slot["is_processing"], bool) and slot["n_ctx"] > 0
+                   for slot in slots), slots
     elif "/completion " in script:  # llama.cpp's native completion
         body = json.loads(out.stdout)
         assert body["stop"] is True and body["stop_type"] in ("word", "limit", "eos"), body
